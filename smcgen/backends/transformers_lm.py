@@ -1,0 +1,135 @@
+"""Generic backend: any Hugging Face causal LM, particles batched as rows, KV cache per row.
+
+Every particle of a run has the same length (finished particles keep being fed padding that
+their frozen weights ignore), so rows need no attention mask and the cache needs no ragged
+bookkeeping: a resampling step is one ``index_select`` of every layer's keys and values.
+This path is the exact reference the fast GPU engine is tested against; it favors clarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with what the engine needs beside its weights.
+
+    ``tokenizer`` may be None for models used on token ids only (tests, custom vocabularies);
+    ``eos_token_ids`` end a particle; ``context_length`` bounds prompt plus new tokens.
+    """
+
+    model: PreTrainedModel
+    tokenizer: Any | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    context_length: int | None = None
+
+    @classmethod
+    def wrap(cls, model: PreTrainedModel, tokenizer: Any | None = None) -> LanguageModel:
+        """Wrap a model, reading EOS ids and context length from its configs and tokenizer."""
+        eos: list[int] = []
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if value is None:
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if int(v) not in eos:
+                    eos.append(int(v))
+        context = getattr(model.config, "max_position_embeddings", None)
+        return cls(model=model, tokenizer=tokenizer, eos_token_ids=tuple(eos), context_length=context)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (may exceed the tokenizer's size when the embedding is padded)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+class CausalLMRunner:
+    """Incremental scorer of a growing batch of equal-length sequences.
+
+    ``start`` prefills the shared prompt once and repeats its cache over the rows;
+    ``forward_new`` feeds whatever part of the sequences the cache has not seen and returns the
+    logits predicting each following token; ``reorder`` follows resampling ancestors.
+    """
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+        self.cache: DynamicCache | None = None
+        self.fed = 0
+
+    @torch.inference_mode()
+    def start(self, prompt_ids: Tensor, n_rows: int) -> None:
+        """Prefill all but the last prompt token (shared by every row), then repeat to ``n_rows``."""
+        model = self.lm.model
+        self.cache = DynamicCache(config=model.config)
+        self.fed = 0
+        if prompt_ids.shape[-1] > 1:
+            head = prompt_ids[..., :-1].reshape(1, -1).to(self.lm.device)
+            model(input_ids=head, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.fed = head.shape[1]
+            self.cache.batch_repeat_interleave(n_rows)
+
+    @torch.inference_mode()
+    def forward_new(self, sequences: Tensor) -> Tensor:
+        """Feed ``sequences[:, fed:]``; return logits ``[R, T - fed, V]``, row j predicting token fed+j+1."""
+        assert self.cache is not None, "call start() first"
+        new = sequences[:, self.fed :]
+        if new.shape[1] == 0:
+            raise RuntimeError("forward_new called with no unseen tokens")
+        out = self.lm.model(input_ids=new, past_key_values=self.cache, use_cache=True)
+        self.fed = sequences.shape[1]
+        return out.logits
+
+    def reorder(self, rows: Tensor) -> None:
+        """Make row i a copy of row ``rows[i]`` (resampling)."""
+        if self.cache is not None and self.cache.get_seq_length() > 0:
+            self.cache.reorder_cache(rows.to(self.lm.device))
+
+
+def check_compatible(target: LanguageModel, draft: LanguageModel) -> None:
+    """Raise ``ValueError`` unless draft and target share one vocabulary."""
+    if target.vocab_size != draft.vocab_size:
+        raise ValueError(
+            f"draft and target vocabularies differ: draft logits have {draft.vocab_size} entries, "
+            f"target logits {target.vocab_size}; SMC-SD needs a draft with the target's tokenizer"
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+        if tv != dv:
+            differing = sorted(set(tv.items()) ^ set(dv.items()))[:3]
+            raise ValueError(
+                "draft and target tokenizers differ (SMC-SD needs the same tokenizer); "
+                f"{len(set(tv.items()) ^ set(dv.items()))} token/id pairs differ, e.g. {differing}"
+            )
+
+
+def encode_prompt(prompt: str | Sequence[int] | Tensor, lm: LanguageModel) -> list[int]:
+    """Turn text, a list of ids or a tokenizer tensor (``[T]`` or ``[1, T]``) into a list of ids."""
+    if isinstance(prompt, str):
+        if lm.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or a model with a tokenizer")
+        ids = list(lm.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    elif isinstance(prompt, Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1:
+            raise ValueError(f"a tensor prompt must have shape [T] or [1, T], got {tuple(prompt.shape)}")
+        ids = [int(t) for t in prompt.tolist()]
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt is empty: give at least one token (a text prompt may need a BOS token)")
+    bad = [t for t in ids if not 0 <= t < lm.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {lm.vocab_size})")
+    return ids

@@ -1,0 +1,7 @@
+"""Potentials: the factors a target is made of."""
+
+from smcgen.potentials.base import Potential, Product, SequenceBatch
+from smcgen.potentials.lm import LMPotential
+from smcgen.potentials.reward import RewardPotential
+
+__all__ = ["LMPotential", "Potential", "Product", "RewardPotential", "SequenceBatch"]

@@ -1,0 +1,111 @@
+"""The Potential abstraction: non-negative factors Psi on token sequences, in log space."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class Decoder(Protocol):
+    """Anything that turns token ids into text (a Hugging Face tokenizer qualifies)."""
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = ...) -> list[str]: ...
+
+
+class SequenceBatch:
+    """The particles a potential scores: generated token ids (prompt excluded) and their texts.
+
+    ``texts`` is decoded lazily, once, with the run's tokenizer (special tokens skipped).
+    """
+
+    def __init__(self, token_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], decoder: Decoder | None):
+        self.token_ids: list[list[int]] = [list(t) for t in token_ids]
+        self.prompt_ids: list[int] = list(prompt_ids)
+        self._decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @cached_property
+    def texts(self) -> list[str]:
+        """Decoded continuation of each particle."""
+        if self._decoder is None:
+            raise RuntimeError(
+                "this potential needs decoded text but the run has no tokenizer; pass a tokenizer "
+                "(or a model name) to smcgen.generate"
+            )
+        return list(self._decoder.batch_decode(self.token_ids, skip_special_tokens=True))
+
+
+class Potential(abc.ABC):
+    """A factor Psi(x) >= 0 of the target, scored in log space and batched over particles.
+
+    Subclasses implement :meth:`log_prefix` (the score of an unfinished prefix, a "twist" that
+    guides particles early) and optionally :meth:`log_complete` (the factor's true value on a
+    finished sequence; defaults to ``log_prefix``). The engine weights each extension by
+    ``log Psi(x y) - log Psi(x)``, so the twist telescopes away and only ``log_complete`` shapes
+    the final target. Return ``-inf`` for zero; NaN and ``+inf`` are errors.
+    Potentials compose by product: ``p1 * p2``.
+    """
+
+    @abc.abstractmethod
+    def log_prefix(self, batch: SequenceBatch) -> Tensor:
+        """Log-score of each unfinished particle, shape ``[len(batch)]``."""
+
+    def log_complete(self, batch: SequenceBatch) -> Tensor:
+        """Log-score of each finished particle (EOS or max length), shape ``[len(batch)]``."""
+        return self.log_prefix(batch)
+
+    def __mul__(self, other: Potential) -> Potential:
+        if not isinstance(other, Potential):
+            return NotImplemented
+        return Product([self, other])
+
+    @property
+    def name(self) -> str:
+        """Name used in error messages."""
+        return type(self).__name__
+
+
+class Product(Potential):
+    """The product of several potentials (sum of their log-scores)."""
+
+    def __init__(self, factors: Sequence[Potential]):
+        flat: list[Potential] = []
+        for f in factors:
+            flat.extend(f.factors if isinstance(f, Product) else [f])
+        self.factors: list[Potential] = flat
+
+    def log_prefix(self, batch: SequenceBatch) -> Tensor:
+        return _sum_scores([(f, checked_scores(f, f.log_prefix(batch), len(batch))) for f in self.factors], len(batch))
+
+    def log_complete(self, batch: SequenceBatch) -> Tensor:
+        return _sum_scores([(f, checked_scores(f, f.log_complete(batch), len(batch))) for f in self.factors], len(batch))
+
+    @property
+    def name(self) -> str:
+        return " * ".join(f.name for f in self.factors)
+
+
+def _sum_scores(scored: list[tuple[Potential, Tensor]], n: int) -> Tensor:
+    total = torch.zeros(n, dtype=torch.float64)
+    for _, s in scored:
+        total = total + s
+    return total
+
+
+def checked_scores(potential: Potential, scores: Any, n: int) -> Tensor:
+    """Validate a potential's output: shape ``[n]``, no NaN, no ``+inf``; returns float64 on CPU."""
+    t = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"potential {potential.name} returned {t.numel()} scores for a batch of {n} particles")
+    if torch.isnan(t).any():
+        raise ValueError(f"potential {potential.name} returned NaN; return -inf for a zero factor")
+    if torch.isposinf(t).any():
+        raise ValueError(f"potential {potential.name} returned +inf; scores must be finite or -inf")
+    return t

@@ -1,0 +1,238 @@
+"""The SMC step loop: propose a block, weight it, resample when the ESS drops.
+
+One loop serves every target (see DESIGN.md section 1): a step drafts K tokens from the
+proposal (none when there is no proposal), the target scores them in one forward and adds a
+bonus token drawn from its own next-token distribution p_tau^alpha, the potentials weight the
+extension, and groups whose ESS fell below the threshold are resampled. B independent groups
+(requests, or repeated runs of one prompt) of N particles advance together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from smcgen.backends.transformers_lm import CausalLMRunner
+from smcgen.config import SMCConfig
+from smcgen.potentials.base import Potential, Product, SequenceBatch, checked_scores
+from smcgen.potentials.lm import LMPotential
+from smcgen.proposals.base import Proposal
+from smcgen.resampling import effective_sample_size, get_resampler, normalized_log_weights
+from smcgen.sampling import log_probs, sample_powered
+
+
+class AllParticlesDeadError(RuntimeError):
+    """Every particle of a group has weight zero: the target gives the explored prefixes no mass."""
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """Raw output of :meth:`SMC.run` for B groups of N particles (tensors on the CPU).
+
+    ``tokens[b, n, :lengths[b, n]]`` is a particle's continuation (EOS included when it
+    stopped on one); ``log_weights`` are normalized per group; ``log_z[b]`` is the log of the
+    unbiased estimate of the group's normalizing constant; ``ess_history[s, b]`` is the ESS
+    after step s (before any resampling) and ``resampled[s, b]`` whether that step resampled.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    log_weights: Tensor
+    log_z: Tensor
+    ess_history: Tensor
+    resampled: Tensor
+    elapsed_s: float
+
+
+class SMC:
+    """Sequential Monte Carlo over a language-model target with optional proposal and potentials.
+
+    ``target`` is the LM factor p_tau^alpha; ``proposal`` drafts ``config.block_size`` tokens per
+    step (None: the target proposes one token per step by itself); ``potentials`` multiply the
+    target. Build once, call :meth:`run` per prompt.
+    """
+
+    def __init__(
+        self,
+        target: LMPotential,
+        config: SMCConfig,
+        proposal: Proposal | None = None,
+        potentials: Potential | Sequence[Potential] = (),
+    ):
+        self.target = target
+        self.config = config
+        self.proposal = proposal
+        if isinstance(potentials, Potential):
+            potentials = [potentials]
+        self.potential: Potential | None = Product(list(potentials)) if potentials else None
+        self.resampler = get_resampler(config.resampler)
+        lm = target.lm
+        self.eos_ids = list(lm.eos_token_ids)
+        self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+
+    def _check_lengths(self, prompt_len: int) -> None:
+        context = self.target.lm.context_length
+        if context is None:
+            return
+        if prompt_len > context:
+            raise ValueError(f"prompt has {prompt_len} tokens but the model context is {context} tokens")
+        if prompt_len + self.config.max_new_tokens > context:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({self.config.max_new_tokens}) exceeds the "
+                f"model context ({context} tokens); shorten the prompt or lower max_new_tokens"
+            )
+
+    def _score_potential(self, seq: Tensor, rows: Tensor, lengths: Tensor, finished: Tensor, prompt: list[int]) -> Tensor:
+        """Potential log-scores for ``rows``: complete for finished rows, prefix for the others."""
+        assert self.potential is not None
+        start = len(prompt)
+        ids = seq[rows, start:].tolist()
+        lens = lengths[rows].tolist()
+        token_ids = [r[:n] for r, n in zip(ids, lens)]
+        out = torch.empty(len(token_ids), dtype=torch.float64)
+        fin = finished.tolist()
+        decoder = self.target.lm.tokenizer
+        for want_complete in (False, True):
+            pick = [i for i, f in enumerate(fin) if f == want_complete]
+            if not pick:
+                continue
+            batch = SequenceBatch([token_ids[i] for i in pick], prompt, decoder)
+            fn = self.potential.log_complete if want_complete else self.potential.log_prefix
+            out[pick] = checked_scores(self.potential, fn(batch), len(pick))
+        return out
+
+    @torch.inference_mode()
+    def run(self, prompt_ids: Sequence[int], n_groups: int = 1, progress: bool = False) -> BatchRun:
+        """Run SMC for ``n_groups`` independent groups of N particles on one prompt."""
+        cfg = self.config
+        if n_groups < 1:
+            raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+        prompt = [int(t) for t in prompt_ids]
+        self._check_lengths(len(prompt))
+        B, N = n_groups, cfg.n_particles
+        R = B * N
+        lm = self.target.lm
+        device = lm.device
+        tau, alpha = self.target.temperature, self.target.alpha
+        K = cfg.block_size if self.proposal is not None else 0
+
+        generator = torch.Generator(device=device)
+        generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (2**63)))
+        t_start = time.perf_counter()
+
+        prompt_t = torch.tensor(prompt, device=device)
+        seq = prompt_t.expand(R, -1).clone()
+        runner = CausalLMRunner(lm)
+        runner.start(prompt_t[None], R)
+        if self.proposal is not None:
+            self.proposal.start(prompt_t[None], R)
+        eos = torch.tensor(self.eos_ids, device=device, dtype=torch.long)
+
+        done = torch.zeros(R, dtype=torch.bool, device=device)
+        lengths = torch.zeros(R, dtype=torch.long, device=device)
+        lw = torch.zeros(B, N, dtype=torch.float64, device=device)
+        pot_prev = torch.zeros(R, dtype=torch.float64)
+        if self.potential is not None:
+            empty = SequenceBatch([[]], prompt, lm.tokenizer)
+            s0 = float(checked_scores(self.potential, self.potential.log_prefix(empty), 1)[0])
+            if s0 == -math.inf:
+                raise AllParticlesDeadError("the potentials give the empty continuation weight zero")
+            pot_prev.fill_(s0)
+            lw += s0
+
+        ess_history: list[Tensor] = []
+        resampled_history: list[Tensor] = []
+        bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc", unit="tok", leave=False)
+        step = 0
+        while not bool(done.all()):
+            step += 1
+            generated = seq.shape[1] - len(prompt)
+            remaining = cfg.max_new_tokens - generated
+            k = min(K, remaining)
+            with_bonus = remaining > k
+
+            if k > 0:
+                assert self.proposal is not None
+                drafted, log_q = self.proposal.propose(seq, k, generator)
+                drafted, log_q = drafted.to(device), log_q.to(device)
+            else:
+                drafted = seq.new_empty(R, 0)
+                log_q = torch.zeros(R, 0, dtype=torch.float64, device=device)
+            extended = torch.cat([seq, drafted], dim=1)
+            logits = runner.forward_new(extended)[:, -(k + 1) :]
+            log_p = alpha * log_probs(logits[:, :k], tau).gather(-1, drafted[:, :, None]).squeeze(-1).double()
+            token_w = log_p - log_q
+            block = drafted
+            if with_bonus:
+                bonus, _, log_norm = sample_powered(logits[:, k], tau, alpha, generator)
+                block = torch.cat([block, bonus[:, None]], dim=1)
+                token_w = torch.cat([token_w, log_norm[:, None]], dim=1)
+
+            # a position counts while its particle is alive and no EOS came earlier in the block
+            is_eos = torch.isin(block, eos) if len(self.eos_ids) else torch.zeros_like(block, dtype=torch.bool)
+            eos_before = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+            valid = (~done)[:, None] & ~eos_before
+            inc = torch.where(valid, token_w, torch.zeros_like(token_w)).sum(dim=1)
+            block = torch.where(valid, block, torch.full_like(block, self.pad_id))
+            lengths += valid.sum(dim=1)
+            new_done = done | (is_eos & valid).any(dim=1) | (lengths >= cfg.max_new_tokens)
+            seq = torch.cat([seq, block], dim=1)
+
+            if self.potential is not None:
+                rows = (~done).nonzero().squeeze(-1).cpu()
+                if rows.numel():
+                    new = self._score_potential(seq, rows.to(device), lengths, new_done[rows.to(device)].cpu(), prompt)
+                    prev = pot_prev[rows]
+                    delta = torch.where(torch.isneginf(prev), torch.full_like(new, -math.inf), new - prev)
+                    pot_prev[rows] = new
+                    inc[rows.to(device)] += delta.to(device)
+            done = new_done
+            lw += inc.view(B, N)
+
+            dead = torch.isneginf(lw).all(dim=1)
+            if bool(dead.any()):
+                raise AllParticlesDeadError(
+                    f"step {step}: every particle of group(s) {dead.nonzero().squeeze(-1).tolist()} has weight "
+                    "zero; the potentials rule out every continuation the proposal reached"
+                )
+            ess = effective_sample_size(lw)
+            ess_history.append(ess.cpu())
+            want = (ess < cfg.ess_threshold * N) | torch.full_like(ess, cfg.ess_threshold >= 1.0, dtype=torch.bool)
+            if bool(done.all()):
+                # resampling after the last step only adds noise to the final weights
+                want = torch.zeros_like(want)
+            resampled_history.append(want.cpu())
+            if bool(want.any()):
+                groups = want.nonzero().squeeze(-1)
+                ancestors = torch.arange(N, device=device).expand(B, N).clone()
+                ancestors[groups] = self.resampler.ancestors(lw[groups], generator).to(device)
+                rows_all = (ancestors + torch.arange(B, device=device)[:, None] * N).reshape(-1)
+                seq, done, lengths = seq[rows_all], done[rows_all], lengths[rows_all]
+                pot_prev = pot_prev[rows_all.cpu()]
+                runner.reorder(rows_all)
+                if self.proposal is not None:
+                    self.proposal.reorder(rows_all)
+                mean = torch.logsumexp(lw[groups], dim=1, keepdim=True) - math.log(N)
+                lw[groups] = mean.expand(-1, N)
+            bar.update(min(block.shape[1], cfg.max_new_tokens - bar.n))
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t_start
+
+        width = seq.shape[1] - len(prompt)
+        return BatchRun(
+            tokens=seq[:, len(prompt) :].reshape(B, N, width).cpu(),
+            lengths=lengths.view(B, N).cpu(),
+            log_weights=normalized_log_weights(lw).cpu(),
+            log_z=(torch.logsumexp(lw, dim=1) - math.log(N)).cpu(),
+            ess_history=torch.stack(ess_history) if ess_history else torch.zeros(0, B),
+            resampled=torch.stack(resampled_history) if resampled_history else torch.zeros(0, B, dtype=torch.bool),
+            elapsed_s=elapsed,
+        )
