@@ -44,3 +44,16 @@ def tiny_lm(seed: int, vocab: int = VOCAB, eos: int = EOS, logit_scale: float = 
         w.copy_(torch.randn_like(w) * logit_scale / w.shape[1] ** 0.5 * 4)
     lm = LanguageModel.wrap(model, LetterDecoder())
     return LanguageModel(lm.model, lm.tokenizer, (eos,), lm.context_length)
+
+
+def tiny_tokenizer(letters: str = "abc"):
+    """A word-level fast tokenizer over single letters plus ``</s>`` (id len(letters)) as EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(letters)}
+    vocab["</s>"] = len(letters)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="</s>")

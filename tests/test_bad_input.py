@@ -1,0 +1,146 @@
+"""Bad input gives a clear error (naming what and the allowed range) or a documented outcome."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import smcgen
+from smcgen import AllParticlesDeadError, Potential, RewardPotential, SequenceBatch, SMCConfig
+from tiny_models import tiny_lm, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_lm(0, logit_scale=2.0).model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("n_particles", 0, "greater than or equal to 1"),
+        ("block_size", 0, "greater than or equal to 1"),
+        ("max_new_tokens", 0, "greater than or equal to 1"),
+        ("ess_threshold", 1.5, "less than or equal to 1"),
+        ("ess_threshold", -0.1, "greater than or equal to 0"),
+        ("draft_temperature", 0.0, "greater than 0"),
+        ("target_temperature", -1.0, "greater than 0"),
+        ("alpha", 0.0, "greater than 0"),
+        ("resampler", "bogus", "systematic"),
+        ("n_particle", 4, "Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_config_names_field_and_range(field, value, words):
+    with pytest.raises(ValidationError) as err:
+        SMCConfig(**{field: value})
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_invalid_override_through_generate(target, tok):
+    with pytest.raises(ValidationError, match="n_particles"):
+        smcgen.generate(target, "a", tokenizer=tok, n_particles=0)
+
+
+@pytest.mark.parametrize("prompt", ["", [], torch.tensor([], dtype=torch.long)])
+def test_empty_prompt(target, tok, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        smcgen.generate(target, prompt, tokenizer=tok)
+
+
+def test_prompt_longer_than_context(target, tok):
+    context = target.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"model context is {context}"):
+        smcgen.generate(target, [0] * (context + 1), tokenizer=tok)
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        smcgen.generate(target, [0] * (context - 2), tokenizer=tok, max_new_tokens=5)
+
+
+def test_prompt_ids_outside_vocab(target, tok):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        smcgen.generate(target, [0, 99], tokenizer=tok)
+
+
+def test_text_prompt_without_tokenizer(target):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        smcgen.generate(target, "ab")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_reward(target, tok, bad):
+    with pytest.raises(ValueError, match="non-finite"):
+        smcgen.generate(target, "a", tokenizer=tok, potentials=RewardPotential(lambda t: bad), max_new_tokens=3)
+
+
+def test_potential_returning_nan_or_wrong_shape(target, tok):
+    class NaNPot(Potential):
+        def log_prefix(self, batch):
+            return torch.full((len(batch),), math.nan)
+
+    class ShortPot(Potential):
+        def log_prefix(self, batch):
+            return torch.zeros(1)
+
+    with pytest.raises(ValueError, match="NaN"):
+        smcgen.generate(target, "a", tokenizer=tok, potentials=NaNPot(), max_new_tokens=3)
+    with pytest.raises(ValueError, match="returned 1 scores"):
+        smcgen.generate(target, "a", tokenizer=tok, potentials=ShortPot(), n_particles=4, max_new_tokens=3)
+
+
+def test_every_particle_at_weight_zero(target, tok):
+    class Nothing(Potential):
+        """Rules out every continuation of one token or more."""
+
+        def log_prefix(self, batch: SequenceBatch):
+            return torch.tensor([-math.inf if ids else 0.0 for ids in batch.token_ids])
+
+    with pytest.raises(AllParticlesDeadError, match="weight zero"):
+        smcgen.generate(target, "a", tokenizer=tok, potentials=Nothing(), max_new_tokens=3)
+
+    class NothingAtAll(Potential):
+        def log_prefix(self, batch):
+            return torch.full((len(batch),), -math.inf)
+
+    with pytest.raises(AllParticlesDeadError):
+        smcgen.generate(target, "a", tokenizer=tok, potentials=NothingAtAll(), max_new_tokens=3)
+
+
+def test_some_particles_dead_gives_no_nan(target, tok):
+    class NoB(Potential):
+        def log_prefix(self, batch):
+            return torch.tensor([-math.inf if "b" in t else 0.0 for t in batch.texts])
+
+    res = smcgen.generate(target, "a", tokenizer=tok, potentials=NoB(), n_particles=16, max_new_tokens=4,
+                          ess_threshold=0.0, seed=1)
+    assert not any(math.isnan(w) for w in res.log_weights)
+    assert math.isfinite(res.log_z)
+    assert "b" not in res.text
+
+
+def test_tokenizer_mismatch(target, tok):
+    bigger = tiny_lm(2, vocab=5, eos=4).model
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        smcgen.generate(target, "a", draft=bigger, tokenizer=tok)
+    same_size = tiny_lm(3).model
+    other_tok = tiny_tokenizer("abd")
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        smcgen.generate(
+            smcgen.LanguageModel.wrap(target, tok), "a", draft=smcgen.LanguageModel.wrap(same_size, other_tok)
+        )
+
+
+def test_draft_and_proposal_together(target, tok):
+    with pytest.raises(ValueError, match="either draft or proposal"):
+        smcgen.generate(target, "a", tokenizer=tok, draft=target, proposal=smcgen.LMProposal(smcgen.LanguageModel.wrap(target)))
+
+
+def test_unknown_model_type():
+    with pytest.raises(TypeError, match="expected a model name"):
+        smcgen.generate(42, "a")
