@@ -9,23 +9,7 @@ import torch
 
 import smcgen
 from smcgen import Potential, RewardPotential, SequenceBatch, SMCConfig
-from tiny_models import EOS, tiny_lm, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def target():
-    lm = tiny_lm(0, logit_scale=2.0)
-    return lm.model
-
-
-@pytest.fixture(scope="module")
-def draft():
-    return tiny_lm(1, logit_scale=0.7).model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+from tiny_models import EOS
 
 
 class NoC(Potential):

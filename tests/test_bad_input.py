@@ -13,16 +13,6 @@ from smcgen import AllParticlesDeadError, Potential, RewardPotential, SequenceBa
 from tiny_models import tiny_lm, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def target():
-    return tiny_lm(0, logit_scale=2.0).model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 @pytest.mark.parametrize(
     "field,value,words",
     [

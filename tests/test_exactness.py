@@ -87,7 +87,6 @@ CASES = {
 def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
     use_draft, block, alpha, tau, make_potentials = CASES[case]
     target = LMPotential(target_lm, temperature=tau, alpha=alpha)
-    proposal = LMProposal(draft_lm) if use_draft else None
     exact = enumerate_target(target, PROMPT, MAX_NEW, make_potentials())
     index = {s: i for i, s in enumerate(exact.sequences)}
     pi = torch.exp(exact.log_weights - exact.log_z)
