@@ -8,6 +8,7 @@ This path is the exact reference the fast GPU engine is tested against; it favor
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
+
+# transformers 5.x announces a rename of `past_key_values` to `cache`, but in 5.17 a cache
+# passed as `cache=` is silently not filled; keep the working name and hide the notice.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass
