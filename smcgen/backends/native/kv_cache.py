@@ -1,0 +1,242 @@
+"""Paged, refcounted KV cache shared by the particles of the native runner.
+
+One pool of pages per model holds every layer's keys and values:
+``k_pool``/``v_pool`` [n_layers, n_pages, page_size, n_kv_heads, head_dim]. Row ``r`` of the
+batch keeps its token at position ``p`` in page ``block_table[r, p // page_size]``, slot
+``p % page_size``. Full pages may be shared by many rows (their refcount says how many); a row's
+partial last page is always its own, so appending never disturbs another row.
+
+All bookkeeping lives on the device and is changed only by the kernels in
+``smcgen.kernels.paged_kv``: ``reserve`` and ``resample`` never read anything back to the host,
+so they can sit inside a CUDA graph. Running out of pages sets ``status``; the host learns of it
+from ``check_status`` after the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from smcgen.kernels.paged_kv import resample_pages, reserve_pages
+
+# Knobs a user can turn when the pool is too small, named in every sizing error.
+_KNOBS = (
+    "give the cache more pages (a larger memory fraction / n_pages) or need fewer: "
+    "fewer particles or requests, a shorter prompt or fewer new tokens"
+)
+
+
+@dataclass
+class PagedKVCache:
+    """Pool tensors plus the block table and page bookkeeping of ``n_rows`` particle rows.
+
+    Construct with the sizes; the tensors are allocated on ``device`` (pools zeroed, every
+    block-table entry -1, every page free). ``n_rows`` is the width of the batch that
+    ``NativeCausalLM.forward`` runs; ``max_pages`` bounds one row's length at
+    ``max_pages * page_size`` tokens.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    page_size: int
+    n_pages: int
+    n_rows: int
+    max_pages: int
+    dtype: torch.dtype = torch.bfloat16
+    device: torch.device | str = "cpu"
+
+    k_pool: Tensor = field(init=False, repr=False)
+    v_pool: Tensor = field(init=False, repr=False)
+    block_table: Tensor = field(init=False, repr=False)
+    refcount: Tensor = field(init=False, repr=False)
+    free_stack: Tensor = field(init=False, repr=False)
+    free_top: Tensor = field(init=False, repr=False)
+    status: Tensor = field(init=False, repr=False)
+    high_water: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_kv_heads", "head_dim", "page_size", "n_pages", "n_rows", "max_pages"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PagedKVCache: {name} must be >= 1, got {getattr(self, name)}")
+        self.device = torch.device(self.device)
+        shape = (self.n_layers, self.n_pages, self.page_size, self.n_kv_heads, self.head_dim)
+        # Zeroed, not empty: attention reads whole pages and masks the unwritten slots by position,
+        # and 0 * NaN from uninitialized memory would still poison the weighted sum of values.
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        i32 = {"dtype": torch.int32, "device": self.device}
+        self.block_table = torch.full((self.n_rows, self.max_pages), -1, **i32)
+        self.refcount = torch.zeros(self.n_pages, **i32)
+        # Pop order is free_stack[free_top - 1], so the stack is reversed to hand out page 0 first
+        # (only cosmetic: it makes block tables easy to read in tests and debugging).
+        self.free_stack = torch.arange(self.n_pages - 1, -1, -1, **i32)
+        self.free_top = torch.full((1,), self.n_pages, **i32)
+        self.status = torch.zeros(1, **i32)
+        # Largest n_tokens ever reserved: lets check_status say how many pages were missing.
+        self.high_water = torch.zeros(1, **i32)
+
+    # ----------------------------------------------------------------------------- sizing
+
+    @staticmethod
+    def pages_needed(n_rows: int, n_requests: int, prompt_len: int, max_len: int, page_size: int) -> int:
+        """Worst-case pages for ``n_rows`` rows split evenly over ``n_requests`` requests.
+
+        ``prompt_len``: the shortest prompt (its full pages are stored once per request and
+        shared by that request's rows); ``max_len``: the most tokens any row ever holds (prompt,
+        new tokens and any look-ahead such as a verify block). The worst case is that rows share
+        nothing beyond the prompt. One extra page per row covers the copy-on-write page a row
+        takes during a resample before its old partial page returns to the pool, and the
+        prefill transient (pages reserved for every row before the prompt is shared) is covered.
+        """
+        if n_requests < 1 or n_rows < n_requests:
+            raise ValueError(f"pages_needed: need 1 <= n_requests <= n_rows, got {n_requests} and {n_rows}")
+        if max_len < prompt_len:
+            raise ValueError(f"pages_needed: max_len ({max_len}) < prompt_len ({prompt_len})")
+        shared = prompt_len // page_size
+        per_row = math.ceil(max_len / page_size)
+        steady = n_requests * shared + n_rows * (per_row - shared)
+        prefill = n_rows * math.ceil(prompt_len / page_size)
+        return max(steady, prefill) + n_rows
+
+    @staticmethod
+    def bytes_per_page(n_layers: int, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
+        """Bytes one page takes in the K and V pools together (all layers)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * n_layers * page_size * n_kv_heads * head_dim * itemsize
+
+    @classmethod
+    def from_free_memory(
+        cls,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        n_rows: int,
+        max_pages: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        fraction: float = 0.9,
+        free_bytes: int | None = None,
+    ) -> PagedKVCache:
+        """A cache with as many pages as ``fraction`` of the free GPU memory holds.
+
+        Call it after the models are loaded (their weights are not free memory) and leave room
+        for activations and CUDA graph pools through ``fraction``. Two caches (target and draft)
+        split the memory by calling this in turn with their own fractions. ``free_bytes``
+        overrides ``torch.cuda.mem_get_info`` (CPU runs, tests).
+        """
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"from_free_memory: fraction must be in (0, 1], got {fraction}")
+        device = torch.device(device)
+        if free_bytes is None:
+            if device.type != "cuda":
+                raise ValueError(f"from_free_memory needs a CUDA device or free_bytes=..., got device {device}")
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+        per_page = cls.bytes_per_page(n_layers, n_kv_heads, head_dim, page_size, dtype)
+        # Block table and bookkeeping are small next to one page of K/V but are counted anyway.
+        overhead = 4 * n_rows * max_pages
+        n_pages = int((free_bytes * fraction - overhead) // (per_page + 12))
+        if n_pages < 1:
+            raise ValueError(
+                f"KV cache: {fraction:.0%} of {free_bytes / 2**20:.1f} MiB free memory holds no page "
+                f"({per_page / 2**20:.2f} MiB each); free memory or raise the fraction"
+            )
+        return cls(n_layers, n_kv_heads, head_dim, page_size, n_pages, n_rows, max_pages, dtype, device)
+
+    def check_fits(self, n_rows: int, n_requests: int, prompt_len: int, max_len: int) -> None:
+        """Raise ValueError unless a run of this shape fits in the pool and block table, worst case."""
+        if n_rows > self.n_rows:
+            raise ValueError(f"KV cache has {self.n_rows} rows, the run needs {n_rows} (build the cache wider)")
+        if max_len > self.max_pages * self.page_size:
+            raise ValueError(
+                f"KV cache rows hold at most {self.max_pages} pages x {self.page_size} tokens = "
+                f"{self.max_pages * self.page_size} tokens; the run needs {max_len} (raise max_pages "
+                f"or lower the prompt / new-token budget)"
+            )
+        needed = self.pages_needed(n_rows, n_requests, prompt_len, max_len, self.page_size)
+        if needed > self.n_pages:
+            raise ValueError(
+                f"KV cache too small: {needed} pages of {self.page_size} tokens needed in the worst case "
+                f"({n_requests} request(s) x {n_rows // n_requests} particles, prompt {prompt_len}, "
+                f"up to {max_len} tokens per row), {self.n_pages} available; {_KNOBS}"
+            )
+
+    # ------------------------------------------------------------------- device operations
+
+    def _count(self, n_tokens: Tensor | int) -> Tensor:
+        """``n_tokens`` as the [1] int32 device tensor the kernels read (graph-safe when given so)."""
+        if isinstance(n_tokens, Tensor):
+            return n_tokens.to(device=self.device, dtype=torch.int32).reshape(1)
+        return torch.full((1,), int(n_tokens), dtype=torch.int32, device=self.device)
+
+    def reserve(self, n_tokens: Tensor | int) -> None:
+        """Give every row pages for positions < ``n_tokens`` (call before a forward that writes them)."""
+        n = self._count(n_tokens)
+        torch.maximum(self.high_water, n, out=self.high_water)
+        reserve_pages(self.block_table, self.refcount, self.free_stack, self.free_top, self.status, n, self.page_size)
+
+    def resample(self, ancestors: Tensor, n_tokens: Tensor | int) -> None:
+        """Row r continues row ``ancestors[r]``'s first ``n_tokens`` tokens (shared pages, CoW partial page)."""
+        n = self._count(n_tokens)
+        resample_pages(
+            ancestors.to(device=self.device, dtype=torch.int64),
+            self.block_table,
+            self.refcount,
+            self.free_stack,
+            self.free_top,
+            self.status,
+            n,
+            self.k_pool,
+            self.v_pool,
+            self.page_size,
+        )
+
+    def rows(self, start: int, stop: int) -> PagedKVCache:
+        """A view of rows ``start:stop`` that shares the pool and bookkeeping with this cache.
+
+        Lets a prompt be prefilled in one row (``cache.rows(0, 1)``) and then shared with every
+        row by ``cache.resample(zeros, prompt_len)``, instead of reserving pages for all rows.
+        """
+        if not 0 <= start < stop <= self.n_rows:
+            raise ValueError(f"rows({start}, {stop}) outside the cache's {self.n_rows} rows")
+        view = copy.copy(self)
+        view.block_table = self.block_table[start:stop]
+        view.n_rows = stop - start
+        return view
+
+    def reset(self) -> None:
+        """Free every page and clear the block table and status (between runs; no host sync).
+
+        Call it on the whole cache, not on a ``rows`` view (a view would clear only its rows'
+        block-table entries while freeing every page)."""
+        self.block_table.fill_(-1)
+        self.refcount.zero_()
+        torch.arange(self.n_pages - 1, -1, -1, out=self.free_stack)
+        self.free_top.fill_(self.n_pages)
+        self.status.zero_()
+        self.high_water.zero_()
+
+    # ----------------------------------------------------------------------- host checks
+
+    def pages_in_use(self) -> int:
+        """Pages referenced by at least one row (host read)."""
+        return int((self.refcount > 0).sum().item())
+
+    def check_status(self) -> None:
+        """Host read after a run: raise RuntimeError if the pool ran out at any point."""
+        if int(self.status.item()) == 0:
+            return
+        # Entries still -1 below the largest reserved length are the pages that could not be had.
+        n_cols = min(self.max_pages, -(-int(self.high_water.item()) // self.page_size))
+        missing = int((self.block_table[:, :n_cols] < 0).sum().item()) if n_cols > 0 else 0
+        in_use = self.pages_in_use()
+        raise RuntimeError(
+            f"KV page pool ran out: about {in_use + max(missing, 1)} pages of {self.page_size} tokens were needed "
+            f"({in_use} in use, at least {max(missing, 1)} more could not be allocated), {self.n_pages} available; "
+            f"{_KNOBS}. The results of this run are not valid."
+        )

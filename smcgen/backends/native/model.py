@@ -1,0 +1,401 @@
+"""Native decoder for the Llama, Qwen2 and Qwen3 families over the paged KV cache.
+
+The forward pass is a handful of large matmuls per layer (one fused QKV projection, one fused
+gate/up projection) around ``write_kv`` and ``paged_attention``. Everything has static shapes and
+reads positions from a device tensor, so a whole decode or verify step can be captured in a CUDA
+graph: no host syncs, no Python branches on tensor values.
+
+Numerics follow transformers so logits match for the same weights: RMSNorm in fp32 and cast back
+before the weight multiply, RoPE cos/sin computed in fp32 and cast to the activations' dtype,
+attention scale ``head_dim ** -0.5``, SiLU-gated MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smcgen.backends.native.kv_cache import PagedKVCache
+from smcgen.kernels.attention import paged_attention, write_kv
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    """The architecture numbers the native runner needs, read from a transformers config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_positions: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 (always), Llama / Qwen3 with attention_bias
+    o_bias: bool  # Llama / Qwen3 with attention_bias
+    mlp_bias: bool  # Llama with mlp_bias
+    qk_norm: bool  # Qwen3: RMSNorm over each head's q and k before RoPE
+    rope_theta: float
+    rope: tuple[tuple[str, Any], ...]  # the rope parameters (rope_type, factor, ...) as sorted items
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_hf(cls, config: Any) -> NativeConfig:
+        """Read a LlamaConfig / Qwen2Config / Qwen3Config; raise ValueError for anything else."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"NativeCausalLM supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got '{model_type}' "
+                f"({type(config).__name__}). Use the generic transformers backend for this model."
+            )
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"NativeCausalLM: {model_type} with hidden_act '{act}' is not supported (only silu)")
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
+            raise ValueError(f"NativeCausalLM: {model_type} with sliding-window layers is not supported")
+
+        n_heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        rope = _rope_parameters(config)
+        if rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"NativeCausalLM: rope type '{rope['rope_type']}' is not supported "
+                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("NativeCausalLM: partial rotary embeddings are not supported")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            n_layers=int(config.num_hidden_layers),
+            n_heads=n_heads,
+            n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(config.rms_norm_eps),
+            max_positions=int(config.max_position_embeddings),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,  # Qwen2 has no attention_bias field: its o_proj never has a bias
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope_theta=float(rope["rope_theta"]),
+            rope=tuple(sorted((k, v) for k, v in rope.items() if k != "rope_theta")),
+            initializer_range=float(getattr(config, "initializer_range", 0.02) or 0.02),
+        )
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """RoPE settings from either the transformers 5 ``rope_parameters`` or the older ``rope_scaling``."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
+    return params
+
+
+def rope_inv_freq(cfg: NativeConfig) -> Tensor:
+    """Inverse frequencies [head_dim / 2] (fp32, CPU) computed the way transformers computes them."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    rope = dict(cfg.rope)
+    kind = rope["rope_type"]
+    if kind == "linear":
+        return inv_freq / float(rope["factor"])
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+        factor = float(rope["factor"])
+        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old_len = float(rope.get("original_max_position_embeddings") or cfg.max_positions)
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` [R, T, H, D] by cos/sin [R, T, 1, D] (the rotate-half convention of Llama/Qwen)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # Uninitialized: from_hf / from_config fill every tensor, so no time goes to a throwaway init.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class NativeLayer(nn.Module):
+    """One decoder layer's weights: fused ``qkv`` [(Hq + 2 Hkv) D, H] and ``gate_up`` [2 I, H]."""
+
+    def __init__(self, cfg: NativeConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        hidden, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * d
+        self.input_norm = _param((hidden,), dtype, device)
+        self.qkv = _param((qkv_out, hidden), dtype, device)
+        self.qkv_bias = _param((qkv_out,), dtype, device) if cfg.qkv_bias else None
+        self.q_norm = _param((d,), dtype, device) if cfg.qk_norm else None
+        self.k_norm = _param((d,), dtype, device) if cfg.qk_norm else None
+        self.o = _param((hidden, cfg.n_heads * d), dtype, device)
+        self.o_bias = _param((hidden,), dtype, device) if cfg.o_bias else None
+        self.post_norm = _param((hidden,), dtype, device)
+        self.gate_up = _param((2 * inter, hidden), dtype, device)
+        self.gate_up_bias = _param((2 * inter,), dtype, device) if cfg.mlp_bias else None
+        self.down = _param((hidden, inter), dtype, device)
+        self.down_bias = _param((hidden,), dtype, device) if cfg.mlp_bias else None
+
+
+class NativeCausalLM(nn.Module):
+    """Llama / Qwen2 / Qwen3 causal LM running on a ``PagedKVCache``.
+
+    Build it with ``from_hf`` (copy a transformers model's weights) or ``from_config`` (random
+    weights, for benchmarks). ``forward`` writes the new tokens' K/V into the cache and returns
+    logits; the caller reserves pages first (``cache.reserve(n_tokens)``), so that page
+    bookkeeping stays one explicit, separately capturable step.
+    """
+
+    def __init__(
+        self,
+        cfg: NativeConfig,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        max_positions: int | None = None,
+    ):
+        super().__init__()
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.cfg = cfg
+        self.max_positions = int(max_positions or cfg.max_positions)
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(NativeLayer(cfg, dtype, device) for _ in range(cfg.n_layers))
+        self.norm = _param((cfg.hidden_size,), dtype, device)
+        # Tied: one Parameter under both names (parameters() lists it once).
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        )
+        # The whole cos/sin table once, so a step only gathers rows by position (graph-safe);
+        # fp32 math, then the activations' dtype, exactly like transformers' rotary embedding.
+        # Positions must stay below max_positions (the table's length; pass a smaller one to save memory).
+        inv_freq = rope_inv_freq(cfg).to(device)
+        freqs = torch.arange(self.max_positions, device=device, dtype=torch.float)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(dtype), persistent=False)
+        self.q_size = cfg.n_heads * cfg.head_dim
+        self.kv_size = cfg.n_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+
+    # --------------------------------------------------------------------------- builders
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(
+        cls,
+        model: nn.Module,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        max_positions: int | None = None,
+    ) -> NativeCausalLM:
+        """Copy the weights of a transformers LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM.
+
+        ``dtype`` and ``device`` default to the model's own. Raises ValueError naming the model
+        type when the architecture is not supported.
+        """
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "model") or not hasattr(model, "lm_head"):
+            raise ValueError(
+                f"NativeCausalLM.from_hf needs a transformers *ForCausalLM model, got {type(model).__name__} "
+                f"(model type '{getattr(config, 'model_type', None)}')"
+            )
+        cfg = NativeConfig.from_hf(config)
+        first = next(model.parameters())
+        native = cls(cfg, dtype or first.dtype, device if device is not None else first.device, max_positions)
+        base = model.model
+        native.embed.copy_(base.embed_tokens.weight)
+        native.norm.copy_(base.norm.weight)
+        if not cfg.tie_word_embeddings:
+            native.lm_head.copy_(model.lm_head.weight)
+        q, kv = native.q_size, native.kv_size
+        inter = cfg.intermediate_size
+        for mine, theirs in zip(native.layers, base.layers, strict=True):
+            att, mlp = theirs.self_attn, theirs.mlp
+            mine.input_norm.copy_(theirs.input_layernorm.weight)
+            mine.post_norm.copy_(theirs.post_attention_layernorm.weight)
+            # Slices are filled in place: no concatenated temporary of the full weights.
+            for sl, proj in (
+                (slice(0, q), att.q_proj),
+                (slice(q, q + kv), att.k_proj),
+                (slice(q + kv, None), att.v_proj),
+            ):
+                mine.qkv[sl].copy_(proj.weight)
+                if mine.qkv_bias is not None:
+                    mine.qkv_bias[sl].copy_(proj.bias)
+            if mine.q_norm is not None:
+                mine.q_norm.copy_(att.q_norm.weight)
+                mine.k_norm.copy_(att.k_norm.weight)
+            mine.o.copy_(att.o_proj.weight)
+            if mine.o_bias is not None:
+                mine.o_bias.copy_(att.o_proj.bias)
+            mine.gate_up[:inter].copy_(mlp.gate_proj.weight)
+            mine.gate_up[inter:].copy_(mlp.up_proj.weight)
+            mine.down.copy_(mlp.down_proj.weight)
+            if mine.gate_up_bias is not None:
+                mine.gate_up_bias[:inter].copy_(mlp.gate_proj.bias)
+                mine.gate_up_bias[inter:].copy_(mlp.up_proj.bias)
+                mine.down_bias.copy_(mlp.down_proj.bias)
+        return native
+
+    @classmethod
+    @torch.no_grad()
+    def from_config(
+        cls,
+        config: Any,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        *,
+        max_positions: int | None = None,
+    ) -> NativeCausalLM:
+        """Random weights drawn directly on ``device`` (no CPU init: seconds for 8B on a GPU).
+
+        Matrices ~ N(0, initializer_range), norms 1, biases 0, like transformers' initializer.
+        ``config`` is a transformers config or a ``NativeConfig``.
+        """
+        cfg = config if isinstance(config, NativeConfig) else NativeConfig.from_hf(config)
+        native = cls(cfg, dtype, device, max_positions)
+        gen = torch.Generator(device=native.embed.device).manual_seed(seed)
+        for name, p in native.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, cfg.initializer_range, generator=gen)
+            elif name.endswith("norm"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        return native
+
+    # ------------------------------------------------------------------------- properties
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers."""
+        return self.cfg.n_layers
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads per layer (the KV cache's head count)."""
+        return self.cfg.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.cfg.head_dim
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits."""
+        return self.cfg.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights (and of the caches ``make_cache`` builds)."""
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the weights."""
+        return self.embed.device
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one forward reads: every layer, the final norm and the LM head.
+
+        The embedding table is not counted (a step gathers only a few rows of it) unless it is
+        tied to the LM head, where it is read whole once as the head.
+        """
+        total = sum(p.numel() * p.element_size() for p in self.layers.parameters())
+        total += self.norm.numel() * self.norm.element_size()
+        return total + self.lm_head.numel() * self.lm_head.element_size()
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token takes in the cache (all layers), in the model's dtype."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.embed.element_size()
+
+    def make_cache(self, n_pages: int, n_rows: int, max_pages: int, page_size: int = 16) -> PagedKVCache:
+        """An empty ``PagedKVCache`` shaped for this model, in its dtype and on its device."""
+        return PagedKVCache(
+            self.n_layers,
+            self.n_kv_heads,
+            self.head_dim,
+            page_size,
+            n_pages,
+            n_rows,
+            max_pages,
+            self.dtype,
+            self.device,
+        )
+
+    # ---------------------------------------------------------------------------- forward
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, start_pos: Tensor, cache: PagedKVCache, last_only: bool = False) -> Tensor:
+        """Logits [R, T, V] (or [R, V] with ``last_only``) for ``tokens`` [R, T] at ``start_pos`` [R] + t.
+
+        Writes the tokens' K/V into ``cache`` (pages for positions < start_pos + T must be
+        reserved) and attends causally to everything the rows hold up to each query's position.
+        """
+        cfg = self.cfg
+        n_rows, n_new = tokens.shape
+        start_pos = start_pos.to(torch.int32)
+        positions = start_pos.to(torch.long)[:, None] + torch.arange(n_new, device=tokens.device)
+        cos = self.rope_cos[positions].unsqueeze(2)  # [R, T, 1, D]
+        sin = self.rope_sin[positions].unsqueeze(2)
+        h = F.embedding(tokens, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
+            k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
+            v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+            k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
+            write_kv(k, v, k_pool, v_pool, cache.block_table, start_pos)
+            att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale)
+            h = h + F.linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias)
+            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        if last_only:
+            h = h[:, -1]
+        return F.linear(rms_norm(h, self.norm, cfg.rms_norm_eps), self.lm_head)

@@ -1,0 +1,372 @@
+"""The native runner's logits equal transformers' for the same weights, over a paged, shared KV cache.
+
+Tolerance: fp32 on the CPU, max |native - transformers| <= 1e-4 over all logits compared (logits are
+O(1) here: the weights are scaled so activations do not vanish and a wrong position, page or head
+shows up far above it). Pages hold 4 tokens so prompts cross pages and partial pages get
+copy-on-written on resampling.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from smcgen.backends.native import NativeCausalLM, PagedKVCache
+
+TOL = 1e-4  # max abs logit difference, fp32
+PAGE = 4
+VOCAB = 61
+PROMPT = [5, 17, 3, 42, 8, 29, 11]  # 7 tokens: one full page and a partial one
+
+_DIMS = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # GQA: 2 query heads per KV head
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # 32 with head_dim 16: one high-, one medium- and six low-frequency pairs (all three branches)
+    "original_max_position_embeddings": 32,
+}
+CONFIGS = {
+    "llama": lambda: (LlamaForCausalLM, LlamaConfig(**_DIMS, tie_word_embeddings=False)),
+    "llama3-rope": lambda: (
+        LlamaForCausalLM,
+        LlamaConfig(**{**_DIMS, "num_key_value_heads": 1}, rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=True),
+    ),
+    "qwen2": lambda: (Qwen2ForCausalLM, Qwen2Config(**_DIMS, tie_word_embeddings=False)),
+    # head_dim 32 != hidden / heads = 16: the config's head_dim must win
+    "qwen3": lambda: (Qwen3ForCausalLM, Qwen3Config(**_DIMS, head_dim=32, tie_word_embeddings=True)),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """O(1) activations: matrices ~ N(0, 1/fan_in), norms 1 + noise, biases noise (transformers zeros them)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 2:
+                p.copy_(noise / p.shape[1] ** 0.5)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.3 * noise)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    """(transformers model, native copy) in fp32 on the CPU."""
+    cls, config = CONFIGS[request.param]()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    _randomize(hf, seed=len(request.param))
+    native = NativeCausalLM.from_hf(hf)
+    return hf, native
+
+
+def reference(hf, seq: list[int]) -> torch.Tensor:
+    """transformers' logits [len(seq), V] for one sequence, no cache."""
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0].float()
+
+
+def assert_close(native: torch.Tensor, ref: torch.Tensor) -> None:
+    assert native.shape == ref.shape
+    diff = (native.float() - ref).abs().max().item()
+    assert diff <= TOL, f"max abs logit diff {diff:.3g} > {TOL}"
+
+
+def pos(rows: int, n: int) -> torch.Tensor:
+    return torch.full((rows,), n, dtype=torch.int32)
+
+
+def check_bookkeeping(cache: PagedKVCache, n_tokens: int) -> None:
+    """Refcounts equal references in the block table, free + used = all pages, partial pages unshared."""
+    n_cols = -(-n_tokens // cache.page_size)
+    table = cache.block_table[:, :n_cols]
+    assert (table >= 0).all(), "a row is missing a page"
+    assert (cache.block_table[:, n_cols:] < 0).all(), "pages reserved beyond n_tokens"
+    counts = torch.bincount(table.flatten().long(), minlength=cache.n_pages)
+    assert torch.equal(counts.to(torch.int32), cache.refcount)
+    assert int(cache.free_top.item()) + int((cache.refcount > 0).sum()) == cache.n_pages
+    free = cache.free_stack[: int(cache.free_top.item())]
+    assert (cache.refcount[free.long()] == 0).all()
+    if n_tokens % cache.page_size:
+        assert (cache.refcount[table[:, -1].long()] == 1).all(), "a partial page is shared"
+    assert int(cache.status.item()) == 0
+
+
+def prefill(native, cache, prompt=PROMPT) -> torch.Tensor:
+    cache.reserve(len(prompt))
+    return native(torch.tensor([prompt]), pos(1, 0), cache)
+
+
+def test_prefill(pair):
+    hf, native = pair
+    cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+    logits = prefill(native, cache)
+    assert_close(logits[0], reference(hf, PROMPT))
+    check_bookkeeping(cache, len(PROMPT))
+
+
+def test_last_only_and_decode_steps(pair):
+    hf, native = pair
+    cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+    seq = list(PROMPT)
+    cache.reserve(len(seq))
+    last = native(torch.tensor([seq]), pos(1, 0), cache, last_only=True)
+    assert last.shape == (1, VOCAB)
+    assert_close(last[0], reference(hf, seq)[-1])
+    for tok in [33, 2, 60, 14, 7]:  # crosses the page boundary at position 8 and 12
+        cache.reserve(len(seq) + 1)
+        logits = native(torch.tensor([[tok]]), pos(1, len(seq)), cache, last_only=True)
+        seq.append(tok)
+        assert_close(logits[0], reference(hf, seq)[-1])
+    check_bookkeeping(cache, len(seq))
+
+
+def test_verify_block(pair):
+    hf, native = pair
+    cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+    seq = PROMPT[:6]
+    prefill(native, cache, seq)
+    block = [9, 31, 4, 58, 22]  # T = 5 from position 6: spans the pages of positions 4..7 and 8..11
+    cache.reserve(len(seq) + len(block))
+    logits = native(torch.tensor([block]), pos(1, len(seq)), cache)
+    seq += block
+    assert_close(logits[0], reference(hf, seq)[-len(block) :])
+    # the block's K/V were written where the next step reads them
+    cache.reserve(len(seq) + 1)
+    logits = native(torch.tensor([[40]]), pos(1, len(seq)), cache)
+    seq.append(40)
+    assert_close(logits[0, 0], reference(hf, seq)[-1])
+
+
+def _share_prompt(native, rows: int) -> PagedKVCache:
+    """Prefill the prompt in row 0 only, then share it with every row (ancestors = 0)."""
+    cache = native.make_cache(n_pages=40, n_rows=rows, max_pages=8, page_size=PAGE)
+    prefill(native, cache.rows(0, 1))
+    cache.resample(torch.zeros(rows, dtype=torch.int64), len(PROMPT))
+    check_bookkeeping(cache, len(PROMPT))
+    # the full first page is shared by all rows, the partial second one was copied per row
+    assert (cache.block_table[:, 0] == cache.block_table[0, 0]).all()
+    assert int(cache.refcount[cache.block_table[0, 0]]) == rows
+    assert len(set(cache.block_table[:, 1].tolist())) == rows
+    return cache
+
+
+def test_shared_prompt_then_diverging_rows(pair):
+    hf, native = pair
+    rows = 4
+    cache = _share_prompt(native, rows)
+    seqs = [list(PROMPT) for _ in range(rows)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # single-token steps, a different token per row
+        toks = torch.randint(0, VOCAB, (rows, 1), generator=gen)
+        n = len(seqs[0])
+        cache.reserve(n + 1)
+        logits = native(toks, pos(rows, n), cache, last_only=True)
+        for r in range(rows):
+            seqs[r].append(int(toks[r, 0]))
+            assert_close(logits[r], reference(hf, seqs[r])[-1])
+    block = torch.randint(0, VOCAB, (rows, 5), generator=gen)  # verify T = 5 from position 9
+    n = len(seqs[0])
+    cache.reserve(n + 5)
+    logits = native(block, pos(rows, n), cache)
+    for r in range(rows):
+        seqs[r] += block[r].tolist()
+        assert_close(logits[r], reference(hf, seqs[r])[-5:])
+    check_bookkeeping(cache, len(seqs[0]))
+
+
+def test_resample_mid_sequence(pair):
+    hf, native = pair
+    rows = 4
+    cache = _share_prompt(native, rows)
+    seqs = [list(PROMPT) for _ in range(rows)]
+    gen = torch.Generator().manual_seed(2)
+    block = torch.randint(0, VOCAB, (rows, 3), generator=gen)  # 10 tokens: page 2 is partial
+    cache.reserve(10)
+    native(block, pos(rows, 7), cache)
+    for r in range(rows):
+        seqs[r] += block[r].tolist()
+
+    # identity changes nothing
+    before = [t.clone() for t in (cache.block_table, cache.refcount, cache.free_top, cache.k_pool)]
+    cache.resample(torch.arange(rows), 10)
+    after = (cache.block_table, cache.refcount, cache.free_top, cache.k_pool)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    ancestors = [2, 0, 2, 1]  # row 3 dies, row 2 is duplicated, rows are permuted
+    cache.resample(torch.tensor(ancestors), 10)
+    seqs = [list(seqs[a]) for a in ancestors]
+    check_bookkeeping(cache, 10)
+    for step in range(2):
+        toks = torch.randint(0, VOCAB, (rows, 1), generator=gen)
+        n = len(seqs[0])
+        cache.reserve(n + 1)
+        logits = native(toks, pos(rows, n), cache, last_only=True)
+        for r in range(rows):
+            seqs[r].append(int(toks[r, 0]))
+            assert_close(logits[r], reference(hf, seqs[r])[-1])
+    # a second resample on a page boundary (12 tokens: no partial page to copy), then verify T = 5
+    cache.resample(torch.tensor([1, 1, 3, 0]), 12)
+    seqs = [list(seqs[a]) for a in [1, 1, 3, 0]]
+    check_bookkeeping(cache, 12)
+    block = torch.randint(0, VOCAB, (rows, 5), generator=gen)
+    cache.reserve(17)
+    logits = native(block, pos(rows, 12), cache)
+    for r in range(rows):
+        seqs[r] += block[r].tolist()
+        assert_close(logits[r], reference(hf, seqs[r])[-5:])
+    check_bookkeeping(cache, 17)
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def test_from_config_random_weights():
+    config = LlamaConfig(**_DIMS, tie_word_embeddings=False, initializer_range=0.05)
+    a = NativeCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=3)
+    b = NativeCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=3)
+    c = NativeCausalLM.from_config(config, dtype=torch.float32, device="cpu", seed=4)
+    assert torch.equal(a.layers[1].qkv, b.layers[1].qkv)
+    assert not torch.equal(a.layers[1].qkv, c.layers[1].qkv)
+    assert abs(a.layers[0].gate_up.std().item() - 0.05) < 0.005
+    assert torch.equal(a.norm, torch.ones_like(a.norm))
+    assert (a.n_layers, a.n_kv_heads, a.head_dim, a.vocab_size) == (2, 2, 16, VOCAB)
+    h, i, d, hq, hkv = 64, 96, 16, 4, 2
+    per_layer = h + (hq + 2 * hkv) * d * h + h * hq * d + h + 2 * i * h + h * i
+    assert a.weight_bytes() == 4 * (2 * per_layer + h + VOCAB * h)
+    cache = a.make_cache(n_pages=8, n_rows=2, max_pages=4, page_size=PAGE)
+    assert cache.k_pool.shape == (2, 8, PAGE, 2, 16) and cache.k_pool.dtype == torch.float32
+    cache.reserve(6)
+    logits = a(torch.randint(0, VOCAB, (2, 6)), pos(2, 0), cache)
+    assert logits.shape == (2, 6, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_tied_head_counted_once():
+    _, config = CONFIGS["qwen3"]()
+    native = NativeCausalLM.from_config(config, dtype=torch.float32, device="cpu")
+    assert native.lm_head is native.embed
+    assert native.weight_bytes() == 4 * (sum(p.numel() for p in native.layers.parameters()) + 64 + VOCAB * 64)
+
+
+def _params_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast parameters only: ``Module.to(bf16)`` would also round transformers' rotary ``inv_freq``
+    buffer to bf16, which moves its RoPE angles by ~0.4% (0.4 rad at position 100)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def test_bf16_close_to_transformers():
+    """bf16 end to end; judged against fp32 math on the same bf16-rounded weights, the native error is
+    no worse than 1.5x transformers' own bf16 error in mean abs and 2x in max abs (logits are O(1))."""
+    cls, config = CONFIGS["qwen3"]()
+    config._attn_implementation = "eager"
+    hf = cls(config).eval()
+    _randomize(hf, seed=9)
+    hf = _params_to(_params_to(hf, torch.bfloat16), torch.float32)
+    seq = PROMPT + [33, 2, 60, 14, 7, 21, 50, 1, 19]
+    truth = reference(hf, seq)
+    hf = _params_to(hf, torch.bfloat16)
+    hf_err = (reference(hf, seq) - truth).abs()
+    native = NativeCausalLM.from_hf(hf)
+    assert native.dtype == torch.bfloat16 and native.rope_cos.dtype == torch.bfloat16
+    cache = native.make_cache(n_pages=8, n_rows=1, max_pages=8, page_size=PAGE)
+    assert cache.k_pool.dtype == torch.bfloat16
+    logits = [prefill(native, cache)]
+    cache.reserve(len(seq))  # then a verify block of the remaining 9 tokens
+    logits.append(native(torch.tensor([seq[len(PROMPT) :]]), pos(1, len(PROMPT)), cache))
+    assert logits[0].dtype == torch.bfloat16
+    err = (torch.cat(logits, 1)[0].float() - truth).abs()
+    assert err.mean() <= 1.5 * hf_err.mean(), (err.mean().item(), hf_err.mean().item())
+    assert err.max() <= 2 * hf_err.max(), (err.max().item(), hf_err.max().item())
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_unsupported_model_type():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_embd=16, n_layer=1, n_head=2, n_positions=8))
+    with pytest.raises(ValueError, match="gpt2"):
+        NativeCausalLM.from_hf(gpt2)
+
+
+def test_unsupported_rope_and_activation():
+    yarn = LlamaConfig(**_DIMS, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="yarn"):
+        NativeCausalLM.from_config(yarn, dtype=torch.float32, device="cpu")
+    gelu = LlamaConfig(**_DIMS, hidden_act="gelu")
+    with pytest.raises(ValueError, match="gelu"):
+        NativeCausalLM.from_config(gelu, dtype=torch.float32, device="cpu")
+
+
+def test_check_fits():
+    cache = PagedKVCache(2, 2, 16, PAGE, n_pages=40, n_rows=8, max_pages=8, dtype=torch.float32)
+    # 2 requests x 4 rows, prompt 7 (1 shared full page each), up to 20 tokens (5 pages) per row:
+    # 2 * 1 + 8 * (5 - 1) = 34, + 8 copy-on-write pages in flight = 42 > 40
+    assert PagedKVCache.pages_needed(8, 2, 7, 20, PAGE) == 42
+    with pytest.raises(ValueError, match=r"42 pages .* 40 available"):
+        cache.check_fits(8, 2, 7, 20)
+    cache.check_fits(8, 2, 7, 16)  # 2 + 8 * 3 + 8 = 34 fits
+    with pytest.raises(ValueError, match="32 tokens"):
+        cache.check_fits(8, 2, 7, 33)  # longer than a block-table row
+    with pytest.raises(ValueError, match="8 rows"):
+        cache.check_fits(16, 2, 7, 16)
+
+
+def test_pool_exhaustion_reported():
+    cache = PagedKVCache(1, 1, 8, PAGE, n_pages=5, n_rows=2, max_pages=4, dtype=torch.float32)
+    cache.reserve(8)  # 2 rows x 2 pages = 4 of 5
+    cache.check_status()
+    cache.reserve(12)  # 2 more pages needed, 1 left
+    with pytest.raises(RuntimeError, match=r"ran out: about 6 pages .* 5 available"):
+        cache.check_status()
+    cache.reset()
+    cache.check_status()
+    assert int(cache.free_top.item()) == 5 and (cache.block_table < 0).all()
+
+
+def test_from_free_memory():
+    per_page = PagedKVCache.bytes_per_page(2, 2, 16, PAGE, torch.float32)
+    assert per_page == 2 * 2 * PAGE * 2 * 16 * 4
+    cache = PagedKVCache.from_free_memory(
+        2,
+        2,
+        16,
+        PAGE,
+        n_rows=2,
+        max_pages=4,
+        dtype=torch.float32,
+        device="cpu",
+        fraction=0.5,
+        free_bytes=100 * per_page,
+    )
+    assert 45 <= cache.n_pages <= 50
+    with pytest.raises(ValueError, match="CUDA"):
+        PagedKVCache.from_free_memory(2, 2, 16, PAGE, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="no page"):
+        PagedKVCache.from_free_memory(2, 2, 16, PAGE, 2, 4, torch.float32, "cpu", free_bytes=per_page // 2)
