@@ -1,0 +1,483 @@
+"""Paged KV attention: writing K/V into the page pool and causal GQA attention over it.
+
+One layer's pool view is ``[n_pages, page_size, Hkv, D]``; row r's token at position p lives in page
+``block_table[r, p // page_size]``, slot ``p % page_size``. Query t of row r sits at position
+``start_pos[r] + t`` and sees keys at positions <= its own. Query head h uses kv head h // G with
+G = Hq // Hkv (transformers' ``repeat_kv`` grouping).
+
+Pages of -1 (only after the pool ran out, when ``status`` is set and the run fails anyway) are
+never dereferenced out of bounds: the Triton kernels mask them, the torch twins clamp them to
+page 0 (contents are then undefined, no crash).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the torch twins still work without triton
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "paged_attention",
+    "paged_attention_torch",
+    "paged_attention_triton",
+    "write_kv",
+    "write_kv_torch",
+    "write_kv_triton",
+]
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    from .paged_kv import fix_interpreter_loop_bounds
+
+    fix_interpreter_loop_bounds()
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and t.is_cuda
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """Multiprocessor count of a CUDA device (cached host query, no sync)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.device) -> int:
+    """KV splits per (row, kv head, query block), from the call's shapes only.
+
+    ``max_keys`` = max_pages * page_size is the table's capacity, so a captured graph stays valid;
+    the kernel divides each row's *actual* key range by the split count, so splits past the real
+    context exit at once. Aim (measured on an H100, bf16, 4k context) at ~2 programs per SM for
+    query tiles of 64+ rows and ~4 per SM for the light decode tiles, with >= 256 keys per split
+    and at most 32 splits; a grid that already fills the GPU (large N, prefill) gets no split.
+    """
+    if device.type == "cuda":
+        n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        n_sm = 4  # interpreter: small, but still exercises the merge
+    target = (2 if block_m >= 64 else 4) * n_sm
+    return max(1, min(target // max(n_programs, 1), max_keys // 256, 32))
+
+
+def _launch_config(packed: int, dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head."""
+    block_m = min(max(16, triton.next_power_of_2(packed)), 128)
+    if block_m <= 16:  # decode: few queries, wide key tiles keep more bytes in flight
+        return block_m, 128, 4, 2
+    if block_m >= 128:  # big verify / prefill: narrow key tiles keep registers in check
+        return block_m, 32, 4, 3
+    return block_m, 64, 4, 3
+
+
+# --------------------------------------------------------------------------------------------------
+# write_kv
+# --------------------------------------------------------------------------------------------------
+
+
+def _slots(block_table: torch.Tensor, start_pos: torch.Tensor, n_q: int, page_size: int):
+    """(page, slot) [R, T] of the positions start_pos[r] + t; missing pages clamped to 0."""
+    pos = start_pos.long()[:, None] + torch.arange(n_q, device=start_pos.device)[None, :]
+    col = (pos // page_size).clamp(max=block_table.shape[1] - 1)
+    page = block_table.long().gather(1, col).clamp(min=0)
+    return page, pos % page_size
+
+
+def write_kv_torch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+) -> None:
+    """Store k, v [R, T, Hkv, D] at positions start_pos[r] + t of each row (torch twin, in place)."""
+    page, slot = _slots(block_table, start_pos, k.shape[1], k_pool_l.shape[1])
+    k_pool_l[page, slot] = k.to(k_pool_l.dtype)
+    v_pool_l[page, slot] = v.to(v_pool_l.dtype)
+
+
+def write_kv_triton(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+) -> None:
+    """Triton version of :func:`write_kv_torch`: one launch for K and V (the torch twin needs ~10).
+
+    One program per (row, token) copies the token's Hkv x D keys and values into its page slot.
+    """
+    n_rows, n_q, n_kvh, dim = k.shape
+    # cast like the twin does (torch rounding) when the model hands another dtype; normally a no-op
+    k = k.to(k_pool_l.dtype)
+    v = v.to(v_pool_l.dtype)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    assert k_pool_l.stride(-1) == 1 and v_pool_l.stride(-1) == 1 and block_table.is_contiguous()
+    _write_kv_kernel[(n_rows * n_q,)](
+        k,
+        v,
+        k_pool_l,
+        v_pool_l,
+        block_table,
+        start_pos,
+        n_q,
+        n_kvh,
+        block_table.shape[1],
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        k_pool_l.stride(0),
+        k_pool_l.stride(1),
+        k_pool_l.stride(2),
+        v_pool_l.stride(0),
+        v_pool_l.stride(1),
+        v_pool_l.stride(2),
+        D=dim,
+        PAGE=k_pool_l.shape[1],
+        BLOCK_H=triton.next_power_of_2(n_kvh),
+    )
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+) -> None:
+    """Store k, v [R, T, Hkv, D] into the pages of their positions (Triton on CUDA, torch otherwise)."""
+    fn = write_kv_triton if _use_triton(k) else write_kv_torch
+    fn(k, v, k_pool_l, v_pool_l, block_table, start_pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# paged_attention
+# --------------------------------------------------------------------------------------------------
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention of q [R, T, Hq, D] over each row's pages (torch twin; fp32 math).
+
+    Gathers all ``max_pages`` pages of a row into contiguous K/V (static shapes), masks keys by
+    absolute position (and missing pages) and returns [R, T, Hq, D] in q's dtype.
+    """
+    n_rows, n_q, n_qh, dim = q.shape
+    _, page_size, n_kvh, _ = k_pool_l.shape
+    group = n_qh // n_kvh
+    max_pages = block_table.shape[1]
+    n_keys = max_pages * page_size
+    pages = block_table.long().clamp(min=0)
+    keys = k_pool_l[pages].reshape(n_rows, n_keys, n_kvh, dim).float().permute(0, 2, 1, 3)  # [R, Hkv, S, D]
+    vals = v_pool_l[pages].reshape(n_rows, n_keys, n_kvh, dim).float().permute(0, 2, 1, 3)
+    qg = q.float().reshape(n_rows, n_q, n_kvh, group, dim).permute(0, 2, 3, 1, 4)  # [R, Hkv, G, T, D]
+    scores = torch.einsum("rhgtd,rhsd->rhgts", qg, keys) * scale
+    qpos = start_pos.long()[:, None] + torch.arange(n_q, device=q.device)[None, :]  # [R, T]
+    kpos = torch.arange(n_keys, device=q.device)
+    page_ok = (block_table >= 0).repeat_interleave(page_size, dim=1)  # [R, S]
+    visible = (kpos[None, None, :] <= qpos[:, :, None]) & page_ok[:, None, :]  # [R, T, S]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key gets zeros
+    # slots past the last query were never written (may hold NaN): 0 * NaN must not reach the output
+    written = (kpos[None, :] < qpos[:, -1:] + 1) & page_ok  # [R, S]
+    vals = vals.masked_fill(~written[:, None, :, None], 0.0)
+    out = torch.einsum("rhgts,rhsd->rhgtd", probs, vals)
+    return out.permute(0, 3, 1, 2, 4).reshape(n_rows, n_q, n_qh, dim).to(q.dtype)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`paged_attention_torch` (GQA-packed, split-KV, fp32 online softmax).
+
+    Grid (row x kv head, KV split, query block): a program takes the packed G*T queries of one kv
+    head (query block of up to 128 packed rows, t-major so a block covers consecutive positions),
+    reads each K/V page once for all of them and keeps an online softmax in fp32 over its share of
+    the row's visible keys. With several splits, a second kernel merges the partial outputs by
+    log-sum-exp. ``num_splits`` (keyword, for tests and tuning) overrides :func:`_num_splits`.
+    """
+    n_rows, n_q, n_qh, dim = q.shape
+    _, page_size, n_kvh, _ = k_pool_l.shape
+    assert n_qh % n_kvh == 0 and dim in (16, 32, 64, 128, 256)
+    group = n_qh // n_kvh
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_pool_l.stride(-1) == 1 and v_pool_l.stride(-1) == 1 and block_table.is_contiguous()
+    max_pages = block_table.shape[1]
+    packed = group * n_q
+    block_m, block_n, num_warps, num_stages = _launch_config(packed, dim)
+    n_qblocks = triton.cdiv(packed, block_m)
+    if num_splits is None:
+        num_splits = _num_splits(n_rows * n_kvh * n_qblocks, max_pages * page_size, block_m, q.device)
+    out = torch.empty_like(q)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty((n_rows, n_q, n_qh, num_splits, dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((n_rows, n_q, n_qh, num_splits), dtype=torch.float32, device=q.device)
+    else:  # the kernel writes the output directly
+        part_o = part_lse = out
+    _paged_attention_kernel[(n_rows * n_kvh, num_splits, n_qblocks)](
+        q,
+        k_pool_l,
+        v_pool_l,
+        block_table,
+        start_pos,
+        out,
+        part_o,
+        part_lse,
+        scale * _LOG2E,
+        n_q,
+        n_kvh,
+        max_pages,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_pool_l.stride(0),
+        k_pool_l.stride(1),
+        k_pool_l.stride(2),
+        v_pool_l.stride(0),
+        v_pool_l.stride(1),
+        v_pool_l.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        G=group,
+        D=dim,
+        PAGE=page_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SPLIT=split,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split:
+        _merge_splits_kernel[(n_rows * n_q * n_qh,)](
+            part_o,
+            part_lse,
+            out,
+            n_q,
+            n_qh,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            D=dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+        )
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention over paged K/V -> [R, T, Hq, D] (Triton on CUDA, torch otherwise)."""
+    fn = paged_attention_triton if _use_triton(q) else paged_attention_torch
+    return fn(q, k_pool_l, v_pool_l, block_table, start_pos, scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _write_kv_kernel(
+        k,
+        v,
+        k_pool,
+        v_pool,
+        bt,
+        start_pos,
+        T,
+        n_kvh,
+        max_pages,
+        s_kr,
+        s_kt,
+        s_kh,
+        s_vr,
+        s_vt,
+        s_vh,
+        s_kp,
+        s_ks,
+        s_kph,
+        s_vp,
+        s_vs,
+        s_vph,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = pid // T
+        t = pid % T
+        pos = tl.load(start_pos + r) + t
+        col = pos // PAGE
+        page = tl.load(bt + r * max_pages + col, mask=col < max_pages, other=-1).to(tl.int64)
+        slot = pos % PAGE
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, D)[None, :]
+        m = (h < n_kvh) & (page >= 0)  # a missing page (pool exhausted) is skipped, never written
+        x = tl.load(k + r * s_kr + t * s_kt + h * s_kh + d, mask=m)
+        tl.store(k_pool + page * s_kp + slot * s_ks + h * s_kph + d, x.to(k_pool.dtype.element_ty), mask=m)
+        x = tl.load(v + r * s_vr + t * s_vt + h * s_vh + d, mask=m)
+        tl.store(v_pool + page * s_vp + slot * s_vs + h * s_vph + d, x.to(v_pool.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q,
+        k_pool,
+        v_pool,
+        bt,
+        start_pos,
+        out,
+        part_o,
+        part_lse,
+        qk_scale,
+        T,
+        n_kvh,
+        max_pages,
+        n_splits,
+        s_qr,
+        s_qt,
+        s_qh,
+        s_kp,
+        s_ks,
+        s_kh,
+        s_vp,
+        s_vs,
+        s_vh,
+        s_or,
+        s_ot,
+        s_oh,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLIT: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = pid // n_kvh
+        kvh = pid % n_kvh
+        split = tl.program_id(1)
+        qblock = tl.program_id(2)
+        # packed query row m = t * G + g: query t of head kvh * G + g
+        m = qblock * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = m // G
+        head = kvh * G + m % G
+        m_ok = m < G * T
+        d = tl.arange(0, D)
+        start = tl.load(start_pos + r)
+        qpos = start + t
+        # keys this block can see: [0, position of its last query]; this split's share of them
+        kv_end = start + tl.minimum(T - 1, (qblock * BLOCK_M + BLOCK_M - 1) // G) + 1
+        chunk = tl.cdiv(tl.cdiv(kv_end, n_splits), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, kv_end)
+
+        qt = tl.load(q + r * s_qr + t[:, None] * s_qt + head[:, None] * s_qh + d[None, :], mask=m_ok[:, None])
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            page = tl.load(bt + r * max_pages + n // PAGE, mask=n < hi, other=-1).to(tl.int64)
+            n_ok = (n < hi) & (page >= 0)
+            slot = n % PAGE
+            kt = tl.load(
+                k_pool + (page * s_kp + slot * s_ks + kvh * s_kh)[None, :] + d[:, None], mask=n_ok[None, :], other=0.0
+            )
+            if IEEE:
+                s = tl.dot(qt, kt.to(qt.dtype), input_precision="ieee")
+            else:
+                s = tl.dot(qt, kt.to(qt.dtype))
+            visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: avoid -inf - -inf
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(
+                v_pool + (page * s_vp + slot * s_vs + kvh * s_vh)[:, None] + d[None, :], mask=n_ok[:, None], other=0.0
+            )
+            if IEEE:
+                pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / safe_l[:, None]
+        if SPLIT:
+            row = (r * T + t) * (n_kvh * G) + head
+            tl.store(part_o + (row * n_splits + split)[:, None] * D + d[None, :], o, mask=m_ok[:, None])
+            lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+            tl.store(part_lse + row * n_splits + split, lse, mask=m_ok)
+        else:
+            optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
+            tl.store(optr, o.to(out.dtype.element_ty), mask=m_ok[:, None])
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_o, part_lse, out, T, n_qh, n_splits, s_or, s_ot, s_oh, D: tl.constexpr, BLOCK_S: tl.constexpr
+    ):
+        # out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) (lse in log2 units)
+        row = tl.program_id(0)
+        r = row // (T * n_qh)
+        t = (row // n_qh) % T
+        head = row % n_qh
+        sp = tl.arange(0, BLOCK_S)
+        s_ok = sp < n_splits
+        lse = tl.load(part_lse + row * n_splits + sp, mask=s_ok, other=float("-inf"))
+        mx = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))
+        total = tl.sum(w, 0)
+        d = tl.arange(0, D)
+        o = tl.load(part_o + (row * n_splits + sp)[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+        res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out + r * s_or + t * s_ot + head * s_oh + d, res.to(out.dtype.element_ty))
