@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ResamplerName = Literal["systematic", "multinomial", "stratified", "residual"]
+EngineName = Literal["auto", "native", "generic"]
 
 
 class SMCConfig(BaseModel):
@@ -36,6 +37,14 @@ class SMCConfig(BaseModel):
     )
     alpha: float = Field(1.0, gt=0.0, description="Sequence-level power: the target is p(x)^alpha.")
     seed: int | None = Field(None, description="Seed for every random draw; None draws a fresh seed.")
+    engine: EngineName = Field(
+        "auto",
+        description=(
+            "Which engine runs: 'native' (paged KV, fused kernels, CUDA graphs; Llama/Qwen2/Qwen3 targets and "
+            "drafts, no potentials, systematic resampling), 'generic' (any transformers model, any potential), "
+            "or 'auto': native when the models are supported and on a GPU, generic otherwise."
+        ),
+    )
     return_all_particles: bool = Field(
         False, description="Also decode the text of every particle into SMCResult.texts."
     )

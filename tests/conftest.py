@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from tiny_models import tiny_lm, tiny_tokenizer
+# Triton kernels are checked against their torch twins in Triton's CPU interpreter unless the
+# run targets a GPU (SMCGEN_TEST_DEVICE=cuda). The variable must be set before triton loads.
+TEST_DEVICE = os.environ.get("SMCGEN_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import tiny_lm, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where kernel tests run: the CPU (Triton interpreter) by default, CUDA on the GPU host."""
+    if TEST_DEVICE != "cpu" and not torch.cuda.is_available():
+        pytest.fail(f"SMCGEN_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
+    return torch.device(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import PROMPT, tiny_lm
 
 from smcgen import SMC, LMPotential, LMProposal, Potential, RewardPotential, SMCConfig
 from smcgen.exact import enumerate_target
 from smcgen.potentials.base import SequenceBatch
-from tiny_models import PROMPT, tiny_lm
 
 MAX_NEW = 4
 RUNS = 3000
@@ -71,12 +71,12 @@ def pooled(values: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
 
 CASES = {
     # name: (use draft, block, alpha, tau, potentials factory)
-    "plain": (False, 1, 1.0, 1.0, lambda: []),
-    "smc_sd_k1": (True, 1, 1.0, 1.0, lambda: []),
-    "smc_sd_k2": (True, 2, 1.0, 1.0, lambda: []),
-    "power_alpha2": (False, 1, 2.0, 1.0, lambda: []),
-    "power_with_draft": (True, 1, 2.0, 1.0, lambda: []),
-    "target_temperature": (True, 1, 1.0, 0.7, lambda: []),
+    "plain": (False, 1, 1.0, 1.0, list),
+    "smc_sd_k1": (True, 1, 1.0, 1.0, list),
+    "smc_sd_k2": (True, 2, 1.0, 1.0, list),
+    "power_alpha2": (False, 1, 2.0, 1.0, list),
+    "power_with_draft": (True, 1, 2.0, 1.0, list),
+    "target_temperature": (True, 1, 1.0, 0.7, list),
     "reward_end": (False, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0)]),
     "reward_prefix_draft": (True, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0, prefix=True)]),
     "product_user": (True, 1, 1.0, 1.0, lambda: [NoRepeats() * RewardPotential(count_b, beta=-0.5)]),
@@ -88,13 +88,21 @@ def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
     use_draft, block, alpha, tau, make_potentials = CASES[case]
     target = LMPotential(target_lm, temperature=tau, alpha=alpha)
     exact = enumerate_target(target, PROMPT, MAX_NEW, make_potentials())
+    outs = {
+        n: smc_estimates(target, LMProposal(draft_lm) if use_draft else None, make_potentials(), n, block, seed)
+        for n, seed in ((1, 11), (4, 12), (16, 13))
+    }
+    assert_matches_target(case, exact, outs)
+
+
+def assert_matches_target(case: str, exact, outs: dict) -> None:
+    """Check runs of SMC at N = 1, 4, 16 (``outs[n]`` a BatchRun of many groups) against ``exact``."""
     index = {s: i for i, s in enumerate(exact.sequences)}
     pi = torch.exp(exact.log_weights - exact.log_z)
-    common = pi * RUNS >= 30
-
     tvs = {}
-    for n, seed in ((1, 11), (4, 12), (16, 13)):
-        out = smc_estimates(target, LMProposal(draft_lm) if use_draft else None, make_potentials(), n, block, seed)
+    for n, out in outs.items():
+        runs = out.log_z.shape[0]
+        common = pi * runs >= 30
         m = masses(out, index)
         z = torch.exp(out.log_z - exact.log_z)  # Z_hat / Z, mean 1 if unbiased
 
@@ -106,8 +114,13 @@ def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
         # outcomes are pooled into one bin so every bin is seen often enough for its SE to hold
         zm = pooled(z[:, None] * m, common)
         est, se_x = zm.mean(0), zm.std(0) / math.sqrt(len(z))
+        want = pooled(pi[None], common)[0]
         zcrit = 4.5
-        ok = (est - pooled(pi[None], common)[0]).abs() <= zcrit * se_x + 1e-6
+        # the pooled rare bin carries the heaviest-tailed weights (rare draws with large p/q), whose
+        # sample SE is itself underestimated in most runs; it is held to 4.5 SE plus 30% of its mass
+        slack = torch.zeros_like(want)
+        slack[-1] = 0.3 * want[-1]
+        ok = (est - want).abs() <= zcrit * se_x + slack + 1e-6
         assert bool(ok.all()), f"{case} N={n}: unnormalized estimate off at {(~ok).nonzero().squeeze(-1).tolist()}"
 
         p_hat = m.mean(0)

@@ -1,0 +1,219 @@
+"""Speed of the native engine on real architectures with random weights (GPU host).
+
+SMC-SD's cost does not depend on the weights, so the target and draft are built from their
+published configs with random bf16 weights (no download). Per configuration: tokens/s per request
+(decode only: prefill and graph capture are reported apart), the ratio to this engine's AR in the
+same run, the fraction of the weight-bandwidth roofline ((K+1) tokens per cycle over
+(W_target + K * W_draft) / copy bandwidth, the bandwidth measured in the same run) and peak GPU
+memory. Hugging Face ``generate`` on the same target weights is the external anchor.
+
+    python benchmarks/native_speed.py                       # Llama-3.1-8B / Llama-3.2-1B, full sweep
+    python benchmarks/native_speed.py --pair qwen3 --quick  # Qwen3-8B / Qwen3-0.6B, a few rows
+    python benchmarks/native_speed.py --profile             # + per-kernel profile of N=8, K=8
+
+Writes a markdown table to stdout and JSON rows to ``--out`` (default: $OUT/native_speed.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+
+from smcgen.backends.native.engine import NativeSMC
+from smcgen.backends.native.model import NativeCausalLM
+from smcgen.config import SMCConfig
+
+LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+PAIRS = {
+    "llama": (
+        ("Llama-3.1-8B", "llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                        rope_theta=500000.0, rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+                                        max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                        tie_word_embeddings=False)),
+        ("Llama-3.2-1B", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                        vocab_size=128256, rope_theta=500000.0,
+                                        rope_scaling={**LLAMA_ROPE, "factor": 32.0},
+                                        max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                        tie_word_embeddings=True)),
+    ),
+    "qwen3": (
+        ("Qwen3-8B", "qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                   rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=False)),
+        ("Qwen3-0.6B", "qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                     num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                     vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960,
+                                     rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    ),
+}
+
+
+def hf_config(kind: str, fields: dict):
+    if kind == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**fields)
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**fields)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of graphed copies."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    del src, dst
+    return 2 * 2**30 / times[len(times) // 2]
+
+
+def run_engine(target, draft, n, k, requests, prompt_len, new_tokens, seed=0):
+    cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=seed,
+                    draft_temperature=0.7, target_temperature=0.7)
+    engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=())
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, target.vocab_size, (requests, prompt_len), generator=gen).tolist()
+    torch.cuda.reset_peak_memory_stats()
+    out = engine.run(prompts)
+    t = engine.last_timing
+    assert int(out.lengths.min()) == new_tokens, "every particle must generate the full budget (EOS is off)"
+    return {
+        "decode_s": t["decode_s"], "prefill_s": t["prefill_s"], "capture_s": t["capture_s"],
+        "tok_s_per_request": new_tokens / t["decode_s"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "resample_rate": float(out.resampled.float().mean()),
+    }
+
+
+def hf_generate_speed(hf_model, prompt_len, new_tokens, vocab):
+    ids = torch.randint(0, vocab, (1, prompt_len), device="cuda")
+    kwargs = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, min_new_tokens=new_tokens,
+                  max_new_tokens=new_tokens, pad_token_id=0)
+    hf_model.generate(ids, **{**kwargs, "min_new_tokens": 8, "max_new_tokens": 8})
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    hf_model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def profile_cycle(target, draft, n, k, prompt_len, top=25):
+    """Per-kernel CUDA time of three eager cycles (graphs hide kernels from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = SMCConfig(n_particles=n, block_size=k, max_new_tokens=3 * (k + 1), seed=0)
+    engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(), cuda_graph=False)
+    prompts = torch.randint(0, target.vocab_size, (1, prompt_len)).tolist()
+    engine.run(prompts)  # warm-up: Triton compiles
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.run(prompts)
+    totals: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            totals[ev.key[:90]] += ev.device_time_total
+    total = sum(totals.values())
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return total, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="llama")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--hf-tokens", type=int, default=128, help="new tokens for the HF generate anchor")
+    ap.add_argument("--quick", action="store_true", help="AR, N=8 K=8, 8x8 only")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "native_speed.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    dev = torch.device("cuda")
+    (t_name, t_kind, t_fields), (d_name, d_kind, d_fields) = PAIRS[args.pair]
+    max_pos = args.prompt_len + args.new_tokens + 64
+    target = NativeCausalLM.from_config(hf_config(t_kind, t_fields), torch.bfloat16, dev, seed=0,
+                                        max_positions=max_pos)
+    draft = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
+                                       max_positions=max_pos)
+    bw = copy_bandwidth(dev)
+    w_t, w_d = target.weight_bytes(), draft.weight_bytes()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pair": f"{t_name} / {d_name}",
+            "copy_bw_TBs": bw / 1e12, "target_GB": w_t / 1e9, "draft_GB": w_d / 1e9,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(info))
+
+    grid = [(1, 0, 1)]  # (N, K, requests); K = 0 is AR
+    if args.quick:
+        grid += [(8, 8, 1), (8, 8, 8)]
+    else:
+        grid += [(n, k, 1) for n in (1, 4, 8, 16) for k in (4, 8, 16)] + [(8, 8, 8)]
+    rows = []
+    ar = None
+    for n, k, reqs in grid:
+        r = run_engine(target, draft, n, k, reqs, args.prompt_len, args.new_tokens)
+        roof = (k + 1) * bw / (w_t + k * w_d)
+        r.update({"N": n, "K": k, "requests": reqs, "roofline_tok_s": roof, "roofline_frac": r["tok_s_per_request"] / roof,
+                  "aggregate_tok_s": r["tok_s_per_request"] * reqs})
+        if k == 0:
+            ar = r["tok_s_per_request"]
+        r["vs_AR"] = r["tok_s_per_request"] / ar
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(dev):
+            hf_model = AutoModelForCausalLM.from_config(hf_config(t_kind, t_fields), dtype=torch.bfloat16).eval()
+        hf = hf_generate_speed(hf_model, args.prompt_len, args.hf_tokens, target.vocab_size)
+        del hf_model
+        torch.cuda.empty_cache()
+        print(json.dumps({"hf_generate_tok_s": hf}))
+
+    print(f"\n{info['pair']} on {info['device']}, copy bandwidth {bw / 1e12:.2f} TB/s, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, bf16, random weights\n")
+    print("| mode | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
+          "% roofline | peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mode = "AR" if r["K"] == 0 else "SMC-SD"
+        print(f"| {mode} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
+              f"{r['aggregate_tok_s']:.1f} | {r['vs_AR']:.2f} | {r['roofline_tok_s']:.0f} | "
+              f"{100 * r['roofline_frac']:.0f}% | {r['peak_gib']:.1f} |")
+    if hf is not None:
+        print(f"| HF generate (sampling) | 1 | - | 1 | {hf:.1f} | {hf:.1f} | {hf / ar:.2f} | {bw / w_t:.0f} | "
+              f"{100 * hf / (bw / w_t):.0f}% | - |")
+
+    prof = None
+    if args.profile:
+        total, top = profile_cycle(target, draft, 8, 8, args.prompt_len)
+        print(f"\nprofile: N=8, K=8, 3 eager cycles, {total / 1e3:.1f} ms of kernel time")
+        for name, us in top:
+            print(f"  {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%  {name}")
+        prof = {"total_ms": total / 1e3, "top": [(n, us / 1e3) for n, us in top]}
+    with open(args.out, "w") as f:
+        json.dump({"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

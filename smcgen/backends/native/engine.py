@@ -1,0 +1,421 @@
+"""The native SMC engine: SMC speculative decoding (and plain SMC / AR) on the native runner.
+
+One *cycle* is K draft steps, one target verify of the K+1 new positions, the importance weights,
+the resample decision and the KV bookkeeping. Every tensor it touches is preallocated and every
+value that changes between cycles (positions, the cycle index, RNG offsets) lives on the device,
+so on a GPU the whole cycle is captured once as a CUDA graph and replayed; the host only reads
+one flag per cycle to stop early when every particle has finished.
+
+Layout of the token stream (all rows of a run have the same length):
+- the target's cache holds every token but the last one (the bonus of the previous cycle, or the
+  last prompt token at the start), which the next verify feeds first;
+- the draft's cache holds every token but the last two (the last drafted token and the bonus),
+  which the next cycle's first draft step feeds together: the "deferred bonus", K draft forwards
+  per cycle instead of K+1.
+The weights follow DESIGN.md section 1: sum_k alpha*log p_T(y_k) - log q_D(y_k) over the drafted
+tokens, plus the bonus token's log-normalizer log sum_v p_T(v)^alpha; positions after an EOS, after
+the particle finished, or past ``max_new_tokens`` add nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from smcgen.backends.native.kv_cache import PagedKVCache
+from smcgen.backends.native.model import NativeCausalLM
+from smcgen.config import SMCConfig
+from smcgen.kernels.sampling import fused_sample, token_logprobs
+from smcgen.kernels.weighting import smc_weight_update
+from smcgen.resampling import normalized_log_weights
+from smcgen.smc import AllParticlesDeadError, BatchRun
+
+
+class NativeSMC:
+    """SMC over a native target with an optional native draft; B requests x N particles per run.
+
+    ``config`` is the same :class:`SMCConfig` as the generic engine; the native engine supports
+    the systematic resampler only (the one fused into the weighting kernel) and no potentials.
+    ``draft=None`` gives plain SMC (the target proposes one token per cycle), which with N = 1 is
+    autoregressive decoding. ``eos_token_ids`` end a particle (empty: always run to the limit).
+    ``cuda_graph`` (default: on for CUDA) captures one cycle and replays it.
+    """
+
+    def __init__(
+        self,
+        target: NativeCausalLM,
+        config: SMCConfig,
+        draft: NativeCausalLM | None = None,
+        eos_token_ids: Sequence[int] = (),
+        page_size: int = 16,
+        cuda_graph: bool | None = None,
+        kv_memory_fraction: float = 0.85,
+    ):
+        if config.resampler != "systematic":
+            raise ValueError(
+                f"the native engine fuses systematic resampling only, got resampler={config.resampler!r}; "
+                "use engine='generic' for other schemes"
+            )
+        if draft is not None and draft.vocab_size != target.vocab_size:
+            raise ValueError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if not 0.0 < kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
+        self.target = target
+        self.draft = draft
+        self.config = config
+        self.eos_ids = [int(t) for t in eos_token_ids]
+        self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+        self.page_size = page_size
+        self.device = target.device
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the models on a CUDA device")
+        self.kv_memory_fraction = kv_memory_fraction
+        self.block = config.block_size if draft is not None else 0
+        #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
+        self.last_timing: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _make_cache(
+        self, model: NativeCausalLM, n_rows: int, n_requests: int, prompt_len: int, max_len: int, share: float
+    ) -> PagedKVCache:
+        """A cache sized for the worst case of this run; on CUDA checked against free memory."""
+        max_pages = -(-max_len // self.page_size)
+        needed = PagedKVCache.pages_needed(n_rows, n_requests, prompt_len, max_len, self.page_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            per_page = PagedKVCache.bytes_per_page(
+                model.n_layers, model.n_kv_heads, model.head_dim, self.page_size, model.dtype
+            )
+            available = int(free * self.kv_memory_fraction * share // per_page)
+            if needed > available:
+                raise ValueError(
+                    f"KV cache of {'the draft' if model is self.draft else 'the target'} does not fit: {needed} pages "
+                    f"of {self.page_size} tokens needed ({n_requests} request(s) x {n_rows // n_requests} particles, "
+                    f"up to {max_len} tokens per row), {available} fit in {share * self.kv_memory_fraction:.0%} of "
+                    f"{free / 2**30:.1f} GiB free GPU memory; use fewer particles or requests or fewer new tokens"
+                )
+        cache = model.make_cache(needed, n_rows, max_pages, self.page_size)
+        cache.check_fits(n_rows, n_requests, prompt_len, max_len)
+        return cache
+
+    # -------------------------------------------------------------------------------- run
+
+    @torch.inference_mode()
+    def run(
+        self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: int | None = None, progress: bool = False
+    ) -> BatchRun:
+        """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts.
+
+        Prompts of one call must have the same length (the cycle is one static shape).
+        """
+        prompts = _as_prompts(prompt_ids, n_groups)
+        cfg = self.config
+        B, N, K = len(prompts), cfg.n_particles, self.block
+        R, T = B * N, K + 1
+        P = len(prompts[0])
+        if any(len(p) != P for p in prompts):
+            raise ValueError(
+                "the native engine runs prompts of one length per call; got lengths "
+                f"{sorted({len(p) for p in prompts})}"
+            )
+        min_prompt = 2 if self.draft is not None else 1
+        if P < min_prompt:
+            raise ValueError(f"the native engine needs a prompt of at least {min_prompt} tokens, got {P}")
+        n_cycles = -(-cfg.max_new_tokens // T)
+        # positions written: the target holds all but the last token, the draft all but two
+        max_len = P - 1 + n_cycles * T
+        context = self.target.cfg.max_positions
+        if P + cfg.max_new_tokens > context:
+            raise ValueError(
+                f"prompt ({P} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model context ({context})"
+            )
+        dev = self.device
+        t_start = time.perf_counter()
+
+        share_t = 1.0
+        if self.draft is not None:
+            kv_t = self.target.kv_bytes_per_token()
+            kv_d = self.draft.kv_bytes_per_token()
+            share_t = kv_t / (kv_t + kv_d)
+        tcache = self._make_cache(self.target, R, B, P - 1, max_len, share_t)
+        dcache = (
+            self._make_cache(self.draft, R, B, max(P - 2, 1), max_len, 1.0 - share_t)
+            if self.draft is not None
+            else None
+        )
+
+        state = _CycleState(self, prompts, n_cycles, tcache, dcache)
+        self._prefill(state, prompts)
+        _sync(dev)
+        t_prefill = time.perf_counter()
+
+        graph = None
+        if self.cuda_graph:
+            graph = self._capture(state)
+        _sync(dev)
+        t_decode = time.perf_counter()
+        bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc (native)", unit="tok", leave=False)
+        done_host = torch.zeros(1, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        for c in range(n_cycles):
+            # no resampling after the last cycle: it would only add noise to the final weights
+            state.allow.fill_(0 if c == n_cycles - 1 else 1)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._cycle(state)
+            bar.update(min(T, cfg.max_new_tokens - bar.n))
+            done_host.copy_(state.all_done, non_blocking=True)
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()
+            if bool(done_host[0]):
+                n_cycles = c + 1
+                break
+        bar.close()
+        _sync(dev)
+        t_end = time.perf_counter()
+        elapsed = t_end - t_start
+        self.last_timing = {
+            "prefill_s": t_prefill - t_start,
+            "capture_s": t_decode - t_prefill,
+            "decode_s": t_end - t_decode,
+            "cycles": n_cycles,
+        }
+        tcache.check_status()
+        if dcache is not None:
+            dcache.check_status()
+        dead = state.dead_seen.view(B).cpu()
+        if bool(dead.any()):
+            raise AllParticlesDeadError(
+                f"every particle of group(s) {dead.nonzero().squeeze(-1).tolist()} has weight zero"
+            )
+        lw = state.log_w.double()
+        width = cfg.max_new_tokens
+        return BatchRun(
+            tokens=state.history[:, :width].reshape(B, N, width).cpu(),
+            lengths=state.lengths.view(B, N).cpu(),
+            log_weights=normalized_log_weights(lw).cpu(),
+            log_z=(torch.logsumexp(lw, dim=1) - math.log(N)).cpu(),
+            ess_history=state.ess_history[:n_cycles].cpu(),
+            resampled=state.resampled_history[:n_cycles].cpu(),
+            elapsed_s=elapsed,
+        )
+
+    # ---------------------------------------------------------------------------- prefill
+
+    def _prefill(self, s: _CycleState, prompts: list[list[int]]) -> None:
+        """Prefill each request's prompt in its first row (one batched forward) and share its pages."""
+        N = self.config.n_particles
+        B = len(prompts)
+        dev = self.device
+        P = len(prompts[0])
+        ids = torch.tensor(prompts, dtype=torch.long, device=dev)
+        first = torch.arange(B, device=dev) * N
+        for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
+            if model is None or cache is None or n_fed == 0:
+                continue
+            # a cache view over the first rows only: the other rows get the pages by sharing
+            view = copy.copy(cache)
+            view.block_table = cache.block_table[first].clone()
+            view.n_rows = B
+            view.reserve(n_fed)
+            model(ids[:, :n_fed], torch.zeros(B, dtype=torch.int32, device=dev), view, last_only=True)
+            cache.block_table[first] = view.block_table
+            cache.resample(first.repeat_interleave(N), n_fed)
+        tail = 2 if self.draft is not None else 1
+        s.pending.copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
+        s.pos.fill_(P - 1)
+
+    # ------------------------------------------------------------------------------ cycle
+
+    def _cycle(self, s: _CycleState) -> None:
+        """One cycle on device tensors only (this is what the CUDA graph records)."""
+        cfg = self.config
+        K, T = self.block, self.block + 1
+        R = s.R
+        V = self.target.vocab_size
+        pos = s.pos  # [1] int32: tokens in the target's cache
+
+        s.tcache.reserve(pos + T)
+        if self.draft is not None:
+            s.dcache.reserve(pos + K)
+            drafted = []
+            log_q = []
+            feed, start = s.pending, pos - 1
+            for k in range(K):
+                logits = self.draft(feed, start.expand(R), s.dcache, last_only=True)
+                tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset)
+                s.offset.add_(R * V)
+                drafted.append(tok)
+                log_q.append(lp - ln)
+                feed = tok[:, None]
+                # step 0 fed two tokens at pos-1 and pos; step k >= 1 feeds one at pos + k
+                start = pos + (k + 1)
+            y = torch.stack(drafted, dim=1)
+            verify_in = torch.cat([s.pending[:, 1:], y], dim=1)
+        else:
+            y = s.pending[:, :0]
+            verify_in = s.pending
+        logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
+        scale = 1.0 / cfg.target_temperature
+        bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset)
+        s.offset.add_(R * V)
+        if cfg.alpha == 1.0:
+            # the powered distribution is already normalized: an exact zero keeps Z_hat free of drift
+            bonus_norm = torch.zeros_like(bonus_norm)
+        if K > 0:
+            log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
+            token_w = torch.cat([log_p - torch.stack(log_q, dim=1), bonus_norm[:, None]], dim=1)
+        else:
+            token_w = bonus_norm[:, None]
+        block = torch.cat([y, bonus[:, None]], dim=1)
+
+        gen_idx = s.cycle * T + s.arange_t  # [T] positions of this block in the continuation
+        if self.eos_ids:
+            is_eos = torch.isin(block, s.eos)
+        else:
+            is_eos = torch.zeros_like(block, dtype=torch.bool)
+        eos_before = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
+        valid = (~s.done)[:, None] & ~eos_before & (gen_idx < cfg.max_new_tokens)[None]
+        inc = torch.where(valid, token_w, torch.zeros_like(token_w)).sum(dim=1)
+        s.history.scatter_(1, gen_idx.expand(R, T), torch.where(valid, block, torch.full_like(block, self.pad_id)))
+        s.lengths.add_(valid.sum(dim=1))
+        s.done.copy_(s.done | (is_eos & valid).any(dim=1) | (s.lengths >= cfg.max_new_tokens))
+
+        anc, ess, resampled, dead = smc_weight_update(
+            s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, s.allow
+        )
+        s.offset.add_(s.B)
+        s.ess_history.index_copy_(0, s.cycle, ess[None])
+        s.resampled_history.index_copy_(0, s.cycle, resampled[None])
+        s.dead_seen.logical_or_(dead)
+
+        s.history.copy_(s.history[anc])
+        s.lengths.copy_(s.lengths[anc])
+        s.done.copy_(s.done[anc])
+        if K > 0:
+            s.pending.copy_(torch.stack([y[:, -1], bonus], dim=1)[anc])
+        else:
+            s.pending.copy_(bonus[anc][:, None])
+        s.tcache.resample(anc, pos + T)
+        if self.draft is not None:
+            s.dcache.resample(anc, pos + K)
+        s.all_done.copy_(s.done.all().reshape(1))
+        pos.add_(T)
+        s.cycle.add_(1)
+
+    def _capture(self, s: _CycleState) -> torch.cuda.CUDAGraph:
+        """Warm up (Triton compiles, cuBLAS picks kernels) on a side stream, then record one cycle.
+
+        The warm-up cycle runs on a snapshot that is restored afterwards, so the run itself is
+        unchanged by it.
+        """
+        snapshot = s.snapshot()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._cycle(s)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        s.restore(snapshot)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._cycle(s)
+        return graph  # capturing runs nothing: the state is still the restored one
+
+
+class _CycleState:
+    """Every device tensor a cycle reads or writes, allocated once per run (static addresses)."""
+
+    def __init__(
+        self,
+        engine: NativeSMC,
+        prompts: list[list[int]],
+        n_cycles: int,
+        tcache: PagedKVCache,
+        dcache: PagedKVCache | None,
+    ):
+        cfg = engine.config
+        dev = engine.device
+        self.B = len(prompts)
+        self.R = self.B * cfg.n_particles
+        T = engine.block + 1
+        self.tcache, self.dcache = tcache, dcache
+        i64 = {"dtype": torch.long, "device": dev}
+        self.history = torch.full((self.R, n_cycles * T), engine.pad_id, **i64)
+        self.lengths = torch.zeros(self.R, **i64)
+        self.done = torch.zeros(self.R, dtype=torch.bool, device=dev)
+        self.all_done = torch.zeros(1, dtype=torch.bool, device=dev)
+        self.pending = torch.zeros(self.R, 2 if engine.draft is not None else 1, **i64)
+        self.log_w = torch.zeros(self.B, cfg.n_particles, dtype=torch.float32, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.cycle = torch.zeros(1, **i64)
+        self.arange_t = torch.arange(T, **i64)
+        self.eos = torch.tensor(engine.eos_ids or [0], **i64)
+        seed = cfg.seed if cfg.seed is not None else int(torch.seed() % (2**62))
+        self.seed = torch.tensor([seed % (2**62)], **i64)
+        self.offset = torch.zeros(1, **i64)
+        self.allow = torch.ones(1, dtype=torch.int32, device=dev)
+        self.ess_history = torch.zeros(n_cycles, self.B, dtype=torch.float32, device=dev)
+        self.resampled_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
+        self.dead_seen = torch.zeros(self.B, dtype=torch.bool, device=dev)
+
+    def _tensors(self) -> list[Tensor]:
+        caches = [c for c in (self.tcache, self.dcache) if c is not None]
+        out = [
+            self.history,
+            self.lengths,
+            self.done,
+            self.all_done,
+            self.pending,
+            self.log_w,
+            self.pos,
+            self.cycle,
+            self.offset,
+            self.ess_history,
+            self.resampled_history,
+            self.dead_seen,
+        ]
+        for c in caches:
+            out += [c.block_table, c.refcount, c.free_stack, c.free_top, c.status, c.high_water]
+        return out
+
+    def snapshot(self) -> list[Tensor]:
+        """Copies of the mutable state (KV pools excluded: a warm-up only writes slots it will rewrite)."""
+        return [t.clone() for t in self._tensors()]
+
+    def restore(self, snapshot: list[Tensor]) -> None:
+        for t, saved in zip(self._tensors(), snapshot):
+            t.copy_(saved)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: int | None) -> list[list[int]]:
+    """One prompt repeated ``n_groups`` times, or a list of prompts (then ``n_groups`` must be None/len)."""
+    items = list(prompt_ids)
+    if (
+        items
+        and isinstance(items[0], (list, tuple, Tensor))
+        and not (isinstance(items[0], Tensor) and items[0].dim() == 0)
+    ):
+        prompts = [[int(t) for t in p] for p in items]
+        if n_groups not in (None, len(prompts)):
+            raise ValueError(f"n_groups={n_groups} but {len(prompts)} prompts were given")
+        return prompts
+    groups = 1 if n_groups is None else n_groups
+    if groups < 1:
+        raise ValueError(f"n_groups must be >= 1, got {groups}")
+    prompt = [int(t) for t in items]
+    return [list(prompt) for _ in range(groups)]
