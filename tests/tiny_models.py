@@ -22,13 +22,17 @@ class LetterDecoder:
         return self.batch_decode([ids], skip_special_tokens)[0]
 
 
-def tiny_lm(seed: int, vocab: int = VOCAB, eos: int = EOS, logit_scale: float = 3.0, layers: int = 2) -> LanguageModel:
-    """A 2-layer Llama with ``vocab`` tokens; ``logit_scale`` sharpens its next-token distributions."""
+def tiny_lm(
+    seed: int, vocab: int = VOCAB, eos: int = EOS, logit_scale: float = 3.0, layers: int = 2, hidden: int = 16
+) -> LanguageModel:
+    """A 2-layer Llama with ``vocab`` tokens; ``logit_scale`` sharpens its next-token distributions.
+
+    ``hidden`` is split over 2 heads (the Triton attention kernel needs head_dim >= 16: hidden 32)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,

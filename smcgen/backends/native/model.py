@@ -373,7 +373,8 @@ class NativeCausalLM(nn.Module):
         """
         cfg = self.cfg
         n_rows, n_new = tokens.shape
-        start_pos = start_pos.to(torch.int32)
+        # the kernels index start_pos per row: a stride-0 (expanded) view would be read out of bounds
+        start_pos = start_pos.to(torch.int32).contiguous()
         positions = start_pos.to(torch.long)[:, None] + torch.arange(n_new, device=tokens.device)
         cos = self.rope_cos[positions].unsqueeze(2)  # [R, T, 1, D]
         sin = self.rope_sin[positions].unsqueeze(2)
