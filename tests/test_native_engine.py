@@ -96,3 +96,33 @@ def test_page_sizes_agree(models):
     b = native_runs(native_target, native_draft, 4, 2, 1.0, 1.0, seed=3, page_size=16)
     assert torch.equal(a.tokens, b.tokens)
     assert torch.allclose(a.log_z, b.log_z, atol=1e-4)
+
+
+def test_generate_runs_the_native_engine_when_asked(target, draft):
+    """generate(engine='native') goes through NativeSMC (CPU twins here) and returns a normal result."""
+    import smcgen
+
+    res = smcgen.generate(target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2,
+                          max_new_tokens=6, seed=0)
+    again = smcgen.generate(target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2,
+                            max_new_tokens=6, seed=0)
+    assert res.n_particles == 4 and len(res.sequences) == 4 and len(res.log_weights) == 4
+    assert 1 <= len(res.token_ids) <= 6 and res.token_ids == again.token_ids
+    assert math.isclose(sum(math.exp(w) for w in res.log_weights), 1.0, rel_tol=1e-6)
+    assert res.n_steps == len(res.ess_history) >= 1
+
+
+def test_native_engine_refuses_what_it_cannot_run(target, draft):
+    import smcgen
+    from smcgen import RewardPotential
+
+    with pytest.raises(ValueError, match="potentials run on the generic engine"):
+        smcgen.generate(target, [0, 1], engine="native", potentials=[RewardPotential(lambda s: 0.0)],
+                        max_new_tokens=3)
+    with pytest.raises(ValueError, match="resampler"):
+        smcgen.generate(target, [0, 1], engine="native", resampler="multinomial", max_new_tokens=3)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        smcgen.generate(target, [0], draft=draft, engine="native", max_new_tokens=3)
+    # 'auto' on the CPU falls back to the generic engine, which runs all of these
+    res = smcgen.generate(target, [0, 1], resampler="multinomial", max_new_tokens=3, seed=0)
+    assert 1 <= len(res.token_ids) <= 3
