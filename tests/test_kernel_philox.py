@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from smcgen.kernels.philox import philox4x32, philox_randint, philox_uniform, uint32_to_uniform
-
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+from smcgen.kernels.philox import (
+    philox4x32,
+    philox_randint,
+    philox_uniform,
+    uint32_to_uniform,
+)
 
 
 @triton.jit
