@@ -1,9 +1,10 @@
 """Native decoder for the Llama, Qwen2 and Qwen3 families over the paged KV cache.
 
 The forward pass is a handful of large matmuls per layer (one fused QKV projection, one fused
-gate/up projection) around ``write_kv`` and ``paged_attention``. Everything has static shapes and
-reads positions from a device tensor, so a whole decode or verify step can be captured in a CUDA
-graph: no host syncs, no Python branches on tensor values.
+gate/up projection) around ``write_kv`` and ``paged_attention``; the elementwise work between them
+runs in fused kernels (``add_rms_norm`` carrying the residual stream, ``rope_qk``, ``silu_mul``).
+Everything has static shapes and reads positions from a device tensor, so a whole decode or verify
+step can be captured in a CUDA graph: no host syncs, no Python branches on tensor values.
 
 Numerics follow transformers so logits match for the same weights: RMSNorm in fp32 and cast back
 before the weight multiply, RoPE cos/sin computed in fp32 and cast to the activations' dtype,
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels.attention import paged_attention, write_kv
+from smcgen.kernels.fused_ops import add_rms_norm, rope_qk, silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -132,7 +134,10 @@ def rope_inv_freq(cfg: NativeConfig) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does)."""
+    """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does).
+
+    The reference formula; ``forward`` runs it fused with the residual add (kernels.fused_ops.add_rms_norm).
+    """
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -144,7 +149,11 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` [R, T, H, D] by cos/sin [R, T, 1, D] (the rotate-half convention of Llama/Qwen)."""
+    """Rotate ``x`` [R, T, H, D] by cos/sin [R, T, 1, D] (the rotate-half convention of Llama/Qwen).
+
+    The reference formula; ``forward`` gathers the table rows and rotates q and k in one call
+    (kernels.fused_ops.rope_qk).
+    """
     return x * cos + _rotate_half(x) * sin
 
 
@@ -372,31 +381,29 @@ class NativeCausalLM(nn.Module):
         reserved) and attends causally to everything the rows hold up to each query's position.
         """
         cfg = self.cfg
+        eps = cfg.rms_norm_eps
         n_rows, n_new = tokens.shape
         # the kernels index start_pos per row: a stride-0 (expanded) view would be read out of bounds
         start_pos = start_pos.to(torch.int32).contiguous()
-        positions = start_pos.to(torch.long)[:, None] + torch.arange(n_new, device=tokens.device)
-        cos = self.rope_cos[positions].unsqueeze(2)  # [R, T, 1, D]
-        sin = self.rope_sin[positions].unsqueeze(2)
-        h = F.embedding(tokens, self.embed)
+        # The residual stream h is carried by add_rms_norm: each block's output (delta) is added to
+        # it in the same pass that normalizes the sum for the next block.
+        delta, h = F.embedding(tokens, self.embed), None
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            x, h = add_rms_norm(delta, h, layer.input_norm, eps)
             q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
             k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
             v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
+            # per-head q/k RMSNorm (Qwen3, when the norms exist) and RoPE in one pass
+            q, k = rope_qk(q, k, self.rope_cos, self.rope_sin, start_pos, layer.q_norm, layer.k_norm, eps)
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
             write_kv(k, v, k_pool, v_pool, cache.block_table, start_pos)
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale)
-            h = h + F.linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias)
-            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            delta = F.linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias)
+            x, h = add_rms_norm(delta, h, layer.post_norm, eps)
+            delta = F.linear(silu_mul(F.linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
         if last_only:
-            h = h[:, -1]
-        return F.linear(rms_norm(h, self.norm, cfg.rms_norm_eps), self.lm_head)
+            delta = delta[:, -1]
+            h = None if h is None else h[:, -1]
+        x, _ = add_rms_norm(delta, h, self.norm, eps)
+        return F.linear(x, self.lm_head)

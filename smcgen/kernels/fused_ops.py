@@ -1,0 +1,491 @@
+"""Fused elementwise ops of the native decoder layer: residual add + RMSNorm, RoPE on q/k, SiLU-gated MLP.
+
+Each op has a torch twin (``<op>_torch``, the reference formulas of the native model), a Triton
+version (``<op>_triton``) and a dispatcher (``<op>``: Triton on CUDA tensors when triton imports,
+the twin otherwise). All are CUDA-graph safe: static shapes, positions read on the device, no syncs.
+
+Numerics (shared by both versions; they follow transformers' Llama/Qwen modules):
+
+- ``add_rms_norm(x, residual, weight, eps) -> (normed, new_residual)``: ``new_residual = x + residual``
+  rounded to the input dtype (``x`` itself when ``residual`` is None); ``normed = weight * (h *
+  rsqrt(mean(h^2) + eps)).to(dtype)`` with ``h = new_residual`` in fp32. Only the order of the
+  sum of squares differs between the versions.
+- ``rope_qk(q, k, cos_table, sin_table, start_pos, q_norm=None, k_norm=None, eps=1e-6) -> (q, k)``:
+  returns NEW contiguous tensors (inputs untouched; they may be strided views of the fused QKV
+  output). Token t of row r sits at position ``start_pos[r] + t`` (< len(table), not checked); the
+  rotate-half rotation ``x * cos + rotate_half(x) * sin`` is done with the model dtype's
+  roundings (each product rounded, then the sum), so bf16 results are bit-equal to the twin up to
+  the table gather. With ``q_norm``/``k_norm`` (Qwen3) each head is first RMSNormed over D
+  exactly like ``add_rms_norm`` (fp32, cast, weight multiply).
+- ``silu_mul(gate_up) -> out``: ``gate_up [..., 2I]`` (gate first), ``out = silu(gate) * up`` with
+  silu rounded to the input dtype before the multiply, as ``F.silu(gate) * up`` does.
+
+Triton launch plans: add_rms_norm runs one program per row holding the whole row in registers
+(hidden <= 8192, up to 16 warps), or two passes over BLOCK-wide chunks beyond that (the second
+pass recomputes the residual sum rather than re-reading what the first wrote). rope_qk runs one
+program per token, rotating all its q and k heads as [heads, D] tiles (cos/sin loaded once).
+silu_mul runs a (row, chunk of I) grid.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the torch twins still work without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "add_rms_norm",
+    "add_rms_norm_torch",
+    "add_rms_norm_triton",
+    "rope_qk",
+    "rope_qk_torch",
+    "rope_qk_triton",
+    "silu_mul",
+    "silu_mul_torch",
+    "silu_mul_triton",
+]
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    from .paged_kv import fix_interpreter_loop_bounds
+
+    fix_interpreter_loop_bounds()
+
+# widest row add_rms_norm keeps in registers in one block (Llama-3 70B's hidden size is 8192)
+_MAX_NORM_BLOCK = 8192
+_SILU_BLOCK = 1024
+
+
+def _use_triton(t: Tensor) -> bool:
+    return HAS_TRITON and t.is_cuda
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-d [rows, last] view with unit stride along the last dim (a copy only if needed)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# add_rms_norm
+# --------------------------------------------------------------------------------------------------
+
+
+def _rms_norm_torch(h: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does)."""
+    f = h.float()
+    f = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * f.to(h.dtype)
+
+
+def add_rms_norm_torch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` over the last dim (``x`` alone when residual is None)."""
+    new_residual = x if residual is None else x + residual
+    return _rms_norm_torch(new_residual, weight, eps), new_residual
+
+
+def add_rms_norm_triton(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, *, max_block: int = _MAX_NORM_BLOCK
+) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`add_rms_norm_torch`: one program per row, one read and two writes.
+
+    ``max_block`` (keyword, for tests) is the widest row kept in registers in one block; wider
+    rows take two passes over chunks of ``max_block``.
+    """
+    n = x.shape[-1]
+    assert weight.shape == (n,) and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    x2 = _rows(x)
+    r2 = x2 if residual is None else _rows(residual)
+    weight = weight.contiguous()
+    n_rows = x2.shape[0]
+    out = torch.empty((n_rows, n), dtype=out_dtype, device=x.device)
+    new_res = x2 if residual is None else torch.empty((n_rows, n), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    single = block <= max_block
+    block = min(block, max_block)
+    if n_rows > 0:
+        _add_rms_norm_kernel[(n_rows,)](
+            x2,
+            r2,
+            weight,
+            out,
+            new_res,
+            n,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            new_res.stride(0),
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=block,
+            SINGLE=single,
+            num_warps=min(max(block // 512, 1), 16),
+        )
+    out = out.reshape(x.shape)
+    return out, (x if residual is None else new_res.reshape(x.shape))
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(normed, new_residual)``: residual add then RMSNorm (Triton on CUDA, torch otherwise)."""
+    fn = add_rms_norm_triton if _use_triton(x) else add_rms_norm_torch
+    return fn(x, residual, weight, eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# rope_qk
+# --------------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_qk_torch(
+    q: Tensor,
+    k: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Rotate q [R, T, Hq, D] and k [R, T, Hkv, D] by the table rows of positions start_pos[r] + t.
+
+    With ``q_norm``/``k_norm`` [D], each head is RMSNormed over D first (Qwen3). Returns new tensors.
+    """
+    positions = start_pos.long()[:, None] + torch.arange(q.shape[1], device=q.device)
+    cos = cos_table[positions].unsqueeze(2)  # [R, T, 1, D]
+    sin = sin_table[positions].unsqueeze(2)
+    if q_norm is not None:
+        q = _rms_norm_torch(q, q_norm, eps)
+    if k_norm is not None:
+        k = _rms_norm_torch(k, k_norm, eps)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rope_qk_triton(
+    q: Tensor,
+    k: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`rope_qk_torch`: one program per (row, token) for all q and k heads.
+
+    ``q``/``k`` may be strided (unit stride along D); the outputs are new contiguous tensors.
+    ``start_pos`` must be a contiguous [R] integer tensor; the tables [max_pos, D] are read by row.
+    """
+    n_rows, n_q, n_qh, dim = q.shape
+    n_kvh = k.shape[2]
+    assert k.shape == (n_rows, n_q, n_kvh, dim) and dim % 2 == 0 and cos_table.shape[-1] == dim
+    assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
+    assert start_pos.is_contiguous() and start_pos.shape == (n_rows,)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    cos_table = cos_table if cos_table.stride(-1) == 1 else cos_table.contiguous()
+    sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
+    assert cos_table.stride(0) == sin_table.stride(0)
+    has_norm = q_norm is not None
+    if has_norm:
+        q_norm, k_norm = q_norm.contiguous(), k_norm.contiguous()
+    else:
+        q_norm = k_norm = cos_table  # unused
+    dtype = q.dtype if not has_norm else torch.promote_types(q.dtype, q_norm.dtype)
+    dtype = torch.promote_types(dtype, cos_table.dtype)
+    q_out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=dtype, device=q.device)
+    if n_rows * n_q > 0:
+        block_d = triton.next_power_of_2(dim)
+        block_hq = triton.next_power_of_2(n_qh)
+        _rope_qk_kernel[(n_rows * n_q,)](
+            q,
+            k,
+            q_out,
+            k_out,
+            cos_table,
+            sin_table,
+            start_pos,
+            q_norm,
+            k_norm,
+            n_q,
+            n_qh,
+            n_kvh,
+            eps,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            q_out.stride(0),
+            q_out.stride(1),
+            q_out.stride(2),
+            k_out.stride(0),
+            k_out.stride(1),
+            k_out.stride(2),
+            cos_table.stride(0),
+            D=dim,
+            BLOCK_D=block_d,
+            BLOCK_HQ=block_hq,
+            BLOCK_HK=triton.next_power_of_2(n_kvh),
+            HAS_NORM=has_norm,
+            num_warps=4 if block_hq * block_d <= 2048 else 8,
+        )
+    return q_out, k_out
+
+
+def rope_qk(
+    q: Tensor,
+    k: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """RoPE (optionally after per-head RMSNorm) on q and k -> new (q, k) (Triton on CUDA, torch otherwise)."""
+    fn = rope_qk_triton if _use_triton(q) else rope_qk_torch
+    return fn(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# silu_mul
+# --------------------------------------------------------------------------------------------------
+
+
+def silu_mul_torch(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` of ``gate_up [..., 2I]`` (gate first) -> [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def silu_mul_triton(gate_up: Tensor, *, block: int = _SILU_BLOCK) -> Tensor:
+    """Triton version of :func:`silu_mul_torch`: a (row, chunk) grid, one read and one write."""
+    two_i = gate_up.shape[-1]
+    assert two_i % 2 == 0
+    inter = two_i // 2
+    g2 = _rows(gate_up)
+    n_rows = g2.shape[0]
+    out = torch.empty((n_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(block, triton.next_power_of_2(max(inter, 1)))
+    if n_rows > 0 and inter > 0:
+        _silu_mul_kernel[(n_rows, triton.cdiv(inter, block))](
+            g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4
+        )
+    return out.reshape(*gate_up.shape[:-1], inter)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` over the two halves of the last dim (Triton on CUDA, torch otherwise)."""
+    fn = silu_mul_triton if _use_triton(gate_up) else silu_mul_torch
+    return fn(gate_up)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _add_rms_norm_kernel(
+        x,
+        res,
+        w,
+        out,
+        new_res,
+        N,
+        stride_x,
+        stride_r,
+        stride_o,
+        stride_n,
+        eps,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SINGLE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x + row * stride_x
+        r_row = res + row * stride_r
+        o_row = out + row * stride_o
+        n_row = new_res + row * stride_n
+        cols = tl.arange(0, BLOCK)
+        if SINGLE:
+            m = cols < N
+            v = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_RES:
+                # round the sum to the activations' dtype (what torch's x + residual stores)
+                s = (v + tl.load(r_row + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
+                tl.store(n_row + cols, s, mask=m)
+                v = s.to(tl.float32)
+            inv = tl.rsqrt(tl.sum(v * v, axis=0) / N + eps)
+            y = (v * inv).to(x.dtype.element_ty).to(tl.float32)
+            y = y * tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(o_row + cols, y.to(out.dtype.element_ty), mask=m)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for off in range(0, N, BLOCK):
+                c = off + cols
+                m = c < N
+                v = tl.load(x_row + c, mask=m, other=0.0).to(tl.float32)
+                if HAS_RES:
+                    s = (v + tl.load(r_row + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
+                    tl.store(n_row + c, s, mask=m)
+                    v = s.to(tl.float32)
+                acc += v * v
+            inv = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
+            for off in range(0, N, BLOCK):
+                c = off + cols
+                m = c < N
+                v = tl.load(x_row + c, mask=m, other=0.0).to(tl.float32)
+                if HAS_RES:  # recompute the rounded sum (same bits as stored above)
+                    v = (v + tl.load(r_row + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
+                    v = v.to(tl.float32)
+                y = (v * inv).to(x.dtype.element_ty).to(tl.float32)
+                y = y * tl.load(w + c, mask=m, other=0.0).to(tl.float32)
+                tl.store(o_row + c, y.to(out.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_heads(
+        src,
+        s_h,
+        dst,
+        d_h,
+        n_heads,
+        nw,
+        c,
+        s,
+        d,
+        d_rot,
+        d_mask,
+        eps,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+    ):
+        """Rotate the [n_heads, D] heads of one token at ``src`` into ``dst`` (see the module doc)."""
+        h = tl.arange(0, BLOCK_H)[:, None]
+        m = (h < n_heads) & d_mask[None, :]
+        x = tl.load(src + h * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+        # rotate_half reads the other half of the same head: a second (cached) gather load
+        xr = tl.load(src + h * s_h + d_rot[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+            w = tl.load(nw + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            wr = tl.load(nw + d_rot, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            x = ((x * inv).to(src.dtype.element_ty).to(tl.float32) * w).to(dst.dtype.element_ty).to(tl.float32)
+            xr = ((xr * inv).to(src.dtype.element_ty).to(tl.float32) * wr).to(dst.dtype.element_ty).to(tl.float32)
+        rot = tl.where(d[None, :] < D // 2, -xr, xr)
+        # the model dtype's roundings: each product, then the sum (as torch computes x*cos + rot*sin)
+        a = (x * c[None, :]).to(dst.dtype.element_ty).to(tl.float32)
+        b = (rot * s[None, :]).to(dst.dtype.element_ty).to(tl.float32)
+        tl.store(dst + h * d_h + d[None, :], (a + b).to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_qk_kernel(
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        start_pos,
+        q_norm,
+        k_norm,
+        n_q,
+        n_qh,
+        n_kvh,
+        eps,
+        sq_r,
+        sq_t,
+        sq_h,
+        sk_r,
+        sk_t,
+        sk_h,
+        soq_r,
+        soq_t,
+        soq_h,
+        sok_r,
+        sok_t,
+        sok_h,
+        s_pos,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = (pid // n_q).to(tl.int64)
+        t = (pid % n_q).to(tl.int64)
+        pos = tl.load(start_pos + r).to(tl.int64) + t
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        d_rot = tl.where(d < D // 2, d + D // 2, d - D // 2)
+        c = tl.load(cos + pos * s_pos + d, mask=d_mask, other=0.0).to(tl.float32)
+        s = tl.load(sin + pos * s_pos + d, mask=d_mask, other=0.0).to(tl.float32)
+        _rope_heads(
+            q + r * sq_r + t * sq_t,
+            sq_h,
+            q_out + r * soq_r + t * soq_t,
+            soq_h,
+            n_qh,
+            q_norm,
+            c,
+            s,
+            d,
+            d_rot,
+            d_mask,
+            eps,
+            D,
+            BLOCK_HQ,
+            HAS_NORM,
+        )
+        _rope_heads(
+            k + r * sk_r + t * sk_t,
+            sk_h,
+            k_out + r * sok_r + t * sok_t,
+            sok_h,
+            n_kvh,
+            k_norm,
+            c,
+            s,
+            d,
+            d_rot,
+            d_mask,
+            eps,
+            D,
+            BLOCK_HK,
+            HAS_NORM,
+        )
+
+    @triton.jit
+    def _silu_mul_kernel(gate_up, out, n_inter, stride_g, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n_inter
+        g = tl.load(gate_up + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gate_up + row * stride_g + n_inter + cols, mask=m, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out.dtype.element_ty).to(tl.float32)  # F.silu rounds here
+        tl.store(out + row * stride_o + cols, (act * u).to(out.dtype.element_ty), mask=m)

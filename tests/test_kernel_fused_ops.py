@@ -1,0 +1,220 @@
+"""Fused layer ops: add_rms_norm, rope_qk, silu_mul -- Triton against the torch twins, twins against model.py.
+
+Triton runs in the CPU interpreter by default (fp32 and fp16; bf16 only on CUDA, the interpreter
+mishandles it). Shapes are ragged: hidden sizes that are not a multiple of the block (and the
+two-pass path with a small ``max_block``), T = 1, 5, 9, head dims 64 and 128, GQA, strided q/k
+views of a fused QKV output, rows at different start positions, and Qwen3's per-head q/k norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smcgen.backends.native.model import apply_rope, rms_norm
+from smcgen.kernels.fused_ops import (
+    add_rms_norm,
+    add_rms_norm_torch,
+    add_rms_norm_triton,
+    rope_qk,
+    rope_qk_torch,
+    rope_qk_triton,
+    silu_mul,
+    silu_mul_torch,
+    silu_mul_triton,
+)
+
+EPS = 1e-6
+
+
+def dtypes(device):
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+def tol(dtype):
+    """Element tolerance between Triton and the twin: fp32 sum order / rsqrt, else one ulp of the dtype."""
+    if dtype == torch.float32:
+        return {"atol": 1e-5, "rtol": 1e-5}
+    eps = torch.finfo(dtype).eps
+    return {"atol": 2 * eps, "rtol": 2 * eps}
+
+
+def rand(shape, dtype, device, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g)).to(device, dtype)
+
+
+def rope_tables(max_pos, dim, dtype, device, theta=10000.0):
+    """Built like NativeCausalLM.rope_cos / rope_sin: [max_pos, D], fp32 math then the model dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.arange(max_pos, dtype=torch.float)[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# add_rms_norm
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,max_block", [((3, 1, 96), 8192), ((2, 5, 200), 8192), ((7, 1000), 8192), ((2, 3, 300), 128)]
+)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_triton_matches_twin(device, shape, max_block, with_residual):
+    n = shape[-1]
+    for dtype in dtypes(device):
+        x = rand(shape, dtype, device, 0)
+        res = rand(shape, dtype, device, 1, scale=3.0) if with_residual else None
+        w = rand((n,), dtype, device, 2, scale=0.2) + 1
+        normed, new_res = add_rms_norm_triton(x, res, w, EPS, max_block=max_block)
+        ref_normed, ref_res = add_rms_norm_torch(x, res, w, EPS)
+        assert normed.shape == shape and normed.dtype == dtype and new_res.shape == shape
+        assert torch.equal(new_res, ref_res)  # the residual add is a single rounding either way
+        torch.testing.assert_close(normed, ref_normed, **tol(dtype))
+
+
+def test_add_rms_norm_strided_rows(device):
+    """Last-token views (the final norm with last_only) have a row stride != hidden."""
+    h, delta = rand((3, 4, 72), torch.float32, device, 3), rand((3, 4, 72), torch.float32, device, 4)
+    w = rand((72,), torch.float32, device, 5)
+    out, res = add_rms_norm_triton(delta[:, -1], h[:, -1], w, EPS)
+    ref_out, ref_res = add_rms_norm_torch(delta[:, -1], h[:, -1], w, EPS)
+    assert torch.equal(res, ref_res)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_add_rms_norm_twin_is_old_formula(dtype):
+    """Bit-equal to model.py's ``h = h + delta; x = rms_norm(h, w, eps)`` (and rms_norm(h) with no residual)."""
+    h, delta = rand((2, 5, 64), dtype, "cpu", 6, 2.0), rand((2, 5, 64), dtype, "cpu", 7)
+    w = rand((64,), dtype, "cpu", 8)
+    normed, new_res = add_rms_norm(delta, h, w, EPS)  # CPU tensors: the dispatcher takes the twin
+    old_h = h + delta
+    assert torch.equal(new_res, old_h) and torch.equal(normed, rms_norm(old_h, w, EPS))
+    normed, new_res = add_rms_norm(h, None, w, EPS)
+    assert new_res is h and torch.equal(normed, rms_norm(h, w, EPS))
+
+
+# --------------------------------------------------------------------------------------------------
+# rope_qk
+# --------------------------------------------------------------------------------------------------
+
+
+def qkv_views(n_rows, n_q, n_qh, n_kvh, dim, dtype, device, seed):
+    """q, k as strided views of one fused QKV output, the way model.py splits it."""
+    qkv = rand((n_rows, n_q, (n_qh + 2 * n_kvh) * dim), dtype, device, seed)
+    q, k, _ = qkv.split((n_qh * dim, n_kvh * dim, n_kvh * dim), dim=-1)
+    return q.reshape(n_rows, n_q, n_qh, dim), k.reshape(n_rows, n_q, n_kvh, dim)
+
+
+@pytest.mark.parametrize(
+    "n_q,n_qh,n_kvh,dim", [(1, 4, 1, 64), (5, 8, 2, 128), (9, 14, 2, 64), (5, 3, 3, 128), (1, 8, 8, 32)]
+)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_qk_triton_matches_twin(device, n_q, n_qh, n_kvh, dim, qk_norm):
+    n_rows = 3
+    start = torch.tensor([0, 7, 40], dtype=torch.int32, device=device)
+    for dtype in dtypes(device):
+        cos, sin = rope_tables(64, dim, dtype, device, theta=500.0)
+        q, k = qkv_views(n_rows, n_q, n_qh, n_kvh, dim, dtype, device, seed=dim + n_q)
+        qn = kn = None
+        if qk_norm:
+            qn, kn = rand((dim,), dtype, device, 1, 0.2) + 1, rand((dim,), dtype, device, 2, 0.2) + 1
+        q_in, k_in = q.clone(), k.clone()
+        q_out, k_out = rope_qk_triton(q, k, cos, sin, start, qn, kn, EPS)
+        q_ref, k_ref = rope_qk_torch(q, k, cos, sin, start, qn, kn, EPS)
+        assert torch.equal(q, q_in) and torch.equal(k, k_in), "inputs must be left untouched"
+        assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.dtype == dtype
+        assert q_out.is_contiguous() and k_out.is_contiguous()
+        torch.testing.assert_close(q_out, q_ref, **tol(dtype))
+        torch.testing.assert_close(k_out, k_ref, **tol(dtype))
+        if not qk_norm and dtype != torch.float32:
+            # without the norm every step is one rounding of exact products: bit-equal to the twin
+            assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_qk_twin_is_old_formula(dtype, qk_norm):
+    """Bit-equal to model.py's old per-layer code: gather cos/sin by position, optional rms_norm, apply_rope."""
+    n_rows, n_q, n_qh, n_kvh, dim = 2, 5, 8, 2, 64
+    start = torch.tensor([3, 11], dtype=torch.int32)
+    cos_t, sin_t = rope_tables(32, dim, dtype, "cpu")
+    q, k = qkv_views(n_rows, n_q, n_qh, n_kvh, dim, dtype, "cpu", seed=9)
+    qn, kn = (rand((dim,), dtype, "cpu", 3), rand((dim,), dtype, "cpu", 4)) if qk_norm else (None, None)
+    q_out, k_out = rope_qk(q, k, cos_t, sin_t, start, qn, kn, EPS)
+    positions = start.long()[:, None] + torch.arange(n_q)
+    cos, sin = cos_t[positions].unsqueeze(2), sin_t[positions].unsqueeze(2)
+    if qk_norm:
+        q, k = rms_norm(q, qn, EPS), rms_norm(k, kn, EPS)
+    assert torch.equal(q_out, apply_rope(q, cos, sin)) and torch.equal(k_out, apply_rope(k, cos, sin))
+
+
+# --------------------------------------------------------------------------------------------------
+# silu_mul
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,block", [((3, 1, 2 * 96), 1024), ((2, 5, 2 * 300), 128), ((4, 2 * 1000), 1024)])
+def test_silu_mul_triton_matches_twin(device, shape, block):
+    for dtype in dtypes(device):
+        gate_up = rand(shape, dtype, device, 10, scale=3.0)
+        out = silu_mul_triton(gate_up, block=block)
+        ref = silu_mul_torch(gate_up)
+        assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+        torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_twin_is_old_formula(dtype):
+    gate_up = rand((2, 5, 2 * 48), dtype, "cpu", 11, scale=3.0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(silu_mul(gate_up), F.silu(gate) * up)
+
+
+# --------------------------------------------------------------------------------------------------
+# in the model
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_model_forward_triton_matches_twins(device, monkeypatch, qk_norm):
+    """A prefill + last_only verify step of a tiny native model: fused Triton ops vs the torch twins."""
+    from smcgen.backends.native.model import NativeCausalLM, NativeConfig
+    from smcgen.kernels import fused_ops
+
+    cfg = NativeConfig(
+        model_type="qwen3" if qk_norm else "llama",
+        vocab_size=40,
+        hidden_size=96,
+        intermediate_size=120,
+        n_layers=2,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=32,
+        rms_norm_eps=EPS,
+        max_positions=64,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        qk_norm=qk_norm,
+        rope_theta=10000.0,
+        rope=(("rope_type", "default"),),
+        initializer_range=0.2,
+    )
+    native = NativeCausalLM.from_config(cfg, dtype=torch.float32, device=device, seed=1)
+    tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    outs = []
+    for use_triton in (False, True):
+        monkeypatch.setattr(fused_ops, "_use_triton", lambda t, use=use_triton: use)
+        cache = native.make_cache(n_pages=8, n_rows=2, max_pages=4, page_size=4)
+        cache.reserve(5)
+        prefill = native(tokens[:, :5], torch.zeros(2, dtype=torch.int32, device=device), cache)
+        cache.reserve(7)
+        step = native(tokens[:, 5:], torch.full((2,), 5, dtype=torch.int32, device=device), cache, last_only=True)
+        outs.append((prefill, step))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-4)
