@@ -130,8 +130,10 @@ def test_rope_qk_triton_matches_twin(device, n_q, n_qh, n_kvh, dim, qk_norm):
         assert q_out.is_contiguous() and k_out.is_contiguous()
         torch.testing.assert_close(q_out, q_ref, **tol(dtype))
         torch.testing.assert_close(k_out, k_ref, **tol(dtype))
-        if not qk_norm and dtype != torch.float32:
+        if not qk_norm and dtype != torch.float32 and device.type == "cpu":
             # without the norm every step is one rounding of exact products: bit-equal to the twin
+            # (the interpreter rounds op by op; compiled code may fuse a multiply-add, so on a GPU
+            # the tolerance above is the contract)
             assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
 
 
