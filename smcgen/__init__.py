@@ -3,8 +3,16 @@
 from smcgen.api import generate, load_model
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
-from smcgen.potentials import LMPotential, Potential, Product, RewardPotential, SequenceBatch
-from smcgen.proposals import LMProposal, Proposal
+from smcgen.potentials import (
+    GrammarError,
+    GrammarPotential,
+    LMPotential,
+    Potential,
+    Product,
+    RewardPotential,
+    SequenceBatch,
+)
+from smcgen.proposals import LMProposal, MaskedLMProposal, Proposal
 from smcgen.resampling import (
     MultinomialResampler,
     Resampler,
@@ -23,9 +31,12 @@ __all__ = [
     "SMC",
     "AllParticlesDeadError",
     "BatchRun",
+    "GrammarError",
+    "GrammarPotential",
     "LMPotential",
     "LMProposal",
     "LanguageModel",
+    "MaskedLMProposal",
     "MultinomialResampler",
     "Potential",
     "Product",

@@ -10,12 +10,18 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from smcgen.backends.transformers_lm import LanguageModel, check_compatible, encode_prompt
+from smcgen.backends.transformers_lm import (
+    LanguageModel,
+    check_compatible,
+    encode_prompt,
+)
 from smcgen.config import SMCConfig
 from smcgen.potentials.base import Potential
+from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
+from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
 from smcgen.smc import SMC
 
@@ -68,6 +74,7 @@ def generate(
     config: SMCConfig | None = None,
     tokenizer: Any | None = None,
     progress: bool = False,
+    grammar: GrammarPotential | None = None,
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -78,26 +85,50 @@ def generate(
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
     step (plain SMC). ``prompt`` is text (needs a tokenizer), a list of ids or a ``[T]``/``[1, T]``
     tensor. ``config`` fields can be overridden by keyword (``n_particles=16``).
+    ``grammar`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound)
+    constrains generation locally: the draft and the target's own tokens are drawn masked to the
+    grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
+    is a plain factor that only weights).
     """
     cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
     target_lm = as_language_model(target, tokenizer)
+    if grammar is not None and not grammar.bound:
+        grammar = grammar.bind(target_lm)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
+    custom_proposal = proposal is not None
     if draft is not None:
         draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer)
         if draft_lm.tokenizer is None:
             draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
         check_compatible(target_lm, draft_lm)
-        proposal = LMProposal(draft_lm, temperature=cfg.draft_temperature)
+        proposal = (
+            LMProposal(draft_lm, temperature=cfg.draft_temperature)
+            if grammar is None
+            else MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
+        )
     ids = encode_prompt(prompt, target_lm)
 
-    smc = SMC(
-        LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
-        cfg,
-        proposal=proposal,
-        potentials=potentials,
+    from smcgen.backends.native.select import native_engine_or_reason
+
+    if grammar is not None:
+        potentials = [potentials] if isinstance(potentials, Potential) else list(potentials)
+    native, why_not = native_engine_or_reason(
+        cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
     )
-    run = smc.run(ids, n_groups=1, progress=progress)
+    if native is not None:
+        run = native.run(ids, progress=progress)
+    else:
+        if cfg.engine == "native":
+            raise ValueError(f"engine='native' cannot run this request: {why_not}")
+        smc = SMC(
+            LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
+            cfg,
+            proposal=proposal,
+            potentials=potentials,
+            mask=grammar,
+        )
+        run = smc.run(ids, n_groups=1, progress=progress)
 
     lengths = run.lengths[0].tolist()
     sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]

@@ -16,15 +16,39 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
     return -torch.log(-torch.log(u))
 
 
-def sample_tokens(logits: Tensor, scale: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def allowed_from_bitmask(bitmask: Tensor, vocab_size: int, device: torch.device) -> Tensor:
+    """int32 bitmask ``[R, ceil(V/32)]`` (xgrammar's layout: bit v%32 of word v//32, 1 = allowed)
+    -> bool ``[R, V]`` on ``device``."""
+    words = bitmask.to(device, non_blocking=True)
+    bits = torch.arange(32, device=device, dtype=torch.int32)
+    # an arithmetic shift of a negative word still leaves the wanted bit at position 0
+    return ((words[:, :, None] >> bits) & 1).reshape(words.shape[0], -1)[:, :vocab_size].bool()
+
+
+def sample_tokens(
+    logits: Tensor, scale: float, generator: torch.Generator | None, allowed: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Draw one token per row from softmax(scale * logits) by Gumbel-max.
 
     Returns ``(tokens [R], log_q [R])`` where ``log_q`` is the token's log-probability under the
-    scaled distribution (float64). ``scale`` is 1/temperature.
+    scaled distribution (float64). ``scale`` is 1/temperature. With ``allowed`` (an int32 bitmask
+    ``[R, ceil(V/32)]``) the distribution is restricted to the allowed tokens and renormalized;
+    a row with no allowed token draws token 0 with ``log_q = 0`` (its particle must be ruled out
+    by the potential that supplied the mask).
     """
     scaled = logits.float() * scale
-    tokens = torch.argmax(scaled + gumbel_noise(scaled.shape, generator, scaled.device), dim=-1)
-    log_q = scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    if allowed is None:
+        tokens = torch.argmax(scaled + gumbel_noise(scaled.shape, generator, scaled.device), dim=-1)
+        log_q = scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+        return tokens, log_q.double()
+    ok = allowed_from_bitmask(allowed, scaled.shape[-1], scaled.device) & (scaled > float("-inf"))
+    masked = torch.where(ok, scaled, torch.full_like(scaled, float("-inf")))
+    noise = gumbel_noise(scaled.shape, generator, scaled.device)
+    tokens = torch.argmax(masked + noise, dim=-1)
+    log_q = masked.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(masked, dim=-1)
+    empty = ~ok.any(dim=-1)
+    tokens = torch.where(empty, torch.zeros_like(tokens), tokens)
+    log_q = torch.where(empty, torch.zeros_like(log_q), log_q)
     return tokens, log_q.double()
 
 
@@ -34,17 +58,36 @@ def log_probs(logits: Tensor, temperature: float) -> Tensor:
 
 
 def sample_powered(
-    logits: Tensor, temperature: float, alpha: float, generator: torch.Generator | None
+    logits: Tensor,
+    temperature: float,
+    alpha: float,
+    generator: torch.Generator | None,
+    allowed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Draw from p_tau^alpha renormalized, where p_tau is the tempered next-token distribution.
 
     Returns ``(tokens [R], alpha * log p_tau(token) [R], log sum_v p_tau(v)^alpha [R])``; the last
     is the incremental importance weight of such a draw under the target p_tau^alpha (0 at alpha=1).
+    With ``allowed`` (int32 bitmask ``[R, ceil(V/32)]``, xgrammar's layout) the draw is restricted
+    to the allowed tokens (the masked target) and the log-normalizer sums over them only:
+    ``log sum_{v allowed} p_tau(v)^alpha``, the weight of a masked draw. A row with no allowed
+    token gives token 0 and ``-inf`` for both values. ``alpha * log p_tau(token)`` is always the
+    unmasked value (the fused sampling kernel's semantics).
     """
     powered = alpha * log_probs(logits, temperature)
-    tokens = torch.argmax(powered + gumbel_noise(powered.shape, generator, powered.device), dim=-1)
+    if allowed is not None:
+        ok = allowed_from_bitmask(allowed, powered.shape[-1], powered.device) & (powered > float("-inf"))
+        keys = torch.where(ok, powered, torch.full_like(powered, float("-inf")))
+    else:
+        keys = powered
+    tokens = torch.argmax(keys + gumbel_noise(powered.shape, generator, powered.device), dim=-1)
     log_target = powered.gather(-1, tokens[:, None]).squeeze(-1).double()
-    if alpha == 1.0:
+    if allowed is not None:
+        log_norm = torch.logsumexp(keys, dim=-1).double()
+        empty = ~ok.any(dim=-1)
+        tokens = torch.where(empty, torch.zeros_like(tokens), tokens)
+        log_target = torch.where(empty, torch.full_like(log_target, float("-inf")), log_target)
+    elif alpha == 1.0:
         # log_softmax already normalizes; an exact zero keeps Z_hat free of rounding drift
         log_norm = torch.zeros_like(log_target)
     else:

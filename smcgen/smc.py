@@ -21,14 +21,36 @@ from tqdm.auto import tqdm
 from smcgen.backends.transformers_lm import CausalLMRunner
 from smcgen.config import SMCConfig
 from smcgen.potentials.base import Potential, Product, SequenceBatch, checked_scores
+from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
 from smcgen.proposals.base import Proposal
-from smcgen.resampling import effective_sample_size, get_resampler, normalized_log_weights
+from smcgen.resampling import (
+    effective_sample_size,
+    get_resampler,
+    normalized_log_weights,
+)
 from smcgen.sampling import log_probs, sample_powered
 
 
 class AllParticlesDeadError(RuntimeError):
-    """Every particle of a group has weight zero: the target gives the explored prefixes no mass."""
+    """Every particle of a group has weight zero: the target gives the explored prefixes no mass.
+
+    ``step`` and ``groups`` say where; ``sequences`` holds the token ids every particle of the
+    first such group had reached (the partial outputs), when the engine provides them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int | None = None,
+        groups: Sequence[int] = (),
+        sequences: Sequence[Sequence[int]] = (),
+    ):
+        super().__init__(message)
+        self.step = step
+        self.groups = list(groups)
+        self.sequences = [list(s) for s in sequences]
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,9 @@ class BatchRun:
     stopped on one); ``log_weights`` are normalized per group; ``log_z[b]`` is the log of the
     unbiased estimate of the group's normalizing constant; ``ess_history[s, b]`` is the ESS
     after step s (before any resampling) and ``resampled[s, b]`` whether that step resampled.
+    ``dead[b]`` (runs with ``on_dead="flag"``) marks groups whose particles all reached weight
+    zero: their tokens are the partial outputs at that step, their log-weights ``-inf`` and
+    ``log_z`` is ``-inf`` (Z_hat = 0).
     """
 
     tokens: Tensor
@@ -48,6 +73,7 @@ class BatchRun:
     ess_history: Tensor
     resampled: Tensor
     elapsed_s: float
+    dead: Tensor | None = None
 
 
 class SMC:
@@ -55,7 +81,11 @@ class SMC:
 
     ``target`` is the LM factor p_tau^alpha; ``proposal`` drafts ``config.block_size`` tokens per
     step (None: the target proposes one token per step by itself); ``potentials`` multiply the
-    target. Build once, call :meth:`run` per prompt.
+    target. ``mask`` (a :class:`~smcgen.potentials.grammar.GrammarPotential`) restricts the
+    target's own draws (the bonus token; every token in plain SMC) to the tokens it allows, each
+    weighted by the masked log-normalizer log sum_{v allowed} p(v)^alpha: the locally constrained
+    proposal of DESIGN.md. A mask, and the mask of a masked proposal, are factors of the target
+    (added to ``potentials`` when missing). Build once, call :meth:`run` per prompt.
     """
 
     def __init__(
@@ -64,13 +94,28 @@ class SMC:
         config: SMCConfig,
         proposal: Proposal | None = None,
         potentials: Potential | Sequence[Potential] = (),
+        mask: GrammarPotential | None = None,
     ):
         self.target = target
         self.config = config
         self.proposal = proposal
         if isinstance(potentials, Potential):
             potentials = [potentials]
-        self.potential: Potential | None = Product(list(potentials)) if potentials else None
+        factors = list(Product(list(potentials)).factors)
+        if mask is not None:
+            if not isinstance(mask, GrammarPotential):
+                raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
+            if not mask.bound:
+                mask = mask.bind(target.lm)
+            if mask.vocab_size != target.lm.vocab_size:
+                raise ValueError(
+                    f"the mask is compiled for {mask.vocab_size} tokens but the target's logits have {target.lm.vocab_size}"
+                )
+        self.mask = mask
+        for m in (mask, getattr(proposal, "mask", None)):
+            if m is not None and not any(f is m for f in factors):
+                factors.append(m)
+        self.potential: Potential | None = Product(factors) if factors else None
         self.resampler = get_resampler(config.resampler)
         lm = target.lm
         self.eos_ids = list(lm.eos_token_ids)
@@ -97,22 +142,56 @@ class SMC:
         token_ids = [r[:n] for r, n in zip(ids, lens)]
         out = torch.empty(len(token_ids), dtype=torch.float64)
         fin = finished.tolist()
+        row_ids = rows.tolist()
         decoder = self.target.lm.tokenizer
         for want_complete in (False, True):
             pick = [i for i, f in enumerate(fin) if f == want_complete]
             if not pick:
                 continue
-            batch = SequenceBatch([token_ids[i] for i in pick], prompt, decoder)
+            batch = SequenceBatch([token_ids[i] for i in pick], prompt, decoder, rows=[row_ids[i] for i in pick])
             fn = self.potential.log_complete if want_complete else self.potential.log_prefix
             out[pick] = checked_scores(self.potential, fn(batch), len(pick))
         return out
 
+    def _raise_dead(
+        self, step: int, groups: list[int], seq: Tensor, lengths: Tensor, done: Tensor, prompt: list[int]
+    ) -> None:
+        """Raise AllParticlesDeadError with the first dead group's partial outputs and the potentials' reasons."""
+        N = self.config.n_particles
+        rows = slice(groups[0] * N, (groups[0] + 1) * N)
+        ids, lens, fin = seq[rows, len(prompt) :].tolist(), lengths[rows].tolist(), done[rows].tolist()
+        partial = [r[:n] for r, n in zip(ids, lens)]
+        reasons: list[str] = []
+        if self.potential is not None:
+            for toks, finished in zip(partial, fin):
+                why = self.potential.explain_zero(toks, finished)
+                if why and why not in reasons:
+                    reasons.append(why)
+        detail = f" ({self.potential.name}: {'; '.join(reasons[:3])})" if reasons and self.potential else ""
+        which = str(groups[:8])[:-1] + (f", ... ({len(groups)} groups)]" if len(groups) > 8 else "]")
+        raise AllParticlesDeadError(
+            f"step {step}: every particle of group(s) {which} has weight zero; the potentials rule out every "
+            f"continuation the proposal reached{detail}",
+            step=step,
+            groups=groups,
+            sequences=partial,
+        )
+
     @torch.inference_mode()
-    def run(self, prompt_ids: Sequence[int], n_groups: int = 1, progress: bool = False) -> BatchRun:
-        """Run SMC for ``n_groups`` independent groups of N particles on one prompt."""
+    def run(
+        self, prompt_ids: Sequence[int], n_groups: int = 1, progress: bool = False, on_dead: str = "raise"
+    ) -> BatchRun:
+        """Run SMC for ``n_groups`` independent groups of N particles on one prompt.
+
+        A group whose particles all reach weight zero raises :class:`AllParticlesDeadError`
+        (``on_dead="raise"``), or (``on_dead="flag"``) stops where it is, flagged in
+        ``BatchRun.dead``, while the other groups go on.
+        """
         cfg = self.config
         if n_groups < 1:
             raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+        if on_dead not in ("raise", "flag"):
+            raise ValueError(f"on_dead must be 'raise' or 'flag', got {on_dead!r}")
         prompt = [int(t) for t in prompt_ids]
         self._check_lengths(len(prompt))
         B, N = n_groups, cfg.n_particles
@@ -132,9 +211,12 @@ class SMC:
         runner.start(prompt_t[None], R)
         if self.proposal is not None:
             self.proposal.start(prompt_t[None], R)
+        if self.potential is not None:
+            self.potential.start(prompt, R)
         eos = torch.tensor(self.eos_ids, device=device, dtype=torch.long)
 
         done = torch.zeros(R, dtype=torch.bool, device=device)
+        dead_groups = torch.zeros(B, dtype=torch.bool, device=device)
         lengths = torch.zeros(R, dtype=torch.long, device=device)
         lw = torch.zeros(B, N, dtype=torch.float64, device=device)
         pot_prev = torch.zeros(R, dtype=torch.float64)
@@ -165,12 +247,16 @@ class SMC:
                 drafted = seq.new_empty(R, 0)
                 log_q = torch.zeros(R, 0, dtype=torch.float64, device=device)
             extended = torch.cat([seq, drafted], dim=1)
+            # the bonus token's mask is requested before the forward and collected after it, so a
+            # GPU forward overlaps the CPU's mask computation (on the CPU nothing overlaps)
+            pending = self.mask.request_bitmask(extended, len(prompt)) if self.mask is not None and with_bonus else None
             logits = runner.forward_new(extended)[:, -(k + 1) :]
             log_p = alpha * log_probs(logits[:, :k], tau).gather(-1, drafted[:, :, None]).squeeze(-1).double()
             token_w = log_p - log_q
             block = drafted
             if with_bonus:
-                bonus, _, log_norm = sample_powered(logits[:, k], tau, alpha, generator)
+                allowed = pending.result() if pending is not None else None
+                bonus, _, log_norm = sample_powered(logits[:, k], tau, alpha, generator, allowed=allowed)
                 block = torch.cat([block, bonus[:, None]], dim=1)
                 token_w = torch.cat([token_w, log_norm[:, None]], dim=1)
 
@@ -195,15 +281,16 @@ class SMC:
             done = new_done
             lw += inc.view(B, N)
 
-            dead = torch.isneginf(lw).all(dim=1)
+            dead = torch.isneginf(lw).all(dim=1) & ~dead_groups
             if bool(dead.any()):
-                raise AllParticlesDeadError(
-                    f"step {step}: every particle of group(s) {dead.nonzero().squeeze(-1).tolist()} has weight "
-                    "zero; the potentials rule out every continuation the proposal reached"
-                )
-            ess = effective_sample_size(lw)
+                if on_dead == "raise":
+                    self._raise_dead(step, dead.nonzero().squeeze(-1).tolist(), seq, lengths, done, prompt)
+                dead_groups |= dead
+                done |= dead_groups.repeat_interleave(N)  # frozen where they died
+            ess = effective_sample_size(lw)  # 0 for dead groups
             ess_history.append(ess.cpu())
             want = (ess < cfg.ess_threshold * N) | torch.full_like(ess, cfg.ess_threshold >= 1.0, dtype=torch.bool)
+            want &= ~dead_groups
             if bool(done.all()):
                 # resampling after the last step only adds noise to the final weights
                 want = torch.zeros_like(want)
@@ -218,6 +305,8 @@ class SMC:
                 runner.reorder(rows_all)
                 if self.proposal is not None:
                     self.proposal.reorder(rows_all)
+                if self.potential is not None:
+                    self.potential.reorder(rows_all.cpu())
                 mean = torch.logsumexp(lw[groups], dim=1, keepdim=True) - math.log(N)
                 lw[groups] = mean.expand(-1, N)
             bar.update(min(block.shape[1], cfg.max_new_tokens - bar.n))
@@ -235,4 +324,5 @@ class SMC:
             ess_history=torch.stack(ess_history) if ess_history else torch.zeros(0, B),
             resampled=torch.stack(resampled_history) if resampled_history else torch.zeros(0, B, dtype=torch.bool),
             elapsed_s=elapsed,
+            dead=dead_groups.cpu(),
         )

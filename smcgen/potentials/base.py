@@ -21,12 +21,21 @@ class SequenceBatch:
     """The particles a potential scores: generated token ids (prompt excluded) and their texts.
 
     ``texts`` is decoded lazily, once, with the run's tokenizer (special tokens skipped).
+    ``rows`` (set by the step loop, else None) are the particles' row indices in the run, for
+    stateful potentials that keep a state per row (see :meth:`Potential.start`).
     """
 
-    def __init__(self, token_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], decoder: Decoder | None):
+    def __init__(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        prompt_ids: Sequence[int],
+        decoder: Decoder | None,
+        rows: Sequence[int] | None = None,
+    ):
         self.token_ids: list[list[int]] = [list(t) for t in token_ids]
         self.prompt_ids: list[int] = list(prompt_ids)
         self._decoder = decoder
+        self.rows: list[int] | None = None if rows is None else [int(r) for r in rows]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -51,7 +60,21 @@ class Potential(abc.ABC):
     ``log Psi(x y) - log Psi(x)``, so the twist telescopes away and only ``log_complete`` shapes
     the final target. Return ``-inf`` for zero; NaN and ``+inf`` are errors.
     Potentials compose by product: ``p1 * p2``.
+
+    Stateful potentials (a grammar matcher per particle) may keep a state per row: the step loop
+    calls :meth:`start` once per run and :meth:`reorder` whenever resampling reorders the
+    particles (exactly where it reorders the proposal), and passes ``batch.rows``.
     """
+
+    def start(self, prompt_ids: Sequence[int], n_rows: int) -> None:
+        """Called once per run, before the first step, with the run's number of particle rows."""
+
+    def reorder(self, rows: Tensor) -> None:
+        """Make row i's state a copy of row ``rows[i]``'s after resampling."""
+
+    def explain_zero(self, token_ids: Sequence[int], finished: bool) -> str | None:
+        """Why this factor is zero on a particle (for error messages), or None if it is not zero."""
+        return None
 
     @abc.abstractmethod
     def log_prefix(self, batch: SequenceBatch) -> Tensor:
@@ -86,6 +109,25 @@ class Product(Potential):
 
     def log_complete(self, batch: SequenceBatch) -> Tensor:
         return _sum_scores([(f, checked_scores(f, f.log_complete(batch), len(batch))) for f in self.factors], len(batch))
+
+    def _distinct(self) -> list[Potential]:
+        # a factor that appears twice keeps one state: start and reorder it once
+        seen: dict[int, Potential] = {}
+        for f in self.factors:
+            seen.setdefault(id(f), f)
+        return list(seen.values())
+
+    def start(self, prompt_ids: Sequence[int], n_rows: int) -> None:
+        for f in self._distinct():
+            f.start(prompt_ids, n_rows)
+
+    def reorder(self, rows: Tensor) -> None:
+        for f in self._distinct():
+            f.reorder(rows)
+
+    def explain_zero(self, token_ids: Sequence[int], finished: bool) -> str | None:
+        reasons = [r for f in self.factors if (r := f.explain_zero(token_ids, finished))]
+        return "; ".join(reasons) if reasons else None
 
     @property
     def name(self) -> str:

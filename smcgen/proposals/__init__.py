@@ -2,5 +2,6 @@
 
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
+from smcgen.proposals.masked import MaskedLMProposal
 
-__all__ = ["LMProposal", "Proposal"]
+__all__ = ["LMProposal", "MaskedLMProposal", "Proposal"]

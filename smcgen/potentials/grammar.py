@@ -1,0 +1,467 @@
+"""Grammar potentials: Psi(x) = 1 when x is in a regular or context-free language, else 0.
+
+Backed by xgrammar (chosen over outlines-core by measurement, see BENCHMARKS.md: it compiles
+context-free grammars, and forking a matcher state costs microseconds). One xgrammar matcher
+per particle row follows the row's tokens; when resampling duplicates a particle its matcher is
+forked (:meth:`GrammarPotential.reorder`). The state cache is only an accelerator: every call
+re-checks that a row's cached tokens are a prefix of the tokens it is asked about and rebuilds
+the state otherwise, so results never depend on the hooks being called.
+
+Scores (log space): ``log_prefix`` is 0 while the tokens can still be completed to a member of
+the language and ``-inf`` once a token is rejected; ``log_complete`` is 0 when the sequence is a
+member: it ended with an EOS token that the grammar accepted (EOS is allowed only where the
+language can end) or it reached the length limit exactly at a complete string. Special tokens
+other than EOS are never allowed.
+
+As a plain factor the potential works with any proposal (particles that leave the language get
+weight zero). For locally constrained proposals it also gives next-token bitmasks, batched over
+rows as int32 ``[R, ceil(V/32)]`` in xgrammar's layout (bit ``v % 32`` of word ``v // 32``,
+1 = allowed): :class:`smcgen.proposals.MaskedLMProposal` masks a draft with it and
+``SMC(..., mask=g)`` draws the target's tokens from the masked target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smcgen.backends.transformers_lm import LanguageModel
+from smcgen.potentials.base import Potential, SequenceBatch
+from smcgen.potentials.errors import GrammarError, engine_message, with_caret
+from smcgen.potentials.json_schema import check_json_schema, normalize_schema
+
+try:
+    import xgrammar as xgr
+except ImportError as _err:  # pragma: no cover - xgrammar is a dependency
+    raise ImportError("grammar potentials need xgrammar: pip install 'xgrammar>=0.2.8,<0.3'") from _err
+
+__all__ = ["GrammarError", "GrammarPotential", "GrammarStats", "PendingBitmask", "bitmask_width"]
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """Words per row of a token bitmask: ceil(V / 32)."""
+    return (vocab_size + 31) // 32
+
+
+@dataclass
+class GrammarStats:
+    """Where the grammar's CPU time goes, accumulated over runs (``reset()`` to clear).
+
+    ``mask_rows``: particle-steps whose next-token mask was computed, in ``mask_seconds``;
+    ``forks``: matcher forks by resampling, in ``fork_seconds``; ``tokens``: tokens advanced, in
+    ``advance_seconds``; ``rebuilds``: rows whose cached state did not match and was replayed.
+    """
+
+    mask_calls: int = 0
+    mask_rows: int = 0
+    mask_seconds: float = 0.0
+    forks: int = 0
+    fork_seconds: float = 0.0
+    tokens: int = 0
+    advance_seconds: float = 0.0
+    rebuilds: int = 0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))())
+
+    @property
+    def mask_us_per_row(self) -> float:
+        """Mean mask latency per particle-step in microseconds (advance excluded)."""
+        return 1e6 * self.mask_seconds / self.mask_rows if self.mask_rows else float("nan")
+
+
+class _Row:
+    """One particle's grammar state: a matcher that has consumed ``tokens`` (while ``alive``)."""
+
+    __slots__ = ("alive", "matcher", "reason", "tokens")
+
+    def __init__(self, matcher: Any, tokens: list[int], alive: bool, reason: str | None = None):
+        self.matcher = matcher
+        self.tokens = tokens
+        self.alive = alive
+        self.reason = reason
+
+    def fork(self) -> _Row:
+        return _Row(self.matcher.fork(), list(self.tokens), self.alive, self.reason)
+
+
+class PendingBitmask:
+    """A next-token bitmask requested before the model forward and collected after it.
+
+    The token ids are copied to the host when the request is made (before the forward is
+    launched); the masks are computed in :meth:`result`, which a GPU engine calls after launching
+    the forward, so the CPU work overlaps the device's. On the CPU backend the forward is
+    synchronous and nothing overlaps.
+    """
+
+    def __init__(self, potential: GrammarPotential, token_ids: list[list[int]]):
+        self._potential = potential
+        self._token_ids = token_ids
+        self._value: Tensor | None = None
+
+    def result(self) -> Tensor:
+        if self._value is None:
+            self._value = self._potential._bitmask_for(self._token_ids)
+        return self._value
+
+
+# (id(tokenizer), vocab size, eos ids) -> (tokenizer kept alive, TokenizerInfo, GrammarCompiler)
+_COMPILERS: dict[tuple[int, int, tuple[int, ...]], tuple[Any, Any, Any]] = {}
+_COMPILERS_LOCK = threading.Lock()
+
+
+def _tokenizer_info(vocab: Any, vocab_size: int | None, eos_token_ids: Sequence[int] | None) -> tuple[Any, Any, int]:
+    """(TokenizerInfo, GrammarCompiler, vocab size) for a LanguageModel, HF tokenizer or token list."""
+    tokenizer = vocab
+    if isinstance(vocab, LanguageModel):
+        tokenizer = vocab.tokenizer
+        vocab_size = vocab_size if vocab_size is not None else vocab.vocab_size
+        eos_token_ids = eos_token_ids if eos_token_ids is not None else vocab.eos_token_ids
+        if tokenizer is None:
+            raise GrammarError("the model has no tokenizer; pass its token strings as a list (vocab=[...])")
+    if isinstance(tokenizer, (list, tuple)):
+        strings = ["" if t is None else t for t in tokenizer]
+        size = vocab_size if vocab_size is not None else len(strings)
+        if not eos_token_ids:
+            raise GrammarError("a token list needs eos_token_ids (the grammar ends a sequence with EOS)")
+        key_obj: Any = tuple(strings)
+        key = (hash(key_obj), size, tuple(int(e) for e in eos_token_ids))
+    else:
+        if not hasattr(tokenizer, "get_vocab"):
+            raise GrammarError(
+                f"expected a smcgen.LanguageModel, a Hugging Face tokenizer or a list of token strings, got "
+                f"{type(tokenizer).__name__}"
+            )
+        size = vocab_size if vocab_size is not None else max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        if not eos_token_ids:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            if eos is None:
+                raise GrammarError("the tokenizer has no EOS token; pass eos_token_ids")
+            eos_token_ids = [eos]
+        key_obj = tokenizer
+        key = (id(tokenizer), size, tuple(int(e) for e in eos_token_ids))
+    with _COMPILERS_LOCK:
+        hit = _COMPILERS.get(key)
+        if hit is not None and (hit[0] is key_obj or hit[0] == key_obj):
+            return hit[1], hit[2], size
+    stop = [int(e) for e in eos_token_ids]
+    if isinstance(tokenizer, (list, tuple)):
+        info = xgr.TokenizerInfo(list(key_obj), xgr.VocabType.RAW, vocab_size=size, stop_token_ids=stop)
+    else:
+        base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size, stop_token_ids=stop)
+        # special tokens (chat markers, <|endoftext|>, ...) decode to nothing but xgrammar would read
+        # their literal spelling as text: blank them so the grammar never allows them (EOS is a stop token)
+        special = set(getattr(tokenizer, "all_special_ids", []))
+        for idx, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if getattr(added, "special", False):
+                special.add(int(idx))
+        encoded = [""] * size
+        for token, idx in tokenizer.get_vocab().items():
+            if idx < size and idx not in special:
+                encoded[idx] = token
+        info = xgr.TokenizerInfo(
+            encoded, base.vocab_type, vocab_size=size, stop_token_ids=stop, add_prefix_space=base.add_prefix_space
+        )
+    compiler = xgr.GrammarCompiler(info, max_threads=2)
+    with _COMPILERS_LOCK:
+        if len(_COMPILERS) >= 8:
+            _COMPILERS.pop(next(iter(_COMPILERS)))
+        _COMPILERS[key] = (key_obj, info, compiler)
+    return info, compiler, size
+
+
+class GrammarPotential(Potential):
+    """Psi(x) = 1 if the text of x is in the language of a regex, JSON schema or grammar, else 0.
+
+    Build with :meth:`regex`, :meth:`json_schema`, :meth:`ebnf` or :meth:`lark`. The source is
+    parsed at once (invalid input raises :class:`GrammarError` naming what and where); it is
+    compiled against a vocabulary when bound, either right away (pass ``vocab``: a
+    :class:`smcgen.LanguageModel`, a Hugging Face tokenizer, or a list of token strings with
+    ``eos_token_ids``) or later with :meth:`bind` (``smcgen.generate(grammar=...)`` binds to the
+    target). One bound potential serves one run at a time (it holds the particles' states).
+    """
+
+    def __init__(self, grammar: Any, kind: str, source: str, *, threads: int | str = "auto"):
+        self._grammar = grammar
+        self.kind = kind
+        self.source = source
+        self._threads = threads
+        self._info: Any = None
+        self._compiled: Any = None
+        self.vocab_size: int = 0
+        self.eos_token_ids: tuple[int, ...] = ()
+        self._rows: list[_Row] = []
+        self._initial: Any = None
+        self._batch: Any = None
+        self._bound_copies: dict[tuple[int, int | None, tuple[int, ...] | None], tuple[Any, GrammarPotential]] = {}
+        self.stats = GrammarStats()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def regex(cls, pattern: str, vocab: Any = None, **bind_kw: Any) -> GrammarPotential:
+        """The language of a regular expression (full match; xgrammar's syntax: no lookaround or backreferences)."""
+        if not isinstance(pattern, str):
+            raise GrammarError(f"a regex must be a string, got {type(pattern).__name__}")
+        try:
+            grammar = xgr.Grammar.from_regex(pattern)
+        except RuntimeError as err:
+            raise GrammarError(f"invalid regex {pattern!r}: {with_caret(pattern, engine_message(err))}") from None
+        return cls._maybe_bind(cls(grammar, "regex", pattern), vocab, bind_kw)
+
+    @classmethod
+    def json_schema(
+        cls,
+        schema: Any,
+        vocab: Any = None,
+        *,
+        any_whitespace: bool = True,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        max_whitespace: int | None = None,
+        **bind_kw: Any,
+    ) -> GrammarPotential:
+        """JSON documents valid under a schema: a pydantic model class, a dict or JSON text.
+
+        Properties come in the schema's order and no properties or items beyond the schema's are
+        generated (xgrammar's strict mode). ``any_whitespace`` allows any whitespace between tokens
+        (at most ``max_whitespace`` characters in a row when set); otherwise the layout follows
+        ``indent`` and ``separators`` as in ``json.dumps``. Unsupported keywords raise
+        :class:`GrammarError` naming each one with its JSON pointer.
+        """
+        normalized = normalize_schema(schema)
+        check_json_schema(normalized)
+        text = json.dumps(normalized)
+        try:
+            grammar = xgr.Grammar.from_json_schema(
+                text,
+                any_whitespace=any_whitespace,
+                indent=indent,
+                separators=separators,
+                strict_mode=True,
+                max_whitespace_cnt=max_whitespace,
+            )
+        except RuntimeError as err:
+            raise GrammarError(f"invalid JSON schema: {engine_message(err)}") from None
+        name = schema.__name__ if isinstance(schema, type) else "schema"
+        return cls._maybe_bind(cls(grammar, "json_schema", f"{name}: {text}"), vocab, bind_kw)
+
+    @classmethod
+    def ebnf(cls, grammar: str, vocab: Any = None, *, root: str = "root", **bind_kw: Any) -> GrammarPotential:
+        """A context-free grammar in xgrammar's EBNF (GBNF): ``root ::= "a" rule | [0-9]+``."""
+        try:
+            parsed = xgr.Grammar.from_ebnf(grammar, root_rule_name=root)
+        except RuntimeError as err:
+            raise GrammarError(f"invalid EBNF grammar: {with_caret(grammar, engine_message(err))}") from None
+        return cls._maybe_bind(cls(parsed, "ebnf", grammar), vocab, bind_kw)
+
+    @classmethod
+    def lark(cls, grammar: str, vocab: Any = None, **bind_kw: Any) -> GrammarPotential:
+        """A context-free grammar in Lark syntax (a ``start`` rule; terminals, regexes, ``%ignore``)."""
+        try:
+            parsed = xgr.Grammar.from_lark(grammar)
+        except RuntimeError as err:
+            raise GrammarError(f"invalid Lark grammar: {with_caret(grammar, engine_message(err))}") from None
+        return cls._maybe_bind(cls(parsed, "lark", grammar), vocab, bind_kw)
+
+    @staticmethod
+    def _maybe_bind(g: GrammarPotential, vocab: Any, bind_kw: dict[str, Any]) -> GrammarPotential:
+        if vocab is None:
+            if bind_kw:
+                raise TypeError(f"{sorted(bind_kw)} only apply together with vocab")
+            return g
+        return g.bind(vocab, **bind_kw)
+
+    def bind(
+        self, vocab: Any, *, vocab_size: int | None = None, eos_token_ids: Sequence[int] | None = None
+    ) -> GrammarPotential:
+        """A copy compiled against ``vocab`` (cached: binding twice to one vocabulary compiles once).
+
+        ``vocab``: a :class:`smcgen.LanguageModel` (tokenizer, logit width and EOS ids taken from it),
+        a Hugging Face tokenizer, or a list of token strings (index = token id, ``None`` or ``""``
+        for special tokens). ``vocab_size`` is the width of the model's logits (the bitmask covers
+        it); ``eos_token_ids`` end a sequence (default: the model's / tokenizer's EOS).
+        """
+        key = (id(vocab), vocab_size, tuple(eos_token_ids) if eos_token_ids is not None else None)
+        hit = self._bound_copies.get(key)
+        if hit is not None and hit[0] is vocab:
+            return hit[1]
+        info, compiler, size = _tokenizer_info(vocab, vocab_size, eos_token_ids)
+        try:
+            compiled = compiler.compile_grammar(self._grammar)
+        except RuntimeError as err:
+            raise GrammarError(f"cannot compile the {self.kind} grammar: {engine_message(err)}") from None
+        g = GrammarPotential(self._grammar, self.kind, self.source, threads=self._threads)
+        g._info, g._compiled, g.vocab_size = info, compiled, size
+        g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
+        g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
+        g._batch = xgr.BatchGrammarMatcher(max_threads=self._threads)
+        self._bound_copies[key] = (vocab, g)
+        return g
+
+    @property
+    def bound(self) -> bool:
+        """Whether the potential is compiled against a vocabulary (needed to score and mask)."""
+        return self._compiled is not None
+
+    @property
+    def name(self) -> str:
+        short = self.source if len(self.source) <= 60 else self.source[:57] + "..."
+        return f"GrammarPotential({self.kind}: {short!r})"
+
+    def _need_bound(self) -> None:
+        if self._compiled is None:
+            raise RuntimeError(
+                f"{self.name} is not bound to a vocabulary; call .bind(model_or_tokenizer) or pass it to "
+                "smcgen.generate(grammar=...), which binds it to the target"
+            )
+
+    # ------------------------------------------------------------------ per-row states
+    def _fresh(self) -> _Row:
+        return _Row(self._initial.fork(), [], True)
+
+    def _advance(self, row: _Row, tokens: list[int]) -> None:
+        """Feed ``tokens[len(row.tokens):]`` to the row's matcher (``tokens`` extends ``row.tokens``)."""
+        new = tokens[len(row.tokens) :]
+        if not new:
+            return
+        t0 = time.perf_counter()
+        if row.alive:
+            m = row.matcher
+            for j, t in enumerate(new):
+                if m.is_terminated() or not m.accept_token(t):
+                    row.alive = False
+                    pos = len(row.tokens) + j
+                    row.reason = (
+                        f"token {t} ({self._token_text(t)}) at position {pos} is not allowed by the grammar"
+                        if not m.is_terminated()
+                        else f"token {t} at position {pos} follows the end of the grammar"
+                    )
+                    break
+        row.tokens.extend(new)
+        self.stats.tokens += len(new)
+        self.stats.advance_seconds += time.perf_counter() - t0
+
+    def _synced(self, row: _Row | None, tokens: list[int]) -> _Row:
+        """A state that has consumed exactly ``tokens``: ``row`` advanced, or rebuilt from the start."""
+        n = len(row.tokens) if row is not None else 0
+        if row is None or len(tokens) < n or tokens[:n] != row.tokens:
+            if row is not None:
+                self.stats.rebuilds += 1
+            row = self._fresh()
+        self._advance(row, tokens)
+        return row
+
+    def _row(self, index: int, tokens: list[int]) -> _Row:
+        while len(self._rows) <= index:
+            self._rows.append(self._fresh())
+        row = self._synced(self._rows[index], tokens)
+        self._rows[index] = row
+        return row
+
+    def _rows_for(self, batch: SequenceBatch) -> list[_Row]:
+        self._need_bound()
+        rows = getattr(batch, "rows", None)
+        if rows is None:
+            return [self._synced(None, list(t)) for t in batch.token_ids]
+        return [self._row(int(r), list(t)) for r, t in zip(rows, batch.token_ids)]
+
+    def start(self, prompt_ids: Sequence[int], n_rows: int) -> None:
+        self._need_bound()
+        self._rows = [self._fresh() for _ in range(n_rows)]
+
+    def reorder(self, rows: Tensor) -> None:
+        t0 = time.perf_counter()
+        taken: set[int] = set()
+        new: list[_Row] = []
+        forks = 0
+        for r in rows.tolist():
+            if r >= len(self._rows):
+                new.append(self._fresh())
+                continue
+            if r in taken:
+                new.append(self._rows[r].fork())
+                forks += 1
+            else:
+                taken.add(r)
+                new.append(self._rows[r])
+        self._rows = new
+        self.stats.forks += forks
+        self.stats.fork_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ scores
+    def log_prefix(self, batch: SequenceBatch) -> Tensor:
+        return torch.tensor([0.0 if r.alive else -math.inf for r in self._rows_for(batch)], dtype=torch.float64)
+
+    def log_complete(self, batch: SequenceBatch) -> Tensor:
+        out = []
+        for r in self._rows_for(batch):
+            ok = r.alive and (r.matcher.is_terminated() or r.matcher.is_completed())
+            out.append(0.0 if ok else -math.inf)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def explain_zero(self, token_ids: Sequence[int], finished: bool) -> str | None:
+        self._need_bound()
+        row = self._synced(None, list(token_ids))
+        if not row.alive:
+            return row.reason
+        if finished and not (row.matcher.is_terminated() or row.matcher.is_completed()):
+            return f"the text after {len(token_ids)} tokens is an unfinished {self.kind} string (length limit reached?)"
+        return None
+
+    # ------------------------------------------------------------------ masks
+    def _token_ids_of(self, sequences: Tensor, n_prompt: int) -> list[list[int]]:
+        rows = sequences[:, n_prompt:].tolist()
+        eos = set(self.eos_token_ids)
+        out = []
+        for r in rows:
+            for j, t in enumerate(r):
+                if t in eos:
+                    r = r[: j + 1]  # what follows an EOS is padding
+                    break
+            out.append(r)
+        return out
+
+    def request_bitmask(self, sequences: Tensor, n_prompt: int) -> PendingBitmask:
+        """Start computing the next-token bitmask of every row of ``sequences`` (prompt included).
+
+        Call before launching the model forward and :meth:`PendingBitmask.result` after it: the
+        token ids are read now, the masks computed on the CPU when the result is collected.
+        """
+        self._need_bound()
+        return PendingBitmask(self, self._token_ids_of(sequences, n_prompt))
+
+    def next_token_bitmask(self, sequences: Tensor, n_prompt: int) -> Tensor:
+        """int32 ``[R, ceil(V/32)]`` (CPU): bit v of row r set iff token v may follow row r.
+
+        ``sequences`` are the run's rows (prompt of ``n_prompt`` tokens included); row r uses the
+        state cached for row r (advanced, or rebuilt when it does not match). Rows that ended (EOS)
+        or already left the language get an all-ones mask: their draws are ignored.
+        """
+        return self.request_bitmask(sequences, n_prompt).result()
+
+    def _bitmask_for(self, token_ids: list[list[int]]) -> Tensor:
+        states = [self._row(i, t) for i, t in enumerate(token_ids)]
+        out = torch.full((len(states), bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
+        live = [i for i, s in enumerate(states) if s.alive and not s.matcher.is_terminated()]
+        if live:
+            t0 = time.perf_counter()
+            self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
+            self.stats.mask_seconds += time.perf_counter() - t0
+            self.stats.mask_rows += len(live)
+            self.stats.mask_calls += 1
+        return out
+
+    def _token_text(self, token: int) -> str:
+        try:
+            return repr(bytes(self._info.decoded_vocab[token]).decode("utf-8", errors="replace"))
+        except (IndexError, TypeError, AttributeError):
+            return "?"
