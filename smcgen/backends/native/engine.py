@@ -23,6 +23,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,6 +46,11 @@ class NativeSMC:
     ``draft=None`` gives plain SMC (the target proposes one token per cycle), which with N = 1 is
     autoregressive decoding. ``eos_token_ids`` end a particle (empty: always run to the limit).
     ``cuda_graph`` (default: on for CUDA) captures one cycle and replays it.
+    ``mask`` (a bound :class:`~smcgen.potentials.grammar.GrammarPotential`) constrains generation
+    locally: the draft and the target's bonus token are drawn from their distributions restricted
+    to the grammar's allowed tokens, weighted as DESIGN.md's "locally constrained" row says, and
+    the grammar is a factor of the target (a particle that stops outside the language gets weight
+    zero). Masks are computed on the CPU from each step's tokens, so masked runs are not graphed.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class NativeSMC:
         page_size: int = 16,
         cuda_graph: bool | None = None,
         kv_memory_fraction: float = 0.85,
+        mask: Any = None,
     ):
         if config.resampler != "systematic":
             raise ValueError(
@@ -80,6 +87,18 @@ class NativeSMC:
             raise ValueError("cuda_graph=True needs the models on a CUDA device")
         self.kv_memory_fraction = kv_memory_fraction
         self.block = config.block_size if draft is not None else 0
+        if mask is not None:
+            if not hasattr(mask, "request_bitmask"):
+                raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
+            if not mask.bound:
+                raise ValueError("bind the grammar to the tokenizer first (GrammarPotential.bind)")
+            if mask.vocab_size != target.vocab_size:
+                raise ValueError(
+                    f"the grammar is compiled for {mask.vocab_size} tokens but the target's logits have {target.vocab_size}"
+                )
+            # the masks depend on the tokens just drawn: the host takes part in every step
+            self.cuda_graph = False
+        self.mask = mask
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
         self.last_timing: dict[str, float] = {}
 
@@ -155,6 +174,9 @@ class NativeSMC:
         )
 
         state = _CycleState(self, prompts, n_cycles, tcache, dcache)
+        state.prompt_ids = torch.tensor(prompts, dtype=torch.long).repeat_interleave(N, dim=0)
+        if self.mask is not None:
+            self.mask.start(prompts[0], R)
         self._prefill(state, prompts)
         _sync(dev)
         t_prefill = time.perf_counter()
@@ -193,6 +215,8 @@ class NativeSMC:
         tcache.check_status()
         if dcache is not None:
             dcache.check_status()
+        if self.mask is not None:
+            self._apply_final_factor(state, P)
         dead = state.dead_seen.view(B).cpu()
         if bool(dead.any()):
             raise AllParticlesDeadError(
@@ -238,25 +262,36 @@ class NativeSMC:
     # ------------------------------------------------------------------------------ cycle
 
     def _cycle(self, s: _CycleState) -> None:
-        """One cycle on device tensors only (this is what the CUDA graph records)."""
+        """One cycle on device tensors only (what the CUDA graph records), unless a grammar masks it.
+
+        With a grammar, the draft's tokens and the bonus token are drawn from the masked
+        distributions (the host computes each mask from the tokens so far), the draft's log q is the
+        masked one, and the bonus weighs in with the masked log-normalizer.
+        """
         cfg = self.config
         K, T = self.block, self.block + 1
         R = s.R
         V = self.target.vocab_size
         pos = s.pos  # [1] int32: tokens in the target's cache
+        masked = self.mask is not None
 
         s.tcache.reserve(pos + T)
+        drafted: list[Tensor] = []
+        log_q: list[Tensor] = []
         if self.draft is not None:
             s.dcache.reserve(pos + K)
-            drafted = []
-            log_q = []
             feed, start = s.pending, pos - 1
             for k in range(K):
                 logits = self.draft(feed, start.expand(R), s.dcache, last_only=True)
-                tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset)
+                allowed = self._masks(s, drafted) if masked else None
+                tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset, allowed)
                 s.offset.add_(R * V)
                 drafted.append(tok)
-                log_q.append(lp - ln)
+                if masked:
+                    # a row with no allowed token is a dead end: weight zero, never NaN
+                    log_q.append(torch.where(torch.isneginf(ln), torch.full_like(ln, math.inf), lp - ln))
+                else:
+                    log_q.append(lp - ln)
                 feed = tok[:, None]
                 # step 0 fed two tokens at pos-1 and pos; step k >= 1 feeds one at pos + k
                 start = pos + (k + 1)
@@ -267,16 +302,31 @@ class NativeSMC:
             verify_in = s.pending
         logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
-        bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset)
+        allowed = self._masks(s, drafted) if masked else None
+        bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
         s.offset.add_(R * V)
-        if cfg.alpha == 1.0:
+        if cfg.alpha == 1.0 and not masked:
             # the powered distribution is already normalized: an exact zero keeps Z_hat free of drift
+            # (a masked bonus weighs in with log sum_{allowed v} p(v)^alpha, not zero)
             bonus_norm = torch.zeros_like(bonus_norm)
         if K > 0:
             log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
             token_w = torch.cat([log_p - torch.stack(log_q, dim=1), bonus_norm[:, None]], dim=1)
         else:
             token_w = bonus_norm[:, None]
+        anc = self._finish(s, y, bonus, token_w)
+        if masked:
+            self.mask.reorder(anc.cpu())
+
+    def _finish(self, s: _CycleState, y: Tensor, bonus: Tensor, token_w: Tensor) -> Tensor:
+        """Record the block, add the weights, resample and update the caches (device only).
+
+        Returns the ancestors (global row ids) of the resampling step (identity when none).
+        """
+        cfg = self.config
+        K, T = self.block, self.block + 1
+        R = s.R
+        pos = s.pos
         block = torch.cat([y, bonus[:, None]], dim=1)
 
         gen_idx = s.cycle * T + s.arange_t  # [T] positions of this block in the continuation
@@ -312,6 +362,28 @@ class NativeSMC:
         s.all_done.copy_(s.done.all().reshape(1))
         pos.add_(T)
         s.cycle.add_(1)
+        return anc
+
+    def _masks(self, s: _CycleState, drafted: list[Tensor]) -> Tensor:
+        """The grammar's next-token bitmask for every row after the tokens so far (host round trip)."""
+        assert self.mask is not None
+        T = self.block + 1
+        done_cols = int(s.cycle) * T
+        parts = [s.prompt_ids, s.history[:, :done_cols].cpu()] + [t[:, None].cpu() for t in drafted]
+        seq = torch.cat(parts, dim=1)
+        return self.mask.request_bitmask(seq, s.prompt_ids.shape[1]).result().to(self.device)
+
+    def _apply_final_factor(self, s: _CycleState, prompt_len: int) -> None:
+        """The grammar factor of every finished particle: 0 when its text is in the language, else -inf."""
+        from smcgen.potentials.base import SequenceBatch
+
+        assert self.mask is not None
+        N = self.config.n_particles
+        lengths = s.lengths.cpu().tolist()
+        hist = s.history.cpu().tolist()
+        batch = SequenceBatch([h[:n] for h, n in zip(hist, lengths)], s.prompt_ids[0].tolist(), None)
+        final = self.mask.log_complete(batch).to(device=self.device, dtype=s.log_w.dtype)
+        s.log_w.add_(final.view(-1, N))
 
     def _capture(self, s: _CycleState) -> torch.cuda.CUDAGraph:
         """Warm up (Triton compiles, cuBLAS picks kernels) on a side stream, then record one cycle.
@@ -367,6 +439,7 @@ class _CycleState:
         self.ess_history = torch.zeros(n_cycles, self.B, dtype=torch.float32, device=dev)
         self.resampled_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
         self.dead_seen = torch.zeros(self.B, dtype=torch.bool, device=dev)
+        self.prompt_ids: Tensor | None = None  # [R, P] on the host, for grammar masks
 
     def _tensors(self) -> list[Tensor]:
         caches = [c for c in (self.tcache, self.dcache) if c is not None]

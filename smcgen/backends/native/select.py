@@ -64,8 +64,12 @@ def native_engine_or_reason(
     potentials: Any,
     custom_proposal: bool,
     prompt_len: int,
+    mask: Any = None,
 ) -> tuple[Any, str | None]:
     """``(engine, None)`` when the native engine runs this request, else ``(None, reason)``.
+
+    ``mask``: a bound grammar for locally constrained generation (the native engine runs it
+    eagerly, without the cycle graph, since every step's mask depends on the tokens just drawn).
 
     ``engine='auto'`` picks native only on CUDA; ``engine='native'`` also runs it on the CPU (with
     the kernels' torch twins: for tests and debugging, not speed).
@@ -87,5 +91,6 @@ def native_engine_or_reason(
             cfg,
             draft=native_model(draft) if draft is not None else None,
             eos_token_ids=target.eos_token_ids,
+            mask=mask,
         )
     return engine, None
