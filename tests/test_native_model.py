@@ -370,3 +370,24 @@ def test_from_free_memory():
         PagedKVCache.from_free_memory(2, 2, 16, PAGE, 2, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="no page"):
         PagedKVCache.from_free_memory(2, 2, 16, PAGE, 2, 4, torch.float32, "cpu", free_bytes=per_page // 2)
+
+
+def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):
+    """A save_pretrained directory loads straight into the native layout, with the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from smcgen.backends.native.model import NativeCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    native = NativeCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
+    tokens = torch.tensor([[1, 5, 7, 9, 2]])
+    cache = native.make_cache(n_pages=8, n_rows=1, max_pages=4, page_size=4)
+    cache.reserve(5)
+    got = native(tokens, torch.zeros(1, dtype=torch.int32), cache)
+    with torch.no_grad():
+        want = hf(tokens).logits
+    assert (got - want).abs().max() <= 1e-4

@@ -285,6 +285,29 @@ class NativeCausalLM(nn.Module):
 
     @classmethod
     @torch.no_grad()
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        *,
+        max_positions: int | None = None,
+    ) -> NativeCausalLM:
+        """Load a checkpoint directory (``config.json`` + safetensors, as ``save_pretrained`` writes).
+
+        The weights go through transformers once (on the CPU, in ``dtype``) and are copied into the
+        fused layout on ``device`` (default: CUDA when present); the transformers copy is dropped.
+        """
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        target = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        native = cls.from_hf(hf, dtype=dtype, device=target, max_positions=max_positions)
+        del hf
+        return native.eval()
+
+    @classmethod
+    @torch.no_grad()
     def from_config(
         cls,
         config: Any,
