@@ -150,6 +150,7 @@ def generate(
         elapsed_s=run.elapsed_s,
         n_particles=cfg.n_particles,
         texts=texts,
+        engine="native" if native is not None else "generic",
     )
 
 

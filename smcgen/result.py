@@ -14,6 +14,7 @@ class SMCResult:
     (``texts`` holds their decoded text when ``return_all_particles`` is set).
     ``log_z``: log of the unbiased estimate of the target's normalizing constant Z.
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
+    ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``.
     """
 
     text: str
@@ -27,6 +28,7 @@ class SMCResult:
     elapsed_s: float
     n_particles: int
     texts: list[str] = field(default_factory=list)
+    engine: str = "generic"
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,7 +44,7 @@ class SMCResult:
             else "ESS n/a"
         )
         return (
-            f"particles: {self.n_particles} | steps: {self.n_steps} | resamples: {self.n_resamples} | {ess_part}\n"
+            f"engine: {self.engine} | particles: {self.n_particles} | steps: {self.n_steps} | resamples: {self.n_resamples} | {ess_part}\n"
             f"log Z_hat: {self.log_z:.3f} | {len(self.token_ids)} tokens in {self.elapsed_s:.2f} s "
             f"({self.tokens_per_second:.1f} tok/s)"
         )

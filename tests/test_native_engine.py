@@ -107,6 +107,7 @@ def test_generate_runs_the_native_engine_when_asked(target, draft):
     again = smcgen.generate(target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2,
                             max_new_tokens=6, seed=0)
     assert res.n_particles == 4 and len(res.sequences) == 4 and len(res.log_weights) == 4
+    assert res.engine == "native" and "engine: native" in res.summary()
     assert 1 <= len(res.token_ids) <= 6 and res.token_ids == again.token_ids
     assert math.isclose(sum(math.exp(w) for w in res.log_weights), 1.0, rel_tol=1e-6)
     assert res.n_steps == len(res.ess_history) >= 1
@@ -125,4 +126,4 @@ def test_native_engine_refuses_what_it_cannot_run(target, draft):
         smcgen.generate(target, [0], draft=draft, engine="native", max_new_tokens=3)
     # 'auto' on the CPU falls back to the generic engine, which runs all of these
     res = smcgen.generate(target, [0, 1], resampler="multinomial", max_new_tokens=3, seed=0)
-    assert 1 <= len(res.token_ids) <= 3
+    assert 1 <= len(res.token_ids) <= 3 and res.engine == "generic"
