@@ -61,3 +61,16 @@ def test_generate_with_grammar_on_the_native_engine(target, draft, tok):
         for text, lw in zip(res.texts, res.log_weights):
             if lw > -math.inf:
                 assert re.fullmatch("(ab|c)+", text), text
+
+
+def test_native_grammar_dead_end_is_a_clear_error(models):
+    """A language no particle can finish inside max_new_tokens: AllParticlesDeadError with partial outputs."""
+    from smcgen import AllParticlesDeadError
+
+    _, native_target, _ = models
+    cfg = SMCConfig(n_particles=4, block_size=1, max_new_tokens=2, seed=0)
+    engine = NativeSMC(native_target, cfg, eos_token_ids=(EOS,), page_size=4, mask=grammar("aaaa(b|c)"))
+    with pytest.raises(AllParticlesDeadError, match="language") as err:
+        engine.run(PROMPT, n_groups=2)
+    assert err.value.groups == [0, 1] and len(err.value.sequences) == 4
+    assert all(s == [0, 0] for s in err.value.sequences)  # the only tokens the grammar allowed

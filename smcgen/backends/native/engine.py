@@ -217,10 +217,15 @@ class NativeSMC:
             dcache.check_status()
         if self.mask is not None:
             self._apply_final_factor(state, P)
-        dead = state.dead_seen.view(B).cpu()
+        # dead during the run, or (with a grammar) no particle ended inside the language
+        dead = (state.dead_seen.view(B) | torch.isneginf(state.log_w).all(dim=1)).cpu()
         if bool(dead.any()):
+            groups = dead.nonzero().squeeze(-1).tolist()
+            first = slice(groups[0] * N, (groups[0] + 1) * N)
+            partial = [h[:n] for h, n in zip(state.history[first].tolist(), state.lengths[first].tolist())]
+            why = " (no particle ended inside the grammar's language)" if self.mask is not None else ""
             raise AllParticlesDeadError(
-                f"every particle of group(s) {dead.nonzero().squeeze(-1).tolist()} has weight zero"
+                f"every particle of group(s) {groups[:8]} has weight zero{why}", groups=groups, sequences=partial
             )
         lw = state.log_w.double()
         width = cfg.max_new_tokens
