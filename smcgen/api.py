@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,7 +134,7 @@ def generate(
     lengths = run.lengths[0].tolist()
     sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]
     log_w = run.log_weights[0]
-    chooser = torch.Generator().manual_seed(cfg.seed + 1 if cfg.seed is not None else int(torch.seed() % 2**63))
+    chooser = torch.Generator().manual_seed(cfg.seed + 1 if cfg.seed is not None else random.SystemRandom().getrandbits(63))
     chosen = int(torch.multinomial(log_w.exp(), 1, generator=chooser))
     decoder = target_lm.tokenizer
     text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""

@@ -10,6 +10,7 @@ extension, and groups whose ESS fell below the threshold are resampled. B indepe
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,7 +203,8 @@ class SMC:
         K = cfg.block_size if self.proposal is not None else 0
 
         generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (2**63)))
+        # a fresh seed from the OS, leaving torch's global generator (the user's) untouched
+        generator.manual_seed(cfg.seed if cfg.seed is not None else random.SystemRandom().getrandbits(63))
         t_start = time.perf_counter()
 
         prompt_t = torch.tensor(prompt, device=device)

@@ -127,3 +127,30 @@ def test_native_engine_refuses_what_it_cannot_run(target, draft):
     # 'auto' on the CPU falls back to the generic engine, which runs all of these
     res = smcgen.generate(target, [0, 1], resampler="multinomial", max_new_tokens=3, seed=0)
     assert 1 <= len(res.token_ids) <= 3 and res.engine == "generic"
+
+
+def test_no_resampling_after_every_particle_finished(models):
+    """Runs that end early (every particle hit EOS) do not resample on their last step, like the
+    generic engine. With N = 1 "finished before resampling" and "after" coincide, so it is exact."""
+    _, native_target, native_draft = models
+    ended_early = 0
+    for seed in range(20):
+        cfg = SMCConfig(n_particles=1, block_size=2, max_new_tokens=30, seed=seed, ess_threshold=1.0)
+        out = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4).run(
+            PROMPT, n_groups=1
+        )
+        assert not bool(out.resampled[-1].any())
+        assert bool(out.resampled[:-1].all())  # threshold 1: every other step resamples
+        ended_early += out.resampled.shape[0] < 10
+    assert ended_early >= 10
+
+
+def test_context_bounds_are_checked_before_running(models):
+    _, native_target, native_draft = models
+    limit = native_target.max_positions  # 64 for the tiny models
+    cfg = SMCConfig(n_particles=2, block_size=4, max_new_tokens=limit - 2, seed=0)
+    with pytest.raises(ValueError, match="last cycle"):
+        NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,)).run(PROMPT)
+    cfg = SMCConfig(n_particles=2, block_size=4, max_new_tokens=limit, seed=0)
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,)).run(PROMPT)

@@ -74,3 +74,9 @@ def test_native_grammar_dead_end_is_a_clear_error(models):
         engine.run(PROMPT, n_groups=2)
     assert err.value.groups == [0, 1] and len(err.value.sequences) == 4
     assert all(s == [0, 0] for s in err.value.sequences)  # the only tokens the grammar allowed
+
+
+def test_grammar_eos_must_be_an_engine_eos(models):
+    _, native_target, _ = models
+    with pytest.raises(ValueError, match="EOS ids"):
+        NativeSMC(native_target, SMCConfig(), eos_token_ids=(), mask=grammar("a+"))

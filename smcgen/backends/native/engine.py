@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -96,6 +97,12 @@ class NativeSMC:
                 raise ValueError(
                     f"the grammar is compiled for {mask.vocab_size} tokens but the target's logits have {target.vocab_size}"
                 )
+            missing = set(int(e) for e in mask.eos_token_ids) - set(self.eos_ids)
+            if missing:
+                raise ValueError(
+                    f"the grammar ends sequences with EOS ids {sorted(missing)} that the engine does not stop on "
+                    f"(eos_token_ids={self.eos_ids}); pass the same EOS ids to both"
+                )
             # the masks depend on the tokens just drawn: the host takes part in every step
             self.cuda_graph = False
         self.mask = mask
@@ -153,10 +160,18 @@ class NativeSMC:
         n_cycles = -(-cfg.max_new_tokens // T)
         # positions written: the target holds all but the last token, the draft all but two
         max_len = P - 1 + n_cycles * T
-        context = self.target.cfg.max_positions
+        # the position tables actually built (from_hf/from_pretrained may shorten them), draft included
+        context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
         if P + cfg.max_new_tokens > context:
             raise ValueError(
                 f"prompt ({P} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model context ({context})"
+            )
+        if max_len > context:
+            # every cycle writes all K+1 positions, so the last one may reach past max_new_tokens
+            raise ValueError(
+                f"the last cycle of K+1 = {T} positions would reach position {max_len - 1}, past the model context "
+                f"({context}); lower max_new_tokens by {max_len - context}, pick a block_size with "
+                f"max_new_tokens % (block_size + 1) == 0, or use engine='generic'"
             )
         dev = self.device
         t_start = time.perf_counter()
@@ -336,7 +351,8 @@ class NativeSMC:
 
         gen_idx = s.cycle * T + s.arange_t  # [T] positions of this block in the continuation
         if self.eos_ids:
-            is_eos = torch.isin(block, s.eos)
+            # a broadcast compare, not torch.isin: isin sorts (and syncs) for many ids, breaking capture
+            is_eos = (block[..., None] == s.eos).any(dim=-1)
         else:
             is_eos = torch.zeros_like(block, dtype=torch.bool)
         eos_before = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
@@ -346,8 +362,11 @@ class NativeSMC:
         s.lengths.add_(valid.sum(dim=1))
         s.done.copy_(s.done | (is_eos & valid).any(dim=1) | (s.lengths >= cfg.max_new_tokens))
 
+        # no resampling once every particle has finished (the loop stops after this cycle): it
+        # would only add noise to the final weights; decided on the device, so graphs keep it
+        allow = s.allow * (~s.done.all()).to(s.allow.dtype).reshape(1)
         anc, ess, resampled, dead = smc_weight_update(
-            s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, s.allow
+            s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, allow
         )
         s.offset.add_(s.B)
         s.ess_history.index_copy_(0, s.cycle, ess[None])
@@ -437,7 +456,7 @@ class _CycleState:
         self.cycle = torch.zeros(1, **i64)
         self.arange_t = torch.arange(T, **i64)
         self.eos = torch.tensor(engine.eos_ids or [0], **i64)
-        seed = cfg.seed if cfg.seed is not None else int(torch.seed() % (2**62))
+        seed = cfg.seed if cfg.seed is not None else random.SystemRandom().getrandbits(62)
         self.seed = torch.tensor([seed % (2**62)], **i64)
         self.offset = torch.zeros(1, **i64)
         self.allow = torch.ones(1, dtype=torch.int32, device=dev)
