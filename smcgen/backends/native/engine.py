@@ -97,7 +97,7 @@ class NativeSMC:
                 raise ValueError(
                     f"the grammar is compiled for {mask.vocab_size} tokens but the target's logits have {target.vocab_size}"
                 )
-            missing = set(int(e) for e in mask.eos_token_ids) - set(self.eos_ids)
+            missing = {int(e) for e in mask.eos_token_ids} - set(self.eos_ids)
             if missing:
                 raise ValueError(
                     f"the grammar ends sequences with EOS ids {sorted(missing)} that the engine does not stop on "

@@ -20,7 +20,9 @@ def native_model(lm: LanguageModel) -> NativeCausalLM:
     """The native runner for ``lm``'s transformers model, converted once and cached.
 
     The native runner fuses the q/k/v and gate/up weights, so the copy costs the model's size in
-    memory again while the transformers model is alive.
+    memory again while the transformers model is alive. The copy is keyed by the model object and
+    taken once: after changing that model's weights, device or dtype in place, call
+    ``forget_native_copies()`` (or pass a new model object).
     """
     model = lm.model
     native = _NATIVE_COPIES.get(model)
@@ -28,6 +30,11 @@ def native_model(lm: LanguageModel) -> NativeCausalLM:
         native = NativeCausalLM.from_hf(model).eval()
         _NATIVE_COPIES[model] = native
     return native
+
+
+def forget_native_copies() -> None:
+    """Drop every cached native copy (after modifying a transformers model in place)."""
+    _NATIVE_COPIES.clear()
 
 
 def native_unsupported(
