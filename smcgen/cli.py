@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--engine", default=d.engine, help="auto (native on a GPU when supported), native or generic"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             target_temperature=args.target_temperature,
             alpha=args.alpha,
             seed=args.seed,
+            engine=args.engine,
         )
     except ValidationError as err:
         print(f"smcgen: invalid option: {err}", file=sys.stderr)

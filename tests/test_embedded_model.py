@@ -196,3 +196,21 @@ def test_ensure_converted_reports_failed_download(monkeypatch: pytest.MonkeyPatc
     # Nothing half-done is left behind: no final directory, no temp directories.
     assert not converted_path().exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n", [2, N_LAYERS])
+def test_native_runner_takes_the_derived_draft(tiny: LlamaForCausalLM, ids: torch.Tensor, n: int) -> None:
+    """The early-exit draft (shared tensors, n layers) converts to the native runner with equal logits,
+    so the embedded pair runs on the GPU engine too."""
+    from smcgen.backends.native.model import NativeCausalLM
+
+    draft = derive_draft(tiny, n)
+    native = NativeCausalLM.from_hf(draft)
+    assert native.n_layers == n
+    rows, length = ids.shape
+    cache = native.make_cache(n_pages=16, n_rows=rows, max_pages=4, page_size=4)
+    cache.reserve(length)
+    got = native(ids, torch.zeros(rows, dtype=torch.int32), cache)
+    with torch.no_grad():
+        want = draft(ids).logits
+    assert (got - want).abs().max() <= 1e-4
