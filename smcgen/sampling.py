@@ -9,11 +9,15 @@ import torch
 from torch import Tensor
 
 
-def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise; the uniform is kept away from 0 and 1 so the log never overflows."""
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    u = u.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
+def gumbel_from_uniform(u: Tensor) -> Tensor:
+    """Standard Gumbel noise from float32 uniforms, kept away from 0 and 1 so the log never overflows."""
+    u = u.clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
     return -torch.log(-torch.log(u))
+
+
+def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard Gumbel noise drawn with ``generator``."""
+    return gumbel_from_uniform(torch.rand(shape, generator=generator, device=device, dtype=torch.float32))
 
 
 def allowed_from_bitmask(bitmask: Tensor, vocab_size: int, device: torch.device) -> Tensor:

@@ -211,7 +211,7 @@ def test_model_forward_triton_matches_twins(device, monkeypatch, qk_norm):
     tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
     outs = []
     for use_triton in (False, True):
-        monkeypatch.setattr(fused_ops, "_use_triton", lambda t, use=use_triton: use)
+        monkeypatch.setattr(fused_ops, "use_triton", lambda t, use=use_triton: use)
         cache = native.make_cache(n_pages=8, n_rows=2, max_pages=4, page_size=4)
         cache.reserve(5)
         prefill = native(tokens[:, :5], torch.zeros(2, dtype=torch.int32, device=device), cache)

@@ -12,19 +12,11 @@ page 0 (contents are then undefined, no crash).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the torch twins still work without triton
-    HAS_TRITON = False
+from smcgen.kernels._triton import HAS_TRITON, sm_count, tl, triton, use_triton
 
 __all__ = [
     "HAS_TRITON",
@@ -37,22 +29,8 @@ __all__ = [
 ]
 
 
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    from .paged_kv import fix_interpreter_loop_bounds
-
-    fix_interpreter_loop_bounds()
 
 _LOG2E = 1.0 / math.log(2.0)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and t.is_cuda
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    """Multiprocessor count of a CUDA device (cached host query, no sync)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.device) -> int:
@@ -65,7 +43,7 @@ def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.devi
     and at most 32 splits; a grid that already fills the GPU (large N, prefill) gets no split.
     """
     if device.type == "cuda":
-        n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        n_sm = sm_count(device)
     else:
         n_sm = 4  # interpreter: small, but still exercises the merge
     target = (2 if block_m >= 64 else 4) * n_sm
@@ -167,7 +145,7 @@ def write_kv(
     start_pos: torch.Tensor,
 ) -> None:
     """Store k, v [R, T, Hkv, D] into the pages of their positions (Triton on CUDA, torch otherwise)."""
-    fn = write_kv_triton if _use_triton(k) else write_kv_torch
+    fn = write_kv_triton if use_triton(k) else write_kv_torch
     fn(k, v, k_pool_l, v_pool_l, block_table, start_pos)
 
 
@@ -312,7 +290,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal GQA attention over paged K/V -> [R, T, Hq, D] (Triton on CUDA, torch otherwise)."""
-    fn = paged_attention_triton if _use_triton(q) else paged_attention_torch
+    fn = paged_attention_triton if use_triton(q) else paged_attention_torch
     return fn(q, k_pool_l, v_pool_l, block_table, start_pos, scale)
 
 

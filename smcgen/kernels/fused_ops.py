@@ -29,20 +29,10 @@ silu_mul runs a (row, chunk of I) grid.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the torch twins still work without triton
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from smcgen.kernels._triton import HAS_TRITON, tl, triton, use_triton
 
 __all__ = [
     "HAS_TRITON",
@@ -57,18 +47,10 @@ __all__ = [
     "silu_mul_triton",
 ]
 
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    from .paged_kv import fix_interpreter_loop_bounds
-
-    fix_interpreter_loop_bounds()
 
 # widest row add_rms_norm keeps in registers in one block (Llama-3 70B's hidden size is 8192)
 _MAX_NORM_BLOCK = 8192
 _SILU_BLOCK = 1024
-
-
-def _use_triton(t: Tensor) -> bool:
-    return HAS_TRITON and t.is_cuda
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -140,7 +122,7 @@ def add_rms_norm_triton(
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(normed, new_residual)``: residual add then RMSNorm (Triton on CUDA, torch otherwise)."""
-    fn = add_rms_norm_triton if _use_triton(x) else add_rms_norm_torch
+    fn = add_rms_norm_triton if use_triton(x) else add_rms_norm_torch
     return fn(x, residual, weight, eps)
 
 
@@ -265,7 +247,7 @@ def rope_qk(
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """RoPE (optionally after per-head RMSNorm) on q and k -> new (q, k) (Triton on CUDA, torch otherwise)."""
-    fn = rope_qk_triton if _use_triton(q) else rope_qk_torch
+    fn = rope_qk_triton if use_triton(q) else rope_qk_torch
     return fn(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
 
 
@@ -298,7 +280,7 @@ def silu_mul_triton(gate_up: Tensor, *, block: int = _SILU_BLOCK) -> Tensor:
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """``silu(gate) * up`` over the two halves of the last dim (Triton on CUDA, torch otherwise)."""
-    fn = silu_mul_triton if _use_triton(gate_up) else silu_mul_torch
+    fn = silu_mul_triton if use_triton(gate_up) else silu_mul_torch
     return fn(gate_up)
 
 

@@ -17,17 +17,9 @@ and no shape depends on data, so both run inside a CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the torch twins still work without triton
-    HAS_TRITON = False
+from smcgen.kernels._triton import HAS_TRITON, tl, triton, use_triton
 
 __all__ = [
     "HAS_TRITON",
@@ -38,38 +30,6 @@ __all__ = [
     "reserve_pages_torch",
     "reserve_pages_triton",
 ]
-
-
-def fix_interpreter_loop_bounds() -> None:
-    """Let Triton's CPU interpreter take runtime loop bounds under numpy >= 2.4.
-
-    triton 3.6's interpreter keeps scalars as 1-element 1-d arrays and turns a loop bound into an
-    int with ``int(array)``, which numpy 2.4 rejects; every ``range(0, n, BLOCK)`` with a runtime n
-    then fails. This wraps the interpreter's tensor patching so ``__index__`` takes the single
-    element. Only used when ``TRITON_INTERPRET=1``; compiled kernels are unaffected.
-    """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_smcgen_loop_bounds", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._smcgen_loop_bounds = True
-    interpreter._patch_lang_tensor = patched
-
-
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    fix_interpreter_loop_bounds()
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and t.is_cuda
 
 
 def _extended(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
@@ -151,7 +111,7 @@ def reserve_pages(
     page_size: int,
 ) -> None:
     """Ensure every row has pages for positions < ``n_tokens`` (Triton on CUDA, torch otherwise)."""
-    fn = reserve_pages_triton if _use_triton(block_table) else reserve_pages_torch
+    fn = reserve_pages_triton if use_triton(block_table) else reserve_pages_torch
     fn(block_table, refcount, free_stack, free_top, status, n_tokens, page_size)
 
 
@@ -338,7 +298,7 @@ def resample_pages(
     page_size: int,
 ) -> None:
     """Resample rows' pages by ``ancestors`` (Triton on CUDA, torch otherwise); see the torch twin."""
-    fn = resample_pages_triton if _use_triton(block_table) else resample_pages_torch
+    fn = resample_pages_triton if use_triton(block_table) else resample_pages_torch
     fn(ancestors, block_table, refcount, free_stack, free_top, status, n_tokens, k_pool, v_pool, page_size)
 
 

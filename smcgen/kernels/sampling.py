@@ -40,22 +40,12 @@ interpreter (with numpy >= 2.4) cannot take tensor bounds in ``range()``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
+from smcgen.kernels._triton import HAS_TRITON, sm_count, tl, triton, use_triton
 from smcgen.kernels.philox import philox_uniform
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from smcgen.sampling import allowed_from_bitmask, gumbel_from_uniform
 
 __all__ = [
     "HAS_TRITON",
@@ -67,8 +57,6 @@ __all__ = [
     "token_logprobs_triton",
 ]
 
-_TINY = torch.finfo(torch.float32).tiny
-_ONE_MINUS_EPS = 1.0 - torch.finfo(torch.float32).eps
 # rows of the torch twin's Philox stream handled at once (bounds its int64 temporaries to ~100 MB)
 _TWIN_CHUNK_ELEMS = 1 << 21
 
@@ -104,20 +92,6 @@ def _check_sample_args(logits: Tensor, scale: float, alpha: float, allowed: Tens
             raise ValueError(f"allowed is on {allowed.device} but logits are on {logits.device}")
 
 
-def _unpack_bitmask(allowed: Tensor, vocab: int) -> Tensor:
-    """[R, ceil(V/32)] int32 bitmask (bit v%32 of word v//32) -> [R, V] bool."""
-    bits = torch.arange(32, device=allowed.device, dtype=torch.int32)
-    # arithmetic shift of a negative word still leaves the wanted bit at position 0
-    unpacked = (allowed[:, :, None] >> bits) & 1
-    return unpacked.reshape(allowed.shape[0], -1)[:, :vocab].bool()
-
-
-def _gumbel(u: Tensor) -> Tensor:
-    """Gumbel noise from uniforms, clamped exactly as smcgen/sampling.py does."""
-    u = u.clamp(min=_TINY, max=_ONE_MINUS_EPS)
-    return -torch.log(-torch.log(u))
-
-
 # ----------------------------------------------------------------------------------------------------
 # torch twins
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +125,7 @@ def fused_sample_torch(
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     ok = s > float("-inf")
     if allowed is not None:
-        ok &= _unpack_bitmask(allowed, v)
+        ok &= allowed_from_bitmask(allowed, v, allowed.device)
 
     # Gumbel keys in row chunks: the int64 Philox temporaries of the whole [R, V] would be large
     tokens = torch.empty(r, dtype=torch.int64, device=logits.device)
@@ -161,7 +135,7 @@ def fused_sample_torch(
         r1 = min(r, r0 + rows_per_chunk)
         rows = torch.arange(r0, r1, device=logits.device, dtype=torch.int64)
         counters = offset.reshape(1, 1) + rows[:, None] * v + cols[None, :]
-        key = alpha * s[r0:r1] + _gumbel(philox_uniform(seed.reshape(1, 1), counters))
+        key = alpha * s[r0:r1] + gumbel_from_uniform(philox_uniform(seed.reshape(1, 1), counters))
         key = torch.where(ok[r0:r1], key, float("-inf"))
         tokens[r0:r1] = torch.argmax(key, dim=-1)
 
@@ -478,12 +452,6 @@ def _require_triton() -> None:
         raise RuntimeError("the Triton kernels need the triton package; use the *_torch twins instead")
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    """Multiprocessor count of a CUDA device (cached: the query is not free)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _plan(
     n_rows: int,
     vocab: int,
@@ -505,7 +473,7 @@ def _plan(
         # ~4 programs per SM keeps every SM busy on the Philox work; the CPU interpreter runs programs
         # one by one, so a single chunk is fastest there
         target = (
-            4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            4 * sm_count(device)
             if device.type == "cuda"
             else 1
         )
@@ -686,11 +654,6 @@ def token_logprobs_triton(logits: Tensor, tokens: Tensor, scale: float, alpha: f
     return _token_logprobs_launch(logits, tokens, scale, alpha)
 
 
-def _use_triton(t: Tensor) -> bool:
-    """Triton only for CUDA tensors (the CPU path is the torch twin)."""
-    return HAS_TRITON and t.is_cuda
-
-
 def fused_sample(
     logits: Tensor,
     scale: float,
@@ -704,7 +667,7 @@ def fused_sample(
     Dispatches to :func:`fused_sample_triton` on CUDA tensors, :func:`fused_sample_torch` otherwise.
     Returns ``(tokens [R] int64, log_p [R] f32, log_norm [R] f32)``; uses ``R * V`` Philox numbers.
     """
-    fn = fused_sample_triton if _use_triton(logits) else fused_sample_torch
+    fn = fused_sample_triton if use_triton(logits) else fused_sample_torch
     return fn(logits, scale, alpha, seed, offset, allowed)
 
 
@@ -713,5 +676,5 @@ def token_logprobs(logits: Tensor, tokens: Tensor, scale: float, alpha: float) -
 
     Dispatches to :func:`token_logprobs_triton` on CUDA tensors, :func:`token_logprobs_torch` otherwise.
     """
-    fn = token_logprobs_triton if _use_triton(logits) else token_logprobs_torch
+    fn = token_logprobs_triton if use_triton(logits) else token_logprobs_torch
     return fn(logits, tokens, scale, alpha)

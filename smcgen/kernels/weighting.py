@@ -42,17 +42,8 @@ import math
 import torch
 from torch import Tensor
 
+from smcgen.kernels._triton import HAS_TRITON, tl, triton
 from smcgen.kernels.philox import philox_uniform
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "smc_weight_update", "smc_weight_update_torch", "smc_weight_update_triton"]
 
