@@ -19,7 +19,6 @@ the particle finished, or past ``max_new_tokens`` add nothing.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -130,9 +129,7 @@ class NativeSMC:
                     f"up to {max_len} tokens per row), {available} fit in {share * self.kv_memory_fraction:.0%} of "
                     f"{free / 2**30:.1f} GiB free GPU memory; use fewer particles or requests or fewer new tokens"
                 )
-        cache = model.make_cache(needed, n_rows, max_pages, self.page_size)
-        cache.check_fits(n_rows, n_requests, prompt_len, max_len)
-        return cache
+        return model.make_cache(needed, n_rows, max_pages, self.page_size)
 
     # -------------------------------------------------------------------------------- run
 
@@ -257,24 +254,24 @@ class NativeSMC:
     # ---------------------------------------------------------------------------- prefill
 
     def _prefill(self, s: _CycleState, prompts: list[list[int]]) -> None:
-        """Prefill each request's prompt in its first row (one batched forward) and share its pages."""
+        """Prefill every request's prompt in one batched forward and share its pages with the group.
+
+        The B prompts go into rows 0..B-1 (a ``rows`` view of the cache); one resample then makes
+        row b*N + i a copy of row b: full pages shared, partial last page copied.
+        """
         N = self.config.n_particles
         B = len(prompts)
         dev = self.device
         P = len(prompts[0])
         ids = torch.tensor(prompts, dtype=torch.long, device=dev)
-        first = torch.arange(B, device=dev) * N
+        owner = torch.arange(B, device=dev).repeat_interleave(N)
         for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
             if model is None or cache is None or n_fed == 0:
                 continue
-            # a cache view over the first rows only: the other rows get the pages by sharing
-            view = copy.copy(cache)
-            view.block_table = cache.block_table[first].clone()
-            view.n_rows = B
+            view = cache.rows(0, B)
             view.reserve(n_fed)
             model(ids[:, :n_fed], torch.zeros(B, dtype=torch.int32, device=dev), view, last_only=True)
-            cache.block_table[first] = view.block_table
-            cache.resample(first.repeat_interleave(N), n_fed)
+            cache.resample(owner, n_fed)
         tail = 2 if self.draft is not None else 1
         s.pending.copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
         s.pos.fill_(P - 1)
