@@ -53,14 +53,18 @@ def smc_estimates(target: LMPotential, proposal, potentials, n: int, block: int,
 
 
 def masses(out, index: dict[tuple[int, ...], int]) -> torch.Tensor:
-    """[runs, outcomes]: the normalized weight each run puts on each continuation."""
+    """[runs, outcomes]: the normalized weight each run puts on each continuation.
+
+    Particles of weight zero are skipped: they may hold sequences outside ``index`` (e.g. outside a
+    grammar's language)."""
     runs, n, _ = out.tokens.shape
     m = torch.zeros(runs, len(index), dtype=torch.float64)
     w = out.log_weights.exp()
     toks, lens = out.tokens.tolist(), out.lengths.tolist()
     for r in range(runs):
         for i in range(n):
-            m[r, index[tuple(toks[r][i][: lens[r][i]])]] += w[r, i]
+            if w[r, i] > 0:
+                m[r, index[tuple(toks[r][i][: lens[r][i]])]] += w[r, i]
     return m
 
 

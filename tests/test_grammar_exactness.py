@@ -24,6 +24,7 @@ import re
 
 import pytest
 import torch
+from test_exactness import masses
 from tiny_models import EOS, PROMPT, tiny_lm
 
 from smcgen import SMC, LMPotential, LMProposal, Potential, SequenceBatch, SMCConfig
@@ -87,19 +88,6 @@ def draft_lm():
 
 def grammar(regex: str) -> GrammarPotential:
     return GrammarPotential.regex(regex, TOKENS, eos_token_ids=[EOS])
-
-
-def masses(out, index: dict[tuple[int, ...], int]) -> torch.Tensor:
-    """[runs, outcomes]: the normalized weight each run puts on each continuation."""
-    runs, n, _ = out.tokens.shape
-    m = torch.zeros(runs, len(index), dtype=torch.float64)
-    w = out.log_weights.exp()
-    toks, lens = out.tokens.tolist(), out.lengths.tolist()
-    for r in range(runs):
-        for i in range(n):
-            if w[r, i] > 0:
-                m[r, index[tuple(toks[r][i][: lens[r][i]])]] += w[r, i]
-    return m
 
 
 def tv_and_noise(m: torch.Tensor, pi: torch.Tensor) -> tuple[float, float]:
