@@ -108,6 +108,33 @@ class NativeSMC:
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
         self.last_timing: dict[str, float] = {}
 
+    def unsupported_reason(self, prompt_len: int) -> str | None:
+        """Why a prompt of ``prompt_len`` tokens cannot run here (None when it can).
+
+        Checked before a run (``run`` raises it; ``engine='auto'`` falls back to the generic engine).
+        """
+        cfg = self.config
+        T = self.block + 1
+        min_prompt = 2 if self.draft is not None else 1
+        if prompt_len < min_prompt:
+            return f"the native engine needs a prompt of at least {min_prompt} tokens, got {prompt_len}"
+        # the position tables actually built (from_hf/from_pretrained may shorten them), draft included
+        context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
+        if prompt_len + cfg.max_new_tokens > context:
+            return (
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model context "
+                f"({context})"
+            )
+        # every cycle writes all K+1 positions, so the last one may reach past max_new_tokens
+        reach = prompt_len - 1 + -(-cfg.max_new_tokens // T) * T
+        if reach > context:
+            return (
+                f"the last cycle of K+1 = {T} positions would reach position {reach - 1}, past the model context "
+                f"({context}); lower max_new_tokens by {reach - context}, pick a block_size with "
+                f"max_new_tokens % (block_size + 1) == 0, or use engine='generic'"
+            )
+        return None
+
     # ------------------------------------------------------------------------------ setup
 
     def _make_cache(
@@ -151,25 +178,12 @@ class NativeSMC:
                 "the native engine runs prompts of one length per call; got lengths "
                 f"{sorted({len(p) for p in prompts})}"
             )
-        min_prompt = 2 if self.draft is not None else 1
-        if P < min_prompt:
-            raise ValueError(f"the native engine needs a prompt of at least {min_prompt} tokens, got {P}")
+        reason = self.unsupported_reason(P)
+        if reason is not None:
+            raise ValueError(reason)
         n_cycles = -(-cfg.max_new_tokens // T)
         # positions written: the target holds all but the last token, the draft all but two
         max_len = P - 1 + n_cycles * T
-        # the position tables actually built (from_hf/from_pretrained may shorten them), draft included
-        context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
-        if P + cfg.max_new_tokens > context:
-            raise ValueError(
-                f"prompt ({P} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model context ({context})"
-            )
-        if max_len > context:
-            # every cycle writes all K+1 positions, so the last one may reach past max_new_tokens
-            raise ValueError(
-                f"the last cycle of K+1 = {T} positions would reach position {max_len - 1}, past the model context "
-                f"({context}); lower max_new_tokens by {max_len - context}, pick a block_size with "
-                f"max_new_tokens % (block_size + 1) == 0, or use engine='generic'"
-            )
         dev = self.device
         t_start = time.perf_counter()
 

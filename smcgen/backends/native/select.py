@@ -43,9 +43,10 @@ def native_unsupported(
     draft: LanguageModel | None,
     potentials: Any,
     custom_proposal: bool,
-    prompt_len: int,
 ) -> str | None:
-    """Why the native engine cannot run this request, or None when it can."""
+    """Why the native engine cannot run this request's models and options, or None when it can.
+
+    Limits that depend on the prompt are the engine's own (``NativeSMC.unsupported_reason``)."""
     if potentials is not None and not (isinstance(potentials, Sequence) and len(potentials) == 0):
         return "potentials run on the generic engine only"
     if custom_proposal:
@@ -59,8 +60,6 @@ def native_unsupported(
             NativeConfig.from_hf(lm.model.config)
         except (ValueError, AttributeError) as err:
             return f"the {role} model is not supported natively ({err})"
-    if draft is not None and prompt_len < 2:
-        return "SMC-SD on the native engine needs a prompt of at least 2 tokens"
     return None
 
 
@@ -85,7 +84,7 @@ def native_engine_or_reason(
 
     if cfg.engine == "generic":
         return None, "engine='generic' was asked for"
-    reason = native_unsupported(cfg, target, draft, potentials, custom_proposal, prompt_len)
+    reason = native_unsupported(cfg, target, draft, potentials, custom_proposal)
     if reason is None and cfg.engine == "auto" and target.device.type != "cuda":
         reason = "the model is not on a GPU"
     if reason is not None:
@@ -100,4 +99,5 @@ def native_engine_or_reason(
             eos_token_ids=target.eos_token_ids,
             mask=mask,
         )
-    return engine, None
+    reason = engine.unsupported_reason(prompt_len)
+    return (None, reason) if reason is not None else (engine, None)
