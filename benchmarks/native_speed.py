@@ -143,6 +143,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="AR, N=8 K=8, 8x8 only")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--skinny-max-rows", type=int, default=None,
+                    help="widest batch for the skinny kernel (default: the model's own setting)")
+    ap.add_argument("--linear", choices=("fused", "cublas", "both"), default="fused",
+                    help="decode-sized linear layers in the fused skinny Triton kernel (the engine's default), "
+                         "in cuBLAS with separate elementwise kernels, or both side by side")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "native_speed.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -154,6 +159,8 @@ def main() -> None:
                                         max_positions=max_pos)
     draft = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
                                        max_positions=max_pos)
+    if args.skinny_max_rows is None:
+        args.skinny_max_rows = target.skinny_max_rows
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pair": f"{t_name} / {d_name}",
@@ -167,17 +174,23 @@ def main() -> None:
     else:
         grid += [(n, k, 1) for n in (1, 4, 8, 16) for k in (4, 8, 16)] + [(8, 8, 8)]
     rows = []
-    ar = None
+    ar = {}
+    linears = ("fused", "cublas") if args.linear == "both" else (args.linear,)
     for n, k, reqs in grid:
-        r = run_engine(target, draft, n, k, reqs, args.prompt_len, args.new_tokens)
-        roof = (k + 1) * bw / (w_t + k * w_d)
-        r.update({"N": n, "K": k, "requests": reqs, "roofline_tok_s": roof, "roofline_frac": r["tok_s_per_request"] / roof,
-                  "aggregate_tok_s": r["tok_s_per_request"] * reqs})
-        if k == 0:
-            ar = r["tok_s_per_request"]
-        r["vs_AR"] = r["tok_s_per_request"] / ar
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        for linear in linears:
+            skinny = args.skinny_max_rows if linear == "fused" else 0
+            target.skinny_max_rows = draft.skinny_max_rows = skinny
+            r = run_engine(target, draft, n, k, reqs, args.prompt_len, args.new_tokens)
+            roof = (k + 1) * bw / (w_t + k * w_d)
+            r.update({"N": n, "K": k, "requests": reqs, "linear": linear, "roofline_tok_s": roof,
+                      "roofline_frac": r["tok_s_per_request"] / roof, "aggregate_tok_s": r["tok_s_per_request"] * reqs})
+            if k == 0:
+                ar[linear] = r["tok_s_per_request"]
+            r["vs_AR"] = r["tok_s_per_request"] / ar[linear]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    target.skinny_max_rows = draft.skinny_max_rows = args.skinny_max_rows
+    ar = ar.get("fused", next(iter(ar.values())))
 
     hf = None
     if not args.no_hf:
@@ -192,16 +205,16 @@ def main() -> None:
 
     print(f"\n{info['pair']} on {info['device']}, copy bandwidth {bw / 1e12:.2f} TB/s, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, bf16, random weights\n")
-    print("| mode | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
+    print("| mode | linear | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
           "% roofline | peak GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mode = "AR" if r["K"] == 0 else "SMC-SD"
-        print(f"| {mode} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
+        print(f"| {mode} | {r['linear']} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
               f"{r['aggregate_tok_s']:.1f} | {r['vs_AR']:.2f} | {r['roofline_tok_s']:.0f} | "
               f"{100 * r['roofline_frac']:.0f}% | {r['peak_gib']:.1f} |")
     if hf is not None:
-        print(f"| HF generate (sampling) | 1 | - | 1 | {hf:.1f} | {hf:.1f} | {hf / ar:.2f} | {bw / w_t:.0f} | "
+        print(f"| HF generate (sampling) | HF | 1 | - | 1 | {hf:.1f} | {hf:.1f} | {hf / ar:.2f} | {bw / w_t:.0f} | "
               f"{100 * hf / (bw / w_t):.0f}% | - |")
 
     prof = None

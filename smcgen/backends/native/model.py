@@ -1,8 +1,9 @@
 """Native decoder for the Llama, Qwen2 and Qwen3 families over the paged KV cache.
 
-The forward pass is a handful of large matmuls per layer (one fused QKV projection, one fused
-gate/up projection) around ``write_kv`` and ``paged_attention``; the elementwise work between them
-runs in fused kernels (``add_rms_norm`` carrying the residual stream, ``rope_qk``, ``silu_mul``).
+The forward pass is four linear layers per layer (fused QKV, output, fused gate/up, down) around
+``rope_qk``, ``write_kv`` and ``paged_attention``; the RMSNorms, SiLU gating and residual adds run
+inside the linear layers (``kernels.linear.fused_linear``: one Triton kernel each for decode-sized
+batches, cuBLAS with fused elementwise kernels for wide ones).
 Everything has static shapes and reads positions from a device tensor, so a whole decode or verify
 step can be captured in a CUDA graph: no host syncs, no Python branches on tensor values.
 
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 
 from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels.attention import paged_attention, write_kv
-from smcgen.kernels.fused_ops import add_rms_norm, rope_qk, silu_mul
+from smcgen.kernels.fused_ops import rope_qk
+from smcgen.kernels.linear import MAX_SKINNY_ROWS, fused_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -136,7 +138,7 @@ def rope_inv_freq(cfg: NativeConfig) -> Tensor:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does).
 
-    The reference formula; ``forward`` runs it fused with the residual add (kernels.fused_ops.add_rms_norm).
+    The reference formula; ``forward`` runs it inside the next linear layer (kernels.linear.fused_linear).
     """
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -221,6 +223,9 @@ class NativeCausalLM(nn.Module):
         self.q_size = cfg.n_heads * cfg.head_dim
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
+        #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
+        self.skinny_max_rows = 64
 
     # --------------------------------------------------------------------------- builders
 
@@ -408,12 +413,15 @@ class NativeCausalLM(nn.Module):
         n_rows, n_new = tokens.shape
         # the kernels index start_pos per row: a stride-0 (expanded) view would be read out of bounds
         start_pos = start_pos.to(torch.int32).contiguous()
-        # The residual stream h is carried by add_rms_norm: each block's output (delta) is added to
-        # it in the same pass that normalizes the sum for the next block.
-        delta, h = F.embedding(tokens, self.embed), None
+        # The residual stream h is updated by the o and down projections' epilogues; the norms
+        # before qkv, gate_up and the head run in those GEMMs' prologues (kernels.linear). Skinny
+        # batches (rows <= skinny_max_rows, decode and draft steps) take the fused Triton kernel,
+        # wider ones cuBLAS between the fused elementwise kernels.
+        mr = self.skinny_max_rows
+        h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            x, h = add_rms_norm(delta, h, layer.input_norm, eps)
-            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            qkv = fused_linear(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps, max_rows=mr)
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
             k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
             v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
@@ -422,11 +430,11 @@ class NativeCausalLM(nn.Module):
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
             write_kv(k, v, k_pool, v_pool, cache.block_table, start_pos)
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale)
-            delta = F.linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias)
-            x, h = add_rms_norm(delta, h, layer.post_norm, eps)
-            delta = F.linear(silu_mul(F.linear(x, layer.gate_up, layer.gate_up_bias)), layer.down, layer.down_bias)
+            h = fused_linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, max_rows=mr)
+            mlp = fused_linear(
+                h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True, max_rows=mr
+            )
+            h = fused_linear(mlp, layer.down, layer.down_bias, residual=h, max_rows=mr)
         if last_only:
-            delta = delta[:, -1]
-            h = None if h is None else h[:, -1]
-        x, _ = add_rms_norm(delta, h, self.norm, eps)
-        return F.linear(x, self.lm_head)
+            h = h[:, -1]
+        return fused_linear(h, self.lm_head, norm_weight=self.norm, eps=eps, max_rows=mr)

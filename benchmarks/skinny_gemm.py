@@ -1,0 +1,279 @@
+"""Linear-layer sweep of one forward: the fused skinny Triton kernel against cuBLAS (GPU host).
+
+For a model shape (Llama-3.1-8B, Llama-3.2-1B, Qwen3-0.6B) and a row count M, one CUDA graph holds
+the linear work of a whole forward with distinct random weights per layer (so L2 cannot hold
+them): per layer norm -> qkv, o + residual, norm -> gate_up -> SiLU-mul, down + residual, then
+norm -> LM head. Three versions, timed side by side in one process (median of graph replays):
+
+- ``cublas``: bare ``F.linear`` GEMMs only (the floor of notes/performance.md 3.3, no elementwise);
+- ``composed``: cuBLAS with the fused elementwise kernels (the engine's path for wide batches);
+- ``skinny``: ``kernels.linear.fused_linear_triton`` with its default launch plan.
+
+``--sweep`` also times every launch plan of a grid per layer kind at M = ``--sweep-rows`` and
+prints the best, which is how ``skinny_plan``'s rule was chosen.
+
+    python benchmarks/skinny_gemm.py --rows 1 8 16 64 72 128 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
+
+from smcgen.kernels.linear import (
+    fused_linear_composed,
+    fused_linear_triton,
+    skinny_plan,
+)
+
+# hidden, q heads x head dim, qkv out, intermediate, layers, vocab
+SHAPES = {
+    "llama-8b": (4096, 4096, 6144, 14336, 32, 128256),
+    "llama-1b": (2048, 2048, 3072, 8192, 16, 128256),
+    "qwen3-0.6b": (1024, 2048, 4096, 3072, 28, 151936),
+}
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median ms of one replay of a CUDA graph of ``fn``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compile / warm outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = (
+            torch.cuda.Event(enable_timing=True),
+            torch.cuda.Event(enable_timing=True),
+        )
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def build(shape, dev):
+    hidden, q_size, qkv, inter, layers, vocab = shape
+    bf = torch.bfloat16
+
+    def w(n, k):
+        return torch.randn(n, k, device=dev, dtype=bf) * k**-0.5
+
+    ls = [
+        {
+            "qkv": w(qkv, hidden),
+            "o": w(hidden, q_size),
+            "gate_up": w(2 * inter, hidden),
+            "down": w(hidden, inter),
+            "n1": torch.ones(hidden, device=dev, dtype=bf),
+            "n2": torch.ones(hidden, device=dev, dtype=bf),
+        }
+        for _ in range(layers)
+    ]
+    head = w(vocab, hidden)
+    return ls, head, torch.ones(hidden, device=dev, dtype=bf)
+
+
+def forward_fn(kind, ls, head, norm, x, eps=1e-5):
+    # attention's output stands in as a fixed buffer: only the linear work is timed
+    att = torch.randn(x.shape[0], ls[0]["o"].shape[1], device=x.device, dtype=x.dtype)
+
+    def cublas():
+        h = x
+        for L in ls:
+            F.linear(h, L["qkv"])
+            h = F.linear(att, L["o"])
+            a = F.linear(h, L["gate_up"])
+            h = F.linear(a[:, : L["down"].shape[1]], L["down"])
+        F.linear(h, head)
+
+    def fused(linear):
+        def run():
+            h = x
+            for L in ls:
+                linear(h, L["qkv"], norm_weight=L["n1"], eps=eps)
+                h = linear(att, L["o"], residual=h)
+                a = linear(h, L["gate_up"], norm_weight=L["n2"], eps=eps, gated=True)
+                h = linear(a, L["down"], residual=h)
+            linear(h, head, norm_weight=norm, eps=eps)
+
+        return run
+
+    return {
+        "cublas": cublas,
+        "composed": fused(fused_linear_composed),
+        "skinny": fused(fused_linear_triton),
+    }[kind]
+
+
+def sweep(ls, head, norm, rows, dev, eps=1e-5):
+    """Best plan per layer kind: every layer's weight of that kind in one graph (weights stay cold)."""
+    hidden = head.shape[1]
+    x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(rows, ls[0]["down"].shape[1], device=dev, dtype=torch.bfloat16)
+    att = torch.randn(rows, ls[0]["o"].shape[1], device=dev, dtype=torch.bfloat16)
+    kinds = {
+        "qkv+norm": (
+            lambda p: [
+                fused_linear_triton(x, L["qkv"], norm_weight=L["n1"], eps=eps, plan=p)
+                for L in ls
+            ],
+            ls[0]["qkv"].shape[0],
+            hidden,
+            False,
+        ),
+        "o+res": (
+            lambda p: [
+                fused_linear_triton(att, L["o"], residual=x, plan=p) for L in ls
+            ],
+            hidden,
+            att.shape[1],
+            False,
+        ),
+        "gate_up+norm+silu": (
+            lambda p: [
+                fused_linear_triton(
+                    x, L["gate_up"], norm_weight=L["n2"], eps=eps, gated=True, plan=p
+                )
+                for L in ls
+            ],
+            ls[0]["gate_up"].shape[0] // 2,
+            hidden,
+            True,
+        ),
+        "down+res": (
+            lambda p: [
+                fused_linear_triton(a, L["down"], residual=x, plan=p) for L in ls
+            ],
+            hidden,
+            a.shape[1],
+            False,
+        ),
+        "head+norm": (
+            lambda p: fused_linear_triton(x, head, norm_weight=norm, eps=eps, plan=p),
+            head.shape[0],
+            hidden,
+            False,
+        ),
+    }
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    out = {}
+    for name, (fn, n_out, k, gated) in kinds.items():
+        n_bytes = (
+            (len(ls) if name != "head+norm" else 1)
+            * (2 if gated else 1)
+            * n_out
+            * k
+            * 2
+        )
+        results = []
+        for bn, bk, stages, warps in itertools.product(
+            (16, 32, 64), (128, 256, 512), (3, 4, 5), (4,)
+        ):
+            if block_m >= 64 and bk > 256:
+                continue
+            plan = (block_m, bn, bk, warps, stages)
+            try:
+                ms = graph_ms(functools.partial(fn, plan), reps=10)
+            except (
+                OutOfResources,
+                RuntimeError,
+            ) as e:  # shared memory / registers exceeded by this plan
+                results.append({"plan": plan, "error": type(e).__name__})
+                continue
+            results.append({"plan": plan, "ms": ms, "TBs": n_bytes / ms / 1e9})
+        ok = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])
+        default = skinny_plan(rows, n_out, k, gated, dev)
+        dflt = next((r for r in ok if tuple(r["plan"]) == default), None)
+        out[name] = {"best": ok[:5], "default": dflt, "default_plan": default}
+        print(
+            f"  {name:20s} best {ok[0]['plan']} {ok[0]['ms']:.3f} ms {ok[0]['TBs']:.2f} TB/s | default "
+            f"{default} {dflt['ms'] if dflt else float('nan'):.3f} ms",
+            flush=True,
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES)
+    )
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 64, 72, 128])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-rows", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--sweep-shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES))
+    ap.add_argument(
+        "--out", default=os.path.join(os.environ.get("OUT", "."), "skinny_gemm.json")
+    )
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": [],
+        "sweeps": {},
+    }
+    print(
+        "| shape | M | weights GB | cuBLAS GEMMs ms | composed ms | skinny ms | skinny TB/s | skinny vs composed |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.shapes:
+        ls, head, norm = build(SHAPES[name], dev)
+        n_bytes = sum(
+            t.numel() * 2
+            for L in ls
+            for k_, t in L.items()
+            if k_ in ("qkv", "o", "gate_up", "down")
+        )
+        n_bytes += head.numel() * 2
+        for m in args.rows:
+            x = torch.randn(m, head.shape[1], device=dev, dtype=torch.bfloat16)
+            t = {
+                k: graph_ms(forward_fn(k, ls, head, norm, x))
+                for k in ("cublas", "composed", "skinny")
+            }
+            row = {
+                "shape": name,
+                "M": m,
+                "GB": n_bytes / 1e9,
+                **{f"{k}_ms": v for k, v in t.items()},
+            }
+            result["rows"].append(row)
+            print(
+                f"| {name} | {m} | {n_bytes / 1e9:.2f} | {t['cublas']:.3f} | {t['composed']:.3f} | {t['skinny']:.3f} | "
+                f"{n_bytes / t['skinny'] / 1e9:.2f} | {t['composed'] / t['skinny']:.2f}x |",
+                flush=True,
+            )
+        if args.sweep and name in args.sweep_shapes:
+            for m in args.sweep_rows:
+                print(f"sweep {name} M={m}")
+                result["sweeps"][f"{name}/M={m}"] = sweep(ls, head, norm, m, dev)
+        del ls, head
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

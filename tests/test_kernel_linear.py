@@ -1,0 +1,185 @@
+"""fused_linear: the skinny Triton kernel and the composed cuBLAS path against the torch twin.
+
+Triton runs in the CPU interpreter by default (fp32 and fp16; bf16 on CUDA only). Cases cover
+every prologue/epilogue combination (RMSNorm, bias, SiLU gating, residual), row counts from 1 to
+past one M block of 16, K and N that are and are not multiples of the blocks, and explicit launch
+plans so the masked (ragged) branches run even where the default plan would divide evenly.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from smcgen.kernels.fused_ops import HAS_TRITON
+from smcgen.kernels.linear import (
+    MAX_SKINNY_ROWS,
+    fused_linear,
+    fused_linear_composed,
+    fused_linear_torch,
+    fused_linear_triton,
+)
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+EPS = 1e-6
+
+
+def rand(shape, dtype, device, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g)).to(device, dtype)
+
+
+def dtypes(device):
+    return [torch.float32, torch.float16] + (
+        [torch.bfloat16] if device.type == "cuda" else []
+    )
+
+
+def close(a, b, dtype):
+    """Sum order (fp32) or the RMS scale applied after the dot plus one output rounding (half types)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(a.float(), b.float(), atol=8 * eps, rtol=8 * eps)
+
+
+def operands(rows, n, k, dtype, device, *, bias, norm, residual, gated, seed=0):
+    x = rand((rows, k), dtype, device, seed, scale=2.0)
+    w = rand((n, k), dtype, device, seed + 1, scale=k**-0.5)
+    b = rand((n,), dtype, device, seed + 2) if bias else None
+    g = rand((k,), dtype, device, seed + 3).abs() + 0.5 if norm else None
+    n_out = n // 2 if gated else n
+    r = rand((rows, n_out), dtype, device, seed + 4) if residual else None
+    return (
+        x,
+        w,
+        {"bias": b, "norm_weight": g, "eps": EPS, "residual": r, "gated": gated},
+    )
+
+
+FLAGS = list(itertools.product([False, True], repeat=4))  # bias, norm, residual, gated
+
+
+@needs_triton
+@pytest.mark.parametrize("bias,norm,residual,gated", FLAGS)
+def test_every_fusion_matches_the_twin(device, bias, norm, residual, gated):
+    for dtype in dtypes(device):
+        x, w, kw = operands(
+            5,
+            96,
+            64,
+            dtype,
+            device,
+            bias=bias,
+            norm=norm,
+            residual=residual,
+            gated=gated,
+        )
+        b = kw.pop("bias")
+        want = fused_linear_torch(x, w, b, **kw)
+        got = fused_linear_triton(x, w, b, **kw)
+        assert got.shape == want.shape == (5, 48 if gated else 96)
+        close(got, want, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40])
+@pytest.mark.parametrize(
+    "n,k,plan",
+    [
+        (64, 128, None),  # even in both
+        (80, 96, (None, 32, 64, 4, 2)),  # ragged N and K blocks
+        (48, 40, (None, 16, 32, 4, 3)),  # K not a multiple of 16
+    ],
+)
+def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
+    dtype = torch.float32
+    x, w, kw = operands(
+        rows, n, k, dtype, device, bias=True, norm=True, residual=False, gated=True
+    )
+    b = kw.pop("bias")
+    if plan is not None:
+        block_m = max(16, 1 << (rows - 1).bit_length())
+        plan = (block_m, *plan[1:])
+    close(
+        fused_linear_triton(x, w, b, plan=plan, **kw),
+        fused_linear_torch(x, w, b, **kw),
+        dtype,
+    )
+
+
+@needs_triton
+def test_leading_dims_and_dispatch(device):
+    """[R, T, K] inputs keep their leading dims; the dispatcher takes the composed path past max_rows."""
+    x = rand((3, 2, 64), torch.float32, device, 0)
+    w = rand((32, 64), torch.float32, device, 1, scale=0.125)
+    r = rand((3, 2, 32), torch.float32, device, 2)
+    want = fused_linear_torch(x, w, residual=r)
+    close(fused_linear(x, w, residual=r), want, torch.float32)
+    close(fused_linear(x, w, residual=r, max_rows=4), want, torch.float32)
+    close(fused_linear_triton(x, w, residual=r), want, torch.float32)
+
+
+@pytest.mark.parametrize("bias,norm,residual,gated", FLAGS)
+def test_composed_path_matches_the_twin(bias, norm, residual, gated):
+    x, w, kw = operands(
+        9,
+        64,
+        48,
+        torch.float32,
+        torch.device("cpu"),
+        bias=bias,
+        norm=norm,
+        residual=residual,
+        gated=gated,
+    )
+    b = kw.pop("bias")
+    close(
+        fused_linear_composed(x, w, b, **kw),
+        fused_linear_torch(x, w, b, **kw),
+        torch.float32,
+    )
+
+
+def test_twin_is_the_model_formula():
+    """The twin is exactly norm -> F.linear -> silu(gate) * up -> + residual."""
+    x, w, kw = operands(
+        4,
+        32,
+        16,
+        torch.float32,
+        torch.device("cpu"),
+        bias=True,
+        norm=True,
+        residual=True,
+        gated=True,
+    )
+    h = x.float()
+    xn = kw["norm_weight"] * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS))
+    y = xn @ w.T + kw["bias"]
+    want = torch.nn.functional.silu(y[:, :16]) * y[:, 16:] + kw["residual"]
+    b = kw.pop("bias")
+    torch.testing.assert_close(fused_linear_torch(x, w, b, **kw), want)
+
+
+def test_bad_shapes_are_named():
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="features"):
+        fused_linear_torch(x, torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear_torch(x, torch.zeros(4, 8), torch.zeros(3))
+    with pytest.raises(ValueError, match="even"):
+        fused_linear_torch(x, torch.zeros(5, 8), gated=True)
+    with pytest.raises(ValueError, match="residual"):
+        fused_linear_torch(x, torch.zeros(4, 8), residual=torch.zeros(2, 4), gated=True)
+
+
+@needs_triton
+def test_too_many_rows_for_the_skinny_kernel():
+    x = torch.zeros(MAX_SKINNY_ROWS + 1, 16)
+    with pytest.raises(ValueError, match="at most"):
+        fused_linear_triton(x, torch.zeros(16, 16))
