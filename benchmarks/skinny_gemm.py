@@ -9,10 +9,10 @@ norm -> LM head. Three versions, timed side by side in one process (median of gr
 - ``composed``: cuBLAS with the fused elementwise kernels (the engine's path for wide batches);
 - ``skinny``: ``kernels.linear.fused_linear_triton`` with its default launch plan.
 
-``--sweep`` also times every launch plan of a grid per layer kind at M = ``--sweep-rows`` and
+``--sweep`` also times cuBLAS and a grid of launch plans per layer kind at ``--sweep-at`` and
 prints the best, which is how ``skinny_plan``'s rule was chosen.
 
-    python benchmarks/skinny_gemm.py --rows 1 8 16 64 72 128 --sweep
+    python benchmarks/skinny_gemm.py --sweep
 """
 
 from __future__ import annotations
@@ -123,88 +123,64 @@ def forward_fn(kind, ls, head, norm, x, eps=1e-5):
 
 
 def sweep(ls, head, norm, rows, dev, eps=1e-5):
-    """Best plan per layer kind: every layer's weight of that kind in one graph (weights stay cold)."""
+    """Per layer kind: cuBLAS (composed) and a grid of skinny plans, every layer's weight of that
+    kind in one graph (weights stay cold); prints the best plan against the default one."""
     hidden = head.shape[1]
     x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16)
     a = torch.randn(rows, ls[0]["down"].shape[1], device=dev, dtype=torch.bfloat16)
     att = torch.randn(rows, ls[0]["o"].shape[1], device=dev, dtype=torch.bfloat16)
-    kinds = {
+
+    def linear(plan, *args, **kw):
+        if plan is None:
+            return fused_linear_composed(*args, **kw)
+        return fused_linear_triton(*args, plan=plan, **kw)
+
+    kinds = {  # name: (call(plan), output width, K, gated, layers)
         "qkv+norm": (
-            lambda p: [
-                fused_linear_triton(x, L["qkv"], norm_weight=L["n1"], eps=eps, plan=p)
-                for L in ls
-            ],
-            ls[0]["qkv"].shape[0],
-            hidden,
-            False,
+            lambda p: [linear(p, x, L["qkv"], norm_weight=L["n1"], eps=eps) for L in ls],
+            ls[0]["qkv"].shape[0], hidden, False, len(ls),
         ),
         "o+res": (
-            lambda p: [
-                fused_linear_triton(att, L["o"], residual=x, plan=p) for L in ls
-            ],
-            hidden,
-            att.shape[1],
-            False,
+            lambda p: [linear(p, att, L["o"], residual=x) for L in ls],
+            hidden, att.shape[1], False, len(ls),
         ),
         "gate_up+norm+silu": (
-            lambda p: [
-                fused_linear_triton(
-                    x, L["gate_up"], norm_weight=L["n2"], eps=eps, gated=True, plan=p
-                )
-                for L in ls
-            ],
-            ls[0]["gate_up"].shape[0] // 2,
-            hidden,
-            True,
+            lambda p: [linear(p, x, L["gate_up"], norm_weight=L["n2"], eps=eps, gated=True) for L in ls],
+            ls[0]["gate_up"].shape[0] // 2, hidden, True, len(ls),
         ),
         "down+res": (
-            lambda p: [
-                fused_linear_triton(a, L["down"], residual=x, plan=p) for L in ls
-            ],
-            hidden,
-            a.shape[1],
-            False,
+            lambda p: [linear(p, a, L["down"], residual=x) for L in ls],
+            hidden, a.shape[1], False, len(ls),
         ),
         "head+norm": (
-            lambda p: fused_linear_triton(x, head, norm_weight=norm, eps=eps, plan=p),
-            head.shape[0],
-            hidden,
-            False,
+            lambda p: linear(p, x, head, norm_weight=norm, eps=eps),
+            head.shape[0], hidden, False, 1,
         ),
     }
     block_m = max(16, 1 << (rows - 1).bit_length())
     out = {}
-    for name, (fn, n_out, k, gated) in kinds.items():
-        n_bytes = (
-            (len(ls) if name != "head+norm" else 1)
-            * (2 if gated else 1)
-            * n_out
-            * k
-            * 2
-        )
+    for name, (fn, n_out, k, gated, n_layers) in kinds.items():
+        n_bytes = n_layers * (2 if gated else 1) * n_out * k * 2
+        default = skinny_plan(rows, n_out, k, gated, dev)
+        plans = {default}
+        for bk, stages, split in itertools.product((128, 256), (3, 4), (1, 2, 4, 8, default[-1])):
+            plans.add((block_m, 64, bk, 4, stages, split))
         results = []
-        for bn, bk, stages, warps in itertools.product(
-            (16, 32, 64), (128, 256, 512), (3, 4, 5), (4,)
-        ):
-            if block_m >= 64 and bk > 256:
-                continue
-            plan = (block_m, bn, bk, warps, stages)
+        for plan in sorted(plans):
             try:
                 ms = graph_ms(functools.partial(fn, plan), reps=10)
-            except (
-                OutOfResources,
-                RuntimeError,
-            ) as e:  # shared memory / registers exceeded by this plan
+            except (OutOfResources, RuntimeError) as e:  # shared memory / registers exceeded
                 results.append({"plan": plan, "error": type(e).__name__})
                 continue
             results.append({"plan": plan, "ms": ms, "TBs": n_bytes / ms / 1e9})
+        cublas = graph_ms(functools.partial(fn, None), reps=10)
         ok = sorted((r for r in results if "ms" in r), key=lambda r: r["ms"])
-        default = skinny_plan(rows, n_out, k, gated, dev)
         dflt = next((r for r in ok if tuple(r["plan"]) == default), None)
-        out[name] = {"best": ok[:5], "default": dflt, "default_plan": default}
+        out[name] = {"best": ok[:5], "default": dflt, "default_plan": default, "composed_ms": cublas}
         print(
-            f"  {name:20s} best {ok[0]['plan']} {ok[0]['ms']:.3f} ms {ok[0]['TBs']:.2f} TB/s | default "
-            f"{default} {dflt['ms'] if dflt else float('nan'):.3f} ms",
+            f"  {name:20s} composed {cublas:.3f} ms {n_bytes / cublas / 1e9:.2f} TB/s | best {ok[0]['plan']} "
+            f"{ok[0]['ms']:.3f} ms {ok[0]['TBs']:.2f} TB/s | default {default} "
+            f"{dflt['ms'] if dflt else float('nan'):.3f} ms",
             flush=True,
         )
     return out
@@ -217,10 +193,10 @@ def main() -> None:
     ap.add_argument(
         "--shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES)
     )
-    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 64, 72, 128])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32, 64, 72])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-rows", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--sweep-shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES))
+    ap.add_argument("--sweep-at", nargs="+", default=["llama-8b:1", "llama-1b:8"],
+                    help="shape:rows pairs to sweep (AR of the 8B, a draft step of N=8 on the 1B)")
     ap.add_argument(
         "--out", default=os.path.join(os.environ.get("OUT", "."), "skinny_gemm.json")
     )
@@ -265,8 +241,8 @@ def main() -> None:
                 f"{n_bytes / t['skinny'] / 1e9:.2f} | {t['composed'] / t['skinny']:.2f}x |",
                 flush=True,
             )
-        if args.sweep and name in args.sweep_shapes:
-            for m in args.sweep_rows:
+        if args.sweep:
+            for m in [int(a.split(":")[1]) for a in args.sweep_at if a.split(":")[0] == name]:
                 print(f"sweep {name} M={m}")
                 result["sweeps"][f"{name}/M={m}"] = sweep(ls, head, norm, m, dev)
         del ls, head

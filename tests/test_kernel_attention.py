@@ -217,3 +217,14 @@ def test_cuda_graph_replay_follows_device_positions(device):
         graph.replay()
         want = paged_attention_torch(q, k_pool, v_pool, table, start, 0.1)
         torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dim", [8, 24])
+def test_head_dims_the_kernel_lacks_run_the_twin(device, dim):
+    """A tiny model's head dim (8) or a non-power of two must not reach the kernel's assertion."""
+    k_pool, v_pool, table = make_cache(2, 3, 16, 2, dim, device, seed=dim)
+    start = random_starts(2, 3, 3, 16, seed=dim).to(device)
+    q = torch.randn(2, 3, 4, dim, generator=torch.Generator().manual_seed(dim)).to(device)
+    got = paged_attention(q, k_pool, v_pool, table, start, dim**-0.5)
+    want = dense_reference(q, k_pool, v_pool, table, start, dim**-0.5)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)

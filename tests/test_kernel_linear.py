@@ -92,8 +92,10 @@ def test_every_fusion_matches_the_twin(device, bias, norm, residual, gated):
     "n,k,plan",
     [
         (64, 128, None),  # even in both
-        (80, 96, (None, 32, 64, 4, 2)),  # ragged N and K blocks
-        (48, 40, (None, 16, 32, 4, 3)),  # K not a multiple of 16
+        (80, 96, (None, 32, 64, 4, 2, 1)),  # ragged N and K blocks
+        (48, 40, (None, 16, 32, 4, 3, 1)),  # K not a multiple of 16
+        (80, 200, (None, 32, 32, 4, 2, 3)),  # split K with a ragged last split
+        (48, 96, (None, 16, 32, 4, 2, 5)),  # more splits asked than K blocks: no empty split
     ],
 )
 def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
@@ -105,11 +107,24 @@ def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
     if plan is not None:
         block_m = max(16, 1 << (rows - 1).bit_length())
         plan = (block_m, *plan[1:])
+    out = fused_linear_triton(x, w, b, plan=plan, **kw)
     close(
         fused_linear_triton(x, w, b, plan=plan, **kw),
         fused_linear_torch(x, w, b, **kw),
         dtype,
     )
+
+
+@needs_triton
+def test_split_k_counters_are_left_zeroed_for_reuse(device):
+    """A caller-kept counter buffer is re-zeroed by each split-K call, so back-to-back calls agree."""
+    x, w, kw = operands(3, 64, 128, torch.float32, device, bias=False, norm=True, residual=True, gated=True)
+    kw.pop("bias")
+    counters = torch.zeros(8, dtype=torch.int32, device=device)
+    want = fused_linear_torch(x, w, **kw)
+    for _ in range(3):
+        close(fused_linear_triton(x, w, plan=(16, 16, 32, 4, 2, 4), counters=counters, **kw), want, torch.float32)
+        assert int(counters.abs().sum()) == 0
 
 
 @needs_triton

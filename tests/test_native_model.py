@@ -391,3 +391,28 @@ def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):
     with torch.no_grad():
         want = hf(tokens).logits
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_skinny_linear_path_equals_transformers(pair, monkeypatch):
+    """The fused skinny Triton linear path (forced on, in the interpreter on the CPU) gives
+    transformers' logits for prefill (7 rows, one skinny call each) and a decode step; split-K is
+    forced on so the reducer election runs too."""
+    import smcgen.kernels.linear as linear_mod
+    from smcgen.kernels._triton import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    hf, native = pair
+    monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)
+    plan = linear_mod.skinny_plan
+    monkeypatch.setattr(linear_mod, "skinny_plan", lambda *a: (*plan(*a)[:2], 16, 4, 2, 2))
+    calls = []
+    real = linear_mod.fused_linear_triton
+    monkeypatch.setattr(linear_mod, "fused_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+    assert_close(prefill(native, cache)[0], reference(hf, PROMPT))
+    cache.reserve(len(PROMPT) + 1)
+    step = native(torch.tensor([[PROMPT[0]]]), pos(1, len(PROMPT)), cache)
+    assert_close(step[0, 0], reference(hf, [*PROMPT, PROMPT[0]])[-1])
+    assert len(calls) == 2 * (4 * native.n_layers + 1)
+    assert int(native.linear_counters.abs().sum()) == 0

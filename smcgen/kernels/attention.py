@@ -31,6 +31,8 @@ __all__ = [
 
 
 _LOG2E = 1.0 / math.log(2.0)
+#: head dims the Triton attention kernel takes; others fall back to the torch twin
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.device) -> int:
@@ -210,7 +212,7 @@ def paged_attention_triton(
     """
     n_rows, n_q, n_qh, dim = q.shape
     _, page_size, n_kvh, _ = k_pool_l.shape
-    assert n_qh % n_kvh == 0 and dim in (16, 32, 64, 128, 256)
+    assert n_qh % n_kvh == 0 and dim in TRITON_HEAD_DIMS
     group = n_qh // n_kvh
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -289,8 +291,12 @@ def paged_attention(
     start_pos: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Causal GQA attention over paged K/V -> [R, T, Hq, D] (Triton on CUDA, torch otherwise)."""
-    fn = paged_attention_triton if use_triton(q) else paged_attention_torch
+    """Causal GQA attention over paged K/V -> [R, T, Hq, D] (Triton on CUDA, torch otherwise).
+
+    Head dims the Triton kernel does not take (below 16: its dot products need 16-wide tiles, or
+    not a power of two) run the torch twin, on CUDA too: it is graph-safe, only slower.
+    """
+    fn = paged_attention_triton if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS else paged_attention_torch
     return fn(q, k_pool_l, v_pool_l, block_table, start_pos, scale)
 
 

@@ -128,25 +128,26 @@ def fused_linear_composed(
     return y if residual is None else y + residual
 
 
-def skinny_plan(
-    rows: int, n_out: int, k: int, gated: bool, device: torch.device
-) -> tuple[int, int, int, int, int]:
-    """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the skinny kernel.
+def skinny_plan(rows: int, n_out: int, k: int, gated: bool, device: torch.device) -> tuple[int, ...]:
+    """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the skinny kernel.
 
-    All rows sit in one M block. The column block shrinks until the grid covers the SMs about
-    twice (a weight stream needs many loads in flight); the K block is as deep as registers allow
-    for the row block.
+    All rows sit in one M block; 64 output columns per program and 256-deep K steps in three
+    stages were the fastest plan for the large matrices in the H100 sweep (benchmarks/skinny_gemm.py,
+    BENCHMARKS.md). Matrices with few column tiles (QKV, O, down of a 1B model) cannot fill the
+    SMs that way, so K is split until the grid covers them about twice; the last program of a tile
+    to finish sums the partials and runs the epilogue.
     """
     block_m = max(16, triton.next_power_of_2(rows))
-    # the interpreter (CPU) has no SMs to fill; plan as for an H100 so tests take the GPU's branches
-    target = 2 * (sm_count(device) if device.type == "cuda" else 132)
     block_n = 64
-    while block_n > 16 and triton.cdiv(n_out, block_n) < target:
-        block_n //= 2
-    block_k = 256 if block_m <= 32 else 128
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    num_stages = 3 if gated or block_m >= 64 else 4
-    return block_m, block_n, block_k, 4, num_stages
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    # the interpreter (CPU) has no SMs to fill; plan as for an H100 so tests take the GPU's branches
+    sms = sm_count(device) if device.type == "cuda" else 132
+    tiles = triton.cdiv(n_out, block_n)
+    split = max(1, round(2 * sms / tiles))
+    # each split streams at least two K blocks, so the pipeline has something to overlap
+    k_per = max(2 * block_k, triton.cdiv(triton.cdiv(k, split), block_k) * block_k)
+    split = triton.cdiv(k, k_per)
+    return block_m, block_n, block_k, 4, 3, split
 
 
 def fused_linear_triton(
@@ -158,9 +159,16 @@ def fused_linear_triton(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     gated: bool = False,
-    plan: tuple[int, int, int, int, int] | None = None,
+    plan: tuple[int, ...] | None = None,
+    counters: Tensor | None = None,
 ) -> Tensor:
-    """The skinny Triton kernel (rows <= ``MAX_SKINNY_ROWS``); ``plan`` overrides :func:`skinny_plan`."""
+    """The skinny Triton kernel (rows <= ``MAX_SKINNY_ROWS``).
+
+    ``plan`` overrides :func:`skinny_plan`. ``counters`` is an int32 buffer of zeros with at least
+    one slot per column tile, used by split-K programs to elect the one that reduces; the kernel
+    leaves it zeroed, so a caller (the native model) keeps one across calls instead of paying a
+    memset per call.
+    """
     n_out = _check(x, weight, bias, residual, gated)
     k = weight.shape[1]
     lead = x.shape[:-1]
@@ -169,29 +177,40 @@ def fused_linear_triton(
         x2 = x2.contiguous()
     rows = x2.shape[0]
     if rows > MAX_SKINNY_ROWS:
-        raise ValueError(
-            f"the skinny kernel takes at most {MAX_SKINNY_ROWS} rows, got {rows}"
-        )
+        raise ValueError(f"the skinny kernel takes at most {MAX_SKINNY_ROWS} rows, got {rows}")
     if weight.stride(-1) != 1:
         raise ValueError("weight must have unit stride along K")
     out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out.reshape(*lead, n_out)
     r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
-    block_m, block_n, block_k, warps, stages = plan or skinny_plan(
-        rows, n_out, k, gated, x.device
-    )
-    grid = (triton.cdiv(n_out, block_n),)
-    _skinny_linear_kernel[grid](
+    block_m, block_n, block_k, warps, stages, split = plan or skinny_plan(rows, n_out, k, gated, x.device)
+    if block_m < rows:
+        raise ValueError(f"plan's BLOCK_M {block_m} is below the {rows} rows")
+    tiles = triton.cdiv(n_out, block_n)
+    k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per)  # no empty splits
+    if split > 1:
+        # per (split, tile): the partial accumulator(s) and the partial sum of squares, fp32
+        slot = (2 if gated else 1) * block_m * block_n + block_m
+        ws = torch.empty(split * tiles * slot, dtype=torch.float32, device=x.device)
+        if counters is None or counters.numel() < tiles:
+            counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    else:
+        slot, ws, counters = 0, out, out
+    _skinny_linear_kernel[(tiles, split)](
         x2,
         weight,
         bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight,
         r2,
         out,
+        ws,
+        counters,
         rows,
         n_out,
         k,
+        k_per,
         x2.stride(0),
         weight.stride(0),
         r2.stride(0),
@@ -204,6 +223,8 @@ def fused_linear_triton(
         EVEN_N=n_out % block_n == 0,
         EVEN_K=k % block_k == 0,
         IEEE=x.dtype == torch.float32,
+        SPLIT=split,
+        SLOT=slot,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -223,17 +244,16 @@ def fused_linear(
     residual: Tensor | None = None,
     gated: bool = False,
     max_rows: int = MAX_SKINNY_ROWS,
+    counters: Tensor | None = None,
 ) -> Tensor:
-    """Norm + linear + gating + residual: the skinny kernel for ``rows <= max_rows`` on CUDA, else composed."""
+    """Norm + linear + gating + residual: the skinny kernel for ``rows <= max_rows`` on CUDA, else composed.
+
+    ``counters``: see :func:`fused_linear_triton` (unused by the composed path).
+    """
     rows = x.numel() // max(x.shape[-1], 1)
-    kwargs = {
-        "norm_weight": norm_weight,
-        "eps": eps,
-        "residual": residual,
-        "gated": gated,
-    }
+    kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated}
     if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS):
-        return fused_linear_triton(x, weight, bias, **kwargs)
+        return fused_linear_triton(x, weight, bias, counters=counters, **kwargs)
     return fused_linear_composed(x, weight, bias, **kwargs)
 
 
@@ -244,6 +264,32 @@ def fused_linear(
 if HAS_TRITON:
 
     @triton.jit
+    def _epilogue(acc, acc_up, sumsq, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
+                  HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr):
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        if HAS_NORM:
+            rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+            acc = acc * rstd[:, None]
+            acc_up = acc_up * rstd[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(b + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        dt = out.dtype.element_ty
+        y = acc.to(dt)
+        if GATED:
+            # the twin's roundings: gate and up rounded, silu(gate) rounded, product rounded
+            gate = y.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dt)
+            y = (silu.to(tl.float32) * acc_up.to(dt).to(tl.float32)).to(dt)
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            r = tl.load(res + offs_m[:, None] * stride_r + offs_n[None, :], mask=mask, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+        tl.store(out + offs_m[:, None] * stride_o + offs_n[None, :], y, mask=mask)
+
+    @triton.jit
     def _skinny_linear_kernel(
         x,
         w,
@@ -251,9 +297,12 @@ if HAS_TRITON:
         g,
         res,
         out,
+        ws,
+        counters,
         M,
         N,
         K,
+        K_PER,
         stride_x,
         stride_w,
         stride_r,
@@ -266,47 +315,49 @@ if HAS_TRITON:
         EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr,
         IEEE: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SLOT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # One program: all M rows x BLOCK_N output columns, streaming its weight rows once over K.
-        # N is the output width; when GATED the up rows sit N rows below the gate rows.
-        pid = tl.program_id(0)
+        # Program (tile, split): all M rows x BLOCK_N output columns over one K_PER-wide share of
+        # K, streaming its weight rows once. N is the output width; when GATED the up rows sit N
+        # rows below the gate rows. K_PER is a multiple of BLOCK_K, so only the K tail is ragged.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         m_mask = offs_m < M
         n_mask = offs_n < N
+        k_lo = pid_k * K_PER
+        k_hi = tl.minimum(k_lo + K_PER, K)
         x_ptrs = x + offs_m[:, None] * stride_x + offs_k[None, :]
         w_ptrs = w + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 xk = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
             else:
-                k_mask = (k0 + offs_k) < K
-                xk = tl.load(
-                    x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0
-                )
+                k_mask = (k0 + offs_k) < k_hi
+                xk = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if HAS_NORM:
                 xf = xk.to(tl.float32)
                 sumsq += tl.sum(xf * xf, axis=1)
                 if EVEN_K:
                     gk = tl.load(g + k0 + offs_k)
                 else:
-                    gk = tl.load(g + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
+                    gk = tl.load(g + k0 + offs_k, mask=k_mask, other=0.0)
                 xk = (xf * gk.to(tl.float32)[None, :]).to(w.dtype.element_ty)
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs + k0)
             elif EVEN_K:
                 wk = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
             else:
-                wk = tl.load(
-                    w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0
-                )
+                wk = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(xk, tl.trans(wk), acc, input_precision="ieee")
             else:
@@ -318,34 +369,40 @@ if HAS_TRITON:
                 elif EVEN_K:
                     uk = tl.load(up_ptrs, mask=n_mask[:, None], other=0.0)
                 else:
-                    uk = tl.load(
-                        up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0
-                    )
+                    uk = tl.load(up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
                 if IEEE:
                     acc_up = tl.dot(xk, tl.trans(uk), acc_up, input_precision="ieee")
                 else:
                     acc_up = tl.dot(xk, tl.trans(uk), acc_up)
-        if HAS_NORM:
-            rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-            acc = acc * rstd[:, None]
-            acc_up = acc_up * rstd[:, None]
-        if HAS_BIAS:
-            acc += tl.load(b + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if SPLIT == 1:
+            _epilogue(acc, acc_up, sumsq, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
+                      HAS_BIAS, HAS_NORM, HAS_RES, GATED)
+        else:
+            # Park the partials in this (split, tile) slot; the tile's last program to arrive
+            # (counted with an acq_rel atomic after a CTA barrier, so every thread's stores are
+            # ordered before it) sums all slots, runs the epilogue and re-zeroes the counter.
+            tile_m = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            n_tiles = tl.num_programs(0)
+            slot = ws + (pid_k * n_tiles + pid_n).to(tl.int64) * SLOT
+            tl.store(slot + tile_m, acc)
             if GATED:
-                acc_up += tl.load(b + N + offs_n, mask=n_mask, other=0.0).to(
-                    tl.float32
-                )[None, :]
-        dt = out.dtype.element_ty
-        y = acc.to(dt)
-        if GATED:
-            # the twin's roundings: gate and up rounded, silu(gate) rounded, product rounded
-            gate = y.to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(dt)
-            y = (silu.to(tl.float32) * acc_up.to(dt).to(tl.float32)).to(dt)
-        mask = m_mask[:, None] & n_mask[None, :]
-        if HAS_RES:
-            r = tl.load(
-                res + offs_m[:, None] * stride_r + offs_n[None, :], mask=mask, other=0.0
-            )
-            y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
-        tl.store(out + offs_m[:, None] * stride_o + offs_n[None, :], y, mask=mask)
+                tl.store(slot + BLOCK_M * BLOCK_N + tile_m, acc_up)
+            if HAS_NORM:
+                tl.store(slot + (2 if GATED else 1) * BLOCK_M * BLOCK_N + offs_m, sumsq)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                tl.debug_barrier()
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for s in range(SPLIT):
+                    part = ws + (s * n_tiles + pid_n).to(tl.int64) * SLOT
+                    acc += tl.load(part + tile_m, cache_modifier=".cg")
+                    if GATED:
+                        acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile_m, cache_modifier=".cg")
+                    if HAS_NORM:
+                        sumsq += tl.load(part + (2 if GATED else 1) * BLOCK_M * BLOCK_N + offs_m, cache_modifier=".cg")
+                _epilogue(acc, acc_up, sumsq, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
+                          HAS_BIAS, HAS_NORM, HAS_RES, GATED)
+                tl.atomic_xchg(counters + pid_n, 0)

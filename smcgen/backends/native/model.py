@@ -14,6 +14,7 @@ attention scale ``head_dim ** -0.5``, SiLU-gated MLP.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -225,7 +226,9 @@ class NativeCausalLM(nn.Module):
         self.scale = cfg.head_dim**-0.5
         #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
         #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
-        self.skinny_max_rows = 64
+        self.skinny_max_rows = 32
+        # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes them
+        self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
 
     # --------------------------------------------------------------------------- builders
 
@@ -417,10 +420,10 @@ class NativeCausalLM(nn.Module):
         # before qkv, gate_up and the head run in those GEMMs' prologues (kernels.linear). Skinny
         # batches (rows <= skinny_max_rows, decode and draft steps) take the fused Triton kernel,
         # wider ones cuBLAS between the fused elementwise kernels.
-        mr = self.skinny_max_rows
+        linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = fused_linear(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps, max_rows=mr)
+            qkv = linear(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
             k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
@@ -430,11 +433,9 @@ class NativeCausalLM(nn.Module):
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
             write_kv(k, v, k_pool, v_pool, cache.block_table, start_pos)
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale)
-            h = fused_linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, max_rows=mr)
-            mlp = fused_linear(
-                h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True, max_rows=mr
-            )
-            h = fused_linear(mlp, layer.down, layer.down_bias, residual=h, max_rows=mr)
+            h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h)
+            mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True)
+            h = linear(mlp, layer.down, layer.down_bias, residual=h)
         if last_only:
             h = h[:, -1]
-        return fused_linear(h, self.lm_head, norm_weight=self.norm, eps=eps, max_rows=mr)
+        return linear(h, self.lm_head, norm_weight=self.norm, eps=eps)
