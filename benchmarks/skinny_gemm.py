@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument(
         "--shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES)
     )
-    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32, 64, 72])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32, 64])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-at", nargs="+", default=["llama-8b:1", "llama-1b:8"],
                     help="shape:rows pairs to sweep (AR of the 8B, a draft step of N=8 on the 1B)")
