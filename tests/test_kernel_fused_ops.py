@@ -20,6 +20,9 @@ from smcgen.kernels.fused_ops import (
     rope_qk,
     rope_qk_torch,
     rope_qk_triton,
+    rope_qk_write_kv,
+    rope_qk_write_kv_torch,
+    rope_qk_write_kv_triton,
     silu_mul,
     silu_mul_torch,
     silu_mul_triton,
@@ -135,6 +138,55 @@ def test_rope_qk_triton_matches_twin(device, n_q, n_qh, n_kvh, dim, qk_norm):
             # (the interpreter rounds op by op; compiled code may fuse a multiply-add, so on a GPU
             # the tolerance above is the contract)
             assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+
+def paged_pools(n_rows, n_kvh, dim, dtype, device, page=4, max_pages=16):
+    """Empty K/V pools and a block table giving each row its own pages (page ids shuffled)."""
+    n_pages = n_rows * max_pages
+    k_pool = torch.zeros(n_pages, page, n_kvh, dim, dtype=dtype, device=device)
+    perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(0)).view(n_rows, max_pages)
+    return k_pool, k_pool.clone(), perm.to(torch.int32).to(device)
+
+
+@pytest.mark.parametrize("n_q,n_qh,n_kvh,dim", [(1, 4, 1, 64), (5, 8, 2, 128), (9, 3, 3, 32)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_qk_write_kv_matches_rope_then_write(device, n_q, n_qh, n_kvh, dim, qk_norm):
+    """The fused op returns rope_qk's q and leaves the pools exactly as write_kv of rope_qk's k and v."""
+    start = torch.tensor([0, 7, 40], dtype=torch.int32, device=device)
+    for dtype in dtypes(device):
+        cos, sin = rope_tables(64, dim, dtype, device, theta=500.0)
+        qkv = rand((3, n_q, (n_qh + 2 * n_kvh) * dim), dtype, device, dim + n_q)
+        q, k, v = qkv.split((n_qh * dim, n_kvh * dim, n_kvh * dim), dim=-1)
+        q, k, v = (t.reshape(3, n_q, -1, dim) for t in (q, k, v))
+        qn = kn = None
+        if qk_norm:
+            qn, kn = rand((dim,), dtype, device, 1, 0.2) + 1, rand((dim,), dtype, device, 2, 0.2) + 1
+        k_pool, v_pool, table = paged_pools(3, n_kvh, dim, dtype, device)
+        k_ref_pool, v_ref_pool = k_pool.clone(), v_pool.clone()
+        q_out = rope_qk_write_kv_triton(q, k, v, cos, sin, start, k_pool, v_pool, table, qn, kn, EPS)
+        q_ref = rope_qk_write_kv_torch(q, k, v, cos, sin, start, k_ref_pool, v_ref_pool, table, qn, kn, EPS)
+        torch.testing.assert_close(q_out, q_ref, **tol(dtype))
+        torch.testing.assert_close(k_pool, k_ref_pool, **tol(dtype))
+        assert torch.equal(v_pool, v_ref_pool)
+        assert int((k_pool != 0).any(-1).sum()) == 3 * n_q * n_kvh, "exactly the new tokens' slots are written"
+        disp = rope_qk_write_kv(q, k, v, cos, sin, start, k_pool.clone(), v_pool.clone(), table, qn, kn, EPS)
+        torch.testing.assert_close(disp, q_ref, **tol(dtype))
+
+
+def test_rope_qk_write_kv_skips_missing_pages(device):
+    """A row whose page is missing (-1: pool exhausted) writes nothing; the other rows still write."""
+    dim, n_kvh = 32, 2
+    cos, sin = rope_tables(64, dim, torch.float32, device)
+    q = rand((2, 1, 4, dim), torch.float32, device, 0)
+    k = rand((2, 1, n_kvh, dim), torch.float32, device, 1)
+    v = rand((2, 1, n_kvh, dim), torch.float32, device, 2)
+    k_pool, v_pool, table = paged_pools(2, n_kvh, dim, torch.float32, device)
+    table[1, :] = -1
+    start = torch.tensor([5, 5], dtype=torch.int32, device=device)
+    rope_qk_write_kv_triton(q, k, v, cos, sin, start, k_pool, v_pool, table)
+    written = (k_pool != 0).any(-1).any(-1).nonzero()
+    assert written.shape[0] == 1 and int(written[0, 0]) == int(table[0, 5 // 4])
+    assert int((v_pool != 0).any(-1).any(-1).sum()) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

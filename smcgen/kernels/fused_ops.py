@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from smcgen.kernels._triton import HAS_TRITON, tl, triton, use_triton
+from smcgen.kernels.attention import write_kv_torch
 
 __all__ = [
     "HAS_TRITON",
@@ -42,6 +43,9 @@ __all__ = [
     "rope_qk",
     "rope_qk_torch",
     "rope_qk_triton",
+    "rope_qk_write_kv",
+    "rope_qk_write_kv_torch",
+    "rope_qk_write_kv_triton",
     "silu_mul",
     "silu_mul_torch",
     "silu_mul_triton",
@@ -175,6 +179,12 @@ def rope_qk_triton(
     ``q``/``k`` may be strided (unit stride along D); the outputs are new contiguous tensors.
     ``start_pos`` must be a contiguous [R] integer tensor; the tables [max_pos, D] are read by row.
     """
+    return _rope_launch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps, None)
+
+
+def _rope_launch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps, kv):
+    """Launch the RoPE kernel; with ``kv = (v, k_pool_l, v_pool_l, block_table)`` the rotated k and
+    v go straight into their page slots (returns (q_out, None)), else (q_out, k_out)."""
     n_rows, n_q, n_qh, dim = q.shape
     n_kvh = k.shape[2]
     assert k.shape == (n_rows, n_q, n_kvh, dim) and dim % 2 == 0 and cos_table.shape[-1] == dim
@@ -195,7 +205,22 @@ def rope_qk_triton(
     dtype = q.dtype if not has_norm else torch.promote_types(q.dtype, q_norm.dtype)
     dtype = torch.promote_types(dtype, cos_table.dtype)
     q_out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=dtype, device=q.device)
+    if kv is None:
+        k_out = torch.empty(k.shape, dtype=dtype, device=q.device)
+        v = k_pool = v_pool = table = k_out  # unused
+        page_size, max_pages, pool_strides, v_strides = 1, 1, (0, 0, 0), (0, 0, 0)
+    else:
+        v, k_pool, v_pool, table = kv
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        assert k_pool.shape == v_pool.shape and k_pool.stride() == v_pool.stride() and k_pool.stride(-1) == 1
+        assert k_pool.shape[2:] == (n_kvh, dim) and table.is_contiguous() and v.shape == k.shape
+        k_out = None
+        page_size, max_pages = k_pool.shape[1], table.shape[1]
+        pool_strides, v_strides = k_pool.stride()[:3], v.stride()[:3]
+    # the k destination: a new tensor, or (when writing the cache) the pool, addressed per slot
+    ko = k_out if k_out is not None else k_pool
+    ko_strides = k_out.stride()[:3] if k_out is not None else (0, 0, pool_strides[2])
     if n_rows * n_q > 0:
         block_d = triton.next_power_of_2(dim)
         block_hq = triton.next_power_of_2(n_qh)
@@ -203,34 +228,34 @@ def rope_qk_triton(
             q,
             k,
             q_out,
-            k_out,
+            ko,
             cos_table,
             sin_table,
             start_pos,
             q_norm,
             k_norm,
+            v,
+            v_pool,
+            table,
             n_q,
             n_qh,
             n_kvh,
             eps,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            q_out.stride(0),
-            q_out.stride(1),
-            q_out.stride(2),
-            k_out.stride(0),
-            k_out.stride(1),
-            k_out.stride(2),
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *q_out.stride()[:3],
+            *ko_strides,
+            *v_strides,
+            *pool_strides,
+            max_pages,
             cos_table.stride(0),
             D=dim,
             BLOCK_D=block_d,
             BLOCK_HQ=block_hq,
             BLOCK_HK=triton.next_power_of_2(n_kvh),
             HAS_NORM=has_norm,
+            WRITE_KV=kv is not None,
+            PAGE=page_size,
             num_warps=4 if block_hq * block_d <= 2048 else 8,
         )
     return q_out, k_out
@@ -249,6 +274,65 @@ def rope_qk(
     """RoPE (optionally after per-head RMSNorm) on q and k -> new (q, k) (Triton on CUDA, torch otherwise)."""
     fn = rope_qk_triton if use_triton(q) else rope_qk_torch
     return fn(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
+
+
+def rope_qk_write_kv_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    block_table: Tensor,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """``rope_qk`` then ``write_kv`` of the rotated k and of v into their page slots; returns the rotated q."""
+    q, k = rope_qk_torch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
+    write_kv_torch(k, v, k_pool_l, v_pool_l, block_table, start_pos)
+    return q
+
+
+def rope_qk_write_kv_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    block_table: Tensor,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Triton version of :func:`rope_qk_write_kv_torch`: one launch instead of two; the rotated k
+    never exists outside the cache. A missing page (pool exhausted) is skipped, as in write_kv."""
+    kv = (v.to(v_pool_l.dtype), k_pool_l, v_pool_l, block_table)
+    return _rope_launch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps, kv)[0]
+
+
+def rope_qk_write_kv(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    block_table: Tensor,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """RoPE on q and k, k and v stored in the paged cache -> rotated q (Triton on CUDA, torch otherwise)."""
+    fn = rope_qk_write_kv_triton if use_triton(q) else rope_qk_write_kv_torch
+    return fn(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, q_norm, k_norm, eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,11 +446,13 @@ if HAS_TRITON:
         d_rot,
         d_mask,
         eps,
+        ok,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
         HAS_NORM: tl.constexpr,
     ):
-        """Rotate the [n_heads, D] heads of one token at ``src`` into ``dst`` (see the module doc)."""
+        """Rotate the [n_heads, D] heads of one token at ``src`` into ``dst`` (see the module doc);
+        nothing is stored unless ``ok``."""
         h = tl.arange(0, BLOCK_H)[:, None]
         m = (h < n_heads) & d_mask[None, :]
         x = tl.load(src + h * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
@@ -382,7 +468,7 @@ if HAS_TRITON:
         # the model dtype's roundings: each product, then the sum (as torch computes x*cos + rot*sin)
         a = (x * c[None, :]).to(dst.dtype.element_ty).to(tl.float32)
         b = (rot * s[None, :]).to(dst.dtype.element_ty).to(tl.float32)
-        tl.store(dst + h * d_h + d[None, :], (a + b).to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + h * d_h + d[None, :], (a + b).to(dst.dtype.element_ty), mask=m & ok)
 
     @triton.jit
     def _rope_qk_kernel(
@@ -395,6 +481,9 @@ if HAS_TRITON:
         start_pos,
         q_norm,
         k_norm,
+        v,
+        v_pool,
+        bt,
         n_q,
         n_qh,
         n_kvh,
@@ -411,12 +500,21 @@ if HAS_TRITON:
         sok_r,
         sok_t,
         sok_h,
+        sv_r,
+        sv_t,
+        sv_h,
+        s_pp,
+        s_ps,
+        s_ph,
+        max_pages,
         s_pos,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        WRITE_KV: tl.constexpr,
+        PAGE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = (pid // n_q).to(tl.int64)
@@ -427,6 +525,7 @@ if HAS_TRITON:
         d_rot = tl.where(d < D // 2, d + D // 2, d - D // 2)
         c = tl.load(cos + pos * s_pos + d, mask=d_mask, other=0.0).to(tl.float32)
         s = tl.load(sin + pos * s_pos + d, mask=d_mask, other=0.0).to(tl.float32)
+        always = pos >= 0
         _rope_heads(
             q + r * sq_r + t * sq_t,
             sq_h,
@@ -440,14 +539,24 @@ if HAS_TRITON:
             d_rot,
             d_mask,
             eps,
+            always,
             D,
             BLOCK_HQ,
             HAS_NORM,
         )
+        if WRITE_KV:
+            # the token's slot in its page; a missing page (pool exhausted) is skipped, never written
+            col = pos // PAGE
+            page = tl.load(bt + r * max_pages + col, mask=col < max_pages, other=-1).to(tl.int64)
+            ok = page >= 0
+            k_dst = k_out + page * s_pp + (pos % PAGE) * s_ps
+        else:
+            ok = always
+            k_dst = k_out + r * sok_r + t * sok_t
         _rope_heads(
             k + r * sk_r + t * sk_t,
             sk_h,
-            k_out + r * sok_r + t * sok_t,
+            k_dst,
             sok_h,
             n_kvh,
             k_norm,
@@ -457,10 +566,17 @@ if HAS_TRITON:
             d_rot,
             d_mask,
             eps,
+            ok,
             D,
             BLOCK_HK,
             HAS_NORM,
         )
+        if WRITE_KV:
+            h = tl.arange(0, BLOCK_HK)[:, None]
+            m = (h < n_kvh) & d_mask[None, :] & ok
+            x = tl.load(v + r * sv_r + t * sv_t + h * sv_h + d[None, :], mask=m)
+            v_dst = v_pool + page * s_pp + (pos % PAGE) * s_ps
+            tl.store(v_dst + h * s_ph + d[None, :], x.to(v_pool.dtype.element_ty), mask=m)
 
     @triton.jit
     def _silu_mul_kernel(gate_up, out, n_inter, stride_g, stride_o, BLOCK: tl.constexpr):

@@ -131,24 +131,22 @@ def fused_linear_composed(
 def skinny_plan(rows: int, n_out: int, k: int, gated: bool, device: torch.device) -> tuple[int, ...]:
     """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the skinny kernel.
 
-    All rows sit in one M block; 64 output columns per program and 256-deep K steps in three
-    stages were the fastest plan for the large matrices in the H100 sweep (benchmarks/skinny_gemm.py,
-    BENCHMARKS.md). Matrices with few column tiles (QKV, O, down of a 1B model) cannot fill the
-    SMs that way, so K is split until the grid covers them about twice; the last program of a tile
-    to finish sums the partials and runs the epilogue.
+    From the H100 sweep (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M block,
+    64 output columns per program; 256-deep K steps in four stages, or 128-deep in three for the
+    gated kernel (two weight tiles per step); K split four ways only for a long K over few column
+    tiles (a 1B model's down projection), where the last program of a tile to finish sums the
+    partials and runs the epilogue. Everywhere else one pass over K measured fastest.
     """
     block_m = max(16, triton.next_power_of_2(rows))
     block_n = 64
     # a 64-row block holds 4x the activations per K step: shallower steps keep the stages in shared memory
-    block_k = min(256 if block_m <= 32 else 64, max(16, triton.next_power_of_2(k)))
-    # the interpreter (CPU) has no SMs to fill; plan as for an H100 so tests take the GPU's branches
+    deep = 64 if block_m > 32 else (128 if gated else 256)
+    block_k = min(deep, max(16, triton.next_power_of_2(k)))
+    num_stages = 3 if gated or block_m > 32 else 4
+    # the interpreter (CPU) has no SMs to count; plan as for an H100 so tests take the GPU's branches
     sms = sm_count(device) if device.type == "cuda" else 132
-    tiles = triton.cdiv(n_out, block_n)
-    split = max(1, round(2 * sms / tiles))
-    # each split streams at least two K blocks, so the pipeline has something to overlap
-    k_per = max(2 * block_k, triton.cdiv(triton.cdiv(k, split), block_k) * block_k)
-    split = triton.cdiv(k, k_per)
-    return block_m, block_n, block_k, 4, 3, split
+    split = 4 if k >= 8192 and triton.cdiv(n_out, block_n) < sms // 2 else 1
+    return block_m, block_n, block_k, 4, num_stages, split
 
 
 def fused_linear_triton(

@@ -1,9 +1,8 @@
 """Native decoder for the Llama, Qwen2 and Qwen3 families over the paged KV cache.
 
 The forward pass is four linear layers per layer (fused QKV, output, fused gate/up, down) around
-``rope_qk``, ``write_kv`` and ``paged_attention``; the RMSNorms, SiLU gating and residual adds run
-inside the linear layers (``kernels.linear.fused_linear``: one Triton kernel each for decode-sized
-batches, cuBLAS with fused elementwise kernels for wide ones).
+``rope_qk_write_kv`` (RoPE fused with the cache write) and ``paged_attention``; the RMSNorms, SiLU
+gating and residual adds run inside or beside the linear layers (``kernels.linear.fused_linear``).
 Everything has static shapes and reads positions from a device tensor, so a whole decode or verify
 step can be captured in a CUDA graph: no host syncs, no Python branches on tensor values.
 
@@ -24,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smcgen.backends.native.kv_cache import PagedKVCache
-from smcgen.kernels.attention import paged_attention, write_kv
-from smcgen.kernels.fused_ops import rope_qk
+from smcgen.kernels.attention import paged_attention
+from smcgen.kernels.fused_ops import rope_qk_write_kv
 from smcgen.kernels.linear import MAX_SKINNY_ROWS, fused_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -155,7 +154,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` [R, T, H, D] by cos/sin [R, T, 1, D] (the rotate-half convention of Llama/Qwen).
 
     The reference formula; ``forward`` gathers the table rows and rotates q and k in one call
-    (kernels.fused_ops.rope_qk).
+    (kernels.fused_ops.rope_qk_write_kv).
     """
     return x * cos + _rotate_half(x) * sin
 
@@ -226,7 +225,7 @@ class NativeCausalLM(nn.Module):
         self.scale = cfg.head_dim**-0.5
         #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
         #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
-        self.skinny_max_rows = 32
+        self.skinny_max_rows = 16
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes them
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
 
@@ -416,26 +415,29 @@ class NativeCausalLM(nn.Module):
         n_rows, n_new = tokens.shape
         # the kernels index start_pos per row: a stride-0 (expanded) view would be read out of bounds
         start_pos = start_pos.to(torch.int32).contiguous()
-        # The residual stream h is updated by the o and down projections' epilogues; the norms
-        # before qkv, gate_up and the head run in those GEMMs' prologues (kernels.linear). Skinny
-        # batches (rows <= skinny_max_rows, decode and draft steps) take the fused Triton kernel,
-        # wider ones cuBLAS between the fused elementwise kernels.
+        # kernels.linear.fused_linear folds the norms, SiLU gating and residual adds into the linear
+        # layers. Decode-sized batches (rows <= skinny_max_rows) run o, gate_up and down in the
+        # skinny Triton kernel; QKV and the LM head stay on cuBLAS (+ a norm kernel) at every size:
+        # in the H100 sweep cuBLAS streamed those two faster than the kernel with its norm prologue.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
+        cublas = functools.partial(fused_linear, max_rows=0)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = linear(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
+            qkv = cublas(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
             k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
             v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
-            # per-head q/k RMSNorm (Qwen3, when the norms exist) and RoPE in one pass
-            q, k = rope_qk(q, k, self.rope_cos, self.rope_sin, start_pos, layer.q_norm, layer.k_norm, eps)
+            # per-head q/k RMSNorm (Qwen3, when the norms exist), RoPE and the K/V cache write in one pass
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
-            write_kv(k, v, k_pool, v_pool, cache.block_table, start_pos)
+            q = rope_qk_write_kv(
+                q, k, v, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
+                layer.q_norm, layer.k_norm, eps,
+            )  # fmt: skip
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale)
             h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h)
             mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True)
             h = linear(mlp, layer.down, layer.down_bias, residual=h)
         if last_only:
             h = h[:, -1]
-        return linear(h, self.lm_head, norm_weight=self.norm, eps=eps)
+        return cublas(h, self.lm_head, norm_weight=self.norm, eps=eps)
