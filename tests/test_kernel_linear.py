@@ -198,3 +198,17 @@ def test_too_many_rows_for_the_skinny_kernel():
     x = torch.zeros(MAX_SKINNY_ROWS + 1, 16)
     with pytest.raises(ValueError, match="at most"):
         fused_linear_triton(x, torch.zeros(16, 16))
+
+
+@needs_triton
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+@pytest.mark.parametrize("gated", [False, True])
+def test_default_plans_fit_shared_memory(elem_bytes, gated):
+    """The pipelined tiles of every default plan fit an H100's 227 KiB of shared memory per block
+    (fp32 plans once asked for 240 KiB and failed to launch there)."""
+    from smcgen.kernels.linear import skinny_plan
+
+    for rows, n_out, k in itertools.product((1, 8, 16, 17, 33, 64), (96, 2048, 14336), (64, 2048, 14336)):
+        block_m, block_n, block_k, _, stages, _ = skinny_plan(rows, n_out, k, gated, torch.device("cpu"), elem_bytes)
+        tile = (block_m + (2 if gated else 1) * block_n) * block_k * elem_bytes
+        assert stages * tile <= 227 * 1024, (rows, n_out, k, block_m, block_n, block_k, stages)

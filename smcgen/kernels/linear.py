@@ -128,7 +128,9 @@ def fused_linear_composed(
     return y if residual is None else y + residual
 
 
-def skinny_plan(rows: int, n_out: int, k: int, gated: bool, device: torch.device) -> tuple[int, ...]:
+def skinny_plan(
+    rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2
+) -> tuple[int, ...]:
     """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the skinny kernel.
 
     From the H100 sweep (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M block,
@@ -139,8 +141,10 @@ def skinny_plan(rows: int, n_out: int, k: int, gated: bool, device: torch.device
     """
     block_m = max(16, triton.next_power_of_2(rows))
     block_n = 64
-    # a 64-row block holds 4x the activations per K step: shallower steps keep the stages in shared memory
+    # a 64-row block holds 4x the activations per K step, fp32 twice the bytes of bf16: shallower
+    # steps keep the pipeline stages within shared memory (fp32 ran out of it on the H100)
     deep = 64 if block_m > 32 else (128 if gated else 256)
+    deep = deep * 2 // elem_bytes
     block_k = min(deep, max(16, triton.next_power_of_2(k)))
     num_stages = 3 if gated or block_m > 32 else 4
     # the interpreter (CPU) has no SMs to count; plan as for an H100 so tests take the GPU's branches
@@ -183,7 +187,9 @@ def fused_linear_triton(
     if rows == 0:
         return out.reshape(*lead, n_out)
     r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
-    block_m, block_n, block_k, warps, stages, split = plan or skinny_plan(rows, n_out, k, gated, x.device)
+    block_m, block_n, block_k, warps, stages, split = plan or skinny_plan(
+        rows, n_out, k, gated, x.device, x.element_size()
+    )
     if block_m < rows:
         raise ValueError(f"plan's BLOCK_M {block_m} is below the {rows} rows")
     tiles = triton.cdiv(n_out, block_n)
