@@ -13,8 +13,9 @@ each GEMM is a pure weight stream; cuBLAS streams the small matrices of a 1B dra
 ~3 TB/s (notes/performance.md 3.3) and every neighbour op (norm, SiLU-mul, residual add, split-K
 reduce) is one more short kernel per layer, paid K times per cycle. The Triton kernel here reads
 each weight tile once for all rows (M <= ``MAX_SKINNY_ROWS``), with the norm, bias, gating and
-residual folded into its prologue and epilogue: four kernels per layer for the linear work
-instead of seven or more.
+residual folded into its prologue and epilogue. On the H100 (BENCHMARKS.md) it beat cuBLAS plus
+the separate kernels on the O, gate/up and down projections of Llama-8B / 1B shapes and lost on
+QKV and the LM head, so the native model uses it for the former only.
 
 Three versions with one signature:
 
@@ -27,8 +28,9 @@ Three versions with one signature:
   the input before it), so a single pass over K suffices; gating and the residual add reproduce the
   twin's roundings on the fp32 results.
 
-``fused_linear`` dispatches: the skinny kernel on CUDA for ``rows <= max_rows``, the composed
-path otherwise (whose ops fall back to their torch twins on the CPU).
+``fused_linear`` dispatches: the skinny kernel on CUDA for ``rows <= max_rows`` when its grid
+fills at least a quarter of the SMs, the composed path otherwise (whose ops fall back to their
+torch twins on the CPU).
 """
 
 from __future__ import annotations
@@ -239,6 +241,20 @@ def fused_linear_triton(
     return out.reshape(*lead, n_out)
 
 
+def _fills_the_gpu(x: Tensor, weight: Tensor, rows: int, gated: bool) -> bool:
+    """Whether the skinny plan launches at least a quarter of the SMs' count of programs.
+
+    Fewer programs cannot stream a weight at bandwidth (in the H100 sweep such starved grids were
+    the kernel's losses to cuBLAS), e.g. a 0.6B model's 1024-wide outputs: 16 column tiles. The
+    CPU interpreter has no SMs, so there every shape qualifies (the tests exercise the kernel).
+    """
+    if x.device.type != "cuda":
+        return True
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    _, block_n, _, _, _, split = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size())
+    return 4 * triton.cdiv(n_out, block_n) * split >= sm_count(x.device)
+
+
 def fused_linear(
     x: Tensor,
     weight: Tensor,
@@ -257,7 +273,7 @@ def fused_linear(
     """
     rows = x.numel() // max(x.shape[-1], 1)
     kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated}
-    if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS):
+    if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS) and _fills_the_gpu(x, weight, rows, gated):
         return fused_linear_triton(x, weight, bias, counters=counters, **kwargs)
     return fused_linear_composed(x, weight, bias, **kwargs)
 
