@@ -80,3 +80,25 @@ def test_grammar_eos_must_be_an_engine_eos(models):
     _, native_target, _ = models
     with pytest.raises(ValueError, match="EOS ids"):
         NativeSMC(native_target, SMCConfig(), eos_token_ids=(), mask=grammar("a+"))
+
+
+def test_native_on_dead_flag_keeps_the_living_groups(models):
+    """on_dead="flag": groups whose one particle took the branch it cannot finish are flagged dead
+    (log-weights and log Z -inf); the others come back with finite weights, inside the language."""
+    import torch
+
+    _, native_target, _ = models
+    cfg = SMCConfig(n_particles=1, block_size=1, max_new_tokens=2, seed=3)
+    # after "a" the language needs 4 more tokens: dead within 2; after "b" it may end at once
+    engine = NativeSMC(native_target, cfg, eos_token_ids=(EOS,), page_size=4, mask=grammar("aaaa(b|c)|b"))
+    out = engine.run(PROMPT, n_groups=40, on_dead="flag")
+    assert out.dead.dtype == torch.bool and out.dead.shape == (40,)
+    assert 0 < int(out.dead.sum()) < 40, out.dead
+    first = out.tokens[:, 0, 0]
+    assert torch.equal(out.dead, first == 0)  # token 0 is "a": exactly those groups died
+    assert torch.isneginf(out.log_weights[out.dead]).all() and torch.isneginf(out.log_z[out.dead]).all()
+    assert torch.isfinite(out.log_z[~out.dead]).all()
+    for b in (~out.dead).nonzero().squeeze(-1).tolist():
+        assert out.tokens[b, 0, : int(out.lengths[b, 0])].tolist() == [1, EOS]
+    with pytest.raises(ValueError, match="on_dead must be"):
+        engine.run(PROMPT, on_dead="ignore")

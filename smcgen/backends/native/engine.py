@@ -162,12 +162,22 @@ class NativeSMC:
 
     @torch.inference_mode()
     def run(
-        self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: int | None = None, progress: bool = False
+        self,
+        prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+        n_groups: int | None = None,
+        progress: bool = False,
+        on_dead: str = "raise",
     ) -> BatchRun:
         """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts.
 
-        Prompts of one call must have the same length (the cycle is one static shape).
+        Prompts of one call must have the same length (the cycle is one static shape). A group
+        whose particles all end at weight zero raises :class:`AllParticlesDeadError` after the run
+        (``on_dead="raise"``), or (``on_dead="flag"``) is flagged in ``BatchRun.dead`` with
+        log-weights ``-inf`` while the other groups' results are returned as usual. Unlike the
+        generic engine, a dead group is not stopped early: the cycle's shape is static.
         """
+        if on_dead not in ("raise", "flag"):
+            raise ValueError(f"on_dead must be 'raise' or 'flag', got {on_dead!r}")
         prompts = _as_prompts(prompt_ids, n_groups)
         cfg = self.config
         B, N, K = len(prompts), cfg.n_particles, self.block
@@ -245,7 +255,7 @@ class NativeSMC:
             self._apply_final_factor(state, P)
         # dead during the run, or (with a grammar) no particle ended inside the language
         dead = (state.dead_seen.view(B) | torch.isneginf(state.log_w).all(dim=1)).cpu()
-        if bool(dead.any()):
+        if bool(dead.any()) and on_dead == "raise":
             groups = dead.nonzero().squeeze(-1).tolist()
             first = slice(groups[0] * N, (groups[0] + 1) * N)
             partial = [h[:n] for h, n in zip(state.history[first].tolist(), state.lengths[first].tolist())]
@@ -254,6 +264,7 @@ class NativeSMC:
                 f"every particle of group(s) {groups[:8]} has weight zero{why}", groups=groups, sequences=partial
             )
         lw = state.log_w.double()
+        lw[dead.to(lw.device)] = -math.inf  # flagged groups: Z_hat = 0, whatever they drew after dying
         width = cfg.max_new_tokens
         return BatchRun(
             tokens=state.history[:, :width].reshape(B, N, width).cpu(),
@@ -263,6 +274,7 @@ class NativeSMC:
             ess_history=state.ess_history[:n_cycles].cpu(),
             resampled=state.resampled_history[:n_cycles].cpu(),
             elapsed_s=elapsed,
+            dead=dead,
         )
 
     # ---------------------------------------------------------------------------- prefill
