@@ -154,3 +154,25 @@ def test_context_bounds_are_checked_before_running(models):
     cfg = SMCConfig(n_particles=2, block_size=4, max_new_tokens=limit, seed=0)
     with pytest.raises(ValueError, match="exceeds the model context"):
         NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,)).run(PROMPT)
+
+
+def test_prompts_of_different_lengths_run_per_length(models):
+    """A call with two prompt lengths = one batch per length, merged back in the order given;
+    the second batch draws its own noise (another Philox key), reproducibly."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=MAX_NEW, seed=7, ess_threshold=0.5)
+    engine = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
+    short, long = list(PROMPT), [*PROMPT, 2, 0]
+    prompts = [short if i % 2 == 0 else long for i in range(24)]
+    mixed = engine.run(prompts)
+    assert mixed.tokens.shape == (24, 4, MAX_NEW) and not bool(mixed.dead.any())
+    assert mixed.ess_history.shape[1] == 24 and engine.last_timing["cycles"] >= 2
+    alone_short = engine.run([short] * 12)
+    alone_long = engine._run_one_length([long] * 12, False, 1)
+    for got, want in ((slice(0, None, 2), alone_short), (slice(1, None, 2), alone_long)):
+        assert torch.equal(mixed.tokens[got], want.tokens) and torch.equal(mixed.lengths[got], want.lengths)
+        assert torch.equal(mixed.log_z[got], want.log_z)
+        assert torch.allclose(mixed.log_weights[got], want.log_weights)
+    other_stream = engine._run_one_length([short] * 12, False, 1)
+    assert not torch.equal(other_stream.tokens, alone_short.tokens)
+    assert torch.equal(engine.run(prompts).tokens, mixed.tokens)

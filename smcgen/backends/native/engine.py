@@ -170,27 +170,50 @@ class NativeSMC:
     ) -> BatchRun:
         """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts.
 
-        Prompts of one call must have the same length (the cycle is one static shape). A group
-        whose particles all end at weight zero raises :class:`AllParticlesDeadError` after the run
-        (``on_dead="raise"``), or (``on_dead="flag"``) is flagged in ``BatchRun.dead`` with
-        log-weights ``-inf`` while the other groups' results are returned as usual. Unlike the
-        generic engine, a dead group is not stopped early: the cycle's shape is static.
+        The cycle is one static shape, so prompts of different lengths run as one batch per
+        distinct length (each with its own graph capture and its own random stream), merged back
+        into the order given; ``ess_history`` / ``resampled`` of a batch that stopped earlier are
+        padded with NaN / False. A group whose particles all end at weight zero raises
+        :class:`AllParticlesDeadError` after the run (``on_dead="raise"``), or (``on_dead="flag"``)
+        is flagged in ``BatchRun.dead`` with log-weights ``-inf`` while the other groups' results
+        are returned as usual. Unlike the generic engine, a dead group is not stopped early.
         """
         if on_dead not in ("raise", "flag"):
             raise ValueError(f"on_dead must be 'raise' or 'flag', got {on_dead!r}")
         prompts = _as_prompts(prompt_ids, n_groups)
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        for length in by_length:
+            reason = self.unsupported_reason(length)
+            if reason is not None:
+                raise ValueError(reason)
+        self._timings: list[dict[str, float]] = []
+        parts = [
+            (idx, self._run_one_length([prompts[i] for i in idx], progress, stream))
+            for stream, idx in enumerate(by_length.values())
+        ]
+        out = parts[0][1] if len(parts) == 1 else _merge_runs(parts, len(prompts))
+        self.last_timing = {k: sum(t[k] for t in self._timings) for k in self._timings[0]}
+        if on_dead == "raise" and bool(out.dead.any()):
+            groups = out.dead.nonzero().squeeze(-1).tolist()
+            g = groups[0]
+            partial = [row[:n] for row, n in zip(out.tokens[g].tolist(), out.lengths[g].tolist())]
+            why = " (no particle ended inside the grammar's language)" if self.mask is not None else ""
+            raise AllParticlesDeadError(
+                f"every particle of group(s) {groups[:8]} has weight zero{why}", groups=groups, sequences=partial
+            )
+        return out
+
+    def _run_one_length(self, prompts: list[list[int]], progress: bool, stream: int) -> BatchRun:
+        """One batch of prompts of one length: prefill, capture, cycles; dead groups flagged, not raised.
+
+        ``stream`` > 0 derives another seed from the config's (each batch of a call its own noise).
+        """
         cfg = self.config
         B, N, K = len(prompts), cfg.n_particles, self.block
         R, T = B * N, K + 1
         P = len(prompts[0])
-        if any(len(p) != P for p in prompts):
-            raise ValueError(
-                "the native engine runs prompts of one length per call; got lengths "
-                f"{sorted({len(p) for p in prompts})}"
-            )
-        reason = self.unsupported_reason(P)
-        if reason is not None:
-            raise ValueError(reason)
         n_cycles = -(-cfg.max_new_tokens // T)
         # positions written: the target holds all but the last token, the draft all but two
         max_len = P - 1 + n_cycles * T
@@ -209,7 +232,7 @@ class NativeSMC:
             else None
         )
 
-        state = _CycleState(self, prompts, n_cycles, tcache, dcache)
+        state = _CycleState(self, prompts, n_cycles, tcache, dcache, stream)
         state.prompt_ids = torch.tensor(prompts, dtype=torch.long).repeat_interleave(N, dim=0)
         if self.mask is not None:
             self.mask.start(prompts[0], R)
@@ -242,12 +265,12 @@ class NativeSMC:
         _sync(dev)
         t_end = time.perf_counter()
         elapsed = t_end - t_start
-        self.last_timing = {
+        self._timings.append({
             "prefill_s": t_prefill - t_start,
             "capture_s": t_decode - t_prefill,
             "decode_s": t_end - t_decode,
             "cycles": n_cycles,
-        }
+        })
         tcache.check_status()
         if dcache is not None:
             dcache.check_status()
@@ -255,14 +278,6 @@ class NativeSMC:
             self._apply_final_factor(state, P)
         # dead during the run, or (with a grammar) no particle ended inside the language
         dead = (state.dead_seen.view(B) | torch.isneginf(state.log_w).all(dim=1)).cpu()
-        if bool(dead.any()) and on_dead == "raise":
-            groups = dead.nonzero().squeeze(-1).tolist()
-            first = slice(groups[0] * N, (groups[0] + 1) * N)
-            partial = [h[:n] for h, n in zip(state.history[first].tolist(), state.lengths[first].tolist())]
-            why = " (no particle ended inside the grammar's language)" if self.mask is not None else ""
-            raise AllParticlesDeadError(
-                f"every particle of group(s) {groups[:8]} has weight zero{why}", groups=groups, sequences=partial
-            )
         lw = state.log_w.double()
         lw[dead.to(lw.device)] = -math.inf  # flagged groups: Z_hat = 0, whatever they drew after dying
         width = cfg.max_new_tokens
@@ -461,6 +476,7 @@ class _CycleState:
         n_cycles: int,
         tcache: PagedKVCache,
         dcache: PagedKVCache | None,
+        stream: int = 0,
     ):
         cfg = engine.config
         dev = engine.device
@@ -480,6 +496,8 @@ class _CycleState:
         self.arange_t = torch.arange(T, **i64)
         self.eos = torch.tensor(engine.eos_ids or [0], **i64)
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().getrandbits(62)
+        # another batch of the same call: a key far from this one (Philox streams of distinct keys are independent)
+        seed += stream * 0x9E3779B97F4A7C15
         self.seed = torch.tensor([seed % (2**62)], **i64)
         self.offset = torch.zeros(1, **i64)
         self.allow = torch.ones(1, dtype=torch.int32, device=dev)
@@ -520,6 +538,37 @@ class _CycleState:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _merge_runs(parts: list[tuple[list[int], BatchRun]], n_groups: int) -> BatchRun:
+    """One BatchRun in the callers' group order from runs over subsets of the groups."""
+    n_cycles = max(run.ess_history.shape[0] for _, run in parts)
+    first = parts[0][1]
+    N, width = first.tokens.shape[1], first.tokens.shape[2]
+    tokens = torch.empty(n_groups, N, width, dtype=first.tokens.dtype)
+    lengths = torch.empty(n_groups, N, dtype=first.lengths.dtype)
+    log_w = torch.empty(n_groups, N, dtype=first.log_weights.dtype)
+    log_z = torch.empty(n_groups, dtype=first.log_z.dtype)
+    ess = torch.full((n_cycles, n_groups), math.nan, dtype=first.ess_history.dtype)
+    resampled = torch.zeros(n_cycles, n_groups, dtype=torch.bool)
+    dead = torch.zeros(n_groups, dtype=torch.bool)
+    for idx, run in parts:
+        at = torch.tensor(idx)
+        tokens[at], lengths[at], log_w[at], log_z[at], dead[at] = (
+            run.tokens, run.lengths, run.log_weights, run.log_z, run.dead
+        )
+        ess[: run.ess_history.shape[0], at] = run.ess_history
+        resampled[: run.resampled.shape[0], at] = run.resampled
+    return BatchRun(
+        tokens=tokens,
+        lengths=lengths,
+        log_weights=log_w,
+        log_z=log_z,
+        ess_history=ess,
+        resampled=resampled,
+        elapsed_s=sum(run.elapsed_s for _, run in parts),
+        dead=dead,
+    )
 
 
 def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: int | None) -> list[list[int]]:
