@@ -261,8 +261,10 @@ def test_model_forward_triton_matches_twins(device, monkeypatch, qk_norm):
     )
     from smcgen.kernels import linear
 
-    # on a GPU these tiny layers would not fill a quarter of the SMs and go to cuBLAS: force the
-    # skinny kernel so both runs below go through it (the interpreter takes it anyway)
+    # The two runs differ only in the fused_ops kernels; the linear layers take the same path in
+    # both (on the CPU the composed one; on a GPU the skinny kernel, forced on because these tiny
+    # layers would not fill a quarter of the SMs). tests/test_native_model.py compares the skinny
+    # path itself with transformers.
     monkeypatch.setattr(linear, "_fills_the_gpu", lambda *a: True)
     native = NativeCausalLM.from_config(cfg, dtype=torch.float32, device=device, seed=1)
     tokens = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)

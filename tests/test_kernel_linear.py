@@ -107,7 +107,6 @@ def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
     if plan is not None:
         block_m = max(16, 1 << (rows - 1).bit_length())
         plan = (block_m, *plan[1:])
-    out = fused_linear_triton(x, w, b, plan=plan, **kw)
     close(
         fused_linear_triton(x, w, b, plan=plan, **kw),
         fused_linear_torch(x, w, b, **kw),

@@ -166,7 +166,7 @@ def test_prompts_of_different_lengths_run_per_length(models):
     prompts = [short if i % 2 == 0 else long for i in range(24)]
     mixed = engine.run(prompts)
     assert mixed.tokens.shape == (24, 4, MAX_NEW) and not bool(mixed.dead.any())
-    assert mixed.ess_history.shape[1] == 24 and engine.last_timing["cycles"] >= 2
+    assert mixed.ess_history.shape[1] == 24
     alone_short = engine.run([short] * 12)
     alone_long = engine._run_one_length([long] * 12, False, 1)
     for got, want in ((slice(0, None, 2), alone_short), (slice(1, None, 2), alone_long)):
@@ -176,3 +176,24 @@ def test_prompts_of_different_lengths_run_per_length(models):
     other_stream = engine._run_one_length([short] * 12, False, 1)
     assert not torch.equal(other_stream.tokens, alone_short.tokens)
     assert torch.equal(engine.run(prompts).tokens, mixed.tokens)
+
+
+def test_merged_runs_pad_the_batch_that_stopped_earlier():
+    """_merge_runs: groups back in the callers' order; a batch with fewer cycles padded NaN / False."""
+    from smcgen.backends.native.engine import _merge_runs
+    from smcgen.smc import BatchRun
+
+    def run(n_groups, n_cycles, fill):
+        return BatchRun(
+            tokens=torch.full((n_groups, 2, 3), fill), lengths=torch.full((n_groups, 2), fill),
+            log_weights=torch.full((n_groups, 2), -math.log(2)), log_z=torch.full((n_groups,), float(fill)),
+            ess_history=torch.full((n_cycles, n_groups), 2.0), resampled=torch.ones(n_cycles, n_groups, dtype=torch.bool),
+            elapsed_s=1.5, dead=torch.tensor([fill == 7] * n_groups),
+        )
+
+    merged = _merge_runs([([1, 3], run(2, 4, 7)), ([0, 2, 4], run(3, 2, 5))], 5)
+    assert merged.tokens[:, 0, 0].tolist() == [5, 7, 5, 7, 5] and merged.log_z.tolist() == [5, 7, 5, 7, 5]
+    assert merged.dead.tolist() == [False, True, False, True, False] and merged.elapsed_s == 3.0
+    assert merged.ess_history.shape == (4, 5) and torch.isnan(merged.ess_history[2:, [0, 2, 4]]).all()
+    assert not merged.resampled[2:, [0, 2, 4]].any() and merged.resampled[:, [1, 3]].all()
+    assert (merged.ess_history[:, [1, 3]] == 2.0).all()

@@ -74,6 +74,10 @@ def test_native_grammar_dead_end_is_a_clear_error(models):
         engine.run(PROMPT, n_groups=2)
     assert err.value.groups == [0, 1] and len(err.value.sequences) == 4
     assert all(s == [0, 0] for s in err.value.sequences)  # the only tokens the grammar allowed
+    # prompts of two lengths run as two batches: the error names the groups in the caller's order
+    with pytest.raises(AllParticlesDeadError, match="language") as err:
+        engine.run([PROMPT, [*PROMPT, 2], PROMPT])
+    assert err.value.groups == [0, 1, 2]
 
 
 def test_grammar_eos_must_be_an_engine_eos(models):

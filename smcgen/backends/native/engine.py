@@ -145,6 +145,8 @@ class NativeSMC:
         needed = PagedKVCache.pages_needed(n_rows, n_requests, prompt_len, max_len, self.page_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            # memory torch's allocator holds but no tensor uses (an earlier batch's pools) is free too
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             per_page = PagedKVCache.bytes_per_page(
                 model.n_layers, model.n_kv_heads, model.head_dim, self.page_size, model.dtype
             )
@@ -173,7 +175,7 @@ class NativeSMC:
         The cycle is one static shape, so prompts of different lengths run as one batch per
         distinct length (each with its own graph capture and its own random stream), merged back
         into the order given; ``ess_history`` / ``resampled`` of a batch that stopped earlier are
-        padded with NaN / False. A group whose particles all end at weight zero raises
+        padded with NaN / False, and ``elapsed_s`` and ``last_timing`` sum over the batches. A group whose particles all end at weight zero raises
         :class:`AllParticlesDeadError` after the run (``on_dead="raise"``), or (``on_dead="flag"``)
         is flagged in ``BatchRun.dead`` with log-weights ``-inf`` while the other groups' results
         are returned as usual. Unlike the generic engine, a dead group is not stopped early.

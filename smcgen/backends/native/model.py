@@ -226,7 +226,8 @@ class NativeCausalLM(nn.Module):
         #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
         #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
         self.skinny_max_rows = 16
-        # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes them
+        # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
+        # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
 
     # --------------------------------------------------------------------------- builders
