@@ -119,6 +119,30 @@ def check_bookkeeping(cache: PagedKVCache, n_tokens: int) -> None:
     assert int(cache.status.item()) == 0
 
 
+def decode_and_check(hf, native, cache, seqs, gen, steps):
+    """Single-token steps, a random token per row: logits equal transformers'; ``seqs`` extended."""
+    rows = len(seqs)
+    for _ in range(steps):
+        toks = torch.randint(0, VOCAB, (rows, 1), generator=gen)
+        n = len(seqs[0])
+        cache.reserve(n + 1)
+        logits = native(toks, pos(rows, n), cache, last_only=True)
+        for r in range(rows):
+            seqs[r].append(int(toks[r, 0]))
+            assert_close(logits[r], reference(hf, seqs[r])[-1])
+
+
+def verify_and_check(hf, native, cache, seqs, gen, n_new):
+    """One multi-token (verify) forward of ``n_new`` random tokens per row, checked like decode_and_check."""
+    rows, n = len(seqs), len(seqs[0])
+    block = torch.randint(0, VOCAB, (rows, n_new), generator=gen)
+    cache.reserve(n + n_new)
+    logits = native(block, pos(rows, n), cache)
+    for r in range(rows):
+        seqs[r] += block[r].tolist()
+        assert_close(logits[r], reference(hf, seqs[r])[-n_new:])
+
+
 def prefill(native, cache, prompt=PROMPT) -> torch.Tensor:
     cache.reserve(len(prompt))
     return native(torch.tensor([prompt]), pos(1, 0), cache)
@@ -184,21 +208,8 @@ def test_shared_prompt_then_diverging_rows(pair):
     cache = _share_prompt(native, rows)
     seqs = [list(PROMPT) for _ in range(rows)]
     gen = torch.Generator().manual_seed(1)
-    for _ in range(2):  # single-token steps, a different token per row
-        toks = torch.randint(0, VOCAB, (rows, 1), generator=gen)
-        n = len(seqs[0])
-        cache.reserve(n + 1)
-        logits = native(toks, pos(rows, n), cache, last_only=True)
-        for r in range(rows):
-            seqs[r].append(int(toks[r, 0]))
-            assert_close(logits[r], reference(hf, seqs[r])[-1])
-    block = torch.randint(0, VOCAB, (rows, 5), generator=gen)  # verify T = 5 from position 9
-    n = len(seqs[0])
-    cache.reserve(n + 5)
-    logits = native(block, pos(rows, n), cache)
-    for r in range(rows):
-        seqs[r] += block[r].tolist()
-        assert_close(logits[r], reference(hf, seqs[r])[-5:])
+    decode_and_check(hf, native, cache, seqs, gen, steps=2)
+    verify_and_check(hf, native, cache, seqs, gen, n_new=5)  # verify T = 5 from position 9
     check_bookkeeping(cache, len(seqs[0]))
 
 
@@ -224,24 +235,12 @@ def test_resample_mid_sequence(pair):
     cache.resample(torch.tensor(ancestors), 10)
     seqs = [list(seqs[a]) for a in ancestors]
     check_bookkeeping(cache, 10)
-    for step in range(2):
-        toks = torch.randint(0, VOCAB, (rows, 1), generator=gen)
-        n = len(seqs[0])
-        cache.reserve(n + 1)
-        logits = native(toks, pos(rows, n), cache, last_only=True)
-        for r in range(rows):
-            seqs[r].append(int(toks[r, 0]))
-            assert_close(logits[r], reference(hf, seqs[r])[-1])
+    decode_and_check(hf, native, cache, seqs, gen, steps=2)
     # a second resample on a page boundary (12 tokens: no partial page to copy), then verify T = 5
     cache.resample(torch.tensor([1, 1, 3, 0]), 12)
     seqs = [list(seqs[a]) for a in [1, 1, 3, 0]]
     check_bookkeeping(cache, 12)
-    block = torch.randint(0, VOCAB, (rows, 5), generator=gen)
-    cache.reserve(17)
-    logits = native(block, pos(rows, 12), cache)
-    for r in range(rows):
-        seqs[r] += block[r].tolist()
-        assert_close(logits[r], reference(hf, seqs[r])[-5:])
+    verify_and_check(hf, native, cache, seqs, gen, n_new=5)
     check_bookkeeping(cache, 17)
 
 

@@ -241,18 +241,17 @@ def fused_linear_triton(
     return out.reshape(*lead, n_out)
 
 
-def _fills_the_gpu(x: Tensor, weight: Tensor, rows: int, gated: bool) -> bool:
-    """Whether the skinny plan launches at least a quarter of the SMs' count of programs.
+def _fills_the_gpu(plan: tuple[int, ...], n_out: int, device: torch.device) -> bool:
+    """Whether ``plan`` launches at least a quarter of the SMs' count of programs.
 
     Fewer programs cannot stream a weight at bandwidth (in the H100 sweep such starved grids were
     the kernel's losses to cuBLAS), e.g. a 0.6B model's 1024-wide outputs: 16 column tiles. The
     CPU interpreter has no SMs, so there every shape qualifies (the tests exercise the kernel).
     """
-    if x.device.type != "cuda":
+    if device.type != "cuda":
         return True
-    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-    _, block_n, _, _, _, split = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size())
-    return 4 * triton.cdiv(n_out, block_n) * split >= sm_count(x.device)
+    _, block_n, _, _, _, split = plan
+    return 4 * triton.cdiv(n_out, block_n) * split >= sm_count(device)
 
 
 def fused_linear(
@@ -273,8 +272,11 @@ def fused_linear(
     """
     rows = x.numel() // max(x.shape[-1], 1)
     kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated}
-    if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS) and _fills_the_gpu(x, weight, rows, gated):
-        return fused_linear_triton(x, weight, bias, counters=counters, **kwargs)
+    if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS):
+        n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+        plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size())
+        if _fills_the_gpu(plan, n_out, x.device):
+            return fused_linear_triton(x, weight, bias, plan=plan, counters=counters, **kwargs)
     return fused_linear_composed(x, weight, bias, **kwargs)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
-from smcgen.kernels.linear import MAX_SKINNY_ROWS, fused_linear
+from smcgen.kernels.linear import fused_linear, fused_linear_composed
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -421,10 +421,9 @@ class NativeCausalLM(nn.Module):
         # skinny Triton kernel; QKV and the LM head stay on cuBLAS (+ a norm kernel) at every size:
         # in the H100 sweep cuBLAS streamed those two faster than the kernel with its norm prologue.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
-        cublas = functools.partial(fused_linear, max_rows=0)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = cublas(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
+            qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
             k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
@@ -441,4 +440,4 @@ class NativeCausalLM(nn.Module):
             h = linear(mlp, layer.down, layer.down_bias, residual=h)
         if last_only:
             h = h[:, -1]
-        return cublas(h, self.lm_head, norm_weight=self.norm, eps=eps)
+        return fused_linear_composed(h, self.lm_head, norm_weight=self.norm, eps=eps)
