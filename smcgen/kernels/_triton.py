@@ -21,7 +21,7 @@ except ImportError:  # the torch twins still work without triton
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "fix_interpreter_loop_bounds", "sm_count", "tl", "triton", "use_triton"]
+__all__ = ["HAS_TRITON", "fix_interpreter_loop_bounds", "require_triton", "sm_count", "tl", "triton", "use_triton"]
 
 
 def fix_interpreter_loop_bounds() -> None:
@@ -55,6 +55,12 @@ if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
 def use_triton(t: torch.Tensor) -> bool:
     """The dispatch rule of every op: Triton for CUDA tensors, the torch twin otherwise."""
     return HAS_TRITON and t.is_cuda
+
+
+def require_triton() -> None:
+    """A clear error instead of a NameError when a ``*_triton`` op is called without triton."""
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton kernels need the triton package; use the *_torch twins instead")
 
 
 @functools.cache

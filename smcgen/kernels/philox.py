@@ -65,14 +65,13 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def philox_randint(seed: Tensor | int, offsets: Tensor, n_rounds: int = PHILOX_ROUNDS) -> Tensor:
+def philox_randint(seed: Tensor | int, offsets: Tensor) -> Tensor:
     """``tl.randint(seed, offsets)`` for int64 offsets: uint32 values returned in an int64 tensor.
 
     Args:
         seed: int64 tensor broadcastable to ``offsets`` (e.g. shape ``[1]``, on the same device) or a
             Python int; only its 64 bits matter.
         offsets: int64 counters, any shape.
-        n_rounds: Philox rounds (triton's default is 10).
 
     Returns:
         int64 tensor shaped like ``offsets`` with values in ``[0, 2**32)``.
@@ -87,7 +86,7 @@ def philox_randint(seed: Tensor | int, offsets: Tensor, n_rounds: int = PHILOX_R
         k0 = torch.tensor(seed & _MASK32, dtype=torch.int64, device=offsets.device)
         k1 = torch.tensor(seed >> 32, dtype=torch.int64, device=offsets.device)
     zero = torch.zeros_like(offsets)
-    c0, _, _, _ = philox4x32(offsets & _MASK32, (offsets >> 32) & _MASK32, zero, zero, k0, k1, n_rounds)
+    c0, _, _, _ = philox4x32(offsets & _MASK32, (offsets >> 32) & _MASK32, zero, zero, k0, k1)
     return c0
 
 
@@ -99,6 +98,6 @@ def uint32_to_uniform(x: Tensor) -> Tensor:
     return folded.to(torch.int32).to(torch.float32) * _UNIFORM_SCALE
 
 
-def philox_uniform(seed: Tensor | int, offsets: Tensor, n_rounds: int = PHILOX_ROUNDS) -> Tensor:
+def philox_uniform(seed: Tensor | int, offsets: Tensor) -> Tensor:
     """``tl.rand(seed, offsets)`` for int64 offsets: float32 uniforms in ``[0, 1)``, bit-identical to Triton."""
-    return uint32_to_uniform(philox_randint(seed, offsets, n_rounds))
+    return uint32_to_uniform(philox_randint(seed, offsets))

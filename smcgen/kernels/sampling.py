@@ -43,7 +43,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smcgen.kernels._triton import HAS_TRITON, sm_count, tl, triton, use_triton
+from smcgen.kernels._triton import (
+    HAS_TRITON,
+    require_triton,
+    sm_count,
+    tl,
+    triton,
+    use_triton,
+)
 from smcgen.kernels.philox import philox_uniform
 from smcgen.sampling import allowed_from_bitmask, gumbel_from_uniform
 
@@ -446,12 +453,6 @@ if HAS_TRITON:
         _finish_logprob(row, row_ptr, tokens_ptr, out_ptr, m_all, z_all, V, scale, alpha)
 
 
-def _require_triton() -> None:
-    """A clear error instead of a NameError when the Triton path is asked for without triton."""
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton kernels need the triton package; use the *_torch twins instead")
-
-
 def _plan(
     n_rows: int,
     vocab: int,
@@ -501,7 +502,7 @@ def _fused_sample_launch(
     num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """fused_sample_triton with an explicit plan (tests force small blocks and the chunk-merge path)."""
-    _require_triton()
+    require_triton()
     _check_sample_args(logits, scale, alpha, allowed)
     _check_rng(seed, offset, logits.device)
     if logits.stride(-1) != 1:
@@ -593,7 +594,7 @@ def _token_logprobs_launch(
     num_warps: int | None = None,
 ) -> Tensor:
     """token_logprobs_triton with an explicit plan (tests force small blocks and the chunk-merge path)."""
-    _require_triton()
+    require_triton()
     _check_logprob_args(logits, tokens, scale, alpha)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()

@@ -42,14 +42,11 @@ import math
 import torch
 from torch import Tensor
 
-from smcgen.kernels._triton import HAS_TRITON, tl, triton
+from smcgen.kernels._triton import HAS_TRITON, require_triton, tl, triton, use_triton
 from smcgen.kernels.philox import philox_uniform
+from smcgen.resampling import _inverse_cdf
 
 __all__ = ["HAS_TRITON", "smc_weight_update", "smc_weight_update_torch", "smc_weight_update_triton"]
-
-# largest float64 below 1: (i + u0) / N may round up to 1.0 for i = N - 1, u0 close to 1
-_BELOW_ONE = math.nextafter(1.0, 0.0)
-
 
 def _quant_scale(n: int) -> float:
     """2**(62 - ceil(log2 N)): the integer weight of the largest particle; N of them fit in int64."""
@@ -113,8 +110,7 @@ def smc_weight_update_torch(
     cum = torch.floor(w * _quant_scale(n)).to(torch.int64).cumsum(dim=-1)
     cdf = cum.double() / cum[:, -1:].double()  # dead groups: 0/0, unused
     grid = torch.arange(n, device=dev, dtype=torch.float64)
-    pos = ((grid[None, :] + u0.double()[:, None]) / n).clamp(max=_BELOW_ONE)
-    picked = torch.searchsorted(cdf.contiguous(), pos.contiguous(), right=True).clamp(max=n - 1)
+    picked = _inverse_cdf(cdf.contiguous(), (grid[None, :] + u0.double()[:, None]) / n)
     local = torch.where(resampled[:, None], picked, grid.to(torch.int64)[None, :])
     ancestors = (local + torch.arange(b, device=dev, dtype=torch.int64)[:, None] * n).reshape(-1)
 
@@ -248,8 +244,7 @@ def smc_weight_update_triton(
     Same arguments and results as :func:`smc_weight_update_torch`; CUDA-graph safe (seed, offset and
     allow read on device; no host sync). Uses B Philox numbers.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton kernel needs the triton package; use smc_weight_update_torch instead")
+    require_triton()
     _check_args(log_w, inc, seed, offset, allow)
     if not log_w.is_contiguous():
         raise ValueError("log_w must be contiguous (it is updated in place)")
@@ -299,6 +294,5 @@ def smc_weight_update(
     Dispatches to :func:`smc_weight_update_triton` on CUDA tensors, :func:`smc_weight_update_torch`
     otherwise. Returns ``(ancestors [B*N] int64, ess [B] f32, resampled [B] bool, dead [B] bool)``.
     """
-    use_triton = HAS_TRITON and log_w.is_cuda
-    fn = smc_weight_update_triton if use_triton else smc_weight_update_torch
+    fn = smc_weight_update_triton if use_triton(log_w) else smc_weight_update_torch
     return fn(log_w, inc, ess_threshold, seed, offset, allow)
