@@ -365,10 +365,8 @@ class NativeSMC:
         allowed = self._masks(s, drafted) if masked else None
         bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
         s.offset.add_(R * V)
-        if cfg.alpha == 1.0 and not masked:
-            # the powered distribution is already normalized: an exact zero keeps Z_hat free of drift
-            # (a masked bonus weighs in with log sum_{allowed v} p(v)^alpha, not zero)
-            bonus_norm = torch.zeros_like(bonus_norm)
+        # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
+        # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
         if K > 0:
             log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
             token_w = torch.cat([log_p - torch.stack(log_q, dim=1), bonus_norm[:, None]], dim=1)
