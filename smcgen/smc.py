@@ -76,6 +76,58 @@ class BatchRun:
     elapsed_s: float
     dead: Tensor | None = None
 
+    @classmethod
+    def from_log_weights(
+        cls,
+        tokens: Tensor,
+        lengths: Tensor,
+        log_w: Tensor,
+        ess_history: Tensor,
+        resampled: Tensor,
+        elapsed_s: float,
+        dead: Tensor,
+    ) -> BatchRun:
+        """Assemble a run from unnormalized ``log_w [B, N]``: normalized weights, log Z_hat, all on the CPU."""
+        n = log_w.shape[1]
+        return cls(
+            tokens=tokens.cpu(),
+            lengths=lengths.cpu(),
+            log_weights=normalized_log_weights(log_w).cpu(),
+            log_z=(torch.logsumexp(log_w, dim=1) - math.log(n)).cpu(),
+            ess_history=ess_history.cpu(),
+            resampled=resampled.cpu(),
+            elapsed_s=elapsed_s,
+            dead=dead.cpu(),
+        )
+
+
+def dead_group_error(
+    groups: list[int],
+    partial: list[list[int]],
+    finished: list[bool],
+    potential: Potential | None,
+    step: int | None = None,
+    cause: str | None = None,
+) -> AllParticlesDeadError:
+    """The error for groups whose particles all have weight zero: the first group's partial outputs
+    and, where the potential can tell, why they are ruled out."""
+    reasons: list[str] = []
+    if potential is not None:
+        for toks, fin in zip(partial, finished):
+            why = potential.explain_zero(toks, fin)
+            if why and why not in reasons:
+                reasons.append(why)
+    detail = f" ({potential.name}: {'; '.join(reasons[:3])})" if reasons and potential is not None else ""
+    which = str(groups[:8])[:-1] + (f", ... ({len(groups)} groups)]" if len(groups) > 8 else "]")
+    where = f"step {step}: " if step is not None else ""
+    cause = cause or "the potentials rule out every continuation the proposal reached"
+    return AllParticlesDeadError(
+        f"{where}every particle of group(s) {which} has weight zero; {cause}{detail}",
+        step=step,
+        groups=groups,
+        sequences=partial,
+    )
+
 
 class SMC:
     """Sequential Monte Carlo over a language-model target with optional proposal and potentials.
@@ -106,12 +158,7 @@ class SMC:
         if mask is not None:
             if not isinstance(mask, GrammarPotential):
                 raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
-            if not mask.bound:
-                mask = mask.bind(target.lm)
-            if mask.vocab_size != target.lm.vocab_size:
-                raise ValueError(
-                    f"the mask is compiled for {mask.vocab_size} tokens but the target's logits have {target.lm.vocab_size}"
-                )
+            mask = mask.for_logits(target.lm.vocab_size, target.lm)
         self.mask = mask
         for m in (mask, getattr(proposal, "mask", None)):
             if m is not None and not any(f is m for f in factors):
@@ -162,21 +209,7 @@ class SMC:
         rows = slice(groups[0] * N, (groups[0] + 1) * N)
         ids, lens, fin = seq[rows, len(prompt) :].tolist(), lengths[rows].tolist(), done[rows].tolist()
         partial = [r[:n] for r, n in zip(ids, lens)]
-        reasons: list[str] = []
-        if self.potential is not None:
-            for toks, finished in zip(partial, fin):
-                why = self.potential.explain_zero(toks, finished)
-                if why and why not in reasons:
-                    reasons.append(why)
-        detail = f" ({self.potential.name}: {'; '.join(reasons[:3])})" if reasons and self.potential else ""
-        which = str(groups[:8])[:-1] + (f", ... ({len(groups)} groups)]" if len(groups) > 8 else "]")
-        raise AllParticlesDeadError(
-            f"step {step}: every particle of group(s) {which} has weight zero; the potentials rule out every "
-            f"continuation the proposal reached{detail}",
-            step=step,
-            groups=groups,
-            sequences=partial,
-        )
+        raise dead_group_error(groups, partial, fin, self.potential, step)
 
     @torch.inference_mode()
     def run(
@@ -318,13 +351,12 @@ class SMC:
         elapsed = time.perf_counter() - t_start
 
         width = seq.shape[1] - len(prompt)
-        return BatchRun(
-            tokens=seq[:, len(prompt) :].reshape(B, N, width).cpu(),
-            lengths=lengths.view(B, N).cpu(),
-            log_weights=normalized_log_weights(lw).cpu(),
-            log_z=(torch.logsumexp(lw, dim=1) - math.log(N)).cpu(),
-            ess_history=torch.stack(ess_history) if ess_history else torch.zeros(0, B),
-            resampled=torch.stack(resampled_history) if resampled_history else torch.zeros(0, B, dtype=torch.bool),
-            elapsed_s=elapsed,
-            dead=dead_groups.cpu(),
+        return BatchRun.from_log_weights(
+            seq[:, len(prompt) :].reshape(B, N, width),
+            lengths.view(B, N),
+            lw,
+            torch.stack(ess_history) if ess_history else torch.zeros(0, B),
+            torch.stack(resampled_history) if resampled_history else torch.zeros(0, B, dtype=torch.bool),
+            elapsed,
+            dead_groups,
         )

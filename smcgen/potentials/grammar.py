@@ -312,6 +312,21 @@ class GrammarPotential(Potential):
         """Whether the potential is compiled against a vocabulary (needed to score and mask)."""
         return self._compiled is not None
 
+    def for_logits(self, vocab_size: int, lm: Any = None, whose: str = "the target's") -> GrammarPotential:
+        """This grammar as a mask over ``vocab_size`` logits: bound to ``lm`` first when unbound.
+
+        Without ``lm`` an unbound grammar is an error (the native engine has no tokenizer to bind
+        to); a grammar compiled for another vocabulary size is one too.
+        """
+        g = self
+        if not g.bound:
+            if lm is None:
+                raise ValueError("bind the grammar to the tokenizer first (GrammarPotential.bind)")
+            g = g.bind(lm)
+        if g.vocab_size != vocab_size:
+            raise ValueError(f"the grammar is compiled for {g.vocab_size} tokens but {whose} logits have {vocab_size}")
+        return g
+
     @property
     def name(self) -> str:
         short = self.source if len(self.source) <= 60 else self.source[:57] + "..."

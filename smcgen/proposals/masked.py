@@ -32,13 +32,7 @@ class MaskedLMProposal(LMProposal):
 
     def __init__(self, lm: LanguageModel, mask: GrammarPotential, temperature: float = 1.0):
         super().__init__(lm, temperature)
-        if not mask.bound:
-            mask = mask.bind(lm)
-        if mask.vocab_size != lm.vocab_size:
-            raise ValueError(
-                f"the grammar is compiled for {mask.vocab_size} tokens but the draft's logits have {lm.vocab_size}"
-            )
-        self.mask = mask
+        self.mask = mask.for_logits(lm.vocab_size, lm, "the draft's")
 
     def _request(self, sequences: Tensor) -> PendingBitmask:
         return self.mask.request_bitmask(sequences, self.n_prompt)

@@ -34,8 +34,8 @@ from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
-from smcgen.resampling import normalized_log_weights
-from smcgen.smc import AllParticlesDeadError, BatchRun
+from smcgen.potentials.grammar import GrammarPotential
+from smcgen.smc import BatchRun, dead_group_error
 
 
 class NativeSMC:
@@ -88,14 +88,9 @@ class NativeSMC:
         self.kv_memory_fraction = kv_memory_fraction
         self.block = config.block_size if draft is not None else 0
         if mask is not None:
-            if not hasattr(mask, "request_bitmask"):
+            if not isinstance(mask, GrammarPotential):
                 raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
-            if not mask.bound:
-                raise ValueError("bind the grammar to the tokenizer first (GrammarPotential.bind)")
-            if mask.vocab_size != target.vocab_size:
-                raise ValueError(
-                    f"the grammar is compiled for {mask.vocab_size} tokens but the target's logits have {target.vocab_size}"
-                )
+            mask.for_logits(target.vocab_size)
             missing = {int(e) for e in mask.eos_token_ids} - set(self.eos_ids)
             if missing:
                 raise ValueError(
@@ -201,10 +196,10 @@ class NativeSMC:
             groups = out.dead.nonzero().squeeze(-1).tolist()
             g = groups[0]
             partial = [row[:n] for row, n in zip(out.tokens[g].tolist(), out.lengths[g].tolist())]
-            why = " (no particle ended inside the grammar's language)" if self.mask is not None else ""
-            raise AllParticlesDeadError(
-                f"every particle of group(s) {groups[:8]} has weight zero{why}", groups=groups, sequences=partial
-            )
+            # a run ends with every particle finished (EOS or the token budget)
+            finished = [True] * len(partial)
+            cause = "no particle ended inside the grammar's language" if self.mask is not None else None
+            raise dead_group_error(groups, partial, finished, self.mask, cause=cause)
         return out
 
     def _run_one_length(self, prompts: list[list[int]], progress: bool, stream: int) -> BatchRun:
@@ -280,18 +275,15 @@ class NativeSMC:
             self._apply_final_factor(state, P)
         # dead during the run, or (with a grammar) no particle ended inside the language
         dead = (state.dead_seen.view(B) | torch.isneginf(state.log_w).all(dim=1)).cpu()
-        lw = state.log_w.double()
-        lw[dead.to(lw.device)] = -math.inf  # flagged groups: Z_hat = 0, whatever they drew after dying
         width = cfg.max_new_tokens
-        return BatchRun(
-            tokens=state.history[:, :width].reshape(B, N, width).cpu(),
-            lengths=state.lengths.view(B, N).cpu(),
-            log_weights=normalized_log_weights(lw).cpu(),
-            log_z=(torch.logsumexp(lw, dim=1) - math.log(N)).cpu(),
-            ess_history=state.ess_history[:n_cycles].cpu(),
-            resampled=state.resampled_history[:n_cycles].cpu(),
-            elapsed_s=elapsed,
-            dead=dead,
+        return BatchRun.from_log_weights(
+            state.history[:, :width].reshape(B, N, width),
+            state.lengths.view(B, N),
+            state.log_w.double(),
+            state.ess_history[:n_cycles],
+            state.resampled_history[:n_cycles],
+            elapsed,
+            dead,
         )
 
     # ---------------------------------------------------------------------------- prefill
