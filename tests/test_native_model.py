@@ -325,18 +325,14 @@ def test_unsupported_rope_and_activation():
         NativeCausalLM.from_config(gelu, dtype=torch.float32, device="cpu")
 
 
-def test_check_fits():
-    cache = PagedKVCache(2, 2, 16, PAGE, n_pages=40, n_rows=8, max_pages=8, dtype=torch.float32)
+def test_check_budget():
     # 2 requests x 4 rows, prompt 7 (1 shared full page each), up to 20 tokens (5 pages) per row:
     # 2 * 1 + 8 * (5 - 1) = 34, + 8 copy-on-write pages in flight = 42 > 40
     assert PagedKVCache.pages_needed(8, 2, 7, 20, PAGE) == 42
     with pytest.raises(ValueError, match=r"42 pages .* 40 available"):
-        cache.check_fits(8, 2, 7, 20)
-    cache.check_fits(8, 2, 7, 16)  # 2 + 8 * 3 + 8 = 34 fits
-    with pytest.raises(ValueError, match="32 tokens"):
-        cache.check_fits(8, 2, 7, 33)  # longer than a block-table row
-    with pytest.raises(ValueError, match="8 rows"):
-        cache.check_fits(16, 2, 7, 16)
+        PagedKVCache.check_budget(8, 2, 7, 20, PAGE, available=40)
+    assert PagedKVCache.check_budget(8, 2, 7, 16, PAGE, available=40) == 34  # 2 + 8 * 3 + 8 fits
+    assert PagedKVCache.bytes_per_page(2, 2, 16, PAGE, torch.float32) == 2 * 2 * PAGE * 2 * 16 * 4
 
 
 def test_pool_exhaustion_reported():
@@ -349,28 +345,6 @@ def test_pool_exhaustion_reported():
     cache.reset()
     cache.check_status()
     assert int(cache.free_top.item()) == 5 and (cache.block_table < 0).all()
-
-
-def test_from_free_memory():
-    per_page = PagedKVCache.bytes_per_page(2, 2, 16, PAGE, torch.float32)
-    assert per_page == 2 * 2 * PAGE * 2 * 16 * 4
-    cache = PagedKVCache.from_free_memory(
-        2,
-        2,
-        16,
-        PAGE,
-        n_rows=2,
-        max_pages=4,
-        dtype=torch.float32,
-        device="cpu",
-        fraction=0.5,
-        free_bytes=100 * per_page,
-    )
-    assert 45 <= cache.n_pages <= 50
-    with pytest.raises(ValueError, match="CUDA"):
-        PagedKVCache.from_free_memory(2, 2, 16, PAGE, 2, 4, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="no page"):
-        PagedKVCache.from_free_memory(2, 2, 16, PAGE, 2, 4, torch.float32, "cpu", free_bytes=per_page // 2)
 
 
 def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):

@@ -137,7 +137,7 @@ class NativeSMC:
     ) -> PagedKVCache:
         """A cache sized for the worst case of this run; on CUDA checked against free memory."""
         max_pages = -(-max_len // self.page_size)
-        needed = PagedKVCache.pages_needed(n_rows, n_requests, prompt_len, max_len, self.page_size)
+        available, where = 1 << 62, ""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             # memory torch's allocator holds but no tensor uses (an earlier batch's pools) is free too
@@ -146,13 +146,9 @@ class NativeSMC:
                 model.n_layers, model.n_kv_heads, model.head_dim, self.page_size, model.dtype
             )
             available = int(free * self.kv_memory_fraction * share // per_page)
-            if needed > available:
-                raise ValueError(
-                    f"KV cache of {'the draft' if model is self.draft else 'the target'} does not fit: {needed} pages "
-                    f"of {self.page_size} tokens needed ({n_requests} request(s) x {n_rows // n_requests} particles, "
-                    f"up to {max_len} tokens per row), {available} fit in {share * self.kv_memory_fraction:.0%} of "
-                    f"{free / 2**30:.1f} GiB free GPU memory; use fewer particles or requests or fewer new tokens"
-                )
+            who = "the draft" if model is self.draft else "the target"
+            where = f"for {who} in {share * self.kv_memory_fraction:.0%} of {free / 2**30:.1f} GiB free GPU memory"
+        needed = PagedKVCache.check_budget(n_rows, n_requests, prompt_len, max_len, self.page_size, available, where)
         return model.make_cache(needed, n_rows, max_pages, self.page_size)
 
     # -------------------------------------------------------------------------------- run

@@ -110,61 +110,26 @@ class PagedKVCache:
         return 2 * n_layers * page_size * n_kv_heads * head_dim * itemsize
 
     @classmethod
-    def from_free_memory(
+    def check_budget(
         cls,
-        n_layers: int,
-        n_kv_heads: int,
-        head_dim: int,
-        page_size: int,
         n_rows: int,
-        max_pages: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        fraction: float = 0.9,
-        free_bytes: int | None = None,
-    ) -> PagedKVCache:
-        """A cache with as many pages as ``fraction`` of the free GPU memory holds.
-
-        Call it after the models are loaded (their weights are not free memory) and leave room
-        for activations and CUDA graph pools through ``fraction``. Two caches (target and draft)
-        split the memory by calling this in turn with their own fractions. ``free_bytes``
-        overrides ``torch.cuda.mem_get_info`` (CPU runs, tests).
-        """
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"from_free_memory: fraction must be in (0, 1], got {fraction}")
-        device = torch.device(device)
-        if free_bytes is None:
-            if device.type != "cuda":
-                raise ValueError(f"from_free_memory needs a CUDA device or free_bytes=..., got device {device}")
-            free_bytes, _ = torch.cuda.mem_get_info(device)
-        per_page = cls.bytes_per_page(n_layers, n_kv_heads, head_dim, page_size, dtype)
-        # Block table and bookkeeping are small next to one page of K/V but are counted anyway.
-        overhead = 4 * n_rows * max_pages
-        n_pages = int((free_bytes * fraction - overhead) // (per_page + 12))
-        if n_pages < 1:
+        n_requests: int,
+        prompt_len: int,
+        max_len: int,
+        page_size: int,
+        available: int,
+        where: str = "in the pool",
+    ) -> int:
+        """Worst-case pages a run of this shape needs (:meth:`pages_needed`); ValueError naming
+        both counts when more than ``available`` (``where`` says where those pages are)."""
+        needed = cls.pages_needed(n_rows, n_requests, prompt_len, max_len, page_size)
+        if needed > available:
             raise ValueError(
-                f"KV cache: {fraction:.0%} of {free_bytes / 2**20:.1f} MiB free memory holds no page "
-                f"({per_page / 2**20:.2f} MiB each); free memory or raise the fraction"
-            )
-        return cls(n_layers, n_kv_heads, head_dim, page_size, n_pages, n_rows, max_pages, dtype, device)
-
-    def check_fits(self, n_rows: int, n_requests: int, prompt_len: int, max_len: int) -> None:
-        """Raise ValueError unless a run of this shape fits in the pool and block table, worst case."""
-        if n_rows > self.n_rows:
-            raise ValueError(f"KV cache has {self.n_rows} rows, the run needs {n_rows} (build the cache wider)")
-        if max_len > self.max_pages * self.page_size:
-            raise ValueError(
-                f"KV cache rows hold at most {self.max_pages} pages x {self.page_size} tokens = "
-                f"{self.max_pages * self.page_size} tokens; the run needs {max_len} (raise max_pages "
-                f"or lower the prompt / new-token budget)"
-            )
-        needed = self.pages_needed(n_rows, n_requests, prompt_len, max_len, self.page_size)
-        if needed > self.n_pages:
-            raise ValueError(
-                f"KV cache too small: {needed} pages of {self.page_size} tokens needed in the worst case "
+                f"KV cache too small: {needed} pages of {page_size} tokens needed in the worst case "
                 f"({n_requests} request(s) x {n_rows // n_requests} particles, prompt {prompt_len}, "
-                f"up to {max_len} tokens per row), {self.n_pages} available; {_KNOBS}"
+                f"up to {max_len} tokens per row), {available} available {where}; {_KNOBS}"
             )
+        return needed
 
     # ------------------------------------------------------------------- device operations
 
