@@ -268,7 +268,7 @@ class NativeSMC:
         if dcache is not None:
             dcache.check_status()
         if self.mask is not None:
-            self._apply_final_factor(state, P)
+            self._apply_final_factor(state)
         # dead during the run, or (with a grammar) no particle ended inside the language
         dead = (state.dead_seen.view(B) | torch.isneginf(state.log_w).all(dim=1)).cpu()
         width = cfg.max_new_tokens
@@ -423,7 +423,7 @@ class NativeSMC:
         seq = torch.cat(parts, dim=1)
         return self.mask.request_bitmask(seq, s.prompt_ids.shape[1]).result().to(self.device)
 
-    def _apply_final_factor(self, s: _CycleState, prompt_len: int) -> None:
+    def _apply_final_factor(self, s: _CycleState) -> None:
         """The grammar factor of every finished particle: 0 when its text is in the language, else -inf."""
         from smcgen.potentials.base import SequenceBatch
 
@@ -431,7 +431,10 @@ class NativeSMC:
         N = self.config.n_particles
         lengths = s.lengths.cpu().tolist()
         hist = s.history.cpu().tolist()
-        batch = SequenceBatch([h[:n] for h, n in zip(hist, lengths)], s.prompt_ids[0].tolist(), None)
+        # rows= lets the grammar reuse each particle's matcher instead of re-parsing its whole text
+        batch = SequenceBatch(
+            [h[:n] for h, n in zip(hist, lengths)], s.prompt_ids[0].tolist(), None, rows=list(range(len(hist)))
+        )
         final = self.mask.log_complete(batch).to(device=self.device, dtype=s.log_w.dtype)
         s.log_w.add_(final.view(-1, N))
 
