@@ -34,7 +34,7 @@ from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
-from smcgen.potentials.grammar import GrammarPotential
+from smcgen.potentials.grammar import GrammarPotential, PendingBitmask
 from smcgen.smc import BatchRun, dead_group_error
 
 
@@ -330,8 +330,11 @@ class NativeSMC:
             s.dcache.reserve(pos + K)
             feed, start = s.pending, pos - 1
             for k in range(K):
+                # the mask is requested (token ids read) before the forward and computed after its
+                # launch, so on a GPU the host builds it while the device runs the draft
+                pending = self._request_masks(s, drafted) if masked else None
                 logits = self.draft(feed, start.expand(R), s.dcache, last_only=True)
-                allowed = self._masks(s, drafted) if masked else None
+                allowed = pending.result().to(self.device) if masked else None
                 tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset, allowed)
                 s.offset.add_(R * V)
                 drafted.append(tok)
@@ -348,9 +351,10 @@ class NativeSMC:
         else:
             y = s.pending[:, :0]
             verify_in = s.pending
+        pending = self._request_masks(s, drafted) if masked else None
         logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
-        allowed = self._masks(s, drafted) if masked else None
+        allowed = pending.result().to(self.device) if masked else None
         bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
         s.offset.add_(R * V)
         # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
@@ -414,14 +418,12 @@ class NativeSMC:
         s.cycle.add_(1)
         return anc
 
-    def _masks(self, s: _CycleState, drafted: list[Tensor]) -> Tensor:
-        """The grammar's next-token bitmask for every row after the tokens so far (host round trip)."""
+    def _request_masks(self, s: _CycleState, drafted: list[Tensor]) -> PendingBitmask:
+        """Ask the grammar for every row's next-token bitmask after the tokens so far (read now)."""
         assert self.mask is not None
-        T = self.block + 1
-        done_cols = int(s.cycle) * T
+        done_cols = int(s.cycle) * (self.block + 1)
         parts = [s.prompt_ids, s.history[:, :done_cols].cpu()] + [t[:, None].cpu() for t in drafted]
-        seq = torch.cat(parts, dim=1)
-        return self.mask.request_bitmask(seq, s.prompt_ids.shape[1]).result().to(self.device)
+        return self.mask.request_bitmask(torch.cat(parts, dim=1), s.prompt_ids.shape[1])
 
     def _apply_final_factor(self, s: _CycleState) -> None:
         """The grammar factor of every finished particle: 0 when its text is in the language, else -inf."""
