@@ -20,6 +20,11 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
     return gumbel_from_uniform(torch.rand(shape, generator=generator, device=device, dtype=torch.float32))
 
 
+def bitmask_width(vocab_size: int) -> int:
+    """Words per row of a token bitmask (xgrammar's layout): ceil(V / 32)."""
+    return (vocab_size + 31) // 32
+
+
 def allowed_from_bitmask(bitmask: Tensor, vocab_size: int, device: torch.device) -> Tensor:
     """int32 bitmask ``[R, ceil(V/32)]`` (xgrammar's layout: bit v%32 of word v//32, 1 = allowed)
     -> bool ``[R, V]`` on ``device``."""

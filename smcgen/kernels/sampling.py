@@ -52,7 +52,7 @@ from smcgen.kernels._triton import (
     use_triton,
 )
 from smcgen.kernels.philox import philox_uniform
-from smcgen.sampling import allowed_from_bitmask, gumbel_from_uniform
+from smcgen.sampling import allowed_from_bitmask, bitmask_width, gumbel_from_uniform
 
 __all__ = [
     "HAS_TRITON",
@@ -89,7 +89,7 @@ def _check_sample_args(logits: Tensor, scale: float, alpha: float, allowed: Tens
     if not scale > 0 or not alpha > 0:
         raise ValueError(f"scale and alpha must be positive, got scale={scale}, alpha={alpha}")
     if allowed is not None:
-        words = (logits.shape[1] + 31) // 32
+        words = bitmask_width(logits.shape[1])
         if allowed.dtype != torch.int32 or tuple(allowed.shape) != (logits.shape[0], words):
             raise ValueError(
                 f"allowed must be an int32 bitmask of shape {(logits.shape[0], words)}, "

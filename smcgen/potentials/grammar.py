@@ -37,6 +37,7 @@ from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.json_schema import check_json_schema, normalize_schema
+from smcgen.sampling import bitmask_width
 
 try:
     import xgrammar as xgr
@@ -46,9 +47,12 @@ except ImportError as _err:  # pragma: no cover - xgrammar is a dependency
 __all__ = ["GrammarError", "GrammarPotential", "GrammarStats", "PendingBitmask", "bitmask_width"]
 
 
-def bitmask_width(vocab_size: int) -> int:
-    """Words per row of a token bitmask: ceil(V / 32)."""
-    return (vocab_size + 31) // 32
+def _parse(label: str, source: str, build: Any) -> Any:
+    """``build(source)``, with xgrammar's parse error re-raised as a GrammarError pointing into ``source``."""
+    try:
+        return build(source)
+    except RuntimeError as err:
+        raise GrammarError(f"invalid {label}: {with_caret(source, engine_message(err))}") from None
 
 
 @dataclass
@@ -60,7 +64,6 @@ class GrammarStats:
     ``advance_seconds``; ``rebuilds``: rows whose cached state did not match and was replayed.
     """
 
-    mask_calls: int = 0
     mask_rows: int = 0
     mask_seconds: float = 0.0
     forks: int = 0
@@ -211,10 +214,7 @@ class GrammarPotential(Potential):
         """The language of a regular expression (full match; xgrammar's syntax: no lookaround or backreferences)."""
         if not isinstance(pattern, str):
             raise GrammarError(f"a regex must be a string, got {type(pattern).__name__}")
-        try:
-            grammar = xgr.Grammar.from_regex(pattern)
-        except RuntimeError as err:
-            raise GrammarError(f"invalid regex {pattern!r}: {with_caret(pattern, engine_message(err))}") from None
+        grammar = _parse(f"regex {pattern!r}", pattern, xgr.Grammar.from_regex)
         return cls._maybe_bind(cls(grammar, "regex", pattern), vocab, bind_kw)
 
     @classmethod
@@ -257,19 +257,13 @@ class GrammarPotential(Potential):
     @classmethod
     def ebnf(cls, grammar: str, vocab: Any = None, *, root: str = "root", **bind_kw: Any) -> GrammarPotential:
         """A context-free grammar in xgrammar's EBNF (GBNF): ``root ::= "a" rule | [0-9]+``."""
-        try:
-            parsed = xgr.Grammar.from_ebnf(grammar, root_rule_name=root)
-        except RuntimeError as err:
-            raise GrammarError(f"invalid EBNF grammar: {with_caret(grammar, engine_message(err))}") from None
+        parsed = _parse("EBNF grammar", grammar, lambda g: xgr.Grammar.from_ebnf(g, root_rule_name=root))
         return cls._maybe_bind(cls(parsed, "ebnf", grammar), vocab, bind_kw)
 
     @classmethod
     def lark(cls, grammar: str, vocab: Any = None, **bind_kw: Any) -> GrammarPotential:
         """A context-free grammar in Lark syntax (a ``start`` rule; terminals, regexes, ``%ignore``)."""
-        try:
-            parsed = xgr.Grammar.from_lark(grammar)
-        except RuntimeError as err:
-            raise GrammarError(f"invalid Lark grammar: {with_caret(grammar, engine_message(err))}") from None
+        parsed = _parse("Lark grammar", grammar, xgr.Grammar.from_lark)
         return cls._maybe_bind(cls(parsed, "lark", grammar), vocab, bind_kw)
 
     @staticmethod
@@ -384,7 +378,7 @@ class GrammarPotential(Potential):
 
     def _rows_for(self, batch: SequenceBatch) -> list[_Row]:
         self._need_bound()
-        rows = getattr(batch, "rows", None)
+        rows = batch.rows
         if rows is None:
             return [self._synced(None, list(t)) for t in batch.token_ids]
         return [self._row(int(r), list(t)) for r, t in zip(rows, batch.token_ids)]
@@ -472,7 +466,6 @@ class GrammarPotential(Potential):
             self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
             self.stats.mask_seconds += time.perf_counter() - t0
             self.stats.mask_rows += len(live)
-            self.stats.mask_calls += 1
         return out
 
     def _token_text(self, token: int) -> str:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from smcgen.potentials.errors import GrammarError
+import xgrammar as xgr
+
+from smcgen.potentials.errors import GrammarError, engine_message
 
 # keywords that shape the generated language and that xgrammar enforces
 SUPPORTED = frozenset(
@@ -176,10 +178,6 @@ def _walk(node: Any, path: list[str], root: Any, problems: list[str]) -> None:
 
 
 def _check_pattern(pattern: Any, at: str, problems: list[str]) -> None:
-    import xgrammar as xgr
-
-    from smcgen.potentials.errors import engine_message
-
     if not isinstance(pattern, str):
         problems.append(f"{at}: pattern must be a string")
         return
