@@ -101,19 +101,20 @@ class PendingBitmask:
     """A next-token bitmask requested before the model forward and collected after it.
 
     The token ids are copied to the host when the request is made (before the forward is
-    launched); the masks are computed in :meth:`result`, which a GPU engine calls after launching
-    the forward, so the CPU work overlaps the device's. On the CPU backend the forward is
-    synchronous and nothing overlaps.
+    launched); turning them into per-row lists and computing the masks happen in :meth:`result`,
+    which a GPU engine calls after launching the forward, so the CPU work overlaps the device's.
+    On the CPU backend the forward is synchronous and nothing overlaps.
     """
 
-    def __init__(self, potential: GrammarPotential, token_ids: list[list[int]]):
+    def __init__(self, potential: GrammarPotential, continuations: Tensor):
         self._potential = potential
-        self._token_ids = token_ids
+        self._continuations = continuations
         self._value: Tensor | None = None
 
     def result(self) -> Tensor:
         if self._value is None:
-            self._value = self._potential._bitmask_for(self._token_ids)
+            token_ids = self._potential._token_ids_of(self._continuations)
+            self._value = self._potential._bitmask_for(token_ids)
         return self._value
 
 
@@ -427,17 +428,14 @@ class GrammarPotential(Potential):
         return None
 
     # ------------------------------------------------------------------ masks
-    def _token_ids_of(self, sequences: Tensor, n_prompt: int) -> list[list[int]]:
-        rows = sequences[:, n_prompt:].tolist()
-        eos = set(self.eos_token_ids)
-        out = []
-        for r in rows:
-            for j, t in enumerate(r):
-                if t in eos:
-                    r = r[: j + 1]  # what follows an EOS is padding
-                    break
-            out.append(r)
-        return out
+    def _token_ids_of(self, continuations: Tensor) -> list[list[int]]:
+        """Each row's tokens up to and including its first EOS (what follows an EOS is padding)."""
+        ends = [continuations.shape[1]] * continuations.shape[0]
+        if self.eos_token_ids and continuations.numel():
+            is_eos = torch.isin(continuations, torch.tensor(list(self.eos_token_ids), dtype=continuations.dtype))
+            first = is_eos.int().argmax(dim=1) + 1
+            ends = torch.where(is_eos.any(dim=1), first, continuations.shape[1]).tolist()
+        return [r[:e] for r, e in zip(continuations.tolist(), ends)]
 
     def request_bitmask(self, sequences: Tensor, n_prompt: int) -> PendingBitmask:
         """Start computing the next-token bitmask of every row of ``sequences`` (prompt included).
@@ -446,7 +444,7 @@ class GrammarPotential(Potential):
         token ids are read now, the masks computed on the CPU when the result is collected.
         """
         self._need_bound()
-        return PendingBitmask(self, self._token_ids_of(sequences, n_prompt))
+        return PendingBitmask(self, sequences[:, n_prompt:].to("cpu", copy=True))
 
     def next_token_bitmask(self, sequences: Tensor, n_prompt: int) -> Tensor:
         """int32 ``[R, ceil(V/32)]`` (CPU): bit v of row r set iff token v may follow row r.
