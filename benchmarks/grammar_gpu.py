@@ -64,6 +64,7 @@ def exactness(device: torch.device) -> None:
 
 
 def overlap(device: torch.device, tokenizer_dir: str, repeats: int) -> None:
+    from _harness import chat_prompt
     from json_record import TASK
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -78,8 +79,7 @@ def overlap(device: torch.device, tokenizer_dir: str, repeats: int) -> None:
     lm = LanguageModel.wrap(model, tok)
     lm = LanguageModel(lm.model, tok, (2,), lm.context_length)
     g = TASK.grammar.bind(lm)
-    ids = list(tok.apply_chat_template([{"role": "user", "content": TASK.prompt}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False))
+    ids = chat_prompt(lm, TASK)
     target = LMPotential(lm, temperature=0.7)
     original = grammar_mod.GrammarPotential.request_bitmask
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -87,6 +88,11 @@ def parse_args(description: str, default_samples: int) -> argparse.Namespace:
     if args.draft and "smcsd8" not in args.methods:
         args.methods += ",smcsd8"
     return args
+
+
+def strip_fence(text: str, lang: str) -> str:
+    """``text`` without a surrounding Markdown code fence (```lang ... ```), if it has one."""
+    return re.sub(rf"^\s*```(?:{lang})?\s*|\s*```\s*$", "", text)
 
 
 def chat_prompt(lm, task: Task) -> list[int]:

@@ -9,11 +9,10 @@ against the schema (``jsonschema``), the target's per-token log-likelihood, seco
 from __future__ import annotations
 
 import json
-import re
 from enum import Enum
 from typing import Annotated
 
-from _harness import Task, main
+from _harness import Task, main, strip_fence
 from pydantic import BaseModel, Field
 
 from smcgen import GrammarPotential
@@ -45,7 +44,7 @@ def valid_json(text: str) -> bool:
     """Valid iff the reply (a surrounding Markdown code fence allowed) is JSON that the schema accepts."""
     import jsonschema
 
-    body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text)
+    body = strip_fence(text, "json")
     try:
         jsonschema.validate(json.loads(body), SCHEMA)
     except (ValueError, jsonschema.ValidationError):

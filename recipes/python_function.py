@@ -11,10 +11,9 @@ validity (``ast.parse`` then ``compile``), the target's per-token log-likelihood
 from __future__ import annotations
 
 import ast
-import re
 
 from _grammars import python_function_body_grammar
-from _harness import Task, main
+from _harness import Task, main, strip_fence
 
 from smcgen import GrammarPotential
 
@@ -23,7 +22,7 @@ HEADER = 'def is_prime(n):\n    """Return True if the integer n is a prime numbe
 
 def valid_python(text: str) -> bool:
     """Valid iff the function (a surrounding Markdown code fence allowed) parses and compiles."""
-    body = re.sub(r"^\s*```(?:python)?\s*|\s*```\s*$", "", text)
+    body = strip_fence(text, "python")
     try:
         ast.parse(body)
         compile(body, "<completion>", "exec")

@@ -10,11 +10,10 @@ against the schema), the target's per-token log-likelihood, seconds per sample.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 
 from _grammars import sql_grammar
-from _harness import Task, main
+from _harness import Task, main, strip_fence
 
 from smcgen import GrammarPotential
 
@@ -31,7 +30,7 @@ JOINS = [("employees", "department_id", "departments", "id")]
 def valid_sql(text: str) -> bool:
     """Valid iff the reply (a surrounding Markdown code fence allowed) is one statement that runs
     against the schema in SQLite."""
-    query = re.sub(r"^\s*```(?:sql)?\s*|\s*```\s*$", "", text)
+    query = strip_fence(text, "sql")
     db = sqlite3.connect(":memory:")
     try:
         db.executescript(SCHEMA_SQL)
