@@ -127,16 +127,26 @@ def assert_matches_target(case: str, exact, outs: dict) -> None:
         ok = (est - want).abs() <= zcrit * se_x + slack + 1e-6
         assert bool(ok.all()), f"{case} N={n}: unnormalized estimate off at {(~ok).nonzero().squeeze(-1).tolist()}"
 
-        p_hat = m.mean(0)
-        noise = 0.5 * math.sqrt(2 / math.pi) * float((m.std(0) / math.sqrt(len(z))).sum())
-        tvs[n] = (0.5 * float((p_hat - pi).abs().sum()), noise)
+        tvs[n] = tv_and_noise(m, pi)
 
     (tv1, noise1), (tv4, noise4), (tv16, noise16) = tvs[1], tvs[4], tvs[16]
     if tv1 <= 3 * noise1:
         # the proposal is the target itself: every N is exact, TV is pure Monte Carlo noise
         assert tv4 <= 3 * noise4 and tv16 <= 3 * noise16, f"{case}: TV by N {tvs}"
     else:
-        # self-normalized SMC has O(1/N) bias: it must fall measurably from N=1 to 4, and
-        # quadrupling N again must at least halve it (up to three noise levels each)
-        assert tv4 + 3 * noise4 < tv1 - 3 * noise1, f"{case}: TV does not shrink from N=1 to 4: {tvs}"
-        assert tv16 - 3 * noise16 <= 0.5 * (tv4 + 3 * noise4), f"{case}: TV does not halve from N=4 to 16: {tvs}"
+        assert_tv_shrinks(case, tvs)
+
+
+def tv_and_noise(m: torch.Tensor, pi: torch.Tensor) -> tuple[float, float]:
+    """TV between the mean weighted distribution and ``pi``, and its Monte Carlo noise level."""
+    p_hat = m.mean(0)
+    noise = 0.5 * math.sqrt(2 / math.pi) * float((m.std(0) / math.sqrt(m.shape[0])).sum())
+    return 0.5 * float((p_hat - pi).abs().sum()), noise
+
+
+def assert_tv_shrinks(case: str, tvs: dict) -> None:
+    """Self-normalized SMC has O(1/N) bias: TV (``tvs[n] = (tv, noise)``) must fall measurably from
+    N=1 to 4, and quadrupling N again must at least halve it (up to three noise levels each)."""
+    (tv1, noise1), (tv4, noise4), (tv16, noise16) = tvs[1], tvs[4], tvs[16]
+    assert tv4 + 3 * noise4 < tv1 - 3 * noise1, f"{case}: TV does not shrink from N=1 to 4: {tvs}"
+    assert tv16 - 3 * noise16 <= 0.5 * (tv4 + 3 * noise4), f"{case}: TV does not halve from N=4 to 16: {tvs}"

@@ -24,7 +24,7 @@ import re
 
 import pytest
 import torch
-from test_exactness import masses
+from test_exactness import assert_tv_shrinks, masses, pooled, tv_and_noise
 from tiny_models import EOS, PROMPT, tiny_lm
 
 from smcgen import SMC, LMPotential, LMProposal, Potential, SequenceBatch, SMCConfig
@@ -90,13 +90,6 @@ def grammar(regex: str) -> GrammarPotential:
     return GrammarPotential.regex(regex, TOKENS, eos_token_ids=[EOS])
 
 
-def tv_and_noise(m: torch.Tensor, pi: torch.Tensor) -> tuple[float, float]:
-    """TV between the mean weighted distribution and ``pi``, and its Monte Carlo noise level."""
-    p_hat = m.mean(0)
-    noise = 0.5 * math.sqrt(2 / math.pi) * float((m.std(0) / math.sqrt(m.shape[0])).sum())
-    return 0.5 * float((p_hat - pi).abs().sum()), noise
-
-
 def check_unbiased(name: str, out, exact, index) -> tuple[float, float]:
     """z-tests: E[Z_hat] = Z and E[Z_hat * mass on x] = pi~(x) (rare outcomes pooled). Returns (TV, noise)."""
     pi = torch.exp(exact.log_weights - exact.log_z)
@@ -105,8 +98,8 @@ def check_unbiased(name: str, out, exact, index) -> tuple[float, float]:
     se = z.std() / math.sqrt(len(z))
     assert abs(z.mean() - 1) <= 4.5 * se + 1e-6, f"{name}: mean Z_hat/Z = {z.mean():.4f} +- {se:.4f}"
     common = pi * len(z) >= 30
-    zm = torch.cat([(z[:, None] * m)[:, common], (z[:, None] * m)[:, ~common].sum(1, keepdim=True)], dim=1)
-    want = torch.cat([pi[common], pi[~common].sum().reshape(1)])
+    zm = pooled(z[:, None] * m, common)
+    want = pooled(pi[None], common)[0]
     if int((zm[:, -1] > 0).sum()) < 30:
         # the pooled rare outcomes were reached in too few runs for a normal approximation (a
         # proposal that rarely visits them gives heavy-tailed estimates); E[Z_hat] covers their sum
@@ -206,9 +199,7 @@ def test_constrained_smc_matches_conditioned_target(case, target_lm, draft_lm):
     assert forks > 0, f"{case}: resampling never forked a grammar state"
 
     if len(ns) == 3:
-        (tv1, noise1), (tv4, noise4), (tv16, noise16) = tvs[1], tvs[4], tvs[16]
-        assert tv4 + 3 * noise4 < tv1 - 3 * noise1, f"{case}: TV does not shrink from N=1 to 4: {tvs}"
-        assert tv16 - 3 * noise16 <= 0.5 * (tv4 + 3 * noise4), f"{case}: TV does not halve from N=4 to 16: {tvs}"
+        assert_tv_shrinks(case, tvs)
 
 
 def test_plain_masking_is_biased_and_smc_corrects_it(target_lm, draft_lm):

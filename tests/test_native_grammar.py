@@ -9,6 +9,7 @@ shrinks with N. The masks enter the fused sampling op (``allowed=`` bitmask).
 from __future__ import annotations
 
 import pytest
+from test_exactness import assert_tv_shrinks
 from test_grammar_exactness import MASKED_REGEX, check_unbiased, grammar
 from tiny_models import EOS, PROMPT, tiny_lm
 
@@ -40,9 +41,7 @@ def test_native_masked_smc_matches_the_constrained_target(use_draft, models):
         out = engine.run(PROMPT, n_groups=RUNS)
         assert not engine.cuda_graph  # masks depend on the drawn tokens: eager cycles
         tvs[n] = check_unbiased(f"native draft={use_draft} N={n}", out, exact, index)
-    (tv1, noise1), (tv4, noise4), (tv16, noise16) = tvs[1], tvs[4], tvs[16]
-    assert tv4 + 3 * noise4 < tv1 - 3 * noise1, f"TV does not shrink from N=1 to 4: {tvs}"
-    assert tv16 - 3 * noise16 <= 0.5 * (tv4 + 3 * noise4), f"TV does not halve from N=4 to 16: {tvs}"
+    assert_tv_shrinks(f"native draft={use_draft}", tvs)
 
 
 def test_generate_with_grammar_on_the_native_engine(target, draft, tok):
