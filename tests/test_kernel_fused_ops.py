@@ -1,4 +1,4 @@
-"""Fused layer ops: add_rms_norm, rope_qk, silu_mul -- Triton against the torch twins, twins against model.py.
+"""Fused layer ops: add_rms_norm, rope_qk_write_kv, silu_mul -- Triton against the torch twins, twins against model.py.
 
 Triton runs in the CPU interpreter by default (fp32 and fp16; bf16 only on CUDA, the interpreter
 mishandles it). Shapes are ragged: hidden sizes that are not a multiple of the block (and the
@@ -17,9 +17,7 @@ from smcgen.kernels.fused_ops import (
     add_rms_norm,
     add_rms_norm_torch,
     add_rms_norm_triton,
-    rope_qk,
     rope_qk_torch,
-    rope_qk_triton,
     rope_qk_write_kv,
     rope_qk_write_kv_torch,
     rope_qk_write_kv_triton,
@@ -112,34 +110,6 @@ def qkv_views(n_rows, n_q, n_qh, n_kvh, dim, dtype, device, seed):
     return q.reshape(n_rows, n_q, n_qh, dim), k.reshape(n_rows, n_q, n_kvh, dim)
 
 
-@pytest.mark.parametrize(
-    "n_q,n_qh,n_kvh,dim", [(1, 4, 1, 64), (5, 8, 2, 128), (9, 14, 2, 64), (5, 3, 3, 128), (1, 8, 8, 32)]
-)
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_rope_qk_triton_matches_twin(device, n_q, n_qh, n_kvh, dim, qk_norm):
-    n_rows = 3
-    start = torch.tensor([0, 7, 40], dtype=torch.int32, device=device)
-    for dtype in dtypes(device):
-        cos, sin = rope_tables(64, dim, dtype, device, theta=500.0)
-        q, k = qkv_views(n_rows, n_q, n_qh, n_kvh, dim, dtype, device, seed=dim + n_q)
-        qn = kn = None
-        if qk_norm:
-            qn, kn = rand((dim,), dtype, device, 1, 0.2) + 1, rand((dim,), dtype, device, 2, 0.2) + 1
-        q_in, k_in = q.clone(), k.clone()
-        q_out, k_out = rope_qk_triton(q, k, cos, sin, start, qn, kn, EPS)
-        q_ref, k_ref = rope_qk_torch(q, k, cos, sin, start, qn, kn, EPS)
-        assert torch.equal(q, q_in) and torch.equal(k, k_in), "inputs must be left untouched"
-        assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.dtype == dtype
-        assert q_out.is_contiguous() and k_out.is_contiguous()
-        torch.testing.assert_close(q_out, q_ref, **tol(dtype))
-        torch.testing.assert_close(k_out, k_ref, **tol(dtype))
-        if not qk_norm and dtype != torch.float32 and device.type == "cpu":
-            # without the norm every step is one rounding of exact products: bit-equal to the twin
-            # (the interpreter rounds op by op; compiled code may fuse a multiply-add, so on a GPU
-            # the tolerance above is the contract)
-            assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
-
-
 def paged_pools(n_rows, n_kvh, dim, dtype, device, page=4, max_pages=16):
     """Empty K/V pools and a block table giving each row its own pages (page ids shuffled)."""
     n_pages = n_rows * max_pages
@@ -148,7 +118,10 @@ def paged_pools(n_rows, n_kvh, dim, dtype, device, page=4, max_pages=16):
     return k_pool, k_pool.clone(), perm.to(torch.int32).to(device)
 
 
-@pytest.mark.parametrize("n_q,n_qh,n_kvh,dim", [(1, 4, 1, 64), (5, 8, 2, 128), (9, 3, 3, 32)])
+@pytest.mark.parametrize(
+    "n_q,n_qh,n_kvh,dim",
+    [(1, 4, 1, 64), (5, 8, 2, 128), (9, 14, 2, 64), (5, 3, 3, 128), (1, 8, 8, 32), (9, 3, 3, 32)],
+)
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_rope_qk_write_kv_matches_rope_then_write(device, n_q, n_qh, n_kvh, dim, qk_norm):
     """The fused op returns rope_qk's q and leaves the pools exactly as write_kv of rope_qk's k and v."""
@@ -163,11 +136,19 @@ def test_rope_qk_write_kv_matches_rope_then_write(device, n_q, n_qh, n_kvh, dim,
             qn, kn = rand((dim,), dtype, device, 1, 0.2) + 1, rand((dim,), dtype, device, 2, 0.2) + 1
         k_pool, v_pool, table = paged_pools(3, n_kvh, dim, dtype, device)
         k_ref_pool, v_ref_pool = k_pool.clone(), v_pool.clone()
+        q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
         q_out = rope_qk_write_kv_triton(q, k, v, cos, sin, start, k_pool, v_pool, table, qn, kn, EPS)
         q_ref = rope_qk_write_kv_torch(q, k, v, cos, sin, start, k_ref_pool, v_ref_pool, table, qn, kn, EPS)
+        assert torch.equal(q, q_in) and torch.equal(k, k_in) and torch.equal(v, v_in), "inputs must be left untouched"
+        assert q_out.shape == q.shape and q_out.dtype == dtype and q_out.is_contiguous()
         torch.testing.assert_close(q_out, q_ref, **tol(dtype))
         torch.testing.assert_close(k_pool, k_ref_pool, **tol(dtype))
         assert torch.equal(v_pool, v_ref_pool)
+        if not qk_norm and dtype != torch.float32 and device.type == "cpu":
+            # without the norm every step is one rounding of exact products: bit-equal to the twin
+            # (the interpreter rounds op by op; compiled code may fuse a multiply-add, so on a GPU
+            # the tolerance above is the contract)
+            assert torch.equal(q_out, q_ref) and torch.equal(k_pool, k_ref_pool)
         assert int((k_pool != 0).any(-1).sum()) == 3 * n_q * n_kvh, "exactly the new tokens' slots are written"
         disp = rope_qk_write_kv(q, k, v, cos, sin, start, k_pool.clone(), v_pool.clone(), table, qn, kn, EPS)
         torch.testing.assert_close(disp, q_ref, **tol(dtype))
@@ -198,7 +179,7 @@ def test_rope_qk_twin_is_old_formula(dtype, qk_norm):
     cos_t, sin_t = rope_tables(32, dim, dtype, "cpu")
     q, k = qkv_views(n_rows, n_q, n_qh, n_kvh, dim, dtype, "cpu", seed=9)
     qn, kn = (rand((dim,), dtype, "cpu", 3), rand((dim,), dtype, "cpu", 4)) if qk_norm else (None, None)
-    q_out, k_out = rope_qk(q, k, cos_t, sin_t, start, qn, kn, EPS)
+    q_out, k_out = rope_qk_torch(q, k, cos_t, sin_t, start, qn, kn, EPS)
     positions = start.long()[:, None] + torch.arange(n_q)
     cos, sin = cos_t[positions].unsqueeze(2), sin_t[positions].unsqueeze(2)
     if qk_norm:

@@ -1,4 +1,7 @@
-"""Paged KV attention: writing K/V into the page pool and causal GQA attention over it.
+"""Paged KV attention: causal GQA attention over the page pool, and the K/V write's torch twin.
+
+The Triton K/V write is fused into RoPE (``fused_ops.rope_qk_write_kv``); ``write_kv_torch`` here
+is its reference and the twin path's write.
 
 One layer's pool view is ``[n_pages, page_size, Hkv, D]``; row r's token at position p lives in page
 ``block_table[r, p // page_size]``, slot ``p % page_size``. Query t of row r sits at position
@@ -23,9 +26,7 @@ __all__ = [
     "paged_attention",
     "paged_attention_torch",
     "paged_attention_triton",
-    "write_kv",
     "write_kv_torch",
-    "write_kv_triton",
 ]
 
 
@@ -87,68 +88,6 @@ def write_kv_torch(
     page, slot = _slots(block_table, start_pos, k.shape[1], k_pool_l.shape[1])
     k_pool_l[page, slot] = k.to(k_pool_l.dtype)
     v_pool_l[page, slot] = v.to(v_pool_l.dtype)
-
-
-def write_kv_triton(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_pool_l: torch.Tensor,
-    v_pool_l: torch.Tensor,
-    block_table: torch.Tensor,
-    start_pos: torch.Tensor,
-) -> None:
-    """Triton version of :func:`write_kv_torch`: one launch for K and V (the torch twin needs ~10).
-
-    One program per (row, token) copies the token's Hkv x D keys and values into its page slot.
-    """
-    n_rows, n_q, n_kvh, dim = k.shape
-    # cast like the twin does (torch rounding) when the model hands another dtype; normally a no-op
-    k = k.to(k_pool_l.dtype)
-    v = v.to(v_pool_l.dtype)
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    assert k_pool_l.stride(-1) == 1 and v_pool_l.stride(-1) == 1 and block_table.is_contiguous()
-    _write_kv_kernel[(n_rows * n_q,)](
-        k,
-        v,
-        k_pool_l,
-        v_pool_l,
-        block_table,
-        start_pos,
-        n_q,
-        n_kvh,
-        block_table.shape[1],
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        k_pool_l.stride(0),
-        k_pool_l.stride(1),
-        k_pool_l.stride(2),
-        v_pool_l.stride(0),
-        v_pool_l.stride(1),
-        v_pool_l.stride(2),
-        D=dim,
-        PAGE=k_pool_l.shape[1],
-        BLOCK_H=triton.next_power_of_2(n_kvh),
-    )
-
-
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_pool_l: torch.Tensor,
-    v_pool_l: torch.Tensor,
-    block_table: torch.Tensor,
-    start_pos: torch.Tensor,
-) -> None:
-    """Store k, v [R, T, Hkv, D] into the pages of their positions (Triton on CUDA, torch otherwise)."""
-    fn = write_kv_triton if use_triton(k) else write_kv_torch
-    fn(k, v, k_pool_l, v_pool_l, block_table, start_pos)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,48 +244,6 @@ def paged_attention(
 # --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _write_kv_kernel(
-        k,
-        v,
-        k_pool,
-        v_pool,
-        bt,
-        start_pos,
-        T,
-        n_kvh,
-        max_pages,
-        s_kr,
-        s_kt,
-        s_kh,
-        s_vr,
-        s_vt,
-        s_vh,
-        s_kp,
-        s_ks,
-        s_kph,
-        s_vp,
-        s_vs,
-        s_vph,
-        D: tl.constexpr,
-        PAGE: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        r = pid // T
-        t = pid % T
-        pos = tl.load(start_pos + r) + t
-        col = pos // PAGE
-        page = tl.load(bt + r * max_pages + col, mask=col < max_pages, other=-1).to(tl.int64)
-        slot = pos % PAGE
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, D)[None, :]
-        m = (h < n_kvh) & (page >= 0)  # a missing page (pool exhausted) is skipped, never written
-        x = tl.load(k + r * s_kr + t * s_kt + h * s_kh + d, mask=m)
-        tl.store(k_pool + page * s_kp + slot * s_ks + h * s_kph + d, x.to(k_pool.dtype.element_ty), mask=m)
-        x = tl.load(v + r * s_vr + t * s_vt + h * s_vh + d, mask=m)
-        tl.store(v_pool + page * s_vp + slot * s_vs + h * s_vph + d, x.to(v_pool.dtype.element_ty), mask=m)
 
     @triton.jit
     def _paged_attention_kernel(

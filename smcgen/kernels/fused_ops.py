@@ -1,4 +1,4 @@
-"""Fused elementwise ops of the native decoder layer: residual add + RMSNorm, RoPE on q/k, SiLU-gated MLP.
+"""Fused elementwise ops of the native decoder layer: residual add + RMSNorm, RoPE on q/k with the KV write, SiLU-gated MLP.
 
 Each op has a torch twin (``<op>_torch``, the reference formulas of the native model), a Triton
 version (``<op>_triton``) and a dispatcher (``<op>``: Triton on CUDA tensors when triton imports,
@@ -10,9 +10,10 @@ Numerics (shared by both versions; they follow transformers' Llama/Qwen modules)
   rounded to the input dtype (``x`` itself when ``residual`` is None); ``normed = weight * (h *
   rsqrt(mean(h^2) + eps)).to(dtype)`` with ``h = new_residual`` in fp32. Only the order of the
   sum of squares differs between the versions.
-- ``rope_qk(q, k, cos_table, sin_table, start_pos, q_norm=None, k_norm=None, eps=1e-6) -> (q, k)``:
-  returns NEW contiguous tensors (inputs untouched; they may be strided views of the fused QKV
-  output). Token t of row r sits at position ``start_pos[r] + t`` (< len(table), not checked); the
+- ``rope_qk_write_kv(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
+  q_norm=None, k_norm=None, eps=1e-6) -> q``: RoPE on q and k, then k and v stored in their page
+  slots (as ``attention.write_kv_torch``); returns the rotated q as a NEW contiguous tensor (inputs
+  untouched; they may be strided views of the fused QKV output). Token t of row r sits at position ``start_pos[r] + t`` (< len(table), not checked); the
   rotate-half rotation ``x * cos + rotate_half(x) * sin`` is done with the model dtype's
   roundings (each product rounded, then the sum), so bf16 results are bit-equal to the twin up to
   the table gather. With ``q_norm``/``k_norm`` (Qwen3) each head is first RMSNormed over D
@@ -22,8 +23,8 @@ Numerics (shared by both versions; they follow transformers' Llama/Qwen modules)
 
 Triton launch plans: add_rms_norm runs one program per row holding the whole row in registers
 (hidden <= 8192, up to 16 warps), or two passes over BLOCK-wide chunks beyond that (the second
-pass recomputes the residual sum rather than re-reading what the first wrote). rope_qk runs one
-program per token, rotating all its q and k heads as [heads, D] tiles (cos/sin loaded once).
+pass recomputes the residual sum rather than re-reading what the first wrote). rope_qk_write_kv
+runs one program per token, rotating all its q and k heads as [heads, D] tiles (cos/sin loaded once).
 silu_mul runs a (row, chunk of I) grid.
 """
 
@@ -40,9 +41,7 @@ __all__ = [
     "add_rms_norm",
     "add_rms_norm_torch",
     "add_rms_norm_triton",
-    "rope_qk",
     "rope_qk_torch",
-    "rope_qk_triton",
     "rope_qk_write_kv",
     "rope_qk_write_kv_torch",
     "rope_qk_write_kv_triton",
@@ -164,118 +163,6 @@ def rope_qk_torch(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def rope_qk_triton(
-    q: Tensor,
-    k: Tensor,
-    cos_table: Tensor,
-    sin_table: Tensor,
-    start_pos: Tensor,
-    q_norm: Tensor | None = None,
-    k_norm: Tensor | None = None,
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
-    """Triton version of :func:`rope_qk_torch`: one program per (row, token) for all q and k heads.
-
-    ``q``/``k`` may be strided (unit stride along D); the outputs are new contiguous tensors.
-    ``start_pos`` must be a contiguous [R] integer tensor; the tables [max_pos, D] are read by row.
-    """
-    return _rope_launch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps, None)
-
-
-def _rope_launch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps, kv):
-    """Launch the RoPE kernel; with ``kv = (v, k_pool_l, v_pool_l, block_table)`` the rotated k and
-    v go straight into their page slots (returns (q_out, None)), else (q_out, k_out)."""
-    n_rows, n_q, n_qh, dim = q.shape
-    n_kvh = k.shape[2]
-    assert k.shape == (n_rows, n_q, n_kvh, dim) and dim % 2 == 0 and cos_table.shape[-1] == dim
-    assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
-    assert start_pos.is_contiguous() and start_pos.shape == (n_rows,)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    cos_table = cos_table if cos_table.stride(-1) == 1 else cos_table.contiguous()
-    sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
-    assert cos_table.stride(0) == sin_table.stride(0)
-    has_norm = q_norm is not None
-    if has_norm:
-        q_norm, k_norm = q_norm.contiguous(), k_norm.contiguous()
-    else:
-        q_norm = k_norm = cos_table  # unused
-    dtype = q.dtype if not has_norm else torch.promote_types(q.dtype, q_norm.dtype)
-    dtype = torch.promote_types(dtype, cos_table.dtype)
-    q_out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    if kv is None:
-        k_out = torch.empty(k.shape, dtype=dtype, device=q.device)
-        v = k_pool = v_pool = table = k_out  # unused
-        page_size, max_pages, pool_strides, v_strides = 1, 1, (0, 0, 0), (0, 0, 0)
-    else:
-        v, k_pool, v_pool, table = kv
-        if v.stride(-1) != 1:
-            v = v.contiguous()
-        assert k_pool.shape == v_pool.shape and k_pool.stride() == v_pool.stride() and k_pool.stride(-1) == 1
-        assert k_pool.shape[2:] == (n_kvh, dim) and table.is_contiguous() and v.shape == k.shape
-        k_out = None
-        page_size, max_pages = k_pool.shape[1], table.shape[1]
-        pool_strides, v_strides = k_pool.stride()[:3], v.stride()[:3]
-    # the k destination: a new tensor, or (when writing the cache) the pool, addressed per slot
-    ko = k_out if k_out is not None else k_pool
-    ko_strides = k_out.stride()[:3] if k_out is not None else (0, 0, pool_strides[2])
-    if n_rows * n_q > 0:
-        block_d = triton.next_power_of_2(dim)
-        block_hq = triton.next_power_of_2(n_qh)
-        _rope_qk_kernel[(n_rows * n_q,)](
-            q,
-            k,
-            q_out,
-            ko,
-            cos_table,
-            sin_table,
-            start_pos,
-            q_norm,
-            k_norm,
-            v,
-            v_pool,
-            table,
-            n_q,
-            n_qh,
-            n_kvh,
-            eps,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *q_out.stride()[:3],
-            *ko_strides,
-            *v_strides,
-            *pool_strides,
-            max_pages,
-            cos_table.stride(0),
-            D=dim,
-            BLOCK_D=block_d,
-            BLOCK_HQ=block_hq,
-            BLOCK_HK=triton.next_power_of_2(n_kvh),
-            HAS_NORM=has_norm,
-            WRITE_KV=kv is not None,
-            PAGE=page_size,
-            num_warps=4 if block_hq * block_d <= 2048 else 8,
-        )
-    return q_out, k_out
-
-
-def rope_qk(
-    q: Tensor,
-    k: Tensor,
-    cos_table: Tensor,
-    sin_table: Tensor,
-    start_pos: Tensor,
-    q_norm: Tensor | None = None,
-    k_norm: Tensor | None = None,
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
-    """RoPE (optionally after per-head RMSNorm) on q and k -> new (q, k) (Triton on CUDA, torch otherwise)."""
-    fn = rope_qk_triton if use_triton(q) else rope_qk_torch
-    return fn(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
-
-
 def rope_qk_write_kv_torch(
     q: Tensor,
     k: Tensor,
@@ -290,7 +177,7 @@ def rope_qk_write_kv_torch(
     k_norm: Tensor | None = None,
     eps: float = 1e-6,
 ) -> Tensor:
-    """``rope_qk`` then ``write_kv`` of the rotated k and of v into their page slots; returns the rotated q."""
+    """``rope_qk_torch`` then ``write_kv_torch`` of the rotated k and of v; returns the rotated q."""
     q, k = rope_qk_torch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
     write_kv_torch(k, v, k_pool_l, v_pool_l, block_table, start_pos)
     return q
@@ -310,10 +197,65 @@ def rope_qk_write_kv_triton(
     k_norm: Tensor | None = None,
     eps: float = 1e-6,
 ) -> Tensor:
-    """Triton version of :func:`rope_qk_write_kv_torch`: one launch instead of two; the rotated k
-    never exists outside the cache. A missing page (pool exhausted) is skipped, as in write_kv."""
-    kv = (v.to(v_pool_l.dtype), k_pool_l, v_pool_l, block_table)
-    return _rope_launch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps, kv)[0]
+    """Triton version of :func:`rope_qk_write_kv_torch`: one program per (row, token) rotates all
+    its q and k heads as [heads, D] tiles (cos/sin loaded once) and stores k and v in their page
+    slot; the rotated k never exists outside the cache. A missing page (pool exhausted) is
+    skipped, never written. ``q``/``k``/``v`` may be strided views of the fused QKV output (unit
+    stride along D); ``start_pos`` must be a contiguous [R] integer tensor."""
+    n_rows, n_q, n_qh, dim = q.shape
+    n_kvh = k.shape[2]
+    assert k.shape == (n_rows, n_q, n_kvh, dim) and dim % 2 == 0 and cos_table.shape[-1] == dim
+    assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
+    assert start_pos.is_contiguous() and start_pos.shape == (n_rows,)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v.to(v_pool_l.dtype)))
+    cos_table = cos_table if cos_table.stride(-1) == 1 else cos_table.contiguous()
+    sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
+    assert cos_table.stride(0) == sin_table.stride(0)
+    assert k_pool_l.shape == v_pool_l.shape and k_pool_l.stride() == v_pool_l.stride() and k_pool_l.stride(-1) == 1
+    assert k_pool_l.shape[2:] == (n_kvh, dim) and block_table.is_contiguous() and v.shape == k.shape
+    has_norm = q_norm is not None
+    if has_norm:
+        q_norm, k_norm = q_norm.contiguous(), k_norm.contiguous()
+    else:
+        q_norm = k_norm = cos_table  # unused
+    dtype = q.dtype if not has_norm else torch.promote_types(q.dtype, q_norm.dtype)
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(dtype, cos_table.dtype), device=q.device)
+    if n_rows * n_q > 0:
+        block_d = triton.next_power_of_2(dim)
+        block_hq = triton.next_power_of_2(n_qh)
+        _rope_qk_kernel[(n_rows * n_q,)](
+            q,
+            k,
+            v,
+            q_out,
+            k_pool_l,
+            v_pool_l,
+            block_table,
+            cos_table,
+            sin_table,
+            start_pos,
+            q_norm,
+            k_norm,
+            n_q,
+            n_qh,
+            n_kvh,
+            eps,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *q_out.stride()[:3],
+            *k_pool_l.stride()[:3],
+            block_table.shape[1],
+            cos_table.stride(0),
+            D=dim,
+            BLOCK_D=block_d,
+            BLOCK_HQ=block_hq,
+            BLOCK_HK=triton.next_power_of_2(n_kvh),
+            HAS_NORM=has_norm,
+            PAGE=k_pool_l.shape[1],
+            num_warps=4 if block_hq * block_d <= 2048 else 8,
+        )
+    return q_out
 
 
 def rope_qk_write_kv(
@@ -474,16 +416,16 @@ if HAS_TRITON:
     def _rope_qk_kernel(
         q,
         k,
+        v,
         q_out,
-        k_out,
+        k_pool,
+        v_pool,
+        bt,
         cos,
         sin,
         start_pos,
         q_norm,
         k_norm,
-        v,
-        v_pool,
-        bt,
         n_q,
         n_qh,
         n_kvh,
@@ -494,15 +436,12 @@ if HAS_TRITON:
         sk_r,
         sk_t,
         sk_h,
-        soq_r,
-        soq_t,
-        soq_h,
-        sok_r,
-        sok_t,
-        sok_h,
         sv_r,
         sv_t,
         sv_h,
+        soq_r,
+        soq_t,
+        soq_h,
         s_pp,
         s_ps,
         s_ph,
@@ -513,7 +452,6 @@ if HAS_TRITON:
         BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr,
         HAS_NORM: tl.constexpr,
-        WRITE_KV: tl.constexpr,
         PAGE: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -525,7 +463,6 @@ if HAS_TRITON:
         d_rot = tl.where(d < D // 2, d + D // 2, d - D // 2)
         c = tl.load(cos + pos * s_pos + d, mask=d_mask, other=0.0).to(tl.float32)
         s = tl.load(sin + pos * s_pos + d, mask=d_mask, other=0.0).to(tl.float32)
-        always = pos >= 0
         _rope_heads(
             q + r * sq_r + t * sq_t,
             sq_h,
@@ -539,25 +476,21 @@ if HAS_TRITON:
             d_rot,
             d_mask,
             eps,
-            always,
+            pos >= 0,
             D,
             BLOCK_HQ,
             HAS_NORM,
         )
-        if WRITE_KV:
-            # the token's slot in its page; a missing page (pool exhausted) is skipped, never written
-            col = pos // PAGE
-            page = tl.load(bt + r * max_pages + col, mask=col < max_pages, other=-1).to(tl.int64)
-            ok = page >= 0
-            k_dst = k_out + page * s_pp + (pos % PAGE) * s_ps
-        else:
-            ok = always
-            k_dst = k_out + r * sok_r + t * sok_t
+        # the token's slot in its page; a missing page (pool exhausted) is skipped, never written
+        col = pos // PAGE
+        page = tl.load(bt + r * max_pages + col, mask=col < max_pages, other=-1).to(tl.int64)
+        ok = page >= 0
+        slot = page * s_pp + (pos % PAGE) * s_ps
         _rope_heads(
             k + r * sk_r + t * sk_t,
             sk_h,
-            k_dst,
-            sok_h,
+            k_pool + slot,
+            s_ph,
             n_kvh,
             k_norm,
             c,
@@ -571,12 +504,10 @@ if HAS_TRITON:
             BLOCK_HK,
             HAS_NORM,
         )
-        if WRITE_KV:
-            h = tl.arange(0, BLOCK_HK)[:, None]
-            m = (h < n_kvh) & d_mask[None, :] & ok
-            x = tl.load(v + r * sv_r + t * sv_t + h * sv_h + d[None, :], mask=m)
-            v_dst = v_pool + page * s_pp + (pos % PAGE) * s_ps
-            tl.store(v_dst + h * s_ph + d[None, :], x.to(v_pool.dtype.element_ty), mask=m)
+        h = tl.arange(0, BLOCK_HK)[:, None]
+        m = (h < n_kvh) & d_mask[None, :] & ok
+        x = tl.load(v + r * sv_r + t * sv_t + h * sv_h + d[None, :], mask=m)
+        tl.store(v_pool + slot + h * s_ph + d[None, :], x.to(v_pool.dtype.element_ty), mask=m)
 
     @triton.jit
     def _silu_mul_kernel(gate_up, out, n_inter, stride_g, stride_o, BLOCK: tl.constexpr):
