@@ -101,6 +101,20 @@ class BatchRun:
         )
 
 
+def length_problem(prompt_len: int, max_new_tokens: int, context: int | None) -> str | None:
+    """Why a prompt and a token budget do not fit a model context (None when they do or it is unknown)."""
+    if context is None:
+        return None
+    if prompt_len > context:
+        return f"prompt has {prompt_len} tokens but the model context is {context} tokens"
+    if prompt_len + max_new_tokens > context:
+        return (
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model context ({context} tokens); shorten the prompt or lower max_new_tokens"
+        )
+    return None
+
+
 def dead_group_error(
     groups: list[int],
     partial: list[list[int]],
@@ -170,16 +184,9 @@ class SMC:
         self.pad_id = self.eos_ids[0] if self.eos_ids else 0
 
     def _check_lengths(self, prompt_len: int) -> None:
-        context = self.target.lm.context_length
-        if context is None:
-            return
-        if prompt_len > context:
-            raise ValueError(f"prompt has {prompt_len} tokens but the model context is {context} tokens")
-        if prompt_len + self.config.max_new_tokens > context:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({self.config.max_new_tokens}) exceeds the "
-                f"model context ({context} tokens); shorten the prompt or lower max_new_tokens"
-            )
+        problem = length_problem(prompt_len, self.config.max_new_tokens, self.target.lm.context_length)
+        if problem is not None:
+            raise ValueError(problem)
 
     def _score_potential(self, seq: Tensor, rows: Tensor, lengths: Tensor, finished: Tensor, prompt: list[int]) -> Tensor:
         """Potential log-scores for ``rows``: complete for finished rows, prefix for the others."""

@@ -35,7 +35,7 @@ from smcgen.config import SMCConfig
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
 from smcgen.potentials.grammar import GrammarPotential, PendingBitmask
-from smcgen.smc import BatchRun, dead_group_error
+from smcgen.smc import BatchRun, dead_group_error, length_problem
 
 
 class NativeSMC:
@@ -115,11 +115,9 @@ class NativeSMC:
             return f"the native engine needs a prompt of at least {min_prompt} tokens, got {prompt_len}"
         # the position tables actually built (from_hf/from_pretrained may shorten them), draft included
         context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
-        if prompt_len + cfg.max_new_tokens > context:
-            return (
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model context "
-                f"({context})"
-            )
+        problem = length_problem(prompt_len, cfg.max_new_tokens, context)
+        if problem is not None:
+            return problem
         # every cycle writes all K+1 positions, so the last one may reach past max_new_tokens
         reach = prompt_len - 1 + -(-cfg.max_new_tokens // T) * T
         if reach > context:
