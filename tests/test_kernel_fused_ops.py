@@ -1,4 +1,4 @@
-"""Fused layer ops: add_rms_norm, rope_qk_write_kv, silu_mul -- Triton against the torch twins, twins against model.py.
+"""Fused layer ops: rms_norm, rope_qk_write_kv, silu_mul -- Triton against the torch twins, twins against transformers' formulas.
 
 Triton runs in the CPU interpreter by default (fp32 and fp16; bf16 only on CUDA, the interpreter
 mishandles it). Shapes are ragged: hidden sizes that are not a multiple of the block (and the
@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smcgen.backends.native.model import apply_rope, rms_norm
 from smcgen.kernels.fused_ops import (
-    add_rms_norm,
-    add_rms_norm_torch,
-    add_rms_norm_triton,
+    rms_norm,
+    rms_norm_torch,
+    rms_norm_triton,
     rope_qk_torch,
     rope_qk_write_kv,
     rope_qk_write_kv_torch,
@@ -55,47 +54,49 @@ def rope_tables(max_pos, dim, dtype, device, theta=10000.0):
 
 
 # --------------------------------------------------------------------------------------------------
-# add_rms_norm
+# rms_norm
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "shape,max_block", [((3, 1, 96), 8192), ((2, 5, 200), 8192), ((7, 1000), 8192), ((2, 3, 300), 128)]
 )
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_add_rms_norm_triton_matches_twin(device, shape, max_block, with_residual):
+def test_rms_norm_triton_matches_twin(device, shape, max_block):
     n = shape[-1]
     for dtype in dtypes(device):
         x = rand(shape, dtype, device, 0)
-        res = rand(shape, dtype, device, 1, scale=3.0) if with_residual else None
         w = rand((n,), dtype, device, 2, scale=0.2) + 1
-        normed, new_res = add_rms_norm_triton(x, res, w, EPS, max_block=max_block)
-        ref_normed, ref_res = add_rms_norm_torch(x, res, w, EPS)
-        assert normed.shape == shape and normed.dtype == dtype and new_res.shape == shape
-        assert torch.equal(new_res, ref_res)  # the residual add is a single rounding either way
-        torch.testing.assert_close(normed, ref_normed, **tol(dtype))
+        normed = rms_norm_triton(x, w, EPS, max_block=max_block)
+        assert normed.shape == shape and normed.dtype == dtype
+        torch.testing.assert_close(normed, rms_norm_torch(x, w, EPS), **tol(dtype))
 
 
-def test_add_rms_norm_strided_rows(device):
+def test_rms_norm_strided_rows(device):
     """Last-token views (the final norm with last_only) have a row stride != hidden."""
-    h, delta = rand((3, 4, 72), torch.float32, device, 3), rand((3, 4, 72), torch.float32, device, 4)
+    h = rand((3, 4, 72), torch.float32, device, 3)
     w = rand((72,), torch.float32, device, 5)
-    out, res = add_rms_norm_triton(delta[:, -1], h[:, -1], w, EPS)
-    ref_out, ref_res = add_rms_norm_torch(delta[:, -1], h[:, -1], w, EPS)
-    assert torch.equal(res, ref_res)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rms_norm_triton(h[:, -1], w, EPS), rms_norm_torch(h[:, -1], w, EPS), atol=1e-5, rtol=1e-5)
+
+
+def reference_rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm.forward, written out."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def reference_rope(x, cos, sin):
+    """transformers' apply_rotary_pos_emb for one tensor (the rotate-half convention)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_add_rms_norm_twin_is_old_formula(dtype):
-    """Bit-equal to model.py's ``h = h + delta; x = rms_norm(h, w, eps)`` (and rms_norm(h) with no residual)."""
-    h, delta = rand((2, 5, 64), dtype, "cpu", 6, 2.0), rand((2, 5, 64), dtype, "cpu", 7)
+def test_rms_norm_twin_is_the_reference_formula(dtype):
+    """Bit-equal to transformers' RMSNorm formula."""
+    h = rand((2, 5, 64), dtype, "cpu", 6, 2.0)
     w = rand((64,), dtype, "cpu", 8)
-    normed, new_res = add_rms_norm(delta, h, w, EPS)  # CPU tensors: the dispatcher takes the twin
-    old_h = h + delta
-    assert torch.equal(new_res, old_h) and torch.equal(normed, rms_norm(old_h, w, EPS))
-    normed, new_res = add_rms_norm(h, None, w, EPS)
-    assert new_res is h and torch.equal(normed, rms_norm(h, w, EPS))
+    assert torch.equal(rms_norm(h, w, EPS), reference_rms_norm(h, w, EPS))  # CPU: the dispatcher takes the twin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,8 +173,8 @@ def test_rope_qk_write_kv_skips_missing_pages(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_rope_qk_twin_is_old_formula(dtype, qk_norm):
-    """Bit-equal to model.py's old per-layer code: gather cos/sin by position, optional rms_norm, apply_rope."""
+def test_rope_qk_twin_is_the_reference_formula(dtype, qk_norm):
+    """Bit-equal to transformers' per-layer code: gather cos/sin by position, optional q/k RMSNorm, rotate half."""
     n_rows, n_q, n_qh, n_kvh, dim = 2, 5, 8, 2, 64
     start = torch.tensor([3, 11], dtype=torch.int32)
     cos_t, sin_t = rope_tables(32, dim, dtype, "cpu")
@@ -183,8 +184,8 @@ def test_rope_qk_twin_is_old_formula(dtype, qk_norm):
     positions = start.long()[:, None] + torch.arange(n_q)
     cos, sin = cos_t[positions].unsqueeze(2), sin_t[positions].unsqueeze(2)
     if qk_norm:
-        q, k = rms_norm(q, qn, EPS), rms_norm(k, kn, EPS)
-    assert torch.equal(q_out, apply_rope(q, cos, sin)) and torch.equal(k_out, apply_rope(k, cos, sin))
+        q, k = reference_rms_norm(q, qn, EPS), reference_rms_norm(k, kn, EPS)
+    assert torch.equal(q_out, reference_rope(q, cos, sin)) and torch.equal(k_out, reference_rope(k, cos, sin))
 
 
 # --------------------------------------------------------------------------------------------------

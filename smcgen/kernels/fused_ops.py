@@ -1,4 +1,4 @@
-"""Fused elementwise ops of the native decoder layer: residual add + RMSNorm, RoPE on q/k with the KV write, SiLU-gated MLP.
+"""Fused elementwise ops of the native decoder layer: RMSNorm, RoPE on q/k with the KV write, SiLU-gated MLP.
 
 Each op has a torch twin (``<op>_torch``, the reference formulas of the native model), a Triton
 version (``<op>_triton``) and a dispatcher (``<op>``: Triton on CUDA tensors when triton imports,
@@ -6,10 +6,9 @@ the twin otherwise). All are CUDA-graph safe: static shapes, positions read on t
 
 Numerics (shared by both versions; they follow transformers' Llama/Qwen modules):
 
-- ``add_rms_norm(x, residual, weight, eps) -> (normed, new_residual)``: ``new_residual = x + residual``
-  rounded to the input dtype (``x`` itself when ``residual`` is None); ``normed = weight * (h *
-  rsqrt(mean(h^2) + eps)).to(dtype)`` with ``h = new_residual`` in fp32. Only the order of the
-  sum of squares differs between the versions.
+- ``rms_norm(x, weight, eps) -> normed``: ``weight * (h * rsqrt(mean(h^2) + eps)).to(dtype)`` with
+  ``h = x`` in fp32. Only the order of the sum of squares differs between the versions. (The
+  residual adds live in the linear layers' epilogues: kernels.linear.)
 - ``rope_qk_write_kv(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
   q_norm=None, k_norm=None, eps=1e-6) -> q``: RoPE on q and k, then k and v stored in their page
   slots (as ``attention.write_kv_torch``); returns the rotated q as a NEW contiguous tensor (inputs
@@ -17,13 +16,12 @@ Numerics (shared by both versions; they follow transformers' Llama/Qwen modules)
   rotate-half rotation ``x * cos + rotate_half(x) * sin`` is done with the model dtype's
   roundings (each product rounded, then the sum), so bf16 results are bit-equal to the twin up to
   the table gather. With ``q_norm``/``k_norm`` (Qwen3) each head is first RMSNormed over D
-  exactly like ``add_rms_norm`` (fp32, cast, weight multiply).
+  exactly like ``rms_norm`` (fp32, cast, weight multiply).
 - ``silu_mul(gate_up) -> out``: ``gate_up [..., 2I]`` (gate first), ``out = silu(gate) * up`` with
   silu rounded to the input dtype before the multiply, as ``F.silu(gate) * up`` does.
 
-Triton launch plans: add_rms_norm runs one program per row holding the whole row in registers
-(hidden <= 8192, up to 16 warps), or two passes over BLOCK-wide chunks beyond that (the second
-pass recomputes the residual sum rather than re-reading what the first wrote). rope_qk_write_kv
+Triton launch plans: rms_norm runs one program per row holding the whole row in registers
+(hidden <= 8192, up to 16 warps), or two passes over BLOCK-wide chunks beyond that. rope_qk_write_kv
 runs one program per token, rotating all its q and k heads as [heads, D] tiles (cos/sin loaded once).
 silu_mul runs a (row, chunk of I) grid.
 """
@@ -38,9 +36,9 @@ from smcgen.kernels.attention import write_kv_torch
 
 __all__ = [
     "HAS_TRITON",
-    "add_rms_norm",
-    "add_rms_norm_torch",
-    "add_rms_norm_triton",
+    "rms_norm",
+    "rms_norm_torch",
+    "rms_norm_triton",
     "rope_qk_torch",
     "rope_qk_write_kv",
     "rope_qk_write_kv_torch",
@@ -51,7 +49,7 @@ __all__ = [
 ]
 
 
-# widest row add_rms_norm keeps in registers in one block (Llama-3 70B's hidden size is 8192)
+# widest row rms_norm keeps in registers in one block (Llama-3 70B's hidden size is 8192)
 _MAX_NORM_BLOCK = 8192
 _SILU_BLOCK = 1024
 
@@ -64,69 +62,52 @@ def _rows(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# add_rms_norm
+# rms_norm
 # --------------------------------------------------------------------------------------------------
 
 
-def _rms_norm_torch(h: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does)."""
-    f = h.float()
+    f = x.float()
     f = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * f.to(h.dtype)
+    return weight * f.to(x.dtype)
 
 
-def add_rms_norm_torch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``(rms_norm(x + residual), x + residual)`` over the last dim (``x`` alone when residual is None)."""
-    new_residual = x if residual is None else x + residual
-    return _rms_norm_torch(new_residual, weight, eps), new_residual
-
-
-def add_rms_norm_triton(
-    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, *, max_block: int = _MAX_NORM_BLOCK
-) -> tuple[Tensor, Tensor]:
-    """Triton version of :func:`add_rms_norm_torch`: one program per row, one read and two writes.
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, *, max_block: int = _MAX_NORM_BLOCK) -> Tensor:
+    """Triton version of :func:`rms_norm_torch`: one program per row, one read and one write.
 
     ``max_block`` (keyword, for tests) is the widest row kept in registers in one block; wider
     rows take two passes over chunks of ``max_block``.
     """
     n = x.shape[-1]
-    assert weight.shape == (n,) and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
-    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    assert weight.shape == (n,)
     x2 = _rows(x)
-    r2 = x2 if residual is None else _rows(residual)
     weight = weight.contiguous()
     n_rows = x2.shape[0]
-    out = torch.empty((n_rows, n), dtype=out_dtype, device=x.device)
-    new_res = x2 if residual is None else torch.empty((n_rows, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((n_rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = triton.next_power_of_2(n)
     single = block <= max_block
     block = min(block, max_block)
     if n_rows > 0:
-        _add_rms_norm_kernel[(n_rows,)](
+        _rms_norm_kernel[(n_rows,)](
             x2,
-            r2,
             weight,
             out,
-            new_res,
             n,
             x2.stride(0),
-            r2.stride(0),
             out.stride(0),
-            new_res.stride(0),
             eps,
-            HAS_RES=residual is not None,
             BLOCK=block,
             SINGLE=single,
             num_warps=min(max(block // 512, 1), 16),
         )
-    out = out.reshape(x.shape)
-    return out, (x if residual is None else new_res.reshape(x.shape))
+    return out.reshape(x.shape)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``(normed, new_residual)``: residual add then RMSNorm (Triton on CUDA, torch otherwise)."""
-    fn = add_rms_norm_triton if use_triton(x) else add_rms_norm_torch
-    return fn(x, residual, weight, eps)
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim (Triton on CUDA, torch otherwise)."""
+    fn = rms_norm_triton if use_triton(x) else rms_norm_torch
+    return fn(x, weight, eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,9 +138,9 @@ def rope_qk_torch(
     cos = cos_table[positions].unsqueeze(2)  # [R, T, 1, D]
     sin = sin_table[positions].unsqueeze(2)
     if q_norm is not None:
-        q = _rms_norm_torch(q, q_norm, eps)
+        q = rms_norm_torch(q, q_norm, eps)
     if k_norm is not None:
-        k = _rms_norm_torch(k, k_norm, eps)
+        k = rms_norm_torch(k, k_norm, eps)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -317,36 +298,14 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _add_rms_norm_kernel(
-        x,
-        res,
-        w,
-        out,
-        new_res,
-        N,
-        stride_x,
-        stride_r,
-        stride_o,
-        stride_n,
-        eps,
-        HAS_RES: tl.constexpr,
-        BLOCK: tl.constexpr,
-        SINGLE: tl.constexpr,
-    ):
+    def _rms_norm_kernel(x, w, out, N, stride_x, stride_o, eps, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x + row * stride_x
-        r_row = res + row * stride_r
         o_row = out + row * stride_o
-        n_row = new_res + row * stride_n
         cols = tl.arange(0, BLOCK)
         if SINGLE:
             m = cols < N
             v = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_RES:
-                # round the sum to the activations' dtype (what torch's x + residual stores)
-                s = (v + tl.load(r_row + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
-                tl.store(n_row + cols, s, mask=m)
-                v = s.to(tl.float32)
             inv = tl.rsqrt(tl.sum(v * v, axis=0) / N + eps)
             y = (v * inv).to(x.dtype.element_ty).to(tl.float32)
             y = y * tl.load(w + cols, mask=m, other=0.0).to(tl.float32)
@@ -355,21 +314,13 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for off in range(0, N, BLOCK):
                 c = off + cols
-                m = c < N
-                v = tl.load(x_row + c, mask=m, other=0.0).to(tl.float32)
-                if HAS_RES:
-                    s = (v + tl.load(r_row + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
-                    tl.store(n_row + c, s, mask=m)
-                    v = s.to(tl.float32)
+                v = tl.load(x_row + c, mask=c < N, other=0.0).to(tl.float32)
                 acc += v * v
             inv = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
             for off in range(0, N, BLOCK):
                 c = off + cols
                 m = c < N
                 v = tl.load(x_row + c, mask=m, other=0.0).to(tl.float32)
-                if HAS_RES:  # recompute the rounded sum (same bits as stored above)
-                    v = (v + tl.load(r_row + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
-                    v = v.to(tl.float32)
                 y = (v * inv).to(x.dtype.element_ty).to(tl.float32)
                 y = y * tl.load(w + c, mask=m, other=0.0).to(tl.float32)
                 tl.store(o_row + c, y.to(out.dtype.element_ty), mask=m)

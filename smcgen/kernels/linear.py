@@ -40,12 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smcgen.kernels._triton import HAS_TRITON, sm_count, tl, triton, use_triton
-from smcgen.kernels.fused_ops import (
-    _rms_norm_torch,
-    add_rms_norm,
-    silu_mul,
-    silu_mul_torch,
-)
+from smcgen.kernels.fused_ops import rms_norm, rms_norm_torch, silu_mul, silu_mul_torch
 
 __all__ = [
     "MAX_SKINNY_ROWS",
@@ -94,7 +89,7 @@ def fused_linear_torch(
     """Reference: ``[residual +] [silu_mul](rms_norm?(x) @ weight.T + bias)`` with the model's roundings."""
     _check(x, weight, bias, residual, gated)
     if norm_weight is not None:
-        x = _rms_norm_torch(x, norm_weight, eps)
+        x = rms_norm_torch(x, norm_weight, eps)
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_mul_torch(y)
@@ -114,7 +109,7 @@ def fused_linear_composed(
     """cuBLAS GEMM between the fused elementwise kernels (Triton on CUDA, torch twins on the CPU)."""
     _check(x, weight, bias, residual, gated)
     if norm_weight is not None:
-        x, _ = add_rms_norm(x, None, norm_weight, eps)
+        x = rms_norm(x, norm_weight, eps)
     if residual is not None and bias is None and not gated:
         # the residual as addmm's C operand: added in cuBLAS's epilogue, no separate add kernel
         lead = x.shape[:-1]

@@ -135,30 +135,6 @@ def rope_inv_freq(cfg: NativeConfig) -> Tensor:
     return inv_freq
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dim in fp32, cast back before the weight multiply (as transformers does).
-
-    The reference formula; ``forward`` runs it inside the next linear layer (kernels.linear.fused_linear).
-    """
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` [R, T, H, D] by cos/sin [R, T, 1, D] (the rotate-half convention of Llama/Qwen).
-
-    The reference formula; ``forward`` gathers the table rows and rotates q and k in one call
-    (kernels.fused_ops.rope_qk_write_kv).
-    """
-    return x * cos + _rotate_half(x) * sin
-
-
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     # Uninitialized: from_hf / from_config fill every tensor, so no time goes to a throwaway init.
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
