@@ -76,7 +76,7 @@ def test_fused_sample_triton_equals_torch(device, dtype, masked, scale, alpha):
     seed, offset = _rng(device, 1234, 2**32 - 5000)  # counters cross the 32-bit boundary
     ref = ks.fused_sample_torch(logits, scale, alpha, seed, offset, packed)
     plan = PLANS[int(masked) ^ int(alpha == 1.0)]
-    out = ks._fused_sample_launch(logits, scale, alpha, seed, offset, packed, block=plan[0], n_chunks=plan[1])
+    out = ks.fused_sample_triton(logits, scale, alpha, seed, offset, packed, block=plan[0], n_chunks=plan[1])
     assert out[0].dtype == torch.int64 and out[1].dtype == torch.float32 and out[2].dtype == torch.float32
     assert torch.equal(out[0], ref[0])
     _assert_close_with_inf(out[1], ref[1])
@@ -163,8 +163,8 @@ def test_offset_advance_gives_fresh_noise(device):
     logits = torch.zeros(r, v, device=device)  # flat: the token is pure noise
     seed, zero = _rng(device, 5, 0)
     advanced = torch.tensor([r * v], dtype=torch.int64, device=device)
-    first = ks._fused_sample_launch(logits, 1.0, 1.0, seed, zero, None, block=128)[0]
-    second = ks._fused_sample_launch(logits, 1.0, 1.0, seed, advanced, None, block=128)[0]
+    first = ks.fused_sample_triton(logits, 1.0, 1.0, seed, zero, None, block=128)[0]
+    second = ks.fused_sample_triton(logits, 1.0, 1.0, seed, advanced, None, block=128)[0]
     assert not torch.equal(first, second)
     both = ks.fused_sample_torch(torch.cat([logits, logits]), 1.0, 1.0, seed, zero)[0]
     assert torch.equal(both, torch.cat([first, second]))
@@ -198,7 +198,7 @@ def test_token_logprobs_triton_equals_torch(device, dtype, scale, alpha, t):
     ref = ks.token_logprobs_torch(logits, tokens, scale, alpha)
     assert ref[0, 0] == NEG_INF
     for block, n_chunks in PLANS:
-        out = ks._token_logprobs_launch(logits, tokens, scale, alpha, block=block, n_chunks=n_chunks)
+        out = ks.token_logprobs_triton(logits, tokens, scale, alpha, block=block, n_chunks=n_chunks)
         assert out.shape == (r, t) and out.dtype == torch.float32
         _assert_close_with_inf(out, ref)
     expected = alpha * log_probs(logits.cpu(), 1 / scale).gather(-1, tokens.cpu()[..., None]).squeeze(-1)

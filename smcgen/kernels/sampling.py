@@ -490,18 +490,24 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
-def _fused_sample_launch(
+def fused_sample_triton(
     logits: Tensor,
     scale: float,
     alpha: float,
     seed: Tensor,
     offset: Tensor,
-    allowed: Tensor | None,
+    allowed: Tensor | None = None,
+    *,
     block: int | None = None,
     n_chunks: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """fused_sample_triton with an explicit plan (tests force small blocks and the chunk-merge path)."""
+    """Triton fused sampler (one pass over V per row, split over SMs for small R); see the module docstring.
+
+    Same arguments and results as :func:`fused_sample_torch`; CUDA-graph safe (no host sync, seed and
+    offset read on device). Uses ``R * V`` Philox numbers. ``block``, ``n_chunks`` and
+    ``num_warps`` (keywords, for tests) override the launch plan, e.g. to force the chunk merge.
+    """
     require_triton()
     _check_sample_args(logits, scale, alpha, allowed)
     _check_rng(seed, offset, logits.device)
@@ -568,32 +574,22 @@ def _fused_sample_launch(
     return tokens, log_p, log_norm
 
 
-def fused_sample_triton(
-    logits: Tensor,
-    scale: float,
-    alpha: float,
-    seed: Tensor,
-    offset: Tensor,
-    allowed: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton fused sampler (one pass over V per row, split over SMs for small R); see the module docstring.
-
-    Same arguments and results as :func:`fused_sample_torch`; CUDA-graph safe (no host sync, seed and
-    offset read on device). Uses ``R * V`` Philox numbers.
-    """
-    return _fused_sample_launch(logits, scale, alpha, seed, offset, allowed)
-
-
-def _token_logprobs_launch(
+def token_logprobs_triton(
     logits: Tensor,
     tokens: Tensor,
     scale: float,
     alpha: float,
+    *,
     block: int | None = None,
     n_chunks: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
-    """token_logprobs_triton with an explicit plan (tests force small blocks and the chunk-merge path)."""
+    """Triton ``alpha * (s[tok] - logsumexp_v s)``, ``s = scale * logits``: one pass over V per (r, t).
+
+    Same arguments and result as :func:`token_logprobs_torch`. Memory-bound; small R*T is split over
+    V-chunks with a merge pass like :func:`fused_sample_triton`. Out-of-range tokens give NaN.
+    ``block``, ``n_chunks`` and ``num_warps`` (keywords, for tests) override the launch plan.
+    """
     require_triton()
     _check_logprob_args(logits, tokens, scale, alpha)
     if logits.stride(-1) != 1:
@@ -644,15 +640,6 @@ def _token_logprobs_launch(
             num_warps=1,
         )
     return out
-
-
-def token_logprobs_triton(logits: Tensor, tokens: Tensor, scale: float, alpha: float) -> Tensor:
-    """Triton ``alpha * (s[tok] - logsumexp_v s)``, ``s = scale * logits``: one pass over V per (r, t).
-
-    Same arguments and result as :func:`token_logprobs_torch`. Memory-bound; small R*T is split over
-    V-chunks with a merge pass like :func:`fused_sample_triton`. Out-of-range tokens give NaN.
-    """
-    return _token_logprobs_launch(logits, tokens, scale, alpha)
 
 
 def fused_sample(
