@@ -174,7 +174,8 @@ class SMC:
                 raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
             mask = mask.for_logits(target.lm.vocab_size, target.lm)
         self.mask = mask
-        for m in (mask, getattr(proposal, "mask", None)):
+        required = proposal.required_potentials() if proposal is not None else ()
+        for m in (mask, *required):
             if m is not None and not any(f is m for f in factors):
                 factors.append(m)
         self.potential: Potential | None = Product(factors) if factors else None

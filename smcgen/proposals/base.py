@@ -7,6 +7,8 @@ import abc
 import torch
 from torch import Tensor
 
+from smcgen.potentials.base import Potential
+
 
 class Proposal(abc.ABC):
     """Extends every particle by a block of tokens and reports their log-probabilities.
@@ -26,3 +28,8 @@ class Proposal(abc.ABC):
 
     def reorder(self, rows: Tensor) -> None:
         """Make row i a copy of row ``rows[i]`` after resampling."""
+
+    def required_potentials(self) -> tuple[Potential, ...]:
+        """Factors the target must include for this proposal's weights to be right (the engine
+        adds any that are missing): e.g. a grammar the proposal samples inside."""
+        return ()

@@ -34,6 +34,10 @@ class MaskedLMProposal(LMProposal):
         super().__init__(lm, temperature)
         self.mask = mask.for_logits(lm.vocab_size, lm, "the draft's")
 
+    def required_potentials(self) -> tuple[GrammarPotential, ...]:
+        """The grammar: it zeroes particles that end outside the language (e.g. at the length limit)."""
+        return (self.mask,)
+
     def _request(self, sequences: Tensor) -> PendingBitmask:
         return self.mask.request_bitmask(sequences, self.n_prompt)
 
