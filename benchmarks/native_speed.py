@@ -27,6 +27,31 @@ import torch
 from smcgen.backends.native.engine import NativeSMC
 from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
+from smcgen.kernels import linear
+
+# Engine settings compared side by side (--variants): each changes one thing from the default.
+VARIANTS = {
+    "fused": {},  # the engine's defaults
+    "cublas": {"skinny_max_rows": 0},  # every linear layer on cuBLAS with the fused elementwise kernels
+    "pdl": {"pdl": True},  # programmatic dependent launch in both models
+    "pdldraft": {"pdl_draft": True},  # ... in the draft only
+    "nopdl": {"pdl": False, "pdl_draft": False},  # in neither
+    "grid0": {"min_grid": 0.0},  # the skinny kernel for every decode-sized layer, however few its programs
+}
+
+
+def apply_variant(name: str, models, defaults: dict) -> None:
+    """Reset the models and kernel switches to ``defaults``, then apply variant ``name``."""
+    settings = dict(defaults)
+    for part in name.split("+"):  # "a+b": both changes
+        settings.update(VARIANTS[part])
+    for m in models:
+        m.skinny_max_rows = settings["skinny_max_rows"]
+    target, draft = models
+    target.pdl = settings["pdl"]
+    draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
+    linear.MIN_GRID_FRACTION = settings["min_grid"]
+
 
 LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
@@ -134,6 +159,44 @@ def profile_cycle(target, draft, n, k, prompt_len, top=25):
     return total, rows
 
 
+def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
+    """Kernel time per cycle inside the replayed CUDA graphs, and how busy the GPU is between them.
+
+    The window is from the first ``cudaGraphLaunch`` to the last kernel: only the decode cycles
+    (one graph replay each, then a host sync). ``busy`` = the union of kernel intervals; the rest
+    of the window is launch gaps inside the graph plus the host round trip between cycles.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=0,
+                    draft_temperature=0.7, target_temperature=0.7)
+    engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=())
+    prompts = torch.randint(0, target.vocab_size, (1, prompt_len)).tolist()
+    engine.run(prompts)  # warm-up: Triton compiles, cuBLAS picks its kernels
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.run(prompts)
+    cycles = int(engine.last_timing["cycles"])
+    events = prof.events()
+    launches = [e.time_range.start for e in events if e.name.startswith("cudaGraphLaunch")]
+    first = min(launches, default=0)
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.start >= first)
+    if not kernels:
+        return {"error": f"no kernels recorded after the first graph launch ({len(launches)} launches)"}
+    per_name: dict[str, float] = defaultdict(float)
+    busy, edge = 0.0, kernels[0][0]
+    for start, end, name in kernels:
+        per_name[name[:90]] += end - start
+        busy += max(0.0, end - max(start, edge))
+        edge = max(edge, end)
+    window = edge - kernels[0][0]
+    return {
+        "cycles": cycles, "kernels_per_cycle": len(kernels) / cycles, "window_ms_per_cycle": window / cycles / 1e3,
+        "busy_ms_per_cycle": busy / cycles / 1e3, "kernel_ms_per_cycle": sum(per_name.values()) / cycles / 1e3,
+        "top": [(name, us / cycles / 1e3) for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="llama")
@@ -142,12 +205,19 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=128, help="new tokens for the HF generate anchor")
     ap.add_argument("--quick", action="store_true", help="AR, N=8 K=8, 8x8 only")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--grid", default=None,
+                    help="comma-separated NxKxREQUESTS rows instead of the default grid (K = 0: AR), e.g. 1x0x1,8x8x1")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-graph", action="store_true",
+                    help="per-kernel time per cycle inside the replayed graphs of N=8, K=8 (one per variant)")
     ap.add_argument("--skinny-max-rows", type=int, default=None,
                     help="widest batch for the skinny kernel (default: the model's own setting)")
     ap.add_argument("--linear", choices=("fused", "cublas", "both"), default="fused",
                     help="decode-sized linear layers in the fused skinny Triton kernel (the engine's default), "
                          "in cuBLAS with separate elementwise kernels, or both side by side")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated engine variants measured side by side ({', '.join(VARIANTS)}); "
+                         "overrides --linear")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "native_speed.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -161,6 +231,8 @@ def main() -> None:
                                        max_positions=max_pos)
     if args.skinny_max_rows is None:
         args.skinny_max_rows = target.skinny_max_rows
+    defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
+                "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pair": f"{t_name} / {d_name}",
@@ -169,28 +241,35 @@ def main() -> None:
     print(json.dumps(info))
 
     grid = [(1, 0, 1)]  # (N, K, requests); K = 0 is AR
-    if args.quick:
+    if args.grid:
+        grid = [tuple(int(v) for v in row.split("x")) for row in args.grid.split(",")]
+    elif args.quick:
         grid += [(8, 8, 1), (8, 8, 8)]
     else:
         grid += [(n, k, 1) for n in (1, 4, 8, 16) for k in (4, 8, 16)] + [(8, 8, 8)]
     rows = []
     ar = {}
-    linears = ("fused", "cublas") if args.linear == "both" else (args.linear,)
+    if args.variants:
+        variants = tuple(v.strip() for v in args.variants.split(","))
+        unknown = [p for v in variants for p in v.split("+") if p not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    else:
+        variants = ("fused", "cublas") if args.linear == "both" else (args.linear,)
     for n, k, reqs in grid:
-        for linear in linears:
-            skinny = args.skinny_max_rows if linear == "fused" else 0
-            target.skinny_max_rows = draft.skinny_max_rows = skinny
+        for variant in variants:
+            apply_variant(variant, (target, draft), defaults)
             r = run_engine(target, draft, n, k, reqs, args.prompt_len, args.new_tokens)
             roof = (k + 1) * bw / (w_t + k * w_d)
-            r.update({"N": n, "K": k, "requests": reqs, "linear": linear, "roofline_tok_s": roof,
+            r.update({"N": n, "K": k, "requests": reqs, "variant": variant, "roofline_tok_s": roof,
                       "roofline_frac": r["tok_s_per_request"] / roof, "aggregate_tok_s": r["tok_s_per_request"] * reqs})
             if k == 0:
-                ar[linear] = r["tok_s_per_request"]
-            r["vs_AR"] = r["tok_s_per_request"] / ar[linear]
+                ar[variant] = r["tok_s_per_request"]
+            r["vs_AR"] = r["tok_s_per_request"] / ar[variant] if variant in ar else float("nan")
             rows.append(r)
             print(json.dumps(r), flush=True)
-    target.skinny_max_rows = draft.skinny_max_rows = args.skinny_max_rows
-    ar = ar.get("fused", next(iter(ar.values())))
+    apply_variant("fused", (target, draft), defaults)
+    ar = ar.get("fused", next(iter(ar.values()), float("nan")))
 
     hf = None
     if not args.no_hf:
@@ -205,12 +284,12 @@ def main() -> None:
 
     print(f"\n{info['pair']} on {info['device']}, copy bandwidth {bw / 1e12:.2f} TB/s, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, bf16, random weights\n")
-    print("| mode | linear | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
+    print("| mode | variant | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
           "% roofline | peak GiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mode = "AR" if r["K"] == 0 else "SMC-SD"
-        print(f"| {mode} | {r['linear']} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
+        print(f"| {mode} | {r['variant']} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
               f"{r['aggregate_tok_s']:.1f} | {r['vs_AR']:.2f} | {r['roofline_tok_s']:.0f} | "
               f"{100 * r['roofline_frac']:.0f}% | {r['peak_gib']:.1f} |")
     if hf is not None:
@@ -224,8 +303,24 @@ def main() -> None:
         for name, us in top:
             print(f"  {us / 1e3:8.2f} ms  {100 * us / total:5.1f}%  {name}")
         prof = {"total_ms": total / 1e3, "top": [(n, us / 1e3) for n, us in top]}
+    graph_prof = {}
+    if args.profile_graph:
+        for variant, n, k in [(variants[0], 1, 0)] + [(v, 8, 8) for v in variants]:
+            apply_variant(variant, (target, draft), defaults)
+            g = profile_graph(target, draft, n, k, args.prompt_len, args.new_tokens)
+            graph_prof[f"{variant} N={n} K={k}"] = g
+            if "error" in g:
+                print(f"\ngraph profile ({variant}, N={n}, K={k}): {g['error']}")
+                continue
+            print(f"\ngraph profile ({variant}): N={n}, K={k}, {g['cycles']} cycles; per cycle: window "
+                  f"{g['window_ms_per_cycle']:.2f} ms, GPU busy {g['busy_ms_per_cycle']:.2f} ms, kernel time "
+                  f"{g['kernel_ms_per_cycle']:.2f} ms, {g['kernels_per_cycle']:.0f} kernels")
+            for name, ms in g["top"]:
+                print(f"  {ms:7.3f} ms  {100 * ms / g['kernel_ms_per_cycle']:5.1f}%  {name}")
+        apply_variant("fused", (target, draft), defaults)
     with open(args.out, "w") as f:
-        json.dump({"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof}, f, indent=1)
+        json.dump({"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof, "graph_profile": graph_prof},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

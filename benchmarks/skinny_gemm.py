@@ -122,7 +122,8 @@ def forward_fn(kind, ls, head, norm, x, eps=1e-5):
     }[kind]
 
 
-def sweep(ls, head, norm, rows, dev, eps=1e-5):
+def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=(4,), splits=(1, 2, 4, 8),
+          stages_=(3, 4)):
     """Per layer kind: cuBLAS (composed) and a grid of skinny plans, every layer's weight of that
     kind in one graph (weights stay cold); prints the best plan against the default one."""
     hidden = head.shape[1]
@@ -160,11 +161,13 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5):
     block_m = max(16, 1 << (rows - 1).bit_length())
     out = {}
     for name, (fn, n_out, k, gated, n_layers) in kinds.items():
+        if only and name not in only:
+            continue
         n_bytes = n_layers * (2 if gated else 1) * n_out * k * 2
         default = skinny_plan(rows, n_out, k, gated, dev)
         plans = {default}
-        for bk, stages, split in itertools.product((128, 256), (3, 4), (1, 2, 4, 8, default[-1])):
-            plans.add((block_m, 64, bk, 4, stages, split))
+        for bk, stages, split, bn, nw in itertools.product((128, 256), stages_, (*splits, default[-1]), block_ns, warps):
+            plans.add((block_m, bn, bk, nw, stages, split))
         results = []
         for plan in sorted(plans):
             try:
@@ -200,6 +203,12 @@ def main() -> None:
     ap.add_argument(
         "--out", default=os.path.join(os.environ.get("OUT", "."), "skinny_gemm.json")
     )
+    ap.add_argument("--kinds", nargs="+", default=None,
+                    help="layer kinds to sweep (qkv+norm, o+res, gate_up+norm+silu, down+res, head+norm); default all")
+    ap.add_argument("--block-n", nargs="+", type=int, default=[64], help="output columns per program to sweep")
+    ap.add_argument("--warps", nargs="+", type=int, default=[4], help="warps per program to sweep")
+    ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8], help="split-K factors to sweep")
+    ap.add_argument("--stages", nargs="+", type=int, default=[3, 4], help="pipeline stages to sweep")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -244,7 +253,10 @@ def main() -> None:
         if args.sweep:
             for m in [int(a.split(":")[1]) for a in args.sweep_at if a.split(":")[0] == name]:
                 print(f"sweep {name} M={m}")
-                result["sweeps"][f"{name}/M={m}"] = sweep(ls, head, norm, m, dev)
+                result["sweeps"][f"{name}/M={m}"] = sweep(
+                    ls, head, norm, m, dev, only=args.kinds, block_ns=tuple(args.block_n), warps=tuple(args.warps),
+                    splits=tuple(args.splits), stages_=tuple(args.stages),
+                )
         del ls, head
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:

@@ -6,8 +6,10 @@ interpreter is patched once here so kernels may use runtime loop bounds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -21,7 +23,19 @@ except ImportError:  # the torch twins still work without triton
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "fix_interpreter_loop_bounds", "require_triton", "sm_count", "tl", "triton", "use_triton"]
+__all__ = [
+    "HAS_TRITON",
+    "fix_interpreter_loop_bounds",
+    "pdl_begin",
+    "pdl_enabled",
+    "pdl_scope",
+    "require_triton",
+    "set_pdl",
+    "sm_count",
+    "tl",
+    "triton",
+    "use_triton",
+]
 
 
 def fix_interpreter_loop_bounds() -> None:
@@ -68,3 +82,63 @@ def sm_count(device: torch.device) -> int:
     """Multiprocessor count of a CUDA device (cached: the query is not free; no sync)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Programmatic dependent launch (PDL, Hopper and later). A decode step is a chain of ~8 short
+# kernels per layer; with PDL a kernel is launched while its predecessor still runs, does the work
+# that reads nothing the predecessor writes (the linear layers prefetch their weights into L2)
+# and then waits in ``griddepcontrol.wait``, so the launch latency and the weight stream's ramp-up
+# hide behind the previous kernel instead of adding to it. Off by default (on the H100 it sped up
+# the 1B draft's steps but slowed the 8B's AR steps: BENCHMARKS.md); SMCGEN_PDL=1 turns it on
+# everywhere, ``NativeCausalLM.pdl`` per model.
+_PDL = os.environ.get("SMCGEN_PDL", "0") == "1"
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off for kernels launched from now on (benchmarks).
+
+    A CUDA graph keeps the launch mode it was captured with.
+    """
+    global _PDL
+    _PDL = bool(enabled)
+
+
+@contextlib.contextmanager
+def pdl_scope(enabled: bool | None) -> Iterator[None]:
+    """Kernels launched inside the block use PDL iff ``enabled`` (``None``: the setting as it is)."""
+    global _PDL
+    before = _PDL
+    if enabled is not None:
+        _PDL = bool(enabled)
+    try:
+        yield
+    finally:
+        _PDL = before
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device launch with PDL: CUDA sm_90+, triton present, not turned off."""
+    return _PDL and HAS_TRITON and t.is_cuda and _capability(t.device) >= (9, 0)
+
+
+if HAS_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def pdl_begin(PDL: tl.constexpr):
+        """Wait for the previous kernel (all its writes visible), then let the next one launch.
+
+        Every PDL kernel calls this before its first read of a predecessor's output and before its
+        first write, on every path (an early-exit program too): a kernel launched early waits only
+        on its direct predecessor, so the chain stays ordered only if each link waits. Only reads
+        of constants (weights) may come before it.
+        """
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()

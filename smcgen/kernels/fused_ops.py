@@ -31,7 +31,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smcgen.kernels._triton import HAS_TRITON, tl, triton, use_triton
+from smcgen.kernels._triton import (
+    HAS_TRITON,
+    pdl_begin,
+    pdl_enabled,
+    tl,
+    triton,
+    use_triton,
+)
 from smcgen.kernels.attention import write_kv_torch
 
 __all__ = [
@@ -99,7 +106,9 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, *, max_block: int = _
             eps,
             BLOCK=block,
             SINGLE=single,
+            PDL=pdl_enabled(x),
             num_warps=min(max(block // 512, 1), 16),
+            launch_pdl=pdl_enabled(x),
         )
     return out.reshape(x.shape)
 
@@ -234,7 +243,9 @@ def rope_qk_write_kv_triton(
             BLOCK_HK=triton.next_power_of_2(n_kvh),
             HAS_NORM=has_norm,
             PAGE=k_pool_l.shape[1],
+            PDL=pdl_enabled(q),
             num_warps=4 if block_hq * block_d <= 2048 else 8,
+            launch_pdl=pdl_enabled(q),
         )
     return q_out
 
@@ -280,7 +291,8 @@ def silu_mul_triton(gate_up: Tensor, *, block: int = _SILU_BLOCK) -> Tensor:
     block = min(block, triton.next_power_of_2(max(inter, 1)))
     if n_rows > 0 and inter > 0:
         _silu_mul_kernel[(n_rows, triton.cdiv(inter, block))](
-            g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4
+            g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, PDL=pdl_enabled(g2), num_warps=4,
+            launch_pdl=pdl_enabled(g2),
         )
     return out.reshape(*gate_up.shape[:-1], inter)
 
@@ -298,7 +310,10 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _rms_norm_kernel(x, w, out, N, stride_x, stride_o, eps, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    def _rms_norm_kernel(
+        x, w, out, N, stride_x, stride_o, eps, BLOCK: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr
+    ):
+        pdl_begin(PDL)
         row = tl.program_id(0).to(tl.int64)
         x_row = x + row * stride_x
         o_row = out + row * stride_o
@@ -404,7 +419,9 @@ if HAS_TRITON:
         BLOCK_HK: tl.constexpr,
         HAS_NORM: tl.constexpr,
         PAGE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_begin(PDL)
         pid = tl.program_id(0)
         r = (pid // n_q).to(tl.int64)
         t = (pid % n_q).to(tl.int64)
@@ -461,7 +478,8 @@ if HAS_TRITON:
         tl.store(v_pool + slot + h * s_ph + d[None, :], x.to(v_pool.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(gate_up, out, n_inter, stride_g, stride_o, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_up, out, n_inter, stride_g, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_begin(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < n_inter

@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smcgen.kernels._triton import HAS_TRITON, sm_count, tl, triton, use_triton
+from smcgen.kernels._triton import (
+    HAS_TRITON,
+    pdl_begin,
+    pdl_enabled,
+    sm_count,
+    tl,
+    triton,
+    use_triton,
+)
 from smcgen.kernels.fused_ops import rms_norm, rms_norm_torch, silu_mul, silu_mul_torch
 
 __all__ = [
@@ -131,8 +139,8 @@ def skinny_plan(
     """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the skinny kernel.
 
     From the H100 sweep (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M block,
-    64 output columns per program; 256-deep K steps in four stages, or 128-deep in three for the
-    gated kernel (two weight tiles per step); K split four ways only for a long K over few column
+    64 output columns per program; 256-deep K steps in four stages, or in three for the gated
+    kernel (two weight tiles per step; 128 deep for a K over 2048); K split four ways only for a long K over few column
     tiles (a 1B model's down projection), where the last program of a tile to finish sums the
     partials and runs the epilogue. Everywhere else one pass over K measured fastest.
     """
@@ -140,7 +148,9 @@ def skinny_plan(
     block_n = 64
     # a 64-row block holds 4x the activations per K step, fp32 twice the bytes of bf16: shallower
     # steps keep the pipeline stages within shared memory (fp32 ran out of it on the H100)
-    deep = 64 if block_m > 32 else (128 if gated else 256)
+    # gated (two weight tiles per step): 128 deep ran best for the 8B's K = 4096 at M = 1, 256 for
+    # the 1B's K = 2048 at M = 8 (0.445 against 0.478 ms at 128: H100 sweep of 2026-11-25)
+    deep = 64 if block_m > 32 else (128 if gated and (k > 2048 or block_m > 16) else 256)
     deep = deep * 2 // elem_bytes
     block_k = min(deep, max(16, triton.next_power_of_2(k)))
     num_stages = 3 if gated or block_m > 32 else 4
@@ -200,6 +210,7 @@ def fused_linear_triton(
             counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     else:
         slot, ws, counters = 0, out, out
+    pdl = pdl_enabled(x)
     _skinny_linear_kernel[(tiles, split)](
         x2,
         weight,
@@ -230,14 +241,21 @@ def fused_linear_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PDL=pdl,
         num_warps=warps,
         num_stages=stages,
+        launch_pdl=pdl,
     )
     return out.reshape(*lead, n_out)
 
 
+#: the skinny kernel takes a layer only if its grid has at least this fraction of the SMs' count
+#: of programs (see ``_fills_the_gpu``)
+MIN_GRID_FRACTION = 0.25
+
+
 def _fills_the_gpu(plan: tuple[int, ...], n_out: int, device: torch.device) -> bool:
-    """Whether ``plan`` launches at least a quarter of the SMs' count of programs.
+    """Whether ``plan`` launches at least ``MIN_GRID_FRACTION`` of the SMs' count of programs.
 
     Fewer programs cannot stream a weight at bandwidth (in the H100 sweep such starved grids were
     the kernel's losses to cuBLAS), e.g. a 0.6B model's 1024-wide outputs: 16 column tiles. The
@@ -246,7 +264,7 @@ def _fills_the_gpu(plan: tuple[int, ...], n_out: int, device: torch.device) -> b
     if device.type != "cuda":
         return True
     _, block_n, _, _, _, split = plan
-    return 4 * triton.cdiv(n_out, block_n) * split >= sm_count(device)
+    return triton.cdiv(n_out, block_n) * split >= MIN_GRID_FRACTION * sm_count(device)
 
 
 def fused_linear(
@@ -338,6 +356,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # Program (tile, split): all M rows x BLOCK_N output columns over one K_PER-wide share of
         # K, streaming its weight rows once. N is the output width; when GATED the up rows sit N
@@ -353,6 +372,7 @@ if HAS_TRITON:
         k_hi = tl.minimum(k_lo + K_PER, K)
         x_ptrs = x + offs_m[:, None] * stride_x + offs_k[None, :]
         w_ptrs = w + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+        pdl_begin(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smcgen.backends.native.kv_cache import PagedKVCache
+from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
 from smcgen.kernels.linear import fused_linear, fused_linear_composed
@@ -202,9 +203,16 @@ class NativeCausalLM(nn.Module):
         #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
         #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
         self.skinny_max_rows = 16
+        #: launch this model's Triton kernels with programmatic dependent launch (sm_90+): True,
+        #: False, or None to follow the process-wide setting (SMCGEN_PDL). Read when a forward
+        #: runs, so a CUDA graph keeps the mode it was captured with.
+        self.pdl: bool | None = None
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
+        # the same for split-KV attention (one slot per row x kv head x query block; wider launches
+        # merge their splits in a second kernel instead)
+        self.register_buffer("attn_counters", torch.zeros(16384, dtype=torch.int32, device=device), persistent=False)
 
     # --------------------------------------------------------------------------- builders
 
@@ -387,6 +395,10 @@ class NativeCausalLM(nn.Module):
         Writes the tokens' K/V into ``cache`` (pages for positions < start_pos + T must be
         reserved) and attends causally to everything the rows hold up to each query's position.
         """
+        with pdl_scope(self.pdl):
+            return self._forward(tokens, start_pos, cache, last_only)
+
+    def _forward(self, tokens: Tensor, start_pos: Tensor, cache: PagedKVCache, last_only: bool) -> Tensor:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         n_rows, n_new = tokens.shape
@@ -410,7 +422,7 @@ class NativeCausalLM(nn.Module):
                 q, k, v, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
                 layer.q_norm, layer.k_norm, eps,
             )  # fmt: skip
-            att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale)
+            att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h)
             mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True)
             h = linear(mlp, layer.down, layer.down_bias, residual=h)

@@ -1,0 +1,68 @@
+"""Compile smcgen's PDL kernels for an H100 (sm_90) on a machine without a GPU; print their PTX facts.
+
+Run as a script without TRITON_INTERPRET (the interpreter replaces the kernels it compiles):
+``python tests/hopper_ptx.py`` prints one JSON object per kernel with the offsets of its first
+``griddepcontrol.wait`` / ``griddepcontrol.launch_dependents`` / global load in the PTX (-1: absent).
+Triton ships ptxas, so the PTX is also assembled: an instruction sm_90 lacks fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from smcgen.kernels import attention, fused_ops, linear
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def signature(fn, constexprs: dict, pointers: dict, floats: tuple[str, ...]) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
+    src = ASTSource(fn, signature(fn, constexprs, pointers, floats), constexprs)
+    ptx = triton.compile(src, target=HOPPER, options={"launch_pdl": True, **options}).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    return {
+        "kernel": name,
+        "wait": body.find("griddepcontrol.wait"),
+        "launch_dependents": body.find("griddepcontrol.launch_dependents"),
+        "first_load": min((i for i in (body.find("ld.global"), body.find("cp.async.cg")) if i >= 0), default=-1),
+    }
+
+
+def main() -> None:
+    bf16 = "*bf16"
+    skinny = {"HAS_BIAS": False, "HAS_NORM": True, "HAS_RES": True, "GATED": True, "EVEN_N": True, "EVEN_K": True,
+                  "IEEE": False, "SPLIT": 2, "SLOT": 2 * 16 * 64 + 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                  "PDL": True}
+    ptrs = {"x": bf16, "w": bf16, "b": bf16, "g": bf16, "res": bf16, "out": bf16, "ws": "*fp32", "counters": "*i32"}
+    print(json.dumps(facts("skinny_linear", linear._skinny_linear_kernel, skinny, ptrs, ("eps",),
+                           num_warps=4, num_stages=3)))
+    attn = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 16, "BLOCK_N": 128, "SPLIT": True, "MERGE": True, "IEEE": False, "PDL": True}
+    ptrs = {"q": bf16, "k_pool": bf16, "v_pool": bf16, "bt": "*i32", "start_pos": "*i32", "out": bf16,
+            "part_o": "*fp32", "part_lse": "*fp32", "counters": "*i32"}
+    print(json.dumps(facts("paged_attention", attention._paged_attention_kernel, attn, ptrs, ("qk_scale",),
+                           num_warps=4, num_stages=2)))
+    norm = {"BLOCK": 4096, "SINGLE": True, "PDL": True}
+    print(json.dumps(facts("rms_norm", fused_ops._rms_norm_kernel, norm, {"x": bf16, "w": bf16, "out": bf16},
+                           ("eps",), num_warps=8)))
+
+
+if __name__ == "__main__":
+    main()

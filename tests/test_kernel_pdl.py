@@ -1,0 +1,109 @@
+"""Programmatic dependent launch (PDL) of the decode kernels.
+
+On the CPU the kernels cannot run with PDL (the interpreter has no ``griddepcontrol``), so the CPU
+check compiles them for an H100 with Triton's bundled ptxas and reads the PTX: each kernel waits
+for its predecessor before its first global load and lets its successor launch only after that
+wait. On CUDA a chain of PDL kernels replayed in a CUDA graph gives bit-for-bit the results of
+the same chain without PDL: only the scheduling may change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smcgen.kernels import _triton
+from smcgen.kernels._triton import HAS_TRITON
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@needs_triton
+def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("hopper_ptx.py"))],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = {f["kernel"]: f for f in map(json.loads, done.stdout.splitlines())}
+    assert set(kernels) == {"skinny_linear", "paged_attention", "rms_norm"}
+    for name, f in kernels.items():
+        assert 0 <= f["wait"] < f["launch_dependents"], name
+        assert f["first_load"] > f["wait"], f"{name} reads memory before waiting on its predecessor"
+
+
+def test_pdl_switches():
+    assert not _triton.pdl_enabled(torch.zeros(1)), "never for CPU tensors"
+    before = _triton._PDL
+    try:
+        _triton.set_pdl(False)
+        with _triton.pdl_scope(True):
+            assert _triton._PDL
+            with _triton.pdl_scope(None):  # None keeps the setting
+                assert _triton._PDL
+        assert not _triton._PDL, "the scope restores the setting"
+        with pytest.raises(RuntimeError), _triton.pdl_scope(True):
+            raise RuntimeError
+        assert not _triton._PDL, "... also when the block raises"
+    finally:
+        _triton.set_pdl(before)
+
+
+@needs_triton
+def test_pdl_chain_in_a_cuda_graph_equals_the_plain_chain(device, monkeypatch):
+    if device.type != "cuda":
+        pytest.skip("PDL runs on CUDA only; the CPU test above checks the compiled kernels instead")
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        pytest.skip("this GPU has no programmatic dependent launch (needs sm_90+)")
+    from smcgen.kernels.fused_ops import rms_norm
+    from smcgen.kernels.linear import fused_linear_triton
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden, inter, layers = 1024, 2048, 6
+
+    def w(n, k):
+        return (torch.randn(n, k, generator=g) * k**-0.5).to(device, torch.bfloat16)
+
+    weights = [(w(2 * inter, hidden), w(hidden, inter), torch.rand(hidden, generator=g).to(device, torch.bfloat16) + 0.5)
+               for _ in range(layers)]  # fmt: skip
+    x = torch.randn(8, hidden, generator=g).to(device, torch.bfloat16)
+    counters = torch.zeros(4096, dtype=torch.int32, device=device)
+
+    def chain():
+        h = x
+        for up, down, norm in weights:
+            mlp = fused_linear_triton(h, up, norm_weight=norm, gated=True, counters=counters)
+            h = fused_linear_triton(mlp, down, residual=h, plan=(16, 64, 128, 4, 3, 4), counters=counters)
+            h = rms_norm(h, norm, 1e-5)
+        return h
+
+    def replay():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain()  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        outs = []
+        for _ in range(3):
+            graph.replay()
+            outs.append(out.clone())
+        return outs
+
+    monkeypatch.setattr(_triton, "_PDL", False)
+    plain = chain()
+    monkeypatch.setattr(_triton, "_PDL", True)
+    for out in replay():
+        assert torch.equal(out, plain)
+    assert int(counters.abs().sum()) == 0
