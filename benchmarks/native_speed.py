@@ -36,6 +36,8 @@ VARIANTS = {
     "pdl": {"pdl": True},  # programmatic dependent launch in both models
     "pdldraft": {"pdl_draft": True},  # ... in the draft only
     "nopdl": {"pdl": False, "pdl_draft": False},  # in neither
+    "nofold": {"fold": False},  # a separate RMSNorm kernel before each QKV projection
+    "sepmerge": {"merge_in_kernel": False},  # split-KV attention merged by a second kernel
     "grid0": {"min_grid": 0.0},  # the skinny kernel for every decode-sized layer, however few its programs
 }
 
@@ -47,6 +49,12 @@ def apply_variant(name: str, models, defaults: dict) -> None:
         settings.update(VARIANTS[part])
     for m in models:
         m.skinny_max_rows = settings["skinny_max_rows"]
+        if not settings["fold"]:
+            # exact only because from_config's norms are all 1 (so W * g == W): no unfolding needed
+            assert all(bool((layer.input_norm == 1).all()) for layer in m.layers)
+        m.input_norm_folded = settings["fold"] and not m.cfg.qkv_bias
+        # no counters: the attention falls back to its separate merge kernel
+        m.attn_counters = torch.zeros(16384 if settings["merge_in_kernel"] else 0, dtype=torch.int32, device=m.device)
     target, draft = models
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
@@ -232,6 +240,7 @@ def main() -> None:
     if args.skinny_max_rows is None:
         args.skinny_max_rows = target.skinny_max_rows
     defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
+                "fold": target.input_norm_folded, "merge_in_kernel": True,
                 "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()

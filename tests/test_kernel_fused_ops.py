@@ -155,6 +155,51 @@ def test_rope_qk_write_kv_matches_rope_then_write(device, n_q, n_qh, n_kvh, dim,
         torch.testing.assert_close(disp, q_ref, **tol(dtype))
 
 
+@pytest.mark.parametrize("hidden", [48, 5000])  # 5000: more than one BLOCK_X chunk of the row
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_with_the_folded_input_norm(device, hidden, qk_norm):
+    """``rms_of``: projecting the raw input with W * g and scaling q, k, v by its inverse RMS in RoPE
+    equals RMSNorm(x, g) before the projection (fp32), and the Triton kernel equals its twin."""
+    n_rows, n_q, n_qh, n_kvh, dim = 3, 5, 4, 2, 32
+    start = torch.tensor([0, 7, 40], dtype=torch.int32, device=device)
+    x = rand((n_rows, n_q, hidden), torch.float32, device, 5, scale=3.0)
+    g = rand((hidden,), torch.float32, device, 6, 0.3) + 1
+    w = rand(((n_qh + 2 * n_kvh) * dim, hidden), torch.float32, device, 7, scale=hidden**-0.5)
+    qn = kn = None
+    if qk_norm:
+        qn, kn = rand((dim,), torch.float32, device, 1, 0.2) + 1, rand((dim,), torch.float32, device, 2, 0.2) + 1
+
+    def heads(qkv):
+        q, k, v = qkv.split((n_qh * dim, n_kvh * dim, n_kvh * dim), dim=-1)
+        return (t.reshape(n_rows, n_q, -1, dim) for t in (q, k, v))
+
+    cos, sin = rope_tables(64, dim, torch.float32, device, theta=500.0)
+    pools = {name: paged_pools(n_rows, n_kvh, dim, torch.float32, device) for name in ("norm", "twin", "triton")}
+    q_norm_first = rope_qk_write_kv_torch(
+        *heads(rms_norm_torch(x, g, EPS) @ w.T), cos, sin, start, *pools["norm"], qn, kn, EPS
+    )
+    folded = heads(x @ (w * g).T)
+    q_twin = rope_qk_write_kv_torch(*folded, cos, sin, start, *pools["twin"], qn, kn, EPS, rms_of=x)
+    torch.testing.assert_close(q_twin, q_norm_first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pools["twin"][0], pools["norm"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pools["twin"][1], pools["norm"][1], rtol=1e-5, atol=1e-5)
+    q_tri = rope_qk_write_kv_triton(*heads(x @ (w * g).T), cos, sin, start, *pools["triton"], qn, kn, EPS, rms_of=x)
+    torch.testing.assert_close(q_tri, q_twin, **tol(torch.float32))
+    torch.testing.assert_close(pools["triton"][0], pools["twin"][0], **tol(torch.float32))
+    torch.testing.assert_close(pools["triton"][1], pools["twin"][1], **tol(torch.float32))
+    for dtype in dtypes(device)[1:]:  # the half types: the twin's roundings
+        xh, qkv = x.to(dtype), (x @ (w * g).T).to(dtype)
+        k_t, v_t, table = paged_pools(n_rows, n_kvh, dim, dtype, device)
+        k_r, v_r = k_t.clone(), v_t.clone()
+        qh = None if qn is None else (qn.to(dtype), kn.to(dtype))
+        args = (cos.to(dtype), sin.to(dtype), start)
+        out = rope_qk_write_kv_triton(*heads(qkv), *args, k_t, v_t, table, *(qh or (None, None)), EPS, rms_of=xh)
+        ref = rope_qk_write_kv_torch(*heads(qkv), *args, k_r, v_r, table, *(qh or (None, None)), EPS, rms_of=xh)
+        torch.testing.assert_close(out, ref, **tol(dtype))
+        torch.testing.assert_close(k_t, k_r, **tol(dtype))
+        torch.testing.assert_close(v_t, v_r, **tol(dtype))
+
+
 def test_rope_qk_write_kv_skips_missing_pages(device):
     """A row whose page is missing (-1: pool exhausted) writes nothing; the other rows still write."""
     dim, n_kvh = 32, 2

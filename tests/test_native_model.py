@@ -394,3 +394,18 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch):
     assert_close(step[0, 0], reference(hf, [*PROMPT, PROMPT[0]])[-1])
     assert len(calls) == 2 * 3 * native.n_layers  # o, gate_up, down; QKV and the head stay on cuBLAS
     assert int(native.linear_counters.abs().sum()) == 0
+
+
+def test_input_norm_folded_into_qkv_once(pair):
+    """Models without a QKV bias carry W * input_norm (the fp32 logits above match transformers with
+    it); folding again changes nothing; Qwen2 (QKV bias) keeps the separate norm."""
+    hf, native = pair
+    folded = not native.cfg.qkv_bias
+    assert native.input_norm_folded == folded
+    layer, theirs = native.layers[0], hf.model.layers[0]
+    q_rows = theirs.self_attn.q_proj.weight.shape[0]
+    expected = theirs.self_attn.q_proj.weight * (theirs.input_layernorm.weight if folded else 1.0)
+    torch.testing.assert_close(layer.qkv[:q_rows], expected, rtol=1e-6, atol=1e-6)
+    before = layer.qkv.clone()
+    assert native.fold_input_norms() == folded
+    assert torch.equal(layer.qkv, before)

@@ -16,7 +16,10 @@ Numerics (shared by both versions; they follow transformers' Llama/Qwen modules)
   rotate-half rotation ``x * cos + rotate_half(x) * sin`` is done with the model dtype's
   roundings (each product rounded, then the sum), so bf16 results are bit-equal to the twin up to
   the table gather. With ``q_norm``/``k_norm`` (Qwen3) each head is first RMSNormed over D
-  exactly like ``rms_norm`` (fp32, cast, weight multiply).
+  exactly like ``rms_norm`` (fp32, cast, weight multiply). With ``rms_of`` [R, T, H] (the layer
+  input whose RMSNorm weight the model folded into its QKV weights) q, k and v are first scaled
+  by that row's ``rsqrt(mean(rms_of^2) + eps)`` in fp32 and rounded to their dtype: the norm's
+  scale applied after the projection, so the layer needs no separate norm kernel.
 - ``silu_mul(gate_up) -> out``: ``gate_up [..., 2I]`` (gate first), ``out = silu(gate) * up`` with
   silu rounded to the input dtype before the multiply, as ``F.silu(gate) * up`` does.
 
@@ -166,8 +169,15 @@ def rope_qk_write_kv_torch(
     q_norm: Tensor | None = None,
     k_norm: Tensor | None = None,
     eps: float = 1e-6,
+    rms_of: Tensor | None = None,
 ) -> Tensor:
-    """``rope_qk_torch`` then ``write_kv_torch`` of the rotated k and of v; returns the rotated q."""
+    """``rope_qk_torch`` then ``write_kv_torch`` of the rotated k and of v; returns the rotated q.
+
+    With ``rms_of`` q, k and v are first scaled by its rows' inverse RMS (module doc).
+    """
+    if rms_of is not None:
+        inv = torch.rsqrt(rms_of.float().pow(2).mean(-1) + eps)[:, :, None, None]
+        q, k, v = ((t.float() * inv).to(t.dtype) for t in (q, k, v))
     q, k = rope_qk_torch(q, k, cos_table, sin_table, start_pos, q_norm, k_norm, eps)
     write_kv_torch(k, v, k_pool_l, v_pool_l, block_table, start_pos)
     return q
@@ -186,6 +196,7 @@ def rope_qk_write_kv_triton(
     q_norm: Tensor | None = None,
     k_norm: Tensor | None = None,
     eps: float = 1e-6,
+    rms_of: Tensor | None = None,
 ) -> Tensor:
     """Triton version of :func:`rope_qk_write_kv_torch`: one program per (row, token) rotates all
     its q and k heads as [heads, D] tiles (cos/sin loaded once) and stores k and v in their page
@@ -208,6 +219,12 @@ def rope_qk_write_kv_triton(
         q_norm, k_norm = q_norm.contiguous(), k_norm.contiguous()
     else:
         q_norm = k_norm = cos_table  # unused
+    row_norm = rms_of is not None
+    if row_norm:
+        assert rms_of.shape[:2] == (n_rows, n_q)
+        xs = _rows(rms_of)
+    else:
+        xs = cos_table  # unused
     dtype = q.dtype if not has_norm else torch.promote_types(q.dtype, q_norm.dtype)
     q_out = torch.empty(q.shape, dtype=torch.promote_types(dtype, cos_table.dtype), device=q.device)
     if n_rows * n_q > 0:
@@ -226,9 +243,12 @@ def rope_qk_write_kv_triton(
             start_pos,
             q_norm,
             k_norm,
+            xs,
             n_q,
             n_qh,
             n_kvh,
+            xs.shape[-1],
+            xs.stride(0),
             eps,
             *q.stride()[:3],
             *k.stride()[:3],
@@ -242,6 +262,8 @@ def rope_qk_write_kv_triton(
             BLOCK_HQ=block_hq,
             BLOCK_HK=triton.next_power_of_2(n_kvh),
             HAS_NORM=has_norm,
+            ROW_NORM=row_norm,
+            BLOCK_X=min(triton.next_power_of_2(xs.shape[-1]), 4096),
             PAGE=k_pool_l.shape[1],
             PDL=pdl_enabled(q),
             num_warps=4 if block_hq * block_d <= 2048 else 8,
@@ -263,10 +285,11 @@ def rope_qk_write_kv(
     q_norm: Tensor | None = None,
     k_norm: Tensor | None = None,
     eps: float = 1e-6,
+    rms_of: Tensor | None = None,
 ) -> Tensor:
     """RoPE on q and k, k and v stored in the paged cache -> rotated q (Triton on CUDA, torch otherwise)."""
     fn = rope_qk_write_kv_triton if use_triton(q) else rope_qk_write_kv_torch
-    return fn(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, q_norm, k_norm, eps)
+    return fn(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, q_norm, k_norm, eps, rms_of)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,9 +378,11 @@ if HAS_TRITON:
         d_mask,
         eps,
         ok,
+        rstd,
         D: tl.constexpr,
         BLOCK_H: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        ROW_NORM: tl.constexpr,
     ):
         """Rotate the [n_heads, D] heads of one token at ``src`` into ``dst`` (see the module doc);
         nothing is stored unless ``ok``."""
@@ -366,6 +391,9 @@ if HAS_TRITON:
         x = tl.load(src + h * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
         # rotate_half reads the other half of the same head: a second (cached) gather load
         xr = tl.load(src + h * s_h + d_rot[None, :], mask=m, other=0.0).to(tl.float32)
+        if ROW_NORM:
+            x = (x * rstd).to(src.dtype.element_ty).to(tl.float32)
+            xr = (xr * rstd).to(src.dtype.element_ty).to(tl.float32)
         if HAS_NORM:
             inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
             w = tl.load(nw + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
@@ -392,9 +420,12 @@ if HAS_TRITON:
         start_pos,
         q_norm,
         k_norm,
+        xs,
         n_q,
         n_qh,
         n_kvh,
+        n_x,
+        s_x,
         eps,
         sq_r,
         sq_t,
@@ -418,6 +449,8 @@ if HAS_TRITON:
         BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        ROW_NORM: tl.constexpr,
+        BLOCK_X: tl.constexpr,
         PAGE: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -425,6 +458,15 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         r = (pid // n_q).to(tl.int64)
         t = (pid % n_q).to(tl.int64)
+        rstd = 1.0
+        if ROW_NORM:
+            # the inverse RMS of this token's layer input (its norm weight is in the QKV weights)
+            cols = tl.arange(0, BLOCK_X)
+            acc = tl.zeros([BLOCK_X], dtype=tl.float32)
+            for off in range(0, n_x, BLOCK_X):
+                xv = tl.load(xs + pid.to(tl.int64) * s_x + off + cols, mask=off + cols < n_x, other=0.0).to(tl.float32)
+                acc += xv * xv
+            rstd = tl.rsqrt(tl.sum(acc, axis=0) / n_x + eps)
         pos = tl.load(start_pos + r).to(tl.int64) + t
         d = tl.arange(0, BLOCK_D)
         d_mask = d < D
@@ -445,9 +487,11 @@ if HAS_TRITON:
             d_mask,
             eps,
             pos >= 0,
+            rstd,
             D,
             BLOCK_HQ,
             HAS_NORM,
+            ROW_NORM,
         )
         # the token's slot in its page; a missing page (pool exhausted) is skipped, never written
         col = pos // PAGE
@@ -468,13 +512,17 @@ if HAS_TRITON:
             d_mask,
             eps,
             ok,
+            rstd,
             D,
             BLOCK_HK,
             HAS_NORM,
+            ROW_NORM,
         )
         h = tl.arange(0, BLOCK_HK)[:, None]
         m = (h < n_kvh) & d_mask[None, :] & ok
         x = tl.load(v + r * sv_r + t * sv_t + h * sv_h + d[None, :], mask=m)
+        if ROW_NORM:
+            x = (x.to(tl.float32) * rstd).to(v.dtype.element_ty)
         tl.store(v_pool + slot + h * s_ph + d[None, :], x.to(v_pool.dtype.element_ty), mask=m)
 
     @triton.jit

@@ -2,7 +2,9 @@
 
 The forward pass is four linear layers per layer (fused QKV, output, fused gate/up, down) around
 ``rope_qk_write_kv`` (RoPE fused with the cache write) and ``paged_attention``; the RMSNorms, SiLU
-gating and residual adds run inside or beside the linear layers (``kernels.linear.fused_linear``).
+gating and residual adds run inside or beside the linear layers (``kernels.linear.fused_linear``),
+and the input RMSNorm's weight lives in the QKV weights with its 1/RMS scale applied by RoPE
+(``fold_input_norms``; not for a QKV bias).
 Everything has static shapes and reads positions from a device tensor, so a whole decode or verify
 step can be captured in a CUDA graph: no host syncs, no Python branches on tensor values.
 
@@ -207,6 +209,9 @@ class NativeCausalLM(nn.Module):
         #: False, or None to follow the process-wide setting (SMCGEN_PDL). Read when a forward
         #: runs, so a CUDA graph keeps the mode it was captured with.
         self.pdl: bool | None = None
+        #: whether each layer's ``qkv`` holds W * input_norm (see ``fold_input_norms``): the forward
+        #: then projects the raw residual stream and RoPE applies the norm's 1/RMS scale
+        self.input_norm_folded = False
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -273,6 +278,7 @@ class NativeCausalLM(nn.Module):
                 mine.gate_up_bias[:inter].copy_(mlp.gate_proj.bias)
                 mine.gate_up_bias[inter:].copy_(mlp.up_proj.bias)
                 mine.down_bias.copy_(mlp.down_proj.bias)
+        native.fold_input_norms()
         return native
 
     @classmethod
@@ -324,7 +330,26 @@ class NativeCausalLM(nn.Module):
                 p.fill_(1.0)
             else:
                 p.zero_()
+        native.fold_input_norms()
         return native
+
+    @torch.no_grad()
+    def fold_input_norms(self) -> bool:
+        """Fold each layer's input RMSNorm weight into its QKV weight columns, once; True if folded.
+
+        ``rms_norm(h) @ W.T`` = ``rsqrt(mean(h^2) + eps) * (h @ (W * g).T)``: with the weight g in
+        W, the 1/RMS scale is a per-token scalar that the RoPE + KV-write kernel applies to q, k and v
+        (it reads h), so a layer needs no separate norm kernel: one launch fewer per layer and
+        step. Numerics: W * g is rounded once to the weight dtype, and the scale comes after the
+        matmul instead of before it (differences at the dtype's rounding level). Not done with
+        a QKV bias (Qwen2), which must be added after the scale. The builders call it.
+        """
+        if self.input_norm_folded or self.cfg.qkv_bias:
+            return self.input_norm_folded
+        for layer in self.layers:
+            layer.qkv.mul_(layer.input_norm)
+        self.input_norm_folded = True
+        return True
 
     # ------------------------------------------------------------------------- properties
 
@@ -411,7 +436,11 @@ class NativeCausalLM(nn.Module):
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
+            if self.input_norm_folded:
+                qkv, rms_of = F.linear(h, layer.qkv), h  # the norm's scale comes in RoPE
+            else:
+                qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
+                rms_of = None
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
             k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
@@ -420,7 +449,7 @@ class NativeCausalLM(nn.Module):
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
             q = rope_qk_write_kv(
                 q, k, v, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
-                layer.q_norm, layer.k_norm, eps,
+                layer.q_norm, layer.k_norm, eps, rms_of,
             )  # fmt: skip
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h)
