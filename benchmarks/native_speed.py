@@ -27,7 +27,7 @@ import torch
 from smcgen.backends.native.engine import NativeSMC
 from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
-from smcgen.kernels import linear
+from smcgen.kernels import attention, linear
 
 # Engine settings compared side by side (--variants): each changes one thing from the default.
 VARIANTS = {
@@ -38,6 +38,8 @@ VARIANTS = {
     "nopdl": {"pdl": False, "pdl_draft": False},  # in neither
     "nofold": {"fold": False},  # a separate RMSNorm kernel before each QKV projection
     "sepmerge": {"merge_in_kernel": False},  # split-KV attention merged by a second kernel
+    "split128": {"keys_per_split": 128},  # split-KV attention: at least 128 keys per split (default 256)
+    "split64": {"keys_per_split": 64},
     "grid0": {"min_grid": 0.0},  # the skinny kernel for every decode-sized layer, however few its programs
 }
 
@@ -59,6 +61,7 @@ def apply_variant(name: str, models, defaults: dict) -> None:
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
     linear.MIN_GRID_FRACTION = settings["min_grid"]
+    attention.MIN_KEYS_PER_SPLIT = settings["keys_per_split"]
 
 
 LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -241,6 +244,7 @@ def main() -> None:
         args.skinny_max_rows = target.skinny_max_rows
     defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
                 "fold": target.input_norm_folded, "merge_in_kernel": True,
+                "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
                 "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()

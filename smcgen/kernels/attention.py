@@ -44,6 +44,10 @@ _LOG2E = 1.0 / math.log(2.0)
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+#: fewest keys a KV split covers (``_num_splits``)
+MIN_KEYS_PER_SPLIT = 256
+
+
 def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.device) -> int:
     """KV splits per (row, kv head, query block), from the call's shapes only.
 
@@ -58,7 +62,7 @@ def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.devi
     else:
         n_sm = 4  # interpreter: small, but still exercises the merge
     target = (2 if block_m >= 64 else 4) * n_sm
-    return max(1, min(target // max(n_programs, 1), max_keys // 256, 32))
+    return max(1, min(target // max(n_programs, 1), max_keys // MIN_KEYS_PER_SPLIT, 32))
 
 
 def _launch_config(packed: int, dim: int) -> tuple[int, int, int, int]:
