@@ -2,7 +2,8 @@
 
 Run as a script without TRITON_INTERPRET (the interpreter replaces the kernels it compiles):
 ``python tests/hopper_ptx.py`` prints one JSON object per kernel with the offsets of its first
-``griddepcontrol.wait`` / ``griddepcontrol.launch_dependents`` / global load in the PTX (-1: absent).
+``griddepcontrol.wait`` / ``griddepcontrol.launch_dependents`` / global memory access (load,
+store or atomic) in the PTX (-1: absent).
 Triton ships ptxas, so the PTX is also assembled: an instruction sm_90 lacks fails here.
 """
 
@@ -42,7 +43,10 @@ def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
         "kernel": name,
         "wait": body.find("griddepcontrol.wait"),
         "launch_dependents": body.find("griddepcontrol.launch_dependents"),
-        "first_load": min((i for i in (body.find("ld.global"), body.find("cp.async.cg")) if i >= 0), default=-1),
+        "first_access": min(
+            (i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.", "red.", "cp.async")) if i >= 0),
+            default=-1,
+        ),
     }
 
 
@@ -59,9 +63,20 @@ def main() -> None:
             "part_o": "*fp32", "part_lse": "*fp32", "counters": "*i32"}
     print(json.dumps(facts("paged_attention", attention._paged_attention_kernel, attn, ptrs, ("qk_scale",),
                            num_warps=4, num_stages=2)))
+    merge = {"D": 128, "BLOCK_S": 4, "PDL": True}
+    print(json.dumps(facts("merge_splits", attention._merge_splits_kernel, merge,
+                           {"part_o": "*fp32", "part_lse": "*fp32", "out": bf16}, num_warps=4)))
     norm = {"BLOCK": 4096, "SINGLE": True, "PDL": True}
     print(json.dumps(facts("rms_norm", fused_ops._rms_norm_kernel, norm, {"x": bf16, "w": bf16, "out": bf16},
                            ("eps",), num_warps=8)))
+    rope = {"D": 128, "BLOCK_D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8, "HAS_NORM": True, "ROW_NORM": True,
+            "BLOCK_X": 4096, "PAGE": 16, "PDL": True}
+    ptrs = {n: bf16 for n in ("q", "k", "v", "q_out", "k_pool", "v_pool", "cos", "sin", "q_norm", "k_norm", "xs")}
+    print(json.dumps(facts("rope_qk_write_kv", fused_ops._rope_qk_kernel, rope,
+                           {**ptrs, "bt": "*i32", "start_pos": "*i32"}, ("eps",), num_warps=8)))
+    silu = {"BLOCK": 1024, "PDL": True}
+    print(json.dumps(facts("silu_mul", fused_ops._silu_mul_kernel, silu, {"gate_up": bf16, "out": bf16},
+                           num_warps=4)))
 
 
 if __name__ == "__main__":

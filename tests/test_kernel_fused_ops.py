@@ -187,6 +187,13 @@ def test_rope_with_the_folded_input_norm(device, hidden, qk_norm):
     torch.testing.assert_close(q_tri, q_twin, **tol(torch.float32))
     torch.testing.assert_close(pools["triton"][0], pools["twin"][0], **tol(torch.float32))
     torch.testing.assert_close(pools["triton"][1], pools["twin"][1], **tol(torch.float32))
+    # fp32 activations into a half-precision cache: v is scaled in its own dtype, rounded once on the store
+    k_t, v_t, table = paged_pools(n_rows, n_kvh, dim, torch.float16, device)
+    k_r, v_r = k_t.clone(), v_t.clone()
+    rope_qk_write_kv_triton(*heads(x @ (w * g).T), cos, sin, start, k_t, v_t, table, qn, kn, EPS, rms_of=x)
+    rope_qk_write_kv_torch(*heads(x @ (w * g).T), cos, sin, start, k_r, v_r, table, qn, kn, EPS, rms_of=x)
+    torch.testing.assert_close(k_t, k_r, **tol(torch.float16))
+    torch.testing.assert_close(v_t, v_r, rtol=0, atol=0)
     for dtype in dtypes(device)[1:]:  # the half types: the twin's roundings
         xh, qkv = x.to(dtype), (x @ (w * g).T).to(dtype)
         k_t, v_t, table = paged_pools(n_rows, n_kvh, dim, dtype, device)

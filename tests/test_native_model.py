@@ -409,3 +409,15 @@ def test_input_norm_folded_into_qkv_once(pair):
     before = layer.qkv.clone()
     assert native.fold_input_norms() == folded
     assert torch.equal(layer.qkv, before)
+
+
+def test_state_dict_carries_the_weight_layout(pair):
+    """load_state_dict into a bare model takes the folded layout along (extra state): same logits."""
+    _, native = pair
+    bare = NativeCausalLM(native.cfg, torch.float32, max_positions=native.max_positions)
+    assert not bare.input_norm_folded
+    bare.load_state_dict(native.state_dict())
+    assert bare.input_norm_folded == native.input_norm_folded
+    caches = [m.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE) for m in (native, bare)]
+    a, b = (prefill(m, c) for m, c in zip((native, bare), caches, strict=True))
+    assert torch.equal(a, b)

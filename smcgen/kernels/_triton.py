@@ -85,10 +85,10 @@ def sm_count(device: torch.device) -> int:
 
 
 # Programmatic dependent launch (PDL, Hopper and later). A decode step is a chain of ~8 short
-# kernels per layer; with PDL a kernel is launched while its predecessor still runs, does the work
-# that reads nothing the predecessor writes (the linear layers prefetch their weights into L2)
-# and then waits in ``griddepcontrol.wait``, so the launch latency and the weight stream's ramp-up
-# hide behind the previous kernel instead of adding to it. Off by default (on the H100 it sped up
+# kernels per layer; with PDL a kernel is launched while its predecessor still runs and waits in
+# ``griddepcontrol.wait`` before touching memory, so its launch latency hides behind the previous
+# kernel instead of adding to it. (Prefetching weights into L2 before the wait was tried and lost:
+# BENCHMARKS.md.) Off by default (on the H100 it sped up
 # the 1B draft's steps but slowed the 8B's AR steps: BENCHMARKS.md); SMCGEN_PDL=1 turns it on
 # everywhere, ``NativeCausalLM.pdl`` per model.
 _PDL = os.environ.get("SMCGEN_PDL", "0") == "1"

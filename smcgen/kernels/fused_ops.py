@@ -208,7 +208,8 @@ def rope_qk_write_kv_triton(
     assert k.shape == (n_rows, n_q, n_kvh, dim) and dim % 2 == 0 and cos_table.shape[-1] == dim
     assert (q_norm is None) == (k_norm is None), "q_norm and k_norm go together"
     assert start_pos.is_contiguous() and start_pos.shape == (n_rows,)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v.to(v_pool_l.dtype)))
+    # v keeps its dtype (the twin's roundings); the store converts it to the cache's
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cos_table = cos_table if cos_table.stride(-1) == 1 else cos_table.contiguous()
     sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
     assert cos_table.stride(0) == sin_table.stride(0)

@@ -140,7 +140,7 @@ def skinny_plan(
 
     From the H100 sweep (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M block,
     64 output columns per program; 256-deep K steps in four stages, or in three for the gated
-    kernel (two weight tiles per step; 128 deep for a K over 2048); K split four ways only for a long K over few column
+    kernel (two weight tiles per step; 128 deep for a K over 2048 or more than 16 rows); K split four ways only for a long K over few column
     tiles (a 1B model's down projection), where the last program of a tile to finish sums the
     partials and runs the epilogue. Everywhere else one pass over K measured fastest.
     """

@@ -9,8 +9,9 @@ Everything has static shapes and reads positions from a device tensor, so a whol
 step can be captured in a CUDA graph: no host syncs, no Python branches on tensor values.
 
 Numerics follow transformers so logits match for the same weights: RMSNorm in fp32 and cast back
-before the weight multiply, RoPE cos/sin computed in fp32 and cast to the activations' dtype,
-attention scale ``head_dim ** -0.5``, SiLU-gated MLP.
+before the weight multiply (except the folded input norm: W * g rounded once, the 1/RMS scale
+applied after the projection; ``fold_input_norms``), RoPE cos/sin computed in fp32 and cast to the
+activations' dtype, attention scale ``head_dim ** -0.5``, SiLU-gated MLP.
 """
 
 from __future__ import annotations
@@ -351,6 +352,14 @@ class NativeCausalLM(nn.Module):
         self.input_norm_folded = True
         return True
 
+    def get_extra_state(self) -> dict[str, bool]:
+        """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms."""
+        return {"input_norm_folded": self.input_norm_folded}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        """``load_state_dict`` takes the weights' layout along with them (folded or not)."""
+        self.input_norm_folded = bool(state["input_norm_folded"])
+
     # ------------------------------------------------------------------------- properties
 
     @property
@@ -431,8 +440,9 @@ class NativeCausalLM(nn.Module):
         start_pos = start_pos.to(torch.int32).contiguous()
         # kernels.linear.fused_linear folds the norms, SiLU gating and residual adds into the linear
         # layers. Decode-sized batches (rows <= skinny_max_rows) run o, gate_up and down in the
-        # skinny Triton kernel; QKV and the LM head stay on cuBLAS (+ a norm kernel) at every size:
-        # in the H100 sweep cuBLAS streamed those two faster than the kernel with its norm prologue.
+        # skinny Triton kernel; QKV and the LM head stay on cuBLAS at every size (in the H100 sweep
+        # cuBLAS streamed those two faster than the kernel with its norm prologue): QKV as a bare
+        # GEMM when the input norm is folded into its weights, else after a norm kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
