@@ -195,9 +195,11 @@ def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
     if not kernels:
         return {"error": f"no kernels recorded after the first graph launch ({len(launches)} launches)"}
     per_name: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
     busy, edge = 0.0, kernels[0][0]
     for start, end, name in kernels:
         per_name[name[:90]] += end - start
+        count[name[:90]] += 1
         busy += max(0.0, end - max(start, edge))
         edge = max(edge, end)
     window = edge - kernels[0][0]
@@ -205,6 +207,8 @@ def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
         "cycles": cycles, "kernels_per_cycle": len(kernels) / cycles, "window_ms_per_cycle": window / cycles / 1e3,
         "busy_ms_per_cycle": busy / cycles / 1e3, "kernel_ms_per_cycle": sum(per_name.values()) / cycles / 1e3,
         "top": [(name, us / cycles / 1e3) for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
+        # launches per cycle by name: where the many short kernels come from
+        "launches": sorted(((name, n / cycles) for name, n in count.items()), key=lambda kv: -kv[1])[:top],
     }
 
 
@@ -330,6 +334,9 @@ def main() -> None:
                   f"{g['kernel_ms_per_cycle']:.2f} ms, {g['kernels_per_cycle']:.0f} kernels")
             for name, ms in g["top"]:
                 print(f"  {ms:7.3f} ms  {100 * ms / g['kernel_ms_per_cycle']:5.1f}%  {name}")
+            print("  launches per cycle:")
+            for name, n in g["launches"]:
+                print(f"  {n:7.1f}  {name}")
         apply_variant("fused", (target, draft), defaults)
     with open(args.out, "w") as f:
         json.dump({"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof, "graph_profile": graph_prof},
