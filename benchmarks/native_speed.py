@@ -38,6 +38,7 @@ VARIANTS = {
     "nopdl": {"pdl": False, "pdl_draft": False},  # in neither
     "nofold": {"fold": False},  # a separate RMSNorm kernel before each QKV projection
     "sepmerge": {"merge_in_kernel": False},  # split-KV attention merged by a second kernel
+    "inplace": {"residual_in_place": True},  # residual adds in place (addmm without the copy of its C)
     "split128": {"keys_per_split": 128},  # split-KV attention: at least 128 keys per split (default 256)
     "split64": {"keys_per_split": 64},
     "grid0": {"min_grid": 0.0},  # the skinny kernel for every decode-sized layer, however few its programs
@@ -55,6 +56,7 @@ def apply_variant(name: str, models, defaults: dict) -> None:
             # exact only because from_config's norms are all 1 (so W * g == W): no unfolding needed
             assert all(bool((layer.input_norm == 1).all()) for layer in m.layers)
         m.input_norm_folded = settings["fold"] and not m.cfg.qkv_bias
+        m.residual_in_place = settings["residual_in_place"]
         # no counters: the attention falls back to its separate merge kernel
         m.attn_counters = torch.zeros(16384 if settings["merge_in_kernel"] else 0, dtype=torch.int32, device=m.device)
     target, draft = models
@@ -248,6 +250,7 @@ def main() -> None:
         args.skinny_max_rows = target.skinny_max_rows
     defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
                 "fold": target.input_norm_folded, "merge_in_kernel": True,
+                "residual_in_place": target.residual_in_place,
                 "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
                 "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)

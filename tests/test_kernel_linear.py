@@ -211,3 +211,28 @@ def test_default_plans_fit_shared_memory(elem_bytes, gated):
         block_m, block_n, block_k, _, stages, _ = skinny_plan(rows, n_out, k, gated, torch.device("cpu"), elem_bytes)
         tile = (block_m + (2 if gated else 1) * block_n) * block_k * elem_bytes
         assert stages * tile <= 227 * 1024, (rows, n_out, k, block_m, block_n, block_k, stages)
+
+
+@needs_triton
+@pytest.mark.parametrize("bias,norm,gated", list(itertools.product([False, True], repeat=3)))
+@pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3)])  # one pass / split K with the last program reducing
+def test_accumulate_writes_into_the_residual(device, bias, norm, gated, plan):
+    """accumulate=True: the same values as a fresh output, written into the residual in place (all three paths)."""
+    x, w, kw = operands(5, 96, 64, torch.float32, device, bias=bias, norm=norm, residual=True, gated=gated)
+    b = kw.pop("bias")
+    want = fused_linear_torch(x, w, b, **kw)
+    paths = {
+        "twin": fused_linear_torch,
+        "composed": fused_linear_composed,
+        "triton": lambda *a, **k: fused_linear_triton(*a, plan=plan, **k),
+    }
+    for name, fn in paths.items():
+        res = kw["residual"].clone()
+        got = fn(x, w, b, **{**kw, "residual": res, "accumulate": True})
+        assert got.data_ptr() == res.data_ptr(), f"{name}: the result must live in the residual"
+        close(res, want, torch.float32)
+    with pytest.raises(ValueError, match="accumulate"):
+        fused_linear_torch(x, w, b, **{**kw, "residual": None, "accumulate": True})
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.zeros(want.shape[1], 5, device=device).t()
+        fused_linear_composed(x, w, b, **{**kw, "residual": strided, "accumulate": True})

@@ -156,8 +156,10 @@ def test_prefill(pair):
     check_bookkeeping(cache, len(PROMPT))
 
 
-def test_last_only_and_decode_steps(pair):
+@pytest.mark.parametrize("residual_in_place", [False, True])
+def test_last_only_and_decode_steps(pair, monkeypatch, residual_in_place):
     hf, native = pair
+    monkeypatch.setattr(native, "residual_in_place", residual_in_place)
     cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
     seq = list(PROMPT)
     cache.reserve(len(seq))

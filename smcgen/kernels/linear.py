@@ -64,9 +64,11 @@ MAX_SKINNY_ROWS = 64
 
 
 def _check(
-    x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, gated: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, gated: bool, accumulate: bool = False
 ) -> int:
     """Validate shapes; return the output width."""
+    if accumulate and (residual is None or not residual.is_contiguous()):
+        raise ValueError("accumulate=True writes the result into residual, which must be given and contiguous")
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {k}")
@@ -93,15 +95,21 @@ def fused_linear_torch(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     gated: bool = False,
+    accumulate: bool = False,
 ) -> Tensor:
-    """Reference: ``[residual +] [silu_mul](rms_norm?(x) @ weight.T + bias)`` with the model's roundings."""
-    _check(x, weight, bias, residual, gated)
+    """Reference: ``[residual +] [silu_mul](rms_norm?(x) @ weight.T + bias)`` with the model's roundings.
+
+    ``accumulate``: the result is written into ``residual`` (in place) and returned.
+    """
+    _check(x, weight, bias, residual, gated, accumulate)
     if norm_weight is not None:
         x = rms_norm_torch(x, norm_weight, eps)
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_mul_torch(y)
-    return y if residual is None else y + residual
+    if residual is None:
+        return y
+    return residual.copy_(y + residual) if accumulate else y + residual
 
 
 def fused_linear_composed(
@@ -113,24 +121,31 @@ def fused_linear_composed(
     eps: float = 1e-6,
     residual: Tensor | None = None,
     gated: bool = False,
+    accumulate: bool = False,
 ) -> Tensor:
-    """cuBLAS GEMM between the fused elementwise kernels (Triton on CUDA, torch twins on the CPU)."""
-    _check(x, weight, bias, residual, gated)
+    """cuBLAS GEMM between the fused elementwise kernels (Triton on CUDA, torch twins on the CPU).
+
+    ``accumulate``: the result goes into ``residual`` in place, which also spares ``addmm`` the
+    copy of its C operand into a fresh output (a device memcpy per call otherwise).
+    """
+    _check(x, weight, bias, residual, gated, accumulate)
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
     if residual is not None and bias is None and not gated:
         # the residual as addmm's C operand: added in cuBLAS's epilogue, no separate add kernel
         lead = x.shape[:-1]
-        out = torch.addmm(
-            residual.reshape(-1, residual.shape[-1]),
-            x.reshape(-1, x.shape[-1]),
-            weight.t(),
-        )
-        return out.reshape(*lead, weight.shape[0])
+        r2 = residual.reshape(-1, residual.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if accumulate:
+            r2.addmm_(x2, weight.t())
+            return residual
+        return torch.addmm(r2, x2, weight.t()).reshape(*lead, weight.shape[0])
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_mul(y)
-    return y if residual is None else y + residual
+    if residual is None:
+        return y
+    return residual.copy_(y + residual) if accumulate else y + residual
 
 
 def skinny_plan(
@@ -171,15 +186,16 @@ def fused_linear_triton(
     gated: bool = False,
     plan: tuple[int, ...] | None = None,
     counters: Tensor | None = None,
+    accumulate: bool = False,
 ) -> Tensor:
-    """The skinny Triton kernel (rows <= ``MAX_SKINNY_ROWS``).
+    """The skinny Triton kernel (rows <= ``MAX_SKINNY_ROWS``); ``accumulate``: result into ``residual``.
 
     ``plan`` overrides :func:`skinny_plan`. ``counters`` is an int32 buffer of zeros with at least
     one slot per column tile, used by split-K programs to elect the one that reduces; the kernel
     leaves it zeroed, so a caller (the native model) keeps one across calls instead of paying a
     memset per call.
     """
-    n_out = _check(x, weight, bias, residual, gated)
+    n_out = _check(x, weight, bias, residual, gated, accumulate)
     k = weight.shape[1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -190,10 +206,14 @@ def fused_linear_triton(
         raise ValueError(f"the skinny kernel takes at most {MAX_SKINNY_ROWS} rows, got {rows}")
     if weight.stride(-1) != 1:
         raise ValueError("weight must have unit stride along K")
-    out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+    if accumulate:
+        # each output element is read (as the residual) and then written by the same program
+        out = r2 = residual.view(rows, n_out)
+    else:
+        out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
+        r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
     if rows == 0:
         return out.reshape(*lead, n_out)
-    r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
     block_m, block_n, block_k, warps, stages, split = plan or skinny_plan(
         rows, n_out, k, gated, x.device, x.element_size()
     )
@@ -278,13 +298,15 @@ def fused_linear(
     gated: bool = False,
     max_rows: int = MAX_SKINNY_ROWS,
     counters: Tensor | None = None,
+    accumulate: bool = False,
 ) -> Tensor:
     """Norm + linear + gating + residual: the skinny kernel for ``rows <= max_rows`` on CUDA, else composed.
 
-    ``counters``: see :func:`fused_linear_triton` (unused by the composed path).
+    ``counters``: see :func:`fused_linear_triton` (unused by the composed path). ``accumulate``:
+    the result is written into ``residual`` (in place) and returned.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated}
+    kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated, "accumulate": accumulate}
     if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS):
         n_out = weight.shape[0] // 2 if gated else weight.shape[0]
         plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size())

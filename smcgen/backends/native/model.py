@@ -213,6 +213,10 @@ class NativeCausalLM(nn.Module):
         #: whether each layer's ``qkv`` holds W * input_norm (see ``fold_input_norms``): the forward
         #: then projects the raw residual stream and RoPE applies the norm's 1/RMS scale
         self.input_norm_folded = False
+        #: the o and down projections add into the residual stream in place, so cuBLAS's addmm
+        #: needs no copy of its C operand (the graph profile counts ~2 device memcpys per layer on
+        #: batches wider than skinny_max_rows). Off until measured on a GPU (tested on the CPU).
+        self.residual_in_place = False
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -462,9 +466,10 @@ class NativeCausalLM(nn.Module):
                 layer.q_norm, layer.k_norm, eps, rms_of,
             )  # fmt: skip
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
-            h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h)
+            inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
+            h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace)
             mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True)
-            h = linear(mlp, layer.down, layer.down_bias, residual=h)
+            h = linear(mlp, layer.down, layer.down_bias, residual=h, accumulate=inplace)
         if last_only:
             h = h[:, -1]
         return fused_linear_composed(h, self.lm_head, norm_weight=self.norm, eps=eps)
