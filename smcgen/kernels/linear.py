@@ -1,12 +1,15 @@
 """Linear layers of the native decoder with their neighbours fused in, for skinny (decode) batches.
 
-``fused_linear(x, weight, bias=None, *, norm_weight=None, eps=1e-6, residual=None, gated=False)``
-computes, over the rows of ``x [..., K]`` and a ``weight [N, K]`` in nn.Linear layout::
+``fused_linear(x, weight, bias=None, *, norm_weight=None, eps=1e-6, residual=None, gated=False,
+accumulate=False)`` computes, over the rows of ``x [..., K]`` and a ``weight [N, K]`` in nn.Linear
+layout::
 
     a = rms_norm(x) * norm_weight      if norm_weight is given   (RMSNorm prologue)
     y = a @ weight.T + bias
     y = silu(y[:, :N/2]) * y[:, N/2:]  if gated                  (SiLU-gated MLP: gate rows first)
     y = y + residual                   if residual is given      (residual add epilogue)
+
+and with ``accumulate`` writes y into ``residual`` in place instead of a new tensor.
 
 Why: a draft step of SMC-SD multiplies only N (one token per particle) rows by every weight, so
 each GEMM is a pure weight stream; cuBLAS streams the small matrices of a 1B draft at ~2.2 of
