@@ -37,7 +37,6 @@ VARIANTS = {
     "pdldraft": {"pdl_draft": True},  # ... in the draft only
     "nopdl": {"pdl": False, "pdl_draft": False},  # in neither
     "nofold": {"fold": False},  # a separate RMSNorm kernel before each QKV projection
-    "sepmerge": {"merge_in_kernel": False},  # split-KV attention merged by a second kernel
     "inplace": {"residual_in_place": True},  # residual adds in place (addmm without the copy of its C)
     "split128": {"keys_per_split": 128},  # split-KV attention: at least 128 keys per split (default 256)
     "split64": {"keys_per_split": 64},
@@ -57,8 +56,6 @@ def apply_variant(name: str, models, defaults: dict) -> None:
             assert all(bool((layer.input_norm == 1).all()) for layer in m.layers)
         m.input_norm_folded = settings["fold"] and not m.cfg.qkv_bias
         m.residual_in_place = settings["residual_in_place"]
-        # no counters: the attention falls back to its separate merge kernel
-        m.attn_counters = torch.zeros(16384 if settings["merge_in_kernel"] else 0, dtype=torch.int32, device=m.device)
     target, draft = models
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
@@ -249,7 +246,7 @@ def main() -> None:
     if args.skinny_max_rows is None:
         args.skinny_max_rows = target.skinny_max_rows
     defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
-                "fold": target.input_norm_folded, "merge_in_kernel": True,
+                "fold": target.input_norm_folded,
                 "residual_in_place": target.residual_in_place,
                 "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
                 "min_grid": linear.MIN_GRID_FRACTION}

@@ -36,7 +36,7 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = {f["kernel"]: f for f in map(json.loads, done.stdout.splitlines())}
     # every kernel that takes a PDL flag
-    assert set(kernels) == {"skinny_linear", "paged_attention", "merge_splits", "rms_norm", "rope_qk_write_kv", "silu_mul"}
+    assert set(kernels) == {"skinny_linear", "paged_attention", "rms_norm", "rope_qk_write_kv", "silu_mul"}
     for name, f in kernels.items():
         assert 0 <= f["wait"] < f["launch_dependents"], name
         assert f["first_access"] > f["wait"], f"{name} touches memory before waiting on its predecessor"
@@ -44,9 +44,7 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
 
 def test_pdl_switches():
     assert not _triton.pdl_enabled(torch.zeros(1)), "never for CPU tensors"
-    before = _triton._PDL
-    try:
-        _triton.set_pdl(False)
+    with _triton.pdl_scope(False):
         with _triton.pdl_scope(True):
             assert _triton._PDL
             with _triton.pdl_scope(None):  # None keeps the setting
@@ -55,8 +53,6 @@ def test_pdl_switches():
         with pytest.raises(RuntimeError), _triton.pdl_scope(True):
             raise RuntimeError
         assert not _triton._PDL, "... also when the block raises"
-    finally:
-        _triton.set_pdl(before)
 
 
 @needs_triton

@@ -30,7 +30,6 @@ __all__ = [
     "pdl_enabled",
     "pdl_scope",
     "require_triton",
-    "set_pdl",
     "sm_count",
     "tl",
     "triton",
@@ -78,29 +77,25 @@ def require_triton() -> None:
 
 
 @functools.cache
-def sm_count(device: torch.device) -> int:
-    """Multiprocessor count of a CUDA device (cached: the query is not free; no sync)."""
+def _properties(device: torch.device):
+    """A CUDA device's properties (cached: the query is not free; no sync)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(index)
 
 
-# Programmatic dependent launch (PDL, Hopper and later). A decode step is a chain of ~8 short
+def sm_count(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device."""
+    return _properties(device).multi_processor_count
+
+
+# Programmatic dependent launch (PDL, Hopper and later). A decode step is a chain of ~7 short
 # kernels per layer; with PDL a kernel is launched while its predecessor still runs and waits in
 # ``griddepcontrol.wait`` before touching memory, so its launch latency hides behind the previous
-# kernel instead of adding to it. (Prefetching weights into L2 before the wait was tried and lost:
-# BENCHMARKS.md.) Off by default (on the H100 it sped up
-# the 1B draft's steps but slowed the 8B's AR steps: BENCHMARKS.md); SMCGEN_PDL=1 turns it on
-# everywhere, ``NativeCausalLM.pdl`` per model.
+# kernel instead of adding to it. Off by default (on the H100 it sped up the 1B draft's steps but
+# slowed the 8B's AR steps; prefetching weights into L2 before the wait lost everywhere:
+# BENCHMARKS.md). SMCGEN_PDL=1 turns it on everywhere, ``NativeCausalLM.pdl`` per model; a CUDA
+# graph keeps the launch mode it was captured with.
 _PDL = os.environ.get("SMCGEN_PDL", "0") == "1"
-
-
-def set_pdl(enabled: bool) -> None:
-    """Turn programmatic dependent launch on or off for kernels launched from now on (benchmarks).
-
-    A CUDA graph keeps the launch mode it was captured with.
-    """
-    global _PDL
-    _PDL = bool(enabled)
 
 
 @contextlib.contextmanager
@@ -116,15 +111,9 @@ def pdl_scope(enabled: bool | None) -> Iterator[None]:
         _PDL = before
 
 
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)
-
-
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with PDL: CUDA sm_90+, triton present, not turned off."""
-    return _PDL and HAS_TRITON and t.is_cuda and _capability(t.device) >= (9, 0)
+    return _PDL and HAS_TRITON and t.is_cuda and _properties(t.device).major >= 9
 
 
 if HAS_TRITON:

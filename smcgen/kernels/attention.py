@@ -159,11 +159,12 @@ def paged_attention_triton(
     Grid (row x kv head, KV split, query block): a program takes the packed G*T queries of one kv
     head (query block of up to 128 packed rows, t-major so a block covers consecutive positions),
     reads each K/V page once for all of them and keeps an online softmax in fp32 over its share of
-    the row's visible keys. With several splits the partial outputs are merged by log-sum-exp:
-    given ``counters`` (an int32 buffer of zeros with a slot per (row, kv head, query block), which
-    the kernel leaves zeroed) by the last split program of each tile to finish, in the same kernel
-    (one launch per layer fewer, which a decode step pays per layer); otherwise by a second kernel.
-    ``num_splits`` (keyword, for tests and tuning) overrides :func:`_num_splits`.
+    the row's visible keys. With several splits, the last split program of each tile to finish
+    merges the partial outputs by log-sum-exp in the same kernel; it elects itself on ``counters``,
+    an int32 buffer of zeros with a slot per (row, kv head, query block) that the kernel leaves
+    zeroed, so a caller (the native model) keeps one across calls instead of paying a memset per
+    call (one is allocated when it is missing or too small). ``num_splits`` (keyword, for tests and
+    tuning) overrides :func:`_num_splits`.
     """
     n_rows, n_q, n_qh, dim = q.shape
     _, page_size, n_kvh, _ = k_pool_l.shape
@@ -181,15 +182,14 @@ def paged_attention_triton(
     out = torch.empty_like(q)
     split = num_splits > 1
     pdl = pdl_enabled(q)
-    n_tiles = n_rows * n_kvh * n_qblocks
-    fused_merge = split and counters is not None and counters.numel() >= n_tiles
     if split:
         part_o = torch.empty((n_rows, n_q, n_qh, num_splits, dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((n_rows, n_q, n_qh, num_splits), dtype=torch.float32, device=q.device)
+        n_tiles = n_rows * n_kvh * n_qblocks
+        if counters is None or counters.numel() < n_tiles:
+            counters = torch.zeros(n_tiles, dtype=torch.int32, device=q.device)
     else:  # the kernel writes the output directly
-        part_o = part_lse = out
-    if not fused_merge:
-        counters = out  # unused
+        part_o = part_lse = counters = out
     _paged_attention_kernel[(n_rows * n_kvh, num_splits, n_qblocks)](
         q,
         k_pool_l,
@@ -223,29 +223,12 @@ def paged_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SPLIT=split,
-        MERGE=fused_merge,
         IEEE=q.dtype == torch.float32,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         launch_pdl=pdl,
     )
-    if split and not fused_merge:
-        _merge_splits_kernel[(n_rows * n_q * n_qh,)](
-            part_o,
-            part_lse,
-            out,
-            n_q,
-            n_qh,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            D=dim,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            PDL=pdl,
-            launch_pdl=pdl,
-        )
     return out
 
 
@@ -309,7 +292,6 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr,
-        MERGE: tl.constexpr,
         IEEE: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -373,56 +355,33 @@ if HAS_TRITON:
             tl.store(part_o + (row * n_splits + split)[:, None] * D + d[None, :], o, mask=m_ok[:, None])
             lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
             tl.store(part_lse + row * n_splits + split, lse, mask=m_ok)
-            if MERGE:
-                # The tile's last split program to arrive merges all splits (an acq_rel atomic after
-                # a CTA barrier orders every thread's partial stores before the count) and re-zeroes
-                # the counter for the next launch.
-                tile = pid * tl.num_programs(2) + qblock
+            # The tile's last split program to arrive merges all splits (an acq_rel atomic after
+            # a CTA barrier orders every thread's partial stores before the count) and re-zeroes
+            # the counter for the next launch.
+            tile = pid * tl.num_programs(2) + qblock
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+            if arrived == n_splits - 1:
                 tl.debug_barrier()
-                arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
-                if arrived == n_splits - 1:
-                    tl.debug_barrier()
-                    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                    l_all = tl.zeros([BLOCK_M], tl.float32)
-                    acc = tl.zeros([BLOCK_M, D], tl.float32)
-                    for sp in range(n_splits):
-                        lse_s = tl.load(part_lse + row * n_splits + sp, mask=m_ok, other=float("-inf"),
-                                        cache_modifier=".cg")
-                        o_s = tl.load(part_o + (row * n_splits + sp)[:, None] * D + d[None, :], mask=m_ok[:, None],
-                                      other=0.0, cache_modifier=".cg")
-                        m_new = tl.maximum(m_all, lse_s)
-                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        alpha = tl.exp2(m_all - m_use)
-                        w_s = tl.exp2(lse_s - m_use)
-                        l_all = l_all * alpha + w_s
-                        acc = acc * alpha[:, None] + w_s[:, None] * o_s
-                        m_all = m_new
-                    res = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
-                    optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
-                    tl.store(optr, res.to(out.dtype.element_ty), mask=m_ok[:, None])
-                    tl.atomic_xchg(counters + tile, 0)
+                m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_all = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, D], tl.float32)
+                for sp in range(n_splits):
+                    lse_s = tl.load(part_lse + row * n_splits + sp, mask=m_ok, other=float("-inf"),
+                                    cache_modifier=".cg")
+                    o_s = tl.load(part_o + (row * n_splits + sp)[:, None] * D + d[None, :], mask=m_ok[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_all, lse_s)
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_all - m_use)
+                    w_s = tl.exp2(lse_s - m_use)
+                    l_all = l_all * alpha + w_s
+                    acc = acc * alpha[:, None] + w_s[:, None] * o_s
+                    m_all = m_new
+                res = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+                optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
+                tl.store(optr, res.to(out.dtype.element_ty), mask=m_ok[:, None])
+                tl.atomic_xchg(counters + tile, 0)
         else:
             optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
             tl.store(optr, o.to(out.dtype.element_ty), mask=m_ok[:, None])
-
-    @triton.jit
-    def _merge_splits_kernel(
-        part_o, part_lse, out, T, n_qh, n_splits, s_or, s_ot, s_oh, D: tl.constexpr, BLOCK_S: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
-        pdl_begin(PDL)
-        # out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) (lse in log2 units)
-        row = tl.program_id(0)
-        r = row // (T * n_qh)
-        t = (row // n_qh) % T
-        head = row % n_qh
-        sp = tl.arange(0, BLOCK_S)
-        s_ok = sp < n_splits
-        lse = tl.load(part_lse + row * n_splits + sp, mask=s_ok, other=float("-inf"))
-        mx = tl.max(lse, 0)
-        w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))
-        total = tl.sum(w, 0)
-        d = tl.arange(0, D)
-        o = tl.load(part_o + (row * n_splits + sp)[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
-        res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-        tl.store(out + r * s_or + t * s_ot + head * s_oh + d, res.to(out.dtype.element_ty))

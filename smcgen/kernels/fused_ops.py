@@ -99,6 +99,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, *, max_block: int = _
     single = block <= max_block
     block = min(block, max_block)
     if n_rows > 0:
+        pdl = pdl_enabled(x)
         _rms_norm_kernel[(n_rows,)](
             x2,
             weight,
@@ -109,9 +110,9 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, *, max_block: int = _
             eps,
             BLOCK=block,
             SINGLE=single,
-            PDL=pdl_enabled(x),
+            PDL=pdl,
             num_warps=min(max(block // 512, 1), 16),
-            launch_pdl=pdl_enabled(x),
+            launch_pdl=pdl,
         )
     return out.reshape(x.shape)
 
@@ -228,6 +229,7 @@ def rope_qk_write_kv_triton(
         xs = cos_table  # unused
     dtype = q.dtype if not has_norm else torch.promote_types(q.dtype, q_norm.dtype)
     q_out = torch.empty(q.shape, dtype=torch.promote_types(dtype, cos_table.dtype), device=q.device)
+    pdl = pdl_enabled(q)
     if n_rows * n_q > 0:
         block_d = triton.next_power_of_2(dim)
         block_hq = triton.next_power_of_2(n_qh)
@@ -266,9 +268,9 @@ def rope_qk_write_kv_triton(
             ROW_NORM=row_norm,
             BLOCK_X=min(triton.next_power_of_2(xs.shape[-1]), 4096),
             PAGE=k_pool_l.shape[1],
-            PDL=pdl_enabled(q),
+            PDL=pdl,
             num_warps=4 if block_hq * block_d <= 2048 else 8,
-            launch_pdl=pdl_enabled(q),
+            launch_pdl=pdl,
         )
     return q_out
 
@@ -314,9 +316,9 @@ def silu_mul_triton(gate_up: Tensor, *, block: int = _SILU_BLOCK) -> Tensor:
     out = torch.empty((n_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
     block = min(block, triton.next_power_of_2(max(inter, 1)))
     if n_rows > 0 and inter > 0:
+        pdl = pdl_enabled(g2)
         _silu_mul_kernel[(n_rows, triton.cdiv(inter, block))](
-            g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, PDL=pdl_enabled(g2), num_warps=4,
-            launch_pdl=pdl_enabled(g2),
+            g2, out, inter, g2.stride(0), out.stride(0), BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl
         )
     return out.reshape(*gate_up.shape[:-1], inter)
 

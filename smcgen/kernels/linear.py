@@ -89,6 +89,13 @@ def _check(
     return n_out
 
 
+def _add_residual(y: Tensor, residual: Tensor | None, accumulate: bool) -> Tensor:
+    """``y + residual`` (rounded once, as the model adds), into ``residual`` itself when accumulating."""
+    if residual is None:
+        return y
+    return residual.copy_(y + residual) if accumulate else y + residual
+
+
 def fused_linear_torch(
     x: Tensor,
     weight: Tensor,
@@ -110,9 +117,7 @@ def fused_linear_torch(
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_mul_torch(y)
-    if residual is None:
-        return y
-    return residual.copy_(y + residual) if accumulate else y + residual
+    return _add_residual(y, residual, accumulate)
 
 
 def fused_linear_composed(
@@ -146,9 +151,7 @@ def fused_linear_composed(
     y = F.linear(x, weight, bias)
     if gated:
         y = silu_mul(y)
-    if residual is None:
-        return y
-    return residual.copy_(y + residual) if accumulate else y + residual
+    return _add_residual(y, residual, accumulate)
 
 
 def skinny_plan(

@@ -220,8 +220,8 @@ class NativeCausalLM(nn.Module):
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
-        # the same for split-KV attention (one slot per row x kv head x query block; wider launches
-        # merge their splits in a second kernel instead)
+        # the same for split-KV attention's merging program (one slot per row x kv head x query
+        # block; the kernel splits only grids far smaller than this)
         self.register_buffer("attn_counters", torch.zeros(16384, dtype=torch.int32, device=device), persistent=False)
 
     # --------------------------------------------------------------------------- builders
