@@ -246,3 +246,16 @@ def test_masked_proposal_checks_vocabulary(target, tok):
 def test_unbound_grammar_as_plain_factor_says_how_to_bind(target, tok):
     with pytest.raises(RuntimeError, match=r"not bound to a vocabulary; call \.bind"):
         smcgen.generate(target, "a", tokenizer=tok, potentials=GrammarPotential.regex("a+"), max_new_tokens=3)
+
+
+def test_target_and_draft_sharing_a_tokenizer_share_one_bound_grammar(target, draft, tok):
+    """An unbound grammar given to both the SMC mask and the masked draft binds once: one factor, one
+    set of per-particle matchers (two copies would mask and score every step twice)."""
+    t_lm, d_lm = smcgen.api.as_language_model(target, tok), smcgen.api.as_language_model(draft, tok)
+    g = GrammarPotential.regex("(ab|c)+")
+    proposal = MaskedLMProposal(d_lm, g)
+    smc = SMC(LMPotential(t_lm), SMCConfig(), proposal=proposal, mask=g)
+    assert smc.mask is proposal.mask
+    grammars = [f for f in smc.potential.factors if isinstance(f, GrammarPotential)]
+    assert grammars == [smc.mask]
+    assert g.bind(t_lm) is g.bind(tok, vocab_size=t_lm.vocab_size), "the vocabulary decides, not the object"

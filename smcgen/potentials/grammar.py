@@ -206,7 +206,9 @@ class GrammarPotential(Potential):
         self._rows: list[_Row] = []
         self._initial: Any = None
         self._batch: Any = None
-        self._bound_copies: dict[tuple[int, int | None, tuple[int, ...] | None], tuple[Any, GrammarPotential]] = {}
+        # keyed by the compiled vocabulary (tokenizer, logit width, EOS ids), not by the object passed:
+        # a target and a draft sharing a tokenizer get one bound copy, hence one set of matchers
+        self._bound_copies: dict[int, tuple[Any, GrammarPotential]] = {}
         self.stats = GrammarStats()
 
     # ------------------------------------------------------------------ construction
@@ -278,18 +280,18 @@ class GrammarPotential(Potential):
     def bind(
         self, vocab: Any, *, vocab_size: int | None = None, eos_token_ids: Sequence[int] | None = None
     ) -> GrammarPotential:
-        """A copy compiled against ``vocab`` (cached: binding twice to one vocabulary compiles once).
+        """A copy compiled against ``vocab`` (cached: binding to the same vocabulary again, through this or
+        another model with that tokenizer, logit width and EOS ids, returns the same copy).
 
         ``vocab``: a :class:`smcgen.LanguageModel` (tokenizer, logit width and EOS ids taken from it),
         a Hugging Face tokenizer, or a list of token strings (index = token id, ``None`` or ``""``
         for special tokens). ``vocab_size`` is the width of the model's logits (the bitmask covers
         it); ``eos_token_ids`` end a sequence (default: the model's / tokenizer's EOS).
         """
-        key = (id(vocab), vocab_size, tuple(eos_token_ids) if eos_token_ids is not None else None)
-        hit = self._bound_copies.get(key)
-        if hit is not None and hit[0] is vocab:
-            return hit[1]
         info, compiler, size = _tokenizer_info(vocab, vocab_size, eos_token_ids)
+        hit = self._bound_copies.get(id(info))
+        if hit is not None and hit[0] is info:
+            return hit[1]
         try:
             compiled = compiler.compile_grammar(self._grammar)
         except RuntimeError as err:
@@ -299,7 +301,7 @@ class GrammarPotential(Potential):
         g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
         g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
         g._batch = xgr.BatchGrammarMatcher(max_threads=self._threads)
-        self._bound_copies[key] = (vocab, g)
+        self._bound_copies[id(info)] = (info, g)
         return g
 
     @property
