@@ -112,8 +112,6 @@ def generate(
 
     from smcgen.backends.native.select import native_engine_or_reason
 
-    if grammar is not None:
-        potentials = [potentials] if isinstance(potentials, Potential) else list(potentials)
     native, why_not = native_engine_or_reason(
         cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
     )

@@ -34,6 +34,15 @@ def allowed_from_bitmask(bitmask: Tensor, vocab_size: int, device: torch.device)
     return ((words[:, :, None] >> bits) & 1).reshape(words.shape[0], -1)[:, :vocab_size].bool()
 
 
+def _restrict(scores: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``scores`` with the tokens ``allowed`` (bitmask) does not allow set to -inf, and the rows
+    left with no allowed token (``None`` and the scores themselves without a mask)."""
+    if allowed is None:
+        return scores, None
+    ok = allowed_from_bitmask(allowed, scores.shape[-1], scores.device) & (scores > float("-inf"))
+    return scores.masked_fill(~ok, float("-inf")), ~ok.any(dim=-1)
+
+
 def sample_tokens(
     logits: Tensor, scale: float, generator: torch.Generator | None, allowed: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -45,19 +54,12 @@ def sample_tokens(
     a row with no allowed token draws token 0 with ``log_q = 0`` (its particle must be ruled out
     by the potential that supplied the mask).
     """
-    scaled = logits.float() * scale
-    if allowed is None:
-        tokens = torch.argmax(scaled + gumbel_noise(scaled.shape, generator, scaled.device), dim=-1)
-        log_q = scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
-        return tokens, log_q.double()
-    ok = allowed_from_bitmask(allowed, scaled.shape[-1], scaled.device) & (scaled > float("-inf"))
-    masked = torch.where(ok, scaled, torch.full_like(scaled, float("-inf")))
-    noise = gumbel_noise(scaled.shape, generator, scaled.device)
-    tokens = torch.argmax(masked + noise, dim=-1)
-    log_q = masked.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(masked, dim=-1)
-    empty = ~ok.any(dim=-1)
-    tokens = torch.where(empty, torch.zeros_like(tokens), tokens)
-    log_q = torch.where(empty, torch.zeros_like(log_q), log_q)
+    keys, empty = _restrict(logits.float() * scale, allowed)
+    tokens = torch.argmax(keys + gumbel_noise(keys.shape, generator, keys.device), dim=-1)
+    log_q = keys.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(keys, dim=-1)
+    if empty is not None:
+        tokens = torch.where(empty, torch.zeros_like(tokens), tokens)
+        log_q = torch.where(empty, torch.zeros_like(log_q), log_q)
     return tokens, log_q.double()
 
 
@@ -84,16 +86,11 @@ def sample_powered(
     unmasked value (the fused sampling kernel's semantics).
     """
     powered = alpha * log_probs(logits, temperature)
-    if allowed is not None:
-        ok = allowed_from_bitmask(allowed, powered.shape[-1], powered.device) & (powered > float("-inf"))
-        keys = torch.where(ok, powered, torch.full_like(powered, float("-inf")))
-    else:
-        keys = powered
+    keys, empty = _restrict(powered, allowed)
     tokens = torch.argmax(keys + gumbel_noise(powered.shape, generator, powered.device), dim=-1)
     log_target = powered.gather(-1, tokens[:, None]).squeeze(-1).double()
-    if allowed is not None:
+    if empty is not None:
         log_norm = torch.logsumexp(keys, dim=-1).double()
-        empty = ~ok.any(dim=-1)
         tokens = torch.where(empty, torch.zeros_like(tokens), tokens)
         log_target = torch.where(empty, torch.full_like(log_target, float("-inf")), log_target)
     elif alpha == 1.0:

@@ -189,12 +189,15 @@ class SMC:
         if problem is not None:
             raise ValueError(problem)
 
-    def _score_potential(self, seq: Tensor, rows: Tensor, lengths: Tensor, finished: Tensor, prompt: list[int]) -> Tensor:
-        """Potential log-scores for ``rows``: complete for finished rows, prefix for the others."""
+    def _score_potential(
+        self, seq: Tensor, rows: Tensor, rows_dev: Tensor, lengths: Tensor, finished: Tensor, prompt: list[int]
+    ) -> Tensor:
+        """Potential log-scores for ``rows`` (on the CPU; ``rows_dev`` the same on the device):
+        complete for finished rows, prefix for the others."""
         assert self.potential is not None
         start = len(prompt)
-        ids = seq[rows, start:].tolist()
-        lens = lengths[rows].tolist()
+        ids = seq[rows_dev, start:].tolist()
+        lens = lengths[rows_dev].tolist()
         token_ids = [r[:n] for r, n in zip(ids, lens)]
         out = torch.empty(len(token_ids), dtype=torch.float64)
         fin = finished.tolist()
@@ -314,13 +317,14 @@ class SMC:
             seq = torch.cat([seq, block], dim=1)
 
             if self.potential is not None:
-                rows = (~done).nonzero().squeeze(-1).cpu()
+                rows_dev = (~done).nonzero().squeeze(-1)
+                rows = rows_dev.cpu()
                 if rows.numel():
-                    new = self._score_potential(seq, rows.to(device), lengths, new_done[rows.to(device)].cpu(), prompt)
+                    new = self._score_potential(seq, rows, rows_dev, lengths, new_done[rows_dev].cpu(), prompt)
                     prev = pot_prev[rows]
                     delta = torch.where(torch.isneginf(prev), torch.full_like(new, -math.inf), new - prev)
                     pot_prev[rows] = new
-                    inc[rows.to(device)] += delta.to(device)
+                    inc[rows_dev] += delta.to(device)
             done = new_done
             lw += inc.view(B, N)
 
@@ -343,13 +347,14 @@ class SMC:
                 ancestors = torch.arange(N, device=device).expand(B, N).clone()
                 ancestors[groups] = self.resampler.ancestors(lw[groups], generator).to(device)
                 rows_all = (ancestors + torch.arange(B, device=device)[:, None] * N).reshape(-1)
+                rows_cpu = rows_all.cpu()
                 seq, done, lengths = seq[rows_all], done[rows_all], lengths[rows_all]
-                pot_prev = pot_prev[rows_all.cpu()]
+                pot_prev = pot_prev[rows_cpu]
                 runner.reorder(rows_all)
                 if self.proposal is not None:
                     self.proposal.reorder(rows_all)
                 if self.potential is not None:
-                    self.potential.reorder(rows_all.cpu())
+                    self.potential.reorder(rows_cpu)
                 mean = torch.logsumexp(lw[groups], dim=1, keepdim=True) - math.log(N)
                 lw[groups] = mean.expand(-1, N)
             bar.update(min(block.shape[1], cfg.max_new_tokens - bar.n))

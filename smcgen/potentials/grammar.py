@@ -44,7 +44,7 @@ try:
 except ImportError as _err:  # pragma: no cover - xgrammar is a dependency
     raise ImportError("grammar potentials need xgrammar: pip install 'xgrammar>=0.2.8,<0.3'") from _err
 
-__all__ = ["GrammarError", "GrammarPotential", "GrammarStats", "PendingBitmask", "bitmask_width"]
+__all__ = ["GrammarError", "GrammarPotential", "GrammarStats", "PendingBitmask"]
 
 
 def _parse(label: str, source: str, build: Any) -> Any:
