@@ -197,3 +197,13 @@ def test_merged_runs_pad_the_batch_that_stopped_earlier():
     assert merged.ess_history.shape == (4, 5) and torch.isnan(merged.ess_history[2:, [0, 2, 4]]).all()
     assert not merged.resampled[2:, [0, 2, 4]].any() and merged.resampled[:, [1, 3]].all()
     assert (merged.ess_history[:, [1, 3]] == 2.0).all()
+
+
+def test_a_long_prompt_fits_the_pool_sized_for_it(models):
+    """The pool holds exactly PagedKVCache.pages_needed pages; a prompt longer than the generation,
+    shared by 16 particles that resample every cycle, runs in it without exhausting it."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=16, block_size=2, max_new_tokens=4, seed=0, ess_threshold=1.0)
+    prompt = [int(t) for t in torch.randint(0, 3, (41,), generator=torch.Generator().manual_seed(0))]
+    out = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(), page_size=4).run(prompt, n_groups=2)
+    assert out.tokens.shape[:2] == (2, 16) and bool(out.resampled.any())

@@ -335,6 +335,8 @@ def test_check_budget():
         PagedKVCache.check_budget(8, 2, 7, 20, PAGE, available=40)
     assert PagedKVCache.check_budget(8, 2, 7, 16, PAGE, available=40) == 34  # 2 + 8 * 3 + 8 fits
     assert PagedKVCache.bytes_per_page(2, 2, 16, PAGE, torch.float32) == 2 * 2 * PAGE * 2 * 16 * 4
+    # a long prompt is stored once per request, not once per row: 10 shared pages + 16 rows x 2 + 16
+    assert PagedKVCache.pages_needed(16, 1, 41, 45, PAGE) == 58
 
 
 def test_pool_exhaustion_reported():

@@ -90,8 +90,8 @@ class PagedKVCache:
         shared by that request's rows); ``max_len``: the most tokens any row ever holds (prompt,
         new tokens and any look-ahead such as a verify block). The worst case is that rows share
         nothing beyond the prompt. One extra page per row covers the copy-on-write page a row
-        takes during a resample before its old partial page returns to the pool, and the
-        prefill transient (pages reserved for every row before the prompt is shared) is covered.
+        takes during a resample before its old partial page returns to the pool (also the
+        prefill's: the prompt is written once per request, then shared with the request's rows).
         """
         if n_requests < 1 or n_rows < n_requests:
             raise ValueError(f"pages_needed: need 1 <= n_requests <= n_rows, got {n_requests} and {n_rows}")
@@ -99,9 +99,7 @@ class PagedKVCache:
             raise ValueError(f"pages_needed: max_len ({max_len}) < prompt_len ({prompt_len})")
         shared = prompt_len // page_size
         per_row = math.ceil(max_len / page_size)
-        steady = n_requests * shared + n_rows * (per_row - shared)
-        prefill = n_rows * math.ceil(prompt_len / page_size)
-        return max(steady, prefill) + n_rows
+        return n_requests * shared + n_rows * (per_row - shared) + n_rows
 
     @staticmethod
     def bytes_per_page(n_layers: int, n_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
