@@ -34,7 +34,7 @@ from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
-from smcgen.potentials.grammar import GrammarPotential, PendingBitmask
+from smcgen.potentials.grammar import GrammarPotential
 from smcgen.smc import BatchRun, dead_group_error, length_problem
 
 
@@ -224,7 +224,6 @@ class NativeSMC:
         )
 
         state = _CycleState(self, prompts, n_cycles, tcache, dcache, stream)
-        state.prompt_ids = torch.tensor(prompts, dtype=torch.long).repeat_interleave(N, dim=0)
         if self.mask is not None:
             self.mask.start(prompts[0], R)
         self._prefill(state, prompts)
@@ -239,8 +238,6 @@ class NativeSMC:
         bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc (native)", unit="tok", leave=False)
         done_host = torch.zeros(1, dtype=torch.bool, pin_memory=dev.type == "cuda")
         for c in range(n_cycles):
-            # no resampling after the last cycle: it would only add noise to the final weights
-            state.allow.fill_(0 if c == n_cycles - 1 else 1)
             if graph is not None:
                 graph.replay()
             else:
@@ -266,9 +263,10 @@ class NativeSMC:
         if dcache is not None:
             dcache.check_status()
         if self.mask is not None:
-            self._apply_final_factor(state)
-        # dead during the run, or (with a grammar) no particle ended inside the language
-        dead = (state.dead_seen.view(B) | torch.isneginf(state.log_w).all(dim=1)).cpu()
+            self._apply_final_factor(state, prompts[0])
+        # dead during the run (the weight update leaves a dead group's -inf weights as they are), or
+        # (with a grammar) no particle ended inside the language
+        dead = torch.isneginf(state.log_w).all(dim=1).cpu()
         width = cfg.max_new_tokens
         return BatchRun.from_log_weights(
             state.history[:, :width].reshape(B, N, width),
@@ -324,19 +322,23 @@ class NativeSMC:
         s.tcache.reserve(pos + T)
         drafted: list[Tensor] = []
         log_q: list[Tensor] = []
+        if masked:
+            # the continuation so far on the host, extended by each drafted token (eager path: syncs)
+            host_tokens = [s.history[:, : int(s.cycle) * T].cpu()]
         if self.draft is not None:
             s.dcache.reserve(pos + K)
             feed, start = s.pending, pos - 1
             for k in range(K):
                 # the mask is requested (token ids read) before the forward and computed after its
                 # launch, so on a GPU the host builds it while the device runs the draft
-                pending = self._request_masks(s, drafted) if masked else None
+                pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
                 logits = self.draft(feed, start.expand(R), s.dcache, last_only=True)
                 allowed = pending.result().to(self.device) if masked else None
                 tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset, allowed)
                 s.offset.add_(R * V)
                 drafted.append(tok)
                 if masked:
+                    host_tokens.append(tok[:, None].cpu())
                     # a row with no allowed token is a dead end: weight zero, never NaN
                     log_q.append(torch.where(torch.isneginf(ln), torch.full_like(ln, math.inf), lp - ln))
                 else:
@@ -349,7 +351,7 @@ class NativeSMC:
         else:
             y = s.pending[:, :0]
             verify_in = s.pending
-        pending = self._request_masks(s, drafted) if masked else None
+        pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
         logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
         allowed = pending.result().to(self.device) if masked else None
@@ -390,16 +392,16 @@ class NativeSMC:
         s.lengths.add_(valid.sum(dim=1))
         s.done.copy_(s.done | (is_eos & valid).any(dim=1) | (s.lengths >= cfg.max_new_tokens))
 
-        # no resampling once every particle has finished (the loop stops after this cycle): it
-        # would only add noise to the final weights; decided on the device, so graphs keep it
-        allow = s.allow * (~s.done.all()).to(s.allow.dtype).reshape(1)
-        anc, ess, resampled, dead = smc_weight_update(
+        # no resampling once every particle has finished (at the latest the last cycle, where every
+        # row reaches max_new_tokens): it would only add noise to the final weights; decided on
+        # the device, so graphs keep it
+        allow = (~s.done.all()).to(torch.int32).reshape(1)
+        anc, ess, resampled, _ = smc_weight_update(
             s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, allow
         )
         s.offset.add_(s.B)
         s.ess_history.index_copy_(0, s.cycle, ess[None])
         s.resampled_history.index_copy_(0, s.cycle, resampled[None])
-        s.dead_seen.logical_or_(dead)
 
         s.history.copy_(s.history[anc])
         s.lengths.copy_(s.lengths[anc])
@@ -416,14 +418,7 @@ class NativeSMC:
         s.cycle.add_(1)
         return anc
 
-    def _request_masks(self, s: _CycleState, drafted: list[Tensor]) -> PendingBitmask:
-        """Ask the grammar for every row's next-token bitmask after the tokens so far (read now)."""
-        assert self.mask is not None
-        done_cols = int(s.cycle) * (self.block + 1)
-        parts = [s.prompt_ids, s.history[:, :done_cols].cpu()] + [t[:, None].cpu() for t in drafted]
-        return self.mask.request_bitmask(torch.cat(parts, dim=1), s.prompt_ids.shape[1])
-
-    def _apply_final_factor(self, s: _CycleState) -> None:
+    def _apply_final_factor(self, s: _CycleState, prompt: list[int]) -> None:
         """The grammar factor of every finished particle: 0 when its text is in the language, else -inf."""
         from smcgen.potentials.base import SequenceBatch
 
@@ -433,7 +428,7 @@ class NativeSMC:
         hist = s.history.cpu().tolist()
         # rows= lets the grammar reuse each particle's matcher instead of re-parsing its whole text
         batch = SequenceBatch(
-            [h[:n] for h, n in zip(hist, lengths)], s.prompt_ids[0].tolist(), None, rows=list(range(len(hist)))
+            [h[:n] for h, n in zip(hist, lengths)], prompt, None, rows=list(range(len(hist)))
         )
         final = self.mask.log_complete(batch).to(device=self.device, dtype=s.log_w.dtype)
         s.log_w.add_(final.view(-1, N))
@@ -491,11 +486,8 @@ class _CycleState:
         seed += stream * 0x9E3779B97F4A7C15
         self.seed = torch.tensor([seed % (2**62)], **i64)
         self.offset = torch.zeros(1, **i64)
-        self.allow = torch.ones(1, dtype=torch.int32, device=dev)
         self.ess_history = torch.zeros(n_cycles, self.B, dtype=torch.float32, device=dev)
         self.resampled_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
-        self.dead_seen = torch.zeros(self.B, dtype=torch.bool, device=dev)
-        self.prompt_ids: Tensor | None = None  # [R, P] on the host, for grammar masks
 
     def _tensors(self) -> list[Tensor]:
         caches = [c for c in (self.tcache, self.dcache) if c is not None]
@@ -511,7 +503,6 @@ class _CycleState:
             self.offset,
             self.ess_history,
             self.resampled_history,
-            self.dead_seen,
         ]
         for c in caches:
             out += [c.block_table, c.refcount, c.free_stack, c.free_top, c.status, c.high_water]
