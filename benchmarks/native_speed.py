@@ -121,12 +121,17 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 2**30 / times[len(times) // 2]
 
 
-def run_engine(target, draft, n, k, requests, prompt_len, new_tokens, seed=0):
+def make_engine(target, draft, n, k, new_tokens, prompt_len, requests=1, seed=0, **engine_kw):
+    """The engine of one benchmark row (K = 0: AR, no draft; EOS off) and its random prompts."""
     cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=seed,
                     draft_temperature=0.7, target_temperature=0.7)
-    engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=())
+    engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=(), **engine_kw)
     gen = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, target.vocab_size, (requests, prompt_len), generator=gen).tolist()
+    return engine, torch.randint(0, target.vocab_size, (requests, prompt_len), generator=gen).tolist()
+
+
+def run_engine(target, draft, n, k, requests, prompt_len, new_tokens, seed=0):
+    engine, prompts = make_engine(target, draft, n, k, new_tokens, prompt_len, requests, seed)
     torch.cuda.reset_peak_memory_stats()
     out = engine.run(prompts)
     t = engine.last_timing
@@ -154,9 +159,7 @@ def profile_cycle(target, draft, n, k, prompt_len, top=25):
     """Per-kernel CUDA time of three eager cycles (graphs hide kernels from the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = SMCConfig(n_particles=n, block_size=k, max_new_tokens=3 * (k + 1), seed=0)
-    engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(), cuda_graph=False)
-    prompts = torch.randint(0, target.vocab_size, (1, prompt_len)).tolist()
+    engine, prompts = make_engine(target, draft, n, k, 3 * (k + 1), prompt_len, cuda_graph=False)
     engine.run(prompts)  # warm-up: Triton compiles
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.run(prompts)
@@ -178,10 +181,7 @@ def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
     """
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=0,
-                    draft_temperature=0.7, target_temperature=0.7)
-    engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=())
-    prompts = torch.randint(0, target.vocab_size, (1, prompt_len)).tolist()
+    engine, prompts = make_engine(target, draft, n, k, new_tokens, prompt_len)
     engine.run(prompts)  # warm-up: Triton compiles, cuBLAS picks its kernels
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.run(prompts)

@@ -158,7 +158,6 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
             head.shape[0], hidden, False, 1,
         ),
     }
-    block_m = max(16, 1 << (rows - 1).bit_length())
     out = {}
     for name, (fn, n_out, k, gated, n_layers) in kinds.items():
         if only and name not in only:
@@ -167,7 +166,7 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
         default = skinny_plan(rows, n_out, k, gated, dev)
         plans = {default}
         for bk, stages, split, bn, nw in itertools.product((128, 256), stages_, (*splits, default[-1]), block_ns, warps):
-            plans.add((block_m, bn, bk, nw, stages, split))
+            plans.add((default[0], bn, bk, nw, stages, split))
         results = []
         for plan in sorted(plans):
             try:

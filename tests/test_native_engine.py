@@ -168,12 +168,12 @@ def test_prompts_of_different_lengths_run_per_length(models):
     assert mixed.tokens.shape == (24, 4, MAX_NEW) and not bool(mixed.dead.any())
     assert mixed.ess_history.shape[1] == 24
     alone_short = engine.run([short] * 12)
-    alone_long = engine._run_one_length([long] * 12, False, 1)
+    alone_long, _ = engine._run_one_length([long] * 12, False, 1)
     for got, want in ((slice(0, None, 2), alone_short), (slice(1, None, 2), alone_long)):
         assert torch.equal(mixed.tokens[got], want.tokens) and torch.equal(mixed.lengths[got], want.lengths)
         assert torch.equal(mixed.log_z[got], want.log_z)
         assert torch.allclose(mixed.log_weights[got], want.log_weights)
-    other_stream = engine._run_one_length([short] * 12, False, 1)
+    other_stream, _ = engine._run_one_length([short] * 12, False, 1)
     assert not torch.equal(other_stream.tokens, alone_short.tokens)
     assert torch.equal(engine.run(prompts).tokens, mixed.tokens)
 
@@ -207,3 +207,15 @@ def test_a_long_prompt_fits_the_pool_sized_for_it(models):
     prompt = [int(t) for t in torch.randint(0, 3, (41,), generator=torch.Generator().manual_seed(0))]
     out = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(), page_size=4).run(prompt, n_groups=2)
     assert out.tokens.shape[:2] == (2, 16) and bool(out.resampled.any())
+
+
+def test_native_copies_are_cached_until_forgotten(target, tok):
+    """One native copy per transformers model; forget_native_copies() makes the next request convert again."""
+    import smcgen
+    from smcgen.backends.native.select import forget_native_copies, native_model
+
+    lm = smcgen.api.as_language_model(target, tok)
+    first = native_model(lm)
+    assert native_model(lm) is first
+    forget_native_copies()
+    assert native_model(lm) is not first

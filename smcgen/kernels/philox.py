@@ -49,14 +49,14 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def philox4x32(
-    c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1: Tensor, n_rounds: int = PHILOX_ROUNDS
+    c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor, k1: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The Philox4x32 block function (Random123's, and triton's ``philox_impl``) on uint32s held in int64.
 
     ``c0..c3`` are the counter words, ``k0, k1`` the key words (broadcastable tensors); returns the
     four output words.
     """
-    for _ in range(n_rounds):
+    for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a

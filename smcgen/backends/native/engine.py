@@ -119,7 +119,7 @@ class NativeSMC:
         if problem is not None:
             return problem
         # every cycle writes all K+1 positions, so the last one may reach past max_new_tokens
-        reach = prompt_len - 1 + -(-cfg.max_new_tokens // T) * T
+        reach = self._positions_written(prompt_len)
         if reach > context:
             return (
                 f"the last cycle of K+1 = {T} positions would reach position {reach - 1}, past the model context "
@@ -127,6 +127,12 @@ class NativeSMC:
                 f"max_new_tokens % (block_size + 1) == 0, or use engine='generic'"
             )
         return None
+
+    def _positions_written(self, prompt_len: int) -> int:
+        """Positions a row's cache holds at the end: the target all but the last token (the draft
+        all but two) of the prompt and of every whole cycle of K+1 tokens."""
+        T = self.block + 1
+        return prompt_len - 1 + -(-self.config.max_new_tokens // T) * T
 
     # ------------------------------------------------------------------------------ setup
 
@@ -179,13 +185,13 @@ class NativeSMC:
             reason = self.unsupported_reason(length)
             if reason is not None:
                 raise ValueError(reason)
-        self._timings: list[dict[str, float]] = []
-        parts = [
-            (idx, self._run_one_length([prompts[i] for i in idx], progress, stream))
-            for stream, idx in enumerate(by_length.values())
-        ]
+        parts, timings = [], []
+        for stream, idx in enumerate(by_length.values()):
+            run, timing = self._run_one_length([prompts[i] for i in idx], progress, stream)
+            parts.append((idx, run))
+            timings.append(timing)
         out = parts[0][1] if len(parts) == 1 else _merge_runs(parts, len(prompts))
-        self.last_timing = {k: sum(t[k] for t in self._timings) for k in self._timings[0]}
+        self.last_timing = {k: sum(t[k] for t in timings) for k in timings[0]}
         if on_dead == "raise" and bool(out.dead.any()):
             groups = out.dead.nonzero().squeeze(-1).tolist()
             g = groups[0]
@@ -196,8 +202,11 @@ class NativeSMC:
             raise dead_group_error(groups, partial, finished, self.mask, cause=cause)
         return out
 
-    def _run_one_length(self, prompts: list[list[int]], progress: bool, stream: int) -> BatchRun:
+    def _run_one_length(
+        self, prompts: list[list[int]], progress: bool, stream: int
+    ) -> tuple[BatchRun, dict[str, float]]:
         """One batch of prompts of one length: prefill, capture, cycles; dead groups flagged, not raised.
+        Returns the run and its timing (prefill, capture and decode seconds, cycles).
 
         ``stream`` > 0 derives another seed from the config's (each batch of a call its own noise).
         """
@@ -206,8 +215,7 @@ class NativeSMC:
         R, T = B * N, K + 1
         P = len(prompts[0])
         n_cycles = -(-cfg.max_new_tokens // T)
-        # positions written: the target holds all but the last token, the draft all but two
-        max_len = P - 1 + n_cycles * T
+        max_len = self._positions_written(P)
         dev = self.device
         t_start = time.perf_counter()
 
@@ -253,12 +261,12 @@ class NativeSMC:
         _sync(dev)
         t_end = time.perf_counter()
         elapsed = t_end - t_start
-        self._timings.append({
+        timing = {
             "prefill_s": t_prefill - t_start,
             "capture_s": t_decode - t_prefill,
             "decode_s": t_end - t_decode,
             "cycles": n_cycles,
-        })
+        }
         tcache.check_status()
         if dcache is not None:
             dcache.check_status()
@@ -268,7 +276,7 @@ class NativeSMC:
         # (with a grammar) no particle ended inside the language
         dead = torch.isneginf(state.log_w).all(dim=1).cpu()
         width = cfg.max_new_tokens
-        return BatchRun.from_log_weights(
+        run = BatchRun.from_log_weights(
             state.history[:, :width].reshape(B, N, width),
             state.lengths.view(B, N),
             state.log_w.double(),
@@ -277,6 +285,7 @@ class NativeSMC:
             elapsed,
             dead,
         )
+        return run, timing
 
     # ---------------------------------------------------------------------------- prefill
 

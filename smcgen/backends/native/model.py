@@ -339,8 +339,8 @@ class NativeCausalLM(nn.Module):
         return native
 
     @torch.no_grad()
-    def fold_input_norms(self) -> bool:
-        """Fold each layer's input RMSNorm weight into its QKV weight columns, once; True if folded.
+    def fold_input_norms(self) -> None:
+        """Fold each layer's input RMSNorm weight into its QKV weight columns, once (``input_norm_folded``).
 
         ``rms_norm(h) @ W.T`` = ``rsqrt(mean(h^2) + eps) * (h @ (W * g).T)``: with the weight g in
         W, the 1/RMS scale is a per-token scalar that the RoPE + KV-write kernel applies to q, k and v
@@ -350,11 +350,10 @@ class NativeCausalLM(nn.Module):
         a QKV bias (Qwen2), which must be added after the scale. The builders call it.
         """
         if self.input_norm_folded or self.cfg.qkv_bias:
-            return self.input_norm_folded
+            return
         for layer in self.layers:
             layer.qkv.mul_(layer.input_norm)
         self.input_norm_folded = True
-        return True
 
     def get_extra_state(self) -> dict[str, bool]:
         """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms."""
