@@ -58,7 +58,8 @@ def main() -> None:
     ptrs = {"x": bf16, "w": bf16, "b": bf16, "g": bf16, "res": bf16, "out": bf16, "ws": "*fp32", "counters": "*i32"}
     print(json.dumps(facts("skinny_linear", linear._skinny_linear_kernel, skinny, ptrs, ("eps",),
                            num_warps=4, num_stages=3)))
-    attn = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 16, "BLOCK_N": 128, "SPLIT": True, "IEEE": False, "PDL": True}
+    attn = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 16, "BLOCK_N": 128, "NSPLIT": 4, "NSPLIT_P2": 4, "IEEE": False,
+            "PDL": True}
     ptrs = {"q": bf16, "k_pool": bf16, "v_pool": bf16, "bt": "*i32", "start_pos": "*i32", "out": bf16,
             "part_o": "*fp32", "part_lse": "*fp32", "counters": "*i32"}
     print(json.dumps(facts("paged_attention", attention._paged_attention_kernel, attn, ptrs, ("qk_scale",),

@@ -87,7 +87,7 @@ def test_every_fusion_matches_the_twin(device, bias, norm, residual, gated):
 
 
 @needs_triton
-@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40, 72])
 @pytest.mark.parametrize(
     "n,k,plan",
     [
@@ -207,7 +207,7 @@ def test_default_plans_fit_shared_memory(elem_bytes, gated):
     (fp32 plans once asked for 240 KiB and failed to launch there)."""
     from smcgen.kernels.linear import skinny_plan
 
-    for rows, n_out, k in itertools.product((1, 8, 16, 17, 33, 64), (96, 2048, 14336), (64, 2048, 14336)):
+    for rows, n_out, k in itertools.product((1, 8, 16, 17, 33, 64, 72, 128), (96, 2048, 14336), (64, 2048, 14336)):
         block_m, block_n, block_k, _, stages, _ = skinny_plan(rows, n_out, k, gated, torch.device("cpu"), elem_bytes)
         tile = (block_m + (2 if gated else 1) * block_n) * block_k * elem_bytes
         assert stages * tile <= 227 * 1024, (rows, n_out, k, block_m, block_n, block_k, stages)

@@ -46,6 +46,9 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 #: fewest keys a KV split covers (``_num_splits``)
 MIN_KEYS_PER_SPLIT = 256
+#: key tile of the decode configuration (at most 16 packed queries): a split covers whole tiles,
+#: so splits finer than this tile would leave the extra ones empty
+DECODE_BLOCK_N = 128
 
 
 def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.device) -> int:
@@ -69,7 +72,7 @@ def _launch_config(packed: int, dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head."""
     block_m = min(max(16, triton.next_power_of_2(packed)), 128)
     if block_m <= 16:  # decode: few queries, wide key tiles keep more bytes in flight
-        return block_m, 128, 4, 2
+        return block_m, DECODE_BLOCK_N, 4, 2
     if block_m >= 128:  # big verify / prefill: narrow key tiles keep registers in check
         return block_m, 32, 4, 3
     return block_m, 64, 4, 3
@@ -204,7 +207,6 @@ def paged_attention_triton(
         n_q,
         n_kvh,
         max_pages,
-        num_splits,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -222,7 +224,8 @@ def paged_attention_triton(
         PAGE=page_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        SPLIT=split,
+        NSPLIT=num_splits,
+        NSPLIT_P2=triton.next_power_of_2(num_splits),
         IEEE=q.dtype == torch.float32,
         PDL=pdl,
         num_warps=num_warps,
@@ -273,7 +276,6 @@ if HAS_TRITON:
         T,
         n_kvh,
         max_pages,
-        n_splits,
         s_qr,
         s_qt,
         s_qh,
@@ -291,7 +293,8 @@ if HAS_TRITON:
         PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr,
+        NSPLIT: tl.constexpr,
+        NSPLIT_P2: tl.constexpr,
         IEEE: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -311,7 +314,7 @@ if HAS_TRITON:
         qpos = start + t
         # keys this block can see: [0, position of its last query]; this split's share of them
         kv_end = start + tl.minimum(T - 1, (qblock * BLOCK_M + BLOCK_M - 1) // G) + 1
-        chunk = tl.cdiv(tl.cdiv(kv_end, n_splits), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(kv_end, NSPLIT), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, kv_end)
 
@@ -350,34 +353,35 @@ if HAS_TRITON:
 
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
-        if SPLIT:
+        if NSPLIT > 1:
             row = (r * T + t) * (n_kvh * G) + head
-            tl.store(part_o + (row * n_splits + split)[:, None] * D + d[None, :], o, mask=m_ok[:, None])
+            tl.store(part_o + (row * NSPLIT + split)[:, None] * D + d[None, :], o, mask=m_ok[:, None])
             lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-            tl.store(part_lse + row * n_splits + split, lse, mask=m_ok)
+            tl.store(part_lse + row * NSPLIT + split, lse, mask=m_ok)
             # The tile's last split program to arrive merges all splits (an acq_rel atomic after
             # a CTA barrier orders every thread's partial stores before the count) and re-zeroes
             # the counter for the next launch.
             tile = pid * tl.num_programs(2) + qblock
             tl.debug_barrier()
             arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
-            if arrived == n_splits - 1:
+            if arrived == NSPLIT - 1:
                 tl.debug_barrier()
-                m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_all = tl.zeros([BLOCK_M], tl.float32)
+                # every split's log-sum-exp in one load and every partial output's load unrolled:
+                # a loop over the splits would wait out one memory latency per split
+                sp = tl.arange(0, NSPLIT_P2)
+                lse_all = tl.load(part_lse + row[:, None] * NSPLIT + sp[None, :],
+                                  mask=m_ok[:, None] & (sp[None, :] < NSPLIT), other=float("-inf"),
+                                  cache_modifier=".cg")
+                m_all = tl.max(lse_all, 1)
+                m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+                w_all = tl.exp2(lse_all - m_use[:, None])
+                l_all = tl.sum(w_all, 1)
                 acc = tl.zeros([BLOCK_M, D], tl.float32)
-                for sp in range(n_splits):
-                    lse_s = tl.load(part_lse + row * n_splits + sp, mask=m_ok, other=float("-inf"),
-                                    cache_modifier=".cg")
-                    o_s = tl.load(part_o + (row * n_splits + sp)[:, None] * D + d[None, :], mask=m_ok[:, None],
+                for s_i in tl.static_range(NSPLIT):
+                    w_s = tl.sum(tl.where(sp[None, :] == s_i, w_all, 0.0), 1)
+                    o_s = tl.load(part_o + (row * NSPLIT + s_i)[:, None] * D + d[None, :], mask=m_ok[:, None],
                                   other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_all, lse_s)
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_all - m_use)
-                    w_s = tl.exp2(lse_s - m_use)
-                    l_all = l_all * alpha + w_s
-                    acc = acc * alpha[:, None] + w_s[:, None] * o_s
-                    m_all = m_new
+                    acc += w_s[:, None] * o_s
                 res = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
                 optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
                 tl.store(optr, res.to(out.dtype.element_ty), mask=m_ok[:, None])

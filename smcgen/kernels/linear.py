@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: the most rows the skinny kernel takes (one program holds all rows' accumulators)
-MAX_SKINNY_ROWS = 64
+MAX_SKINNY_ROWS = 128
 
 
 def _check(

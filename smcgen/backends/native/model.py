@@ -214,9 +214,12 @@ class NativeCausalLM(nn.Module):
         #: then projects the raw residual stream and RoPE applies the norm's 1/RMS scale
         self.input_norm_folded = False
         #: the o and down projections add into the residual stream in place, so cuBLAS's addmm
-        #: needs no copy of its C operand (the graph profile counts ~2 device memcpys per layer on
-        #: batches wider than skinny_max_rows). Off until measured on a GPU (tested on the CPU).
-        self.residual_in_place = False
+        #: needs no copy of its C operand (one device memcpy per layer and projection otherwise, on
+        #: batches wider than skinny_max_rows): +1.9% at N=8 K=8 and +2.1% on 8 x 8 (H100, BENCHMARKS.md)
+        self.residual_in_place = True
+        #: the (norm-folded) QKV projection in the skinny kernel too, like o, gate_up and down,
+        #: instead of a bare cuBLAS GEMM. Off until measured on a GPU (tested on the CPU).
+        self.skinny_qkv = False
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -450,7 +453,9 @@ class NativeCausalLM(nn.Module):
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             if self.input_norm_folded:
-                qkv, rms_of = F.linear(h, layer.qkv), h  # the norm's scale comes in RoPE
+                # the norm's scale comes in RoPE
+                qkv = linear(h, layer.qkv) if self.skinny_qkv else F.linear(h, layer.qkv)
+                rms_of = h
             else:
                 qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
                 rms_of = None
