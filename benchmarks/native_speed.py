@@ -47,16 +47,29 @@ VARIANTS = {
     # decode attention in 64- / 32-key tiles, split as finely (a split covers whole tiles)
     "attn64": {"keys_per_split": 64, "decode_block_n": 64},
     "attn32": {"keys_per_split": 32, "decode_block_n": 32},
-    "dbn64": {"decode_block_n": 64},  # the skinny kernel for every decode-sized layer, however few its programs
+    "dbn64": {"decode_block_n": 64},
+    # decode grids with fewer programs than SMs tiled and split as wider ones (128-key tiles, >= 256-key splits)
+    "tile128": {"small_grid_block_n": 128},
+    # a copy of the draft with weight-only fp8 layers (NativeCausalLM.quantize_fp8): its default
+    # set (gate_up, down, LM head), or every linear layer
+    "fp8draft": {"fp8_draft": "default"},
+    "fp8all": {"fp8_draft": "all"},  # the skinny kernel for every decode-sized layer, however few its programs
 }
 
 
-def apply_variant(name: str, models, defaults: dict) -> None:
-    """Reset the models and kernel switches to ``defaults``, then apply variant ``name``."""
+def apply_variant(name: str, models, defaults: dict):
+    """Reset the models and kernel switches to ``defaults``, apply variant ``name``; return (target, draft).
+
+    ``models`` = (target, bf16 draft, fp8 copy of the draft or None): the draft returned is the one
+    the variant runs.
+    """
     settings = dict(defaults)
     for part in name.split("+"):  # "a+b": both changes
         settings.update(VARIANTS[part])
-    for m in models:
+    target, draft, drafts_fp8 = models
+    if settings["fp8_draft"]:
+        draft = drafts_fp8[settings["fp8_draft"]]
+    for m in (target, draft):
         m.skinny_max_rows = settings["skinny_max_rows"]
         if not settings["fold"]:
             # exact only because from_config's norms are all 1 (so W * g == W): no unfolding needed
@@ -64,12 +77,13 @@ def apply_variant(name: str, models, defaults: dict) -> None:
         m.input_norm_folded = settings["fold"] and not m.cfg.qkv_bias
         m.residual_in_place = settings["residual_in_place"]
         m.skinny_qkv = settings["skinny_qkv"]
-    target, draft = models
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
     linear.MIN_GRID_FRACTION = settings["min_grid"]
     attention.MIN_KEYS_PER_SPLIT = settings["keys_per_split"]
     attention.DECODE_BLOCK_N = settings["decode_block_n"]
+    attention.SMALL_GRID_BLOCK_N = settings["small_grid_block_n"]
+    return target, draft
 
 
 LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -260,6 +274,8 @@ def main() -> None:
                 "skinny_qkv": target.skinny_qkv,
                 "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
                 "decode_block_n": attention.DECODE_BLOCK_N,
+                "small_grid_block_n": attention.SMALL_GRID_BLOCK_N,
+                "fp8_draft": False,
                 "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
@@ -284,11 +300,20 @@ def main() -> None:
             raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     else:
         variants = ("fused", "cublas") if args.linear == "both" else (args.linear,)
+    drafts_fp8 = {}
+    for kind, names in (("default", NativeCausalLM.FP8_DEFAULT), ("all", NativeCausalLM.FP8_NAMES)):
+        if any(VARIANTS[p].get("fp8_draft") == kind for v in variants for p in v.split("+")):
+            d8 = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
+                                            max_positions=max_pos)
+            d8.quantize_fp8(names)
+            drafts_fp8[kind] = d8
+            info[f"draft_fp8_{kind}_GB"] = d8.weight_bytes() / 1e9
+    models = (target, draft, drafts_fp8)
     for n, k, reqs in grid:
         for variant in variants:
-            apply_variant(variant, (target, draft), defaults)
-            r = run_engine(target, draft, n, k, reqs, args.prompt_len, args.new_tokens)
-            roof = (k + 1) * bw / (w_t + k * w_d)
+            t_model, d_model = apply_variant(variant, models, defaults)
+            r = run_engine(t_model, d_model, n, k, reqs, args.prompt_len, args.new_tokens)
+            roof = (k + 1) * bw / (w_t + k * d_model.weight_bytes())
             r.update({"N": n, "K": k, "requests": reqs, "variant": variant, "roofline_tok_s": roof,
                       "roofline_frac": r["tok_s_per_request"] / roof, "aggregate_tok_s": r["tok_s_per_request"] * reqs})
             if k == 0:
@@ -296,7 +321,7 @@ def main() -> None:
             r["vs_AR"] = r["tok_s_per_request"] / ar[variant] if variant in ar else float("nan")
             rows.append(r)
             print(json.dumps(r), flush=True)
-    apply_variant("fused", (target, draft), defaults)
+    apply_variant("fused", models, defaults)
     ar = ar.get("fused", next(iter(ar.values()), float("nan")))
 
     hf = None
@@ -334,8 +359,8 @@ def main() -> None:
     graph_prof = {}
     if args.profile_graph:
         for variant, n, k in [(variants[0], 1, 0)] + [(v, 8, 8) for v in variants]:
-            apply_variant(variant, (target, draft), defaults)
-            g = profile_graph(target, draft, n, k, args.prompt_len, args.new_tokens)
+            t_model, d_model = apply_variant(variant, models, defaults)
+            g = profile_graph(t_model, d_model, n, k, args.prompt_len, args.new_tokens)
             graph_prof[f"{variant} N={n} K={k}"] = g
             if "error" in g:
                 print(f"\ngraph profile ({variant}, N={n}, K={k}): {g['error']}")
@@ -348,7 +373,7 @@ def main() -> None:
             print("  launches per cycle:")
             for name, n in g["launches"]:
                 print(f"  {n:7.1f}  {name}")
-        apply_variant("fused", (target, draft), defaults)
+        apply_variant("fused", models, defaults)
     with open(args.out, "w") as f:
         json.dump({"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof, "graph_profile": graph_prof},
                   f, indent=1)

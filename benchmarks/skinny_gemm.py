@@ -31,8 +31,21 @@ from triton.runtime.errors import OutOfResources
 from smcgen.kernels.linear import (
     fused_linear_composed,
     fused_linear_triton,
+    quantize_fp8,
     skinny_plan,
 )
+
+#: --fp8: id(bf16 weight) -> (fp8 weight, row scales); the skinny kernel streams these instead,
+#: cuBLAS keeps the bf16 weight (the comparison is fp8 skinny against bf16 cuBLAS)
+FP8_OF: dict[int, tuple] = {}
+
+
+def skinny(x, weight, *args, **kw):
+    """``fused_linear_triton``, on the weight's fp8 copy when ``--fp8`` made one."""
+    if id(weight) in FP8_OF:
+        q, scale = FP8_OF[id(weight)]
+        return fused_linear_triton(x, q, *args, weight_scale=scale, **kw)
+    return fused_linear_triton(x, weight, *args, **kw)
 
 # hidden, q heads x head dim, qkv out, intermediate, layers, vocab
 SHAPES = {
@@ -118,7 +131,7 @@ def forward_fn(kind, ls, head, norm, x, eps=1e-5):
     return {
         "cublas": cublas,
         "composed": fused(fused_linear_composed),
-        "skinny": fused(fused_linear_triton),
+        "skinny": fused(skinny),
     }[kind]
 
 
@@ -134,7 +147,7 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
     def linear(plan, *args, **kw):
         if plan is None:
             return fused_linear_composed(*args, **kw)
-        return fused_linear_triton(*args, plan=plan, **kw)
+        return skinny(*args, plan=plan, **kw)
 
     kinds = {  # name: (call(plan), output width, K, gated, layers)
         "qkv+norm": (
@@ -165,7 +178,7 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
         n_bytes = n_layers * (2 if gated else 1) * n_out * k * 2
         default = skinny_plan(rows, n_out, k, gated, dev)
         plans = {default}
-        for bk, stages, split, bn, nw in itertools.product((128, 256), stages_, (*splits, default[-1]), block_ns, warps):
+        for bk, stages, split, bn, nw in itertools.product((128, 256, 512) if FP8_OF else (128, 256), stages_, (*splits, default[-1]), block_ns, warps):
             plans.add((default[0], bn, bk, nw, stages, split))
         results = []
         for plan in sorted(plans):
@@ -208,6 +221,8 @@ def main() -> None:
     ap.add_argument("--warps", nargs="+", type=int, default=[4], help="warps per program to sweep")
     ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8], help="split-K factors to sweep")
     ap.add_argument("--stages", nargs="+", type=int, default=[3, 4], help="pipeline stages to sweep")
+    ap.add_argument("--fp8", action="store_true",
+                    help="the skinny kernel on weight-only fp8 copies of the weights (cuBLAS stays bf16)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -224,6 +239,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.shapes:
         ls, head, norm = build(SHAPES[name], dev)
+        FP8_OF.clear()
+        if args.fp8:
+            for w in [head] + [L[k] for L in ls for k in ("qkv", "o", "gate_up", "down")]:
+                FP8_OF[id(w)] = quantize_fp8(w)
         n_bytes = sum(
             t.numel() * 2
             for L in ls

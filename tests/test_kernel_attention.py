@@ -159,6 +159,13 @@ def test_num_splits_heuristic_depends_only_on_shapes():
     assert attention._num_splits(2, 4096, 64, cpu) == 4  # heavier tiles aim at fewer programs
     assert attention._num_splits(64, 4096, 64, cpu) == 1  # enough programs already
     assert attention._num_splits(1, 10**6, 16, cpu) == 16
+    assert attention._num_splits(1, 256, 16, cpu, min_keys=64) == 4  # finer splits where asked
+
+
+def test_small_decode_grids_take_narrow_key_tiles():
+    cpu = torch.device("cpu")  # the interpreter plans for 4 SMs
+    assert attention._decode_tile(1, cpu) == (attention.SMALL_GRID_BLOCK_N, attention.SMALL_GRID_BLOCK_N)
+    assert attention._decode_tile(4, cpu) == (attention.DECODE_BLOCK_N, attention.MIN_KEYS_PER_SPLIT)
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,13 @@ import torch
 
 from smcgen.kernels.fused_ops import HAS_TRITON
 from smcgen.kernels.linear import (
+    FP8,
     MAX_SKINNY_ROWS,
     fused_linear,
     fused_linear_composed,
     fused_linear_torch,
     fused_linear_triton,
+    quantize_fp8,
 )
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -87,7 +89,7 @@ def test_every_fusion_matches_the_twin(device, bias, norm, residual, gated):
 
 
 @needs_triton
-@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40, 72])
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40, 64])
 @pytest.mark.parametrize(
     "n,k,plan",
     [
@@ -207,7 +209,7 @@ def test_default_plans_fit_shared_memory(elem_bytes, gated):
     (fp32 plans once asked for 240 KiB and failed to launch there)."""
     from smcgen.kernels.linear import skinny_plan
 
-    for rows, n_out, k in itertools.product((1, 8, 16, 17, 33, 64, 72, 128), (96, 2048, 14336), (64, 2048, 14336)):
+    for rows, n_out, k in itertools.product((1, 8, 16, 17, 33, 64), (96, 2048, 14336), (64, 2048, 14336)):
         block_m, block_n, block_k, _, stages, _ = skinny_plan(rows, n_out, k, gated, torch.device("cpu"), elem_bytes)
         tile = (block_m + (2 if gated else 1) * block_n) * block_k * elem_bytes
         assert stages * tile <= 227 * 1024, (rows, n_out, k, block_m, block_n, block_k, stages)
@@ -236,3 +238,82 @@ def test_accumulate_writes_into_the_residual(device, bias, norm, gated, plan):
     with pytest.raises(ValueError, match="contiguous"):
         strided = torch.zeros(want.shape[1], 5, device=device).t()
         fused_linear_composed(x, w, b, **{**kw, "residual": strided, "accumulate": True})
+
+
+# ------------------------------------------------------------------------------ fp8 weights
+
+
+def test_quantize_fp8_round_trip():
+    w = rand((64, 96), torch.float32, torch.device("cpu"), 7)
+    w[3] = 0.0  # an all-zero row keeps a usable scale
+    q, scale = quantize_fp8(w)
+    assert q.dtype == FP8 and scale.dtype == torch.float32 and scale.shape == (64,)
+    assert scale[3] == 1.0 and bool((q[3].float() == 0).all())
+    back = q.float() * scale[:, None]
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of each element, and each row's peak exact
+    assert bool(((back - w).abs() <= w.abs() / 16 + 1e-12).all())
+    assert torch.equal(back.abs().amax(1)[:3], w.abs().amax(1)[:3])
+
+
+@needs_triton
+@pytest.mark.parametrize("bias,norm,residual,gated", FLAGS)
+@pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3)])  # one pass / split K with the last program reducing
+def test_fp8_weights_match_the_twin(device, bias, norm, residual, gated, plan):
+    """fp8 weights with per-row scales: the kernel (fp8 tiles converted before the dot, scales on the
+    fp32 sums, also after a split-K reduction) equals the twin's fp32 product of the same fp8 values."""
+    for dtype in dtypes(device):
+        x, w, kw = operands(5, 96, 80, dtype, device, bias=bias, norm=norm, residual=residual, gated=gated)
+        q, scale = quantize_fp8(w.float() * 3.0)  # scales away from 1
+        b = kw.pop("bias")
+        want = fused_linear_torch(x, q, b, weight_scale=scale, **kw)
+        got = fused_linear_triton(x, q, b, weight_scale=scale, plan=plan, **kw)
+        if dtype == torch.float32:
+            close(got, want, dtype)
+        else:  # roundings as in close(), on outputs ~3x larger (the scaled weights): relative to the peak
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(got.float(), want.float(), atol=8 * eps * want.float().abs().max().item(),
+                                       rtol=8 * eps)
+        # the twin is the dequantized layer
+        ref = fused_linear_torch(x.float(), (q.float() * scale[:, None]), None if b is None else b.float(),
+                                 **{**kw, "residual": None if kw["residual"] is None else kw["residual"].float(),
+                                    "norm_weight": None if kw["norm_weight"] is None else kw["norm_weight"].float()})
+        tol = 2e-5 if dtype == torch.float32 else 16 * torch.finfo(dtype).eps
+        torch.testing.assert_close(want.float(), ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
+
+
+def test_fp8_composed_path_and_dispatch(device):
+    """The composed path dequantizes; the dispatcher sends fp8 to the skinny kernel past max_rows
+    on CUDA (the twin's result either way), and a scale without an fp8 weight is refused."""
+    x, w, kw = operands(6, 64, 48, torch.float32, device, bias=False, norm=True, residual=True, gated=True)
+    q, scale = quantize_fp8(w)
+    want = fused_linear_torch(x, q, weight_scale=scale, **{k: v for k, v in kw.items() if k != "bias"})
+    kw.pop("bias")
+    close(fused_linear_composed(x, q, weight_scale=scale, **kw), want, torch.float32)
+    close(fused_linear(x, q, weight_scale=scale, max_rows=0, **kw), want, torch.float32)
+    with pytest.raises(ValueError, match="weight_scale"):
+        fused_linear_torch(x, w, weight_scale=scale, **kw)
+    with pytest.raises(ValueError, match="weight_scale"):
+        fused_linear_torch(x, q, **kw)
+    with pytest.raises(ValueError, match="weight_scale must have shape"):
+        fused_linear_torch(x, q, weight_scale=scale[:-1], **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fp8_past_the_skinny_rows_runs_in_row_blocks(device, monkeypatch, accumulate):
+    """More rows than the skinny kernel takes: fp8 layers run it on row blocks (the twin's result)."""
+    from smcgen.kernels import linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)  # the CUDA dispatch, in the interpreter
+    monkeypatch.setattr(linear_mod, "MAX_SKINNY_ROWS", 16)
+    x, w, kw = operands(37, 64, 48, torch.float32, device, bias=True, norm=True, residual=True, gated=True)
+    q, scale = quantize_fp8(w)
+    b = kw.pop("bias")
+    want = fused_linear_torch(x, q, b, weight_scale=scale, **kw)
+    res = kw["residual"].clone()
+    got = fused_linear(x.reshape(1, 37, -1), q, b, weight_scale=scale,
+                       **{**kw, "residual": res.reshape(1, 37, -1), "accumulate": accumulate})
+    assert got.shape == (1, 37, 32)
+    close(got.reshape(37, 32), want, torch.float32)
+    if accumulate:
+        close(res, want, torch.float32)

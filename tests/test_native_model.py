@@ -427,3 +427,44 @@ def test_state_dict_carries_the_weight_layout(pair):
     caches = [m.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE) for m in (native, bare)]
     a, b = (prefill(m, c) for m, c in zip((native, bare), caches, strict=True))
     assert torch.equal(a, b)
+
+
+def test_fp8_weights_run_the_dequantized_model(pair):
+    """quantize_fp8 stores e4m3 weights with row scales; the forward equals a model holding the
+    dequantized weights (same layers, fp32), the LM head untied from the embedding."""
+    import copy
+
+    hf, native = pair
+    quant = copy.deepcopy(native)
+    assert native.fp8_weights == ()
+    quant.quantize_fp8(("o", "down"))
+    assert quant.fp8_weights == ("o", "down") and quant.layers[0].qkv.dtype == native.dtype
+    quant.quantize_fp8(NativeCausalLM.FP8_NAMES)
+    quant.quantize_fp8(NativeCausalLM.FP8_NAMES)  # what is fp8 already stays as it is
+    assert quant.fp8_weights == NativeCausalLM.FP8_NAMES and quant.layers[0].qkv.dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="unknown"):
+        quant.quantize_fp8(("mlp",))
+    # the scales travel in state_dict; a model in its own dtype refuses the fp8 state
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        copy.deepcopy(native).load_state_dict(quant.state_dict())
+    again = copy.deepcopy(native)
+    again.quantize_fp8(NativeCausalLM.FP8_NAMES)
+    again.load_state_dict(quant.state_dict())
+    assert torch.equal(again.layers[1].down_scale, quant.layers[1].down_scale)
+    assert quant.lm_head.dtype == torch.float8_e4m3fn and quant.embed.dtype == native.embed.dtype
+    assert quant.weight_bytes() < 0.3 * native.weight_bytes()  # fp32 -> one byte per weight
+    deq = copy.deepcopy(native)
+    with torch.no_grad():
+        for ql, dl in zip(quant.layers, deq.layers, strict=True):
+            for name in ("qkv", "o", "gate_up", "down"):
+                getattr(dl, name).copy_(getattr(ql, name).float() * getattr(ql, f"{name}_scale")[:, None])
+        deq.lm_head = torch.nn.Parameter(quant.lm_head.float() * quant.lm_head_scale[:, None], requires_grad=False)
+    seq = PROMPT[:7]
+    outs = []
+    for model in (quant, deq):
+        cache = model.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+        cache.reserve(len(seq))
+        outs.append(model(torch.tensor([seq]), pos(1, 0), cache))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    # and fp8 is an approximation of the original weights, not another model
+    assert (outs[0][0] - reference(hf, seq)).abs().max() < 0.25 * reference(hf, seq).abs().max()

@@ -9,7 +9,10 @@ layout::
     y = silu(y[:, :N/2]) * y[:, N/2:]  if gated                  (SiLU-gated MLP: gate rows first)
     y = y + residual                   if residual is given      (residual add epilogue)
 
-and with ``accumulate`` writes y into ``residual`` in place instead of a new tensor.
+and with ``accumulate`` writes y into ``residual`` in place instead of a new tensor. A weight in
+``torch.float8_e4m3fn`` comes with ``weight_scale`` [N] (fp32, one per weight row): the GEMM then
+uses W = weight * weight_scale[:, None] (weight-only fp8, see ``quantize_fp8``), applied to the
+fp32 accumulator, so the weight streams at one byte per element.
 
 Why: a draft step of SMC-SD multiplies only N (one token per particle) rows by every weight, so
 each GEMM is a pure weight stream; cuBLAS streams the small matrices of a 1B draft at ~2.2 of
@@ -54,22 +57,60 @@ from smcgen.kernels._triton import (
 from smcgen.kernels.fused_ops import rms_norm, rms_norm_torch, silu_mul, silu_mul_torch
 
 __all__ = [
+    "FP8",
     "MAX_SKINNY_ROWS",
     "fused_linear",
     "fused_linear_composed",
     "fused_linear_torch",
     "fused_linear_triton",
+    "quantize_fp8",
     "skinny_plan",
 ]
 
-#: the most rows the skinny kernel takes (one program holds all rows' accumulators)
-MAX_SKINNY_ROWS = 128
+#: the most rows the skinny kernel takes (one program holds all rows' accumulators). It ran at
+#: half cuBLAS's speed on 72-row batches (128-row tiles, H100 sweep in BENCHMARKS.md)
+MAX_SKINNY_ROWS = 64
+#: the weight dtype of weight-only fp8 layers (``quantize_fp8``)
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+@torch.no_grad()
+def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(fp8 weight, fp32 scale [N]) with ``weight ~ q.float() * scale[:, None]``, one scale per row.
+
+    Each row's largest magnitude maps to e4m3's largest finite value; all-zero rows get scale 1.
+    Weight-only: activations stay in the model's dtype, and the kernels convert each fp8 tile to it
+    before the dot (exact, e4m3 is a subset of bf16 and fp16).
+    """
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / _FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (w / scale[:, None]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
+    return q, scale
+
+
+def _dequantized(x: Tensor, weight: Tensor, weight_scale: Tensor | None) -> Tensor:
+    """``weight`` in x's dtype, scaled back when it is fp8 (the reference and composed paths)."""
+    if weight_scale is None:
+        return weight
+    return (weight.float() * weight_scale.float()[:, None]).to(x.dtype)
 
 
 def _check(
-    x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, gated: bool, accumulate: bool = False
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    gated: bool,
+    accumulate: bool = False,
+    weight_scale: Tensor | None = None,
 ) -> int:
     """Validate shapes; return the output width."""
+    if (weight.dtype == FP8) != (weight_scale is not None):
+        raise ValueError("weight_scale must be given exactly when the weight is float8_e4m3fn (see quantize_fp8)")
+    if weight_scale is not None and weight_scale.shape != (weight.shape[0],):
+        raise ValueError(f"weight_scale must have shape ({weight.shape[0]},), got {tuple(weight_scale.shape)}")
     if accumulate and (residual is None or not residual.is_contiguous()):
         raise ValueError("accumulate=True writes the result into residual, which must be given and contiguous")
     n, k = weight.shape
@@ -106,15 +147,22 @@ def fused_linear_torch(
     residual: Tensor | None = None,
     gated: bool = False,
     accumulate: bool = False,
+    weight_scale: Tensor | None = None,
 ) -> Tensor:
     """Reference: ``[residual +] [silu_mul](rms_norm?(x) @ weight.T + bias)`` with the model's roundings.
 
-    ``accumulate``: the result is written into ``residual`` (in place) and returned.
+    ``accumulate``: the result is written into ``residual`` (in place) and returned. An fp8
+    ``weight`` with ``weight_scale``: the product in fp32, scaled per weight row, plus the bias,
+    rounded once to x's dtype (what the kernel computes).
     """
-    _check(x, weight, bias, residual, gated, accumulate)
+    _check(x, weight, bias, residual, gated, accumulate, weight_scale)
     if norm_weight is not None:
         x = rms_norm_torch(x, norm_weight, eps)
-    y = F.linear(x, weight, bias)
+    if weight_scale is not None:
+        y = F.linear(x.float(), weight.float()) * weight_scale.float()
+        y = (y + bias.float() if bias is not None else y).to(x.dtype)
+    else:
+        y = F.linear(x, weight, bias)
     if gated:
         y = silu_mul_torch(y)
     return _add_residual(y, residual, accumulate)
@@ -130,13 +178,17 @@ def fused_linear_composed(
     residual: Tensor | None = None,
     gated: bool = False,
     accumulate: bool = False,
+    weight_scale: Tensor | None = None,
 ) -> Tensor:
     """cuBLAS GEMM between the fused elementwise kernels (Triton on CUDA, torch twins on the CPU).
 
     ``accumulate``: the result goes into ``residual`` in place, which also spares ``addmm`` the
-    copy of its C operand into a fresh output (a device memcpy per call otherwise).
+    copy of its C operand into a fresh output (a device memcpy per call otherwise). An fp8 weight
+    is dequantized to x's dtype for the GEMM (a temporary copy: this path is for wide batches such
+    as a prefill, the skinny kernel streams fp8 directly).
     """
-    _check(x, weight, bias, residual, gated, accumulate)
+    _check(x, weight, bias, residual, gated, accumulate, weight_scale)
+    weight = _dequantized(x, weight, weight_scale)
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
     if residual is not None and bias is None and not gated:
@@ -155,7 +207,7 @@ def fused_linear_composed(
 
 
 def skinny_plan(
-    rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2
+    rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2, fp8: bool = False
 ) -> tuple[int, ...]:
     """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the skinny kernel.
 
@@ -177,7 +229,9 @@ def skinny_plan(
     num_stages = 3 if gated or block_m > 32 else 4
     # the interpreter (CPU) has no SMs to count; plan as for an H100 so tests take the GPU's branches
     sms = sm_count(device) if device.type == "cuda" else 132
-    split = 4 if k >= 8192 and triton.cdiv(n_out, block_n) < sms // 2 else 1
+    # fp8 weights (``fp8``) also split a short K on such grids: a 1B model's QKV and O at 8 rows ran
+    # 24-31% faster split four ways (H100 sweep, 2026-11-25)
+    split = 4 if (k >= 8192 or fp8) and triton.cdiv(n_out, block_n) < sms // 2 else 1
     return block_m, block_n, block_k, 4, num_stages, split
 
 
@@ -193,6 +247,7 @@ def fused_linear_triton(
     plan: tuple[int, ...] | None = None,
     counters: Tensor | None = None,
     accumulate: bool = False,
+    weight_scale: Tensor | None = None,
 ) -> Tensor:
     """The skinny Triton kernel (rows <= ``MAX_SKINNY_ROWS``); ``accumulate``: result into ``residual``.
 
@@ -201,7 +256,7 @@ def fused_linear_triton(
     leaves it zeroed, so a caller (the native model) keeps one across calls instead of paying a
     memset per call.
     """
-    n_out = _check(x, weight, bias, residual, gated, accumulate)
+    n_out = _check(x, weight, bias, residual, gated, accumulate, weight_scale)
     k = weight.shape[1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -221,7 +276,7 @@ def fused_linear_triton(
     if rows == 0:
         return out.reshape(*lead, n_out)
     block_m, block_n, block_k, warps, stages, split = plan or skinny_plan(
-        rows, n_out, k, gated, x.device, x.element_size()
+        rows, n_out, k, gated, x.device, x.element_size(), weight_scale is not None
     )
     if block_m < rows:
         raise ValueError(f"plan's BLOCK_M {block_m} is below the {rows} rows")
@@ -240,6 +295,7 @@ def fused_linear_triton(
     _skinny_linear_kernel[(tiles, split)](
         x2,
         weight,
+        weight_scale if weight_scale is not None else x2,
         bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight,
         r2,
@@ -256,6 +312,7 @@ def fused_linear_triton(
         out.stride(0),
         eps,
         HAS_BIAS=bias is not None,
+        HAS_SCALE=weight_scale is not None,
         HAS_NORM=norm_weight is not None,
         HAS_RES=residual is not None,
         GATED=gated,
@@ -305,20 +362,49 @@ def fused_linear(
     max_rows: int = MAX_SKINNY_ROWS,
     counters: Tensor | None = None,
     accumulate: bool = False,
+    weight_scale: Tensor | None = None,
 ) -> Tensor:
     """Norm + linear + gating + residual: the skinny kernel for ``rows <= max_rows`` on CUDA, else composed.
 
     ``counters``: see :func:`fused_linear_triton` (unused by the composed path). ``accumulate``:
-    the result is written into ``residual`` (in place) and returned.
+    the result is written into ``residual`` (in place) and returned. An fp8 weight (with
+    ``weight_scale``) takes the skinny kernel on any grid up to ``MAX_SKINNY_ROWS`` rows, whatever
+    ``max_rows`` says: the composed path would dequantize it first.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated, "accumulate": accumulate}
-    if use_triton(x) and rows <= min(max_rows, MAX_SKINNY_ROWS):
+    kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated, "accumulate": accumulate,
+              "weight_scale": weight_scale}
+    fp8 = weight_scale is not None
+    if fp8 and use_triton(x) and rows > MAX_SKINNY_ROWS:
+        return _fp8_in_row_chunks(x, weight, bias, counters, **kwargs)
+    if use_triton(x) and rows <= (MAX_SKINNY_ROWS if fp8 else min(max_rows, MAX_SKINNY_ROWS)):
         n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-        plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size())
-        if _fills_the_gpu(plan, n_out, x.device):
+        plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size(), fp8)
+        if fp8 or _fills_the_gpu(plan, n_out, x.device):
             return fused_linear_triton(x, weight, bias, plan=plan, counters=counters, **kwargs)
     return fused_linear_composed(x, weight, bias, **kwargs)
+
+
+def _fp8_in_row_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, counters: Tensor | None, **kwargs) -> Tensor:
+    """An fp8 layer over more rows than the skinny kernel takes: the kernel on row blocks in turn.
+
+    Each block streams the weight again, one byte per element, which costs what one bf16 pass
+    would; the composed path would first write a dequantized copy of the weight.
+    """
+    k = weight.shape[1]
+    n_out = weight.shape[0] // 2 if kwargs["gated"] else weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    residual = kwargs.pop("residual")
+    r2 = residual.reshape(-1, n_out) if residual is not None else None
+    outs = []
+    for lo in range(0, x2.shape[0], MAX_SKINNY_ROWS):
+        part = slice(lo, lo + MAX_SKINNY_ROWS)
+        res = r2[part] if r2 is not None else None
+        outs.append(fused_linear_triton(x2[part], weight, bias, residual=res, counters=counters, **kwargs))
+    if kwargs["accumulate"]:
+        return residual  # each block wrote its rows of it
+    return torch.cat(outs).reshape(*lead, n_out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,10 +414,15 @@ def fused_linear(
 if HAS_TRITON:
 
     @triton.jit
-    def _epilogue(acc, acc_up, sumsq, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
-                  HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr):
+    def _epilogue(acc, acc_up, sumsq, ws_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
+                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                  GATED: tl.constexpr):
         m_mask = offs_m < M
         n_mask = offs_n < N
+        if HAS_SCALE:  # fp8 weights: each weight row's scale, on the fp32 sums
+            acc = acc * tl.load(ws_scale + offs_n, mask=n_mask, other=0.0)[None, :]
+            if GATED:
+                acc_up = acc_up * tl.load(ws_scale + N + offs_n, mask=n_mask, other=0.0)[None, :]
         if HAS_NORM:
             rstd = 1.0 / tl.sqrt(sumsq / K + eps)
             acc = acc * rstd[:, None]
@@ -357,6 +448,7 @@ if HAS_TRITON:
     def _skinny_linear_kernel(
         x,
         w,
+        w_scale,
         b,
         g,
         res,
@@ -373,6 +465,7 @@ if HAS_TRITON:
         stride_o,
         eps,
         HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         HAS_NORM: tl.constexpr,
         HAS_RES: tl.constexpr,
         GATED: tl.constexpr,
@@ -417,13 +510,14 @@ if HAS_TRITON:
                     gk = tl.load(g + k0 + offs_k)
                 else:
                     gk = tl.load(g + k0 + offs_k, mask=k_mask, other=0.0)
-                xk = (xf * gk.to(tl.float32)[None, :]).to(w.dtype.element_ty)
+                xk = (xf * gk.to(tl.float32)[None, :]).to(x.dtype.element_ty)
             if EVEN_K and EVEN_N:
                 wk = tl.load(w_ptrs + k0)
             elif EVEN_K:
                 wk = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
             else:
                 wk = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            wk = wk.to(x.dtype.element_ty)  # fp8 -> the activations' dtype (exact); a no-op otherwise
             if IEEE:
                 acc = tl.dot(xk, tl.trans(wk), acc, input_precision="ieee")
             else:
@@ -436,13 +530,14 @@ if HAS_TRITON:
                     uk = tl.load(up_ptrs, mask=n_mask[:, None], other=0.0)
                 else:
                     uk = tl.load(up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                uk = uk.to(x.dtype.element_ty)
                 if IEEE:
                     acc_up = tl.dot(xk, tl.trans(uk), acc_up, input_precision="ieee")
                 else:
                     acc_up = tl.dot(xk, tl.trans(uk), acc_up)
         if SPLIT == 1:
-            _epilogue(acc, acc_up, sumsq, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
-                      HAS_BIAS, HAS_NORM, HAS_RES, GATED)
+            _epilogue(acc, acc_up, sumsq, w_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
+                      HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED)
         else:
             # Park the partials in this (split, tile) slot; the tile's last program to arrive
             # (counted with an acq_rel atomic after a CTA barrier, so every thread's stores are
@@ -469,6 +564,6 @@ if HAS_TRITON:
                         acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile_m, cache_modifier=".cg")
                     if HAS_NORM:
                         sumsq += tl.load(part + (2 if GATED else 1) * BLOCK_M * BLOCK_N + offs_m, cache_modifier=".cg")
-                _epilogue(acc, acc_up, sumsq, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
-                          HAS_BIAS, HAS_NORM, HAS_RES, GATED)
+                _epilogue(acc, acc_up, sumsq, w_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o,
+                          eps, HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED)
                 tl.atomic_xchg(counters + pid_n, 0)

@@ -29,7 +29,7 @@ from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
-from smcgen.kernels.linear import fused_linear, fused_linear_composed
+from smcgen.kernels.linear import fused_linear, fused_linear_composed, quantize_fp8
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -358,6 +358,49 @@ class NativeCausalLM(nn.Module):
             layer.qkv.mul_(layer.input_norm)
         self.input_norm_folded = True
 
+    #: what ``quantize_fp8`` converts by default: the layers where fp8 streamed faster in the skinny
+    #: kernel on an H100 at 8 rows (Llama-3.2-1B). QKV and O, 6-13 MB a layer, are latency-bound
+    #: there: in fp8 they ran slower than their bf16 cuBLAS GEMMs (BENCHMARKS.md)
+    FP8_DEFAULT = ("gate_up", "down", "lm_head")
+    FP8_NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
+
+    @torch.no_grad()
+    def quantize_fp8(self, names: tuple[str, ...] = FP8_DEFAULT) -> None:
+        """Store the named linear layers (of every decoder layer) and/or the LM head as weight-only fp8.
+
+        e4m3 weights with one fp32 scale per row (``kernels.linear.quantize_fp8``), halving the
+        bytes a decode step streams through them. Meant for an SMC-SD *draft*: SMC reweights its
+        proposals by their own probabilities, so the target distribution stays exact whatever
+        the draft's precision, while a quantized target would change the distribution sampled.
+        The skinny kernel reads the fp8 tiles and converts them before the dot (batches over its
+        row limit, a prefill, run it on row blocks). The embedding keeps the model's dtype (a tied
+        LM head gets its own fp8 copy). The scales are buffers (``<name>_scale``) saved by
+        ``state_dict``; a model that was not quantized the same way refuses such a state
+        (unexpected keys). ``names``: from ``FP8_NAMES``; a layer already in fp8 is left as it is.
+        """
+        unknown = set(names) - set(self.FP8_NAMES)
+        if unknown:
+            raise ValueError(f"names: unknown {sorted(unknown)}; choose from {self.FP8_NAMES}")
+        for name in names:
+            if name == "lm_head":
+                if getattr(self, "lm_head_scale", None) is None:
+                    q, scale = quantize_fp8(self.lm_head)
+                    self.lm_head = nn.Parameter(q, requires_grad=False)  # unties a tied head
+                    self.register_buffer("lm_head_scale", scale)
+                continue
+            for layer in self.layers:
+                if getattr(layer, f"{name}_scale", None) is None:
+                    q, scale = quantize_fp8(getattr(layer, name))
+                    setattr(layer, name, nn.Parameter(q, requires_grad=False))
+                    layer.register_buffer(f"{name}_scale", scale)
+
+    @property
+    def fp8_weights(self) -> tuple[str, ...]:
+        """The weights stored in fp8 (see ``quantize_fp8``); empty for a model in its own dtype."""
+        layer = self.layers[0] if len(self.layers) else None
+        held = [n for n in self.FP8_NAMES[:-1] if layer is not None and getattr(layer, f"{n}_scale", None) is not None]
+        return tuple(held + (["lm_head"] if getattr(self, "lm_head_scale", None) is not None else []))
+
     def get_extra_state(self) -> dict[str, bool]:
         """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms."""
         return {"input_norm_folded": self.input_norm_folded}
@@ -405,6 +448,7 @@ class NativeCausalLM(nn.Module):
         tied to the LM head, where it is read whole once as the head.
         """
         total = sum(p.numel() * p.element_size() for p in self.layers.parameters())
+        total += sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.endswith("_scale"))
         total += self.norm.numel() * self.norm.element_size()
         return total + self.lm_head.numel() * self.lm_head.element_size()
 
@@ -452,7 +496,17 @@ class NativeCausalLM(nn.Module):
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            if self.input_norm_folded:
+            # an fp8 projection's row scales (quantize_fp8), None for one in the model's dtype
+            qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
+            gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
+            if qkv_scale is not None:  # through the dispatcher, which streams fp8 in the skinny kernel
+                if self.input_norm_folded:
+                    qkv, rms_of = linear(h, layer.qkv, weight_scale=qkv_scale), h
+                else:
+                    qkv = linear(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps,
+                                 weight_scale=qkv_scale)
+                    rms_of = None
+            elif self.input_norm_folded:
                 # the norm's scale comes in RoPE
                 qkv = linear(h, layer.qkv) if self.skinny_qkv else F.linear(h, layer.qkv)
                 rms_of = h
@@ -471,9 +525,15 @@ class NativeCausalLM(nn.Module):
             )  # fmt: skip
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
-            h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace)
-            mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True)
-            h = linear(mlp, layer.down, layer.down_bias, residual=h, accumulate=inplace)
+            h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace,
+                       weight_scale=o_scale)
+            mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True,
+                         weight_scale=gate_up_scale)
+            h = linear(mlp, layer.down, layer.down_bias, residual=h, accumulate=inplace,
+                       weight_scale=down_scale)
         if last_only:
             h = h[:, -1]
+        head_scale = getattr(self, "lm_head_scale", None)
+        if head_scale is not None:
+            return linear(h, self.lm_head, norm_weight=self.norm, eps=eps, weight_scale=head_scale)
         return fused_linear_composed(h, self.lm_head, norm_weight=self.norm, eps=eps)
