@@ -65,6 +65,19 @@ def test_native_engine_matches_enumerated_target(case, models):
     assert_matches_target(case, exact, outs)
 
 
+def test_an_fp8_draft_keeps_the_target_exact(models):
+    """SMC-SD with every draft layer in fp8 (quantize_fp8): the proposals come from the quantized
+    draft and the weights use its own probabilities, so the output is still the target's."""
+    import copy
+
+    target_lm, native_target, native_draft = models
+    draft8 = copy.deepcopy(native_draft)
+    draft8.quantize_fp8(NativeCausalLM.FP8_NAMES)
+    exact = enumerate_target(LMPotential(target_lm), PROMPT, MAX_NEW, [])
+    outs = {n: native_runs(native_target, draft8, n, 2, 1.0, 1.0, seed) for n, seed in ((1, 31), (4, 32), (16, 33))}
+    assert_matches_target("fp8_draft", exact, outs)
+
+
 def test_native_engine_resamples_and_reports(models):
     """ESS trace, resampling flags and weights have the documented shapes and meaning."""
     _, native_target, native_draft = models
