@@ -218,7 +218,8 @@ class NativeCausalLM(nn.Module):
         #: batches wider than skinny_max_rows): +1.9% at N=8 K=8 and +2.1% on 8 x 8 (H100, BENCHMARKS.md)
         self.residual_in_place = True
         #: the (norm-folded) QKV projection in the skinny kernel too, like o, gate_up and down,
-        #: instead of a bare cuBLAS GEMM. Off until measured on a GPU (tested on the CPU).
+        #: instead of a bare cuBLAS GEMM. Off: on the H100 it gained 0.8% on the 8B's AR steps and
+        #: lost 0.5% at N=8 K=8 (the 1B draft's QKV), BENCHMARKS.md
         self.skinny_qkv = False
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
@@ -492,7 +493,9 @@ class NativeCausalLM(nn.Module):
         # layers. Decode-sized batches (rows <= skinny_max_rows) run o, gate_up and down in the
         # skinny Triton kernel; QKV and the LM head stay on cuBLAS at every size (in the H100 sweep
         # cuBLAS streamed those two faster than the kernel with its norm prologue): QKV as a bare
-        # GEMM when the input norm is folded into its weights, else after a norm kernel.
+        # GEMM when the input norm is folded into its weights, else after a norm kernel. Layers
+        # stored in fp8 (quantize_fp8) always go through fused_linear, which streams them in the
+        # skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
