@@ -37,13 +37,12 @@ VARIANTS = {
     "pdldraft": {"pdl_draft": True},  # ... in the draft only
     "nopdl": {"pdl": False, "pdl_draft": False},  # in neither
     "nofold": {"fold": False},  # a separate RMSNorm kernel before each QKV projection
-    "inplace": {"residual_in_place": True},  # residual adds in place (addmm without the copy of its C)
+    "inplace": {"residual_in_place": True},  # residual adds in place (the default since d2075d7)
+    "copyres": {"residual_in_place": False},  # addmm with the copy of its C operand (the earlier default)
     "split128": {"keys_per_split": 128},  # split-KV attention: at least 128 keys per split (default 256)
     "split64": {"keys_per_split": 64},
     "grid0": {"min_grid": 0.0},
-    "skinnyqkv": {"skinny_qkv": True},  # the folded QKV projection in the skinny kernel (default: cuBLAS)
     "rows64": {"skinny_max_rows": 64},  # the skinny kernel up to 64 rows (8 x 8's draft steps)
-    "rows72": {"skinny_max_rows": 72},  # ... and 72 (N=8 K=8's verify; a 128-row tile)
     # decode attention in 64- / 32-key tiles, split as finely (a split covers whole tiles)
     "attn64": {"keys_per_split": 64, "decode_block_n": 64},
     "attn32": {"keys_per_split": 32, "decode_block_n": 32},
@@ -76,7 +75,6 @@ def apply_variant(name: str, models, defaults: dict):
             assert all(bool((layer.input_norm == 1).all()) for layer in m.layers)
         m.input_norm_folded = settings["fold"] and not m.cfg.qkv_bias
         m.residual_in_place = settings["residual_in_place"]
-        m.skinny_qkv = settings["skinny_qkv"]
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
     linear.MIN_GRID_FRACTION = settings["min_grid"]
@@ -271,7 +269,6 @@ def main() -> None:
     defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
                 "fold": target.input_norm_folded,
                 "residual_in_place": target.residual_in_place,
-                "skinny_qkv": target.skinny_qkv,
                 "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
                 "decode_block_n": attention.DECODE_BLOCK_N,
                 "small_grid_block_n": attention.SMALL_GRID_BLOCK_N,

@@ -156,11 +156,10 @@ def test_prefill(pair):
     check_bookkeeping(cache, len(PROMPT))
 
 
-@pytest.mark.parametrize("residual_in_place,skinny_qkv", [(False, False), (True, False), (False, True)])
-def test_last_only_and_decode_steps(pair, monkeypatch, residual_in_place, skinny_qkv):
+@pytest.mark.parametrize("residual_in_place", [False, True])
+def test_last_only_and_decode_steps(pair, monkeypatch, residual_in_place):
     hf, native = pair
     monkeypatch.setattr(native, "residual_in_place", residual_in_place)
-    monkeypatch.setattr(native, "skinny_qkv", skinny_qkv)
     cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
     seq = list(PROMPT)
     cache.reserve(len(seq))

@@ -217,10 +217,6 @@ class NativeCausalLM(nn.Module):
         #: needs no copy of its C operand (one device memcpy per layer and projection otherwise, on
         #: batches wider than skinny_max_rows): +1.9% at N=8 K=8 and +2.1% on 8 x 8 (H100, BENCHMARKS.md)
         self.residual_in_place = True
-        #: the (norm-folded) QKV projection in the skinny kernel too, like o, gate_up and down,
-        #: instead of a bare cuBLAS GEMM. Off: on the H100 it gained 0.8% on the 8B's AR steps and
-        #: lost 0.5% at N=8 K=8 (the 1B draft's QKV), BENCHMARKS.md
-        self.skinny_qkv = False
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -511,7 +507,7 @@ class NativeCausalLM(nn.Module):
                     rms_of = None
             elif self.input_norm_folded:
                 # the norm's scale comes in RoPE
-                qkv = linear(h, layer.qkv) if self.skinny_qkv else F.linear(h, layer.qkv)
+                qkv = F.linear(h, layer.qkv)
                 rms_of = h
             else:
                 qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
