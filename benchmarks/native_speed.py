@@ -52,6 +52,12 @@ VARIANTS = {
     # a copy of the draft with weight-only fp8 layers (NativeCausalLM.quantize_fp8): its default
     # set (gate_up, down, LM head), or every linear layer
     "fp8draft": {"fp8_draft": "default"},
+    # the skinny kernel's operand order: weight tile x rows (rows padded to 8) or rows x weight tile
+    "swap": {"swap_ab": True},
+    "noswap": {"swap_ab": False},
+    "skinnyqkv": {"skinny_qkv": True},  # QKV in the skinny kernel on decode-sized batches (the default)
+    "cublasqkv": {"skinny_qkv": False},  # QKV on cuBLAS at every size
+    "cublashead": {"skinny_head": False},  # the LM head on cuBLAS (after a norm kernel) at every size
     "fp8all": {"fp8_draft": "all"},  # the skinny kernel for every decode-sized layer, however few its programs
 }
 
@@ -75,9 +81,12 @@ def apply_variant(name: str, models, defaults: dict):
             assert all(bool((layer.input_norm == 1).all()) for layer in m.layers)
         m.input_norm_folded = settings["fold"] and not m.cfg.qkv_bias
         m.residual_in_place = settings["residual_in_place"]
+        m.skinny_qkv = settings["skinny_qkv"]
+        m.skinny_head = settings["skinny_head"]
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
     linear.MIN_GRID_FRACTION = settings["min_grid"]
+    linear.SWAP_AB = settings["swap_ab"]
     attention.MIN_KEYS_PER_SPLIT = settings["keys_per_split"]
     attention.DECODE_BLOCK_N = settings["decode_block_n"]
     attention.SMALL_GRID_BLOCK_N = settings["small_grid_block_n"]
@@ -273,6 +282,9 @@ def main() -> None:
                 "decode_block_n": attention.DECODE_BLOCK_N,
                 "small_grid_block_n": attention.SMALL_GRID_BLOCK_N,
                 "fp8_draft": False,
+                "swap_ab": linear.SWAP_AB,
+                "skinny_qkv": target.skinny_qkv,
+                "skinny_head": target.skinny_head,
                 "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 
+from smcgen.kernels import linear
 from smcgen.kernels.linear import (
     fused_linear_composed,
     fused_linear_triton,
@@ -136,7 +137,7 @@ def forward_fn(kind, ls, head, norm, x, eps=1e-5):
 
 
 def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=(4,), splits=(1, 2, 4, 8),
-          stages_=(3, 4)):
+          stages_=(3, 4), swaps=(False, True)):
     """Per layer kind: cuBLAS (composed) and a grid of skinny plans, every layer's weight of that
     kind in one graph (weights stay cold); prints the best plan against the default one."""
     hidden = head.shape[1]
@@ -176,10 +177,14 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
         if only and name not in only:
             continue
         n_bytes = n_layers * (2 if gated else 1) * n_out * k * 2
-        default = skinny_plan(rows, n_out, k, gated, dev)
+        default = skinny_plan(rows, n_out, k, gated, dev, fp8=bool(FP8_OF))
         plans = {default}
-        for bk, stages, split, bn, nw in itertools.product((128, 256, 512) if FP8_OF else (128, 256), stages_, (*splits, default[-1]), block_ns, warps):
-            plans.add((default[0], bn, bk, nw, stages, split))
+        for bk, stages, split, bn, nw, swap in itertools.product(
+            (128, 256, 512) if FP8_OF else (128, 256), stages_, (*splits, default[5]), block_ns, warps, swaps
+        ):
+            for floor in (8, 16) if swap else (16,):  # the rows padded to 8 or 16 in the swapped MMA
+                block_m = max(floor, 1 << max(rows - 1, 0).bit_length())
+                plans.add((block_m, bn, bk, nw, stages, split, swap))
         results = []
         for plan in sorted(plans):
             try:
@@ -221,6 +226,8 @@ def main() -> None:
     ap.add_argument("--warps", nargs="+", type=int, default=[4], help="warps per program to sweep")
     ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8], help="split-K factors to sweep")
     ap.add_argument("--stages", nargs="+", type=int, default=[3, 4], help="pipeline stages to sweep")
+    ap.add_argument("--swap", nargs="+", type=int, default=[0, 1],
+                    help="operand orders to sweep: 0 rows x weight tile, 1 weight tile x rows (SWAP_AB)")
     ap.add_argument("--fp8", action="store_true",
                     help="the skinny kernel on weight-only fp8 copies of the weights (cuBLAS stays bf16)")
     args = ap.parse_args()
@@ -234,9 +241,10 @@ def main() -> None:
         "sweeps": {},
     }
     print(
-        "| shape | M | weights GB | cuBLAS GEMMs ms | composed ms | skinny ms | skinny TB/s | skinny vs composed |"
+        f"| shape | M | weights GB | cuBLAS GEMMs ms | composed ms | skinny ms | skinny TB/s | skinny vs composed | "
+        f"skinny, SWAP_AB={not linear.SWAP_AB} ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.shapes:
         ls, head, norm = build(SHAPES[name], dev)
         FP8_OF.clear()
@@ -256,6 +264,9 @@ def main() -> None:
                 k: graph_ms(forward_fn(k, ls, head, norm, x))
                 for k in ("cublas", "composed", "skinny")
             }
+            linear.SWAP_AB = not linear.SWAP_AB  # the other operand order of the default plans
+            t["skinny_other_order"] = graph_ms(forward_fn("skinny", ls, head, norm, x))
+            linear.SWAP_AB = not linear.SWAP_AB
             row = {
                 "shape": name,
                 "M": m,
@@ -265,7 +276,7 @@ def main() -> None:
             result["rows"].append(row)
             print(
                 f"| {name} | {m} | {n_bytes / 1e9:.2f} | {t['cublas']:.3f} | {t['composed']:.3f} | {t['skinny']:.3f} | "
-                f"{n_bytes / t['skinny'] / 1e9:.2f} | {t['composed'] / t['skinny']:.2f}x |",
+                f"{n_bytes / t['skinny'] / 1e9:.2f} | {t['composed'] / t['skinny']:.2f}x | {t['skinny_other_order']:.3f} |",
                 flush=True,
             )
         if args.sweep:
@@ -273,7 +284,7 @@ def main() -> None:
                 print(f"sweep {name} M={m}")
                 result["sweeps"][f"{name}/M={m}"] = sweep(
                     ls, head, norm, m, dev, only=args.kinds, block_ns=tuple(args.block_n), warps=tuple(args.warps),
-                    splits=tuple(args.splits), stages_=tuple(args.stages),
+                    splits=tuple(args.splits), stages_=tuple(args.stages), swaps=tuple(bool(v) for v in args.swap),
                 )
         del ls, head
         torch.cuda.empty_cache()

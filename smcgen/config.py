@@ -45,6 +45,16 @@ class SMCConfig(BaseModel):
             "or 'auto': native when the models are supported and on a GPU, generic otherwise."
         ),
     )
+    draft_fp8: bool = Field(
+        False,
+        description=(
+            "Native engine, with a draft model: stream the draft's gate/up, down and LM head weights in fp8 (e4m3, "
+            "one scale per weight row, activations stay bf16). Faster for narrow batches (H100, Llama-8B/1B: "
+            "N=8 K=8 +13%), slower for wide ones (8 requests x 8 particles: -16%). SMC stays exact: the weights "
+            "use the fp8 draft's own probabilities. Rejected with engine='generic'; when 'auto' falls back to the "
+            "generic engine the draft runs as loaded."
+        ),
+    )
     return_all_particles: bool = Field(
         False, description="Also decode the text of every particle into SMCResult.texts."
     )

@@ -53,7 +53,7 @@ def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
 def main() -> None:
     bf16 = "*bf16"
     skinny = {"HAS_BIAS": False, "HAS_SCALE": True, "HAS_NORM": True, "HAS_RES": True, "GATED": True, "EVEN_N": True, "EVEN_K": True,
-                  "IEEE": False, "SPLIT": 2, "SLOT": 2 * 16 * 64 + 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                  "IEEE": False, "SPLIT": 2, "SLOT": 2 * 16 * 64 + 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP": False,
                   "PDL": True}
     ptrs = {"x": bf16, "w": "*fp8e4nv", "w_scale": "*fp32", "b": bf16, "g": bf16, "res": bf16, "out": bf16, "ws": "*fp32", "counters": "*i32"}
     print(json.dumps(facts("skinny_linear", linear._skinny_linear_kernel, skinny, ptrs, ("eps",),

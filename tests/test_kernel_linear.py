@@ -94,10 +94,10 @@ def test_every_fusion_matches_the_twin(device, bias, norm, residual, gated):
     "n,k,plan",
     [
         (64, 128, None),  # even in both
-        (80, 96, (None, 32, 64, 4, 2, 1)),  # ragged N and K blocks
-        (48, 40, (None, 16, 32, 4, 3, 1)),  # K not a multiple of 16
-        (80, 200, (None, 32, 32, 4, 2, 3)),  # split K with a ragged last split
-        (48, 96, (None, 16, 32, 4, 2, 5)),  # more splits asked than K blocks: no empty split
+        (80, 96, (None, 32, 64, 4, 2, 1, False)),  # ragged N and K blocks
+        (48, 40, (None, 16, 32, 4, 3, 1, True)),  # K not a multiple of 16
+        (80, 200, (None, 32, 32, 4, 2, 3, True)),  # split K with a ragged last split
+        (48, 96, (None, 16, 32, 4, 2, 5, False)),  # more splits asked than K blocks: no empty split
     ],
 )
 def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
@@ -107,7 +107,7 @@ def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
     )
     b = kw.pop("bias")
     if plan is not None:
-        block_m = max(16, 1 << (rows - 1).bit_length())
+        block_m = max(8 if plan[-1] else 16, 1 << (rows - 1).bit_length())
         plan = (block_m, *plan[1:])
     close(
         fused_linear_triton(x, w, b, plan=plan, **kw),
@@ -124,7 +124,7 @@ def test_split_k_counters_are_left_zeroed_for_reuse(device):
     counters = torch.zeros(8, dtype=torch.int32, device=device)
     want = fused_linear_torch(x, w, **kw)
     for _ in range(3):
-        close(fused_linear_triton(x, w, plan=(16, 16, 32, 4, 2, 4), counters=counters, **kw), want, torch.float32)
+        close(fused_linear_triton(x, w, plan=(16, 16, 32, 4, 2, 4, False), counters=counters, **kw), want, torch.float32)
         assert int(counters.abs().sum()) == 0
 
 
@@ -210,14 +210,14 @@ def test_default_plans_fit_shared_memory(elem_bytes, gated):
     from smcgen.kernels.linear import skinny_plan
 
     for rows, n_out, k in itertools.product((1, 8, 16, 17, 33, 64), (96, 2048, 14336), (64, 2048, 14336)):
-        block_m, block_n, block_k, _, stages, _ = skinny_plan(rows, n_out, k, gated, torch.device("cpu"), elem_bytes)
+        block_m, block_n, block_k, _, stages, _, _ = skinny_plan(rows, n_out, k, gated, torch.device("cpu"), elem_bytes)
         tile = (block_m + (2 if gated else 1) * block_n) * block_k * elem_bytes
         assert stages * tile <= 227 * 1024, (rows, n_out, k, block_m, block_n, block_k, stages)
 
 
 @needs_triton
 @pytest.mark.parametrize("bias,norm,gated", list(itertools.product([False, True], repeat=3)))
-@pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3)])  # one pass / split K with the last program reducing
+@pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3, False), (8, 32, 32, 4, 2, 3, True)])
 def test_accumulate_writes_into_the_residual(device, bias, norm, gated, plan):
     """accumulate=True: the same values as a fresh output, written into the residual in place (all three paths)."""
     x, w, kw = operands(5, 96, 64, torch.float32, device, bias=bias, norm=norm, residual=True, gated=gated)
@@ -257,7 +257,8 @@ def test_quantize_fp8_round_trip():
 
 @needs_triton
 @pytest.mark.parametrize("bias,norm,residual,gated", FLAGS)
-@pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3)])  # one pass / split K with the last program reducing
+# one pass / split K with the last program reducing / the same with the weight as the tall MMA operand
+@pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3, False), (8, 32, 32, 4, 2, 3, True)])
 def test_fp8_weights_match_the_twin(device, bias, norm, residual, gated, plan):
     """fp8 weights with per-row scales: the kernel (fp8 tiles converted before the dot, scales on the
     fp32 sums, also after a split-K reduction) equals the twin's fp32 product of the same fp8 values."""

@@ -79,7 +79,7 @@ def test_pdl_chain_in_a_cuda_graph_equals_the_plain_chain(device, monkeypatch):
         h = x
         for up, down, norm in weights:
             mlp = fused_linear_triton(h, up, norm_weight=norm, gated=True, counters=counters)
-            h = fused_linear_triton(mlp, down, residual=h, plan=(16, 64, 128, 4, 3, 4), counters=counters)
+            h = fused_linear_triton(mlp, down, residual=h, plan=(16, 64, 128, 4, 3, 4, False), counters=counters)
             h = rms_norm(h, norm, 1e-5)
         return h
 

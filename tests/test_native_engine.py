@@ -126,6 +126,25 @@ def test_generate_runs_the_native_engine_when_asked(target, draft):
     assert res.n_steps == len(res.ess_history) >= 1
 
 
+def test_generate_with_an_fp8_draft(target, draft):
+    """draft_fp8=True: generate runs the native engine on an fp8 copy of the draft (the bf16 copy
+    stays as it was); without a draft, or on the generic engine, it is refused by name."""
+    import smcgen
+    from smcgen.backends.native.select import _NATIVE_COPIES
+
+    kw = {"draft": draft, "engine": "native", "n_particles": 4, "block_size": 2, "max_new_tokens": 6, "seed": 0}
+    plain = smcgen.generate(target, [0, 1], **kw)
+    res = smcgen.generate(target, [0, 1], draft_fp8=True, **kw)
+    assert res.engine == "native" and 1 <= len(res.token_ids) <= 6
+    (copies,) = [c for c in _NATIVE_COPIES.values() if True in c]  # the draft's: only it was quantized
+    assert copies[True].fp8_weights == NativeCausalLM.FP8_DEFAULT and copies[False].fp8_weights == ()
+    assert plain.token_ids == smcgen.generate(target, [0, 1], **kw).token_ids, "the bf16 draft is untouched"
+    with pytest.raises(ValueError, match="draft_fp8"):
+        smcgen.generate(target, [0, 1], engine="native", draft_fp8=True, max_new_tokens=3)
+    with pytest.raises(ValueError, match="draft_fp8"):
+        smcgen.generate(target, [0, 1], **{**kw, "engine": "generic"}, draft_fp8=True)
+
+
 def test_native_engine_refuses_what_it_cannot_run(target, draft):
     import smcgen
     from smcgen import RewardPotential

@@ -372,10 +372,12 @@ def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):
     assert (got - want).abs().max() <= 1e-4
 
 
-def test_skinny_linear_path_equals_transformers(pair, monkeypatch):
+@pytest.mark.parametrize("swap,skinny_qkv", [(True, True), (False, False)])
+def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_qkv):
     """The fused skinny Triton linear path and the fused RoPE + KV write (forced on, in the interpreter) give
     transformers' logits for prefill (7 rows) and a decode step; split-K is
-    forced on so the reducer election runs too."""
+    forced on so the reducer election runs too. Both operand orders of the kernel (SWAP_AB), with
+    QKV in the kernel or on cuBLAS."""
     import smcgen.kernels.linear as linear_mod
     from smcgen.kernels._triton import HAS_TRITON
 
@@ -387,7 +389,9 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch):
     monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)
     monkeypatch.setattr(fused_mod, "use_triton", lambda t: True)  # RoPE + KV write, norms, SiLU-mul too
     plan = linear_mod.skinny_plan
-    monkeypatch.setattr(linear_mod, "skinny_plan", lambda *a: (*plan(*a)[:2], 16, 4, 2, 2))
+    monkeypatch.setattr(linear_mod, "SWAP_AB", swap)
+    monkeypatch.setattr(native, "skinny_qkv", skinny_qkv)
+    monkeypatch.setattr(linear_mod, "skinny_plan", lambda *a, **k: (*plan(*a, **k)[:2], 16, 4, 2, 2, swap))
     calls = []
     real = linear_mod.fused_linear_triton
     monkeypatch.setattr(linear_mod, "fused_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -396,7 +400,8 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch):
     cache.reserve(len(PROMPT) + 1)
     step = native(torch.tensor([[PROMPT[0]]]), pos(1, len(PROMPT)), cache)
     assert_close(step[0, 0], reference(hf, [*PROMPT, PROMPT[0]])[-1])
-    assert len(calls) == 2 * 3 * native.n_layers  # o, gate_up, down; QKV and the head stay on cuBLAS
+    # o, gate_up, down, QKV when skinny_qkv, and the head (skinny_head, the default)
+    assert len(calls) == 2 * ((4 if skinny_qkv else 3) * native.n_layers + 1)
     assert int(native.linear_counters.abs().sum()) == 0
 
 

@@ -28,7 +28,9 @@ __all__ = [
     "fix_interpreter_loop_bounds",
     "pdl_begin",
     "pdl_enabled",
+    "pdl_release",
     "pdl_scope",
+    "pdl_wait",
     "require_triton",
     "sm_count",
     "tl",
@@ -91,11 +93,14 @@ def sm_count(device: torch.device) -> int:
 # Programmatic dependent launch (PDL, Hopper and later). A decode step is a chain of ~7 short
 # kernels per layer; with PDL a kernel is launched while its predecessor still runs and waits in
 # ``griddepcontrol.wait`` before touching memory, so its launch latency hides behind the previous
-# kernel instead of adding to it. Off by default (on the H100 it sped up the 1B draft's steps but
-# slowed the 8B's AR steps; prefetching weights into L2 before the wait lost everywhere:
-# BENCHMARKS.md). SMCGEN_PDL=1 turns it on everywhere, ``NativeCausalLM.pdl`` per model; a CUDA
-# graph keeps the launch mode it was captured with.
-_PDL = os.environ.get("SMCGEN_PDL", "0") == "1"
+# kernel instead of adding to it. On by default since the skinny kernel and attention release
+# their successor only after their main loop and QKV and the LM head run in the skinny kernel (so
+# a decode step is a chain of Triton kernels): on the H100 AR +2.5%, N=8 K=8 +1.6%, 8 x 8 -0.4%
+# (BENCHMARKS.md, fifth measurement; released at the start instead, it had slowed the 8B's AR
+# steps and an fp8 draft; prefetching weights into L2 before the wait lost everywhere).
+# SMCGEN_PDL=0 turns it off everywhere, ``NativeCausalLM.pdl`` per model; a CUDA graph keeps the
+# launch mode it was captured with.
+_PDL = os.environ.get("SMCGEN_PDL", "1") == "1"
 
 
 @contextlib.contextmanager
@@ -130,4 +135,18 @@ if HAS_TRITON:
         """
         if PDL:
             gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """The first half of ``pdl_begin``: wait for the previous kernel (same rules), no release yet."""
+        if PDL:
+            gdc_wait()
+
+    @triton.jit
+    def pdl_release(PDL: tl.constexpr):
+        """Let the next kernel launch: for kernels with more programs than fit at once, called after
+        their main loop. The next kernel's programs take SM slots while they wait, so releasing it at
+        the start starves this kernel's later programs (an fp8 draft with PDL ran 4% slower, H100)."""
+        if PDL:
             gdc_launch_dependents()

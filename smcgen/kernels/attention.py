@@ -21,7 +21,8 @@ import torch
 
 from smcgen.kernels._triton import (
     HAS_TRITON,
-    pdl_begin,
+    pdl_release,
+    pdl_wait,
     pdl_enabled,
     sm_count,
     tl,
@@ -318,7 +319,7 @@ if HAS_TRITON:
         IEEE: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        pdl_begin(PDL)
+        pdl_wait(PDL)
         pid = tl.program_id(0)
         r = pid // n_kvh
         kvh = pid % n_kvh
@@ -370,6 +371,7 @@ if HAS_TRITON:
                 pv = tl.dot(p.to(vt.dtype), vt)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        pdl_release(PDL)  # the key/value stream is done: the next kernel may launch
 
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]

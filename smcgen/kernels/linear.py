@@ -47,8 +47,9 @@ from torch import Tensor
 
 from smcgen.kernels._triton import (
     HAS_TRITON,
-    pdl_begin,
     pdl_enabled,
+    pdl_release,
+    pdl_wait,
     sm_count,
     tl,
     triton,
@@ -72,6 +73,10 @@ __all__ = [
 MAX_SKINNY_ROWS = 64
 #: the weight dtype of weight-only fp8 layers (``quantize_fp8``)
 FP8 = torch.float8_e4m3fn
+#: the skinny kernel multiplies weight tile x rows (the weight tile as the MMA's tall operand)
+#: instead of rows x weight tile: half the MMA instructions for <= 8 rows, and on the H100 8-15%
+#: faster per forward of the 8B at 1 row and the 1B at 8 (BENCHMARKS.md, fifth measurement)
+SWAP_AB = True
 _FP8_MAX = 448.0  # largest finite e4m3fn value
 
 
@@ -209,30 +214,40 @@ def fused_linear_composed(
 def skinny_plan(
     rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2, fp8: bool = False
 ) -> tuple[int, ...]:
-    """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` of the skinny kernel.
+    """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP)`` of the skinny kernel.
 
-    From the H100 sweep (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M block,
-    64 output columns per program; 256-deep K steps in four stages, or in three for the gated
-    kernel (two weight tiles per step; 128 deep for a K over 2048 or more than 16 rows); K split four ways only for a long K over few column
-    tiles (a 1B model's down projection), where the last program of a tile to finish sums the
-    partials and runs the epilogue. Everywhere else one pass over K measured fastest.
+    From the H100 sweeps (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M
+    block, 64 output columns per program, four warps. With ``SWAP_AB`` (the default) the weight
+    tile is the MMA's tall operand: rows padded to 16 (to 8 for fp8 weights at <= 8 rows, whose
+    converted tiles ran fastest against an 8-wide operand; fp8 over 8 rows keeps the unswapped
+    order), 256-deep K steps in four stages (three for the gated kernel's two weight tiles), K
+    split four ways when that still fits one wave of programs (a 1B model's down projection: 32
+    column tiles; the 8B's 64 tiles ran faster unsplit), 128 deep then. The last program of a
+    split tile sums the partials and runs the epilogue. Without SWAP_AB, the earlier rule.
     """
-    block_m = max(16, triton.next_power_of_2(rows))
+    # the interpreter (CPU) has no SMs to count; plan as for an H100 so tests take the GPU's branches
+    sms = sm_count(device) if device.type == "cuda" else 132
     block_n = 64
-    # a 64-row block holds 4x the activations per K step, fp32 twice the bytes of bf16: shallower
-    # steps keep the pipeline stages within shared memory (fp32 ran out of it on the H100)
-    # gated (two weight tiles per step): 128 deep ran best for the 8B's K = 4096 at M = 1, 256 for
-    # the 1B's K = 2048 at M = 8 (0.445 against 0.478 ms at 128: H100 sweep of 2026-11-25)
-    deep = 64 if block_m > 32 else (128 if gated and (k > 2048 or block_m > 16) else 256)
+    tiles = triton.cdiv(n_out, block_n)
+    swap = SWAP_AB and (not fp8 or rows <= 8)
+    if swap:
+        block_m = max(8 if fp8 else 16, triton.next_power_of_2(rows))
+        # fp8 QKV and O of a 1B model (48 and 32 column tiles) also ran faster split four ways
+        split = 4 if (fp8 and tiles < sms // 2) or (k >= 8192 and 4 * tiles <= sms) else 1
+        # deeper than 128 only while the stages fit shared memory: 64-row blocks hold 4x the
+        # activations of 16-row ones, gated steps two weight tiles
+        deep = 64 if block_m > 32 else (128 if split > 1 or (gated and block_m > 16) else 256)
+    else:
+        block_m = max(16, triton.next_power_of_2(rows))
+        # gated (two weight tiles per step): 128 deep ran best for the 8B's K = 4096 at M = 1, 256 for
+        # the 1B's K = 2048 at M = 8 (0.445 against 0.478 ms at 128: H100 sweep of 2026-11-25)
+        deep = 64 if block_m > 32 else (128 if gated and (k > 2048 or block_m > 16) else 256)
+        split = 4 if (k >= 8192 or fp8) and tiles < sms // 2 else 1
+    # fp32 activations take twice the bytes of bf16 per K step: half as deep
     deep = deep * 2 // elem_bytes
     block_k = min(deep, max(16, triton.next_power_of_2(k)))
     num_stages = 3 if gated or block_m > 32 else 4
-    # the interpreter (CPU) has no SMs to count; plan as for an H100 so tests take the GPU's branches
-    sms = sm_count(device) if device.type == "cuda" else 132
-    # fp8 weights (``fp8``) also split a short K on such grids: a 1B model's QKV and O at 8 rows ran
-    # 24-31% faster split four ways (H100 sweep, 2026-11-25)
-    split = 4 if (k >= 8192 or fp8) and triton.cdiv(n_out, block_n) < sms // 2 else 1
-    return block_m, block_n, block_k, 4, num_stages, split
+    return block_m, block_n, block_k, 4, num_stages, split, swap
 
 
 def fused_linear_triton(
@@ -275,7 +290,7 @@ def fused_linear_triton(
         r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
     if rows == 0:
         return out.reshape(*lead, n_out)
-    block_m, block_n, block_k, warps, stages, split = plan or skinny_plan(
+    block_m, block_n, block_k, warps, stages, split, swap = plan or skinny_plan(
         rows, n_out, k, gated, x.device, x.element_size(), weight_scale is not None
     )
     if block_m < rows:
@@ -324,6 +339,7 @@ def fused_linear_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        SWAP=bool(swap),
         PDL=pdl,
         num_warps=warps,
         num_stages=stages,
@@ -333,8 +349,11 @@ def fused_linear_triton(
 
 
 #: the skinny kernel takes a layer only if its grid has at least this fraction of the SMs' count
-#: of programs (see ``_fills_the_gpu``)
-MIN_GRID_FRACTION = 0.25
+#: of programs (see ``_fills_the_gpu``). 0: every decode-sized layer, since with the swapped
+#: operand order and PDL the narrow grids (a 1B model's O: 32 column tiles, a 0.6B model's 16) ran
+#: faster in the kernel than on cuBLAS (H100, N=8 K=8: Llama pair +0.7%, Qwen3 pair +2.4%); it was
+#: 0.25 before
+MIN_GRID_FRACTION = 0.0
 
 
 def _fills_the_gpu(plan: tuple[int, ...], n_out: int, device: torch.device) -> bool:
@@ -346,7 +365,7 @@ def _fills_the_gpu(plan: tuple[int, ...], n_out: int, device: torch.device) -> b
     """
     if device.type != "cuda":
         return True
-    _, block_n, _, _, _, split = plan
+    _, block_n, _, _, _, split, _ = plan
     return triton.cdiv(n_out, block_n) * split >= MIN_GRID_FRACTION * sm_count(device)
 
 
@@ -445,6 +464,22 @@ if HAS_TRITON:
         tl.store(out + offs_m[:, None] * stride_o + offs_n[None, :], y, mask=mask)
 
     @triton.jit
+    def _mma(xk, wk, acc, IEEE: tl.constexpr, SWAP: tl.constexpr):
+        """``acc += xk @ wk.T`` ([rows, cols]), or its transpose ``wk @ xk.T`` ([cols, rows]) when SWAP."""
+        # (each branch assigns: Triton compiles the code after a constexpr branch's return too)
+        if SWAP:
+            if IEEE:
+                acc = tl.dot(wk, tl.trans(xk), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wk, tl.trans(xk), acc)
+        else:
+            if IEEE:
+                acc = tl.dot(xk, tl.trans(wk), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xk, tl.trans(wk), acc)
+        return acc
+
+    @triton.jit
     def _skinny_linear_kernel(
         x,
         w,
@@ -477,6 +512,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SWAP: tl.constexpr,
         PDL: tl.constexpr,
     ):
         # Program (tile, split): all M rows x BLOCK_N output columns over one K_PER-wide share of
@@ -493,9 +529,13 @@ if HAS_TRITON:
         k_hi = tl.minimum(k_lo + K_PER, K)
         x_ptrs = x + offs_m[:, None] * stride_x + offs_k[None, :]
         w_ptrs = w + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
-        pdl_begin(PDL)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        pdl_wait(PDL)
+        if SWAP:  # the weight tile as the MMA's tall operand, the few rows as its narrow one
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
@@ -518,10 +558,7 @@ if HAS_TRITON:
             else:
                 wk = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             wk = wk.to(x.dtype.element_ty)  # fp8 -> the activations' dtype (exact); a no-op otherwise
-            if IEEE:
-                acc = tl.dot(xk, tl.trans(wk), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xk, tl.trans(wk), acc)
+            acc = _mma(xk, wk, acc, IEEE, SWAP)
             if GATED:
                 up_ptrs = w_ptrs + N * stride_w + k0
                 if EVEN_K and EVEN_N:
@@ -531,10 +568,11 @@ if HAS_TRITON:
                 else:
                     uk = tl.load(up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
                 uk = uk.to(x.dtype.element_ty)
-                if IEEE:
-                    acc_up = tl.dot(xk, tl.trans(uk), acc_up, input_precision="ieee")
-                else:
-                    acc_up = tl.dot(xk, tl.trans(uk), acc_up)
+                acc_up = _mma(xk, uk, acc_up, IEEE, SWAP)
+        pdl_release(PDL)  # the weight stream is done: the next kernel may launch
+        if SWAP:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
         if SPLIT == 1:
             _epilogue(acc, acc_up, sumsq, w_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
                       HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED)

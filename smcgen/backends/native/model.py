@@ -206,6 +206,12 @@ class NativeCausalLM(nn.Module):
         #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
         #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
         self.skinny_max_rows = 16
+        #: whether decode-sized batches also run the QKV projection / the LM head in the skinny
+        #: kernel (o, gate_up and down always do). With the swapped operand order (SWAP_AB) the
+        #: head streamed 5-9% faster there than on cuBLAS and QKV as fast, and with both there a
+        #: decode step is a chain of Triton kernels that PDL can overlap (H100, BENCHMARKS.md)
+        self.skinny_qkv = True
+        self.skinny_head = True
         #: launch this model's Triton kernels with programmatic dependent launch (sm_90+): True,
         #: False, or None to follow the process-wide setting (SMCGEN_PDL). Read when a forward
         #: runs, so a CUDA graph keeps the mode it was captured with.
@@ -487,18 +493,17 @@ class NativeCausalLM(nn.Module):
         start_pos = start_pos.to(torch.int32).contiguous()
         # kernels.linear.fused_linear folds the norms, SiLU gating and residual adds into the linear
         # layers. Decode-sized batches (rows <= skinny_max_rows) run o, gate_up and down in the
-        # skinny Triton kernel; QKV and the LM head stay on cuBLAS at every size (in the H100 sweep
-        # cuBLAS streamed those two faster than the kernel with its norm prologue): QKV as a bare
-        # GEMM when the input norm is folded into its weights, else after a norm kernel. Layers
-        # stored in fp8 (quantize_fp8) always go through fused_linear, which streams them in the
-        # skinny kernel.
+        # skinny Triton kernel, the LM head and QKV there too when skinny_head / skinny_qkv say so;
+        # otherwise those stay on cuBLAS: QKV as a bare GEMM when the input norm is folded into its
+        # weights, else after a norm kernel. Layers stored in fp8 (quantize_fp8) always go through
+        # fused_linear, which streams them in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             # an fp8 projection's row scales (quantize_fp8), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
             gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
-            if qkv_scale is not None:  # through the dispatcher, which streams fp8 in the skinny kernel
+            if qkv_scale is not None or self.skinny_qkv:  # the dispatcher: fp8 always streams in the skinny kernel
                 if self.input_norm_folded:
                     qkv, rms_of = linear(h, layer.qkv, weight_scale=qkv_scale), h
                 else:
@@ -533,6 +538,6 @@ class NativeCausalLM(nn.Module):
         if last_only:
             h = h[:, -1]
         head_scale = getattr(self, "lm_head_scale", None)
-        if head_scale is not None:
+        if head_scale is not None or self.skinny_head:
             return linear(h, self.lm_head, norm_weight=self.norm, eps=eps, weight_scale=head_scale)
         return fused_linear_composed(h, self.lm_head, norm_weight=self.norm, eps=eps)

@@ -12,23 +12,28 @@ from smcgen.backends.native.model import NativeCausalLM, NativeConfig
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
 
-# One native copy per transformers model object, dropped with the model.
-_NATIVE_COPIES: weakref.WeakKeyDictionary[Any, NativeCausalLM] = weakref.WeakKeyDictionary()
+# Native copies per transformers model object (one per weight format: bf16 as loaded, fp8),
+# dropped with the model.
+_NATIVE_COPIES: weakref.WeakKeyDictionary[Any, dict[bool, NativeCausalLM]] = weakref.WeakKeyDictionary()
 
 
-def native_model(lm: LanguageModel) -> NativeCausalLM:
+def native_model(lm: LanguageModel, fp8: bool = False) -> NativeCausalLM:
     """The native runner for ``lm``'s transformers model, converted once and cached.
 
     The native runner fuses the q/k/v and gate/up weights, so the copy costs the model's size in
     memory again while the transformers model is alive. The copy is keyed by the model object and
     taken once: after changing that model's weights, device or dtype in place, call
-    ``forget_native_copies()`` (or pass a new model object).
+    ``forget_native_copies()`` (or pass a new model object). ``fp8``: a separate copy whose default
+    layers (``NativeCausalLM.FP8_DEFAULT``) are quantized to weight-only fp8.
     """
     model = lm.model
-    native = _NATIVE_COPIES.get(model)
+    copies = _NATIVE_COPIES.setdefault(model, {})
+    native = copies.get(fp8)
     if native is None:
         native = NativeCausalLM.from_hf(model).eval()
-        _NATIVE_COPIES[model] = native
+        if fp8:
+            native.quantize_fp8()
+        copies[fp8] = native
     return native
 
 
@@ -82,7 +87,11 @@ def native_engine_or_reason(
     """
     from smcgen.backends.native.engine import NativeSMC
 
+    if cfg.draft_fp8 and draft is None:
+        raise ValueError("draft_fp8=True quantizes the draft model, but no draft was given")
     if cfg.engine == "generic":
+        if cfg.draft_fp8:
+            raise ValueError("draft_fp8=True needs the native engine; engine='generic' was asked for")
         return None, "engine='generic' was asked for"
     reason = native_unsupported(cfg, target, draft, potentials, custom_proposal)
     if reason is None and cfg.engine == "auto" and target.device.type != "cuda":
@@ -95,7 +104,7 @@ def native_engine_or_reason(
         engine = NativeSMC(
             native_model(target),
             cfg,
-            draft=native_model(draft) if draft is not None else None,
+            draft=native_model(draft, fp8=cfg.draft_fp8) if draft is not None else None,
             eos_token_ids=target.eos_token_ids,
             mask=mask,
         )
