@@ -21,9 +21,9 @@ import torch
 
 from smcgen.kernels._triton import (
     HAS_TRITON,
+    pdl_enabled,
     pdl_release,
     pdl_wait,
-    pdl_enabled,
     sm_count,
     tl,
     triton,
