@@ -19,9 +19,10 @@ each GEMM is a pure weight stream; cuBLAS streams the small matrices of a 1B dra
 ~3 TB/s (notes/performance.md 3.3) and every neighbour op (norm, SiLU-mul, residual add, split-K
 reduce) is one more short kernel per layer, paid K times per cycle. The Triton kernel here reads
 each weight tile once for all rows (M <= ``MAX_SKINNY_ROWS``), with the norm, bias, gating and
-residual folded into its prologue and epilogue. On the H100 (BENCHMARKS.md) it beat cuBLAS plus
-the separate kernels on the O, gate/up and down projections of Llama-8B / 1B shapes and lost on
-QKV and the LM head, so the native model uses it for the former only.
+residual folded into its prologue and epilogue, and multiplies weight tile x rows (the weight
+rows as the MMA's tall operand, ``SWAP_AB``). On the H100 (BENCHMARKS.md, fifth measurement) it
+beats cuBLAS plus the separate kernels on every linear layer of Llama-8B / 1B shapes at 1-16 rows
+(the LM head at 3.0 TB/s), so the native model runs every decode-sized layer in it.
 
 Three versions with one signature:
 
@@ -35,8 +36,8 @@ Three versions with one signature:
   twin's roundings on the fp32 results.
 
 ``fused_linear`` dispatches: the skinny kernel on CUDA for ``rows <= max_rows`` when its grid
-fills at least a quarter of the SMs, the composed path otherwise (whose ops fall back to their
-torch twins on the CPU).
+has at least ``MIN_GRID_FRACTION`` of the SMs' count of programs (0 by default), the composed path
+otherwise (whose ops fall back to their torch twins on the CPU).
 """
 
 from __future__ import annotations
