@@ -57,6 +57,7 @@ VARIANTS = {
     "noswap": {"swap_ab": False},
     "skinnyqkv": {"skinny_qkv": True},  # QKV in the skinny kernel on decode-sized batches (the default)
     "cublasqkv": {"skinny_qkv": False},  # QKV on cuBLAS at every size
+    "nofusedrope": {"fused_qkv_rope": False},  # 64-wide heads: QKV and RoPE + KV write as two kernels
     "cublashead": {"skinny_head": False},  # the LM head on cuBLAS (after a norm kernel) at every size
     "fp8all": {"fp8_draft": "all"},  # the skinny kernel for every decode-sized layer, however few its programs
 }
@@ -83,6 +84,7 @@ def apply_variant(name: str, models, defaults: dict):
         m.residual_in_place = settings["residual_in_place"]
         m.skinny_qkv = settings["skinny_qkv"]
         m.skinny_head = settings["skinny_head"]
+        m.fused_qkv_rope = settings["fused_qkv_rope"]
     target.pdl = settings["pdl"]
     draft.pdl = True if settings["pdl_draft"] else settings["pdl"]
     linear.MIN_GRID_FRACTION = settings["min_grid"]
@@ -285,6 +287,7 @@ def main() -> None:
                 "swap_ab": linear.SWAP_AB,
                 "skinny_qkv": target.skinny_qkv,
                 "skinny_head": target.skinny_head,
+                "fused_qkv_rope": target.fused_qkv_rope,
                 "min_grid": linear.MIN_GRID_FRACTION}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()

@@ -180,9 +180,9 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
         default = skinny_plan(rows, n_out, k, gated, dev, fp8=bool(FP8_OF))
         plans = {default}
         for bk, stages, split, bn, nw, swap in itertools.product(
-            (128, 256, 512) if FP8_OF else (128, 256), stages_, (*splits, default[5]), block_ns, warps, swaps
+            (128, 256, 512) if FP8_OF else ((64, 128) if rows > 32 else (128, 256)), stages_, (*splits, default[5]), block_ns, warps, swaps
         ):
-            for floor in (8, 16) if swap else (16,):  # the rows padded to 8 or 16 in the swapped MMA
+            for floor in (8, 16) if swap and rows <= 16 else (16,):  # rows padded to 8 or 16 in the swapped MMA
                 block_m = max(floor, 1 << max(rows - 1, 0).bit_length())
                 plans.add((block_m, bn, bk, nw, stages, split, swap))
         results = []
@@ -228,10 +228,14 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", type=int, default=[3, 4], help="pipeline stages to sweep")
     ap.add_argument("--swap", nargs="+", type=int, default=[0, 1],
                     help="operand orders to sweep: 0 rows x weight tile, 1 weight tile x rows (SWAP_AB)")
+    ap.add_argument("--max-rows", type=int, default=None,
+                    help="raise kernels.linear.MAX_SKINNY_ROWS (the skinny kernel's row limit) for this run")
     ap.add_argument("--fp8", action="store_true",
                     help="the skinny kernel on weight-only fp8 copies of the weights (cuBLAS stays bf16)")
     args = ap.parse_args()
     dev = torch.device("cuda")
+    if args.max_rows is not None:
+        linear.MAX_SKINNY_ROWS = args.max_rows
     torch.manual_seed(0)
     result = {
         "device": torch.cuda.get_device_name(),

@@ -372,12 +372,13 @@ def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):
     assert (got - want).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("swap,skinny_qkv", [(True, True), (False, False)])
-def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_qkv):
+@pytest.mark.parametrize("swap,skinny_qkv,fused_rope", [(True, True, True), (True, True, False), (False, False, False)])
+def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_qkv, fused_rope):
     """The fused skinny Triton linear path and the fused RoPE + KV write (forced on, in the interpreter) give
     transformers' logits for prefill (7 rows) and a decode step; split-K is
     forced on so the reducer election runs too. Both operand orders of the kernel (SWAP_AB), with
-    QKV in the kernel or on cuBLAS."""
+    QKV in the kernel or on cuBLAS, and QKV + RoPE + KV write in one kernel (kernels.qkv_rope;
+    forced on for these head widths)."""
     import smcgen.kernels.linear as linear_mod
     from smcgen.kernels._triton import HAS_TRITON
 
@@ -391,6 +392,18 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     plan = linear_mod.skinny_plan
     monkeypatch.setattr(linear_mod, "SWAP_AB", swap)
     monkeypatch.setattr(native, "skinny_qkv", skinny_qkv)
+    import smcgen.backends.native.model as model_mod
+    import smcgen.kernels.qkv_rope as qkv_rope_mod
+
+    monkeypatch.setattr(native, "fused_qkv_rope", fused_rope)
+    monkeypatch.setattr(model_mod, "use_triton", lambda t: True)
+    monkeypatch.setattr(model_mod, "FUSED_HEAD_DIM", native.cfg.head_dim)
+    monkeypatch.setattr(qkv_rope_mod, "use_triton", lambda t: True)
+    monkeypatch.setattr(qkv_rope_mod, "FUSED_HEAD_DIM", native.cfg.head_dim)
+    fused_calls = []
+    real_fused = qkv_rope_mod.qkv_rope_write_kv_triton
+    monkeypatch.setattr(qkv_rope_mod, "qkv_rope_write_kv_triton",
+                        lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k))
     monkeypatch.setattr(linear_mod, "skinny_plan", lambda *a, **k: (*plan(*a, **k)[:2], 16, 4, 2, 2, swap))
     calls = []
     real = linear_mod.fused_linear_triton
@@ -400,8 +413,9 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     cache.reserve(len(PROMPT) + 1)
     step = native(torch.tensor([[PROMPT[0]]]), pos(1, len(PROMPT)), cache)
     assert_close(step[0, 0], reference(hf, [*PROMPT, PROMPT[0]])[-1])
-    # o, gate_up, down, QKV when skinny_qkv, and the head (skinny_head, the default)
-    assert len(calls) == 2 * ((4 if skinny_qkv else 3) * native.n_layers + 1)
+    # o, gate_up, down, QKV when skinny_qkv (unless fused with RoPE), and the head (skinny_head)
+    assert len(calls) == 2 * ((4 if skinny_qkv and not fused_rope else 3) * native.n_layers + 1)
+    assert len(fused_calls) == (2 * native.n_layers if fused_rope else 0)  # prefill (7 rows) and the step
     assert int(native.linear_counters.abs().sum()) == 0
 
 

@@ -481,6 +481,60 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _stream_weights(x_ptrs, w_ptrs, up_off, g, offs_k, m_mask, n_mask, k_lo, k_hi,
+                        HAS_NORM: tl.constexpr, SUMSQ: tl.constexpr, GATED: tl.constexpr, EVEN_N: tl.constexpr,
+                        EVEN_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The skinny kernel's main loop: ``(acc, acc_up, sumsq)``, the fp32 products [BLOCK_M, BLOCK_N]
+        of the rows at ``x_ptrs`` with the weight tile at ``w_ptrs`` (and, when GATED, with the one
+        ``up_off`` elements further) over K in [k_lo, k_hi), and the rows' sums of squares (HAS_NORM
+        or SUMSQ). HAS_NORM multiplies the rows by the norm weight ``g`` before the dot."""
+        if SWAP:  # the weight tile as the MMA's tall operand, the few rows as its narrow one
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                xk = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < k_hi
+                xk = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if HAS_NORM or SUMSQ:
+                xf = xk.to(tl.float32)
+                sumsq += tl.sum(xf * xf, axis=1)
+            if HAS_NORM:
+                if EVEN_K:
+                    gk = tl.load(g + k0 + offs_k)
+                else:
+                    gk = tl.load(g + k0 + offs_k, mask=k_mask, other=0.0)
+                xk = (xf * gk.to(tl.float32)[None, :]).to(xk.dtype)
+            if EVEN_K and EVEN_N:
+                wk = tl.load(w_ptrs + k0)
+            elif EVEN_K:
+                wk = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
+            else:
+                wk = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            wk = wk.to(xk.dtype)  # fp8 -> the activations' dtype (exact); a no-op otherwise
+            acc = _mma(xk, wk, acc, IEEE, SWAP)
+            if GATED:
+                up_ptrs = w_ptrs + up_off + k0
+                if EVEN_K and EVEN_N:
+                    uk = tl.load(up_ptrs)
+                elif EVEN_K:
+                    uk = tl.load(up_ptrs, mask=n_mask[:, None], other=0.0)
+                else:
+                    uk = tl.load(up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                uk = uk.to(xk.dtype)
+                acc_up = _mma(xk, uk, acc_up, IEEE, SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
+        return acc, acc_up, sumsq
+
+    @triton.jit
     def _skinny_linear_kernel(
         x,
         w,
@@ -531,49 +585,11 @@ if HAS_TRITON:
         x_ptrs = x + offs_m[:, None] * stride_x + offs_k[None, :]
         w_ptrs = w + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
         pdl_wait(PDL)
-        if SWAP:  # the weight tile as the MMA's tall operand, the few rows as its narrow one
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                xk = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
-            else:
-                k_mask = (k0 + offs_k) < k_hi
-                xk = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if HAS_NORM:
-                xf = xk.to(tl.float32)
-                sumsq += tl.sum(xf * xf, axis=1)
-                if EVEN_K:
-                    gk = tl.load(g + k0 + offs_k)
-                else:
-                    gk = tl.load(g + k0 + offs_k, mask=k_mask, other=0.0)
-                xk = (xf * gk.to(tl.float32)[None, :]).to(x.dtype.element_ty)
-            if EVEN_K and EVEN_N:
-                wk = tl.load(w_ptrs + k0)
-            elif EVEN_K:
-                wk = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
-            else:
-                wk = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            wk = wk.to(x.dtype.element_ty)  # fp8 -> the activations' dtype (exact); a no-op otherwise
-            acc = _mma(xk, wk, acc, IEEE, SWAP)
-            if GATED:
-                up_ptrs = w_ptrs + N * stride_w + k0
-                if EVEN_K and EVEN_N:
-                    uk = tl.load(up_ptrs)
-                elif EVEN_K:
-                    uk = tl.load(up_ptrs, mask=n_mask[:, None], other=0.0)
-                else:
-                    uk = tl.load(up_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                uk = uk.to(x.dtype.element_ty)
-                acc_up = _mma(xk, uk, acc_up, IEEE, SWAP)
+        acc, acc_up, sumsq = _stream_weights(
+            x_ptrs, w_ptrs, N * stride_w, g, offs_k, m_mask, n_mask, k_lo, k_hi,
+            HAS_NORM, False, GATED, EVEN_N, EVEN_K, IEEE, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         pdl_release(PDL)  # the weight stream is done: the next kernel may launch
-        if SWAP:
-            acc = tl.trans(acc)
-            acc_up = tl.trans(acc_up)
         if SPLIT == 1:
             _epilogue(acc, acc_up, sumsq, w_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
                       HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED)

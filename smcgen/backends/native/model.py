@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smcgen.backends.native.kv_cache import PagedKVCache
-from smcgen.kernels._triton import pdl_scope
+from smcgen.kernels._triton import pdl_scope, use_triton
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
 from smcgen.kernels.linear import fused_linear, fused_linear_composed, quantize_fp8
+from smcgen.kernels.qkv_rope import FUSED_HEAD_DIM, qkv_rope_write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -212,6 +213,9 @@ class NativeCausalLM(nn.Module):
         #: decode step is a chain of Triton kernels that PDL can overlap (H100, BENCHMARKS.md)
         self.skinny_qkv = True
         self.skinny_head = True
+        #: decode-sized batches of a model with 64-wide heads project, rotate and cache q/k/v in
+        #: one kernel (kernels.qkv_rope) instead of the skinny QKV kernel plus the RoPE kernel
+        self.fused_qkv_rope = True
         #: launch this model's Triton kernels with programmatic dependent launch (sm_90+): True,
         #: False, or None to follow the process-wide setting (SMCGEN_PDL). Read when a forward
         #: runs, so a CUDA graph keeps the mode it was captured with.
@@ -498,12 +502,25 @@ class NativeCausalLM(nn.Module):
         # weights, else after a norm kernel. Layers stored in fp8 (quantize_fp8) always go through
         # fused_linear, which streams them in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
+        # QKV, RoPE and the cache write in one kernel (kernels.qkv_rope) on decode batches of 64-wide heads
+        fuse_rope = (self.fused_qkv_rope and use_triton(tokens) and n_rows * n_new <= self.skinny_max_rows
+                     and cfg.head_dim == FUSED_HEAD_DIM)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             # an fp8 projection's row scales (quantize_fp8), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
             gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
-            if qkv_scale is not None or self.skinny_qkv:  # the dispatcher: fp8 always streams in the skinny kernel
+            k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
+            skinny_qkv = qkv_scale is not None or self.skinny_qkv
+            if fuse_rope and skinny_qkv:
+                folded = self.input_norm_folded
+                q = qkv_rope_write_kv(
+                    h, layer.qkv, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
+                    n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, bias=layer.qkv_bias,
+                    norm_weight=None if folded else layer.input_norm, row_norm=folded, q_norm=layer.q_norm,
+                    k_norm=layer.k_norm, eps=eps, weight_scale=qkv_scale,
+                )  # fmt: skip
+            elif skinny_qkv:  # the dispatcher: fp8 always streams in the skinny kernel
                 if self.input_norm_folded:
                     qkv, rms_of = linear(h, layer.qkv, weight_scale=qkv_scale), h
                 else:
@@ -517,16 +534,16 @@ class NativeCausalLM(nn.Module):
             else:
                 qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
                 rms_of = None
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
-            k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
-            v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
-            # per-head q/k RMSNorm (Qwen3, when the norms exist), RoPE and the K/V cache write in one pass
-            k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
-            q = rope_qk_write_kv(
-                q, k, v, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
-                layer.q_norm, layer.k_norm, eps, rms_of,
-            )  # fmt: skip
+            if not (fuse_rope and skinny_qkv):
+                q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+                q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
+                k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
+                v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
+                # per-head q/k RMSNorm (Qwen3, when the norms exist), RoPE and the K/V cache write in one pass
+                q = rope_qk_write_kv(
+                    q, k, v, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
+                    layer.q_norm, layer.k_norm, eps, rms_of,
+                )  # fmt: skip
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
             h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace,

@@ -1,0 +1,328 @@
+"""The QKV projection with RoPE and the KV-cache write in its epilogue, for decode batches.
+
+``qkv_rope_write_kv(x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
+n_heads=..., n_kv_heads=..., ...)`` returns the rotated q [R, T, n_heads, D] and stores the rotated
+k and v in the paged cache, exactly what the native model's two-step path computes::
+
+    qkv = fused_linear(x, weight, bias, norm_weight=norm_weight, weight_scale=weight_scale)
+    q, k, v = qkv.split(...)                                       # heads of D columns each
+    q = rope_qk_write_kv(q, k, v, ..., q_norm, k_norm, rms_of=x if row_norm else None)
+
+``row_norm``: the input norm's weight is folded into ``weight`` and the row's inverse RMS is
+applied to the projection's output (``NativeCausalLM.fold_input_norms``); ``norm_weight``: an
+unfolded input norm. Qwen3's per-head ``q_norm``/``k_norm`` and a QKV bias are supported.
+
+Why: RoPE + KV write is one more short kernel per layer (~3 us on the H100, 128 of them per N=8
+K=8 cycle with a 16-layer draft). Here the skinny kernel's program that projects one head also
+rotates and stores it. A program must hold a whole head, so this runs where a head is one 64-wide
+column tile, the skinny kernel's tile (head_dim 64, e.g. Llama-3.2-1B): wider tiles halve the
+programs and stream slower (H100 sweep, BENCHMARKS.md).
+
+Two versions with one signature: ``qkv_rope_write_kv_torch`` (the two-step path on the torch
+twins) and ``qkv_rope_write_kv_triton``; ``qkv_rope_write_kv`` dispatches (Triton on CUDA up to
+``MAX_SKINNY_ROWS`` rows with a 64-wide head, the two-step path otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smcgen.kernels import linear
+from smcgen.kernels._triton import HAS_TRITON, pdl_enabled, pdl_release, pdl_wait, tl, triton, use_triton
+from smcgen.kernels.fused_ops import rope_qk_write_kv, rope_qk_write_kv_torch
+from smcgen.kernels.linear import fused_linear, fused_linear_torch, skinny_plan
+
+__all__ = ["FUSED_HEAD_DIM", "qkv_rope_write_kv", "qkv_rope_write_kv_torch", "qkv_rope_write_kv_triton"]
+
+#: the head width the Triton version takes: one program's column tile (the skinny kernel's 64)
+FUSED_HEAD_DIM = 64
+
+
+def _split_heads(qkv: Tensor, n_heads: int, n_kv_heads: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    r, t = qkv.shape[:2]
+    q, k, v = qkv.split((n_heads * dim, n_kv_heads * dim, n_kv_heads * dim), dim=-1)
+    return q.reshape(r, t, n_heads, dim), k.reshape(r, t, n_kv_heads, dim), v.reshape(r, t, n_kv_heads, dim)
+
+
+def _check(x: Tensor, weight: Tensor, k_pool_l: Tensor, n_heads: int, n_kv_heads: int, norm_weight, row_norm,
+           q_norm, k_norm) -> int:
+    """Validate; return the head width D."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [rows, tokens, hidden], got {tuple(x.shape)}")
+    dim = k_pool_l.shape[-1]
+    if weight.shape[0] != (n_heads + 2 * n_kv_heads) * dim:
+        raise ValueError(f"weight has {weight.shape[0]} rows, expected (n_heads + 2 * n_kv_heads) * {dim}")
+    if norm_weight is not None and row_norm:
+        raise ValueError("give norm_weight (unfolded input norm) or row_norm (folded), not both")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together")
+    return dim
+
+
+def qkv_rope_write_kv_torch(
+    x: Tensor,
+    weight: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    block_table: Tensor,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    row_norm: bool = False,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+    weight_scale: Tensor | None = None,
+) -> Tensor:
+    """Reference: the projection (``fused_linear_torch``), then ``rope_qk_write_kv_torch``."""
+    dim = _check(x, weight, k_pool_l, n_heads, n_kv_heads, norm_weight, row_norm, q_norm, k_norm)
+    qkv = fused_linear_torch(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
+    q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
+    return rope_qk_write_kv_torch(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
+                                  q_norm, k_norm, eps, x if row_norm else None)
+
+
+def qkv_rope_write_kv_triton(
+    x: Tensor,
+    weight: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    block_table: Tensor,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    row_norm: bool = False,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+    weight_scale: Tensor | None = None,
+) -> Tensor:
+    """One launch: one program per head projects all rows onto it, rotates q and k heads and
+    stores k and v in their page slots (a missing page is skipped, never written)."""
+    dim = _check(x, weight, k_pool_l, n_heads, n_kv_heads, norm_weight, row_norm, q_norm, k_norm)
+    n_rows, n_new, hidden = x.shape
+    rows = n_rows * n_new
+    if rows > linear.MAX_SKINNY_ROWS:
+        raise ValueError(f"the fused QKV + RoPE kernel takes at most {linear.MAX_SKINNY_ROWS} rows, got {rows}")
+    if dim != triton.next_power_of_2(dim) or dim < 16:
+        raise ValueError(f"the fused QKV + RoPE kernel needs a power-of-two head width >= 16, got {dim}")
+    if (weight.dtype == linear.FP8) != (weight_scale is not None):
+        raise ValueError("weight_scale must be given exactly when the weight is float8_e4m3fn (see quantize_fp8)")
+    assert start_pos.is_contiguous() and start_pos.shape == (n_rows,) and block_table.is_contiguous()
+    assert k_pool_l.shape == v_pool_l.shape and k_pool_l.stride() == v_pool_l.stride() and k_pool_l.stride(-1) == 1
+    assert cos_table.stride() == sin_table.stride() and cos_table.stride(-1) == 1
+    x2 = x.reshape(rows, hidden)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    has_qk_norm = q_norm is not None
+    q_dtype = torch.promote_types(x.dtype, q_norm.dtype) if has_qk_norm else x.dtype
+    q_out = torch.empty((n_rows, n_new, n_heads, dim), dtype=torch.promote_types(q_dtype, cos_table.dtype),
+                        device=x.device)
+    if rows == 0:
+        return q_out
+    block_m, _, block_k, warps, stages, _, swap = skinny_plan(
+        rows, weight.shape[0], hidden, False, x.device, x.element_size(), weight_scale is not None
+    )
+    block_k = min(block_k, max(16, triton.next_power_of_2(hidden)))
+    pdl = pdl_enabled(x)
+    _qkv_rope_kernel[(n_heads + 2 * n_kv_heads,)](
+        x2,
+        weight,
+        weight_scale if weight_scale is not None else x2,
+        bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight,
+        cos_table,
+        sin_table,
+        start_pos,
+        block_table,
+        q_out,
+        k_pool_l,
+        v_pool_l,
+        q_norm if has_qk_norm else cos_table,
+        k_norm if has_qk_norm else cos_table,
+        rows,
+        hidden,
+        n_new,
+        n_heads,
+        n_kv_heads,
+        x2.stride(0),
+        weight.stride(0),
+        cos_table.stride(0),
+        q_out.stride(2),
+        *k_pool_l.stride()[:3],
+        block_table.shape[1],
+        eps,
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=weight_scale is not None,
+        HAS_NORM=norm_weight is not None,
+        ROW_NORM=row_norm,
+        QK_NORM=has_qk_norm,
+        EVEN_K=hidden % block_k == 0,
+        IEEE=x.dtype == torch.float32,
+        SWAP=bool(swap),
+        BLOCK_M=block_m,
+        D=dim,
+        BLOCK_K=block_k,
+        PAGE=k_pool_l.shape[1],
+        PDL=pdl,
+        num_warps=warps,
+        num_stages=stages,
+        launch_pdl=pdl,
+    )
+    return q_out
+
+
+def qkv_rope_write_kv(
+    x: Tensor,
+    weight: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    start_pos: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    block_table: Tensor,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    row_norm: bool = False,
+    q_norm: Tensor | None = None,
+    k_norm: Tensor | None = None,
+    eps: float = 1e-6,
+    weight_scale: Tensor | None = None,
+    max_rows: int | None = None,
+) -> Tensor:
+    """The fused kernel on CUDA for ``rows <= max_rows`` (default ``MAX_SKINNY_ROWS``) and 64-wide
+    heads; otherwise the two-step path (``fused_linear`` then ``rope_qk_write_kv``)."""
+    kw = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "bias": bias, "norm_weight": norm_weight,
+          "row_norm": row_norm, "q_norm": q_norm, "k_norm": k_norm, "eps": eps, "weight_scale": weight_scale}
+    args = (x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table)
+    rows = x.shape[0] * x.shape[1]
+    limit = linear.MAX_SKINNY_ROWS if max_rows is None else min(max_rows, linear.MAX_SKINNY_ROWS)
+    if use_triton(x) and rows <= limit and k_pool_l.shape[-1] == FUSED_HEAD_DIM:
+        return qkv_rope_write_kv_triton(*args, **kw)
+    dim = _check(x, weight, k_pool_l, n_heads, n_kv_heads, norm_weight, row_norm, q_norm, k_norm)
+    qkv = fused_linear(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
+    q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
+    return rope_qk_write_kv(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
+                            q_norm, k_norm, eps, x if row_norm else None)
+
+
+if HAS_TRITON:
+    from smcgen.kernels.linear import _stream_weights
+
+    @triton.jit
+    def _rotate(y, c, s, nw, eps, D: tl.constexpr, QK_NORM: tl.constexpr, SRC: tl.constexpr, DST: tl.constexpr):
+        """RoPE of the [rows, D] heads ``y`` (fp32 values of dtype SRC) with the rows' cos/sin, after
+        the per-head RMSNorm of weight ``nw`` when QK_NORM; the roundings of ``_rope_heads``."""
+        if QK_NORM:
+            inv = tl.rsqrt(tl.sum(y * y, axis=1) / D + eps)[:, None]
+            w = tl.load(nw + tl.arange(0, D)).to(tl.float32)[None, :]
+            y = ((y * inv).to(SRC).to(tl.float32) * w).to(DST).to(tl.float32)
+        # rotate_half: [-second half, first half] of each head, by a split of the column axis
+        lo, hi = tl.split(tl.permute(tl.reshape(y, (y.shape[0], 2, D // 2)), (0, 2, 1)))
+        rot = tl.reshape(tl.permute(tl.join(-hi, lo), (0, 2, 1)), (y.shape[0], D))
+        a = (y * c).to(DST).to(tl.float32)
+        b = (rot * s).to(DST).to(tl.float32)
+        return (a + b).to(DST)
+
+    @triton.jit
+    def _qkv_rope_kernel(
+        x,
+        w,
+        w_scale,
+        b,
+        g,
+        cos,
+        sin,
+        start_pos,
+        bt,
+        q_out,
+        k_pool,
+        v_pool,
+        q_norm,
+        k_norm,
+        M,
+        K,
+        T,
+        n_qh,
+        n_kvh,
+        stride_x,
+        stride_w,
+        s_pos,
+        s_oq,
+        s_pp,
+        s_ps,
+        s_ph,
+        max_pages,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        ROW_NORM: tl.constexpr,
+        QK_NORM: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        IEEE: tl.constexpr,
+        SWAP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PAGE: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        # Program h: head h of the fused [q heads | k heads | v heads] output, all M = R * T rows.
+        head = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        offs_n = head * D + d
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        x_ptrs = x + offs_m[:, None] * stride_x + offs_k[None, :]
+        w_ptrs = w + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+        pdl_wait(PDL)
+        acc, _, sumsq = _stream_weights(
+            x_ptrs, w_ptrs, 0, g, offs_k, m_mask, offs_n >= 0, 0, K,
+            HAS_NORM, ROW_NORM, False, True, EVEN_K, IEEE, SWAP, BLOCK_M, D, BLOCK_K,
+        )  # fmt: skip
+        pdl_release(PDL)
+        # the projection's output as the two-step path rounds it (fused_linear's kernel epilogue)
+        if HAS_SCALE:
+            acc = acc * tl.load(w_scale + offs_n)[None, :]
+        if HAS_NORM:
+            acc = acc * (1.0 / tl.sqrt(sumsq / K + eps))[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b + offs_n).to(tl.float32)[None, :]
+        src = x.dtype.element_ty
+        y = acc.to(src).to(tl.float32)
+        if ROW_NORM:  # the folded input norm's 1/RMS, rounded as rope_qk_write_kv applies it
+            y = (y * tl.rsqrt(sumsq / K + eps)[:, None]).to(src).to(tl.float32)
+        r = (offs_m // T).to(tl.int64)
+        pos = tl.load(start_pos + r, mask=m_mask, other=0).to(tl.int64) + offs_m % T
+        col = pos // PAGE
+        page = tl.load(bt + r * max_pages + col, mask=m_mask & (col < max_pages), other=-1).to(tl.int64)
+        ok = (m_mask & (page >= 0))[:, None]
+        slot = (page * s_pp + (pos % PAGE) * s_ps)[:, None] + d[None, :]
+        if head >= n_qh + n_kvh:  # a v head: stored as projected
+            tl.store(v_pool + slot + (head - n_qh - n_kvh) * s_ph, y.to(v_pool.dtype.element_ty), mask=ok)
+        else:
+            c = tl.load(cos + pos[:, None] * s_pos + d[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            s = tl.load(sin + pos[:, None] * s_pos + d[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            if head < n_qh:
+                out = _rotate(y, c, s, q_norm, eps, D, QK_NORM, src, q_out.dtype.element_ty)
+                tl.store(q_out + (offs_m.to(tl.int64) * n_qh + head)[:, None] * s_oq + d[None, :], out,
+                         mask=m_mask[:, None])
+            else:
+                out = _rotate(y, c, s, k_norm, eps, D, QK_NORM, src, k_pool.dtype.element_ty)
+                tl.store(k_pool + slot + (head - n_qh) * s_ph, out, mask=ok)
