@@ -17,7 +17,11 @@ import torch
 from smcgen.kernels import linear
 from smcgen.kernels._triton import HAS_TRITON
 from smcgen.kernels.linear import quantize_fp8
-from smcgen.kernels.qkv_rope import qkv_rope_write_kv, qkv_rope_write_kv_torch, qkv_rope_write_kv_triton
+from smcgen.kernels.qkv_rope import (
+    qkv_rope_write_kv,
+    qkv_rope_write_kv_torch,
+    qkv_rope_write_kv_triton,
+)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

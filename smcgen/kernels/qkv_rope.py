@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 
 from smcgen.kernels import linear
-from smcgen.kernels._triton import HAS_TRITON, pdl_enabled, pdl_release, pdl_wait, tl, triton, use_triton
+from smcgen.kernels._triton import (
+    HAS_TRITON,
+    pdl_enabled,
+    pdl_release,
+    pdl_wait,
+    tl,
+    triton,
+    use_triton,
+)
 from smcgen.kernels.fused_ops import rope_qk_write_kv, rope_qk_write_kv_torch
 from smcgen.kernels.linear import fused_linear, fused_linear_torch, skinny_plan
 
