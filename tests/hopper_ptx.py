@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smcgen.kernels import attention, fused_ops, linear
+from smcgen.kernels import attention, fused_ops, linear, qkv_rope
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -58,6 +58,17 @@ def main() -> None:
     ptrs = {"x": bf16, "w": "*fp8e4nv", "w_scale": "*fp32", "b": bf16, "g": bf16, "res": bf16, "out": bf16, "ws": "*fp32", "counters": "*i32"}
     print(json.dumps(facts("skinny_linear", linear._skinny_linear_kernel, skinny, ptrs, ("eps",),
                            num_warps=4, num_stages=3)))
+    # the default operand order (SWAP) on bf16 weights, 8 padded rows
+    swapped = {**skinny, "HAS_SCALE": False, "BLOCK_M": 8, "SWAP": True}
+    print(json.dumps(facts("skinny_linear_swapped", linear._skinny_linear_kernel, swapped, {**ptrs, "w": bf16},
+                           ("eps",), num_warps=4, num_stages=3)))
+    fused = {"HAS_BIAS": True, "HAS_SCALE": False, "HAS_NORM": False, "ROW_NORM": True, "QK_NORM": True,
+             "EVEN_K": True, "IEEE": False, "SWAP": True, "BLOCK_M": 16, "D": 64, "BLOCK_K": 256, "PAGE": 16,
+             "PDL": True}
+    ptrs_f = {n: bf16 for n in ("x", "w", "b", "g", "cos", "sin", "q_out", "k_pool", "v_pool", "q_norm", "k_norm")}
+    print(json.dumps(facts("qkv_rope", qkv_rope._qkv_rope_kernel, fused,
+                           {**ptrs_f, "w_scale": "*fp32", "bt": "*i32", "start_pos": "*i32"}, ("eps",),
+                           num_warps=4, num_stages=4)))
     attn = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 16, "BLOCK_N": 128, "NSPLIT": 4, "NSPLIT_P2": 4, "IEEE": False,
             "PDL": True}
     ptrs = {"q": bf16, "k_pool": bf16, "v_pool": bf16, "bt": "*i32", "start_pos": "*i32", "out": bf16,

@@ -139,21 +139,59 @@ def test_missing_page_is_skipped(device):
     torch.testing.assert_close(v_pool, v_ref, **tol(torch.float32))
 
 
-def test_dispatch_and_bad_input(device):
-    """The dispatcher takes the two-step path off CUDA / for other head widths; bad shapes are named."""
+@needs_triton
+@pytest.mark.parametrize("dim,rows,fused", [(64, 2, True), (32, 2, False), (64, 65, False)])
+def test_dispatch(device, monkeypatch, dim, rows, fused):
+    """The dispatcher takes the fused kernel for 64-wide heads up to MAX_SKINNY_ROWS rows (forced onto
+    the interpreter here), the two-step path otherwise; both equal the twin."""
+    import smcgen.kernels.qkv_rope as mod
+
+    monkeypatch.setattr(mod, "use_triton", lambda t: True)
+    calls = []
+    real = mod.qkv_rope_write_kv_triton
+    monkeypatch.setattr(mod, "qkv_rope_write_kv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, start, kw = case(torch.float32, device, 1, rows, dim, 48, bias=False, norm=True, row_norm=False,
+                           qk_norm=False)
+    cos, sin = rope_tables(128, dim, torch.float32, device)
+    k_pool, v_pool, table = pools(1, dim, torch.float32, device, max_pages=32)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    q = qkv_rope_write_kv(x, w, cos, sin, start, k_pool, v_pool, table, **kw)
+    q_ref = qkv_rope_write_kv_torch(x, w, cos, sin, start, k_ref, v_ref, table, **kw)
+    assert len(calls) == (1 if fused else 0)
+    torch.testing.assert_close(q, q_ref, **tol(torch.float32))
+    torch.testing.assert_close(k_pool, k_ref, **tol(torch.float32))
+    torch.testing.assert_close(v_pool, v_ref, **tol(torch.float32))
+
+
+def test_bad_input_is_named(device):
     dim = 32
     x, w, start, kw = case(torch.float32, device, 2, 1, dim, 48, bias=False, norm=True, row_norm=False,
                            qk_norm=False)
     cos, sin = rope_tables(64, dim, torch.float32, device)
     k_pool, v_pool, table = pools(2, dim, torch.float32, device)
-    k_ref, v_ref = k_pool.clone(), v_pool.clone()
-    q = qkv_rope_write_kv(x, w, cos, sin, start, k_pool, v_pool, table, **kw)
-    q_ref = qkv_rope_write_kv_torch(x, w, cos, sin, start, k_ref, v_ref, table, **kw)
-    torch.testing.assert_close(q, q_ref, **tol(torch.float32))
-    torch.testing.assert_close(k_pool, k_ref, **tol(torch.float32))
-    with pytest.raises(ValueError, match="norm_weight"):
-        qkv_rope_write_kv_torch(x, w, cos, sin, start, k_pool, v_pool, table, **{**kw, "row_norm": True})
-    with pytest.raises(ValueError, match="rows"):
-        qkv_rope_write_kv_torch(x, w[:-1], cos, sin, start, k_pool, v_pool, table, **kw)
-    with pytest.raises(ValueError, match="q_norm"):
-        qkv_rope_write_kv_torch(x, w, cos, sin, start, k_pool, v_pool, table, **kw, q_norm=torch.ones(dim))
+    args = (cos, sin, start, k_pool, v_pool, table)
+    for fn in (qkv_rope_write_kv_torch, qkv_rope_write_kv_triton) if HAS_TRITON else (qkv_rope_write_kv_torch,):
+        with pytest.raises(ValueError, match="norm_weight"):
+            fn(x, w, *args, **{**kw, "row_norm": True})
+        with pytest.raises(ValueError, match="rows"):
+            fn(x, w[:-1], *args, **kw)
+        with pytest.raises(ValueError, match="features"):
+            fn(x[..., :-1], w, *args, **kw)
+        with pytest.raises(ValueError, match="q_norm"):
+            fn(x, w, *args, **kw, q_norm=torch.ones(dim))
+        with pytest.raises(ValueError, match="kv heads"):
+            fn(x, w, *args, **{**kw, "n_kv_heads": N_KVH + 1, "n_heads": N_QH - 2})
+        with pytest.raises(ValueError, match="cos_table"):
+            fn(x, w, cos[:, :-2], *args[1:], **kw)
+        with pytest.raises(ValueError, match="bias"):
+            fn(x, w, *args, **{**kw, "norm_weight": None, "row_norm": True, "bias": torch.zeros(w.shape[0])})
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="at most"):
+            big = x.new_zeros(1, linear.MAX_SKINNY_ROWS + 1, x.shape[-1])
+            qkv_rope_write_kv_triton(big, w, *args[:2], start[:1], k_pool, v_pool, table[:1], **kw)
+        with pytest.raises(ValueError, match="unit stride"):
+            wt = w.t().contiguous().t()
+            qkv_rope_write_kv_triton(x, wt, *args, **kw)
+        q8, _ = quantize_fp8(w)
+        with pytest.raises(ValueError, match="weight_scale"):
+            qkv_rope_write_kv_triton(x, q8, *args, **kw)

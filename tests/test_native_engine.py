@@ -136,7 +136,7 @@ def test_generate_with_an_fp8_draft(target, draft):
     plain = smcgen.generate(target, [0, 1], **kw)
     res = smcgen.generate(target, [0, 1], draft_fp8=True, **kw)
     assert res.engine == "native" and 1 <= len(res.token_ids) <= 6
-    (copies,) = [c for c in _NATIVE_COPIES.values() if True in c]  # the draft's: only it was quantized
+    copies = _NATIVE_COPIES[draft]  # keyed by the transformers model object
     assert copies[True].fp8_weights == NativeCausalLM.FP8_DEFAULT and copies[False].fp8_weights == ()
     assert plain.token_ids == smcgen.generate(target, [0, 1], **kw).token_ids, "the bf16 draft is untouched"
     with pytest.raises(ValueError, match="draft_fp8"):

@@ -128,10 +128,10 @@ if HAS_TRITON:
     def pdl_begin(PDL: tl.constexpr):
         """Wait for the previous kernel (all its writes visible), then let the next one launch.
 
-        Every PDL kernel calls this before its first read of a predecessor's output and before its
-        first write, on every path (an early-exit program too): a kernel launched early waits only
-        on its direct predecessor, so the chain stays ordered only if each link waits. Only reads
-        of constants (weights) may come before it.
+        Every PDL kernel calls this (or ``pdl_wait`` and later ``pdl_release``) before its first
+        read of a predecessor's output and before its first write, on every path (an early-exit
+        program too): a kernel launched early waits only on its direct predecessor, so the chain
+        stays ordered only if each link waits. Only reads of constants (weights) may come before it.
         """
         if PDL:
             gdc_wait()

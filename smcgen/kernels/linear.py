@@ -224,7 +224,8 @@ def skinny_plan(
     order), 256-deep K steps in four stages (three for the gated kernel's two weight tiles), K
     split four ways when that still fits one wave of programs (a 1B model's down projection: 32
     column tiles; the 8B's 64 tiles ran faster unsplit), 128 deep then. The last program of a
-    split tile sums the partials and runs the epilogue. Without SWAP_AB, the earlier rule.
+    split tile sums the partials and runs the epilogue; fp8 weights also split when their column
+    tiles fill less than half the SMs (a 1B model's QKV and O). Without SWAP_AB, the earlier rule.
     """
     # the interpreter (CPU) has no SMs to count; plan as for an H100 so tests take the GPU's branches
     sms = sm_count(device) if device.type == "cuda" else 132
@@ -291,6 +292,8 @@ def fused_linear_triton(
         r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
     if rows == 0:
         return out.reshape(*lead, n_out)
+    if plan is not None and len(plan) == 6:  # a plan from before the operand order was a choice
+        plan = (*plan, False)
     block_m, block_n, block_k, warps, stages, split, swap = plan or skinny_plan(
         rows, n_out, k, gated, x.device, x.element_size(), weight_scale is not None
     )
@@ -360,9 +363,10 @@ MIN_GRID_FRACTION = 0.0
 def _fills_the_gpu(plan: tuple[int, ...], n_out: int, device: torch.device) -> bool:
     """Whether ``plan`` launches at least ``MIN_GRID_FRACTION`` of the SMs' count of programs.
 
-    Fewer programs cannot stream a weight at bandwidth (in the H100 sweep such starved grids were
-    the kernel's losses to cuBLAS), e.g. a 0.6B model's 1024-wide outputs: 16 column tiles. The
-    CPU interpreter has no SMs, so there every shape qualifies (the tests exercise the kernel).
+    A knob for narrow grids (a 0.6B model's 1024-wide outputs: 16 column tiles): with the unswapped
+    operand order and no PDL they lost to cuBLAS in the H100 sweep, so the rule once asked for a
+    quarter of the SMs; now the default fraction is 0 and every shape qualifies. The CPU
+    interpreter has no SMs, so there every shape qualifies too (the tests exercise the kernel).
     """
     if device.type != "cuda":
         return True

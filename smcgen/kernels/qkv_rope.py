@@ -53,18 +53,29 @@ def _split_heads(qkv: Tensor, n_heads: int, n_kv_heads: int, dim: int) -> tuple[
     return q.reshape(r, t, n_heads, dim), k.reshape(r, t, n_kv_heads, dim), v.reshape(r, t, n_kv_heads, dim)
 
 
-def _check(x: Tensor, weight: Tensor, k_pool_l: Tensor, n_heads: int, n_kv_heads: int, norm_weight, row_norm,
-           q_norm, k_norm) -> int:
-    """Validate; return the head width D."""
+def _check(x: Tensor, weight: Tensor, k_pool_l: Tensor, v_pool_l: Tensor, cos_table: Tensor, n_heads: int,
+           n_kv_heads: int, bias, norm_weight, row_norm, q_norm, k_norm, weight_scale) -> int:
+    """Validate (errors name the parameter); return the head width D."""
     if x.dim() != 3:
         raise ValueError(f"x must be [rows, tokens, hidden], got {tuple(x.shape)}")
+    linear._check(x, weight, bias, None, False, False, weight_scale)  # features, bias and scale shapes
+    if k_pool_l.dim() != 4 or k_pool_l.shape != v_pool_l.shape:
+        raise ValueError("k_pool_l and v_pool_l must both be [pages, page size, n_kv_heads, head dim]")
     dim = k_pool_l.shape[-1]
+    if k_pool_l.shape[2] != n_kv_heads:
+        raise ValueError(f"the pools hold {k_pool_l.shape[2]} kv heads, n_kv_heads is {n_kv_heads}")
     if weight.shape[0] != (n_heads + 2 * n_kv_heads) * dim:
         raise ValueError(f"weight has {weight.shape[0]} rows, expected (n_heads + 2 * n_kv_heads) * {dim}")
+    if cos_table.shape[-1] != dim:
+        raise ValueError(f"cos_table rows have {cos_table.shape[-1]} entries, the head dim is {dim}")
     if norm_weight is not None and row_norm:
         raise ValueError("give norm_weight (unfolded input norm) or row_norm (folded), not both")
+    if row_norm and bias is not None:
+        raise ValueError("row_norm (a folded input norm) would scale the bias too: unfold it and pass norm_weight")
     if (q_norm is None) != (k_norm is None):
         raise ValueError("q_norm and k_norm go together")
+    if q_norm is not None and (q_norm.shape != (dim,) or k_norm.shape != (dim,)):
+        raise ValueError(f"q_norm and k_norm must have shape ({dim},)")
     return dim
 
 
@@ -89,7 +100,8 @@ def qkv_rope_write_kv_torch(
     weight_scale: Tensor | None = None,
 ) -> Tensor:
     """Reference: the projection (``fused_linear_torch``), then ``rope_qk_write_kv_torch``."""
-    dim = _check(x, weight, k_pool_l, n_heads, n_kv_heads, norm_weight, row_norm, q_norm, k_norm)
+    dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
+                 k_norm, weight_scale)
     qkv = fused_linear_torch(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
     q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
     return rope_qk_write_kv_torch(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
@@ -118,18 +130,28 @@ def qkv_rope_write_kv_triton(
 ) -> Tensor:
     """One launch: one program per head projects all rows onto it, rotates q and k heads and
     stores k and v in their page slots (a missing page is skipped, never written)."""
-    dim = _check(x, weight, k_pool_l, n_heads, n_kv_heads, norm_weight, row_norm, q_norm, k_norm)
+    dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
+                 k_norm, weight_scale)
     n_rows, n_new, hidden = x.shape
     rows = n_rows * n_new
     if rows > linear.MAX_SKINNY_ROWS:
         raise ValueError(f"the fused QKV + RoPE kernel takes at most {linear.MAX_SKINNY_ROWS} rows, got {rows}")
     if dim != triton.next_power_of_2(dim) or dim < 16:
         raise ValueError(f"the fused QKV + RoPE kernel needs a power-of-two head width >= 16, got {dim}")
-    if (weight.dtype == linear.FP8) != (weight_scale is not None):
-        raise ValueError("weight_scale must be given exactly when the weight is float8_e4m3fn (see quantize_fp8)")
-    assert start_pos.is_contiguous() and start_pos.shape == (n_rows,) and block_table.is_contiguous()
-    assert k_pool_l.shape == v_pool_l.shape and k_pool_l.stride() == v_pool_l.stride() and k_pool_l.stride(-1) == 1
-    assert cos_table.stride() == sin_table.stride() and cos_table.stride(-1) == 1
+    if weight.stride(-1) != 1:
+        raise ValueError("weight must have unit stride along K")
+    if start_pos.shape != (n_rows,) or not start_pos.is_contiguous():
+        raise ValueError(f"start_pos must be a contiguous [{n_rows}] tensor")
+    if block_table.dim() != 2 or block_table.shape[0] != n_rows or not block_table.is_contiguous():
+        raise ValueError(f"block_table must be a contiguous [{n_rows}, max pages] tensor")
+    if k_pool_l.stride() != v_pool_l.stride() or k_pool_l.stride(-1) != 1:
+        raise ValueError("k_pool_l and v_pool_l must share strides, unit along the head dim")
+    if cos_table.shape != sin_table.shape or cos_table.stride() != sin_table.stride() or cos_table.stride(-1) != 1:
+        raise ValueError("cos_table and sin_table must have one shape and strides, unit along the head dim")
+    if bias is not None:
+        bias = bias.contiguous()
+    if q_norm is not None:
+        q_norm, k_norm = q_norm.contiguous(), k_norm.contiguous()
     x2 = x.reshape(rows, hidden)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -139,6 +161,8 @@ def qkv_rope_write_kv_triton(
                         device=x.device)
     if rows == 0:
         return q_out
+    # the skinny kernel's plan for this projection, less its split-K: a program must hold whole heads
+    # (an fp8 QKV, planned split four ways there, keeps the plan's 128-deep K step)
     block_m, _, block_k, warps, stages, _, swap = skinny_plan(
         rows, weight.shape[0], hidden, False, x.device, x.element_size(), weight_scale is not None
     )
@@ -221,7 +245,8 @@ def qkv_rope_write_kv(
     limit = linear.MAX_SKINNY_ROWS if max_rows is None else min(max_rows, linear.MAX_SKINNY_ROWS)
     if use_triton(x) and rows <= limit and k_pool_l.shape[-1] == FUSED_HEAD_DIM:
         return qkv_rope_write_kv_triton(*args, **kw)
-    dim = _check(x, weight, k_pool_l, n_heads, n_kv_heads, norm_weight, row_norm, q_norm, k_norm)
+    dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
+                 k_norm, weight_scale)
     qkv = fused_linear(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
     q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
     return rope_qk_write_kv(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
