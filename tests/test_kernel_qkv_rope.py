@@ -65,6 +65,15 @@ def case(dtype, device, n_rows, n_new, dim, hidden, *, bias, norm, row_norm, qk_
     return x, w, start, kw
 
 
+def fp32_setup(device, n_rows, n_new, dim, hidden, *, norm, max_pages=16, max_pos=64):
+    """An fp32 case without bias or q/k norms (input norm unfolded if ``norm``, else folded), its
+    RoPE tables and empty pools: (x, w, start, kw, cos, sin, k_pool, v_pool, table)."""
+    x, w, start, kw = case(torch.float32, device, n_rows, n_new, dim, hidden, bias=False, norm=norm,
+                           row_norm=not norm, qk_norm=False)
+    cos, sin = rope_tables(max_pos, dim, torch.float32, device)
+    return (x, w, start, kw, cos, sin, *pools(n_rows, dim, torch.float32, device, max_pages=max_pages))
+
+
 def tol(dtype, scale=1.0):
     """fp32: sum order; half types: the projection's rounding (as in the skinny kernel's tests)
     carried through the norm and rotation: a few ulps of the outputs' magnitude."""
@@ -125,11 +134,7 @@ def test_fp8_weights(device):
 @needs_triton
 def test_missing_page_is_skipped(device):
     """A row whose page is missing (-1: pool exhausted) writes nothing; the other rows still do."""
-    dim = 64
-    x, w, start, kw = case(torch.float32, device, 3, 1, dim, 64, bias=False, norm=False, row_norm=True,
-                           qk_norm=False)
-    cos, sin = rope_tables(64, dim, torch.float32, device)
-    k_pool, v_pool, table = pools(3, dim, torch.float32, device)
+    x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(device, 3, 1, 64, 64, norm=False)
     table[1] = -1
     q = qkv_rope_write_kv_triton(x, w, cos, sin, start, k_pool, v_pool, table, **kw)
     k_ref, v_ref = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
@@ -150,10 +155,8 @@ def test_dispatch(device, monkeypatch, dim, rows, fused):
     calls = []
     real = mod.qkv_rope_write_kv_triton
     monkeypatch.setattr(mod, "qkv_rope_write_kv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, w, start, kw = case(torch.float32, device, 1, rows, dim, 48, bias=False, norm=True, row_norm=False,
-                           qk_norm=False)
-    cos, sin = rope_tables(128, dim, torch.float32, device)
-    k_pool, v_pool, table = pools(1, dim, torch.float32, device, max_pages=32)
+    x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(device, 1, rows, dim, 48, norm=True, max_pages=32,
+                                                                  max_pos=128)
     k_ref, v_ref = k_pool.clone(), v_pool.clone()
     q = qkv_rope_write_kv(x, w, cos, sin, start, k_pool, v_pool, table, **kw)
     q_ref = qkv_rope_write_kv_torch(x, w, cos, sin, start, k_ref, v_ref, table, **kw)
@@ -165,10 +168,7 @@ def test_dispatch(device, monkeypatch, dim, rows, fused):
 
 def test_bad_input_is_named(device):
     dim = 32
-    x, w, start, kw = case(torch.float32, device, 2, 1, dim, 48, bias=False, norm=True, row_norm=False,
-                           qk_norm=False)
-    cos, sin = rope_tables(64, dim, torch.float32, device)
-    k_pool, v_pool, table = pools(2, dim, torch.float32, device)
+    x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(device, 2, 1, dim, 48, norm=True)
     args = (cos, sin, start, k_pool, v_pool, table)
     for fn in (qkv_rope_write_kv_torch, qkv_rope_write_kv_triton) if HAS_TRITON else (qkv_rope_write_kv_torch,):
         with pytest.raises(ValueError, match="norm_weight"):
