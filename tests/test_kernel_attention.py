@@ -186,6 +186,21 @@ def test_write_kv_twin_stores_at_the_slots(device, n_q, ps, dtype):
     assert torch.equal(k_pool[page, pos % ps], k.to(dtype)) and torch.equal(v_pool[page, pos % ps], v.to(dtype))
 
 
+def test_write_kv_twin_skips_missing_pages_and_positions_past_the_table(device):
+    """As the Triton kernels do: a -1 page (pool exhausted) and a position past the block table are
+    not written; every other position is."""
+    n_kvh, dim, ps = 2, 16, 4
+    k_pool = torch.zeros(8, ps, n_kvh, dim, device=device)
+    v_pool = torch.zeros_like(k_pool)
+    table = torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32, device=device)
+    start = torch.tensor([7, 10], dtype=torch.int32, device=device)  # row 0: 7 on page 1, 8-9 on the -1 page
+    k = torch.randn(2, 3, n_kvh, dim, device=device)  # row 1: 10, 11 on page 4, 12 past the 3-page table
+    write_kv_torch(k, k + 1, k_pool, v_pool, table, start)
+    assert torch.equal(k_pool[1, 3], k[0, 0]) and torch.equal(v_pool[1, 3], k[0, 0] + 1)
+    assert torch.equal(k_pool[4, 2], k[1, 0]) and torch.equal(k_pool[4, 3], k[1, 1])
+    assert int((k_pool != 0).any(-1).any(-1).sum()) == 3, "only the three slots on existing pages"
+
+
 def test_dispatcher_runs_the_twin_on_cpu():
     k_pool, v_pool, table = make_cache(2, 3, 4, 1, 16, "cpu", seed=12)
     start = torch.tensor([1, 4], dtype=torch.int32)

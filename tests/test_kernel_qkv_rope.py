@@ -132,6 +132,20 @@ def test_fp8_weights(device):
 
 
 @needs_triton
+def test_positions_past_the_table_are_skipped(device):
+    """Tokens whose positions run past a short block table are not written (as in the twin); q is
+    still returned for them."""
+    x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(device, 2, 5, 64, 64, norm=False)
+    table = table[:, :4].contiguous()  # 4 pages of 4 slots: row 2 starts at 13, its positions 16-17 fall off
+    start = torch.tensor([0, 13], dtype=torch.int32, device=device)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    q = qkv_rope_write_kv_triton(x, w, cos, sin, start, k_pool, v_pool, table, **kw)
+    q_ref = qkv_rope_write_kv_torch(x, w, cos, sin, start, k_ref, v_ref, table, **kw)
+    assert_same((q, k_pool, v_pool), (q_ref, k_ref, v_ref), torch.float32)
+    assert int((k_pool != 0).any(-1).sum()) == (5 + 3) * N_KVH
+
+
+@needs_triton
 def test_missing_page_is_skipped(device):
     """A row whose page is missing (-1: pool exhausted) writes nothing; the other rows still do."""
     x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(device, 3, 1, 64, 64, norm=False)

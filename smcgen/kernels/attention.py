@@ -101,11 +101,14 @@ def _launch_config(packed: int, dim: int) -> tuple[int, int, int, int]:
 
 
 def _slots(block_table: torch.Tensor, start_pos: torch.Tensor, n_q: int, page_size: int):
-    """(page, slot) [R, T] of the positions start_pos[r] + t; missing pages clamped to 0."""
+    """(page, slot, ok) [R, T] of the positions start_pos[r] + t; ``ok`` is False where the position
+    lies past the block table or its page is missing (-1), and page is clamped to 0 there."""
     pos = start_pos.long()[:, None] + torch.arange(n_q, device=start_pos.device)[None, :]
-    col = (pos // page_size).clamp(max=block_table.shape[1] - 1)
-    page = block_table.long().gather(1, col).clamp(min=0)
-    return page, pos % page_size
+    col = pos // page_size
+    inside = col < block_table.shape[1]
+    page = block_table.long().gather(1, col.clamp(max=block_table.shape[1] - 1))
+    ok = inside & (page >= 0)
+    return page.clamp(min=0), pos % page_size, ok
 
 
 def write_kv_torch(
@@ -116,10 +119,13 @@ def write_kv_torch(
     block_table: torch.Tensor,
     start_pos: torch.Tensor,
 ) -> None:
-    """Store k, v [R, T, Hkv, D] at positions start_pos[r] + t of each row (torch twin, in place)."""
-    page, slot = _slots(block_table, start_pos, k.shape[1], k_pool_l.shape[1])
-    k_pool_l[page, slot] = k.to(k_pool_l.dtype)
-    v_pool_l[page, slot] = v.to(v_pool_l.dtype)
+    """Store k, v [R, T, Hkv, D] at positions start_pos[r] + t of each row (torch twin, in place).
+
+    A position past the block table or on a missing page (-1: pool exhausted) is skipped, never
+    written, as the Triton kernels do."""
+    page, slot, ok = _slots(block_table, start_pos, k.shape[1], k_pool_l.shape[1])
+    k_pool_l[page[ok], slot[ok]] = k[ok].to(k_pool_l.dtype)
+    v_pool_l[page[ok], slot[ok]] = v[ok].to(v_pool_l.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
