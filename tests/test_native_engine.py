@@ -143,6 +143,9 @@ def test_generate_with_an_fp8_draft(target, draft):
         smcgen.generate(target, [0, 1], engine="native", draft_fp8=True, max_new_tokens=3)
     with pytest.raises(ValueError, match="draft_fp8"):
         smcgen.generate(target, [0, 1], **{**kw, "engine": "generic"}, draft_fp8=True)
+    if next(target.parameters()).device.type == "cpu":  # 'auto' off the GPU: the generic engine, draft as loaded
+        auto = smcgen.generate(target, [0, 1], **{**kw, "engine": "auto"}, draft_fp8=True)
+        assert auto.engine == "generic" and 1 <= len(auto.token_ids) <= 6
 
 
 def test_native_engine_refuses_what_it_cannot_run(target, draft):
