@@ -392,12 +392,9 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     plan = linear_mod.skinny_plan
     monkeypatch.setattr(linear_mod, "SWAP_AB", swap)
     monkeypatch.setattr(native, "skinny_qkv", skinny_qkv)
-    import smcgen.backends.native.model as model_mod
     import smcgen.kernels.qkv_rope as qkv_rope_mod
 
     monkeypatch.setattr(native, "fused_qkv_rope", fused_rope)
-    monkeypatch.setattr(model_mod, "use_triton", lambda t: True)
-    monkeypatch.setattr(model_mod, "FUSED_HEAD_DIM", native.cfg.head_dim)
     monkeypatch.setattr(qkv_rope_mod, "use_triton", lambda t: True)
     monkeypatch.setattr(qkv_rope_mod, "FUSED_HEAD_DIM", native.cfg.head_dim)
     fused_calls = []

@@ -125,19 +125,6 @@ if HAS_TRITON:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
-    def pdl_begin(PDL: tl.constexpr):
-        """Wait for the previous kernel (all its writes visible), then let the next one launch.
-
-        Every PDL kernel calls this (or ``pdl_wait`` and later ``pdl_release``) before its first
-        read of a predecessor's output and before its first write, on every path (an early-exit
-        program too): a kernel launched early waits only on its direct predecessor, so the chain
-        stays ordered only if each link waits. Only reads of constants (weights) may come before it.
-        """
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-
-    @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """The first half of ``pdl_begin``: wait for the previous kernel (same rules), no release yet."""
         if PDL:
@@ -150,3 +137,15 @@ if HAS_TRITON:
         the start starves this kernel's later programs (an fp8 draft with PDL ran 4% slower, H100)."""
         if PDL:
             gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_begin(PDL: tl.constexpr):
+        """Wait for the previous kernel (all its writes visible), then let the next one launch.
+
+        Every PDL kernel calls this (or ``pdl_wait`` and later ``pdl_release``) before its first
+        read of a predecessor's output and before its first write, on every path (an early-exit
+        program too): a kernel launched early waits only on its direct predecessor, so the chain
+        stays ordered only if each link waits. Only reads of constants (weights) may come before it.
+        """
+        pdl_wait(PDL)
+        pdl_release(PDL)

@@ -292,8 +292,6 @@ def fused_linear_triton(
         r2 = residual.reshape(rows, n_out).contiguous() if residual is not None else out
     if rows == 0:
         return out.reshape(*lead, n_out)
-    if plan is not None and len(plan) == 6:  # a plan from before the operand order was a choice
-        plan = (*plan, False)
     block_m, block_n, block_k, warps, stages, split, swap = plan or skinny_plan(
         rows, n_out, k, gated, x.device, x.element_size(), weight_scale is not None
     )

@@ -25,6 +25,8 @@ twins) and ``qkv_rope_write_kv_triton``; ``qkv_rope_write_kv`` dispatches (Trito
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -79,6 +81,15 @@ def _check(x: Tensor, weight: Tensor, k_pool_l: Tensor, v_pool_l: Tensor, cos_ta
     return dim
 
 
+def _two_step(project, rope, x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, dim,
+              n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm, k_norm, eps, weight_scale) -> Tensor:
+    """The projection ``project`` (a fused_linear version), then ``rope`` (a rope_qk_write_kv version)."""
+    qkv = project(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
+    q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
+    return rope(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, q_norm, k_norm, eps,
+                x if row_norm else None)
+
+
 def qkv_rope_write_kv_torch(
     x: Tensor,
     weight: Tensor,
@@ -102,10 +113,9 @@ def qkv_rope_write_kv_torch(
     """Reference: the projection (``fused_linear_torch``), then ``rope_qk_write_kv_torch``."""
     dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
                  k_norm, weight_scale)
-    qkv = fused_linear_torch(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
-    q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
-    return rope_qk_write_kv_torch(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
-                                  q_norm, k_norm, eps, x if row_norm else None)
+    return _two_step(fused_linear_torch, rope_qk_write_kv_torch, x, weight, cos_table, sin_table, start_pos,
+                     k_pool_l, v_pool_l, block_table, dim, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
+                     k_norm, eps, weight_scale)
 
 
 def qkv_rope_write_kv_triton(
@@ -234,23 +244,24 @@ def qkv_rope_write_kv(
     k_norm: Tensor | None = None,
     eps: float = 1e-6,
     weight_scale: Tensor | None = None,
-    max_rows: int | None = None,
+    max_rows: int = linear.MAX_SKINNY_ROWS,
+    counters: Tensor | None = None,
+    fused: bool = True,
 ) -> Tensor:
-    """The fused kernel on CUDA for ``rows <= max_rows`` (default ``MAX_SKINNY_ROWS``) and 64-wide
-    heads; otherwise the two-step path (``fused_linear`` then ``rope_qk_write_kv``)."""
-    kw = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "bias": bias, "norm_weight": norm_weight,
-          "row_norm": row_norm, "q_norm": q_norm, "k_norm": k_norm, "eps": eps, "weight_scale": weight_scale}
-    args = (x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table)
-    rows = x.shape[0] * x.shape[1]
-    limit = linear.MAX_SKINNY_ROWS if max_rows is None else min(max_rows, linear.MAX_SKINNY_ROWS)
-    if use_triton(x) and rows <= limit and k_pool_l.shape[-1] == FUSED_HEAD_DIM:
-        return qkv_rope_write_kv_triton(*args, **kw)
+    """The fused kernel on CUDA for ``rows <= max_rows`` (at most ``MAX_SKINNY_ROWS``) and 64-wide
+    heads when ``fused``; otherwise the two-step path: ``fused_linear`` (with ``max_rows`` and
+    ``counters``, see there) then ``rope_qk_write_kv``."""
     dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
                  k_norm, weight_scale)
-    qkv = fused_linear(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
-    q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
-    return rope_qk_write_kv(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table,
-                            q_norm, k_norm, eps, x if row_norm else None)
+    args = (x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table)
+    rows = x.shape[0] * x.shape[1]
+    if fused and use_triton(x) and rows <= min(max_rows, linear.MAX_SKINNY_ROWS) and dim == FUSED_HEAD_DIM:
+        return qkv_rope_write_kv_triton(*args, n_heads=n_heads, n_kv_heads=n_kv_heads, bias=bias,
+                                        norm_weight=norm_weight, row_norm=row_norm, q_norm=q_norm, k_norm=k_norm,
+                                        eps=eps, weight_scale=weight_scale)
+    project = functools.partial(fused_linear, max_rows=max_rows, counters=counters)
+    return _two_step(project, rope_qk_write_kv, *args, dim, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
+                     k_norm, eps, weight_scale)
 
 
 if HAS_TRITON:

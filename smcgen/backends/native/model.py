@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smcgen.backends.native.kv_cache import PagedKVCache
-from smcgen.kernels._triton import pdl_scope, use_triton
+from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
 from smcgen.kernels.linear import fused_linear, fused_linear_composed, quantize_fp8
-from smcgen.kernels.qkv_rope import FUSED_HEAD_DIM, qkv_rope_write_kv
+from smcgen.kernels.qkv_rope import qkv_rope_write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -502,39 +502,31 @@ class NativeCausalLM(nn.Module):
         # weights, else after a norm kernel. Layers stored in fp8 (quantize_fp8) always go through
         # fused_linear, which streams them in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
-        # QKV, RoPE and the cache write in one kernel (kernels.qkv_rope) on decode batches of 64-wide heads
-        fuse_rope = (self.fused_qkv_rope and use_triton(tokens) and n_rows * n_new <= self.skinny_max_rows
-                     and cfg.head_dim == FUSED_HEAD_DIM)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             # an fp8 projection's row scales (quantize_fp8), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
             gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
-            skinny_qkv = qkv_scale is not None or self.skinny_qkv
-            if fuse_rope and skinny_qkv:
+            if qkv_scale is not None or self.skinny_qkv:
+                # the dispatcher: decode batches of 64-wide heads project, rotate and cache q/k/v in
+                # one kernel (fused_qkv_rope), others take fused_linear (fp8 always streams in the
+                # skinny kernel) and then the RoPE kernel
                 folded = self.input_norm_folded
                 q = qkv_rope_write_kv(
                     h, layer.qkv, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
                     n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, bias=layer.qkv_bias,
                     norm_weight=None if folded else layer.input_norm, row_norm=folded, q_norm=layer.q_norm,
-                    k_norm=layer.k_norm, eps=eps, weight_scale=qkv_scale,
+                    k_norm=layer.k_norm, eps=eps, weight_scale=qkv_scale, max_rows=self.skinny_max_rows,
+                    counters=self.linear_counters, fused=self.fused_qkv_rope,
                 )  # fmt: skip
-            elif skinny_qkv:  # the dispatcher: fp8 always streams in the skinny kernel
-                if self.input_norm_folded:
-                    qkv, rms_of = linear(h, layer.qkv, weight_scale=qkv_scale), h
-                else:
-                    qkv = linear(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps,
-                                 weight_scale=qkv_scale)
-                    rms_of = None
-            elif self.input_norm_folded:
-                # the norm's scale comes in RoPE
-                qkv = F.linear(h, layer.qkv)
-                rms_of = h
             else:
-                qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
-                rms_of = None
-            if not (fuse_rope and skinny_qkv):
+                if self.input_norm_folded:
+                    # the norm's scale comes in RoPE
+                    qkv, rms_of = F.linear(h, layer.qkv), h
+                else:
+                    qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
+                    rms_of = None
                 q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
                 q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
                 k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
