@@ -60,6 +60,7 @@ VARIANTS = {
     "nofusedrope": {"fused_qkv_rope": False},  # 64-wide heads: QKV and RoPE + KV write as two kernels
     "cublashead": {"skinny_head": False},  # the LM head on cuBLAS (after a norm kernel) at every size
     "fp8all": {"fp8_draft": "all"},  # the skinny kernel for every decode-sized layer, however few its programs
+    "nolookahead": {"lookahead": False},  # the host waits for each cycle before enqueuing the next
 }
 
 
@@ -92,6 +93,7 @@ def apply_variant(name: str, models, defaults: dict):
     attention.MIN_KEYS_PER_SPLIT = settings["keys_per_split"]
     attention.DECODE_BLOCK_N = settings["decode_block_n"]
     attention.SMALL_GRID_BLOCK_N = settings["small_grid_block_n"]
+    ENGINE_SETTINGS["lookahead"] = settings["lookahead"]
     return target, draft
 
 
@@ -155,11 +157,17 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 2**30 / min(times)
 
 
+# engine attributes of the variant being measured (apply_variant sets them)
+ENGINE_SETTINGS: dict = {}
+
+
 def make_engine(target, draft, n, k, new_tokens, prompt_len, requests=1, seed=0, **engine_kw):
     """The engine of one benchmark row (K = 0: AR, no draft; EOS off) and its random prompts."""
     cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=seed,
                     draft_temperature=0.7, target_temperature=0.7)
     engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=(), **engine_kw)
+    for name, value in ENGINE_SETTINGS.items():
+        setattr(engine, name, value)
     gen = torch.Generator().manual_seed(seed)
     return engine, torch.randint(0, target.vocab_size, (requests, prompt_len), generator=gen).tolist()
 
@@ -290,7 +298,8 @@ def main() -> None:
                 "skinny_qkv": target.skinny_qkv,
                 "skinny_head": target.skinny_head,
                 "fused_qkv_rope": target.fused_qkv_rope,
-                "min_grid": linear.MIN_GRID_FRACTION}
+                "min_grid": linear.MIN_GRID_FRACTION,
+                "lookahead": True}
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pair": f"{t_name} / {d_name}",

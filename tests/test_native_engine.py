@@ -180,6 +180,28 @@ def test_no_resampling_after_every_particle_finished(models):
     assert ended_early >= 10
 
 
+def test_the_cycle_enqueued_past_the_end_changes_nothing(models):
+    """With the lookahead the host enqueues cycle c + 1 before it reads cycle c's done flag: when
+    every particle finished in cycle c, that extra cycle must leave tokens, weights, traces and the
+    cycle count exactly as the host-waits-every-cycle loop leaves them."""
+    _, native_target, native_draft = models
+    ended_early = 0
+    for seed in range(6):
+        cfg = SMCConfig(n_particles=3, block_size=2, max_new_tokens=30, seed=seed, ess_threshold=0.5)
+        runs = []
+        for lookahead in (True, False):
+            engine = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
+            engine.lookahead = lookahead
+            runs.append((engine.run(PROMPT, n_groups=4), engine.last_timing["cycles"]))
+        (a, cycles_a), (b, cycles_b) = runs
+        assert cycles_a == cycles_b == a.ess_history.shape[0]
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        assert torch.equal(a.log_weights, b.log_weights)
+        assert torch.equal(a.ess_history, b.ess_history) and torch.equal(a.resampled, b.resampled)
+        ended_early += cycles_a < 10
+    assert ended_early >= 3, "the case under test: runs that stop before their last cycle"
+
+
 def test_context_bounds_are_checked_before_running(models):
     _, native_target, native_draft = models
     limit = native_target.max_positions  # 64 for the tiny models

@@ -100,6 +100,10 @@ class NativeSMC:
             # the masks depend on the tokens just drawn: the host takes part in every step
             self.cuda_graph = False
         self.mask = mask
+        #: the host enqueues cycle c + 1 before it reads cycle c's all-done flag, so the GPU never
+        #: waits on the host between cycles; when every particle finished in cycle c, cycle c + 1
+        #: runs without effect (False: the host waits for each cycle before the next)
+        self.lookahead = True
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
         self.last_timing: dict[str, float] = {}
 
@@ -244,18 +248,30 @@ class NativeSMC:
         _sync(dev)
         t_decode = time.perf_counter()
         bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc (native)", unit="tok", leave=False)
-        done_host = torch.zeros(1, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        # one done flag per cycle in flight, read by the host when that cycle's event has passed
+        done_host = torch.zeros(2, dtype=torch.bool, pin_memory=dev.type == "cuda")
+        flag_ready = [torch.cuda.Event() for _ in range(2)] if dev.type == "cuda" else None
+        # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
+        # wait on the host at every step anyway)
+        lag = 1 if self.lookahead and self.mask is None else 0
         for c in range(n_cycles):
             if graph is not None:
                 graph.replay()
             else:
                 self._cycle(state)
+            done_host[c % 2 : c % 2 + 1].copy_(state.all_done, non_blocking=True)
+            if flag_ready is not None:
+                flag_ready[c % 2].record()
             bar.update(min(T, cfg.max_new_tokens - bar.n))
-            done_host.copy_(state.all_done, non_blocking=True)
-            if dev.type == "cuda":
-                torch.cuda.current_stream(dev).synchronize()
-            if bool(done_host[0]):
-                n_cycles = c + 1
+            seen = c - lag  # with the lookahead, cycle c runs while the host reads cycle c - 1's flag
+            if seen < 0:
+                continue
+            if flag_ready is not None:
+                flag_ready[seen % 2].synchronize()
+            if bool(done_host[seen % 2]):
+                # a cycle enqueued after every particle finished changes nothing (no valid token, no
+                # weight, no resampling) and is not counted
+                n_cycles = seen + 1
                 break
         bar.close()
         _sync(dev)
