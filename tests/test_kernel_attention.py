@@ -201,6 +201,26 @@ def test_write_kv_twin_skips_missing_pages_and_positions_past_the_table(device):
     assert int((k_pool != 0).any(-1).any(-1).sum()) == 3, "only the three slots on existing pages"
 
 
+def test_write_kv_twin_skips_the_same_positions_inside_a_cuda_graph(device):
+    """Capture forbids the data-dependent selection, so the twin takes another path there: it must
+    write and skip exactly the same slots as outside a capture."""
+    if device.type != "cuda":
+        pytest.skip("runs with SMCGEN_TEST_DEVICE=cuda")
+    n_kvh, dim, ps = 2, 16, 4
+    table = torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32, device=device)
+    start = torch.tensor([7, 10], dtype=torch.int32, device=device)
+    k = torch.randn(2, 3, n_kvh, dim, device=device)
+    pools = [torch.randn(8, ps, n_kvh, dim, device=device) for _ in range(2)]
+    want = [p.clone() for p in pools]
+    write_kv_torch(k, k + 1, *want, table, start)
+    write_kv_torch(k, k + 1, *[p.clone() for p in pools], table, start)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        write_kv_torch(k, k + 1, *pools, table, start)
+    graph.replay()
+    assert torch.equal(pools[0], want[0]) and torch.equal(pools[1], want[1])
+
+
 def test_dispatcher_runs_the_twin_on_cpu():
     k_pool, v_pool, table = make_cache(2, 3, 4, 1, 16, "cpu", seed=12)
     start = torch.tensor([1, 4], dtype=torch.int32)

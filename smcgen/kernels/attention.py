@@ -122,8 +122,16 @@ def write_kv_torch(
     """Store k, v [R, T, Hkv, D] at positions start_pos[r] + t of each row (torch twin, in place).
 
     A position past the block table or on a missing page (-1: pool exhausted) is skipped, never
-    written, as the Triton kernels do."""
+    written, as the Triton kernels do. Inside a CUDA graph capture, which forbids the selection's
+    data-dependent shape, such a position instead rewrites its clamped slot with that slot's own
+    contents: a no-op unless a valid write of the same call lands there too, which needs an
+    exhausted pool (the run then fails anyway) or a caller writing past its block table."""
     page, slot, ok = _slots(block_table, start_pos, k.shape[1], k_pool_l.shape[1])
+    if k.is_cuda and torch.cuda.is_current_stream_capturing():
+        keep = ok[..., None, None]
+        for new, pool in ((k, k_pool_l), (v, v_pool_l)):
+            pool[page, slot] = torch.where(keep, new.to(pool.dtype), pool[page, slot])
+        return
     k_pool_l[page[ok], slot[ok]] = k[ok].to(k_pool_l.dtype)
     v_pool_l[page[ok], slot[ok]] = v[ok].to(v_pool_l.dtype)
 
