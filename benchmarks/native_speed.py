@@ -26,6 +26,7 @@ import torch
 
 from smcgen.backends.native.engine import NativeSMC
 from smcgen.backends.native.model import NativeCausalLM
+from smcgen.backends.native.select import AUTO_INT8_MAX_ROWS
 from smcgen.config import SMCConfig
 from smcgen.kernels import attention, linear
 
@@ -59,21 +60,27 @@ VARIANTS = {
     "cublasqkv": {"skinny_qkv": False},  # QKV on cuBLAS at every size
     "nofusedrope": {"fused_qkv_rope": False},  # 64-wide heads: QKV and RoPE + KV write as two kernels
     "cublashead": {"skinny_head": False},  # the LM head on cuBLAS (after a norm kernel) at every size
+    "int8draft": {"fp8_draft": "int8"},  # the same layers in weight-only int8 (quantize_int8)
+    "int8all": {"fp8_draft": "int8all"},  # every linear layer of the draft in int8
+    # what generate() runs by default (draft_quantization='auto'): the int8 draft for <= 16 rows
+    "auto": {"fp8_draft": "auto"},
     "fp8all": {"fp8_draft": "all"},  # the skinny kernel for every decode-sized layer, however few its programs
     "nolookahead": {"lookahead": False},  # the host waits for each cycle before enqueuing the next
 }
 
 
-def apply_variant(name: str, models, defaults: dict):
+def apply_variant(name: str, models, defaults: dict, rows: int = 1):
     """Reset the models and kernel switches to ``defaults``, apply variant ``name``; return (target, draft).
 
-    ``models`` = (target, bf16 draft, fp8 copy of the draft or None): the draft returned is the one
-    the variant runs.
+    ``models`` = (target, bf16 draft, quantized copies of the draft by kind): the draft returned is
+    the one the variant runs; ``rows``: the draft rows of the run (particles x requests), for "auto".
     """
     settings = dict(defaults)
     for part in name.split("+"):  # "a+b": both changes
         settings.update(VARIANTS[part])
     target, draft, drafts_fp8 = models
+    if settings["fp8_draft"] == "auto":
+        settings["fp8_draft"] = "int8" if rows <= AUTO_INT8_MAX_ROWS else False
     if settings["fp8_draft"]:
         draft = drafts_fp8[settings["fp8_draft"]]
     for m in (target, draft):
@@ -324,17 +331,19 @@ def main() -> None:
     else:
         variants = ("fused", "cublas") if args.linear == "both" else (args.linear,)
     drafts_fp8 = {}
-    for kind, names in (("default", NativeCausalLM.FP8_DEFAULT), ("all", NativeCausalLM.FP8_NAMES)):
-        if any(VARIANTS[p].get("fp8_draft") == kind for v in variants for p in v.split("+")):
+    for kind, names, fmt in (("default", NativeCausalLM.FP8_DEFAULT, "fp8"), ("all", NativeCausalLM.FP8_NAMES, "fp8"),
+                             ("int8", NativeCausalLM.FP8_DEFAULT, "int8"), ("int8all", NativeCausalLM.FP8_NAMES, "int8")):
+        if any(VARIANTS[p].get("fp8_draft") in (kind, "auto" if kind == "int8" else None)
+               for v in variants for p in v.split("+")):
             d8 = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
                                             max_positions=max_pos)
-            d8.quantize_fp8(names)
+            d8.quantize_weights(fmt, names)
             drafts_fp8[kind] = d8
             info[f"draft_fp8_{kind}_GB"] = d8.weight_bytes() / 1e9
     models = (target, draft, drafts_fp8)
     for n, k, reqs in grid:
         for variant in variants:
-            t_model, d_model = apply_variant(variant, models, defaults)
+            t_model, d_model = apply_variant(variant, models, defaults, n * reqs)
             r = run_engine(t_model, d_model, n, k, reqs, args.prompt_len, args.new_tokens)
             roof = (k + 1) * bw / (w_t + k * d_model.weight_bytes())
             r.update({"N": n, "K": k, "requests": reqs, "variant": variant, "roofline_tok_s": roof,
@@ -391,7 +400,7 @@ def main() -> None:
     graph_prof = {}
     if args.profile_graph:
         for variant, n, k in [(variants[0], 1, 0)] + [(v, 8, 8) for v in variants]:
-            t_model, d_model = apply_variant(variant, models, defaults)
+            t_model, d_model = apply_variant(variant, models, defaults, n)
             g = profile_graph(t_model, d_model, n, k, args.prompt_len, args.new_tokens)
             graph_prof[f"{variant} N={n} K={k}"] = g
             if "error" in g:

@@ -33,6 +33,7 @@ from smcgen.kernels.linear import (
     fused_linear_composed,
     fused_linear_triton,
     quantize_fp8,
+    quantize_int8,
     skinny_plan,
 )
 
@@ -232,6 +233,7 @@ def main() -> None:
                     help="raise kernels.linear.MAX_SKINNY_ROWS (the skinny kernel's row limit) for this run")
     ap.add_argument("--fp8", action="store_true",
                     help="the skinny kernel on weight-only fp8 copies of the weights (cuBLAS stays bf16)")
+    ap.add_argument("--int8", action="store_true", help="as --fp8, with weight-only int8 copies")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.max_rows is not None:
@@ -252,9 +254,10 @@ def main() -> None:
     for name in args.shapes:
         ls, head, norm = build(SHAPES[name], dev)
         FP8_OF.clear()
-        if args.fp8:
+        if args.fp8 or args.int8:
+            quantize = quantize_int8 if args.int8 else quantize_fp8
             for w in [head] + [L[k] for L in ls for k in ("qkv", "o", "gate_up", "down")]:
-                FP8_OF[id(w)] = quantize_fp8(w)
+                FP8_OF[id(w)] = quantize(w)
         n_bytes = sum(
             t.numel() * 2
             for L in ls

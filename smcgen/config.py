@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ResamplerName = Literal["systematic", "multinomial", "stratified", "residual"]
 EngineName = Literal["auto", "native", "generic"]
+DraftQuantization = Literal["auto", "none", "int8", "fp8"]
 
 
 class SMCConfig(BaseModel):
@@ -45,16 +46,31 @@ class SMCConfig(BaseModel):
             "or 'auto': native when the models are supported and on a GPU, generic otherwise."
         ),
     )
-    draft_fp8: bool = Field(
-        False,
+    draft_quantization: DraftQuantization = Field(
+        "auto",
         description=(
-            "Native engine, with a draft model: stream the draft's gate/up, down and LM head weights in fp8 (e4m3, "
-            "one scale per weight row, activations stay bf16). Faster for narrow batches (H100, Llama-8B/1B: "
-            "N=8 K=8 +13%), slower for wide ones (8 requests x 8 particles: -16%). SMC stays exact: the weights "
-            "use the fp8 draft's own probabilities. Rejected with engine='generic'; when 'auto' falls back to the "
-            "generic engine the draft runs as loaded."
+            "Native engine, with a draft model: stream the draft's gate/up, down and LM head weights as one-byte "
+            "values with one scale per weight row ('int8', or 'fp8' e4m3; activations stay bf16), or as loaded "
+            "('none'). 'auto': int8 on a GPU when a draft step has at most 16 rows (particles x requests), where "
+            "it streams faster (H100, Llama-8B/1B: N=8 K=8 +18%), as loaded otherwise (8 requests x 8 particles: "
+            "-11%) and off the GPU. SMC stays exact: the weights use the quantized draft's own probabilities; what "
+            "quantization costs is proposal quality, a lower ESS (SmolLM2 drafting for itself: int8 moved its "
+            "next-token distributions ~7x less than fp8; BENCHMARKS.md). An explicit 'int8' / 'fp8' is rejected "
+            "with engine='generic' and ignored when 'auto' falls back to the generic engine."
         ),
+    )
+    draft_fp8: bool = Field(
+        False, description="Shorthand for draft_quantization='fp8' (kept for earlier callers)."
     )
     return_all_particles: bool = Field(
         False, description="Also decode the text of every particle into SMCResult.texts."
     )
+
+    @model_validator(mode="after")
+    def _one_draft_format(self) -> SMCConfig:
+        if self.draft_fp8 and self.draft_quantization not in ("auto", "none", "fp8"):
+            raise ValueError(
+                f"draft_fp8=True asks for fp8, draft_quantization={self.draft_quantization!r} for another format: "
+                "give one of them"
+            )
+        return self

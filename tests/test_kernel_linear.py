@@ -22,6 +22,7 @@ from smcgen.kernels.linear import (
     fused_linear_torch,
     fused_linear_triton,
     quantize_fp8,
+    quantize_int8,
 )
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -240,7 +241,9 @@ def test_accumulate_writes_into_the_residual(device, bias, norm, gated, plan):
         fused_linear_composed(x, w, b, **{**kw, "residual": strided, "accumulate": True})
 
 
-# ------------------------------------------------------------------------------ fp8 weights
+# ------------------------------------------------------------------------------ fp8 / int8 weights
+
+QUANTIZERS = {"fp8": quantize_fp8, "int8": quantize_int8}
 
 
 def test_quantize_fp8_round_trip():
@@ -255,16 +258,33 @@ def test_quantize_fp8_round_trip():
     assert torch.equal(back.abs().amax(1)[:3], w.abs().amax(1)[:3])
 
 
+def test_quantize_int8_round_trip():
+    w = rand((64, 96), torch.float32, torch.device("cpu"), 7)
+    w[3] = 0.0
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (64,)
+    assert scale[3] == 1.0 and bool((q[3] == 0).all())
+    assert int(q.abs().max()) == 127 and bool((q.abs().amax(1)[:3] == 127).all()), "each row's peak maps to 127"
+    back = q.float() * scale[:, None]
+    # round to nearest step: error <= half a step (the row's peak / 254), far below e4m3's
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert bool(((back - w).abs() <= step / 2 + 1e-7).all())
+    fp8_err = (quantize_fp8(w)[0].float() * quantize_fp8(w)[1][:, None] - w).pow(2).mean()
+    assert float((back - w).pow(2).mean()) < float(fp8_err) / 10
+
+
 @needs_triton
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
 @pytest.mark.parametrize("bias,norm,residual,gated", FLAGS)
 # one pass / split K with the last program reducing / the same with the weight as the tall MMA operand
 @pytest.mark.parametrize("plan", [None, (16, 32, 32, 4, 2, 3, False), (8, 32, 32, 4, 2, 3, True)])
-def test_fp8_weights_match_the_twin(device, bias, norm, residual, gated, plan):
-    """fp8 weights with per-row scales: the kernel (fp8 tiles converted before the dot, scales on the
-    fp32 sums, also after a split-K reduction) equals the twin's fp32 product of the same fp8 values."""
+def test_quantized_weights_match_the_twin(device, fmt, bias, norm, residual, gated, plan):
+    """fp8 / int8 weights with per-row scales: the kernel (one-byte tiles converted before the dot,
+    scales on the fp32 sums, also after a split-K reduction) equals the twin's fp32 product of the
+    same quantized values."""
     for dtype in dtypes(device):
         x, w, kw = operands(5, 96, 80, dtype, device, bias=bias, norm=norm, residual=residual, gated=gated)
-        q, scale = quantize_fp8(w.float() * 3.0)  # scales away from 1
+        q, scale = QUANTIZERS[fmt](w.float() * 3.0)  # scales away from 1
         b = kw.pop("bias")
         want = fused_linear_torch(x, q, b, weight_scale=scale, **kw)
         got = fused_linear_triton(x, q, b, weight_scale=scale, plan=plan, **kw)
@@ -282,11 +302,12 @@ def test_fp8_weights_match_the_twin(device, bias, norm, residual, gated, plan):
         torch.testing.assert_close(want.float(), ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
 
 
-def test_fp8_composed_path_and_dispatch(device):
-    """The composed path dequantizes; the dispatcher sends fp8 to the skinny kernel past max_rows
-    on CUDA (the twin's result either way), and a scale without an fp8 weight is refused."""
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
+def test_quantized_composed_path_and_dispatch(device, fmt):
+    """The composed path dequantizes; the dispatcher sends fp8 / int8 to the skinny kernel past
+    max_rows on CUDA (the twin's result either way), and a scale without such a weight is refused."""
     x, w, kw = operands(6, 64, 48, torch.float32, device, bias=False, norm=True, residual=True, gated=True)
-    q, scale = quantize_fp8(w)
+    q, scale = QUANTIZERS[fmt](w)
     kw.pop("bias")
     want = fused_linear_torch(x, q, weight_scale=scale, **kw)
     close(fused_linear_composed(x, q, weight_scale=scale, **kw), want, torch.float32)
@@ -302,7 +323,7 @@ def test_fp8_composed_path_and_dispatch(device):
 @needs_triton
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_fp8_past_the_skinny_rows_runs_in_row_blocks(device, monkeypatch, accumulate):
-    """More rows than the skinny kernel takes: fp8 layers run it on row blocks (the twin's result)."""
+    """More rows than the skinny kernel takes: quantized layers run it on row blocks (the twin's result)."""
     from smcgen.kernels import linear as linear_mod
 
     monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)  # the CUDA dispatch, in the interpreter

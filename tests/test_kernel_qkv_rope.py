@@ -16,7 +16,7 @@ import torch
 
 from smcgen.kernels import linear
 from smcgen.kernels._triton import HAS_TRITON
-from smcgen.kernels.linear import quantize_fp8
+from smcgen.kernels.linear import quantize_fp8, quantize_int8
 from smcgen.kernels.qkv_rope import (
     qkv_rope_write_kv,
     qkv_rope_write_kv_torch,
@@ -121,12 +121,13 @@ def test_matches_the_two_step_twin(device, monkeypatch, n_rows, n_new, bias, nor
 
 
 @needs_triton
-def test_fp8_weights(device):
-    """Weight-only fp8 (quantize_fp8): the same as the twin on the same fp8 weights and scales."""
+@pytest.mark.parametrize("quantize", [quantize_fp8, quantize_int8])
+def test_quantized_weights(device, quantize):
+    """Weight-only fp8 / int8: the same as the twin on the same quantized weights and scales."""
     dim, hidden = 64, 80  # 80: K not a multiple of the K step (the ragged branch)
     x, w, start, kw = case(torch.float32, device, 3, 1, dim, hidden, bias=False, norm=False, row_norm=True,
                            qk_norm=False)
-    q8, scale = quantize_fp8(w * 3.0)
+    q8, scale = quantize(w * 3.0)
     got, want = run_both(x, q8, start, kw, dim, torch.float32, device, weight_scale=scale)
     assert_same(got, want, torch.float32)
 

@@ -65,17 +65,18 @@ def test_native_engine_matches_enumerated_target(case, models):
     assert_matches_target(case, exact, outs)
 
 
-def test_an_fp8_draft_keeps_the_target_exact(models):
-    """SMC-SD with every draft layer in fp8 (quantize_fp8): the proposals come from the quantized
-    draft and the weights use its own probabilities, so the output is still the target's."""
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_a_quantized_draft_keeps_the_target_exact(models, fmt):
+    """SMC-SD with every draft layer in fp8 / int8 (quantize_weights): the proposals come from the
+    quantized draft and the weights use its own probabilities, so the output is still the target's."""
     import copy
 
     target_lm, native_target, native_draft = models
     draft8 = copy.deepcopy(native_draft)
-    draft8.quantize_fp8(NativeCausalLM.FP8_NAMES)
+    draft8.quantize_weights(fmt, NativeCausalLM.FP8_NAMES)
     exact = enumerate_target(LMPotential(target_lm), PROMPT, MAX_NEW, [])
     outs = {n: native_runs(native_target, draft8, n, 2, 1.0, 1.0, seed) for n, seed in ((1, 31), (4, 32), (16, 33))}
-    assert_matches_target("fp8_draft", exact, outs)
+    assert_matches_target(f"{fmt}_draft", exact, outs)
 
 
 def test_native_engine_resamples_and_reports(models):
@@ -132,12 +133,13 @@ def test_generate_with_an_fp8_draft(target, draft):
     import smcgen
     from smcgen.backends.native.select import _NATIVE_COPIES
 
-    kw = {"draft": draft, "engine": "native", "n_particles": 4, "block_size": 2, "max_new_tokens": 6, "seed": 0}
+    kw = {"draft": draft, "engine": "native", "n_particles": 4, "block_size": 2, "max_new_tokens": 6, "seed": 0,
+          "draft_quantization": "none"}
     plain = smcgen.generate(target, [0, 1], **kw)
     res = smcgen.generate(target, [0, 1], draft_fp8=True, **kw)
     assert res.engine == "native" and 1 <= len(res.token_ids) <= 6
-    copies = _NATIVE_COPIES[draft]  # keyed by the transformers model object
-    assert copies[True].fp8_weights == NativeCausalLM.FP8_DEFAULT and copies[False].fp8_weights == ()
+    copies = _NATIVE_COPIES[draft]  # keyed by the transformers model object, then by format
+    assert copies["fp8"].fp8_weights == NativeCausalLM.FP8_DEFAULT and copies[None].quantized_weights == {}
     assert plain.token_ids == smcgen.generate(target, [0, 1], **kw).token_ids, "the bf16 draft is untouched"
     with pytest.raises(ValueError, match="draft_fp8"):
         smcgen.generate(target, [0, 1], engine="native", draft_fp8=True, max_new_tokens=3)
@@ -146,6 +148,44 @@ def test_generate_with_an_fp8_draft(target, draft):
     if next(target.parameters()).device.type == "cpu":  # 'auto' off the GPU: the generic engine, draft as loaded
         auto = smcgen.generate(target, [0, 1], **{**kw, "engine": "auto"}, draft_fp8=True)
         assert auto.engine == "generic" and 1 <= len(auto.token_ids) <= 6
+
+
+def test_auto_quantizes_narrow_batches_on_the_gpu_only():
+    """draft_quantization='auto' (the default): int8 for draft steps of at most 16 rows on CUDA, as
+    loaded for wider ones and off the GPU; explicit formats and draft_fp8 win."""
+    from smcgen import SMCConfig
+    from smcgen.backends.native.select import AUTO_INT8_MAX_ROWS, draft_format
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = SMCConfig()
+    assert auto.draft_quantization == "auto"
+    assert draft_format(auto, 8, cuda) == "int8" and draft_format(auto, AUTO_INT8_MAX_ROWS, cuda) == "int8"
+    assert draft_format(auto, AUTO_INT8_MAX_ROWS + 1, cuda) is None and draft_format(auto, 8, cpu) is None
+    assert draft_format(SMCConfig(draft_quantization="none"), 8, cuda) is None
+    assert draft_format(SMCConfig(draft_quantization="fp8"), 64, cpu) == "fp8"
+    assert draft_format(SMCConfig(draft_fp8=True), 8, cuda) == "fp8"
+
+
+def test_generate_with_an_int8_draft(target, draft):
+    """draft_quantization='int8': an int8 copy of the draft beside the others; draft_fp8=True with
+    another format is refused, and 'fp8' equals the draft_fp8 shorthand."""
+    import pydantic
+
+    import smcgen
+    from smcgen.backends.native.select import _NATIVE_COPIES
+
+    kw = {"draft": draft, "engine": "native", "n_particles": 4, "block_size": 2, "max_new_tokens": 6, "seed": 0}
+    res = smcgen.generate(target, [0, 1], draft_quantization="int8", **kw)
+    assert res.engine == "native" and 1 <= len(res.token_ids) <= 6
+    assert set(_NATIVE_COPIES[draft]["int8"].quantized_weights.values()) == {"int8"}
+    fp8 = smcgen.generate(target, [0, 1], draft_quantization="fp8", **kw)
+    assert fp8.token_ids == smcgen.generate(target, [0, 1], draft_fp8=True, **kw).token_ids
+    with pytest.raises(pydantic.ValidationError, match="give one of them"):
+        smcgen.SMCConfig(draft_fp8=True, draft_quantization="int8")
+    with pytest.raises(pydantic.ValidationError, match="draft_quantization"):
+        smcgen.SMCConfig(draft_quantization="int4")
+    with pytest.raises(ValueError, match="draft_quantization='int8'"):
+        smcgen.generate(target, [0, 1], engine="native", draft_quantization="int8", max_new_tokens=3)
 
 
 def test_native_engine_refuses_what_it_cannot_run(target, draft):

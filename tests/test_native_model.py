@@ -483,3 +483,44 @@ def test_fp8_weights_run_the_dequantized_model(pair):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     # and fp8 is an approximation of the original weights, not another model
     assert (outs[0][0] - reference(hf, seq)).abs().max() < 0.25 * reference(hf, seq).abs().max()
+
+
+def test_int8_weights_run_the_dequantized_model(pair):
+    """quantize_int8: int8 weights with row scales, the forward equal to the dequantized model's and
+    closer to the original than fp8's; one weight cannot hold both formats."""
+    import copy
+
+    hf, native = pair
+    quant = copy.deepcopy(native)
+    quant.quantize_int8(("gate_up", "down", "lm_head"))
+    assert quant.quantized_weights == {"gate_up": "int8", "down": "int8", "lm_head": "int8"}
+    assert quant.fp8_weights == () and quant.layers[0].down.dtype == torch.int8
+    with pytest.raises(ValueError, match="already stored in int8"):
+        quant.quantize_fp8(("down",))
+    with pytest.raises(ValueError, match="fmt"):
+        quant.quantize_weights("int4", ("o",))
+    quant.quantize_fp8(("o",))  # another layer may take the other format
+    assert quant.quantized_weights["o"] == "fp8"
+    deq = copy.deepcopy(native)
+    with torch.no_grad():
+        for ql, dl in zip(quant.layers, deq.layers, strict=True):
+            for name in ("o", "gate_up", "down"):
+                getattr(dl, name).copy_(getattr(ql, name).float() * getattr(ql, f"{name}_scale")[:, None])
+        deq.lm_head = torch.nn.Parameter(quant.lm_head.float() * quant.lm_head_scale[:, None], requires_grad=False)
+    fp8 = copy.deepcopy(native)
+    fp8.quantize_fp8(("gate_up", "down", "lm_head"))
+    seq = PROMPT[:7]
+    outs = []
+    for model in (quant, deq, fp8):
+        cache = model.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+        cache.reserve(len(seq))
+        outs.append(model(torch.tensor([seq]), pos(1, 0), cache)[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    ref = reference(hf, seq)
+    only_o = copy.deepcopy(native)
+    only_o.quantize_fp8(("o",))
+    cache = only_o.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+    cache.reserve(len(seq))
+    ref_o = only_o(torch.tensor([seq]), pos(1, 0), cache)[0]  # the fp8 O alone, as in quant
+    # the int8 layers move the logits less than the same layers in fp8
+    assert (outs[0] - ref_o).abs().mean() < (outs[2] - ref).abs().mean()

@@ -10,9 +10,11 @@ layout::
     y = y + residual                   if residual is given      (residual add epilogue)
 
 and with ``accumulate`` writes y into ``residual`` in place instead of a new tensor. A weight in
-``torch.float8_e4m3fn`` comes with ``weight_scale`` [N] (fp32, one per weight row): the GEMM then
-uses W = weight * weight_scale[:, None] (weight-only fp8, see ``quantize_fp8``), applied to the
-fp32 accumulator, so the weight streams at one byte per element.
+``torch.float8_e4m3fn`` or ``torch.int8`` comes with ``weight_scale`` [N] (fp32, one per weight
+row): the GEMM then uses W = weight * weight_scale[:, None] (weight-only quantization, see
+``quantize_fp8`` / ``quantize_int8``), applied to the fp32 accumulator, so the weight streams at
+one byte per element. int8 keeps 7 bits of each row's range where e4m3 keeps 3 mantissa bits: on
+SmolLM2 the int8 copy of a draft moved its next-token distributions ~7x less (KL) than fp8.
 
 Why: a draft step of SMC-SD multiplies only N (one token per particle) rows by every weight, so
 each GEMM is a pure weight stream; cuBLAS streams the small matrices of a 1B draft at ~2.2 of
@@ -60,12 +62,15 @@ from smcgen.kernels.fused_ops import rms_norm, rms_norm_torch, silu_mul, silu_mu
 
 __all__ = [
     "FP8",
+    "INT8",
+    "QUANTIZED_DTYPES",
     "MAX_SKINNY_ROWS",
     "fused_linear",
     "fused_linear_composed",
     "fused_linear_torch",
     "fused_linear_triton",
     "quantize_fp8",
+    "quantize_int8",
     "skinny_plan",
 ]
 
@@ -74,6 +79,11 @@ __all__ = [
 MAX_SKINNY_ROWS = 64
 #: the weight dtype of weight-only fp8 layers (``quantize_fp8``)
 FP8 = torch.float8_e4m3fn
+#: the weight dtype of weight-only int8 layers (``quantize_int8``)
+INT8 = torch.int8
+#: one-byte weight dtypes the kernels take with a per-row ``weight_scale``
+QUANTIZED_DTYPES = (FP8, INT8)
+_INT8_MAX = 127.0
 #: the skinny kernel multiplies weight tile x rows (the weight tile as the MMA's tall operand)
 #: instead of rows x weight tile: half the MMA instructions for <= 8 rows, and on the H100 8-15%
 #: faster per forward of the 8B at 1 row and the 1B at 8 (BENCHMARKS.md, fifth measurement)
@@ -96,8 +106,23 @@ def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+@torch.no_grad()
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 weight, fp32 scale [N]) with ``weight ~ q.float() * scale[:, None]``, one scale per row.
+
+    Symmetric: each row's largest magnitude maps to 127, values round to the nearest step; all-zero
+    rows get scale 1. The kernels convert each int8 tile to the activations' dtype before the dot
+    (exact: every integer up to 127 is a bf16 / fp16 value).
+    """
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / _INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp(-_INT8_MAX, _INT8_MAX).to(INT8)
+    return q, scale
+
+
 def _dequantized(x: Tensor, weight: Tensor, weight_scale: Tensor | None) -> Tensor:
-    """``weight`` in x's dtype, scaled back when it is fp8 (the reference and composed paths)."""
+    """``weight`` in x's dtype, scaled back when it is quantized (the reference and composed paths)."""
     if weight_scale is None:
         return weight
     return (weight.float() * weight_scale.float()[:, None]).to(x.dtype)
@@ -113,8 +138,10 @@ def _check(
     weight_scale: Tensor | None = None,
 ) -> int:
     """Validate shapes; return the output width."""
-    if (weight.dtype == FP8) != (weight_scale is not None):
-        raise ValueError("weight_scale must be given exactly when the weight is float8_e4m3fn (see quantize_fp8)")
+    if (weight.dtype in QUANTIZED_DTYPES) != (weight_scale is not None):
+        raise ValueError(
+            "weight_scale must be given exactly when the weight is float8_e4m3fn or int8 (see quantize_fp8, quantize_int8)"
+        )
     if weight_scale is not None and weight_scale.shape != (weight.shape[0],):
         raise ValueError(f"weight_scale must have shape ({weight.shape[0]},), got {tuple(weight_scale.shape)}")
     if accumulate and (residual is None or not residual.is_contiguous()):
@@ -396,9 +423,9 @@ def fused_linear(
     rows = x.numel() // max(x.shape[-1], 1)
     kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated, "accumulate": accumulate,
               "weight_scale": weight_scale}
-    fp8 = weight_scale is not None
+    fp8 = weight_scale is not None  # one-byte weights (fp8 or int8): planned alike
     if fp8 and use_triton(x) and rows > MAX_SKINNY_ROWS:
-        return _fp8_in_row_chunks(x, weight, bias, counters, **kwargs)
+        return _quantized_in_row_chunks(x, weight, bias, counters, **kwargs)
     if use_triton(x) and rows <= (MAX_SKINNY_ROWS if fp8 else min(max_rows, MAX_SKINNY_ROWS)):
         n_out = weight.shape[0] // 2 if gated else weight.shape[0]
         plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size(), fp8)
@@ -407,8 +434,8 @@ def fused_linear(
     return fused_linear_composed(x, weight, bias, **kwargs)
 
 
-def _fp8_in_row_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, counters: Tensor | None, **kwargs) -> Tensor:
-    """An fp8 layer over more rows than the skinny kernel takes: the kernel on row blocks in turn.
+def _quantized_in_row_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, counters: Tensor | None, **kwargs) -> Tensor:
+    """A quantized (fp8 / int8) layer over more rows than the skinny kernel takes: the kernel on row blocks in turn.
 
     Each block streams the weight again, one byte per element, which costs what one bf16 pass
     would; the composed path would first write a dequantized copy of the weight.
@@ -441,7 +468,7 @@ if HAS_TRITON:
                   GATED: tl.constexpr):
         m_mask = offs_m < M
         n_mask = offs_n < N
-        if HAS_SCALE:  # fp8 weights: each weight row's scale, on the fp32 sums
+        if HAS_SCALE:  # one-byte weights: each weight row's scale, on the fp32 sums
             acc = acc * tl.load(ws_scale + offs_n, mask=n_mask, other=0.0)[None, :]
             if GATED:
                 acc_up = acc_up * tl.load(ws_scale + N + offs_n, mask=n_mask, other=0.0)[None, :]
@@ -519,7 +546,7 @@ if HAS_TRITON:
                 wk = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0)
             else:
                 wk = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            wk = wk.to(xk.dtype)  # fp8 -> the activations' dtype (exact); a no-op otherwise
+            wk = wk.to(xk.dtype)  # fp8 / int8 -> the activations' dtype (exact); a no-op otherwise
             acc = _mma(xk, wk, acc, IEEE, SWAP)
             if GATED:
                 up_ptrs = w_ptrs + up_off + k0

@@ -29,7 +29,7 @@ from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
-from smcgen.kernels.linear import fused_linear, fused_linear_composed, quantize_fp8
+from smcgen.kernels.linear import fused_linear, fused_linear_composed, quantize_fp8, quantize_int8
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -372,41 +372,68 @@ class NativeCausalLM(nn.Module):
     FP8_NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
 
     @torch.no_grad()
-    def quantize_fp8(self, names: tuple[str, ...] = FP8_DEFAULT) -> None:
-        """Store the named linear layers (of every decoder layer) and/or the LM head as weight-only fp8.
+    def quantize_weights(self, fmt: str, names: tuple[str, ...] = FP8_DEFAULT) -> None:
+        """Store the named linear layers (of every decoder layer) and/or the LM head as weight-only
+        ``fmt`` ('fp8': e4m3, or 'int8'), one fp32 scale per weight row.
 
-        e4m3 weights with one fp32 scale per row (``kernels.linear.quantize_fp8``), halving the
-        bytes a decode step streams through them. Meant for an SMC-SD *draft*: SMC reweights its
-        proposals by their own probabilities, so the target distribution stays exact whatever
-        the draft's precision, while a quantized target would change the distribution sampled.
-        The skinny kernel reads the fp8 tiles and converts them before the dot (batches over its
-        row limit, a prefill, run it on row blocks). The embedding keeps the model's dtype (a tied
-        LM head gets its own fp8 copy). The scales are buffers (``<name>_scale``) saved by
-        ``state_dict``; a model that was not quantized the same way refuses such a state
-        (unexpected keys). ``names``: from ``FP8_NAMES``; a layer already in fp8 is left as it is.
+        Halves the bytes a decode step streams through those layers. Meant for an SMC-SD *draft*:
+        SMC reweights its proposals by their own probabilities, so the target distribution stays
+        exact whatever the draft's precision, while a quantized target would change the
+        distribution sampled. int8 keeps 7 bits of each row's range, e4m3 3 mantissa bits: on
+        SmolLM2 the int8 copy's next-token distributions moved ~7x less (KL) from the model's own
+        (BENCHMARKS.md). The skinny kernel reads the one-byte tiles and converts them before the
+        dot (batches over its row limit, a prefill, run it on row blocks). The embedding keeps the
+        model's dtype (a tied LM head gets its own quantized copy). The scales are buffers
+        (``<name>_scale``) saved by ``state_dict``; a model that was not quantized the same way
+        refuses such a state (unexpected keys). ``names``: from ``FP8_NAMES``; a layer already in
+        ``fmt`` is left as it is, one in the other format is refused.
         """
+        quantizers = {"fp8": quantize_fp8, "int8": quantize_int8}
+        if fmt not in quantizers:
+            raise ValueError(f"fmt must be 'fp8' or 'int8', got {fmt!r}")
         unknown = set(names) - set(self.FP8_NAMES)
         if unknown:
             raise ValueError(f"names: unknown {sorted(unknown)}; choose from {self.FP8_NAMES}")
+        held = self.quantized_weights
+        clash = sorted(n for n in names if held.get(n, fmt) != fmt)
+        if clash:
+            raise ValueError(f"{clash} are already stored in {held[clash[0]]}; cannot also quantize them to {fmt}")
+        quantize = quantizers[fmt]
         for name in names:
+            if name in held:
+                continue
             if name == "lm_head":
-                if getattr(self, "lm_head_scale", None) is None:
-                    q, scale = quantize_fp8(self.lm_head)
-                    self.lm_head = nn.Parameter(q, requires_grad=False)  # unties a tied head
-                    self.register_buffer("lm_head_scale", scale)
+                q, scale = quantize(self.lm_head)
+                self.lm_head = nn.Parameter(q, requires_grad=False)  # unties a tied head
+                self.register_buffer("lm_head_scale", scale)
                 continue
             for layer in self.layers:
-                if getattr(layer, f"{name}_scale", None) is None:
-                    q, scale = quantize_fp8(getattr(layer, name))
-                    setattr(layer, name, nn.Parameter(q, requires_grad=False))
-                    layer.register_buffer(f"{name}_scale", scale)
+                q, scale = quantize(getattr(layer, name))
+                setattr(layer, name, nn.Parameter(q, requires_grad=False))
+                layer.register_buffer(f"{name}_scale", scale)
+
+    def quantize_fp8(self, names: tuple[str, ...] = FP8_DEFAULT) -> None:
+        """``quantize_weights('fp8', names)``."""
+        self.quantize_weights("fp8", names)
+
+    def quantize_int8(self, names: tuple[str, ...] = FP8_DEFAULT) -> None:
+        """``quantize_weights('int8', names)``."""
+        self.quantize_weights("int8", names)
+
+    @property
+    def quantized_weights(self) -> dict[str, str]:
+        """The weights stored quantized (see ``quantize_weights``) and their format ('fp8' / 'int8')."""
+        layer = self.layers[0] if len(self.layers) else None
+        found = {n: getattr(layer, n) for n in self.FP8_NAMES[:-1]
+                 if layer is not None and getattr(layer, f"{n}_scale", None) is not None}
+        if getattr(self, "lm_head_scale", None) is not None:
+            found["lm_head"] = self.lm_head
+        return {n: ("int8" if w.dtype == torch.int8 else "fp8") for n, w in found.items()}
 
     @property
     def fp8_weights(self) -> tuple[str, ...]:
         """The weights stored in fp8 (see ``quantize_fp8``); empty for a model in its own dtype."""
-        layer = self.layers[0] if len(self.layers) else None
-        held = [n for n in self.FP8_NAMES[:-1] if layer is not None and getattr(layer, f"{n}_scale", None) is not None]
-        return tuple(held + (["lm_head"] if getattr(self, "lm_head_scale", None) is not None else []))
+        return tuple(n for n, fmt in self.quantized_weights.items() if fmt == "fp8")
 
     def get_extra_state(self) -> dict[str, bool]:
         """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms."""
@@ -499,19 +526,19 @@ class NativeCausalLM(nn.Module):
         # layers. Decode-sized batches (rows <= skinny_max_rows) run o, gate_up and down in the
         # skinny Triton kernel, the LM head and QKV there too when skinny_head / skinny_qkv say so;
         # otherwise those stay on cuBLAS: QKV as a bare GEMM when the input norm is folded into its
-        # weights, else after a norm kernel. Layers stored in fp8 (quantize_fp8) always go through
-        # fused_linear, which streams them in the skinny kernel.
+        # weights, else after a norm kernel. Layers stored in fp8 / int8 (quantize_weights) always go
+        # through fused_linear, which streams them in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
-            # an fp8 projection's row scales (quantize_fp8), None for one in the model's dtype
+            # a quantized projection's row scales (quantize_weights), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
             gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
             if qkv_scale is not None or self.skinny_qkv:
                 # the dispatcher: decode batches of 64-wide heads project, rotate and cache q/k/v in
-                # one kernel (fused_qkv_rope), others take fused_linear (fp8 always streams in the
-                # skinny kernel) and then the RoPE kernel
+                # one kernel (fused_qkv_rope), others take fused_linear (quantized weights always stream
+                # in the skinny kernel) and then the RoPE kernel
                 folded = self.input_norm_folded
                 q = qkv_rope_write_kv(
                     h, layer.qkv, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,

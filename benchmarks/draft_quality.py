@@ -1,21 +1,23 @@
-"""What the fp8 draft costs in proposal quality, on real weights (SmolLM2-135M-Instruct).
+"""What a quantized draft (int8 / fp8, ``SMCConfig.draft_quantization``) costs in proposal quality,
+on real weights (SmolLM2-135M-Instruct).
 
 SMC stays exact whatever the draft (the weights use the draft's own probabilities), so quantizing
 the draft can only cost efficiency: a proposal further from the target gives more uneven weights,
 a lower ESS and more resampling. This measures that cost on the one real model we have, with
 SMC-SD run by the native engine (the kernels' torch twins off the GPU; Triton on CUDA):
 
-- draft = the target itself in bf16: the weights are exactly uniform (ESS = N), the control;
-- draft = the target with its default layers in fp8 (``NativeCausalLM.quantize_fp8``): what fp8
-  alone costs;
-- draft = the embedded early-exit draft (first 28 of 30 layers), bf16 and fp8: a real draft's
-  own mismatch, and what fp8 adds to it.
+- draft = the target itself as loaded (bf16): the weights would be uniform but for bf16 rounding
+  (a draft step and the verify compute the same logits along different paths), the control;
+- draft = the target with its default layers (gate/up, down, LM head) in int8 / in fp8: what each
+  format alone costs;
+- draft = the embedded early-exit draft (first 28 of 30 layers), as loaded, int8 and fp8: a real
+  draft's own mismatch, and what quantizing adds to it.
 
-Per configuration: mean ESS / N before resampling, the share of cycles that resampled, and the mean
-per-token KL(draft bf16 || draft fp8) over the drafted text (teacher-forced). Prompts: chat
-instructions; temperatures 0.7 for target and draft, N = 8, K = 8.
+Per configuration: mean and lowest ESS / N before resampling, the share of cycles that resampled,
+and the mean per-token KL(draft as loaded || quantized draft) over generated text (teacher-forced).
+Prompts: chat instructions; temperatures 0.7 for target and draft, N = 8, K = 8.
 
-    python benchmarks/fp8_draft_quality.py [--device cuda] [--new-tokens 96] [--seeds 3]
+    python benchmarks/draft_quality.py [--device cuda] [--new-tokens 96] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ PROMPTS = (
 )
 
 
-def native_copy(model, fp8: bool, device: torch.device) -> NativeCausalLM:
+FORMATS = ("none", "int8", "fp8")
+
+
+def native_copy(model, fmt: str, device: torch.device) -> NativeCausalLM:
     native = NativeCausalLM.from_hf(model, dtype=torch.bfloat16, device=device).eval()
-    if fp8:
-        native.quantize_fp8()
+    if fmt != "none":
+        native.quantize_weights(fmt)
     return native
 
 
@@ -76,19 +81,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--seeds", type=int, default=3, help="runs per prompt and configuration")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "fp8_draft_quality.json"))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "draft_quality.json"))
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     target_hf, tok = smollm2.load_embedded(smollm2.EMBEDDED_TARGET)
     draft_hf, _ = smollm2.load_embedded(smollm2.EMBEDDED_DRAFT)
-    target = native_copy(target_hf, False, dev)
-    drafts = {
-        "target itself, bf16": native_copy(target_hf, False, dev),
-        "target itself, fp8": native_copy(target_hf, True, dev),
-        "early-exit draft, bf16": native_copy(draft_hf, False, dev),
-        "early-exit draft, fp8": native_copy(draft_hf, True, dev),
-    }
+    target = native_copy(target_hf, "none", dev)
+    bases = {"target itself": target_hf, "early-exit draft": draft_hf}
+    drafts = {f"{base}, {fmt}": native_copy(hf, fmt, dev) for base, hf in bases.items() for fmt in FORMATS}
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
                for p in PROMPTS]
     # transformers 5 returns a BatchEncoding here, 4 a list of ids
@@ -118,23 +119,23 @@ def main() -> None:
                "resample_rate": resampled / cycles, "cycles": cycles}
         rows.append(row)
         print(json.dumps(row))
-    # what quantizing adds to each draft, on the text that draft's runs produced
-    for base in ("target itself", "early-exit draft"):
-        kl = kl_per_token(drafts[f"{base}, bf16"], drafts[f"{base}, fp8"], texts[f"{base}, fp8"], 0.7)
-        kl_target = kl_per_token(target, drafts[f"{base}, bf16"], texts[f"{base}, fp8"], 0.7)
-        row = {"draft": base, "kl_bf16_to_fp8_per_token": kl, "kl_target_to_bf16_draft_per_token": kl_target}
-        rows.append(row)
-        print(json.dumps(row))
+    # what quantizing adds to each draft, on the text that draft's quantized runs produced
+    for base in bases:
+        for fmt in FORMATS[1:]:
+            seqs = texts[f"{base}, {fmt}"]
+            row = {"draft": f"{base}, {fmt}",
+                   "kl_to_quantized_per_token": kl_per_token(drafts[f"{base}, none"], drafts[f"{base}, {fmt}"], seqs, 0.7),
+                   "kl_target_to_draft_as_loaded_per_token": kl_per_token(target, drafts[f"{base}, none"], seqs, 0.7)}
+            rows.append(row)
+            print(json.dumps(row))
     print()
-    print("| draft | mean ESS / N | min ESS / N | cycles resampled |")
-    print("|---|---:|---:|---:|")
+    print("| draft | mean ESS / N | lowest ESS / N | cycles resampled | KL(as loaded -> quantized) per token |")
+    print("|---|---:|---:|---:|---:|")
+    kl = {r["draft"]: r["kl_to_quantized_per_token"] for r in rows if "kl_to_quantized_per_token" in r}
     for r in rows:
         if "mean_ess_frac" in r:
-            print(f"| {r['draft']} | {r['mean_ess_frac']:.3f} | {r['min_ess_frac']:.3f} | {r['resample_rate']:.1%} |")
-    for r in rows:
-        if "kl_bf16_to_fp8_per_token" in r:
-            print(f"KL per token, {r['draft']}: bf16 -> fp8 {r['kl_bf16_to_fp8_per_token']:.2e} nats; "
-                  f"target -> bf16 draft {r['kl_target_to_bf16_draft_per_token']:.2e} nats")
+            k = f"{kl[r['draft']]:.4f}" if r["draft"] in kl else "-"
+            print(f"| {r['draft']} | {r['mean_ess_frac']:.3f} | {r['min_ess_frac']:.3f} | {r['resample_rate']:.1%} | {k} |")
     with open(args.out, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
 
