@@ -225,8 +225,9 @@ def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
     """Kernel time per cycle inside the replayed CUDA graphs, and how busy the GPU is between them.
 
     The window is from the first ``cudaGraphLaunch`` to the last kernel: only the decode cycles
-    (one graph replay each, then a host sync). ``busy`` = the union of kernel intervals; the rest
-    of the window is launch gaps inside the graph plus the host round trip between cycles.
+    (one graph replay each; the host reads each cycle's done flag while the next one runs, see
+    ``NativeSMC.lookahead``). ``busy`` = the union of kernel intervals; the rest of the window is
+    launch gaps inside the graph plus any wait on the host between cycles.
     """
     from torch.profiler import ProfilerActivity, profile
 
