@@ -334,13 +334,13 @@ def main() -> None:
     drafts_fp8 = {}
     for kind, names, fmt in (("default", NativeCausalLM.FP8_DEFAULT, "fp8"), ("all", NativeCausalLM.FP8_NAMES, "fp8"),
                              ("int8", NativeCausalLM.FP8_DEFAULT, "int8"), ("int8all", NativeCausalLM.FP8_NAMES, "int8")):
-        if any(VARIANTS[p].get("fp8_draft") in (kind, "auto" if kind == "int8" else None)
-               for v in variants for p in v.split("+")):
+        modes = {VARIANTS[p].get("fp8_draft") for v in variants for p in v.split("+")}
+        if kind in modes or (kind == "int8" and "auto" in modes):
             d8 = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
                                             max_positions=max_pos)
             d8.quantize_weights(fmt, names)
             drafts_fp8[kind] = d8
-            info[f"draft_fp8_{kind}_GB"] = d8.weight_bytes() / 1e9
+            info[f"draft_{fmt}_{kind}_GB"] = d8.weight_bytes() / 1e9
     models = (target, draft, drafts_fp8)
     for n, k, reqs in grid:
         for variant in variants:

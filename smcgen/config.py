@@ -68,7 +68,7 @@ class SMCConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_draft_format(self) -> SMCConfig:
-        if self.draft_fp8 and self.draft_quantization not in ("auto", "none", "fp8"):
+        if self.draft_fp8 and self.draft_quantization not in ("auto", "fp8"):
             raise ValueError(
                 f"draft_fp8=True asks for fp8, draft_quantization={self.draft_quantization!r} for another format: "
                 "give one of them"

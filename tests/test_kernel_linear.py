@@ -321,15 +321,16 @@ def test_quantized_composed_path_and_dispatch(device, fmt):
 
 
 @needs_triton
+@pytest.mark.parametrize("fmt", list(QUANTIZERS))
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_fp8_past_the_skinny_rows_runs_in_row_blocks(device, monkeypatch, accumulate):
+def test_quantized_past_the_skinny_rows_runs_in_row_blocks(device, monkeypatch, accumulate, fmt):
     """More rows than the skinny kernel takes: quantized layers run it on row blocks (the twin's result)."""
     from smcgen.kernels import linear as linear_mod
 
     monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)  # the CUDA dispatch, in the interpreter
     monkeypatch.setattr(linear_mod, "MAX_SKINNY_ROWS", 16)
     x, w, kw = operands(37, 64, 48, torch.float32, device, bias=True, norm=True, residual=True, gated=True)
-    q, scale = quantize_fp8(w)
+    q, scale = QUANTIZERS[fmt](w)
     b = kw.pop("bias")
     want = fused_linear_torch(x, q, b, weight_scale=scale, **kw)
     res = kw["residual"].clone()

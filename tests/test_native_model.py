@@ -460,7 +460,7 @@ def test_fp8_weights_run_the_dequantized_model(pair):
     with pytest.raises(ValueError, match="unknown"):
         quant.quantize_fp8(("mlp",))
     # the scales travel in state_dict; a model in its own dtype refuses the fp8 state
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(ValueError, match="quantized as"):
         copy.deepcopy(native).load_state_dict(quant.state_dict())
     again = copy.deepcopy(native)
     again.quantize_fp8(NativeCausalLM.FP8_NAMES)
@@ -501,6 +501,19 @@ def test_int8_weights_run_the_dequantized_model(pair):
         quant.quantize_weights("int4", ("o",))
     quant.quantize_fp8(("o",))  # another layer may take the other format
     assert quant.quantized_weights["o"] == "fp8"
+    # one format's state never loads into the other's weights (same names and shapes: copy_ would cast)
+    other = copy.deepcopy(native)
+    other.quantize_fp8(("gate_up", "down", "lm_head", "o"))
+    down_before = other.layers[0].down.clone()
+    for src, dst in ((quant, other), (other, quant)):
+        with pytest.raises(ValueError, match="quantized as"):
+            dst.load_state_dict(src.state_dict())
+    assert torch.equal(other.layers[0].down.view(torch.uint8), down_before.view(torch.uint8)), "nothing copied"
+    same = copy.deepcopy(native)
+    same.quantize_int8(("gate_up", "down", "lm_head"))
+    same.quantize_fp8(("o",))
+    same.load_state_dict(quant.state_dict())
+    assert torch.equal(same.layers[1].down, quant.layers[1].down)
     deq = copy.deepcopy(native)
     with torch.no_grad():
         for ql, dl in zip(quant.layers, deq.layers, strict=True):

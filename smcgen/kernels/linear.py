@@ -184,7 +184,7 @@ def fused_linear_torch(
 ) -> Tensor:
     """Reference: ``[residual +] [silu_mul](rms_norm?(x) @ weight.T + bias)`` with the model's roundings.
 
-    ``accumulate``: the result is written into ``residual`` (in place) and returned. An fp8
+    ``accumulate``: the result is written into ``residual`` (in place) and returned. An fp8 / int8
     ``weight`` with ``weight_scale``: the product in fp32, scaled per weight row, plus the bias,
     rounded once to x's dtype (what the kernel computes).
     """
@@ -216,9 +216,9 @@ def fused_linear_composed(
     """cuBLAS GEMM between the fused elementwise kernels (Triton on CUDA, torch twins on the CPU).
 
     ``accumulate``: the result goes into ``residual`` in place, which also spares ``addmm`` the
-    copy of its C operand into a fresh output (a device memcpy per call otherwise). An fp8 weight
-    is dequantized to x's dtype for the GEMM (a temporary copy: this path is for wide batches such
-    as a prefill, the skinny kernel streams fp8 directly).
+    copy of its C operand into a fresh output (a device memcpy per call otherwise). An fp8 / int8
+    weight is dequantized to x's dtype for the GEMM (a temporary copy: this path is for wide
+    batches such as a prefill, the skinny kernel streams one-byte weights directly).
     """
     _check(x, weight, bias, residual, gated, accumulate, weight_scale)
     weight = _dequantized(x, weight, weight_scale)
@@ -243,6 +243,9 @@ def skinny_plan(
     rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2, fp8: bool = False
 ) -> tuple[int, ...]:
     """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP)`` of the skinny kernel.
+
+    ``fp8``: one-byte weights, fp8 or int8 (int8 takes fp8's plan: its sweep found that plan best
+    or within 6% for the layers the drafts quantize, BENCHMARKS.md sixth measurement).
 
     From the H100 sweeps (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M
     block, 64 output columns per program, four warps. With ``SWAP_AB`` (the default) the weight
@@ -416,7 +419,7 @@ def fused_linear(
     """Norm + linear + gating + residual: the skinny kernel for ``rows <= max_rows`` on CUDA, else composed.
 
     ``counters``: see :func:`fused_linear_triton` (unused by the composed path). ``accumulate``:
-    the result is written into ``residual`` (in place) and returned. An fp8 weight (with
+    the result is written into ``residual`` (in place) and returned. An fp8 / int8 weight (with
     ``weight_scale``) takes the skinny kernel on any grid up to ``MAX_SKINNY_ROWS`` rows, whatever
     ``max_rows`` says: the composed path would dequantize it first.
     """

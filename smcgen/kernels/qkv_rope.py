@@ -172,7 +172,7 @@ def qkv_rope_write_kv_triton(
     if rows == 0:
         return q_out
     # the skinny kernel's plan for this projection, less its split-K: a program must hold whole heads
-    # (an fp8 QKV, planned split four ways there, keeps the plan's 128-deep K step)
+    # (a one-byte QKV, planned split four ways there, keeps the plan's 128-deep K step)
     block_m, _, block_k, warps, stages, _, swap = skinny_plan(
         rows, weight.shape[0], hidden, False, x.device, x.element_size(), weight_scale is not None
     )

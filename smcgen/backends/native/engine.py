@@ -102,8 +102,9 @@ class NativeSMC:
         self.mask = mask
         #: the host enqueues cycle c + 1 before it reads cycle c's all-done flag, so the GPU never
         #: waits on the host between cycles; when every particle finished in cycle c, cycle c + 1
-        #: runs without effect (False: the host waits for each cycle before the next)
-        self.lookahead = True
+        #: runs without effect. None (default): on CUDA only (on the CPU a cycle runs as it is
+        #: issued, so there is nothing to overlap); True / False: always / never
+        self.lookahead: bool | None = None
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
         self.last_timing: dict[str, float] = {}
 
@@ -250,10 +251,12 @@ class NativeSMC:
         bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc (native)", unit="tok", leave=False)
         # one done flag per cycle in flight, read by the host when that cycle's event has passed
         done_host = torch.zeros(2, dtype=torch.bool, pin_memory=dev.type == "cuda")
-        flag_ready = [torch.cuda.Event() for _ in range(2)] if dev.type == "cuda" else None
+        on_gpu = dev.type == "cuda"
+        flag_ready = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
         # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
         # wait on the host at every step anyway)
-        lag = 1 if self.lookahead and self.mask is None else 0
+        ahead = on_gpu if self.lookahead is None else self.lookahead
+        lag = 1 if ahead and self.mask is None else 0
         for c in range(n_cycles):
             if graph is not None:
                 graph.replay()
@@ -261,7 +264,7 @@ class NativeSMC:
                 self._cycle(state)
             done_host[c % 2 : c % 2 + 1].copy_(state.all_done, non_blocking=True)
             if flag_ready is not None:
-                flag_ready[c % 2].record()
+                flag_ready[c % 2].record(torch.cuda.current_stream(dev))  # the models' device, not the current one
             bar.update(min(T, cfg.max_new_tokens - bar.n))
             seen = c - lag  # with the lookahead, cycle c runs while the host reads cycle c - 1's flag
             if seen < 0:

@@ -365,9 +365,10 @@ class NativeCausalLM(nn.Module):
             layer.qkv.mul_(layer.input_norm)
         self.input_norm_folded = True
 
-    #: what ``quantize_fp8`` converts by default: the layers where fp8 streamed faster in the skinny
-    #: kernel on an H100 at 8 rows (Llama-3.2-1B). QKV and O, 6-13 MB a layer, are latency-bound
-    #: there: in fp8 they ran slower than their bf16 cuBLAS GEMMs (BENCHMARKS.md)
+    #: what ``quantize_weights`` (fp8 or int8) converts by default: the layers where one-byte
+    #: weights streamed faster in the skinny kernel on an H100 at 8 rows (Llama-3.2-1B). QKV and O,
+    #: 6-13 MB a layer, are latency-bound there: in fp8 they ran slower than their bf16 GEMMs, and
+    #: with int8 QKV and O the engine's N=8 K=8 lost 2.5% (BENCHMARKS.md)
     FP8_DEFAULT = ("gate_up", "down", "lm_head")
     FP8_NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
 
@@ -435,13 +436,26 @@ class NativeCausalLM(nn.Module):
         """The weights stored in fp8 (see ``quantize_fp8``); empty for a model in its own dtype."""
         return tuple(n for n, fmt in self.quantized_weights.items() if fmt == "fp8")
 
-    def get_extra_state(self) -> dict[str, bool]:
-        """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms."""
-        return {"input_norm_folded": self.input_norm_folded}
+    def get_extra_state(self) -> dict[str, Any]:
+        """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms, and
+        which weights are quantized in which format."""
+        return {"input_norm_folded": self.input_norm_folded, "quantized": self.quantized_weights}
 
-    def set_extra_state(self, state: dict[str, bool]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         """``load_state_dict`` takes the weights' layout along with them (folded or not)."""
         self.input_norm_folded = bool(state["input_norm_folded"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # fp8 and int8 weights share names, shapes and scale buffers: copy_ would cast one format's
+        # values into the other's without a complaint (int8 wraps fp8 values over 127), so the
+        # formats are compared before anything is copied (states saved before the record: unchecked)
+        saved = state_dict.get(prefix + "_extra_state", {}).get("quantized")
+        if saved is not None and saved != self.quantized_weights:
+            raise ValueError(
+                f"the state holds weights quantized as {saved or 'none'}, this model {self.quantized_weights or 'none'}: "
+                "quantize it the same way (quantize_weights) before loading"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------- properties
 

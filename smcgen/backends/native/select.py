@@ -11,6 +11,7 @@ import torch
 from smcgen.backends.native.model import NativeCausalLM, NativeConfig
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
+from smcgen.kernels._triton import HAS_TRITON
 
 # Native copies per transformers model object (one per weight format: None = as loaded, 'int8',
 # 'fp8'), dropped with the model.
@@ -41,7 +42,8 @@ def native_model(lm: LanguageModel, fmt: str | None = None) -> NativeCausalLM:
 #: there the skinny kernel streams the int8 layers faster than bf16 (H100, Llama-3.2-1B at 8 rows:
 #: N=8 K=8 633 against 537 tok/s); wider batches run the draft's layers on cuBLAS in bf16, and the
 #: int8 copy lost there (8 x 8: 2,179 against 2,449 tok/s aggregate). The native model's own
-#: skinny_max_rows (16) is the same bound.
+#: skinny_max_rows (16) is the same bound. Rows = particles x requests (a cycle's first draft step
+#: feeds two tokens a row, the one-byte layers always stream in the skinny kernel).
 AUTO_INT8_MAX_ROWS = 16
 
 
@@ -51,7 +53,8 @@ def draft_format(cfg: SMCConfig, rows: int, device: torch.device) -> str | None:
     if cfg.draft_fp8:
         return "fp8"
     if cfg.draft_quantization == "auto":
-        return "int8" if device.type == "cuda" and rows <= AUTO_INT8_MAX_ROWS else None
+        # without Triton the composed path would dequantize every int8 weight at every call
+        return "int8" if device.type == "cuda" and HAS_TRITON and rows <= AUTO_INT8_MAX_ROWS else None
     return None if cfg.draft_quantization == "none" else cfg.draft_quantization
 
 
