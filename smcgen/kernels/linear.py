@@ -63,8 +63,8 @@ from smcgen.kernels.fused_ops import rms_norm, rms_norm_torch, silu_mul, silu_mu
 __all__ = [
     "FP8",
     "INT8",
-    "QUANTIZED_DTYPES",
     "MAX_SKINNY_ROWS",
+    "QUANTIZED_DTYPES",
     "fused_linear",
     "fused_linear_composed",
     "fused_linear_torch",

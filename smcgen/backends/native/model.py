@@ -29,7 +29,12 @@ from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.fused_ops import rope_qk_write_kv
-from smcgen.kernels.linear import fused_linear, fused_linear_composed, quantize_fp8, quantize_int8
+from smcgen.kernels.linear import (
+    fused_linear,
+    fused_linear_composed,
+    quantize_fp8,
+    quantize_int8,
+)
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
