@@ -251,6 +251,30 @@ def test_the_cycle_enqueued_past_the_end_changes_nothing(models):
     assert ended_early >= 3, "the case under test: runs that stop before their last cycle"
 
 
+def test_decode_kernels_give_the_run_of_the_cublas_path(device):
+    """The exactness tests batch thousands of runs, so on the GPU their decode steps take the wide
+    (cuBLAS) path; this runs decode-sized batches (8 rows) through the skinny GEMM, the fused
+    QKV + RoPE kernel (64-wide heads) and PDL, and checks that the run equals the same run with all
+    three off: same tokens, weights within fp32 rounding (fp32 models)."""
+    if device.type != "cuda":
+        pytest.skip("runs with SMCGEN_TEST_DEVICE=cuda (on the CPU both paths are the same torch twins)")
+    target = NativeCausalLM.from_hf(tiny_lm(0, logit_scale=2.0, hidden=128).model, device=device)
+    draft = NativeCausalLM.from_hf(tiny_lm(0, logit_scale=1.0, hidden=128).model, device=device)
+    assert target.head_dim == 64
+    for seed in range(4):
+        cfg = SMCConfig(n_particles=8, block_size=3, max_new_tokens=24, seed=seed, ess_threshold=0.5)
+        runs = []
+        for fast in (True, False):
+            for m in (target, draft):
+                m.skinny_max_rows, m.pdl = (16, None) if fast else (0, False)
+            runs.append(NativeSMC(target, cfg, draft=draft, eos_token_ids=(EOS,), page_size=4).run(PROMPT))
+        a, b = runs
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        torch.testing.assert_close(a.log_weights, b.log_weights, atol=1e-4, rtol=1e-4)
+    for m in (target, draft):
+        m.skinny_max_rows, m.pdl = 16, None
+
+
 def test_context_bounds_are_checked_before_running(models):
     _, native_target, native_draft = models
     limit = native_target.max_positions  # 64 for the tiny models
