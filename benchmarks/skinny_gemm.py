@@ -178,7 +178,7 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
         if only and name not in only:
             continue
         n_bytes = n_layers * (2 if gated else 1) * n_out * k * 2
-        default = skinny_plan(rows, n_out, k, gated, dev, fp8=bool(FP8_OF))
+        default = skinny_plan(rows, n_out, k, gated, dev, one_byte=bool(FP8_OF))
         plans = {default}
         for bk, stages, split, bn, nw, swap in itertools.product(
             (128, 256, 512) if FP8_OF else ((64, 128) if rows > 32 else (128, 256)), stages_, (*splits, default[5]), block_ns, warps, swaps

@@ -240,11 +240,11 @@ def fused_linear_composed(
 
 
 def skinny_plan(
-    rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2, fp8: bool = False
+    rows: int, n_out: int, k: int, gated: bool, device: torch.device, elem_bytes: int = 2, one_byte: bool = False
 ) -> tuple[int, ...]:
     """Launch plan ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP)`` of the skinny kernel.
 
-    ``fp8``: one-byte weights, fp8 or int8 (int8 takes fp8's plan: its sweep found that plan best
+    ``one_byte``: fp8 or int8 weights (int8 takes fp8's plan: its sweep found that plan best
     or within 6% for the layers the drafts quantize, BENCHMARKS.md sixth measurement).
 
     From the H100 sweeps (benchmarks/skinny_gemm.py --sweep, BENCHMARKS.md): all rows in one M
@@ -261,11 +261,11 @@ def skinny_plan(
     sms = sm_count(device) if device.type == "cuda" else 132
     block_n = 64
     tiles = triton.cdiv(n_out, block_n)
-    swap = SWAP_AB and (not fp8 or rows <= 8)
+    swap = SWAP_AB and (not one_byte or rows <= 8)
     if swap:
-        block_m = max(8 if fp8 else 16, triton.next_power_of_2(rows))
+        block_m = max(8 if one_byte else 16, triton.next_power_of_2(rows))
         # fp8 QKV and O of a 1B model (48 and 32 column tiles) also ran faster split four ways
-        split = 4 if (fp8 and tiles < sms // 2) or (k >= 8192 and 4 * tiles <= sms) else 1
+        split = 4 if (one_byte and tiles < sms // 2) or (k >= 8192 and 4 * tiles <= sms) else 1
         # deeper than 128 only while the stages fit shared memory: 64-row blocks hold 4x the
         # activations of 16-row ones, gated steps two weight tiles
         deep = 64 if block_m > 32 else (128 if split > 1 or (gated and block_m > 16) else 256)
@@ -274,7 +274,7 @@ def skinny_plan(
         # gated (two weight tiles per step): 128 deep ran best for the 8B's K = 4096 at M = 1, 256 for
         # the 1B's K = 2048 at M = 8 (0.445 against 0.478 ms at 128: H100 sweep of 2026-11-25)
         deep = 64 if block_m > 32 else (128 if gated and (k > 2048 or block_m > 16) else 256)
-        split = 4 if (k >= 8192 or fp8) and tiles < sms // 2 else 1
+        split = 4 if (k >= 8192 or one_byte) and tiles < sms // 2 else 1
     # fp32 activations take twice the bytes of bf16 per K step: half as deep
     deep = deep * 2 // elem_bytes
     block_k = min(deep, max(16, triton.next_power_of_2(k)))
@@ -426,13 +426,13 @@ def fused_linear(
     rows = x.numel() // max(x.shape[-1], 1)
     kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated, "accumulate": accumulate,
               "weight_scale": weight_scale}
-    fp8 = weight_scale is not None  # one-byte weights (fp8 or int8): planned alike
-    if fp8 and use_triton(x) and rows > MAX_SKINNY_ROWS:
+    quantized = weight_scale is not None  # fp8 or int8: planned alike
+    if quantized and use_triton(x) and rows > MAX_SKINNY_ROWS:
         return _quantized_in_row_chunks(x, weight, bias, counters, **kwargs)
-    if use_triton(x) and rows <= (MAX_SKINNY_ROWS if fp8 else min(max_rows, MAX_SKINNY_ROWS)):
+    if use_triton(x) and rows <= (MAX_SKINNY_ROWS if quantized else min(max_rows, MAX_SKINNY_ROWS)):
         n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-        plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size(), fp8)
-        if fp8 or _fills_the_gpu(plan, n_out, x.device):
+        plan = skinny_plan(rows, n_out, weight.shape[1], gated, x.device, x.element_size(), quantized)
+        if quantized or _fills_the_gpu(plan, n_out, x.device):
             return fused_linear_triton(x, weight, bias, plan=plan, counters=counters, **kwargs)
     return fused_linear_composed(x, weight, bias, **kwargs)
 

@@ -250,8 +250,8 @@ class NativeSMC:
         t_decode = time.perf_counter()
         bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc (native)", unit="tok", leave=False)
         # one done flag per cycle in flight, read by the host when that cycle's event has passed
-        done_host = torch.zeros(2, dtype=torch.bool, pin_memory=dev.type == "cuda")
         on_gpu = dev.type == "cuda"
+        done_host = torch.zeros(2, dtype=torch.bool, pin_memory=on_gpu)
         flag_ready = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
         # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
         # wait on the host at every step anyway)

@@ -1,7 +1,8 @@
 """Native decoder for the Llama, Qwen2 and Qwen3 families over the paged KV cache.
 
 The forward pass is four linear layers per layer (fused QKV, output, fused gate/up, down) around
-``rope_qk_write_kv`` (RoPE fused with the cache write) and ``paged_attention``; the RMSNorms, SiLU
+``paged_attention``, the QKV projection with RoPE and the cache write in its epilogue or beside it
+(``kernels.qkv_rope.qkv_rope_write_kv``); the RMSNorms, SiLU
 gating and residual adds run inside or beside the linear layers (``kernels.linear.fused_linear``),
 and the input RMSNorm's weight lives in the QKV weights with its 1/RMS scale applied by RoPE
 (``fold_input_norms``; not for a QKV bias).
@@ -28,13 +29,7 @@ from torch import Tensor, nn
 from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
-from smcgen.kernels.fused_ops import rope_qk_write_kv
-from smcgen.kernels.linear import (
-    fused_linear,
-    fused_linear_composed,
-    quantize_fp8,
-    quantize_int8,
-)
+from smcgen.kernels.linear import fused_linear, quantize_fp8, quantize_int8
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -391,7 +386,7 @@ class NativeCausalLM(nn.Module):
         dot (batches over its row limit, a prefill, run it on row blocks). The embedding keeps the
         model's dtype (a tied LM head gets its own quantized copy). The scales are buffers
         (``<name>_scale``) saved by ``state_dict``; a model that was not quantized the same way
-        refuses such a state (unexpected keys). ``names``: from ``FP8_NAMES``; a layer already in
+        refuses such a state (ValueError, before anything is copied). ``names``: from ``FP8_NAMES``; a layer already in
         ``fmt`` is left as it is, one in the other format is refused.
         """
         quantizers = {"fp8": quantize_fp8, "int8": quantize_int8}
@@ -544,9 +539,9 @@ class NativeCausalLM(nn.Module):
         # kernels.linear.fused_linear folds the norms, SiLU gating and residual adds into the linear
         # layers. Decode-sized batches (rows <= skinny_max_rows) run o, gate_up and down in the
         # skinny Triton kernel, the LM head and QKV there too when skinny_head / skinny_qkv say so;
-        # otherwise those stay on cuBLAS: QKV as a bare GEMM when the input norm is folded into its
-        # weights, else after a norm kernel. Layers stored in fp8 / int8 (quantize_weights) always go
-        # through fused_linear, which streams them in the skinny kernel.
+        # otherwise cuBLAS with the fused elementwise kernels (QKV as a bare GEMM when the input
+        # norm is folded into its weights). Layers stored in fp8 / int8 (quantize_weights) always
+        # stream in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
@@ -554,34 +549,19 @@ class NativeCausalLM(nn.Module):
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
             gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
             k_pool, v_pool = cache.k_pool[i], cache.v_pool[i]
-            if qkv_scale is not None or self.skinny_qkv:
-                # the dispatcher: decode batches of 64-wide heads project, rotate and cache q/k/v in
-                # one kernel (fused_qkv_rope), others take fused_linear (quantized weights always stream
-                # in the skinny kernel) and then the RoPE kernel
-                folded = self.input_norm_folded
-                q = qkv_rope_write_kv(
-                    h, layer.qkv, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
-                    n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, bias=layer.qkv_bias,
-                    norm_weight=None if folded else layer.input_norm, row_norm=folded, q_norm=layer.q_norm,
-                    k_norm=layer.k_norm, eps=eps, weight_scale=qkv_scale, max_rows=self.skinny_max_rows,
-                    counters=self.linear_counters, fused=self.fused_qkv_rope,
-                )  # fmt: skip
-            else:
-                if self.input_norm_folded:
-                    # the norm's scale comes in RoPE
-                    qkv, rms_of = F.linear(h, layer.qkv), h
-                else:
-                    qkv = fused_linear_composed(h, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=eps)
-                    rms_of = None
-                q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-                q = q.reshape(n_rows, n_new, cfg.n_heads, cfg.head_dim)
-                k = k.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
-                v = v.reshape(n_rows, n_new, cfg.n_kv_heads, cfg.head_dim)
-                # per-head q/k RMSNorm (Qwen3, when the norms exist), RoPE and the K/V cache write in one pass
-                q = rope_qk_write_kv(
-                    q, k, v, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
-                    layer.q_norm, layer.k_norm, eps, rms_of,
-                )  # fmt: skip
+            # decode batches of 64-wide heads project, rotate and cache q/k/v in one kernel
+            # (fused_qkv_rope); the rest project through fused_linear (skinny or cuBLAS by the
+            # rows; max_rows 0 when skinny_qkv is off, quantized weights stream in the skinny
+            # kernel regardless) and then run the RoPE kernel
+            folded = self.input_norm_folded
+            q = qkv_rope_write_kv(
+                h, layer.qkv, self.rope_cos, self.rope_sin, start_pos, k_pool, v_pool, cache.block_table,
+                n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, bias=layer.qkv_bias,
+                norm_weight=None if folded else layer.input_norm, row_norm=folded, q_norm=layer.q_norm,
+                k_norm=layer.k_norm, eps=eps, weight_scale=qkv_scale,
+                max_rows=self.skinny_max_rows if self.skinny_qkv else 0, counters=self.linear_counters,
+                fused=self.fused_qkv_rope,
+            )  # fmt: skip
             att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
             h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace,
@@ -592,7 +572,6 @@ class NativeCausalLM(nn.Module):
                        weight_scale=down_scale)
         if last_only:
             h = h[:, -1]
-        head_scale = getattr(self, "lm_head_scale", None)
-        if head_scale is not None or self.skinny_head:
-            return linear(h, self.lm_head, norm_weight=self.norm, eps=eps, weight_scale=head_scale)
-        return fused_linear_composed(h, self.lm_head, norm_weight=self.norm, eps=eps)
+        return fused_linear(h, self.lm_head, norm_weight=self.norm, eps=eps,
+                            weight_scale=getattr(self, "lm_head_scale", None),
+                            max_rows=self.skinny_max_rows if self.skinny_head else 0, counters=self.linear_counters)

@@ -47,15 +47,20 @@ def native_model(lm: LanguageModel, fmt: str | None = None) -> NativeCausalLM:
 AUTO_INT8_MAX_ROWS = 16
 
 
+def _named_format(cfg: SMCConfig) -> str | None:
+    """The format the config names outright ('int8' / 'fp8'), None for 'auto' and 'none'."""
+    if cfg.draft_fp8:
+        return "fp8"
+    return cfg.draft_quantization if cfg.draft_quantization in ("int8", "fp8") else None
+
+
 def draft_format(cfg: SMCConfig, rows: int, device: torch.device) -> str | None:
     """The draft's weight format on the native engine: 'int8', 'fp8' or None (as loaded), for a
     batch of ``rows`` draft rows (particles x requests) on ``device``."""
-    if cfg.draft_fp8:
-        return "fp8"
-    if cfg.draft_quantization == "auto":
+    if cfg.draft_quantization == "auto" and not cfg.draft_fp8:
         # without Triton the composed path would dequantize every int8 weight at every call
         return "int8" if device.type == "cuda" and HAS_TRITON and rows <= AUTO_INT8_MAX_ROWS else None
-    return None if cfg.draft_quantization == "none" else cfg.draft_quantization
+    return _named_format(cfg)
 
 
 def forget_native_copies() -> None:
@@ -109,7 +114,7 @@ def native_engine_or_reason(
     from smcgen.backends.native.engine import NativeSMC
 
     # what the caller asked for by name ('auto' never errs: it quantizes only where it pays)
-    fmt = "fp8" if cfg.draft_fp8 else (None if cfg.draft_quantization in ("auto", "none") else cfg.draft_quantization)
+    fmt = _named_format(cfg)
     asked = "draft_fp8=True" if cfg.draft_fp8 else f"draft_quantization={cfg.draft_quantization!r}"
     if fmt is not None and draft is None:
         raise ValueError(f"{asked} quantizes the draft model, but no draft was given")
