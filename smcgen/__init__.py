@@ -3,6 +3,7 @@
 from smcgen.api import generate, load_model
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
+from smcgen.distill import DistillConfig, distill
 from smcgen.potentials import (
     GrammarError,
     GrammarPotential,
@@ -31,6 +32,7 @@ __all__ = [
     "SMC",
     "AllParticlesDeadError",
     "BatchRun",
+    "DistillConfig",
     "GrammarError",
     "GrammarPotential",
     "LMPotential",
@@ -49,6 +51,7 @@ __all__ = [
     "SequenceBatch",
     "StratifiedResampler",
     "SystematicResampler",
+    "distill",
     "effective_sample_size",
     "generate",
     "get_resampler",

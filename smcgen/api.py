@@ -17,6 +17,7 @@ from smcgen.backends.transformers_lm import (
     encode_prompt,
 )
 from smcgen.config import SMCConfig
+from smcgen.models import draft_dir
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
@@ -36,11 +37,15 @@ def default_device() -> torch.device:
 
 @functools.lru_cache(maxsize=4)
 def load_model(name: str, device: str | None = None) -> LanguageModel:
-    """Load a model by name: the embedded ``smollm2-135m`` / ``smollm2-135m-draft`` or any
+    """Load a model by name: the embedded ``smollm2-135m`` / ``smollm2-135m-draft``, a trained draft
+    directory (``smcgen distill``; its target is loaded too and shares its embedding and head) or any
     local path / hub id that ``transformers.AutoModelForCausalLM`` accepts. Cached per name."""
     from smcgen.models import smollm2
 
     dev = torch.device(device) if device else default_device()
+    if draft_dir.is_draft_dir(name):  # a trained draft: load the target its manifest names and tie to it
+        target = load_model(draft_dir.read_manifest(name)["target"], device)
+        return LanguageModel.wrap(draft_dir.load_draft(name, target.model), target.tokenizer)
     if name in (smollm2.EMBEDDED_TARGET, smollm2.EMBEDDED_DRAFT):
         model, tokenizer = smollm2.load_embedded(name, device=dev)
     else:
@@ -54,12 +59,18 @@ def load_model(name: str, device: str | None = None) -> LanguageModel:
     return LanguageModel.wrap(model, tokenizer)
 
 
-def as_language_model(model: ModelLike, tokenizer: Any | None = None) -> LanguageModel:
-    """Accept a :class:`LanguageModel`, a transformers model (plus optional tokenizer) or a name."""
+def as_language_model(
+    model: ModelLike, tokenizer: Any | None = None, target: LanguageModel | None = None
+) -> LanguageModel:
+    """Accept a :class:`LanguageModel`, a transformers model (plus optional tokenizer) or a name.
+
+    A trained draft directory given with ``target`` is tied to that target's embedding and head."""
     if isinstance(model, LanguageModel):
         return model
     if isinstance(model, PreTrainedModel):
         return LanguageModel.wrap(model.eval(), tokenizer)
+    if isinstance(model, str) and target is not None and draft_dir.is_draft_dir(model):
+        return LanguageModel.wrap(draft_dir.load_draft(model, target.model), target.tokenizer)
     if isinstance(model, str):
         return load_model(model)
     raise TypeError(f"expected a model name, a transformers model or a LanguageModel, got {type(model).__name__}")
@@ -99,7 +110,7 @@ def generate(
         raise ValueError("give either draft or proposal, not both")
     custom_proposal = proposal is not None
     if draft is not None:
-        draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer)
+        draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer, target_lm)
         if draft_lm.tokenizer is None:
             draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
         check_compatible(target_lm, draft_lm)

@@ -1,4 +1,4 @@
-"""``smcgen`` command line: the main job (SMC speculative decoding on the embedded model)."""
+"""``smcgen`` command line: the main job (SMC speculative decoding on the embedded model) and ``smcgen distill``."""
 
 from __future__ import annotations
 
@@ -41,13 +41,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_distill_parser() -> argparse.ArgumentParser:
+    """Options of ``smcgen distill``; defaults come from :class:`smcgen.distill.DistillConfig`."""
+    from smcgen.distill import DistillConfig
+
+    d = DistillConfig()
+    p = argparse.ArgumentParser(
+        prog="smcgen distill",
+        description="Train a small draft for a target on the target's own samples (KL to its next-token "
+        "distributions); the draft shares the target's embedding and head. Writes draft.safetensors, "
+        "config.json and manifest.json that `smcgen --draft OUT` and generate(draft=OUT) load.",
+    )
+    p.add_argument("--target", default="smollm2-135m", help="target model name or path")
+    p.add_argument("--out", required=True, help="output directory (also holds checkpoint.pt and loss.png)")
+    p.add_argument("--layers", type=int, default=None, help="draft decoder layers (default: chosen from the target)")
+    p.add_argument("--init", default=d.init, choices=["spaced", "first", "last"], help="target layers copied in")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    p.add_argument("--minutes", type=float, default=None, help="training time budget")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--sample-batch", type=int, default=d.sample_batch, help="target samples per sampling round")
+    p.add_argument("--reuse", type=int, default=d.reuse, help="optimiser steps each sample serves")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of each target sample")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    p.add_argument("--corpus", default=None, help="text file whose paragraphs add prompts")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def distill_main(argv: list[str]) -> int:
+    """``smcgen distill``: train a draft and print where it went and its held-out figures."""
+    from smcgen.api import load_model
+    from smcgen.distill import distill
+
+    args = build_distill_parser().parse_args(argv)
+    if args.steps is None and args.minutes is None:
+        print("smcgen distill: give --steps and/or --minutes", file=sys.stderr)
+        return 2
+    target = load_model(args.target, args.device)
+    try:
+        distill(
+            target, args.out, target_name=args.target, layers=args.layers, init=args.init, steps=args.steps,
+            minutes=args.minutes, batch_size=args.batch_size, micro_batch=args.micro_batch,
+            sample_batch=args.sample_batch, reuse=args.reuse, max_new_tokens=args.max_new_tokens, lr=args.lr,
+            seed=args.seed, eval_sequences=args.eval_sequences, checkpoint_minutes=args.checkpoint_minutes,
+            corpus=args.corpus, resume=args.resume, progress=not args.no_progress,
+        )
+    except ValueError as err:
+        print(f"smcgen distill: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the main job and print the text, particle count, ESS summary and timing."""
+    """Run the main job and print the text, particle count, ESS summary and timing
+    (or ``smcgen distill ...``: train a draft)."""
     from pydantic import ValidationError
 
     import smcgen
     from smcgen.api import load_model
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill"]:
+        return distill_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = SMCConfig(

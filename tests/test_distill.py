@@ -1,0 +1,115 @@
+"""``smcgen.distill`` on a tiny random target: the KL falls, the files load back onto the target,
+SMC-SD runs with the loaded draft, seeded runs reproduce and an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_lm
+
+import smcgen
+from smcgen.api import load_model
+from smcgen.distill import (
+    DistillConfig,
+    build_draft,
+    distill,
+    evaluate_draft,
+    init_layer_indices,
+    sample_from_target,
+)
+from smcgen.models import draft_dir
+
+PROMPTS = [[0, 1], [1, 2, 0], [2], [0, 0, 1, 2]]
+RECIPE = {"layers": 1, "steps": 30, "batch_size": 8, "sample_batch": 16, "reuse": 2, "max_new_tokens": 10, "lr": 3e-3,
+              "eval_sequences": 8, "warmup": 0.1, "dtype": "float32"}
+
+
+def _target(layers: int = 3):
+    return tiny_lm(seed=3, vocab=12, eos=11, layers=layers, hidden=32)
+
+
+def _run(tmp_path, name, **kw):
+    target = kw.pop("target", None) or _target()
+    losses = []
+    manifest = distill(target, tmp_path / name, DistillConfig(**{**RECIPE, **kw.pop("cfg", {})}), prompts=PROMPTS,
+                       target_name="tiny", progress=False, on_step=lambda s, loss: losses.append(loss), **kw)
+    return target, manifest, losses
+
+
+def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
+    target, manifest, losses = _run(tmp_path, "a")
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
+    out = tmp_path / "a"
+    assert {p.name for p in out.iterdir()} >= {"draft.safetensors", "config.json", "manifest.json", "loss.png"}
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "draft.safetensors"))
+    assert stored and all(k.startswith(("model.layers.0.", "model.norm.")) for k in stored)  # no embedding/head
+    assert manifest["steps"] == 30 and manifest["layers"] == 1
+    assert json.loads((out / "manifest.json").read_text())["target_embedding_sha256"] == manifest[
+        "target_embedding_sha256"]
+
+    draft = draft_dir.load_draft(out, target.model)
+    assert draft.get_input_embeddings() is target.model.get_input_embeddings()
+    assert draft.lm_head is target.model.lm_head
+    # The loaded draft is the trained one: on fresh target samples its KL is far below the untrained copy's.
+    held = sample_from_target(target.model, PROMPTS, 32, 10, (11,), torch.Generator().manual_seed(99))
+    before = evaluate_draft(target.model, build_draft(target.model, manifest["init_layers"]), held)
+    after = evaluate_draft(target.model, draft, held)
+    assert after["kl"] < 0.3 * before["kl"] and after["overlap"] > before["overlap"] + 0.1, (before, after)
+    assert after["kl"] == pytest.approx(manifest["held_out"]["kl"], rel=0.5)
+
+    res = smcgen.generate(target.model, [0, 1], draft=str(out), n_particles=4, block_size=3, max_new_tokens=8, seed=5,
+                          engine="generic")
+    res2 = smcgen.generate(target.model, [0, 1], draft=draft, n_particles=4, block_size=3, max_new_tokens=8, seed=5,
+                           engine="generic")
+    assert res.sequences == res2.sequences and len(res.sequences) == 4
+
+
+def test_seeded_runs_reproduce_and_resume_is_exact(tmp_path):
+    _, _m1, l1 = _run(tmp_path, "a", cfg={"steps": 6, "eval_sequences": 0})
+    _, _m2, l2 = _run(tmp_path, "b", cfg={"steps": 6, "eval_sequences": 0})
+    assert l1 == l2
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(str(tmp_path / "a/draft.safetensors")), load_file(str(tmp_path / "b/draft.safetensors"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, loss):
+        if step == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        distill(_target(), tmp_path / "c", DistillConfig(**{**RECIPE, "steps": 6, "eval_sequences": 0, "checkpoint_minutes": 0}),
+                prompts=PROMPTS, target_name="tiny", progress=False, on_step=crash)
+    _, m3, l3 = _run(tmp_path, "c", cfg={"steps": 6, "eval_sequences": 0}, resume=True)
+    assert m3["steps"] == 6 and l3 == l1[4:]
+    w3 = load_file(str(tmp_path / "c/draft.safetensors"))
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)
+
+
+def test_load_model_finds_target_by_manifest_and_rejects_a_wrong_target(tmp_path, monkeypatch):
+    target, _manifest, _ = _run(tmp_path, "a", cfg={"steps": 2, "eval_sequences": 0})
+    target.model.save_pretrained(str(tmp_path / "tiny_target"))
+    m = json.loads((tmp_path / "a/manifest.json").read_text())
+    m["target"] = str(tmp_path / "tiny_target")
+    (tmp_path / "a/manifest.json").write_text(json.dumps(m))
+    lm = load_model(str(tmp_path / "a"), "cpu")
+    assert lm.model.config.num_hidden_layers == 1
+    other = tiny_lm(seed=4, vocab=12, eos=11, layers=3, hidden=32)
+    with pytest.raises(ValueError, match="checksum"):
+        draft_dir.load_draft(tmp_path / "a", other.model)
+
+
+def test_bad_recipe_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="layers must be"):
+        distill(_target(), tmp_path, layers=9, steps=1, prompts=PROMPTS, progress=False)
+    with pytest.raises(ValueError, match="steps and/or minutes"):
+        distill(_target(), tmp_path, prompts=PROMPTS, progress=False)
+    assert init_layer_indices(30, 2, "spaced") == [0, 29]
+    assert init_layer_indices(30, 3, "first") == [0, 1, 2] and init_layer_indices(30, 1, "last") == [29]
