@@ -106,7 +106,7 @@ class DistillConfig:
     """Recipe of a distillation run (every field is validated by :func:`check_config`)."""
 
     layers: int | None = None  # decoder layers of the draft; None: default_layers(target)
-    init: str = "spaced"  # which target layers initialise the draft: spaced, first or last
+    init: str = "first"  # which target layers initialise the draft: first, last or spaced (see init_layer_indices)
     steps: int | None = None  # optimiser steps; None: until `minutes` run out
     minutes: float | None = None  # wall-clock training budget; None: until `steps`
     batch_size: int = 8  # sequences per optimiser step
@@ -163,7 +163,11 @@ def default_layers(config: Any) -> int:
 
 
 def init_layer_indices(n_target: int, n_draft: int, how: str) -> list[int]:
-    """Target layers copied into the draft: ``spaced`` (evenly, first and last included), ``first`` or ``last``."""
+    """Target layers copied into the draft: ``first``, ``last`` or ``spaced`` (evenly, first and last included).
+
+    On SmolLM2-135M with 2 layers, before training, the held-out KL(target || draft) was 15.0
+    nats/token for ``first``, 22.3 for ``last`` and 70.8 for ``spaced`` (4 sequences,
+    ``benchmarks/distill_embedded.py --steps 2 --device cpu``): hence the default ``first``."""
     if how == "first":
         return list(range(n_draft))
     if how == "last":
@@ -418,7 +422,7 @@ def distill(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, skipped = 0, 0.0, [], 0
     pool: SampleBatch | None = None
     pool_cursor = 0
     if resume and ckpt_path.is_file():
@@ -482,8 +486,12 @@ def distill(
             loss = kl_terms(t_logits, d_logits).sum() / n_scored
             loss.backward()
             loss_sum += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if math.isfinite(loss_sum):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        else:  # one bad batch (e.g. a fully masked attention row on some kernel) must not poison the weights
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
         step += 1
         history.append((step, loss_sum))
         bar.update(1)
@@ -510,6 +518,7 @@ def distill(
         "layers": layers,
         "init_layers": indices,
         "steps": step,
+        "skipped_nonfinite_steps": skipped,
         "seed": cfg.seed,
         "train_seconds": round(elapsed, 1),
         "device": str(device),

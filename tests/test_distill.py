@@ -67,6 +67,19 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
                            engine="generic")
     assert res.sequences == res2.sequences and len(res.sequences) == 4
 
+    # The native engine takes the loaded draft as a plain LlamaForCausalLM and gives its logits.
+    from smcgen.backends.native.model import NativeCausalLM
+
+    native = NativeCausalLM.from_hf(draft)
+    assert native.cfg.n_layers == 1 and torch.equal(native.embed, target.model.get_input_embeddings().weight)
+    seq = [0, 1, 2, 3, 4]
+    cache = native.make_cache(n_pages=4, n_rows=1, max_pages=4, page_size=8)
+    cache.reserve(len(seq))
+    got = native(torch.tensor([seq]), torch.zeros(1, dtype=torch.int32), cache)[0]
+    with torch.no_grad():
+        want = draft(torch.tensor([seq])).logits[0]
+    assert (got.float() - want).abs().max() < 1e-3
+
 
 def test_seeded_runs_reproduce_and_resume_is_exact(tmp_path):
     _, _m1, l1 = _run(tmp_path, "a", cfg={"steps": 6, "eval_sequences": 0})
@@ -93,7 +106,7 @@ def test_seeded_runs_reproduce_and_resume_is_exact(tmp_path):
     assert all(torch.equal(w1[k], w3[k]) for k in w1)
 
 
-def test_load_model_finds_target_by_manifest_and_rejects_a_wrong_target(tmp_path, monkeypatch):
+def test_load_model_finds_target_by_manifest_and_rejects_a_wrong_target(tmp_path):
     target, _manifest, _ = _run(tmp_path, "a", cfg={"steps": 2, "eval_sequences": 0})
     target.model.save_pretrained(str(tmp_path / "tiny_target"))
     m = json.loads((tmp_path / "a/manifest.json").read_text())
