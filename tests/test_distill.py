@@ -126,3 +126,10 @@ def test_bad_recipe_names_the_field(tmp_path):
         distill(_target(), tmp_path, prompts=PROMPTS, progress=False)
     assert init_layer_indices(30, 2, "spaced") == [0, 29]
     assert init_layer_indices(30, 3, "first") == [0, 1, 2] and init_layer_indices(30, 1, "last") == [29]
+
+
+def test_cli_needs_a_budget(tmp_path, capsys):
+    from smcgen.cli import main
+
+    assert main(["distill", "--out", str(tmp_path)]) == 2
+    assert "--steps and/or --minutes" in capsys.readouterr().err
