@@ -6,11 +6,14 @@ from smcgen.config import SMCConfig
 from smcgen.potentials import (
     GrammarError,
     GrammarPotential,
+    LearnedReward,
     LMPotential,
     Potential,
+    PotentialError,
     Product,
     RewardPotential,
     SequenceBatch,
+    TokenPotential,
 )
 from smcgen.proposals import LMProposal, MaskedLMProposal, Proposal
 from smcgen.resampling import (
@@ -24,6 +27,7 @@ from smcgen.resampling import (
 )
 from smcgen.result import SMCResult
 from smcgen.smc import SMC, AllParticlesDeadError, BatchRun
+from smcgen.step import NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -36,9 +40,12 @@ __all__ = [
     "LMPotential",
     "LMProposal",
     "LanguageModel",
+    "LearnedReward",
     "MaskedLMProposal",
     "MultinomialResampler",
+    "NonFiniteError",
     "Potential",
+    "PotentialError",
     "Product",
     "Proposal",
     "Resampler",
@@ -49,6 +56,7 @@ __all__ = [
     "SequenceBatch",
     "StratifiedResampler",
     "SystematicResampler",
+    "TokenPotential",
     "effective_sample_size",
     "generate",
     "get_resampler",
