@@ -510,9 +510,10 @@ class NativeSMC:
             s.device_prev[i].copy_(prev)
             inc = inc + p_inc
         s.done.copy_(adv.done)
-        # host potentials' increments of an earlier cycle (zero without any), consumed once
-        inc = inc + s.host_inc
-        s.host_inc.zero_()
+        if self.host_potential is not None:
+            # host potentials' increments of an earlier cycle, consumed once
+            inc = inc + s.host_inc
+            s.host_inc.zero_()
         # a NaN / +inf was flagged where it arose; the weights get a zero there, so resampling and
         # log Z never see NaN, and the run raises when it ends (a device flag: no sync here)
         inc = torch.where(torch.isnan(inc) | torch.isposinf(inc), torch.full_like(inc, -math.inf), inc)
@@ -540,7 +541,8 @@ class NativeSMC:
             s.pending.copy_(bonus[anc][:, None])
         if self.device_potentials:
             s.device_prev.copy_(s.device_prev[:, anc])
-        s.last_anc.copy_(anc)
+        if self.host_potential is not None:
+            s.last_anc.copy_(anc)
         s.tcache.resample(anc, pos + T)
         if self.draft is not None:
             s.dcache.resample(anc, pos + K)
