@@ -123,3 +123,13 @@ def test_potentials_run_on_the_native_engine_through_generate(target):
 
     with pytest.raises(ValueError, match="a custom Proposal runs on the generic engine only"):
         smcgen.generate(target, PROMPT, max_new_tokens=4, engine="native", proposal=Custom())
+
+
+def test_any_potential_with_a_next_token_mask_guides_the_generic_engine(target):
+    from test_native_potentials import NoTwos
+
+    cfg = SMCConfig(n_particles=8, max_new_tokens=MAX_NEW, seed=2)
+    run = SMC(LMPotential(target), cfg, guide=NoTwos()).run(PROMPT, n_groups=4)
+    assert not bool((run.tokens == 2).any()) and not bool(run.dead.any())
+    with pytest.raises(TypeError, match="guide must be a Potential with a next-token mask"):
+        SMC(LMPotential(target), cfg, guide=RewardPotential(count_b))

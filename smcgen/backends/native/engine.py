@@ -473,9 +473,10 @@ class NativeSMC:
         if K > 0:
             log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
             q = torch.stack(log_q, dim=1)
-            # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error)
-            self._flag(s, 1, torch.isnan(q).any())
-            self._flag(s, 0, torch.isnan(log_p).any() | torch.isnan(bonus_norm).any())
+            # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error);
+            # one flag update for both models keeps the captured cycle's extra kernels few
+            nan_t = torch.isnan(torch.cat([log_p, bonus_norm[:, None]], dim=1)).any()
+            self._flag(s, 0, torch.stack([nan_t, torch.isnan(q).any()]))
         else:
             log_p = q = bonus_norm.new_zeros(R, 0)
             self._flag(s, 0, torch.isnan(bonus_norm).any())
@@ -568,10 +569,13 @@ class NativeSMC:
         return anc, ess, want
 
     def _flag(self, s: _CycleState, source: int, bad: Tensor) -> None:
-        """Remember on the device that ``self._sources[source]`` produced NaN / +inf, and the first cycle."""
-        s.bad[source : source + 1].logical_or_(bad.reshape(1))
-        first = s.bad_step[source : source + 1]
-        first.copy_(torch.where(bad.reshape(1) & (first < 0), s.cycle, first))
+        """Remember on the device that ``self._sources[source:]`` (one per entry of ``bad``) produced
+        NaN / +inf, and the first cycle each did."""
+        bad = bad.reshape(-1)
+        end = source + bad.numel()
+        first = s.bad_step[source:end]
+        first.copy_(torch.where(bad & (first < 0), s.cycle, first))
+        s.bad[source:end].logical_or_(bad)
 
     def _check_flags(self, s: _CycleState) -> None:
         """Raise for the first source flagged NaN / +inf during the run (one read, after the last cycle)."""
