@@ -75,9 +75,15 @@ class TorchResampler(MultinomialResampler):
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(device):
+    # on the GPU host (SMCGEN_TEST_DEVICE=cuda) the same cases run with the Triton kernels and the
+    # captured cycle: device potentials inside the graph, host potentials lagged over pinned copies
     target, draft = tiny_lm(0, logit_scale=2.0, hidden=32), tiny_lm(0, logit_scale=1.0, hidden=32)
-    return target, NativeCausalLM.from_hf(target.model), NativeCausalLM.from_hf(draft.model)
+    return (
+        target,
+        NativeCausalLM.from_hf(target.model, device=device),
+        NativeCausalLM.from_hf(draft.model, device=device),
+    )
 
 
 CASES = {
@@ -97,6 +103,9 @@ CASES = {
 
 def native_run(models, n, seed, use_draft, potentials, guide, resampler):
     _, native_target, native_draft = models
+    for p in potentials:
+        if isinstance(p, LearnedReward):
+            p.model.to(native_target.device)  # a learned reward lives beside the models
     name = resampler if isinstance(resampler, str) else "systematic"
     cfg = SMCConfig(n_particles=n, block_size=2, max_new_tokens=MAX_NEW, seed=seed, ess_threshold=0.5, resampler=name)
     engine = NativeSMC(
@@ -173,7 +182,7 @@ class BrokenDevice(TokenPotential):
         if self.how == "raise":
             raise KeyError("lookup failed")
         bad = math.nan if self.how == "nan" else math.inf
-        return torch.where(lengths > 0, torch.full((r,), bad), torch.zeros(r))
+        return torch.where(lengths > 0, torch.full((r,), bad, device=tokens.device), torch.zeros(r, device=tokens.device))
 
 
 @pytest.mark.parametrize(
@@ -211,10 +220,10 @@ def test_bad_device_potentials_raise_clear_errors(models, how, error, match):
         engine.run(PROMPT)
 
 
-def test_nan_logits_name_the_model_and_the_step(models):
+def test_nan_logits_name_the_model_and_the_step(models, device):
     _, native_target, native_draft = models
     cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=6, seed=0)
-    broken = NativeCausalLM.from_hf(tiny_lm(0, logit_scale=1.0, hidden=32).model)
+    broken = NativeCausalLM.from_hf(tiny_lm(0, logit_scale=1.0, hidden=32).model, device=device)
     with torch.no_grad():
         for p in broken.parameters():
             p.fill_(math.nan)

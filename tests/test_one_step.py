@@ -133,3 +133,17 @@ def test_any_potential_with_a_next_token_mask_guides_the_generic_engine(target):
     assert not bool((run.tokens == 2).any()) and not bool(run.dead.any())
     with pytest.raises(TypeError, match="guide must be a Potential with a next-token mask"):
         SMC(LMPotential(target), cfg, guide=RewardPotential(count_b))
+
+
+def test_nan_logits_on_the_generic_engine_name_the_model_and_the_step(target):
+    from smcgen import LMProposal, NonFiniteError
+
+    broken = tiny_lm(1, logit_scale=1.0, hidden=32)
+    with torch.no_grad():
+        for p in broken.model.parameters():
+            p.fill_(float("nan"))
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=4, seed=0)
+    with pytest.raises(NonFiniteError, match="the target model's logits produced NaN or \\+inf at step 1"):
+        SMC(LMPotential(broken), cfg, proposal=LMProposal(target)).run(PROMPT)
+    with pytest.raises(NonFiniteError, match="the proposal produced NaN or \\+inf at step 1"):
+        SMC(LMPotential(target), cfg, proposal=LMProposal(broken)).run(PROMPT)
