@@ -231,3 +231,10 @@ def test_nan_logits_name_the_model_and_the_step(models, device):
         NativeSMC(native_target, cfg, draft=broken, eos_token_ids=(EOS,), page_size=4).run(PROMPT)
     with pytest.raises(NonFiniteError, match="the target model's logits produced NaN or \\+inf at step 1"):
         NativeSMC(broken, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4).run(PROMPT)
+
+
+def test_the_built_in_resamplers_are_graph_safe_and_a_user_generator_one_is_not():
+    from smcgen.resampling import RESAMPLERS, graph_safe
+
+    assert all(graph_safe(cls()) for cls in RESAMPLERS.values())
+    assert not graph_safe(TorchResampler())  # overrides _ancestors with its own torch.rand: eager

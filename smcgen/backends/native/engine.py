@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
+from smcgen.kernels.philox import philox_uniform
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
 from smcgen.potentials.base import (
@@ -49,6 +50,7 @@ from smcgen.resampling import (
     SystematicResampler,
     effective_sample_size,
     get_resampler,
+    graph_safe,
 )
 from smcgen.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
 from smcgen.step import (
@@ -67,9 +69,10 @@ class NativeSMC:
     """SMC over a native target with an optional native draft; B requests x N particles per run.
 
     ``config`` is the same :class:`SMCConfig` as the generic engine. Systematic resampling is
-    fused into the weighting kernel (the default, captured in the cycle graph); the other
-    resamplers (``config.resampler`` or a ``resampler=`` :class:`Resampler` written in torch) run
-    with torch ops on the device, eagerly (their torch generator is not captured).
+    fused into the weighting kernel (the default); the other built-in resamplers run as torch ops
+    on the device with uniforms from the run's Philox stream, captured in the cycle graph too; a
+    ``resampler=`` :class:`Resampler` written in torch is captured when it is ``graph_safe``, else
+    the run is eager (its torch generator is not captured).
     ``draft=None`` gives plain SMC (the target proposes one token per cycle), which with N = 1 is
     autoregressive decoding. ``eos_token_ids`` end a particle (empty: always run to the limit).
     ``cuda_graph`` (default: on for CUDA) captures one cycle and replays it.
@@ -155,7 +158,8 @@ class NativeSMC:
         self.host_potential = Product(self.host_potentials) if self.host_potentials else None
         all_factors = factors + ([mask] if mask is not None else [])
         self.potential: Potential | None = Product(all_factors) if all_factors else None
-        if self.resampler is not None:
+        if self.resampler is not None and not graph_safe(self.resampler):
+            # a user resampler drawing from a torch generator: eager (its generator is not captured)
             self.cuda_graph = False
         #: what a NaN / +inf flag of the cycle points at: the models, then each device potential
         self._sources = ["the target model's logits", "the draft model's logits"] + [
@@ -561,8 +565,10 @@ class NativeSMC:
         dead = torch.isneginf(lw).all(dim=1)
         ess = effective_sample_size(lw).float()
         want = resample_gate(ess, self.config.ess_threshold, self.config.n_particles, s.done.all(), dead)
-        # a dead group's weights would be NaN in the resampler: give it uniform ones, its result is unused
-        local = self.resampler.ancestors(torch.where(dead[:, None], torch.zeros_like(lw), lw), s.generator)
+        # a dead group's weights would be NaN in the resampler: give it uniform ones, its result is unused;
+        # the built-in schemes draw from the run's Philox stream (graph-safe), a user one from a generator
+        source = _PhiloxUniforms(s) if graph_safe(self.resampler) else s.generator
+        local = self.resampler.ancestors(torch.where(dead[:, None], torch.zeros_like(lw), lw), source)
         keep = torch.arange(lw.shape[1], device=lw.device).expand_as(local)
         anc = global_rows(torch.where(want[:, None], local.to(lw.device), keep))
         s.log_w.copy_(reset_weights(lw, want).float())
@@ -799,6 +805,20 @@ def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: i
         raise ValueError(f"n_groups must be >= 1, got {groups}")
     prompt = [int(t) for t in items]
     return [list(prompt) for _ in range(groups)]
+
+
+class _PhiloxUniforms:
+    """Uniforms from the run's counter-based Philox stream (seed and offset on the device): what the
+    built-in resamplers draw from on the native engine, so a CUDA graph captures them."""
+
+    def __init__(self, s: _CycleState):
+        self.s = s
+
+    def uniform(self, shape: tuple[int, ...]) -> Tensor:
+        n = math.prod(shape)
+        u = philox_uniform(self.s.seed, self.s.offset + torch.arange(n, device=self.s.offset.device))
+        self.s.offset.add_(n)
+        return u.view(shape)
 
 
 class _HostScorer:
