@@ -94,6 +94,10 @@ CASES = {
     "device_potential": (True, lambda: [CountOnes()], None, "systematic"),
     "learned_reward_end_only": (True, lambda: [LearnedReward(TinyScorer(), every_step=False)], None, "systematic"),
     "user_guide_mask": (True, list, NoTwos, "systematic"),
+    # a guide with host and device potentials: every cycle waits on the host, so no lag
+    "guide_with_potentials": (
+        True, lambda: [RewardPotential(count_b, beta=1.0, prefix=True), CountOnes()], NoTwos, "stratified"
+    ),
     "multinomial": (True, lambda: [CountOnes()], None, "multinomial"),
     "stratified": (False, lambda: [RewardPotential(count_b, beta=1.0, prefix=True)], None, "stratified"),
     "residual": (True, lambda: [NoRepeats()], None, "residual"),
