@@ -90,7 +90,9 @@ class Scorer(torch.nn.Module):
         r, L = tokens.shape
         valid = torch.arange(L, device=tokens.device)[None] < lengths[:, None]  # [R, L]
         x = self.emb(tokens)
-        mask = valid[:, None, None, :]  # keys: only the particle's own tokens
+        # keys: the particle's own tokens, and always position 0, so no row is fully masked (NaN) when
+        # a particle has no token yet (padding is left out of the pooling below)
+        mask = (valid | (torch.arange(L, device=tokens.device) == 0)[None])[:, None, None, :]
         for b in self.blocks:
             q, k, v = b["qkv"](b["n1"](x)).view(r, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
