@@ -7,11 +7,14 @@ from smcgen.distill import DistillConfig, distill
 from smcgen.potentials import (
     GrammarError,
     GrammarPotential,
+    LearnedReward,
     LMPotential,
     Potential,
+    PotentialError,
     Product,
     RewardPotential,
     SequenceBatch,
+    TokenPotential,
 )
 from smcgen.proposals import LMProposal, MaskedLMProposal, Proposal
 from smcgen.resampling import (
@@ -25,6 +28,7 @@ from smcgen.resampling import (
 )
 from smcgen.result import SMCResult
 from smcgen.smc import SMC, AllParticlesDeadError, BatchRun
+from smcgen.step import NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -38,9 +42,12 @@ __all__ = [
     "LMPotential",
     "LMProposal",
     "LanguageModel",
+    "LearnedReward",
     "MaskedLMProposal",
     "MultinomialResampler",
+    "NonFiniteError",
     "Potential",
+    "PotentialError",
     "Product",
     "Proposal",
     "Resampler",
@@ -51,6 +58,7 @@ __all__ = [
     "SequenceBatch",
     "StratifiedResampler",
     "SystematicResampler",
+    "TokenPotential",
     "distill",
     "effective_sample_size",
     "generate",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,16 @@ from smcgen.result import SMCResult
 from smcgen.smc import SMC
 
 ModelLike = LanguageModel | PreTrainedModel | str
+
+logger = logging.getLogger("smcgen")
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    """Log (once per distinct reason) that engine='auto' fell back to the generic engine."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning("smcgen: running on the generic engine, not the native one: %s", reason)
 
 
 def default_device() -> torch.device:
@@ -86,6 +97,7 @@ def generate(
     config: SMCConfig | None = None,
     tokenizer: Any | None = None,
     progress: bool = False,
+    guide: Potential | None = None,
     grammar: GrammarPotential | None = None,
     **config_overrides: Any,
 ) -> SMCResult:
@@ -97,14 +109,19 @@ def generate(
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
     step (plain SMC). ``prompt`` is text (needs a tokenizer), a list of ids or a ``[T]``/``[1, T]``
     tensor. ``config`` fields can be overridden by keyword (``n_particles=16``).
-    ``grammar`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound)
-    constrains generation locally: the draft and the target's own tokens are drawn masked to the
-    grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
-    is a plain factor that only weights).
+    ``guide`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound, or
+    any potential with a ``next_token_mask``; ``grammar=`` is its older name) constrains
+    generation locally: the draft and the target's own tokens are drawn masked to the guide's
+    allowed tokens and the weights correct the masking bias (a grammar passed in ``potentials``
+    instead is a plain factor that only weights). ``result.engine`` says which engine ran and
+    ``result.engine_reason`` why the generic one did (also logged once per reason).
     """
     cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
     target_lm = as_language_model(target, tokenizer)
-    if grammar is not None and not grammar.bound:
+    if guide is not None and grammar is not None and guide is not grammar:
+        raise ValueError("give guide= or grammar= (its older name), not both")
+    grammar = guide if guide is not None else grammar
+    if isinstance(grammar, GrammarPotential) and not grammar.bound:
         grammar = grammar.bind(target_lm)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
@@ -131,12 +148,14 @@ def generate(
     else:
         if cfg.engine == "native":
             raise ValueError(f"engine='native' cannot run this request: {why_not}")
+        if cfg.engine == "auto" and why_not is not None:
+            _warn_fallback(why_not)
         smc = SMC(
             LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
             cfg,
             proposal=proposal,
             potentials=potentials,
-            mask=grammar,
+            guide=grammar,
         )
         run = smc.run(ids, n_groups=1, progress=progress)
 
@@ -161,6 +180,7 @@ def generate(
         n_particles=cfg.n_particles,
         texts=texts,
         engine="native" if native is not None else "generic",
+        engine_reason=None if native is not None else why_not,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ __all__ = [
     "ancestors_from_counts",
     "effective_sample_size",
     "get_resampler",
+    "graph_safe",
     "normalized_log_weights",
     "offspring_counts",
 ]
@@ -185,9 +186,27 @@ def _inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:
     return idx.clamp_(max=cdf.shape[-1] - 1)
 
 
-def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Float64 uniforms in ``[0, 1)`` on ``like``'s device, drawn from ``generator``."""
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: Any) -> Tensor:
+    """Float64 uniforms in ``[0, 1)`` on ``like``'s device, drawn from ``generator``.
+
+    ``generator`` may also be a uniform source with ``uniform(shape) -> Tensor`` (the native
+    engine's counter-based Philox stream, which a CUDA graph can capture).
+    """
+    if hasattr(generator, "uniform"):
+        return generator.uniform(shape).to(device=like.device, dtype=torch.float64)
     return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float64)
+
+
+def graph_safe(resampler: Resampler) -> bool:
+    """True when ``resampler`` draws its randomness through ``_uniform`` with static shapes only (the
+    built-in schemes), so an engine may feed it a device uniform source and capture it in a graph.
+
+    A subclass opts in with ``graph_safe = True`` in the class that defines its ``_ancestors``.
+    """
+    for cls in type(resampler).__mro__:
+        if "_ancestors" in cls.__dict__:
+            return bool(cls.__dict__.get("graph_safe", False))
+    return False
 
 
 def _check_log_weights(log_weights: Tensor) -> None:
@@ -249,6 +268,7 @@ class MultinomialResampler(Resampler):
     """
 
     name: ClassVar[str] = "multinomial"
+    graph_safe: ClassVar[bool] = True
 
     def _ancestors(self, weights: Tensor, generator: torch.Generator | None) -> Tensor:
         return _inverse_cdf(_cdf(weights), _uniform(tuple(weights.shape), weights, generator))
@@ -263,6 +283,7 @@ class SystematicResampler(Resampler):
     """
 
     name: ClassVar[str] = "systematic"
+    graph_safe: ClassVar[bool] = True
 
     def _ancestors(self, weights: Tensor, generator: torch.Generator | None) -> Tensor:
         b, n = weights.shape
@@ -278,6 +299,7 @@ class StratifiedResampler(Resampler):
     """
 
     name: ClassVar[str] = "stratified"
+    graph_safe: ClassVar[bool] = True
 
     def _ancestors(self, weights: Tensor, generator: torch.Generator | None) -> Tensor:
         b, n = weights.shape
@@ -296,6 +318,7 @@ class ResidualResampler(Resampler):
     """
 
     name: ClassVar[str] = "residual"
+    graph_safe: ClassVar[bool] = True
 
     def _ancestors(self, weights: Tensor, generator: torch.Generator | None) -> Tensor:
         b, n = weights.shape

@@ -14,7 +14,8 @@ class SMCResult:
     (``texts`` holds their decoded text when ``return_all_particles`` is set).
     ``log_z``: log of the unbiased estimate of the target's normalizing constant Z.
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
-    ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``.
+    ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``;
+    ``engine_reason``: why the generic engine ran it (None when the native one did).
     """
 
     text: str
@@ -29,6 +30,7 @@ class SMCResult:
     n_particles: int
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
+    engine_reason: str | None = None
 
     @property
     def tokens_per_second(self) -> float:

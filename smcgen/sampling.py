@@ -34,6 +34,18 @@ def allowed_from_bitmask(bitmask: Tensor, vocab_size: int, device: torch.device)
     return ((words[:, :, None] >> bits) & 1).reshape(words.shape[0], -1)[:, :vocab_size].bool()
 
 
+def bitmask_from_allowed(allowed: Tensor) -> Tensor:
+    """bool ``[R, V]`` -> int32 bitmask ``[R, ceil(V/32)]`` (the inverse of :func:`allowed_from_bitmask`)."""
+    r, v = allowed.shape
+    width = bitmask_width(v)
+    bits = torch.zeros(r, width * 32, dtype=torch.int64, device=allowed.device)
+    bits[:, :v] = allowed.to(torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=allowed.device) << torch.arange(32, device=allowed.device)
+    words = (bits.view(r, width, 32) * weights).sum(dim=-1)
+    # two's complement: a word with bit 31 set is negative in int32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def _restrict(scores: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``scores`` with the tokens ``allowed`` (bitmask) does not allow set to -inf, and the rows
     left with no allowed token (``None`` and the scores themselves without a mask)."""

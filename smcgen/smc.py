@@ -13,7 +13,6 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,126 +20,30 @@ from tqdm.auto import tqdm
 
 from smcgen.backends.transformers_lm import CausalLMRunner
 from smcgen.config import SMCConfig
-from smcgen.potentials.base import Potential, Product, SequenceBatch, checked_scores
-from smcgen.potentials.grammar import GrammarPotential
+from smcgen.potentials.base import (
+    Potential,
+    Product,
+    SequenceBatch,
+    as_guide,
+    checked_scores,
+    score_particles,
+    scoring_error,
+)
 from smcgen.potentials.lm import LMPotential
 from smcgen.proposals.base import Proposal
-from smcgen.resampling import (
-    effective_sample_size,
-    get_resampler,
-    normalized_log_weights,
-)
+from smcgen.resampling import Resampler, effective_sample_size, get_resampler
+from smcgen.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
 from smcgen.sampling import log_probs, sample_powered
-
-
-class AllParticlesDeadError(RuntimeError):
-    """Every particle of a group has weight zero: the target gives the explored prefixes no mass.
-
-    ``step`` and ``groups`` say where; ``sequences`` holds the token ids every particle of the
-    first such group had reached (the partial outputs), when the engine provides them.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        step: int | None = None,
-        groups: Sequence[int] = (),
-        sequences: Sequence[Sequence[int]] = (),
-    ):
-        super().__init__(message)
-        self.step = step
-        self.groups = list(groups)
-        self.sequences = [list(s) for s in sequences]
-
-
-@dataclass(frozen=True)
-class BatchRun:
-    """Raw output of :meth:`SMC.run` for B groups of N particles (tensors on the CPU).
-
-    ``tokens[b, n, :lengths[b, n]]`` is a particle's continuation (EOS included when it
-    stopped on one); ``log_weights`` are normalized per group; ``log_z[b]`` is the log of the
-    unbiased estimate of the group's normalizing constant; ``ess_history[s, b]`` is the ESS
-    after step s (before any resampling) and ``resampled[s, b]`` whether that step resampled.
-    ``dead[b]`` (runs with ``on_dead="flag"``) marks groups whose particles all reached weight
-    zero: their tokens are the partial outputs at that step, their log-weights ``-inf`` and
-    ``log_z`` is ``-inf`` (Z_hat = 0).
-    """
-
-    tokens: Tensor
-    lengths: Tensor
-    log_weights: Tensor
-    log_z: Tensor
-    ess_history: Tensor
-    resampled: Tensor
-    elapsed_s: float
-    dead: Tensor | None = None
-
-    @classmethod
-    def from_log_weights(
-        cls,
-        tokens: Tensor,
-        lengths: Tensor,
-        log_w: Tensor,
-        ess_history: Tensor,
-        resampled: Tensor,
-        elapsed_s: float,
-        dead: Tensor,
-    ) -> BatchRun:
-        """Assemble a run from unnormalized ``log_w [B, N]``: normalized weights, log Z_hat, all on the CPU."""
-        n = log_w.shape[1]
-        return cls(
-            tokens=tokens.cpu(),
-            lengths=lengths.cpu(),
-            log_weights=normalized_log_weights(log_w).cpu(),
-            log_z=(torch.logsumexp(log_w, dim=1) - math.log(n)).cpu(),
-            ess_history=ess_history.cpu(),
-            resampled=resampled.cpu(),
-            elapsed_s=elapsed_s,
-            dead=dead.cpu(),
-        )
-
-
-def length_problem(prompt_len: int, max_new_tokens: int, context: int | None) -> str | None:
-    """Why a prompt and a token budget do not fit a model context (None when they do or it is unknown)."""
-    if context is None:
-        return None
-    if prompt_len > context:
-        return f"prompt has {prompt_len} tokens but the model context is {context} tokens"
-    if prompt_len + max_new_tokens > context:
-        return (
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"model context ({context} tokens); shorten the prompt or lower max_new_tokens"
-        )
-    return None
-
-
-def dead_group_error(
-    groups: list[int],
-    partial: list[list[int]],
-    finished: list[bool],
-    potential: Potential | None,
-    step: int | None = None,
-    cause: str | None = None,
-) -> AllParticlesDeadError:
-    """The error for groups whose particles all have weight zero: the first group's partial outputs
-    and, where the potential can tell, why they are ruled out."""
-    reasons: list[str] = []
-    if potential is not None:
-        for toks, fin in zip(partial, finished):
-            why = potential.explain_zero(toks, fin)
-            if why and why not in reasons:
-                reasons.append(why)
-    detail = f" ({potential.name}: {'; '.join(reasons[:3])})" if reasons and potential is not None else ""
-    which = str(groups[:8])[:-1] + (f", ... ({len(groups)} groups)]" if len(groups) > 8 else "]")
-    where = f"step {step}: " if step is not None else ""
-    cause = cause or "the potentials rule out every continuation the proposal reached"
-    return AllParticlesDeadError(
-        f"{where}every particle of group(s) {which} has weight zero; {cause}{detail}",
-        step=step,
-        groups=groups,
-        sequences=partial,
-    )
+from smcgen.step import (
+    NonFiniteError,
+    advance,
+    bad_values,
+    global_rows,
+    potential_increment,
+    resample_gate,
+    reset_weights,
+    token_weights,
+)
 
 
 class SMC:
@@ -148,11 +51,14 @@ class SMC:
 
     ``target`` is the LM factor p_tau^alpha; ``proposal`` drafts ``config.block_size`` tokens per
     step (None: the target proposes one token per step by itself); ``potentials`` multiply the
-    target. ``mask`` (a :class:`~smcgen.potentials.grammar.GrammarPotential`) restricts the
-    target's own draws (the bonus token; every token in plain SMC) to the tokens it allows, each
-    weighted by the masked log-normalizer log sum_{v allowed} p(v)^alpha: the locally constrained
-    proposal of DESIGN.md. A mask, and the mask of a masked proposal, are factors of the target
-    (added to ``potentials`` when missing). Build once, call :meth:`run` per prompt.
+    target. ``guide`` (a potential with a next-token mask: a
+    :class:`~smcgen.potentials.grammar.GrammarPotential`, or any :class:`Potential` implementing
+    ``next_token_mask``; ``mask=`` is its older name) restricts the target's own draws (the bonus
+    token; every token in plain SMC) to the tokens it allows, each weighted by the masked
+    log-normalizer log sum_{v allowed} p(v)^alpha: the locally constrained proposal of DESIGN.md.
+    A guide, and the mask of a masked proposal, are factors of the target (added to
+    ``potentials`` when missing). ``resampler`` (a :class:`Resampler`) overrides
+    ``config.resampler``. Build once, call :meth:`run` per prompt.
     """
 
     def __init__(
@@ -161,7 +67,10 @@ class SMC:
         config: SMCConfig,
         proposal: Proposal | None = None,
         potentials: Potential | Sequence[Potential] = (),
-        mask: GrammarPotential | None = None,
+        guide: Potential | None = None,
+        *,
+        mask: Potential | None = None,
+        resampler: Resampler | None = None,
     ):
         self.target = target
         self.config = config
@@ -169,9 +78,8 @@ class SMC:
         if isinstance(potentials, Potential):
             potentials = [potentials]
         factors = list(Product(list(potentials)).factors)
+        mask = as_guide(guide, mask)
         if mask is not None:
-            if not isinstance(mask, GrammarPotential):
-                raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
             mask = mask.for_logits(target.lm.vocab_size, target.lm)
         self.mask = mask
         required = proposal.required_potentials() if proposal is not None else ()
@@ -179,7 +87,7 @@ class SMC:
             if m is not None and not any(f is m for f in factors):
                 factors.append(m)
         self.potential: Potential | None = Product(factors) if factors else None
-        self.resampler = get_resampler(config.resampler)
+        self.resampler = resampler if resampler is not None else get_resampler(config.resampler)
         lm = target.lm
         self.eos_ids = list(lm.eos_token_ids)
         self.pad_id = self.eos_ids[0] if self.eos_ids else 0
@@ -199,18 +107,9 @@ class SMC:
         ids = seq[rows_dev, start:].tolist()
         lens = lengths[rows_dev].tolist()
         token_ids = [r[:n] for r, n in zip(ids, lens)]
-        out = torch.empty(len(token_ids), dtype=torch.float64)
-        fin = finished.tolist()
-        row_ids = rows.tolist()
-        decoder = self.target.lm.tokenizer
-        for want_complete in (False, True):
-            pick = [i for i, f in enumerate(fin) if f == want_complete]
-            if not pick:
-                continue
-            batch = SequenceBatch([token_ids[i] for i in pick], prompt, decoder, rows=[row_ids[i] for i in pick])
-            fn = self.potential.log_complete if want_complete else self.potential.log_prefix
-            out[pick] = checked_scores(self.potential, fn(batch), len(pick))
-        return out
+        return score_particles(
+            self.potential, token_ids, finished.tolist(), prompt, self.target.lm.tokenizer, rows.tolist()
+        )
 
     def _raise_dead(
         self, step: int, groups: list[int], seq: Tensor, lengths: Tensor, done: Tensor, prompt: list[int]
@@ -259,7 +158,7 @@ class SMC:
             self.proposal.start(prompt_t[None], R)
         if self.potential is not None:
             self.potential.start(prompt, R)
-        eos = torch.tensor(self.eos_ids, device=device, dtype=torch.long)
+        eos = torch.tensor(self.eos_ids, device=device, dtype=torch.long).reshape(-1)
 
         done = torch.zeros(R, dtype=torch.bool, device=device)
         dead_groups = torch.zeros(B, dtype=torch.bool, device=device)
@@ -298,32 +197,31 @@ class SMC:
             pending = self.mask.request_bitmask(extended, len(prompt)) if self.mask is not None and with_bonus else None
             logits = runner.forward_new(extended)[:, -(k + 1) :]
             log_p = alpha * log_probs(logits[:, :k], tau).gather(-1, drafted[:, :, None]).squeeze(-1).double()
-            token_w = log_p - log_q
-            block = drafted
+            block, log_norm = drafted, None
             if with_bonus:
                 allowed = pending.result() if pending is not None else None
                 bonus, _, log_norm = sample_powered(logits[:, k], tau, alpha, generator, allowed=allowed)
                 block = torch.cat([block, bonus[:, None]], dim=1)
-                token_w = torch.cat([token_w, log_norm[:, None]], dim=1)
+            token_w = token_weights(log_p, log_q, log_norm)
 
-            # a position counts while its particle is alive and no EOS came earlier in the block
-            is_eos = torch.isin(block, eos) if len(self.eos_ids) else torch.zeros_like(block, dtype=torch.bool)
-            eos_before = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
-            valid = (~done)[:, None] & ~eos_before
-            inc = torch.where(valid, token_w, torch.zeros_like(token_w)).sum(dim=1)
-            block = torch.where(valid, block, torch.full_like(block, self.pad_id))
-            lengths += valid.sum(dim=1)
-            new_done = done | (is_eos & valid).any(dim=1) | (lengths >= cfg.max_new_tokens)
+            adv = advance(block, token_w, done, lengths, eos, cfg.max_new_tokens, self.pad_id)
+            block, inc, lengths, new_done = adv.block, adv.inc, adv.lengths, adv.done
+            # the model's numbers are checked where they enter the weights (NaN logits name the model)
+            if bool(bad_values(inc)):
+                bad_q = bool(bad_values(-log_q)) if k > 0 else False
+                raise NonFiniteError("the proposal" if bad_q else "the target model's logits", step)
             seq = torch.cat([seq, block], dim=1)
 
             if self.potential is not None:
                 rows_dev = (~done).nonzero().squeeze(-1)
                 rows = rows_dev.cpu()
                 if rows.numel():
-                    new = self._score_potential(seq, rows, rows_dev, lengths, new_done[rows_dev].cpu(), prompt)
-                    prev = pot_prev[rows]
-                    delta = torch.where(torch.isneginf(prev), torch.full_like(new, -math.inf), new - prev)
-                    pot_prev[rows] = new
+                    try:
+                        new = self._score_potential(seq, rows, rows_dev, lengths, new_done[rows_dev].cpu(), prompt)
+                    except Exception as err:
+                        raise scoring_error(self.potential, err, step) from err
+                    active = torch.ones_like(new, dtype=torch.bool)  # only active rows were scored
+                    delta, pot_prev[rows] = potential_increment(new, pot_prev[rows], active)
                     inc[rows_dev] += delta.to(device)
             done = new_done
             lw += inc.view(B, N)
@@ -336,17 +234,13 @@ class SMC:
                 done |= dead_groups.repeat_interleave(N)  # frozen where they died
             ess = effective_sample_size(lw)  # 0 for dead groups
             ess_history.append(ess.cpu())
-            want = (ess < cfg.ess_threshold * N) | torch.full_like(ess, cfg.ess_threshold >= 1.0, dtype=torch.bool)
-            want &= ~dead_groups
-            if bool(done.all()):
-                # resampling after the last step only adds noise to the final weights
-                want = torch.zeros_like(want)
+            want = resample_gate(ess, cfg.ess_threshold, N, done.all(), dead_groups)
             resampled_history.append(want.cpu())
             if bool(want.any()):
                 groups = want.nonzero().squeeze(-1)
                 ancestors = torch.arange(N, device=device).expand(B, N).clone()
                 ancestors[groups] = self.resampler.ancestors(lw[groups], generator).to(device)
-                rows_all = (ancestors + torch.arange(B, device=device)[:, None] * N).reshape(-1)
+                rows_all = global_rows(ancestors)
                 rows_cpu = rows_all.cpu()
                 seq, done, lengths = seq[rows_all], done[rows_all], lengths[rows_all]
                 pot_prev = pot_prev[rows_cpu]
@@ -355,8 +249,7 @@ class SMC:
                     self.proposal.reorder(rows_all)
                 if self.potential is not None:
                     self.potential.reorder(rows_cpu)
-                mean = torch.logsumexp(lw[groups], dim=1, keepdim=True) - math.log(N)
-                lw[groups] = mean.expand(-1, N)
+                lw = reset_weights(lw, want)
             bar.update(min(block.shape[1], cfg.max_new_tokens - bar.n))
         bar.close()
         if device.type == "cuda":

@@ -198,13 +198,17 @@ def test_generate_with_an_int8_draft(target, draft):
 
 def test_native_engine_refuses_what_it_cannot_run(target, draft):
     import smcgen
-    from smcgen import RewardPotential
+    from smcgen import Proposal
 
-    with pytest.raises(ValueError, match="potentials run on the generic engine"):
-        smcgen.generate(target, [0, 1], engine="native", potentials=[RewardPotential(lambda s: 0.0)],
-                        max_new_tokens=3)
-    with pytest.raises(ValueError, match="resampler"):
-        smcgen.generate(target, [0, 1], engine="native", resampler="multinomial", max_new_tokens=3)
+    class Custom(Proposal):
+        def propose(self, sequences, n_tokens, generator):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="a custom Proposal runs on the generic engine only"):
+        smcgen.generate(target, [0, 1], engine="native", proposal=Custom(), max_new_tokens=3)
+    # potentials and every resampler run natively (tests/test_native_potentials.py)
+    res = smcgen.generate(target, [0, 1], engine="native", resampler="multinomial", max_new_tokens=3, seed=0)
+    assert res.engine == "native"
     with pytest.raises(ValueError, match="at least 2 tokens"):
         smcgen.generate(target, [0], draft=draft, engine="native", max_new_tokens=3)
     # 'auto' on the CPU falls back to the generic engine, which runs all of these

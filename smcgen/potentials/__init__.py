@@ -1,9 +1,21 @@
 """Potentials: the factors a target is made of."""
 
-from smcgen.potentials.base import Potential, Product, SequenceBatch
+from smcgen.potentials.base import Potential, PotentialError, Product, SequenceBatch
 from smcgen.potentials.errors import GrammarError
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
 from smcgen.potentials.reward import RewardPotential
+from smcgen.potentials.token import LearnedReward, TokenPotential
 
-__all__ = ["GrammarError", "GrammarPotential", "LMPotential", "Potential", "Product", "RewardPotential", "SequenceBatch"]
+__all__ = [
+    "GrammarError",
+    "GrammarPotential",
+    "LMPotential",
+    "LearnedReward",
+    "Potential",
+    "PotentialError",
+    "Product",
+    "RewardPotential",
+    "SequenceBatch",
+    "TokenPotential",
+]

@@ -84,6 +84,54 @@ class Potential(abc.ABC):
         """Log-score of each finished particle (EOS or max length), shape ``[len(batch)]``."""
         return self.log_prefix(batch)
 
+    # ------------------------------------------------------------------ next-token capability
+
+    def next_token_mask(self, batch: SequenceBatch) -> Tensor | None:
+        """Optional: bool ``[len(batch), V]``, the next tokens this factor does not rule out.
+
+        Passed as an engine's ``guide``, a potential that implements this shapes the proposal: the
+        target's own draws (and a draft's, on the native engine) are restricted to the allowed
+        tokens and weighted by the masked log-normalizer, so particles are steered away from zeros
+        instead of dying. The mask must allow every token after which the potential is not zero
+        (a sound support), else the target loses mass. None (the default): no information.
+        """
+        return None
+
+    @property
+    def shapes_proposal(self) -> bool:
+        """True when the potential can restrict next tokens (overrides :meth:`next_token_mask` or
+        :meth:`request_bitmask`)."""
+        cls = type(self)
+        return (
+            cls.next_token_mask is not Potential.next_token_mask
+            or cls.request_bitmask is not Potential.request_bitmask
+        )
+
+    def for_logits(self, vocab_size: int, lm: Any = None, whose: str = "the target's") -> Potential:
+        """Prepare the potential to mask logits of ``vocab_size`` columns (``lm``: the model, for
+        its tokenizer); returns the potential to use. Checks a grammar's vocabulary, for instance."""
+        self._guide_vocab_size = int(vocab_size)
+        if lm is not None:
+            self.guide_context(getattr(lm, "tokenizer", None), getattr(lm, "eos_token_ids", ()))
+        return self
+
+    def guide_context(self, decoder: Decoder | None, eos_token_ids: Sequence[int]) -> None:
+        """The run's tokenizer (for ``batch.texts``) and EOS ids (a row's tokens end at its first
+        EOS) for the default :meth:`request_bitmask`; engines call it."""
+        self._guide_decoder = decoder
+        self._guide_eos = tuple(int(e) for e in eos_token_ids)
+
+    #: token ids this potential treats as end of sequence (a grammar's; none by default)
+    eos_token_ids: tuple[int, ...] = ()
+
+    def request_bitmask(self, sequences: Tensor, n_prompt: int) -> PendingMask:
+        """Start computing the next-token bitmask (int32 ``[R, ceil(V/32)]``) of every row of
+        ``sequences`` (prompt of ``n_prompt`` tokens included); collect it with ``.result()``.
+
+        The default calls :meth:`next_token_mask` when the result is collected.
+        """
+        return PendingMask(self, sequences[:, n_prompt:].to("cpu", copy=True), list(sequences[0, :n_prompt].tolist()))
+
     def __mul__(self, other: Potential) -> Potential:
         if not isinstance(other, Potential):
             return NotImplemented
@@ -93,6 +141,45 @@ class Potential(abc.ABC):
     def name(self) -> str:
         """Name used in error messages."""
         return type(self).__name__
+
+
+class PendingMask:
+    """A next-token mask requested before a model forward and computed when collected (after it)."""
+
+    def __init__(self, potential: Potential, continuations: Tensor, prompt_ids: list[int]):
+        self._potential = potential
+        self._continuations = continuations
+        self._prompt = prompt_ids
+        self._value: Tensor | None = None
+
+    def result(self) -> Tensor:
+        """The int32 bitmask ``[R, ceil(V/32)]`` (CPU)."""
+        if self._value is None:
+            from smcgen.sampling import bitmask_from_allowed
+
+            pot = self._potential
+            vocab = getattr(pot, "_guide_vocab_size", None)
+            if vocab is None:
+                raise RuntimeError(f"potential {pot.name}: call for_logits(vocab_size) before requesting masks")
+            eos = set(getattr(pot, "_guide_eos", ()))
+            rows = []
+            for r in self._continuations.tolist():
+                end = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
+                rows.append(r[:end])
+            batch = SequenceBatch(
+                rows, self._prompt, getattr(pot, "_guide_decoder", None), rows=list(range(len(rows)))
+            )
+            allowed = pot.next_token_mask(batch)
+            if allowed is None:
+                allowed = torch.ones(len(batch), vocab, dtype=torch.bool)
+            allowed = torch.as_tensor(allowed).detach().cpu()
+            if allowed.shape != (len(batch), vocab):
+                raise ValueError(
+                    f"potential {pot.name}: next_token_mask returned shape {tuple(allowed.shape)}, "
+                    f"expected [{len(batch)}, {vocab}] (particles x vocabulary)"
+                )
+            self._value = bitmask_from_allowed(allowed.bool())
+        return self._value
 
 
 class Product(Potential):
@@ -139,6 +226,59 @@ def _sum_scores(scored: list[tuple[Potential, Tensor]], n: int) -> Tensor:
     for _, s in scored:
         total = total + s
     return total
+
+
+def as_guide(guide: Any, mask: Any = None) -> Any:
+    """An engine's one next-token guide: ``guide=``, or ``mask=`` (its older name); checked."""
+    if guide is not None and mask is not None and guide is not mask:
+        raise ValueError("give the next-token guide once: guide= (mask= is its older name)")
+    guide = guide if guide is not None else mask
+    if guide is not None and not (isinstance(guide, Potential) and guide.shapes_proposal):
+        raise TypeError(
+            "guide must be a Potential with a next-token mask (next_token_mask or request_bitmask, "
+            f"e.g. a GrammarPotential), got {type(guide).__name__}"
+        )
+    return guide
+
+
+class PotentialError(RuntimeError):
+    """A potential raised while the engine scored particles; the message names it and the step."""
+
+
+def scoring_error(potential: Potential, err: Exception, step: int | None) -> Exception:
+    """The error to raise when ``potential`` failed at ``step``: a ValueError (bad scores) keeps its
+    type with the step prepended; any other exception becomes a :class:`PotentialError` naming the
+    potential and the step, chained to the original."""
+    where = f"step {step}: " if step is not None else ""
+    if isinstance(err, ValueError):
+        try:
+            return type(err)(f"{where}{err}")
+        except TypeError:
+            return ValueError(f"{where}{err}")
+    return PotentialError(f"{where}potential {potential.name} raised {type(err).__name__}: {err}")
+
+
+def score_particles(
+    potential: Potential,
+    token_ids: Sequence[Sequence[int]],
+    finished: Sequence[bool],
+    prompt_ids: Sequence[int],
+    decoder: Decoder | None,
+    rows: Sequence[int] | None = None,
+) -> Tensor:
+    """Checked float64 scores ``[len(token_ids)]``: ``log_complete`` for finished particles,
+    ``log_prefix`` for the others (two batched calls at most); what both engines call."""
+    out = torch.empty(len(token_ids), dtype=torch.float64)
+    for want_complete in (False, True):
+        pick = [i for i, f in enumerate(finished) if bool(f) == want_complete]
+        if not pick:
+            continue
+        batch = SequenceBatch(
+            [token_ids[i] for i in pick], prompt_ids, decoder, rows=None if rows is None else [rows[i] for i in pick]
+        )
+        fn = potential.log_complete if want_complete else potential.log_prefix
+        out[pick] = checked_scores(potential, fn(batch), len(pick))
+    return out
 
 
 def checked_scores(potential: Potential, scores: Any, n: int) -> Tensor:

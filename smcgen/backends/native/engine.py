@@ -32,25 +32,66 @@ from tqdm.auto import tqdm
 from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
+from smcgen.kernels.philox import philox_uniform
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
-from smcgen.potentials.grammar import GrammarPotential
-from smcgen.smc import BatchRun, dead_group_error, length_problem
+from smcgen.potentials.base import (
+    Potential,
+    Product,
+    SequenceBatch,
+    as_guide,
+    checked_scores,
+    score_particles,
+    scoring_error,
+)
+from smcgen.potentials.token import TokenPotential
+from smcgen.resampling import (
+    Resampler,
+    SystematicResampler,
+    effective_sample_size,
+    get_resampler,
+    graph_safe,
+)
+from smcgen.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
+from smcgen.step import (
+    NonFiniteError,
+    advance,
+    bad_values,
+    global_rows,
+    potential_increment,
+    resample_gate,
+    reset_weights,
+    token_weights,
+)
 
 
 class NativeSMC:
     """SMC over a native target with an optional native draft; B requests x N particles per run.
 
-    ``config`` is the same :class:`SMCConfig` as the generic engine; the native engine supports
-    the systematic resampler only (the one fused into the weighting kernel) and no potentials.
+    ``config`` is the same :class:`SMCConfig` as the generic engine. Systematic resampling is
+    fused into the weighting kernel (the default); the other built-in resamplers run as torch ops
+    on the device with uniforms from the run's Philox stream, captured in the cycle graph too; a
+    ``resampler=`` :class:`Resampler` written in torch is captured when it is ``graph_safe``, else
+    the run is eager (its torch generator is not captured).
     ``draft=None`` gives plain SMC (the target proposes one token per cycle), which with N = 1 is
     autoregressive decoding. ``eos_token_ids`` end a particle (empty: always run to the limit).
     ``cuda_graph`` (default: on for CUDA) captures one cycle and replays it.
-    ``mask`` (a bound :class:`~smcgen.potentials.grammar.GrammarPotential`) constrains generation
-    locally: the draft and the target's bonus token are drawn from their distributions restricted
-    to the grammar's allowed tokens, weighted as DESIGN.md's "locally constrained" row says, and
-    the grammar is a factor of the target (a particle that stops outside the language gets weight
-    zero). Masks are computed on the CPU from each step's tokens, so masked runs are not graphed.
+
+    ``potentials`` multiply the target. A :class:`~smcgen.potentials.token.TokenPotential`
+    (device potential) is scored inside the cycle on all rows at once, graph and all; any other
+    potential (host potential: Python over token lists or decoded text, which needs
+    ``tokenizer``) is scored on the host one cycle late, while the device runs the next cycle:
+    its increment enters the weights a cycle after the tokens it scores (the twist telescopes,
+    and ``log_complete`` is added at the end, so the target is unchanged; see docs/engine.md).
+
+    ``guide`` (a potential with a next-token mask: a bound
+    :class:`~smcgen.potentials.grammar.GrammarPotential` or any potential implementing
+    ``next_token_mask``; ``mask=`` is its older name) constrains generation locally: the draft
+    and the target's bonus token are drawn from their distributions restricted to the allowed
+    tokens, weighted as DESIGN.md's "locally constrained" row says, and the guide is a factor of
+    the target, applied at the end (a particle that stops outside a grammar's language gets
+    weight zero). Masks are computed on the CPU from each step's tokens, so guided runs are not
+    graphed.
     """
 
     def __init__(
@@ -62,13 +103,20 @@ class NativeSMC:
         page_size: int = 16,
         cuda_graph: bool | None = None,
         kv_memory_fraction: float = 0.85,
+        guide: Any = None,
+        *,
         mask: Any = None,
+        potentials: Potential | Sequence[Potential] = (),
+        resampler: Resampler | None = None,
+        tokenizer: Any = None,
     ):
-        if config.resampler != "systematic":
-            raise ValueError(
-                f"the native engine fuses systematic resampling only, got resampler={config.resampler!r}; "
-                "use engine='generic' for other schemes"
-            )
+        mask = as_guide(guide, mask)
+        if resampler is None:
+            resampler = get_resampler(config.resampler)
+        if not isinstance(resampler, Resampler):
+            raise TypeError(f"resampler must be a smcgen Resampler, got {type(resampler).__name__}")
+        # the fused kernel's systematic scheme; any other runs with torch ops (eagerly)
+        self.resampler: Resampler | None = None if type(resampler) is SystematicResampler else resampler
         if draft is not None and draft.vocab_size != target.vocab_size:
             raise ValueError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
         if page_size < 1:
@@ -87,10 +135,10 @@ class NativeSMC:
             raise ValueError("cuda_graph=True needs the models on a CUDA device")
         self.kv_memory_fraction = kv_memory_fraction
         self.block = config.block_size if draft is not None else 0
+        self.tokenizer = tokenizer
         if mask is not None:
-            if not isinstance(mask, GrammarPotential):
-                raise TypeError(f"mask must be a GrammarPotential, got {type(mask).__name__}")
-            mask.for_logits(target.vocab_size)
+            mask = mask.for_logits(target.vocab_size)
+            mask.guide_context(tokenizer, self.eos_ids)
             missing = {int(e) for e in mask.eos_token_ids} - set(self.eos_ids)
             if missing:
                 raise ValueError(
@@ -100,6 +148,23 @@ class NativeSMC:
             # the masks depend on the tokens just drawn: the host takes part in every step
             self.cuda_graph = False
         self.mask = mask
+        if isinstance(potentials, Potential):
+            potentials = [potentials]
+        factors = [f for f in Product(list(potentials)).factors if f is not mask]
+        #: scored inside the cycle (every step / once at the end) and on the host one cycle late
+        self.device_potentials = [f for f in factors if isinstance(f, TokenPotential) and f.score_prefixes]
+        self.end_potentials = [f for f in factors if isinstance(f, TokenPotential) and not f.score_prefixes]
+        self.host_potentials = [f for f in factors if not isinstance(f, TokenPotential)]
+        self.host_potential = Product(self.host_potentials) if self.host_potentials else None
+        all_factors = factors + ([mask] if mask is not None else [])
+        self.potential: Potential | None = Product(all_factors) if all_factors else None
+        if self.resampler is not None and not graph_safe(self.resampler):
+            # a user resampler drawing from a torch generator: eager (its generator is not captured)
+            self.cuda_graph = False
+        #: what a NaN / +inf flag of the cycle points at: the models, then each device potential
+        self._sources = ["the target model's logits", "the draft model's logits"] + [
+            f"potential {p.name}" for p in self.device_potentials
+        ]
         #: the host enqueues cycle c + 1 before it reads cycle c's all-done flag, so the GPU never
         #: waits on the host between cycles; when every particle finished in cycle c, cycle c + 1
         #: runs without effect. None (default): on CUDA only (on the CPU a cycle runs as it is
@@ -204,7 +269,9 @@ class NativeSMC:
             # a run ends with every particle finished (EOS or the token budget)
             finished = [True] * len(partial)
             cause = "no particle ended inside the grammar's language" if self.mask is not None else None
-            raise dead_group_error(groups, partial, finished, self.mask, cause=cause)
+            if self.mask is None and self.potential is not None:
+                cause = "the potentials rule out every continuation the proposal reached"
+            raise dead_group_error(groups, partial, finished, self.potential, cause=cause)
         return out
 
     def _run_one_length(
@@ -237,13 +304,15 @@ class NativeSMC:
         )
 
         state = _CycleState(self, prompts, n_cycles, tcache, dcache, stream)
-        if self.mask is not None:
-            self.mask.start(prompts[0], R)
+        if self.potential is not None:
+            self.potential.start(prompts[0], R)
+        self._start_potentials(state, prompts)
         self._prefill(state, prompts)
         _sync(dev)
         t_prefill = time.perf_counter()
 
         graph = None
+        self._step = 1  # the step a device potential's error names (the capture runs cycle 1)
         if self.cuda_graph:
             graph = self._capture(state)
         _sync(dev)
@@ -257,12 +326,23 @@ class NativeSMC:
         # wait on the host at every step anyway)
         ahead = on_gpu if self.lookahead is None else self.lookahead
         lag = 1 if ahead and self.mask is None else 0
+        host = None
+        if self.host_potential is not None:
+            # host potentials score cycle c - 1 while the device runs cycle c (always, also on the
+            # CPU, so the CPU tests check the lagged weights the GPU uses); with a guide every cycle
+            # waits on the host anyway, and they score each cycle right after it
+            lag = 0 if self.mask is not None else 1
+            host = _HostScorer(self, state, prompts, lag)
+        seen = -1
         for c in range(n_cycles):
+            self._step = c + 1
             if graph is not None:
                 graph.replay()
             else:
                 self._cycle(state)
             done_host[c % 2 : c % 2 + 1].copy_(state.all_done, non_blocking=True)
+            if host is not None:
+                host.snapshot(c)
             if flag_ready is not None:
                 flag_ready[c % 2].record(torch.cuda.current_stream(dev))  # the models' device, not the current one
             bar.update(min(T, cfg.max_new_tokens - bar.n))
@@ -271,11 +351,15 @@ class NativeSMC:
                 continue
             if flag_ready is not None:
                 flag_ready[seen % 2].synchronize()
+            if host is not None:
+                host.score(seen)
             if bool(done_host[seen % 2]):
                 # a cycle enqueued after every particle finished changes nothing (no valid token, no
                 # weight, no resampling) and is not counted
                 n_cycles = seen + 1
                 break
+        if host is not None:
+            host.finish(last=c, seen=seen, ready=flag_ready)
         bar.close()
         _sync(dev)
         t_end = time.perf_counter()
@@ -289,8 +373,11 @@ class NativeSMC:
         tcache.check_status()
         if dcache is not None:
             dcache.check_status()
+        self._check_flags(state)
         if self.mask is not None:
             self._apply_final_factor(state, prompts[0])
+        for p in self.end_potentials:
+            self._apply_end_potential(state, p)
         # dead during the run (the weight update leaves a dead group's -inf weights as they are), or
         # (with a grammar) no particle ended inside the language
         dead = torch.isneginf(state.log_w).all(dim=1).cpu()
@@ -389,9 +476,15 @@ class NativeSMC:
         # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
         if K > 0:
             log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
-            token_w = torch.cat([log_p - torch.stack(log_q, dim=1), bonus_norm[:, None]], dim=1)
+            q = torch.stack(log_q, dim=1)
+            # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error);
+            # one flag update for both models keeps the captured cycle's extra kernels few
+            nan_t = torch.isnan(torch.cat([log_p, bonus_norm[:, None]], dim=1)).any()
+            self._flag(s, 0, torch.stack([nan_t, torch.isnan(q).any()]))
         else:
-            token_w = bonus_norm[:, None]
+            log_p = q = bonus_norm.new_zeros(R, 0)
+            self._flag(s, 0, torch.isnan(bonus_norm).any())
+        token_w = token_weights(log_p, q, bonus_norm)
         anc = self._finish(s, y, bonus, token_w)
         if masked:
             self.mask.reorder(anc.cpu())
@@ -408,26 +501,39 @@ class NativeSMC:
         block = torch.cat([y, bonus[:, None]], dim=1)
 
         gen_idx = s.cycle * T + s.arange_t  # [T] positions of this block in the continuation
-        if self.eos_ids:
-            # a broadcast compare, not torch.isin: isin sorts (and syncs) for many ids, breaking capture
-            is_eos = (block[..., None] == s.eos).any(dim=-1)
-        else:
-            is_eos = torch.zeros_like(block, dtype=torch.bool)
-        eos_before = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
-        valid = (~s.done)[:, None] & ~eos_before & (gen_idx < cfg.max_new_tokens)[None]
-        inc = torch.where(valid, token_w, torch.zeros_like(token_w)).sum(dim=1)
-        s.history.scatter_(1, gen_idx.expand(R, T), torch.where(valid, block, torch.full_like(block, self.pad_id)))
-        s.lengths.add_(valid.sum(dim=1))
-        s.done.copy_(s.done | (is_eos & valid).any(dim=1) | (s.lengths >= cfg.max_new_tokens))
+        adv = advance(
+            block, token_w, s.done, s.lengths, s.eos, cfg.max_new_tokens, self.pad_id, gen_idx < cfg.max_new_tokens
+        )
+        s.history.scatter_(1, gen_idx.expand(R, T), adv.block)
+        s.lengths.copy_(adv.lengths)
+        inc = adv.inc
+        # device potentials see the block: complete scores for rows that just finished
+        for i, p in enumerate(self.device_potentials):
+            new = self._device_scores(s, p, adv.done)
+            self._flag(s, 2 + i, bad_values(new))
+            p_inc, prev = potential_increment(new, s.device_prev[i], ~s.done)
+            s.device_prev[i].copy_(prev)
+            inc = inc + p_inc
+        s.done.copy_(adv.done)
+        if self.host_potential is not None:
+            # host potentials' increments of an earlier cycle, consumed once
+            inc = inc + s.host_inc
+            s.host_inc.zero_()
+        # a NaN / +inf was flagged where it arose; the weights get a zero there, so resampling and
+        # log Z never see NaN, and the run raises when it ends (a device flag: no sync here)
+        inc = torch.where(torch.isnan(inc) | torch.isposinf(inc), torch.full_like(inc, -math.inf), inc)
 
         # no resampling once every particle has finished (at the latest the last cycle, where every
         # row reaches max_new_tokens): it would only add noise to the final weights; decided on
         # the device, so graphs keep it
-        allow = (~s.done.all()).to(torch.int32).reshape(1)
-        anc, ess, resampled, _ = smc_weight_update(
-            s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, allow
-        )
-        s.offset.add_(s.B)
+        if self.resampler is None:
+            allow = (~s.done.all()).to(torch.int32).reshape(1)
+            anc, ess, resampled, _ = smc_weight_update(
+                s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, allow
+            )
+            s.offset.add_(s.B)
+        else:
+            anc, ess, resampled = self._torch_resample(s, inc)
         s.ess_history.index_copy_(0, s.cycle, ess[None])
         s.resampled_history.index_copy_(0, s.cycle, resampled[None])
 
@@ -438,6 +544,10 @@ class NativeSMC:
             s.pending.copy_(torch.stack([y[:, -1], bonus], dim=1)[anc])
         else:
             s.pending.copy_(bonus[anc][:, None])
+        if self.device_potentials:
+            s.device_prev.copy_(s.device_prev[:, anc])
+        if self.host_potential is not None:
+            s.last_anc.copy_(anc)
         s.tcache.resample(anc, pos + T)
         if self.draft is not None:
             s.dcache.resample(anc, pos + K)
@@ -446,19 +556,99 @@ class NativeSMC:
         s.cycle.add_(1)
         return anc
 
-    def _apply_final_factor(self, s: _CycleState, prompt: list[int]) -> None:
-        """The grammar factor of every finished particle: 0 when its text is in the language, else -inf."""
-        from smcgen.potentials.base import SequenceBatch
+    def _torch_resample(self, s: _CycleState, inc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The weight update with a torch resampler (any scheme but the fused systematic one):
+        the same gate as the kernel; dead groups keep their -inf weights and are not resampled."""
+        assert self.resampler is not None
+        s.log_w.add_(inc.view(s.B, -1).float())
+        lw = s.log_w.double()
+        dead = torch.isneginf(lw).all(dim=1)
+        ess = effective_sample_size(lw).float()
+        want = resample_gate(ess, self.config.ess_threshold, self.config.n_particles, s.done.all(), dead)
+        # a dead group's weights would be NaN in the resampler: give it uniform ones, its result is unused;
+        # the built-in schemes draw from the run's Philox stream (graph-safe), a user one from a generator
+        source = _PhiloxUniforms(s) if graph_safe(self.resampler) else s.generator
+        local = self.resampler.ancestors(torch.where(dead[:, None], torch.zeros_like(lw), lw), source)
+        keep = torch.arange(lw.shape[1], device=lw.device).expand_as(local)
+        anc = global_rows(torch.where(want[:, None], local.to(lw.device), keep))
+        s.log_w.copy_(reset_weights(lw, want).float())
+        return anc, ess, want
 
+    def _flag(self, s: _CycleState, source: int, bad: Tensor) -> None:
+        """Remember on the device that ``self._sources[source:]`` (one per entry of ``bad``) produced
+        NaN / +inf, and the first cycle each did."""
+        bad = bad.reshape(-1)
+        end = source + bad.numel()
+        first = s.bad_step[source:end]
+        first.copy_(torch.where(bad & (first < 0), s.cycle, first))
+        s.bad[source:end].logical_or_(bad)
+
+    def _check_flags(self, s: _CycleState) -> None:
+        """Raise for the first source flagged NaN / +inf during the run (one read, after the last cycle)."""
+        bad = s.bad.cpu()
+        if bool(bad.any()):
+            steps = s.bad_step.cpu()
+            i = int(bad.nonzero()[0])
+            raise NonFiniteError(self._sources[i], int(steps[i]) + 1)
+
+    def _device_scores(self, s: _CycleState, p: TokenPotential, finished: Tensor) -> Tensor:
+        """A device potential's scores ``[R]`` (float32) on the run's tokens, checked for shape (no sync)."""
+        try:
+            new = p.log_potential(s.history, s.lengths, finished)
+            if not isinstance(new, Tensor) or new.shape != (s.R,):
+                shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(f"potential {p.name} returned {shape} scores for {s.R} particles; expected [{s.R}]")
+        except Exception as err:
+            raise scoring_error(p, err, self._step) from err
+        return new.to(device=self.device, dtype=torch.float32)
+
+    def _start_potentials(self, s: _CycleState, prompts: list[list[int]]) -> None:
+        """Every potential's score of the empty continuation enters the weights (as the generic engine does)."""
+        N = self.config.n_particles
+        start = torch.zeros(s.R, dtype=torch.float32, device=self.device)
+        nothing = torch.zeros(s.R, dtype=torch.bool, device=self.device)
+        self._step = 0
+        for i, p in enumerate(self.device_potentials):
+            s0 = self._device_scores(s, p, nothing)
+            if bool(bad_values(s0)):
+                raise NonFiniteError(f"potential {p.name}", 0)
+            s.device_prev[i].copy_(s0)
+            start += s0
+        if self.host_potential is not None:
+            s0 = torch.cat([
+                score_particles(self.host_potential, [[]], [False], prompt, self.tokenizer).expand(N)
+                for prompt in prompts
+            ])
+            s.host_start = s0
+            start += s0.to(self.device, torch.float32)
+        if bool(torch.isneginf(start).any()):
+            raise AllParticlesDeadError("the potentials give the empty continuation weight zero")
+        s.log_w.add_(start.view(s.B, N))
+
+    def _apply_end_potential(self, s: _CycleState, p: TokenPotential) -> None:
+        """An end-only device potential's complete score of every particle (after the last cycle)."""
+        self._step = int(s.cycle)
+        final = self._device_scores(s, p, torch.ones_like(s.done))
+        if bool(bad_values(final)):
+            raise NonFiniteError(f"potential {p.name}", int(s.cycle))
+        s.log_w.add_(final.view(s.B, -1))
+
+    def _apply_final_factor(self, s: _CycleState, prompt: list[int]) -> None:
+        """The guide's factor of every finished particle (a grammar: 0 when its text is in the
+        language, else -inf); without twists along the way, which the masked draws make unneeded."""
         assert self.mask is not None
         N = self.config.n_particles
         lengths = s.lengths.cpu().tolist()
         hist = s.history.cpu().tolist()
         # rows= lets the grammar reuse each particle's matcher instead of re-parsing its whole text
         batch = SequenceBatch(
-            [h[:n] for h, n in zip(hist, lengths)], prompt, None, rows=list(range(len(hist)))
+            [h[:n] for h, n in zip(hist, lengths)], prompt, self.tokenizer, rows=list(range(len(hist)))
         )
-        final = self.mask.log_complete(batch).to(device=self.device, dtype=s.log_w.dtype)
+        try:
+            final = checked_scores(self.mask, self.mask.log_complete(batch), len(batch))
+        except Exception as err:
+            raise scoring_error(self.mask, err, int(s.cycle)) from err
+        final = final.to(device=self.device, dtype=s.log_w.dtype)
         s.log_w.add_(final.view(-1, N))
 
     def _capture(self, s: _CycleState) -> torch.cuda.CUDAGraph:
@@ -508,7 +698,7 @@ class _CycleState:
         self.pos = torch.zeros(1, dtype=torch.int32, device=dev)
         self.cycle = torch.zeros(1, **i64)
         self.arange_t = torch.arange(T, **i64)
-        self.eos = torch.tensor(engine.eos_ids or [0], **i64)
+        self.eos = torch.tensor(engine.eos_ids, **i64).reshape(-1)
         seed = cfg.seed if cfg.seed is not None else random.SystemRandom().getrandbits(62)
         # another batch of the same call: a key far from this one (Philox streams of distinct keys are independent)
         seed += stream * 0x9E3779B97F4A7C15
@@ -516,6 +706,18 @@ class _CycleState:
         self.offset = torch.zeros(1, **i64)
         self.ess_history = torch.zeros(n_cycles, self.B, dtype=torch.float32, device=dev)
         self.resampled_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
+        # potentials: each device potential's last score per row, the host potentials' pending
+        # increment (added by the next cycle), the last cycle's ancestors
+        self.device_prev = torch.zeros(len(engine.device_potentials), self.R, dtype=torch.float32, device=dev)
+        self.host_inc = torch.zeros(self.R, dtype=torch.float64, device=dev)
+        self.host_start: Tensor | None = None
+        self.last_anc = torch.arange(self.R, **i64)
+        # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
+        self.bad = torch.zeros(len(engine._sources), dtype=torch.bool, device=dev)
+        self.bad_step = torch.full((len(engine._sources),), -1, **i64)
+        # a torch resampler's randomness (eager runs only)
+        self.generator = torch.Generator(device=dev)
+        self.generator.manual_seed(seed % (2**62) + 1)
 
     def _tensors(self) -> list[Tensor]:
         caches = [c for c in (self.tcache, self.dcache) if c is not None]
@@ -531,6 +733,11 @@ class _CycleState:
             self.offset,
             self.ess_history,
             self.resampled_history,
+            self.device_prev,
+            self.host_inc,
+            self.last_anc,
+            self.bad,
+            self.bad_step,
         ]
         for c in caches:
             out += [c.block_table, c.refcount, c.free_stack, c.free_top, c.status, c.high_water]
@@ -598,3 +805,105 @@ def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: i
         raise ValueError(f"n_groups must be >= 1, got {groups}")
     prompt = [int(t) for t in items]
     return [list(prompt) for _ in range(groups)]
+
+
+class _PhiloxUniforms:
+    """Uniforms from the run's counter-based Philox stream (seed and offset on the device): what the
+    built-in resamplers draw from on the native engine, so a CUDA graph captures them."""
+
+    def __init__(self, s: _CycleState):
+        self.s = s
+
+    def uniform(self, shape: tuple[int, ...]) -> Tensor:
+        n = math.prod(shape)
+        u = philox_uniform(self.s.seed, self.s.offset + torch.arange(n, device=self.s.offset.device))
+        self.s.offset.add_(n)
+        return u.view(shape)
+
+
+class _HostScorer:
+    """Host potentials on the native engine, scored one cycle late so the device never waits.
+
+    After cycle c the host queues copies of the tokens, lengths, done flags and ancestors (pinned
+    memory on a GPU); while the device runs cycle c + 1 it scores cycle c's particles (complete for
+    finished ones), and its increment log Psi(new) - log Psi(previous) goes to the device, permuted
+    by cycle c + 1's ancestors, where cycle c + 2 adds it before its resampling decision. The
+    intermediate targets then carry the twist of the tokens one cycle back, which telescopes like
+    any twist; :meth:`finish` adds what is left after the last cycle (the final complete scores),
+    so the weights at the end are the ones the unlagged step gives. With ``lag = 0`` (a guided run,
+    where every cycle waits on the host anyway) each cycle is scored right after it.
+    """
+
+    def __init__(self, engine: NativeSMC, s: _CycleState, prompts: list[list[int]], lag: int):
+        assert engine.host_potential is not None and s.host_start is not None
+        self.engine, self.s, self.lag = engine, s, lag
+        self.potential = engine.host_potential
+        self.prompts = [tuple(p) for p in prompts]
+        self.N = engine.config.n_particles
+        pin = engine.device.type == "cuda"
+        R, W = s.R, s.history.shape[1]
+        self.hist = torch.zeros(2, R, W, dtype=torch.long, pin_memory=pin)
+        self.lengths = torch.zeros(2, R, dtype=torch.long, pin_memory=pin)
+        self.done = torch.zeros(2, R, dtype=torch.bool, pin_memory=pin)
+        self.anc = torch.zeros(2, R, dtype=torch.long, pin_memory=pin)
+        self.staged = torch.zeros(2, R, dtype=torch.float64, pin_memory=pin)
+        self.delta_dev = torch.zeros(R, dtype=torch.float64, device=engine.device)
+        # the last scores and done flags, in the order of the last scored snapshot
+        self.prev = s.host_start.clone()
+        self.prev_done = torch.zeros(R, dtype=torch.bool)
+
+    def snapshot(self, c: int) -> None:
+        """Queue copies of cycle c's state (read by :meth:`score` once the cycle's event passed)."""
+        i, s = c % 2, self.s
+        self.hist[i].copy_(s.history, non_blocking=True)
+        self.lengths[i].copy_(s.lengths, non_blocking=True)
+        self.done[i].copy_(s.done, non_blocking=True)
+        self.anc[i].copy_(s.last_anc, non_blocking=True)
+
+    def _delta(self, c: int) -> Tensor:
+        """Cycle c's increments (its row order), with the potentials' row states following its ancestors."""
+        i = c % 2
+        anc = self.anc[i].clone()
+        self.prev, self.prev_done = self.prev[anc], self.prev_done[anc]
+        self.potential.reorder(anc)
+        active = ~self.prev_done & ~torch.isneginf(self.prev)
+        rows = active.nonzero().squeeze(-1).tolist()
+        new = self.prev.clone()
+        if rows:
+            hist_rows, lengths, done = self.hist[i].tolist(), self.lengths[i].tolist(), self.done[i]
+            # one batched call per distinct prompt (usually one: n_groups runs of a prompt)
+            by_prompt: dict[tuple[int, ...], list[int]] = {}
+            for r in rows:
+                by_prompt.setdefault(self.prompts[r // self.N], []).append(r)
+            for prompt, mine in by_prompt.items():
+                tokens = [hist_rows[r][: lengths[r]] for r in mine]
+                try:
+                    new[mine] = score_particles(
+                        self.potential, tokens, done[mine].tolist(), list(prompt), self.engine.tokenizer, mine
+                    )
+                except Exception as err:
+                    raise scoring_error(self.potential, err, c + 1) from err
+        delta, self.prev = potential_increment(new, self.prev, active)
+        self.prev_done = self.done[i].clone()
+        return delta
+
+    def score(self, c: int) -> None:
+        """Score cycle c and queue its increment for the next cycle the device has not started."""
+        delta = self._delta(c)
+        staged = self.staged[c % 2]
+        staged.copy_(delta)
+        self.delta_dev.copy_(staged, non_blocking=True)
+        s = self.s
+        # lag 1: cycle c + 1 already reordered the rows; its ancestors are in last_anc (stream order)
+        s.host_inc.copy_(self.delta_dev[s.last_anc] if self.lag else self.delta_dev)
+
+    def finish(self, last: int, seen: int, ready: list[Any] | None) -> None:
+        """After the last cycle: the increment still pending and the scores of the cycles not yet
+        scored (the final, complete ones) go straight into the weights."""
+        s = self.s
+        s.log_w.add_(s.host_inc.view(s.B, -1).float())
+        s.host_inc.zero_()
+        for c in range(seen + 1, last + 1):
+            if ready is not None:
+                ready[c % 2].synchronize()
+            s.log_w.add_(self._delta(c).to(s.log_w.device).view(s.B, -1).float())

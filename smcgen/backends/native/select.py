@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,13 +76,13 @@ def native_unsupported(
 ) -> str | None:
     """Why the native engine cannot run this request's models and options, or None when it can.
 
-    Limits that depend on the prompt are the engine's own (``NativeSMC.unsupported_reason``)."""
-    if potentials is not None and not (isinstance(potentials, Sequence) and len(potentials) == 0):
-        return "potentials run on the generic engine only"
+    Limits that depend on the prompt are the engine's own (``NativeSMC.unsupported_reason``).
+    Potentials, guides and every resampler run natively."""
     if custom_proposal:
-        return "a custom Proposal runs on the generic engine only (pass draft= for a draft model)"
-    if cfg.resampler != "systematic":
-        return f"resampler {cfg.resampler!r} (the native engine fuses systematic resampling)"
+        return (
+            "a custom Proposal runs on the generic engine only: the native engine drafts with a native "
+            "draft model (pass draft= for a draft model)"
+        )
     for role, lm in (("target", target), ("draft", draft)):
         if lm is None:
             continue
@@ -103,6 +102,7 @@ def native_engine_or_reason(
     prompt_len: int,
     mask: Any = None,
 ) -> tuple[Any, str | None]:
+    # ``mask``: the run's next-token guide (the engines' ``guide=``)
     """``(engine, None)`` when the native engine runs this request, else ``(None, reason)``.
 
     ``mask``: a bound grammar for locally constrained generation (the native engine runs it
@@ -135,7 +135,9 @@ def native_engine_or_reason(
             cfg,
             draft=native_model(draft, draft_format(cfg, cfg.n_particles, target.device)) if draft is not None else None,
             eos_token_ids=target.eos_token_ids,
-            mask=mask,
+            guide=mask,
+            potentials=potentials if potentials is not None else (),
+            tokenizer=target.tokenizer,
         )
     reason = engine.unsupported_reason(prompt_len)
     return (None, reason) if reason is not None else (engine, None)

@@ -1,0 +1,149 @@
+"""One SMC step as pure tensor functions, shared by both engines.
+
+Every engine runs the same cycle: propose a block of tokens, weight it, update lengths and the
+done flags, add the potentials' increments, and resample the groups whose ESS fell. The math of
+that cycle lives here once; the engines differ only in how they get logits (the transformers
+runner in :mod:`smcgen.smc`, the paged native runner in :mod:`smcgen.backends.native.engine`).
+
+Every function here is device-side and shape-static: no ``.item()``, no ``nonzero``, no boolean
+indexing, so the native engine can record them inside its CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class BlockAdvance(NamedTuple):
+    """What one block does to the particles: see :func:`advance`."""
+
+    block: Tensor  # [R, T] the tokens kept (padding where not valid)
+    valid: Tensor  # [R, T] bool: the position counts
+    inc: Tensor  # [R] the block's token log-weight increment
+    lengths: Tensor  # [R] generated tokens so far
+    done: Tensor  # [R] bool: the particle has finished (EOS or the budget)
+
+
+def is_eos(block: Tensor, eos: Tensor) -> Tensor:
+    """``[R, T]`` bool: the token is one of ``eos`` (a 1-D id tensor, possibly empty).
+
+    A broadcast compare, not ``torch.isin``: isin sorts (and syncs) for many ids, breaking capture.
+    """
+    return (block[..., None] == eos).any(dim=-1)
+
+
+def token_weights(log_p: Tensor, log_q: Tensor, bonus_log_norm: Tensor | None) -> Tensor:
+    """Per-position log-weights ``[R, k (+1)]`` of a block (DESIGN.md section 1).
+
+    ``log_p`` ``[R, k]`` is alpha * log p_tau of each drafted token under the target, ``log_q``
+    its log-probability under the proposal; the bonus token (drawn from the target itself)
+    contributes its log-normalizer log sum_v p(v)^alpha (masked: over the allowed tokens only).
+    """
+    w = log_p.to(torch.float64) - log_q.to(torch.float64)
+    if bonus_log_norm is not None:
+        w = torch.cat([w, bonus_log_norm.to(torch.float64)[:, None]], dim=1)
+    return w
+
+
+def advance(
+    block: Tensor,
+    token_w: Tensor,
+    done: Tensor,
+    lengths: Tensor,
+    eos: Tensor,
+    max_new_tokens: int,
+    pad_id: int,
+    in_budget: Tensor | None = None,
+) -> BlockAdvance:
+    """Which positions of a block count, their weight, and the new lengths and done flags.
+
+    A position counts while its particle is alive, no EOS came earlier in the block and (native
+    engine, whose blocks have a fixed width) it lies within ``max_new_tokens`` (``in_budget``
+    ``[T]`` bool). Positions that do not count add no weight and are replaced by ``pad_id``.
+    """
+    eos_here = is_eos(block, eos)
+    eos_before = (torch.cumsum(eos_here.int(), dim=1) - eos_here.int()) > 0
+    valid = (~done)[:, None] & ~eos_before
+    if in_budget is not None:
+        valid = valid & in_budget[None, :]
+    inc = torch.where(valid, token_w, torch.zeros_like(token_w)).sum(dim=1)
+    kept = torch.where(valid, block, torch.full_like(block, pad_id))
+    new_lengths = lengths + valid.sum(dim=1)
+    new_done = done | (eos_here & valid).any(dim=1) | (new_lengths >= max_new_tokens)
+    return BlockAdvance(kept, valid, inc, new_lengths, new_done)
+
+
+def potential_increment(new: Tensor, prev: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """A potential's weight increment ``log Psi(x y) - log Psi(x)`` and the score to remember.
+
+    ``new`` is the score after the block (complete for particles that just finished, prefix
+    otherwise), ``prev`` the one before; a particle already at zero (``prev = -inf``) stays at
+    zero (never ``-inf - -inf = NaN``). Rows that are not ``active`` (finished before this step)
+    add nothing and keep their score.
+    """
+    delta = torch.where(torch.isneginf(prev), torch.full_like(new, -math.inf), new - prev)
+    inc = torch.where(active, delta, torch.zeros_like(delta))
+    return inc, torch.where(active, new, prev)
+
+
+def resample_gate(ess: Tensor, ess_threshold: float, n_particles: int, all_done: Tensor, dead: Tensor) -> Tensor:
+    """``[B]`` bool: which groups resample after this step.
+
+    A group resamples when its ESS fell below ``ess_threshold * N`` (always when the threshold is
+    >= 1), unless it is dead (all weights zero) or every particle of the run has finished:
+    resampling after the last step only adds noise to the final weights.
+    """
+    want = ess < ess_threshold * n_particles
+    if ess_threshold >= 1.0:
+        want = torch.ones_like(want)
+    return want & ~dead & ~all_done.reshape(())
+
+
+def bad_values(x: Tensor) -> Tensor:
+    """0-d bool: ``x`` holds NaN or ``+inf`` (an error in a log-weight; ``-inf`` is a zero weight)."""
+    return (torch.isnan(x) | torch.isposinf(x)).any()
+
+
+def reset_weights(log_w: Tensor, resampled: Tensor) -> Tensor:
+    """Log-weights after resampling: each resampled group's particles all get the group's mean weight
+    (so log Z_hat keeps the group's estimate); other groups keep theirs."""
+    n = log_w.shape[1]
+    mean = torch.logsumexp(log_w, dim=1, keepdim=True) - math.log(n)
+    return torch.where(resampled[:, None], mean.expand_as(log_w), log_w)
+
+
+def global_rows(local: Tensor) -> Tensor:
+    """Ancestor indices ``[B, N]`` within each group as global row ids ``[B * N]``."""
+    b, n = local.shape
+    return (local + torch.arange(b, device=local.device)[:, None] * n).reshape(-1)
+
+
+class NonFiniteError(FloatingPointError):
+    """A log-weight increment was NaN or ``+inf``: ``source`` names what produced it, ``step`` where."""
+
+    def __init__(self, source: str, step: int | None):
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(
+            f"{source} produced NaN or +inf{where}; log-weights must be finite or -inf "
+            "(a potential returns -inf for a zero factor; a model's logits must be finite)"
+        )
+        self.source = source
+        self.step = step
+
+
+__all__ = [
+    "BlockAdvance",
+    "NonFiniteError",
+    "advance",
+    "bad_values",
+    "global_rows",
+    "is_eos",
+    "potential_increment",
+    "resample_gate",
+    "reset_weights",
+    "token_weights",
+]
