@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,8 @@ from smcgen.backends.transformers_lm import (
     encode_prompt,
 )
 from smcgen.config import SMCConfig
+from smcgen.memory import check_request_memory
+from smcgen.outcome import choose_answer, explained_dead_end
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
@@ -24,7 +25,8 @@ from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
-from smcgen.smc import SMC
+from smcgen.smc import SMC, AllParticlesDeadError
+from smcgen.validation import check_model_device, check_request, checked_proposal
 
 ModelLike = LanguageModel | PreTrainedModel | str
 
@@ -76,6 +78,7 @@ def generate(
     tokenizer: Any | None = None,
     progress: bool = False,
     grammar: GrammarPotential | None = None,
+    on_dead: str = "raise",
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -90,15 +93,21 @@ def generate(
     constrains generation locally: the draft and the target's own tokens are drawn masked to the
     grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
     is a plain factor that only weights).
+    ``on_dead``: when every particle reaches weight zero, ``"raise"`` :class:`AllParticlesDeadError`
+    (with the dead prefixes' text), or ``"flag"`` / ``"partial"``: return the longest partial output
+    with ``SMCResult.dead`` set.
     """
-    cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
+    cfg, potentials, engine_on_dead = check_request(config, config_overrides, potentials, proposal, grammar, on_dead)
+    check_model_device(target, "target")
     target_lm = as_language_model(target, tokenizer)
     if grammar is not None and not grammar.bound:
         grammar = grammar.bind(target_lm)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
     custom_proposal = proposal is not None
+    proposal = checked_proposal(proposal, target_lm.vocab_size)
     if draft is not None:
+        check_model_device(draft, "draft")
         draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer)
         if draft_lm.tokenizer is None:
             draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
@@ -115,25 +124,29 @@ def generate(
     native, why_not = native_engine_or_reason(
         cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
     )
-    if native is not None:
-        run = native.run(ids, progress=progress)
-    else:
-        if cfg.engine == "native":
-            raise ValueError(f"engine='native' cannot run this request: {why_not}")
-        smc = SMC(
-            LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
-            cfg,
-            proposal=proposal,
-            potentials=potentials,
-            mask=grammar,
-        )
-        run = smc.run(ids, n_groups=1, progress=progress)
+    if native is None and cfg.engine == "native":
+        raise ValueError(f"engine='native' cannot run this request: {why_not}")
+    if native is None:
+        check_request_memory(cfg, target_lm, draft_lm if draft is not None else None, len(ids))
+    try:
+        if native is not None:
+            run = native.run(ids, progress=progress, on_dead=engine_on_dead)
+        else:
+            run = SMC(
+                LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
+                cfg,
+                proposal=proposal,
+                potentials=potentials,
+                mask=grammar,
+            ).run(ids, n_groups=1, progress=progress, on_dead=engine_on_dead)
+    except AllParticlesDeadError as err:
+        raise explained_dead_end(err, target_lm.tokenizer, masked=grammar is not None) from None
 
     lengths = run.lengths[0].tolist()
     sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]
     log_w = run.log_weights[0]
-    chooser = torch.Generator().manual_seed(cfg.seed + 1 if cfg.seed is not None else random.SystemRandom().getrandbits(63))
-    chosen = int(torch.multinomial(log_w.exp(), 1, generator=chooser))
+    dead = bool(run.dead[0]) if run.dead is not None else False
+    chosen = choose_answer(log_w, lengths, cfg.seed, dead)
     decoder = target_lm.tokenizer
     text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
     texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
@@ -150,6 +163,7 @@ def generate(
         n_particles=cfg.n_particles,
         texts=texts,
         engine="native" if native is not None else "generic",
+        dead=dead,
     )
 
 

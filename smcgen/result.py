@@ -15,6 +15,8 @@ class SMCResult:
     ``log_z``: log of the unbiased estimate of the target's normalizing constant Z.
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
     ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``.
+    ``dead``: every particle reached weight zero (``generate(on_dead="flag")``): ``text`` is the
+    longest partial output, not a draw from the target, and ``log_z`` is ``-inf``.
     """
 
     text: str
@@ -29,6 +31,7 @@ class SMCResult:
     n_particles: int
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
+    dead: bool = False
 
     @property
     def tokens_per_second(self) -> float:
