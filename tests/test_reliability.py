@@ -15,7 +15,6 @@ from pydantic import ValidationError
 import smcgen
 from smcgen import AllParticlesDeadError, Potential, Proposal, RewardPotential, SMCConfig
 
-
 # ------------------------------------------------------------------ config bounds
 
 
