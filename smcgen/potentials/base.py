@@ -64,6 +64,13 @@ class Potential(abc.ABC):
     Stateful potentials (a grammar matcher per particle) may keep a state per row: the step loop
     calls :meth:`start` once per run and :meth:`reorder` whenever resampling reorders the
     particles (exactly where it reorders the proposal), and passes ``batch.rows``.
+
+    Contract for stateful potentials: one potential object may serve several runs at once (one
+    model, concurrent ``generate`` calls in threads). Every call of one run comes from the thread
+    that runs it, so per-run state must live per thread (``threading.local``), never in a plain
+    attribute of the shared object; and a state is only a cache: scores and masks must equal what a
+    fresh state fed ``batch.token_ids`` gives (rebuild when the cached tokens do not match), so a
+    run's results never depend on another run or on whether the hooks were called.
     """
 
     def start(self, prompt_ids: Sequence[int], n_rows: int) -> None:
