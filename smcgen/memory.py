@@ -93,7 +93,12 @@ def _gb(n: int) -> str:
 
 
 def check_request_memory(cfg: SMCConfig, target, draft, prompt_len: int) -> MemoryEstimate:
-    """Raise :class:`RequestTooLargeError` when the request cannot fit its device's free memory."""
+    """Raise :class:`RequestTooLargeError` when the request cannot fit its device's free memory.
+
+    A request longer than the model's context is left to the engine's clearer context error."""
+    context = getattr(target, "context_length", None)
+    if context is not None and prompt_len + cfg.max_new_tokens > context:
+        return estimate_request(cfg, target, draft, prompt_len, target.vocab_size)
     est = estimate_request(cfg, target, draft, prompt_len, target.vocab_size)
     limit = available_bytes(target.device)
     if limit is not None and est.total > limit:
