@@ -57,7 +57,7 @@ def prompt_ids_from(prompt: Any) -> list[int] | str:
         if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
             raise TypeError(f"a tensor prompt must hold integer token ids, got dtype {prompt.dtype}")
         return [int(t) for t in prompt.tolist()]
-    if not isinstance(prompt, Sequence) and not hasattr(prompt, "__array__"):
+    if not isinstance(prompt, Sequence) and getattr(prompt, "ndim", 0) < 1:
         raise TypeError(f"prompt must be text, a list of token ids or a tensor of them, got {_kind(prompt)}")
     items = list(prompt)
     if items and all(isinstance(p, str) for p in items):
@@ -65,7 +65,7 @@ def prompt_ids_from(prompt: Any) -> list[int] | str:
             f"prompt is a list of {len(items)} strings (a batch); generate takes one prompt: call it once per "
             "prompt (batched requests are not supported by generate yet)"
         )
-    if items and all(isinstance(p, (list, tuple, Tensor)) for p in items):
+    if items and all(isinstance(p, (list, tuple)) or getattr(p, "ndim", 0) >= 1 for p in items):
         if len(items) == 1:
             return prompt_ids_from(items[0])
         raise ValueError(
