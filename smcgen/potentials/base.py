@@ -64,6 +64,13 @@ class Potential(abc.ABC):
     Stateful potentials (a grammar matcher per particle) may keep a state per row: the step loop
     calls :meth:`start` once per run and :meth:`reorder` whenever resampling reorders the
     particles (exactly where it reorders the proposal), and passes ``batch.rows``.
+
+    Contract for stateful potentials: one potential object may serve several runs at once (one
+    model, concurrent ``generate`` calls in threads). Every call of one run comes from the thread
+    that runs it, so per-run state must live per thread (``threading.local``), never in a plain
+    attribute of the shared object; and a state is only a cache: scores and masks must equal what a
+    fresh state fed ``batch.token_ids`` gives (rebuild when the cached tokens do not match), so a
+    run's results never depend on another run or on whether the hooks were called.
     """
 
     def start(self, prompt_ids: Sequence[int], n_rows: int) -> None:
@@ -246,11 +253,12 @@ class PotentialError(RuntimeError):
 
 
 def scoring_error(potential: Potential, err: Exception, step: int | None) -> Exception:
-    """The error to raise when ``potential`` failed at ``step``: a ValueError (bad scores) keeps its
-    type with the step prepended; any other exception becomes a :class:`PotentialError` naming the
-    potential and the step, chained to the original."""
+    """The error to raise when ``potential`` failed at ``step``: a ValueError or TypeError (bad scores,
+    the library's own checks of what a potential returned) keeps its type with the step prepended;
+    any other exception becomes a :class:`PotentialError` naming the potential and the step, chained
+    to the original."""
     where = f"step {step}: " if step is not None else ""
-    if isinstance(err, ValueError):
+    if isinstance(err, (ValueError, TypeError)):
         try:
             return type(err)(f"{where}{err}")
         except TypeError:

@@ -5,7 +5,10 @@ context-free grammars, and forking a matcher state costs microseconds). One xgra
 per particle row follows the row's tokens; when resampling duplicates a particle its matcher is
 forked (:meth:`GrammarPotential.reorder`). The state cache is only an accelerator: every call
 re-checks that a row's cached tokens are a prefix of the tokens it is asked about and rebuilds
-the state otherwise, so results never depend on the hooks being called.
+the state otherwise, so results never depend on the hooks being called. The per-row states
+belong to the run, not to the shared bound grammar: they are kept per calling thread (a run's
+calls all come from the thread that runs it), so concurrent ``generate`` calls sharing one grammar
+never advance each other's matchers.
 
 Scores (log space): ``log_prefix`` is 0 while the tokens can still be completed to a member of
 the language and ``-inf`` once a token is rejected; ``log_complete`` is 0 when the sequence is a
@@ -191,7 +194,8 @@ class GrammarPotential(Potential):
     compiled against a vocabulary when bound, either right away (pass ``vocab``: a
     :class:`smcgen.LanguageModel`, a Hugging Face tokenizer, or a list of token strings with
     ``eos_token_ids``) or later with :meth:`bind` (``smcgen.generate(grammar=...)`` binds to the
-    target). One bound potential serves one run at a time (it holds the particles' states).
+    target). One bound potential may serve concurrent runs in different threads: the particles'
+    matcher states are kept per thread (see :class:`Potential` for the contract).
     """
 
     def __init__(self, grammar: Any, kind: str, source: str, *, threads: int | str = "auto"):
@@ -203,9 +207,9 @@ class GrammarPotential(Potential):
         self._compiled: Any = None
         self.vocab_size: int = 0
         self.eos_token_ids: tuple[int, ...] = ()
-        self._rows: list[_Row] = []
+        # per-run state (row matchers, the batch mask filler): one per calling thread, see _run_state
+        self._local = threading.local()
         self._initial: Any = None
-        self._batch: Any = None
         # keyed by the compiled vocabulary (tokenizer, logit width, EOS ids), not by the object passed:
         # a target and a draft sharing a tokenizer get one bound copy, hence one set of matchers
         self._bound_copies: dict[int, tuple[Any, GrammarPotential]] = {}
@@ -300,7 +304,6 @@ class GrammarPotential(Potential):
         g._info, g._compiled, g.vocab_size = info, compiled, size
         g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
         g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
-        g._batch = xgr.BatchGrammarMatcher(max_threads=self._threads)
         self._bound_copies[id(info)] = (info, g)
         return g
 
@@ -337,6 +340,29 @@ class GrammarPotential(Potential):
             )
 
     # ------------------------------------------------------------------ per-row states
+    # A run's states live in the calling thread's slot: the engine calls start / reorder / scores /
+    # masks of one run from one thread, and concurrent runs (threads) sharing this bound grammar
+    # must not advance or replace each other's matchers (they did: 2-3 of 8 concurrent seeded runs
+    # drew differently from the sequential ones).
+    @property
+    def _rows(self) -> list[_Row]:
+        rows = getattr(self._local, "rows", None)
+        if rows is None:
+            rows = self._local.rows = []
+        return rows
+
+    @_rows.setter
+    def _rows(self, rows: list[_Row]) -> None:
+        self._local.rows = rows
+
+    @property
+    def _batch(self) -> Any:
+        """This thread's batched mask filler (it holds scratch state, so it is not shared either)."""
+        batch = getattr(self._local, "batch", None)
+        if batch is None:
+            batch = self._local.batch = xgr.BatchGrammarMatcher(max_threads=self._threads)
+        return batch
+
     def _fresh(self) -> _Row:
         return _Row(self._initial.fork(), [], True)
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from smcgen.potentials.base import Potential, SequenceBatch
+
+
+def _number(value: object, text: str) -> float:
+    """A reward value as a float; None, strings, bools and containers are errors naming the text."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (Real, np.number)):
+        raise TypeError(f"reward must return a number, got {type(value).__name__} {value!r} for text {text!r}")
+    return float(value)
 
 
 class RewardPotential(Potential):
@@ -38,12 +49,18 @@ class RewardPotential(Potential):
     def _rewards(self, batch: SequenceBatch) -> Tensor:
         texts = batch.texts
         if self.batched:
-            values = list(self.reward(texts))  # type: ignore[arg-type]
+            returned = self.reward(texts)  # type: ignore[arg-type]
+            # a dict or a string is iterable but is not a list of rewards (its keys / characters would be read)
+            if isinstance(returned, (str, bytes, Mapping)) or not isinstance(returned, (Sequence, Tensor, np.ndarray)):
+                raise TypeError(
+                    f"a batched reward must return a list of numbers (one per text), got {type(returned).__name__}"
+                )
+            values = list(returned.reshape(-1).tolist()) if isinstance(returned, (Tensor, np.ndarray)) else list(returned)
         else:
             values = [self.reward(t) for t in texts]  # type: ignore[arg-type]
         if len(values) != len(texts):
             raise ValueError(f"reward returned {len(values)} values for {len(texts)} texts")
-        out = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        out = torch.tensor([_number(v, texts[i]) for i, v in enumerate(values)], dtype=torch.float64)
         bad = ~torch.isfinite(out)
         if bad.any():
             i = int(bad.nonzero()[0])

@@ -1,0 +1,49 @@
+"""The CLI prints a library error's message and exits with status 2, without a traceback (issue 14, item 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smcgen.cli import main
+
+FAST = ["--draft", "none", "-n", "2", "--max-new-tokens", "2", "--no-progress", "--device", "cpu"]
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_unavailable_cuda_device_is_explained(capsys):
+    # on a GPU host, ask for a CUDA device index that does not exist instead
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    code, err = _run(capsys, ["--device", device])
+    assert code == 2 and "Traceback" not in err
+    assert ("CUDA is not available" in err) if device == "cuda" else ("CUDA device(s) here" in err)
+
+
+def test_unknown_device_name(capsys):
+    code, err = _run(capsys, ["--device", "tpu9"])
+    assert code == 2 and "is not a device name" in err
+
+
+def test_value_error_prints_message_and_status_2(capsys):
+    code, err = _run(capsys, [*FAST, "--max-new-tokens", "100000"])
+    assert code == 2 and "exceeds the model context" in err and "Traceback" not in err
+
+
+def test_empty_raw_prompt(capsys):
+    code, err = _run(capsys, [*FAST, "--raw", "--prompt", ""])
+    assert code == 2 and "prompt is empty" in err
+
+
+def test_debug_shows_the_original_error(capsys):
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        main([*FAST, "--max-new-tokens", "100000", "--debug"])
+
+
+def test_invalid_option_still_status_2(capsys):
+    code, err = _run(capsys, [*FAST, "--target-temperature", "1e-40"])
+    assert code == 2 and "target_temperature" in err
