@@ -9,6 +9,7 @@ from smcgen.potentials import (
     LMPotential,
     Potential,
     Product,
+    PythonNamesPotential,
     RewardPotential,
     SequenceBatch,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "MultinomialResampler",
     "Potential",
     "Product",
+    "PythonNamesPotential",
     "Proposal",
     "Resampler",
     "ResidualResampler",

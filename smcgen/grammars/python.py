@@ -77,7 +77,8 @@ wd1 ::= [ \t]+
 ws ::= [ \t]*
 ws1 ::= [ \t]+
 eol ::= wl ("#" [^\n]*)? "\n"
-blank ::= [ \t\f]* ("#" [^\n]*)? "\n"
+blank ::= [ \t\f]* (comment | "\n")
+comment ::= "#" [^\n]* "\n"
 dname ::= name ("." name)*
 number ::= (int | float) [jJ]?
 int ::= [1-9] ("_"? [0-9])* | "0" ("_"? "0")* | "0" [xX] ("_"? [0-9a-fA-F])+ | "0" [oO] ("_"? [0-7])+ | "0" [bB] ("_"? [01])+
@@ -134,7 +135,8 @@ litpat ::= "-"? number (("+" | "-") number)? | sstr | "None" | "True" | "False"
 # character; whitespace sits only between the pieces a rule joins (keeps the grammar's ambiguity low).
 _EXPR = r"""
 testlist_$c ::= test_$c ($W "," $W test_$c)* ($W ",")?
-starlist_$c ::= se_$c ($W "," $W se_$c)* ($W ",")?
+starlist_$c ::= sx_$c ($W "," $W sx_$c)* ($W ",")?
+sx_$c ::= test_$c | "*" $W bor_$c
 se_$c ::= ntest_$c | "*" $W bor_$c
 ntest_$c ::= name $W ":=" $W test_$c | test_$c
 test_$c ::= or_$c ($W1 "if" $W1 or_$c $W1 "else" $W1 test_$c)? $LAMBDA
@@ -143,7 +145,7 @@ or_$c ::= ("not" $W1)* chain_$c ($W1 ("and" | "or") $W1 ("not" $W1)* chain_$c)*
 chain_$c ::= operand_$c ($W binop $W operand_$c | $W1 ("in" | "not" $W1 "in" | "is" | "is" $W1 "not") $W1 operand_$c)*
 bor_$c ::= operand_$c ($W arithop $W operand_$c)*
 operand_$c ::= ([+\-~] $W)* ("await" $W1)? (number | atom_$c ($W trailer_$c)*)
-atom_$c ::= name | "None" | "True" | "False" | "..." | strs_$c | "(" $WB (paren_$B $WB)? ")" | "[" $WB (list_$B $WB)? "]" $BRACE
+atom_$c ::= name | "None" | "True" | "False" | "__debug__" | "..." | strs_$c | "(" $WB (paren_$B $WB)? ")" | "[" $WB (list_$B $WB)? "]" $BRACE
 trailer_$c ::= "(" $WB (args_$B $WB)? ")" | "[" $WB subs_$B $WB "]" | "." $W name
 paren_$c ::= yield_$c | ntest_$c $W1 compfor_$c | ntest_$c | se_$c ($W "," $W se_$c)+ ($W ",")? | se_$c $W ","
 list_$c ::= ntest_$c $W1 compfor_$c | se_$c ($W "," $W se_$c)* ($W ",")?
@@ -188,11 +190,12 @@ clsargs_$c ::= pat_$c ($W "," $W pat_$c)* ($W "," $W name $W "=" $W pat_$c)* ($W
 
 # whitespace is written inline (a group inside each rule, never a rule of its own): a separate
 # nullable rule would make every token that starts with a space "uncertain" for xgrammar's mask
-# cache at each place it is referenced, and masks 100x slower
+# cache at each place it is referenced, and masks 100x slower. Comments stay a rule: their
+# any-character body is costly to compile (every token fits it) and should exist once
 _WL = '([ \\t\\f] | "\\\\" "\\n")*'
 _WL1 = '([ \\t\\f] | "\\\\" "\\n")+'
-_WN = '([ \\t\\f\\r\\n] | "\\\\" "\\n" | "#" [^\\n]* "\\n")*'
-_WN1 = '([ \\t\\f\\r\\n] | "\\\\" "\\n" | "#" [^\\n]* "\\n")+'
+_WN = '([ \\t\\f\\r\\n] | "\\\\" "\\n" | comment)*'
+_WN1 = '([ \\t\\f\\r\\n] | "\\\\" "\\n" | comment)+'
 
 _CONTEXTS = {
     # context: (W, W1, bracket context, lambda allowed, dict/set displays allowed)
@@ -244,6 +247,19 @@ witem_l ::= test_l (wl1 "as" wl1 target_l)?
 witem_n ::= test_n (wn1 "as" wn1 target_n)?
 withhead ::= "with" (wl1 witem_l (wl "," wl witem_l)* | wl "(" wn witem_n (wn "," wn witem_n)* (wn ",")? wn ")")
 except ::= "except" (wl "*" wl test_l | wl1 test_l | wl "(" wn (paren_n wn)? ")") (wl1 "as" wl1 name)?
+ifh ::= "if" wl1 ntest_l wl ":"
+elifh ::= "elif" wl1 ntest_l wl ":"
+elseh ::= "else" wl ":"
+forh ::= ("async" wl1)? "for" wl1 tlist_l wl1 "in" wl1 starlist_l wl ":"
+whileh ::= "while" wl1 ntest_l wl ":"
+tryh ::= "try" wl ":"
+excepth ::= except wl ":"
+bareexcepth ::= "except" wl ":"
+finallyh ::= "finally" wl ":"
+withh ::= ("async" wl1)? withhead wl ":"
+defh ::= (("async" wl1)? "def" wl1 name wl "(" wn (params_n wn)? ")" (wl "->" wl test_l)? | "class" wl1 name (wl "(" wn (args_n wn)? ")")?) wl ":"
+matchh ::= "match" wl1 subject wl ":" eol
+caseh ::= "case" wl1 patterns_l (wl1 "if" wl1 ntest_l)? wl ":"
 subject ::= ntest_l | se_l (wl "," wl se_l)+ (wl ",")? | se_l wl ","
 """
 
@@ -254,7 +270,7 @@ stmt$k$L ::= "$I" (simple$L eol | compound$k$L)
 suite$k$L ::= wl simple$L eol $DEEPER
 loopsuite$k ::= wl simpleL eol $DEEPERLOOP
 defsuite$k ::= wl simple eol $DEEPERDEF
-compound$k$L ::= "if" wl1 ntest_l wl ":" suite$k$L ("$I" "elif" wl1 ntest_l wl ":" suite$k$L)* ("$I" "else" wl ":" suite$k$L)? | ("async" wl1)? "for" wl1 tlist_l wl1 "in" wl1 starlist_l wl ":" loopsuite$k ("$I" "else" wl ":" suite$k$L)? | "while" wl1 ntest_l wl ":" loopsuite$k ("$I" "else" wl ":" suite$k$L)? | "try" wl ":" suite$k$L (("$I" except wl ":" suite$k$L)+ ("$I" "except" wl ":" suite$k$L)? | "$I" "except" wl ":" suite$k$L) ("$I" "else" wl ":" suite$k$L)? ("$I" "finally" wl ":" suite$k$L)? | "try" wl ":" suite$k$L "$I" "finally" wl ":" suite$k$L | ("async" wl1)? withhead wl ":" suite$k$L | ("@" wl ntest_l eol blank* "$I")* (("async" wl1)? "def" wl1 name wl "(" wn (params_n wn)? ")" (wl "->" wl test_l)? | "class" wl1 name (wl "(" wn (args_n wn)? ")")?) wl ":" defsuite$k $MATCH
+compound$k$L ::= ifh suite$k$L ("$I" elifh suite$k$L)* ("$I" elseh suite$k$L)? | forh loopsuite$k ("$I" elseh suite$k$L)? | whileh loopsuite$k ("$I" elseh suite$k$L)? | tryh suite$k$L (("$I" excepth suite$k$L)+ ("$I" bareexcepth suite$k$L)? | "$I" bareexcepth suite$k$L) ("$I" elseh suite$k$L)? ("$I" finallyh suite$k$L)? | tryh suite$k$L "$I" finallyh suite$k$L | withh suite$k$L | ("@" wl ntest_l eol blank* "$I")* defh defsuite$k $MATCH
 """
 
 
@@ -273,7 +289,7 @@ def _levels(depth: int, indent: str, first: int) -> list[str]:
                 "$DEEPERDEF": f"| eol body{k + 1}" if deeper else "",
                 "$DEEPER": f"| eol body{k + 1}{loop}" if deeper else "",
                 "$MATCH": (
-                    f'| "match" wl1 subject wl ":" eol blank* case{k + 1}{loop} (case{k + 1}{loop} | blank)*'
+                    f"| matchh blank* case{k + 1}{loop} (case{k + 1}{loop} | blank)*"
                     if k + 1 < depth
                     else ""
                 ),
@@ -288,8 +304,7 @@ def _levels(depth: int, indent: str, first: int) -> list[str]:
             rules.append(level.strip())
             if k + 1 < depth:
                 rules.append(
-                    f'case{k + 1}{loop} ::= "{indent * (k + 1)}case" wl1 patterns_l (wl1 "if" wl1 ntest_l)? wl ":" '
-                    f"suite{k + 1}{loop}"
+                    f'case{k + 1}{loop} ::= "{indent * (k + 1)}" caseh suite{k + 1}{loop}'
                 )
     return rules
 
@@ -324,7 +339,7 @@ def python_grammar(depth: int = 16, indent: str = "    ", start: str = "body", f
 def _inline_whitespace(grammar: str) -> str:
     """Replace references to the whitespace rules by their bodies (see _WL) and drop their definitions."""
     ws = {"wl": _WL, "wl1": _WL1, "wn": _WN, "wn1": _WN1, "wd": "[ \\t]*", "wd1": "[ \\t]+", "ws": "[ \\t]*",
-          "ws1": "[ \\t]+", "eol": f'{_WL} ("#" [^\\n]*)? "\\n"'}
+          "ws1": "[ \\t]+", "eol": f'{_WL} (comment | "\\n")'}
     lines = [ln for ln in grammar.splitlines() if ln.split(" ::= ")[0] not in ws]
     pattern = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\b(' + "|".join(ws) + r")\b")
     return "\n".join(pattern.sub(lambda m: ws[m.group(1)] if m.group(1) else m.group(0), ln) for ln in lines)
