@@ -17,7 +17,15 @@ import torch
 from test_grammar_exactness import check_unbiased
 from tiny_models import EOS, PROMPT, tiny_lm
 
-from smcgen import SMC, GrammarPotential, LMPotential, Potential, PythonNamesPotential, SequenceBatch, SMCConfig
+from smcgen import (
+    SMC,
+    GrammarPotential,
+    LMPotential,
+    Potential,
+    PythonNamesPotential,
+    SequenceBatch,
+    SMCConfig,
+)
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.exact import enumerate_target
 from smcgen.potentials.python_names import undefined_names

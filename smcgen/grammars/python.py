@@ -211,7 +211,7 @@ def _fill(template: str, c: str, extra: dict[str, str] | None = None) -> str:
     subs = {
         **(extra or {}),
         "$LAMBDA": f"| lambda_{c}" if lam else "",
-        "$BRACE": f' | "{{" $WB (brace_$B $WB)? "}}"' if braces else "",
+        "$BRACE": ' | "{" $WB (brace_$B $WB)? "}"' if braces else "",
     }
     out = template
     for k, v in subs.items():
