@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import math
 import platform
 import signal
@@ -89,12 +91,14 @@ def evaluate(problem: Problem, body: str, n_tokens: int, seconds: float = 1.0) -
     try:
         namespace: dict = {}
         signal.setitimer(signal.ITIMER_REAL, seconds)
-        exec(code, namespace)  # noqa: S102 - the recipe runs the model's code, like any coding benchmark
+        with contextlib.redirect_stdout(io.StringIO()):  # the model's code may print
+            exec(code, namespace)  # noqa: S102 - the recipe runs the model's code, like any coding benchmark
         fn = namespace[problem.name]
         for args, want in problem.tests:
             signal.setitimer(signal.ITIMER_REAL, seconds)
             try:
-                got = fn(*args)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    got = fn(*args)
             except NameError:  # UnboundLocalError included
                 name_error, passed = True, False
                 break

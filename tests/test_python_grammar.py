@@ -37,6 +37,7 @@ VALID = [
     ("\n    global g\n    nonlocal_ = not a and b or c is not d\n    assert x in y, 'msg'\n    import os.path as p, sys\n"
     "    from ..m import (a as b,\n        c,)\n    a, *b = c\n    d[1:2, ::3] += 1\n    return ...\n"),
     "\n    x=a+b*c//d**-e@f|g&h^i<<j>>k%l\n    return x<y<=z!=w==v>=u>t\n",
+    "\n    while(x < 0):\n        del(a[1])\n        assert(len(b) > 1), 'm'\n        yield('x')\n    return('...') + 1\n",
     ("\n    def inner():\n        def deeper():\n            if a:\n                for b in c:\n                    while d:\n"
     "                        return e\n        return deeper\n    return inner\n```\n"),
 ]

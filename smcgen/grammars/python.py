@@ -235,10 +235,15 @@ def _expressions() -> list[str]:
 # ------------------------------------------------------------------------------------- statements
 _SIMPLE_FLAVOURED = r"""
 simple$L ::= small$L (wl ";" wl small$L)* (wl ";")?
-small$L ::= exprstmt | "pass" | "return" (wl1 starlist_l)? | "raise" (wl1 test_l (wl1 "from" wl1 test_l)?)? | ("global" | "nonlocal") wl1 name (wl "," wl name)* | "del" wl1 tlist_l | "assert" wl1 test_l (wl "," wl test_l)? | import | yield_l $BREAK
+small$L ::= exprstmt | "pass" | "return" (wl1 starlist_l | wl pstarlist_l)? | "raise" (kwtest (wl1 "from" wl1 test_l)?)? | ("global" | "nonlocal") wl1 name (wl "," wl name)* | "del" (wl1 tlist_l | wl "(" wn tlist_n wn ")") | "assert" kwtest (wl "," wl test_l)? | import | yield_l | "yield" wl pstarlist_l $BREAK
 """
 
 _SIMPLE = r"""
+ptest_l ::= pchain_l (wl1 ("and" | "or") wl1 ("not" wl1)* chain_l)* (wl1 "if" wl1 or_l wl1 "else" wl1 test_l)?
+pchain_l ::= "(" wn (paren_n wn)? ")" (wl trailer_l)* (wl binop wl operand_l | wl1 ("in" | "not" wl1 "in" | "is" | "is" wl1 "not") wl1 operand_l)*
+pstarlist_l ::= ptest_l (wl "," wl sx_l)* (wl ",")?
+kwtest ::= wl1 test_l | wl ptest_l
+kwntest ::= wl1 ntest_l | wl ptest_l
 exprstmt ::= (tlist_l wl "=" wl)+ (yield_l | starlist_l) | (name | tprim_l) wl augop wl (yield_l | testlist_l) | (name | tprim_l) wl ":" wl test_l (wl "=" wl (yield_l | starlist_l))? | starlist_l
 import ::= "import" wl1 dname (wl1 "as" wl1 name)? (wl "," wl dname (wl1 "as" wl1 name)?)* | "from" wl1 ("."* dname | "."+) wl1 "import" (wl1 ialist_l | wl "(" wn ialist_n wn ")")
 ialist_l ::= name (wl1 "as" wl1 name)? (wl "," wl name (wl1 "as" wl1 name)?)*
@@ -247,11 +252,11 @@ witem_l ::= test_l (wl1 "as" wl1 target_l)?
 witem_n ::= test_n (wn1 "as" wn1 target_n)?
 withhead ::= "with" (wl1 witem_l (wl "," wl witem_l)* | wl "(" wn witem_n (wn "," wn witem_n)* (wn ",")? wn ")")
 except ::= "except" (wl "*" wl test_l | wl1 test_l | wl "(" wn (paren_n wn)? ")") (wl1 "as" wl1 name)?
-ifh ::= "if" wl1 ntest_l wl ":"
-elifh ::= "elif" wl1 ntest_l wl ":"
+ifh ::= "if" kwntest wl ":"
+elifh ::= "elif" kwntest wl ":"
 elseh ::= "else" wl ":"
 forh ::= ("async" wl1)? "for" wl1 tlist_l wl1 "in" wl1 starlist_l wl ":"
-whileh ::= "while" wl1 ntest_l wl ":"
+whileh ::= "while" kwntest wl ":"
 tryh ::= "try" wl ":"
 excepth ::= except wl ":"
 bareexcepth ::= "except" wl ":"
