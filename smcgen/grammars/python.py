@@ -233,9 +233,12 @@ def _expressions() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- statements
+# a simple statement owns its line end (tail): after a token such as " =" or " return" the
+# parser's current rule cannot end inside the next token, so xgrammar's mask cache can decide
+# space-led word tokens there without running the parser on each (see docs/python_grammar.md)
 _SIMPLE_FLAVOURED = r"""
-simple$L ::= small$L (wl ";" wl small$L)* (wl ";")?
-small$L ::= exprstmt | "pass" | "return" (wl1 starlist_l | wl pstarlist_l)? | "raise" (kwtest (wl1 "from" wl1 test_l)?)? | ("global" | "nonlocal") wl1 name (wl "," wl name)* | "del" (wl1 tlist_l | wl "(" wn tlist_n wn ")") | "assert" kwtest (wl "," wl test_l)? | import | yield_l | "yield" wl pstarlist_l $BREAK
+simple$L ::= (tlist_l wl "=" wl)+ (yield_l | starlist_l) tail$L | (name | tprim_l) wl augop wl (yield_l | testlist_l) tail$L | (name | tprim_l) wl ":" wl test_l (wl "=" wl (yield_l | starlist_l))? tail$L | starlist_l tail$L | "pass" tail$L | "return" (wl1 starlist_l | wl pstarlist_l)? tail$L | "raise" (kwtest (wl1 "from" wl1 test_l)?)? tail$L | ("global" | "nonlocal") wl1 name (wl "," wl name)* tail$L | "del" (wl1 tlist_l | wl "(" wn tlist_n wn ")") tail$L | "assert" kwtest (wl "," wl test_l)? tail$L | import tail$L | yield_l tail$L | "yield" wl pstarlist_l tail$L $BREAK
+tail$L ::= wl (";" wl (simple$L | comment | "\n") | comment | "\n")
 """
 
 _SIMPLE = r"""
@@ -244,7 +247,6 @@ pchain_l ::= "(" wn (paren_n wn)? ")" (wl trailer_l)* (wl binop wl operand_l | w
 pstarlist_l ::= ptest_l (wl "," wl sx_l)* (wl ",")?
 kwtest ::= wl1 test_l | wl ptest_l
 kwntest ::= wl1 ntest_l | wl ptest_l
-exprstmt ::= (tlist_l wl "=" wl)+ (yield_l | starlist_l) | (name | tprim_l) wl augop wl (yield_l | testlist_l) | (name | tprim_l) wl ":" wl test_l (wl "=" wl (yield_l | starlist_l))? | starlist_l
 import ::= "import" wl1 dname (wl1 "as" wl1 name)? (wl "," wl dname (wl1 "as" wl1 name)?)* | "from" wl1 ("."* dname | "."+) wl1 "import" (wl1 ialist_l | wl "(" wn ialist_n wn ")")
 ialist_l ::= name (wl1 "as" wl1 name)? (wl "," wl name (wl1 "as" wl1 name)?)*
 ialist_n ::= name (wn1 "as" wn1 name)? (wn "," wn name (wn1 "as" wn1 name)?)* (wn ",")?
@@ -271,10 +273,10 @@ subject ::= ntest_l | se_l (wl "," wl se_l)+ (wl ",")? | se_l wl ","
 # one block level: $k this level, $K the next, $I this level's indentation, $L "" or "L" (in a loop)
 _LEVEL = r"""
 body$k$L ::= blank* stmt$k$L (stmt$k$L | blank)*
-stmt$k$L ::= "$I" (simple$L eol | compound$k$L)
-suite$k$L ::= wl simple$L eol $DEEPER
-loopsuite$k ::= wl simpleL eol $DEEPERLOOP
-defsuite$k ::= wl simple eol $DEEPERDEF
+stmt$k$L ::= "$I" (simple$L | compound$k$L)
+suite$k$L ::= wl simple$L $DEEPER
+loopsuite$k ::= wl simpleL $DEEPERLOOP
+defsuite$k ::= wl simple $DEEPERDEF
 compound$k$L ::= ifh suite$k$L ("$I" elifh suite$k$L)* ("$I" elseh suite$k$L)? | forh loopsuite$k ("$I" elseh suite$k$L)? | whileh loopsuite$k ("$I" elseh suite$k$L)? | tryh suite$k$L (("$I" excepth suite$k$L)+ ("$I" bareexcepth suite$k$L)? | "$I" bareexcepth suite$k$L) ("$I" elseh suite$k$L)? ("$I" finallyh suite$k$L)? | tryh suite$k$L "$I" finallyh suite$k$L | withh suite$k$L | ("@" wl ntest_l eol blank* "$I")* defh defsuite$k $MATCH
 """
 
@@ -282,7 +284,7 @@ compound$k$L ::= ifh suite$k$L ("$I" elifh suite$k$L)* ("$I" elseh suite$k$L)? |
 def _levels(depth: int, indent: str, first: int) -> list[str]:
     rules = [
         _SIMPLE_FLAVOURED.replace("$L", "").replace("$BREAK", "").strip(),
-        _SIMPLE_FLAVOURED.replace("$L", "L").replace("$BREAK", '| "break" | "continue"').strip(),
+        _SIMPLE_FLAVOURED.replace("$L", "L").replace("$BREAK", '| ("break" | "continue") tailL').strip(),
         _SIMPLE.strip(),
     ]
     for k in range(first, depth + 1):
