@@ -1,48 +1,11 @@
-"""Grammar builders for the recipes: a Python subset and SQL for a given schema (xgrammar EBNF)."""
+"""Grammar builders for the recipes: a Python subset (the recipe now uses smcgen.grammars.python) and SQL
+for a given schema (xgrammar EBNF)."""
 
 from __future__ import annotations
 
 import keyword
-import string
 
-IDENT_START = string.ascii_letters + "_"
-IDENT_CHARS = string.ascii_letters + string.digits + "_"
-
-
-def _char_class(chars: str) -> str:
-    """An EBNF character class for a set of identifier characters."""
-    if not chars:
-        raise ValueError("empty class")
-    return "[" + "".join(sorted(chars)) + "]"
-
-
-def identifier_rules(name: str, reserved: list[str]) -> str:
-    """EBNF rules for identifiers ([A-Za-z_][A-Za-z0-9_]*) that are none of ``reserved``.
-
-    Built from the trie of the reserved words: a rule per trie node allows stopping there unless
-    the prefix is a reserved word, continuing along the trie, or leaving it (then anything goes).
-    """
-    trie: dict[str, set[str]] = {"": set()}
-    for w in reserved:
-        for i in range(1, len(w) + 1):
-            trie.setdefault(w[:i], set())
-            trie[w[: i - 1]].add(w[i - 1])
-    ids = {p: f"{name}_{i}" for i, p in enumerate(sorted(trie))}
-    rest = f"{name}_rest"
-    lines = [f"{rest} ::= {_char_class(IDENT_CHARS)}*"]
-    for prefix in sorted(trie):
-        alts = []
-        if prefix and prefix not in reserved:
-            alts.append('""')
-        for c in sorted(trie[prefix]):
-            alts.append(f'"{c}" {ids[prefix + c]}')
-        others = (IDENT_START if not prefix else IDENT_CHARS)
-        others = "".join(c for c in others if c not in trie[prefix])
-        if others:
-            alts.append(f"{_char_class(others)} {rest}")
-        lines.append(f"{ids[prefix]} ::= " + " | ".join(alts))
-    lines.append(f"{name} ::= {ids['']}")
-    return "\n".join(lines)
+from smcgen.grammars.python import identifier_rules
 
 
 def python_function_body_grammar(depth: int = 3) -> str:

@@ -4,6 +4,7 @@ from smcgen.potentials.base import Potential, PotentialError, Product, SequenceB
 from smcgen.potentials.errors import GrammarError
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
+from smcgen.potentials.python_names import PythonNamesPotential
 from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import LearnedReward, TokenPotential
 
@@ -15,6 +16,7 @@ __all__ = [
     "Potential",
     "PotentialError",
     "Product",
+    "PythonNamesPotential",
     "RewardPotential",
     "SequenceBatch",
     "TokenPotential",

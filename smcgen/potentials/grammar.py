@@ -273,6 +273,14 @@ class GrammarPotential(Potential):
         parsed = _parse("Lark grammar", grammar, xgr.Grammar.from_lark)
         return cls._maybe_bind(cls(parsed, "lark", grammar), vocab, bind_kw)
 
+    @classmethod
+    def python(cls, vocab: Any = None, *, depth: int = 8, indent: str = "    ", start: str = "body",
+               fence: bool = True, **bind_kw: Any) -> GrammarPotential:
+        """Python 3.10+ code: a function's body after its ``def`` line, or a module (:mod:`smcgen.grammars.python`)."""
+        from smcgen.grammars.python import python_grammar
+
+        return cls.ebnf(python_grammar(depth, indent, start, fence), vocab, **bind_kw)
+
     @staticmethod
     def _maybe_bind(g: GrammarPotential, vocab: Any, bind_kw: dict[str, Any]) -> GrammarPotential:
         if vocab is None:
