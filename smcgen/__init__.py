@@ -12,7 +12,7 @@ from smcgen.potentials import (
     RewardPotential,
     SequenceBatch,
 )
-from smcgen.proposals import LMProposal, MaskedLMProposal, Proposal
+from smcgen.proposals import AWRS, AWRSProposal, LMProposal, MaskedLMProposal, Proposal
 from smcgen.resampling import (
     MultinomialResampler,
     Resampler,
@@ -28,7 +28,9 @@ from smcgen.smc import SMC, AllParticlesDeadError, BatchRun
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWRS",
     "SMC",
+    "AWRSProposal",
     "AllParticlesDeadError",
     "BatchRun",
     "GrammarError",

@@ -20,6 +20,7 @@ from smcgen.config import SMCConfig
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
+from smcgen.proposals.awrs import AWRSProposal
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
@@ -76,6 +77,7 @@ def generate(
     tokenizer: Any | None = None,
     progress: bool = False,
     grammar: GrammarPotential | None = None,
+    constraint: Potential | None = None,
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -90,6 +92,11 @@ def generate(
     constrains generation locally: the draft and the target's own tokens are drawn masked to the
     grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
     is a plain factor that only weights).
+    ``constraint`` (any :class:`Potential`, typically a boolean one over text with no cheap mask,
+    e.g. "no letter e") is a factor of the target that also steers every draw: the target's own
+    tokens and the draft's are drawn by adaptive weighted rejection sampling
+    (:class:`~smcgen.proposals.awrs.AWRSProposal`), which checks sampled tokens one by one and
+    weights them by an unbiased estimate of the allowed mass, so particles rarely die.
     """
     cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
     target_lm = as_language_model(target, tokenizer)
@@ -97,24 +104,35 @@ def generate(
         grammar = grammar.bind(target_lm)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
+    if constraint is not None and not isinstance(constraint, Potential):
+        raise TypeError(f"constraint must be a Potential, got {type(constraint).__name__}")
+    if constraint is not None and grammar is not None:
+        raise ValueError("give either grammar or constraint, not both (a grammar is a constraint with a mask)")
     custom_proposal = proposal is not None
     if draft is not None:
         draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer)
         if draft_lm.tokenizer is None:
             draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
         check_compatible(target_lm, draft_lm)
-        proposal = (
-            LMProposal(draft_lm, temperature=cfg.draft_temperature)
-            if grammar is None
-            else MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
-        )
+        if constraint is not None:
+            proposal = AWRSProposal(draft_lm, constraint, temperature=cfg.draft_temperature)
+        elif grammar is not None:
+            proposal = MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
+        else:
+            proposal = LMProposal(draft_lm, temperature=cfg.draft_temperature)
     ids = encode_prompt(prompt, target_lm)
 
     from smcgen.backends.native.select import native_engine_or_reason
 
-    native, why_not = native_engine_or_reason(
-        cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
-    )
+    if constraint is not None or (proposal is not None and proposal.target_constraint() is not None):
+        # AWRS draws run on the generic engine only (for now)
+        native, why_not = None, "a constraint steered by AWRS runs on the generic engine"
+        if cfg.engine == "native":
+            raise ValueError(f"engine='native' cannot run this request: {why_not}")
+    else:
+        native, why_not = native_engine_or_reason(
+            cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
+        )
     if native is not None:
         run = native.run(ids, progress=progress)
     else:
@@ -126,6 +144,7 @@ def generate(
             proposal=proposal,
             potentials=potentials,
             mask=grammar,
+            constraint=constraint,
         )
         run = smc.run(ids, n_groups=1, progress=progress)
 
