@@ -85,6 +85,12 @@ def run_method(lm, ids: list[int], method: str, args: argparse.Namespace) -> tup
     return samples, wall
 
 
+def fmt_ll(mean: float, se: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -146,7 +152,7 @@ def main() -> None:
     for r in rows:
         dead = f"{r['dead']}/{r['n']}" if r["method"] != "best-of-N" else "-"
         print(f"| {r['method']} | {r['rate']:.0%} ({r['ok']}/{r['n']}; {r['lo']:.2f}-{r['hi']:.2f}) | {dead} | "
-              f"{r['ll']:.3f} ± {r['ll_se']:.3f} | {r['tok_s']:.1f} | {r['wall']:.1f} |")
+              f"{fmt_ll(r['ll'], r['ll_se'])} | {r['tok_s']:.1f} | {r['wall']:.1f} |")
     for name, s in examples:
         print(f"\n[{name}] valid={s.valid}\n{s.text}")
     if args.plot:
