@@ -17,7 +17,7 @@ from smcgen.potentials import (
     SequenceBatch,
     TokenPotential,
 )
-from smcgen.proposals import LMProposal, MaskedLMProposal, Proposal
+from smcgen.proposals import AWRS, AWRSProposal, LMProposal, MaskedLMProposal, Proposal
 from smcgen.resampling import (
     MultinomialResampler,
     Resampler,
@@ -34,7 +34,9 @@ from smcgen.step import NonFiniteError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AWRS",
     "SMC",
+    "AWRSProposal",
     "AllParticlesDeadError",
     "BatchRun",
     "DistillConfig",

@@ -23,6 +23,7 @@ from smcgen.outcome import choose_answer, explained_dead_end
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
+from smcgen.proposals.awrs import AWRSProposal
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
@@ -102,6 +103,7 @@ def generate(
     guide: Potential | None = None,
     grammar: GrammarPotential | None = None,
     on_dead: str = "raise",
+    constraint: Potential | None = None,
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -118,6 +120,11 @@ def generate(
     allowed tokens and the weights correct the masking bias (a grammar passed in ``potentials``
     instead is a plain factor that only weights). ``result.engine`` says which engine ran and
     ``result.engine_reason`` why the generic one did (also logged once per reason).
+    ``constraint`` (any :class:`Potential`, typically a boolean one over text with no cheap mask,
+    e.g. "no letter e") is a factor of the target that also steers every draw: the target's own
+    tokens and the draft's are drawn by adaptive weighted rejection sampling
+    (:class:`~smcgen.proposals.awrs.AWRSProposal`), which checks sampled tokens one by one and
+    weights them by an unbiased estimate of the allowed mass, so particles rarely die.
     ``on_dead``: when every particle reaches weight zero, ``"raise"`` :class:`AllParticlesDeadError`
     (with the dead prefixes' text), or ``"flag"`` / ``"partial"``: return the longest partial output
     with ``SMCResult.dead`` set.
@@ -134,6 +141,10 @@ def generate(
         grammar = grammar.bind(target_lm)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
+    if constraint is not None and not isinstance(constraint, Potential):
+        raise TypeError(f"constraint must be a Potential, got {type(constraint).__name__}")
+    if constraint is not None and grammar is not None:
+        raise ValueError("give either grammar or constraint, not both (a grammar is a constraint with a mask)")
     custom_proposal = proposal is not None
     proposal = checked_proposal(proposal, target_lm.vocab_size)
     if draft is not None:
@@ -142,18 +153,23 @@ def generate(
         if draft_lm.tokenizer is None:
             draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
         check_compatible(target_lm, draft_lm)
-        proposal = (
-            LMProposal(draft_lm, temperature=cfg.draft_temperature)
-            if grammar is None
-            else MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
-        )
+        if constraint is not None:
+            proposal = AWRSProposal(draft_lm, constraint, temperature=cfg.draft_temperature)
+        elif grammar is not None:
+            proposal = MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
+        else:
+            proposal = LMProposal(draft_lm, temperature=cfg.draft_temperature)
     ids = encode_prompt(prompt, target_lm)
 
     from smcgen.backends.native.select import native_engine_or_reason
 
-    native, why_not = native_engine_or_reason(
-        cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
-    )
+    if constraint is not None or (proposal is not None and proposal.target_constraint() is not None):
+        # AWRS draws run on the generic engine only (for now)
+        native, why_not = None, "a constraint steered by AWRS runs on the generic engine"
+    else:
+        native, why_not = native_engine_or_reason(
+            cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
+        )
     if native is None and cfg.engine == "native":
         raise ValueError(f"engine='native' cannot run this request: {why_not}")
     if native is None:
@@ -170,6 +186,7 @@ def generate(
                 proposal=proposal,
                 potentials=potentials,
                 guide=grammar,
+                constraint=constraint,
             ).run(ids, n_groups=1, progress=progress, on_dead=engine_on_dead)
     except AllParticlesDeadError as err:
         raise explained_dead_end(err, target_lm.tokenizer, masked=grammar is not None) from None

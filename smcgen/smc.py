@@ -30,6 +30,7 @@ from smcgen.potentials.base import (
     scoring_error,
 )
 from smcgen.potentials.lm import LMPotential
+from smcgen.proposals.awrs import AWRS
 from smcgen.proposals.base import Proposal
 from smcgen.resampling import Resampler, effective_sample_size, get_resampler
 from smcgen.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
@@ -57,8 +58,12 @@ class SMC:
     token; every token in plain SMC) to the tokens it allows, each weighted by the masked
     log-normalizer log sum_{v allowed} p(v)^alpha: the locally constrained proposal of DESIGN.md.
     A guide, and the mask of a masked proposal, are factors of the target (added to
-    ``potentials`` when missing). ``resampler`` (a :class:`Resampler`) overrides
-    ``config.resampler``. Build once, call :meth:`run` per prompt.
+    ``potentials`` when missing). ``constraint`` (any :class:`Potential`, typically a boolean one
+    with no cheap mask; default: the proposal's ``target_constraint()``) does the same without a
+    mask: the target's own draws go through adaptive weighted rejection sampling
+    (:class:`~smcgen.proposals.awrs.AWRS`), weighted by its estimate of the allowed mass.
+    ``resampler`` (a :class:`Resampler`) overrides ``config.resampler``. Build once, call
+    :meth:`run` per prompt.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class SMC:
         *,
         mask: Potential | None = None,
         resampler: Resampler | None = None,
+        constraint: Potential | None = None,
     ):
         self.target = target
         self.config = config
@@ -82,13 +88,18 @@ class SMC:
         if mask is not None:
             mask = mask.for_logits(target.lm.vocab_size, target.lm)
         self.mask = mask
+        if constraint is None and proposal is not None:
+            constraint = proposal.target_constraint()
+        if constraint is not None and mask is not None:
+            raise ValueError("give either mask or constraint, not both")
+        lm = target.lm
+        self.awrs = AWRS(constraint, lm.tokenizer, lm.eos_token_ids) if constraint is not None else None
         required = proposal.required_potentials() if proposal is not None else ()
-        for m in (mask, *required):
+        for m in (mask, constraint, *required):
             if m is not None and not any(f is m for f in factors):
                 factors.append(m)
         self.potential: Potential | None = Product(factors) if factors else None
         self.resampler = resampler if resampler is not None else get_resampler(config.resampler)
-        lm = target.lm
         self.eos_ids = list(lm.eos_token_ids)
         self.pad_id = self.eos_ids[0] if self.eos_ids else 0
 
@@ -199,8 +210,18 @@ class SMC:
             log_p = alpha * log_probs(logits[:, :k], tau).gather(-1, drafted[:, :, None]).squeeze(-1).double()
             block, log_norm = drafted, None
             if with_bonus:
-                allowed = pending.result() if pending is not None else None
-                bonus, _, log_norm = sample_powered(logits[:, k], tau, alpha, generator, allowed=allowed)
+                if self.awrs is not None:
+                    # inside the constraint: AWRS over p_tau^alpha, weighted by its allowed-mass
+                    # estimate; rows already out (done, weight zero, drafted EOS) are not checked
+                    live = ~done & torch.isfinite(lw.view(-1)) & torch.isfinite(log_p - log_q).all(dim=1)
+                    if k:
+                        live &= ~torch.isin(drafted, eos).any(dim=1)
+                    last = lengths + k + 1 >= cfg.max_new_tokens
+                    scores = alpha * log_probs(logits[:, k], tau)
+                    bonus, log_norm = self.awrs.draw(scores, extended, len(prompt), generator, live, last)
+                else:
+                    allowed = pending.result() if pending is not None else None
+                    bonus, _, log_norm = sample_powered(logits[:, k], tau, alpha, generator, allowed=allowed)
                 block = torch.cat([block, bonus[:, None]], dim=1)
             token_w = token_weights(log_p, log_q, log_norm)
 

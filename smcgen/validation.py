@@ -160,6 +160,9 @@ class CheckedProposal(Proposal):
     def required_potentials(self) -> tuple[Potential, ...]:
         return tuple(self.inner.required_potentials())
 
+    def target_constraint(self) -> Potential | None:
+        return self.inner.target_constraint()
+
 
 def checked_proposal(proposal: Proposal | None, vocab_size: int) -> Proposal | None:
     """Wrap a user's proposal so that its draws are validated (None stays None)."""

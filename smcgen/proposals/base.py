@@ -33,3 +33,9 @@ class Proposal(abc.ABC):
         """Factors the target must include for this proposal's weights to be right (the engine
         adds any that are missing): e.g. a grammar the proposal samples inside."""
         return ()
+
+    def target_constraint(self) -> Potential | None:
+        """A hard constraint that the target's own draws (the bonus token) must be drawn inside
+        too, by adaptive weighted rejection sampling (see :class:`~smcgen.proposals.awrs.AWRS`);
+        None: the target draws freely."""
+        return None
