@@ -18,8 +18,8 @@ from smcgen.backends.transformers_lm import (
 )
 from smcgen.config import SMCConfig
 from smcgen.potentials.base import Potential
-from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
+from smcgen.potentials.output import as_grammar
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
@@ -75,7 +75,7 @@ def generate(
     config: SMCConfig | None = None,
     tokenizer: Any | None = None,
     progress: bool = False,
-    grammar: GrammarPotential | None = None,
+    grammar: Any = None,
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -86,15 +86,16 @@ def generate(
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
     step (plain SMC). ``prompt`` is text (needs a tokenizer), a list of ids or a ``[T]``/``[1, T]``
     tensor. ``config`` fields can be overridden by keyword (``n_particles=16``).
-    ``grammar`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound)
+    ``grammar`` (a :class:`GrammarPotential`, or anything :func:`smcgen.potentials.output.as_grammar`
+    takes: a pydantic model, a JSON Schema, a Literal/Enum, a regex, a Lark/EBNF text; bound to the
+    target's tokenizer here, and ``result.parsed`` holds the answer parsed as that type)
     constrains generation locally: the draft and the target's own tokens are drawn masked to the
     grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
     is a plain factor that only weights).
     """
     cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
     target_lm = as_language_model(target, tokenizer)
-    if grammar is not None and not grammar.bound:
-        grammar = grammar.bind(target_lm)
+    grammar = as_grammar(grammar, target_lm, max_new_tokens=cfg.max_new_tokens)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
     custom_proposal = proposal is not None
@@ -150,6 +151,7 @@ def generate(
         n_particles=cfg.n_particles,
         texts=texts,
         engine="native" if native is not None else "generic",
+        parsed=grammar.parse(text) if grammar is not None else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,8 @@ class SMCResult:
     ``log_z``: log of the unbiased estimate of the target's normalizing constant Z.
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
     ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``.
+    ``parsed``: with a structured ``grammar=`` the answer parsed as its type (pydantic object,
+    Enum member, JSON value); None otherwise.
     """
 
     text: str
@@ -29,6 +32,7 @@ class SMCResult:
     n_particles: int
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
+    parsed: Any = None
 
     @property
     def tokens_per_second(self) -> float:
