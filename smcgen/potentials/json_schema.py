@@ -183,6 +183,8 @@ class _Lowering:
 
     def __init__(self, root: Any):
         self.root = root
+        # JSON pointers that some $ref points into: unknown keywords on them hold schemas, kept
+        self.ref_prefixes = {r[1:] for r in _all_refs(root) if r.startswith("#/")}
         self.checked: list[str] = []
         self.warnings: list[str] = []
         self.problems: list[str] = []
@@ -212,17 +214,52 @@ class _Lowering:
                 self.checked.append(f"{at}: {CHECKED_AFTER[key]}")
                 continue
             if key not in SUPPORTED:
+                inner = at[1:]
+                if any(r == inner or r.startswith(inner + "/") for r in self.ref_prefixes):
+                    # a schema, or a container of schemas, that a $ref points into (#/$defs/group/item): kept
+                    out[key] = self._referenced(value, path + [key], depth)
+                    continue
                 self.warnings.append(f"{at}: unknown keyword {key!r} ignored (the specification says to)")
                 continue
             lowered = self._keyword(node, key, value, path, depth)
             if lowered is not _DROP:
                 out[key] = lowered
+        if isinstance(out.get("prefixItems"), list):
+            prefix = [{} if v is True else v for v in out["prefixItems"]]
+            if False in prefix:  # no item may stand at a false position: the array ends before it
+                cut = prefix.index(False)
+                prefix = prefix[:cut]
+                out["maxItems"] = min(out.get("maxItems", cut), cut)
+            out["prefixItems"] = prefix
+            if not prefix:
+                del out["prefixItems"]
+        n_prefix = len(out.get("prefixItems", []))
+        if "items" not in out and isinstance(out.get("minItems"), int) and out["minItems"] > n_prefix:
+            out["items"] = {}  # generation adds no unnamed items by default; here the schema needs some
+        for key in ("properties", "patternProperties"):
+            if isinstance(out.get(key), dict):  # a false property schema: the property never appears
+                out[key] = {k: v for k, v in out[key].items() if v is not False}
+        for key in ("anyOf", "oneOf"):
+            if isinstance(out.get(key), list) and False in out[key] and any(v is not False for v in out[key]):
+                out[key] = [v for v in out[key] if v is not False]
         self._approximations(out, where)
         for low, high in _BOUNDS:
             lo, hi = out.get(low), out.get(high)
             if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
                 self.problems.append(f"{where}: {low} ({lo}) is greater than {high} ({hi}); no value can satisfy it")
         return out
+
+    def _referenced(self, value: Any, path: list[str], depth: int) -> Any:
+        """A value under an unknown keyword that $refs point into: lowered where a ref names it exactly,
+        walked through (keeping only what refs reach) where refs point deeper."""
+        inner = _pointer(path)[1:]
+        if inner in self.ref_prefixes or not isinstance(value, dict):
+            return self.lower(value, path, depth)
+        return {
+            k: self._referenced(v, path + [k], depth)
+            for k, v in value.items()
+            if any(r == f"{inner}/{k}" or r.startswith(f"{inner}/{k}/") for r in self.ref_prefixes)
+        }
 
     def _draft4(self, node: dict[str, Any]) -> dict[str, Any]:
         """Draft 4's boolean exclusive bounds and tuple ``items`` in their 2020-12 spelling."""
@@ -246,7 +283,7 @@ class _Lowering:
                 self.problems.append(f"{at}: unknown type {bad[0]!r} (expected one of {sorted(TYPES)})")
             return value
         if key == "format":
-            if value in FORMATS:
+            if isinstance(value, str) and value in FORMATS:
                 return value
             self.warnings.append(f"{at}: unknown format {value!r} generated as a plain string (format is an annotation)")
             return _DROP
@@ -269,8 +306,9 @@ class _Lowering:
             try:
                 _resolve(self.root, value if isinstance(value, str) else "")
             except KeyError:
-                if isinstance(value, str) and value.startswith("#") and not value.startswith("#/"):
-                    # an anchor ("#name"): the validator resolves it, the grammar leaves the place open
+                if isinstance(value, str) and _registry_resolves(self.root, value):
+                    # an anchor or an $id inside this document: the validator resolves it, the grammar
+                    # leaves the place open
                     self.checked.append(f"{at}: $ref {value!r}")
                     return _DROP
                 self.problems.append(f"{at}: $ref {value!r} does not resolve inside the schema (no remote refs)")
@@ -339,6 +377,34 @@ class _Lowering:
 
 
 _DROP = object()
+
+
+def _all_refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        refs = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        for v in node.values():
+            if isinstance(v, (dict, list)):
+                refs.extend(_all_refs(v))
+        return refs
+    if isinstance(node, list):
+        return [r for v in node for r in _all_refs(v)]
+    return []
+
+
+def _registry_resolves(root: Any, ref: str) -> bool:
+    """Whether ``ref`` resolves inside the document (anchors, embedded ``$id`` resources), no network."""
+    try:
+        from referencing import Registry
+        from referencing.jsonschema import DRAFT202012, specification_with
+
+        dialect = root.get("$schema", "") if isinstance(root, dict) else ""
+        spec = specification_with(dialect, default=DRAFT202012) if dialect else DRAFT202012
+        resource = spec.create_resource(root)
+        registry = (resource @ Registry()).crawl()
+        registry.resolver(base_uri=resource.id() or "").lookup(ref)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not resolvable offline
+        return False
 _MIN_KEYS = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
 _MAX_KEYS = ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties")
 
