@@ -392,15 +392,16 @@ def _all_refs(node: Any) -> list[str]:
 
 
 def _registry_resolves(root: Any, ref: str) -> bool:
-    """Whether ``ref`` resolves inside the document (anchors, embedded ``$id`` resources), no network."""
+    """Whether ``ref`` resolves inside the document (anchors, embedded ``$id`` resources) or names a
+    draft's metaschema, with no network."""
     try:
-        from referencing import Registry
+        from jsonschema_specifications import REGISTRY as METASCHEMAS
         from referencing.jsonschema import DRAFT202012, specification_with
 
         dialect = root.get("$schema", "") if isinstance(root, dict) else ""
         spec = specification_with(dialect, default=DRAFT202012) if dialect else DRAFT202012
         resource = spec.create_resource(root)
-        registry = (resource @ Registry()).crawl()
+        registry = (resource @ METASCHEMAS).crawl()  # the drafts' metaschemas are known offline too
         registry.resolver(base_uri=resource.id() or "").lookup(ref)
         return True
     except Exception:  # noqa: BLE001 - any failure means: not resolvable offline
