@@ -265,3 +265,24 @@ def test_budget_too_small_for_the_shortest_document_is_a_clear_error():
         as_grammar(schema, tok, max_new_tokens=5)
     g = as_grammar(schema, tok, max_new_tokens=13)
     assert g.finish_within == 13
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$defs": {"a": {"$anchor": "foo", "type": "integer"}}, "$ref": "#foo"},
+        {"$id": "http://example.com/root.json", "$defs": {"a": {"$id": "a.json", "type": "integer"}}, "$ref": "a.json"},
+    ],
+)
+def test_in_document_refs_are_left_to_the_validator(schema):
+    g = char_grammar(schema)
+    assert any("$ref" in part for part in g.checked_after)
+    assert accepted(g, "1") and not accepted(g, '"s"')
+
+
+def test_metaschema_ref_resolves_offline_and_remote_refs_are_refused():
+    g = char_grammar({"$schema": "http://json-schema.org/draft-07/schema#",
+                      "properties": {"s": {"$ref": "http://json-schema.org/draft-07/schema#"}}})
+    assert accepted(g, '{"s":{"type":"integer"}}') and not accepted(g, '{"s":{"type":3}}')
+    with pytest.raises(GrammarError, match="no remote refs"):
+        GrammarPotential.json_schema({"$ref": "http://example.com/x.json"})

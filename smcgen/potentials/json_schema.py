@@ -401,7 +401,7 @@ def _registry_resolves(root: Any, ref: str) -> bool:
         dialect = root.get("$schema", "") if isinstance(root, dict) else ""
         spec = specification_with(dialect, default=DRAFT202012) if dialect else DRAFT202012
         resource = spec.create_resource(root)
-        registry = (resource @ METASCHEMAS).crawl()  # the drafts' metaschemas are known offline too
+        registry = METASCHEMAS.with_resource(resource.id() or "", resource).crawl()  # the drafts' metaschemas are known offline too
         registry.resolver(base_uri=resource.id() or "").lookup(ref)
         return True
     except Exception:  # noqa: BLE001 - any failure means: not resolvable offline
