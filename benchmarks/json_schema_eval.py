@@ -209,6 +209,7 @@ def validity(grammars: dict[str, GrammarPotential], lm: Any, args: argparse.Name
                 valid += int(g.schema.violation(g._text(toks)) is None)
             rows.append({"schema": name, "method": label, "runs": args.groups, "valid": valid,
                          "dead": int(run.dead.sum()), "seconds": dt})
+            tqdm.write(f"{name} | {label} | valid {valid}/{args.groups} | dead {int(run.dead.sum())} | {dt:.0f} s")
         g.finish_within = None
     return rows
 
@@ -221,6 +222,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--groups", type=int, default=4, help="independent runs per schema and method")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schemas", default=None, help="comma-separated handwritten schema names for --validity")
     ap.add_argument("--out", default=None, help="write results.json here")
     args = ap.parse_args()
 
@@ -267,7 +269,8 @@ def main() -> None:
         for line in vpath["invalid_scored_valid"][:10]:
             print("  INVALID SCORED VALID:", line)
     if args.validity:
-        picked = {k: g for k, g in grammars.items() if k.startswith("handwritten/")}
+        wanted = args.schemas.split(",") if args.schemas else list(HANDWRITTEN)
+        picked = {k: g for k, g in grammars.items() if k.startswith("handwritten/") and k.split("/", 1)[1] in wanted}
         rows = validity(picked, lm, args)
         results["validity"] = rows
         print(f"\nvalidity, max_new_tokens={args.max_new_tokens}, {args.groups} runs per schema and method\n")
