@@ -113,7 +113,10 @@ class LoweredSchema:
             doc = json.loads(text)
         except json.JSONDecodeError as err:
             return f"not JSON ({err.msg} at character {err.pos})"
-        error = next(iter(self.validator.iter_errors(doc)), None)
+        try:
+            error = next(iter(self.validator.iter_errors(doc)), None)
+        except Exception as err:  # noqa: BLE001 - e.g. a ref the validator cannot resolve: not valid, and why
+            return f"the validator cannot check it ({type(err).__name__}: {str(err)[:120]})"
         if error is None:
             return None
         where = "#" + "".join(f"/{p}" for p in error.absolute_path)
