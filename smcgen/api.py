@@ -23,6 +23,7 @@ from smcgen.outcome import choose_answer, explained_dead_end
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
+from smcgen.potentials.output import as_grammar
 from smcgen.proposals.awrs import AWRSProposal
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
@@ -100,8 +101,8 @@ def generate(
     config: SMCConfig | None = None,
     tokenizer: Any | None = None,
     progress: bool = False,
-    guide: Potential | None = None,
-    grammar: GrammarPotential | None = None,
+    guide: Any = None,
+    grammar: Any = None,
     on_dead: str = "raise",
     constraint: Potential | None = None,
     **config_overrides: Any,
@@ -114,11 +115,13 @@ def generate(
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
     step (plain SMC). ``prompt`` is text (needs a tokenizer), a list of ids or a ``[T]``/``[1, T]``
     tensor. ``config`` fields can be overridden by keyword (``n_particles=16``).
-    ``guide`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound, or
-    any potential with a ``next_token_mask``; ``grammar=`` is its older name) constrains
-    generation locally: the draft and the target's own tokens are drawn masked to the guide's
-    allowed tokens and the weights correct the masking bias (a grammar passed in ``potentials``
-    instead is a plain factor that only weights). ``result.engine`` says which engine ran and
+    ``guide`` constrains generation locally: the draft and the target's own tokens are drawn
+    masked to the guide's allowed tokens and the weights correct the masking bias (a grammar passed
+    in ``potentials`` instead is a plain factor that only weights). It is a :class:`GrammarPotential`,
+    any potential with a ``next_token_mask``, or anything :func:`smcgen.potentials.output.as_grammar`
+    takes: a pydantic model, a JSON Schema, a Literal/Enum, a regex, a Lark/EBNF text (bound to the
+    target's tokenizer here; ``result.parsed`` then holds the answer parsed as that type).
+    ``grammar=`` is its older name. ``result.engine`` says which engine ran and
     ``result.engine_reason`` why the generic one did (also logged once per reason).
     ``constraint`` (any :class:`Potential`, typically a boolean one over text with no cheap mask,
     e.g. "no letter e") is a factor of the target that also steers every draw: the target's own
@@ -137,8 +140,8 @@ def generate(
     if guide is not None and grammar is not None and guide is not grammar:
         raise ValueError("give guide= or grammar= (its older name), not both")
     grammar = guide if guide is not None else grammar
-    if isinstance(grammar, GrammarPotential) and not grammar.bound:
-        grammar = grammar.bind(target_lm)
+    if not (isinstance(grammar, Potential) and not isinstance(grammar, GrammarPotential)):
+        grammar = as_grammar(grammar, target_lm, max_new_tokens=cfg.max_new_tokens)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
     if constraint is not None and not isinstance(constraint, Potential):
@@ -214,6 +217,7 @@ def generate(
         engine="native" if native is not None else "generic",
         engine_reason=None if native is not None else why_not,
         dead=dead,
+        parsed=grammar.parse(text) if isinstance(grammar, GrammarPotential) and not dead else None,
     )
 
 

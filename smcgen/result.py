@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class SMCResult:
     ``engine_reason``: why the generic engine ran it (None when the native one did).
     ``dead``: every particle reached weight zero (``generate(on_dead="flag")``): ``text`` is the
     longest partial output, not a draw from the target, and ``log_z`` is ``-inf``.
+    ``parsed``: with a structured ``grammar=`` the answer parsed as its type (pydantic object,
+    Enum member, JSON value); None otherwise.
     """
 
     text: str
@@ -34,6 +37,7 @@ class SMCResult:
     engine: str = "generic"
     engine_reason: str | None = None
     dead: bool = False
+    parsed: Any = None
 
     @property
     def tokens_per_second(self) -> float:

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from smcgen.config import SMCConfig
 from smcgen.potentials.base import Potential
-from smcgen.potentials.grammar import GrammarPotential
 from smcgen.proposals.base import Proposal
 
 ON_DEAD_POLICIES = ("raise", "flag", "partial")
@@ -59,12 +58,8 @@ def as_potentials(potentials: Any) -> list[Potential]:
 
 
 def check_grammar(grammar: Any) -> None:
-    """``guide`` / ``grammar``: None, a :class:`GrammarPotential` or any potential with a next-token mask."""
-    if grammar is not None and not isinstance(grammar, (GrammarPotential, Potential)):
-        raise TypeError(
-            f"guide (grammar) must be a GrammarPotential (GrammarPotential.regex / json_schema / ebnf / lark) "
-            f"or a Potential with next_token_mask, got {_kind(grammar)}"
-        )
+    """``guide`` / ``grammar``: checked where it is converted (:func:`smcgen.potentials.output.as_grammar`
+    names what it takes); nothing to refuse before that."""
 
 
 def check_on_dead(on_dead: Any) -> str:

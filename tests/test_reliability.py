@@ -125,9 +125,9 @@ def test_potentials_none_means_none(target, tok):
     assert a.token_ids == b.token_ids
 
 
-def test_grammar_as_string_is_a_type_error(target, tok):
-    with pytest.raises(TypeError, match=r"guide \(grammar\) must be a GrammarPotential"):
-        smcgen.generate(target, [0, 1], tokenizer=tok, grammar="[ab]+")
+def test_grammar_of_an_unknown_type_names_what_it_takes(target, tok):
+    with pytest.raises(smcgen.GrammarError, match="grammar must be a GrammarPotential, a pydantic model"):
+        smcgen.generate(target, [0, 1], tokenizer=tok, grammar=42)
 
 
 def test_proposal_of_another_type_is_a_type_error(target, tok):

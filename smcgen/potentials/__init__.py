@@ -3,7 +3,9 @@
 from smcgen.potentials.base import Potential, PotentialError, Product, SequenceBatch
 from smcgen.potentials.errors import GrammarError
 from smcgen.potentials.grammar import GrammarPotential
+from smcgen.potentials.json_schema import SchemaWarning
 from smcgen.potentials.lm import LMPotential
+from smcgen.potentials.output import as_grammar
 from smcgen.potentials.python_names import PythonNamesPotential
 from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import LearnedReward, TokenPotential
@@ -18,6 +20,8 @@ __all__ = [
     "Product",
     "PythonNamesPotential",
     "RewardPotential",
+    "SchemaWarning",
     "SequenceBatch",
     "TokenPotential",
+    "as_grammar",
 ]
