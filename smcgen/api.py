@@ -25,6 +25,7 @@ from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
 from smcgen.smc import SMC
+from smcgen.trace import TraceRecorder
 
 ModelLike = LanguageModel | PreTrainedModel | str
 
@@ -76,6 +77,7 @@ def generate(
     tokenizer: Any | None = None,
     progress: bool = False,
     grammar: GrammarPotential | None = None,
+    trace: bool = False,
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -89,7 +91,8 @@ def generate(
     ``grammar`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound)
     constrains generation locally: the draft and the target's own tokens are drawn masked to the
     grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
-    is a plain factor that only weights).
+    is a plain factor that only weights). ``trace=True`` records the run step by step into
+    ``result.trace`` (a :class:`smcgen.trace.Trace`; generic engine only).
     """
     cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
     target_lm = as_language_model(target, tokenizer)
@@ -112,9 +115,10 @@ def generate(
 
     from smcgen.backends.native.select import native_engine_or_reason
 
-    native, why_not = native_engine_or_reason(
+    native, why_not = (None, "trace=True records on the generic engine only") if trace else native_engine_or_reason(
         cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
     )
+    recorder = TraceRecorder(target_lm.tokenizer) if trace else None
     if native is not None:
         run = native.run(ids, progress=progress)
     else:
@@ -127,7 +131,7 @@ def generate(
             potentials=potentials,
             mask=grammar,
         )
-        run = smc.run(ids, n_groups=1, progress=progress)
+        run = smc.run(ids, n_groups=1, progress=progress, recorder=recorder)
 
     lengths = run.lengths[0].tolist()
     sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]
@@ -150,6 +154,7 @@ def generate(
         n_particles=cfg.n_particles,
         texts=texts,
         engine="native" if native is not None else "generic",
+        trace=recorder.trace(0) if recorder is not None else None,
     )
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from smcgen.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -15,6 +19,7 @@ class SMCResult:
     ``log_z``: log of the unbiased estimate of the target's normalizing constant Z.
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
     ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``.
+    ``trace``: the step-by-step record (:class:`smcgen.trace.Trace`) when ``generate(trace=True)``.
     """
 
     text: str
@@ -29,6 +34,7 @@ class SMCResult:
     n_particles: int
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
+    trace: Trace | None = None
 
     @property
     def tokens_per_second(self) -> float:

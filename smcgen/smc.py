@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -224,13 +225,20 @@ class SMC:
 
     @torch.inference_mode()
     def run(
-        self, prompt_ids: Sequence[int], n_groups: int = 1, progress: bool = False, on_dead: str = "raise"
+        self,
+        prompt_ids: Sequence[int],
+        n_groups: int = 1,
+        progress: bool = False,
+        on_dead: str = "raise",
+        recorder: Any | None = None,
     ) -> BatchRun:
         """Run SMC for ``n_groups`` independent groups of N particles on one prompt.
 
         A group whose particles all reach weight zero raises :class:`AllParticlesDeadError`
         (``on_dead="raise"``), or (``on_dead="flag"``) stops where it is, flagged in
-        ``BatchRun.dead``, while the other groups go on.
+        ``BatchRun.dead``, while the other groups go on. ``recorder`` (e.g. a
+        :class:`smcgen.trace.TraceRecorder`) gets ``record(block, valid, log_weights, ess, ancestors)``
+        once per step, the weights before resampling and ancestors None when no group resampled.
         """
         cfg = self.config
         if n_groups < 1:
@@ -342,6 +350,7 @@ class SMC:
                 # resampling after the last step only adds noise to the final weights
                 want = torch.zeros_like(want)
             resampled_history.append(want.cpu())
+            ancestors, lw_seen = None, (lw.clone() if recorder is not None else None)
             if bool(want.any()):
                 groups = want.nonzero().squeeze(-1)
                 ancestors = torch.arange(N, device=device).expand(B, N).clone()
@@ -357,6 +366,8 @@ class SMC:
                     self.potential.reorder(rows_cpu)
                 mean = torch.logsumexp(lw[groups], dim=1, keepdim=True) - math.log(N)
                 lw[groups] = mean.expand(-1, N)
+            if recorder is not None:
+                recorder.record(block, valid, lw_seen, ess, ancestors)
             bar.update(min(block.shape[1], cfg.max_new_tokens - bar.n))
         bar.close()
         if device.type == "cuda":
