@@ -195,8 +195,9 @@ def _lineage_svg(trace: Trace) -> str:
     n, steps = trace.n_particles, trace.steps
     dx, dy, pad = 22, 16, 12
     width, height = pad * 2 + dx * max(len(steps) - 1, 1), pad * 2 + dy * max(n - 1, 1)
-    parts = [f'<svg class="lineage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="resampling lineage">']
+    svg_open = (f'<svg class="lineage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                'role="img" aria-label="resampling lineage">')
+    parts = [svg_open]
     for s in range(1, len(steps)):
         anc = steps[s - 1].ancestors
         for i in range(n):

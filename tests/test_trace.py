@@ -38,7 +38,7 @@ class _Page(HTMLParser):
     def handle_data(self, data):
         self.text.append(data)
         if self._cell is not None and self.tables and self.tables[-1] and self.tables[-1][-1]:
-            tag, a = self.tables[-1][-1][-1]
+            _tag, a = self.tables[-1][-1][-1]
             a["text"] += data
 
     def handle_endtag(self, tag):
