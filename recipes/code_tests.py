@@ -8,7 +8,7 @@ cheap syntax check: the lines written so far (the unfinished last line left out,
 closing Markdown fence) must compile once an indented ``pass`` is appended, else the twist is
 -beta/2. Success = every test passes. Compared with best-of-N (the N samples' best test score).
 
-    python recipes/code_tests.py [--groups 4] [--cases 6] [--beta 8] [--plot code_tests.png]
+    python recipes/code_tests.py [--groups 3] [--cases 4] [--beta 8] [--plot code_tests.png]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ TASK = RewardTask(
     reward=RUNNER,
     success=lambda case, text: RUNNER(case, [text])[0] == 1.0,
     potential=lambda case, lm, args: TestsPassed(case, RUNNER, args.beta),
-    max_new_tokens=40,
+    max_new_tokens=32,
     temperature=1.0,
     metric_note="reward = fraction of the 4 unit tests passed; success = all 4; SMC target p(x) exp(beta R(x)), "
     "twist = syntax of the lines so far",
@@ -144,7 +144,7 @@ TASK = RewardTask(
 
 
 def main() -> None:
-    ap = reward_args(__doc__, groups=4, cases=6)
+    ap = reward_args(__doc__, groups=3, cases=4)
     ap.add_argument("--beta", type=float, default=8.0, help="inverse temperature of the reward: exp(beta R)")
     args = ap.parse_args()
     lm = load_for_recipe(args)

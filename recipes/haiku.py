@@ -8,7 +8,7 @@ exactly three lines of 5, 7 and 5 syllables. Syllables are counted by a vowel-gr
 particles the moment they break the meter; best-of-N can only check finished samples. No token
 mask exists for this constraint, so there is no "plain masking" baseline.
 
-    python recipes/haiku.py [--groups 4] [--cases 4] [--model smollm2-135m] [--plot haiku.png]
+    python recipes/haiku.py [--groups 4] [--cases 3] [--model smollm2-135m] [--plot haiku.png]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ TASK = RewardTask(
 
 
 def main() -> None:
-    args = reward_args(__doc__, groups=4, cases=4).parse_args()
+    args = reward_args(__doc__, groups=4, cases=3).parse_args()
     lm = load_for_recipe(args)
     results = run_reward_task(TASK, args, lm)
     report(TASK, results, args, args.plot or "haiku.png")

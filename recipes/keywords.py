@@ -10,7 +10,7 @@ same number of generated tokens, and with plain sampling.
 It also writes the trace of one SMC run (N=8, first prompt): ``keywords_trace.html`` (particles as
 rows, weights as shading, resampling lineage) and ``keywords_trace.png`` (ESS and log Z_hat per step).
 
-    python recipes/keywords.py [--groups 4] [--cases 6] [--beta 8] [--model smollm2-135m] [--plot keywords.png]
+    python recipes/keywords.py [--groups 4] [--cases 4] [--beta 8] [--model smollm2-135m] [--plot keywords.png]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ TASK = RewardTask(
     reward=reward,
     success=success,
     potential=potential,
-    max_new_tokens=32,
+    max_new_tokens=24,
     temperature=1.0,
     metric_note="reward = fraction of the 3 keywords used; success = all 3; SMC target p(x) exp(beta R(x)), "
     "twist = fraction used so far",
@@ -67,7 +67,7 @@ TASK = RewardTask(
 
 
 def main() -> None:
-    ap = reward_args(__doc__, groups=4, cases=6)
+    ap = reward_args(__doc__, groups=4, cases=4)
     ap.add_argument("--beta", type=float, default=8.0, help="inverse temperature of the reward: exp(beta R)")
     ap.add_argument("--trace", default="keywords_trace", help="path stem of the run trace (.html, .png); '' for none")
     args = ap.parse_args()

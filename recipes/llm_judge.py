@@ -9,7 +9,7 @@ only every few steps (between those, the weight increment is 0 and the judge is 
 a finished particle gets the judge's score of its whole text. SMC targets p(x) exp(beta R(x)); the
 default prompt asks the writer for a neutral review, so the judge steers against the model's habit.
 
-    python recipes/llm_judge.py [--groups 4] [--cases 4] [--every 6] [--beta 8] [--plot llm_judge.png]
+    python recipes/llm_judge.py [--groups 3] [--cases 3] [--every 8] [--beta 8] [--plot llm_judge.png]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def build_task(lm) -> RewardTask:
         cases=[Case(f"Write a one-sentence review of {p}.", data=p) for p in PLACES],
         reward=lambda case, texts: judge(texts),
         potential=lambda case, lm_, args: JudgePotential(judge, args.beta, args.every),
-        max_new_tokens=30,
+        max_new_tokens=20,
         temperature=1.0,
         metric_note="reward = the judge's P(yes) / (P(yes) + P(no)) for 'Is this review negative?', the judge being "
         "the target model; SMC target p(x) exp(beta R(x)), twist = the judge on the text cut to a multiple of "
@@ -94,9 +94,9 @@ def build_task(lm) -> RewardTask:
 
 
 def main() -> None:
-    ap = reward_args(__doc__, groups=4, cases=4)
+    ap = reward_args(__doc__, groups=3, cases=3)
     ap.add_argument("--beta", type=float, default=8.0, help="inverse temperature of the reward: exp(beta R)")
-    ap.add_argument("--every", type=int, default=6, help="the twist re-runs the judge every this many tokens")
+    ap.add_argument("--every", type=int, default=8, help="the twist re-runs the judge every this many tokens")
     args = ap.parse_args()
     lm = load_for_recipe(args)
     task = build_task(lm)

@@ -10,7 +10,7 @@ proposing each token from its tempered next-token distribution, weighted by log 
 (DESIGN.md); the answer is one particle drawn by weight. Best-of-N keeps the likeliest of N plain
 samples (the selection a user without a checker has). Success = the expected word in the answer.
 
-    python recipes/power.py [--groups 3] [--cases 16] [--plot power.png]
+    python recipes/power.py [--groups 3] [--cases 6] [--plot power.png]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def likelihood_tracks_correctness(results) -> str:
 
 
 def main() -> None:
-    ap = reward_args(__doc__, groups=3, cases=16)
+    ap = reward_args(__doc__, groups=3, cases=6)
     ap.add_argument("--alphas", default="2,4")
     args = ap.parse_args()
     lm = load_for_recipe(args)

@@ -17,10 +17,10 @@ from smcgen.testing import check_potential
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-import _harness  # noqa: E402
-import code_tests  # noqa: E402
-import haiku  # noqa: E402
-import keywords  # noqa: E402
+import _harness
+import code_tests
+import haiku
+import keywords
 
 
 def test_syllables_and_meter():
