@@ -294,6 +294,8 @@ def reward_args(description: str, groups: int, cases: int) -> argparse.ArgumentP
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--plot", default=None, help="PNG path of the quality-vs-compute plot (default: <recipe>.png)")
     ap.add_argument("--show", type=int, default=1, help="example answers printed per method")
+    ap.add_argument("--best-particle", action="store_true",
+                    help="also report each SMC run's final particle with the highest reward (SMC used as a search)")
     return ap
 
 
@@ -385,7 +387,7 @@ def run_reward_task(task: RewardTask, args: argparse.Namespace, lm,
                                **cfg_over})
             counter = TokenCounter()
             t0 = time.perf_counter()
-            smc = SMC(LMPotential(lm, temperature=tau, alpha=cfg.alpha), cfg, potentials=pot)
+            smc = SMC(LMPotential(lm, temperature=cfg.target_temperature, alpha=cfg.alpha), cfg, potentials=pot)
             out = smc.run(ids, n_groups=args.groups, on_dead="flag", recorder=counter)
             picks = [0 if bool(out.dead[g]) else int(torch.multinomial(out.log_weights[g].exp(), 1, generator=chooser))
                      for g in range(args.groups)]
@@ -395,6 +397,18 @@ def run_reward_task(task: RewardTask, args: argparse.Namespace, lm,
                 if bool(out.dead[g]):  # every particle ruled out: a failure whatever its partial text scores
                     a.success = 0.0 if task.success else math.nan
             add(name, "SMC", n, answers, counter.tokens / args.groups, time.perf_counter() - t0)
+            if getattr(args, "best_particle", False):
+                # the same run used as a search: of each group's final particles, the one with the highest reward
+                best = []
+                for g in range(args.groups):
+                    finals = [Answer(c, g, lm.tokenizer.decode(t, skip_special_tokens=True), t, math.nan, math.nan)
+                              for t in (out.tokens[g, i, : out.lengths[g, i]].tolist() for i in range(n))]
+                    _fill_scores(task, case, finals)
+                    pick = max(finals, key=lambda a: a.reward)
+                    if bool(out.dead[g]) and task.success:
+                        pick.success = 0.0
+                    best.append(pick)
+                add(f"{name} (best particle)", "SMC-best", n, best, counter.tokens / args.groups, time.perf_counter() - t0)
             bar.update()
         # target log-likelihood per token of every answer of this case (log p_tau, the prompt prefilled once)
         for r in results.values():
@@ -447,7 +461,7 @@ def report(task: RewardTask, results: list[MethodResult], args: argparse.Namespa
         row += [f"{r.tokens_per_answer:.0f}", f"{r.tokens_per_second:.0f}"]
         print("| " + " | ".join(row) + " |")
     by = {r.name: r for r in results}
-    for smc8 in (r for r in results if r.kind == "SMC" and r.n == 8 and "best-of-8" in by):
+    for smc8 in (r for r in results if r.kind in ("SMC", "SMC-best") and r.n == 8 and "best-of-8" in by):
         d, h = paired_diff(smc8, by["best-of-8"], metric)
         verdict = "beats" if d - h > 0 else ("loses to" if d + h < 0 else "does not beat (within the 95% CI)")
         print(f"\n{smc8.name} - best-of-8 on {metric}, paired over the same prompts and seeds: {d:+.3f} ± {h:.3f} "
