@@ -10,7 +10,7 @@ proposing each token from its tempered next-token distribution, weighted by log 
 (DESIGN.md); the answer is one particle drawn by weight. Best-of-N keeps the likeliest of N plain
 samples (the selection a user without a checker has). Success = the expected word in the answer.
 
-    python recipes/power.py [--groups 3] [--cases 6] [--plot power.png]
+    python recipes/power.py [--groups 3] [--cases 8] [--plot power.png]
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ import math
 
 from _harness import Case, RewardTask, Sample, _score, load_for_recipe, report, reward_args, run_reward_task
 
-QUESTIONS = [
+QUESTIONS = [  # easy and harder ones interleaved, so the first few (--cases) are a mix
+    ("What is the capital of Australia?", "canberra"),
     ("What is the capital of France?", "paris"),
+    ("What is the capital of Canada?", "ottawa"),
     ("What is the capital of Japan?", "tokyo"),
+    ("What is the capital of Turkey?", "ankara"),
+    ("How many legs does a spider have?", "eight|8"),
+    ("What is the largest planet in the solar system?", "jupiter"),
+    ("What is 2 + 3?", "five|5"),
     ("What is the capital of Italy?", "rome"),
+    ("What is the opposite of hot?", "cold"),
     ("What is the capital of Germany?", "berlin"),
     ("What is the capital of Spain?", "madrid"),
     ("What is the capital of Egypt?", "cairo"),
     ("What is the capital of Russia?", "moscow"),
     ("What is the capital of England?", "london"),
-    ("How many legs does a spider have?", "eight|8"),
     ("What color is the sky on a clear day?", "blue"),
-    ("What is 2 + 3?", "five|5"),
-    ("What is the largest planet in the solar system?", "jupiter"),
-    ("What is the capital of Australia?", "canberra"),
-    ("What is the capital of Canada?", "ottawa"),
-    ("What is the capital of Turkey?", "ankara"),
-    ("What is the opposite of hot?", "cold"),
 ]
 
 
@@ -84,7 +84,7 @@ def likelihood_tracks_correctness(results) -> str:
 
 
 def main() -> None:
-    ap = reward_args(__doc__, groups=3, cases=6)
+    ap = reward_args(__doc__, groups=3, cases=8)
     ap.add_argument("--alphas", default="2,4")
     args = ap.parse_args()
     lm = load_for_recipe(args)
