@@ -30,6 +30,7 @@ from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
 from smcgen.smc import SMC, AllParticlesDeadError
+from smcgen.trace import TraceRecorder
 from smcgen.validation import check_model_device, check_request, checked_proposal
 
 ModelLike = LanguageModel | PreTrainedModel | str
@@ -105,6 +106,7 @@ def generate(
     grammar: Any = None,
     on_dead: str = "raise",
     constraint: Potential | None = None,
+    trace: bool = False,
     **config_overrides: Any,
 ) -> SMCResult:
     """Generate a continuation of ``prompt`` by SMC.
@@ -131,6 +133,8 @@ def generate(
     ``on_dead``: when every particle reaches weight zero, ``"raise"`` :class:`AllParticlesDeadError`
     (with the dead prefixes' text), or ``"flag"`` / ``"partial"``: return the longest partial output
     with ``SMCResult.dead`` set.
+    ``trace=True`` records the run step by step into ``result.trace`` (a :class:`smcgen.trace.Trace`;
+    generic engine only).
     """
     cfg, potentials, engine_on_dead = check_request(
         config, config_overrides, potentials, proposal, guide if guide is not None else grammar, on_dead
@@ -166,7 +170,9 @@ def generate(
 
     from smcgen.backends.native.select import native_engine_or_reason
 
-    if constraint is not None or (proposal is not None and proposal.target_constraint() is not None):
+    if trace:
+        native, why_not = None, "trace=True records on the generic engine only"
+    elif constraint is not None or (proposal is not None and proposal.target_constraint() is not None):
         # AWRS draws run on the generic engine only (for now)
         native, why_not = None, "a constraint steered by AWRS runs on the generic engine"
     else:
@@ -179,6 +185,7 @@ def generate(
         if cfg.engine == "auto" and why_not is not None:
             _warn_fallback(why_not)
         check_request_memory(cfg, target_lm, draft_lm if draft is not None else None, len(ids))
+    recorder = TraceRecorder(target_lm.tokenizer) if trace else None
     try:
         if native is not None:
             run = native.run(ids, progress=progress, on_dead=engine_on_dead)
@@ -190,7 +197,7 @@ def generate(
                 potentials=potentials,
                 guide=grammar,
                 constraint=constraint,
-            ).run(ids, n_groups=1, progress=progress, on_dead=engine_on_dead)
+            ).run(ids, n_groups=1, progress=progress, on_dead=engine_on_dead, recorder=recorder)
     except AllParticlesDeadError as err:
         raise explained_dead_end(err, target_lm.tokenizer, masked=grammar is not None) from None
 
@@ -218,6 +225,7 @@ def generate(
         engine_reason=None if native is not None else why_not,
         dead=dead,
         parsed=grammar.parse(text) if isinstance(grammar, GrammarPotential) and not dead else None,
+        trace=recorder.trace(0) if recorder is not None else None,
     )
 
 

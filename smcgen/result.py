@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smcgen.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class SMCResult:
     longest partial output, not a draw from the target, and ``log_z`` is ``-inf``.
     ``parsed``: with a structured ``grammar=`` the answer parsed as its type (pydantic object,
     Enum member, JSON value); None otherwise.
+    ``trace``: the step-by-step record (:class:`smcgen.trace.Trace`) when ``generate(trace=True)``.
     """
 
     text: str
@@ -38,6 +42,7 @@ class SMCResult:
     engine_reason: str | None = None
     dead: bool = False
     parsed: Any = None
+    trace: Trace | None = None
 
     @property
     def tokens_per_second(self) -> float:

@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -134,13 +135,20 @@ class SMC:
 
     @torch.inference_mode()
     def run(
-        self, prompt_ids: Sequence[int], n_groups: int = 1, progress: bool = False, on_dead: str = "raise"
+        self,
+        prompt_ids: Sequence[int],
+        n_groups: int = 1,
+        progress: bool = False,
+        on_dead: str = "raise",
+        recorder: Any | None = None,
     ) -> BatchRun:
         """Run SMC for ``n_groups`` independent groups of N particles on one prompt.
 
         A group whose particles all reach weight zero raises :class:`AllParticlesDeadError`
         (``on_dead="raise"``), or (``on_dead="flag"``) stops where it is, flagged in
-        ``BatchRun.dead``, while the other groups go on.
+        ``BatchRun.dead``, while the other groups go on. ``recorder`` (e.g. a
+        :class:`smcgen.trace.TraceRecorder`) gets ``record(block, valid, log_weights, ess, ancestors)``
+        once per step, the weights before resampling and ancestors None when no group resampled.
         """
         cfg = self.config
         if n_groups < 1:
@@ -257,6 +265,7 @@ class SMC:
             ess_history.append(ess.cpu())
             want = resample_gate(ess, cfg.ess_threshold, N, done.all(), dead_groups)
             resampled_history.append(want.cpu())
+            ancestors, lw_seen = None, (lw.clone() if recorder is not None else None)
             if bool(want.any()):
                 groups = want.nonzero().squeeze(-1)
                 ancestors = torch.arange(N, device=device).expand(B, N).clone()
@@ -271,6 +280,8 @@ class SMC:
                 if self.potential is not None:
                     self.potential.reorder(rows_cpu)
                 lw = reset_weights(lw, want)
+            if recorder is not None:
+                recorder.record(block, adv.valid, lw_seen, ess, ancestors)
             bar.update(min(block.shape[1], cfg.max_new_tokens - bar.n))
         bar.close()
         if device.type == "cuda":

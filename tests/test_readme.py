@@ -35,3 +35,18 @@ def test_readme_custom_potential_scores_as_documented():
     assert scores[0] == 0.0 and scores[1] == -math.inf
     assert isinstance(scores, torch.Tensor)
     assert len(code.split("class NoDigits")[1].split("short =")[0].strip().splitlines()) < 15
+
+
+def test_readme_testing_harness_runs_on_the_custom_potential():
+    """The smcgen.testing block, run after the custom potential's class, passes on it (embedded tokenizer)."""
+    blocks = python_blocks()
+    potential_code = next(b for b in blocks if "class NoDigits" in b).split("short =")[0]
+    harness_code = next(b for b in blocks if "smcgen.testing" in b)
+    namespace: dict = {}
+    exec(potential_code + harness_code, namespace)  # runs check_potential on the README's sequences
+    tok = namespace["tok"]
+    case = namespace["TestNoDigits"]()
+    assert all(isinstance(t, int) and t != tok.unk_token_id for t in case.tokens)
+    case.max_examples = 8
+    for prop in ("values_finite_or_neginf", "batch_scores_as_rows_alone", "deterministic", "monotone_where_claimed"):
+        getattr(case, f"test_{prop}")()
