@@ -3,6 +3,7 @@
 from smcgen.api import generate, load_model
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
+from smcgen.engine import Engine
 from smcgen.potentials import (
     GrammarError,
     GrammarPotential,
@@ -31,6 +32,7 @@ __all__ = [
     "SMC",
     "AllParticlesDeadError",
     "BatchRun",
+    "Engine",
     "GrammarError",
     "GrammarPotential",
     "LMPotential",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,20 +11,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from smcgen.backends.transformers_lm import (
-    LanguageModel,
-    check_compatible,
-    encode_prompt,
-)
+from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
-from smcgen.potentials.lm import LMPotential
 from smcgen.proposals.base import Proposal
-from smcgen.proposals.lm import LMProposal
-from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
-from smcgen.smc import SMC
 
 ModelLike = LanguageModel | PreTrainedModel | str
 
@@ -67,7 +59,7 @@ def as_language_model(model: ModelLike, tokenizer: Any | None = None) -> Languag
 
 def generate(
     target: ModelLike,
-    prompt: str | Sequence[int] | Tensor,
+    prompt: str | Sequence[int] | Tensor | Sequence[dict[str, Any]],
     *,
     draft: ModelLike | None = None,
     potentials: Potential | Sequence[Potential] = (),
@@ -84,73 +76,72 @@ def generate(
     ``potentials``. ``draft`` turns on SMC speculative decoding: the draft proposes
     ``block_size`` tokens per step and the target verifies them in one forward. ``proposal``
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
-    step (plain SMC). ``prompt`` is text (needs a tokenizer), a list of ids or a ``[T]``/``[1, T]``
-    tensor. ``config`` fields can be overridden by keyword (``n_particles=16``).
-    ``grammar`` (a :class:`GrammarPotential`, bound to the target's tokenizer here if unbound)
-    constrains generation locally: the draft and the target's own tokens are drawn masked to the
-    grammar and the weights correct the masking bias (a grammar passed in ``potentials`` instead
-    is a plain factor that only weights).
+    step (plain SMC). ``prompt`` is text (needs a tokenizer; used as is), chat messages
+    (``[{"role": "user", "content": ...}]``: the tokenizer's chat template is applied), a list of
+    ids or a ``[T]``/``[1, T]`` tensor. ``config`` fields can be overridden by keyword
+    (``n_particles=16``). ``grammar`` (a :class:`GrammarPotential`, bound to the target's tokenizer
+    here if unbound) constrains generation locally: the draft and the target's own tokens are drawn
+    masked to the grammar and the weights correct the masking bias (a grammar passed in
+    ``potentials`` instead is a plain factor that only weights).
+
+    A thin wrapper over :class:`smcgen.Engine`, cached per (target, draft, tokenizer, potentials,
+    proposal): repeated calls with the same models reuse its converted models and native engines.
+    For many requests build an ``Engine`` yourself.
     """
     cfg = SMCConfig(**{**(config.model_dump() if config else {}), **config_overrides})
-    target_lm = as_language_model(target, tokenizer)
-    if grammar is not None and not grammar.bound:
-        grammar = grammar.bind(target_lm)
     if draft is not None and proposal is not None:
         raise ValueError("give either draft or proposal, not both")
-    custom_proposal = proposal is not None
-    if draft is not None:
-        draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer)
-        if draft_lm.tokenizer is None:
-            draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
-        check_compatible(target_lm, draft_lm)
-        proposal = (
-            LMProposal(draft_lm, temperature=cfg.draft_temperature)
-            if grammar is None
-            else MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
-        )
-    ids = encode_prompt(prompt, target_lm)
-
-    from smcgen.backends.native.select import native_engine_or_reason
-
-    native, why_not = native_engine_or_reason(
-        cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
+    engine = cached_engine(
+        target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, engine=cfg.engine
     )
-    if native is not None:
-        run = native.run(ids, progress=progress)
-    else:
-        if cfg.engine == "native":
-            raise ValueError(f"engine='native' cannot run this request: {why_not}")
-        smc = SMC(
-            LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
-            cfg,
-            proposal=proposal,
-            potentials=potentials,
-            mask=grammar,
-        )
-        run = smc.run(ids, n_groups=1, progress=progress)
-
-    lengths = run.lengths[0].tolist()
-    sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]
-    log_w = run.log_weights[0]
-    chooser = torch.Generator().manual_seed(cfg.seed + 1 if cfg.seed is not None else random.SystemRandom().getrandbits(63))
-    chosen = int(torch.multinomial(log_w.exp(), 1, generator=chooser))
-    decoder = target_lm.tokenizer
-    text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
-    texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
-    return SMCResult(
-        text=text,
-        token_ids=sequences[chosen],
-        sequences=sequences,
-        log_weights=[float(x) for x in log_w],
-        log_z=float(run.log_z[0]),
-        ess_history=[float(x) for x in run.ess_history[:, 0]],
-        n_resamples=int(run.resampled[:, 0].sum()),
-        n_steps=int(run.ess_history.shape[0]),
-        elapsed_s=run.elapsed_s,
-        n_particles=cfg.n_particles,
-        texts=texts,
-        engine="native" if native is not None else "generic",
-    )
+    return engine(prompt, grammar=grammar, progress=progress, **cfg.model_dump())
 
 
-__all__ = ["as_language_model", "default_device", "generate", "load_model"]
+#: Engines behind generate(), most recent last. Each holds its models: clear_engine_cache() drops them.
+_ENGINES: OrderedDict[tuple, Any] = OrderedDict()
+ENGINES_KEPT = 4
+
+
+def _identity(obj: Any) -> Any:
+    """A cache-key part: names by value, objects by identity (the entry holds the object, so its id stays unique)."""
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return tuple(_identity(o) for o in obj)
+    return ("id", id(obj))
+
+
+def cached_engine(
+    target: ModelLike,
+    *,
+    draft: ModelLike | None = None,
+    potentials: Potential | Sequence[Potential] = (),
+    proposal: Proposal | None = None,
+    tokenizer: Any | None = None,
+    engine: str = "auto",
+) -> Any:
+    """The :class:`smcgen.Engine` for these models, built on first use and kept (``ENGINES_KEPT`` at most).
+
+    ``engine`` is the engine family asked for ('auto', 'native', 'generic'): part of the key, since an
+    Engine converts the models for the native engine when it is built (not for 'generic')."""
+    from smcgen.engine import Engine
+
+    key = (engine, *(_identity(x) for x in (target, draft, potentials, proposal, tokenizer)))
+    hit = _ENGINES.get(key)
+    if hit is not None:
+        _ENGINES.move_to_end(key)
+        return hit[0]
+    built = Engine(target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, engine=engine)
+    # the objects ride along so the ids in the key cannot be reused while the entry lives
+    _ENGINES[key] = (built, (target, draft, potentials, proposal, tokenizer))
+    while len(_ENGINES) > ENGINES_KEPT:
+        _ENGINES.popitem(last=False)
+    return built
+
+
+def clear_engine_cache() -> None:
+    """Drop the engines ``generate`` keeps (and with them their references to the models)."""
+    _ENGINES.clear()
+
+
+__all__ = ["as_language_model", "cached_engine", "clear_engine_cache", "default_device", "generate", "load_model"]
