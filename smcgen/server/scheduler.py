@@ -2,7 +2,8 @@
 
 Requests wait in a FIFO queue of at most ``max_queue`` entries (beyond that, :class:`QueueFull`:
 the server answers 503). One worker takes the oldest request plus every request already waiting
-(up to ``max_batch`` in all) and hands them to ``Engine.run_requests`` in one call, which runs the
+(up to ``max_batch`` in all; 1 when the Engine runs the generic engine, which would run them one
+after another anyway) and hands them to ``Engine.run_requests`` in one call, which runs the
 requests whose settings agree (config, grammar, no seed) as one native batch; requests with a
 ``seed`` each run alone, so their output does not depend on other traffic. This is batching at
 request granularity: a batch runs to its end before the next one starts (requests do not join a
@@ -44,7 +45,9 @@ class Scheduler:
         self.engine = engine
         self.metrics = metrics
         self.max_queue = max_queue
-        self.max_batch = max_batch
+        # the generic engine runs a batch's requests one after another: batching gains nothing there and
+        # would hold every answer until the whole batch is done, so it takes one request at a time
+        self.max_batch = max_batch if engine.engine_reason is None else 1
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         # the engine runs in one thread of its own, so the event loop keeps answering /health and /metrics
