@@ -305,11 +305,12 @@ class Engine:
             if native is not None:
                 self.stats["native_requests"] += len(requests)
                 run = native.run([q.ids for q in requests], progress=progress, on_dead=on_dead)
-                return [self.result(run, b, cfg, grammar, "native") for b in range(len(requests))]
+                return [self.result(run, b, cfg, grammar, "native", None) for b in range(len(requests))]
             self.stats["generic_requests"] += len(requests)
             smc = self._generic(cfg, grammar)
             return [
-                self.result(smc.run(q.ids, n_groups=1, progress=progress, on_dead=on_dead), 0, cfg, grammar, "generic")
+                self.result(smc.run(q.ids, n_groups=1, progress=progress, on_dead=on_dead), 0, cfg, grammar, "generic",
+                            reason)
                 for q in requests
             ]
 
@@ -330,8 +331,18 @@ class Engine:
             mask=grammar,
         )
 
-    def result(self, run: BatchRun, b: int, cfg: SMCConfig, grammar: GrammarPotential | None, engine: str) -> SMCResult:
-        """The :class:`SMCResult` of group ``b`` of a run: the answer is one particle drawn by final weight."""
+    def result(
+        self,
+        run: BatchRun,
+        b: int,
+        cfg: SMCConfig,
+        grammar: GrammarPotential | None,
+        engine: str,
+        engine_reason: str | None = None,
+    ) -> SMCResult:
+        """The :class:`SMCResult` of group ``b`` of a run: the answer is one particle drawn by final weight.
+
+        ``engine_reason``: why the generic engine ran (None on the native one)."""
         lengths = run.lengths[b].tolist()
         sequences = [row[:n] for row, n in zip(run.tokens[b].tolist(), lengths)]
         log_w = run.log_weights[b]
@@ -359,6 +370,7 @@ class Engine:
             n_particles=cfg.n_particles,
             texts=texts,
             engine=engine,
+            engine_reason=engine_reason,
             alive=alive,
             posterior=posterior_of(sequences, log_w.tolist(), decoder),
             output_format="json" if grammar is not None and grammar.kind == "json_schema" else None,

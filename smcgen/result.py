@@ -19,7 +19,7 @@ class SMCResult:
     weights, largest first; ``argmax_text`` is the first. ``log_z``: log of the unbiased estimate
     of the target's normalizing constant Z. ``ess_history``: ESS after each step (before
     resampling); ``n_resamples``: resampling count. ``engine``: which engine ran it, ``"native"``
-    (GPU engine) or ``"generic"``. ``output_format``: ``"json"`` when a JSON schema constrained the
+    (GPU engine) or ``"generic"``; ``engine_reason``: why the generic one ran. ``output_format``: ``"json"`` when a JSON schema constrained the
     output (``parsed`` then gives the object).
     """
 
@@ -35,6 +35,7 @@ class SMCResult:
     n_particles: int
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
+    engine_reason: str | None = None
     alive: list[bool] = field(default_factory=list)
     posterior: list[tuple[str, float]] = field(default_factory=list)
     output_format: str | None = None
@@ -96,8 +97,9 @@ class SMCResult:
             else "ESS n/a"
         )
         alive = f" | alive: {self.n_alive} of {self.n_particles}" if self.alive else ""
+        why = f" ({self.engine_reason})" if self.engine_reason else ""
         return (
-            f"engine: {self.engine} | particles: {self.n_particles} | steps: {self.n_steps} | "
+            f"engine: {self.engine}{why} | particles: {self.n_particles} | steps: {self.n_steps} | "
             f"resamples: {self.n_resamples} | {ess_part}{alive}\n"
             f"log Z_hat: {self.log_z:.3f} | answer: {len(self.token_ids)} tokens in {self.elapsed_s:.2f} s "
             f"({self.tokens_per_second:.1f} tok/s) | all particles: {self.particle_tokens} tokens "

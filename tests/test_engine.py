@@ -66,7 +66,7 @@ def test_engine_converts_once_and_reuses_its_native_engine(models, count_convers
     third = engine("ba", seed=4)
     assert count_conversions["n"] == 2, "a later call converted a model again"
     assert engine.stats["native_engines_built"] == 1, "a later call built another native engine"
-    assert first.engine == second.engine == "native"
+    assert first.engine == second.engine == "native" and first.engine_reason is None
     same(first, second)
     assert third.sequences != first.sequences or third.text != first.text
     # generate runs the same draws (its own cached Engine, the same cached native copies)
@@ -90,7 +90,9 @@ def test_generic_engine_is_chosen_without_converting(models, count_conversions):
     target, draft = models
     engine = Engine(target, draft=draft, n_particles=4)  # auto on the CPU: generic
     assert engine.engine_reason == "the model is not on a GPU"
-    assert engine("ab", seed=0, max_new_tokens=6).engine == "generic"
+    res = engine("ab", seed=0, max_new_tokens=6)
+    assert res.engine == "generic" and res.engine_reason == "the model is not on a GPU"
+    assert "engine: generic (the model is not on a GPU)" in res.summary()
     assert count_conversions["n"] == 0
 
 
