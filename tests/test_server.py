@@ -143,6 +143,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(client):
 
     err = error_of(lambda: client.completions.create(model="tiny", prompt="ab", extra_body={"n_partcles": 4}))
     assert err.status_code == 400 and err.body["param"] == "n_partcles"  # a typo is named, not ignored
+    err = error_of(lambda: client.completions.create(model="tiny", prompt="ab", temperature=0))
+    assert err.status_code == 400 and err.body["param"] == "temperature" and "greater than 0" in err.body["message"]
     err = error_of(lambda: client.completions.create(model="tiny", prompt="ab", n=2))
     assert err.status_code == 400 and err.body["param"] == "n"
     assert_works(client)

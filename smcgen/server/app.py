@@ -2,7 +2,8 @@
 ``/health`` and ``/metrics`` over one :class:`smcgen.Engine`.
 
 Errors follow OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: a bad request is
-a 400 naming the field (``param``), an unknown model a 404, a full queue a 503, a request whose
+a 400 naming the field (``param``) or saying why the engine cannot run it (too large for the KV
+memory, say), an unknown model a 404, a full queue a 503, a request whose
 particles all end at weight zero a 422, and an engine failure a 500; the server keeps serving
 after each.
 """
@@ -56,13 +57,21 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
 
-def _config_error(err: ValidationError) -> APIError:
-    """An SMCConfig validation error as a 400 naming the request field."""
-    first = err.errors()[0]
-    field = _loc(first["loc"])
-    param = {"max_new_tokens": "max_tokens"}.get(field, field)
-    messages = "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in err.errors())
-    return APIError(400, messages, param=param)
+def _config_error(err: ValidationError, body: SMCRequest) -> APIError:
+    """An SMCConfig validation error as a 400 naming the request field the client set."""
+
+    def param_of(field: str) -> str:
+        if field == "max_new_tokens":
+            return "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if field in ("target_temperature", "draft_temperature") and getattr(body, field) is None:
+            return "temperature"  # set through temperature
+        return field
+
+    params = [param_of(_loc(e["loc"])) for e in err.errors()]
+    messages = "; ".join(f"{p}: {e['msg']}" for p, e in zip(params, err.errors()))
+    if "temperature" in params:
+        messages += " (SMC samples: use a small temperature such as 0.1 rather than 0)"
+    return APIError(400, messages, param=params[0])
 
 
 class ServerState:
@@ -172,7 +181,7 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
                 resolved.append(await run_in_threadpool(
                     functools.partial(engine.resolve, p, grammar, **overrides)))
             except ValidationError as err:
-                raise _config_error(err) from None
+                raise _config_error(err, body) from None
             except ValueError as err:
                 msg = str(err)
                 param = "max_tokens" if "max_new_tokens" in msg and "prompt (" in msg else (
@@ -196,6 +205,8 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
                 results = gathered.result()
             except APIError:
                 raise
+            except ValueError as err:  # the engine cannot run this request (e.g. its KV pages do not fit)
+                raise APIError(400, f"the engine cannot run this request: {err}", code="request_not_runnable") from None
             except Exception as err:  # noqa: BLE001 - any engine failure is a 500; the server goes on
                 raise APIError(500, f"the engine failed: {type(err).__name__}: {err}", code="engine_error") from None
         finally:
