@@ -180,3 +180,31 @@ def test_health_and_metrics(server, client):
     assert 0 < samples["smcgen_final_ess_fraction_sum"] <= samples["smcgen_final_ess_fraction_count"]
     models = openai.OpenAI(base_url=f"{server}/v1", api_key="unused").models.list()
     assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_scheduler_batches_waiting_requests_and_runs_seeded_ones_alone():
+    """Requests waiting together go to the engine in one call; agreeing unseeded ones share one native
+    batch, a seeded one runs alone (its output must not depend on other traffic)."""
+    import asyncio
+
+    from smcgen.server.metrics import ServerMetrics
+    from smcgen.server.scheduler import Scheduler
+
+    engine = Engine(lm_with_tokenizer(0), engine="native", n_particles=4, block_size=1, max_new_tokens=6)
+    requests = [engine.resolve(p) for p in ("ab", "ba", "abab")] + [engine.resolve("ab", seed=7)]
+
+    async def scenario():
+        metrics = ServerMetrics()
+        scheduler = Scheduler(engine, metrics, max_queue=8, max_batch=8)
+        scheduler.start()
+        futures = [scheduler.submit(r) for r in requests]  # all queued before the worker runs
+        results = await asyncio.gather(*futures)
+        await scheduler.stop()
+        return results, metrics
+
+    results, metrics = asyncio.run(scenario())
+    assert metrics.batches == 2  # the three unseeded requests in one native run, the seeded one alone
+    assert engine.stats["native_requests"] == 4 and engine.stats["native_engines_built"] == 1  # one per setting, any seed
+    alone = engine("ab", seed=7)
+    assert results[3].sequences == alone.sequences and results[3].text == alone.text
+    assert all(r.engine == "native" for r in results)
