@@ -4,6 +4,7 @@ from smcgen.api import generate, load_model
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
 from smcgen.distill import DistillConfig, distill
+from smcgen.engine import Engine
 from smcgen.potentials import (
     GrammarError,
     GrammarPotential,
@@ -40,6 +41,7 @@ __all__ = [
     "AllParticlesDeadError",
     "BatchRun",
     "DistillConfig",
+    "Engine",
     "GrammarError",
     "GrammarPotential",
     "LMPotential",
@@ -52,8 +54,8 @@ __all__ = [
     "Potential",
     "PotentialError",
     "Product",
-    "PythonNamesPotential",
     "Proposal",
+    "PythonNamesPotential",
     "Resampler",
     "ResidualResampler",
     "RewardPotential",

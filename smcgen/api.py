@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,40 +11,16 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from smcgen.backends.transformers_lm import (
-    LanguageModel,
-    check_compatible,
-    encode_prompt,
-)
+from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.config import SMCConfig
-from smcgen.memory import check_request_memory
+from smcgen.engine import _WARNED, _warn_fallback, one_guide  # noqa: F401 (the fallback warning, as before)
 from smcgen.models import draft_dir
-from smcgen.outcome import choose_answer, explained_dead_end
 from smcgen.potentials.base import Potential
-from smcgen.potentials.grammar import GrammarPotential
-from smcgen.potentials.lm import LMPotential
-from smcgen.potentials.output import as_grammar
-from smcgen.proposals.awrs import AWRSProposal
 from smcgen.proposals.base import Proposal
-from smcgen.proposals.lm import LMProposal
-from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.result import SMCResult
-from smcgen.smc import SMC, AllParticlesDeadError
-from smcgen.trace import TraceRecorder
-from smcgen.validation import check_model_device, check_request, checked_proposal
+from smcgen.validation import check_request
 
 ModelLike = LanguageModel | PreTrainedModel | str
-
-logger = logging.getLogger("smcgen")
-_WARNED: set[str] = set()
-
-
-def _warn_fallback(reason: str) -> None:
-    """Log (once per distinct reason) that engine='auto' fell back to the generic engine."""
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        logger.warning("smcgen: running on the generic engine, not the native one: %s", reason)
-
 
 def default_device() -> torch.device:
     """CUDA when present, else the CPU."""
@@ -94,7 +70,7 @@ def as_language_model(
 
 def generate(
     target: ModelLike,
-    prompt: str | Sequence[int] | Tensor,
+    prompt: str | Sequence[int] | Tensor | Sequence[dict[str, Any]],
     *,
     draft: ModelLike | None = None,
     potentials: Potential | Sequence[Potential] = (),
@@ -115,8 +91,10 @@ def generate(
     ``potentials``. ``draft`` turns on SMC speculative decoding: the draft proposes
     ``block_size`` tokens per step and the target verifies them in one forward. ``proposal``
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
-    step (plain SMC). ``prompt`` is text (needs a tokenizer), a list of ids or a ``[T]``/``[1, T]``
-    tensor. ``config`` fields can be overridden by keyword (``n_particles=16``).
+    step (plain SMC). ``prompt`` is text (needs a tokenizer; used as is), chat messages
+    (``[{"role": "user", "content": ...}]``: the tokenizer's chat template is applied), a list of
+    ids, a ``[T]``/``[1, T]`` tensor or a tokenizer's output. ``config`` fields can be overridden by
+    keyword (``n_particles=16``). ``draft`` may also be a trained draft directory (``smcgen distill``).
     ``guide`` constrains generation locally: the draft and the target's own tokens are drawn
     masked to the guide's allowed tokens and the weights correct the masking bias (a grammar passed
     in ``potentials`` instead is a plain factor that only weights). It is a :class:`GrammarPotential`,
@@ -132,101 +110,74 @@ def generate(
     weights them by an unbiased estimate of the allowed mass, so particles rarely die.
     ``on_dead``: when every particle reaches weight zero, ``"raise"`` :class:`AllParticlesDeadError`
     (with the dead prefixes' text), or ``"flag"`` / ``"partial"``: return the longest partial output
-    with ``SMCResult.dead`` set.
-    ``trace=True`` records the run step by step into ``result.trace`` (a :class:`smcgen.trace.Trace`;
-    generic engine only).
+    with ``SMCResult.dead`` set. ``trace=True`` records the run step by step into ``result.trace``
+    (a :class:`smcgen.trace.Trace`; generic engine only).
+
+    A thin wrapper over :class:`smcgen.Engine`, cached per (engine family, target, draft, potentials,
+    proposal, tokenizer, constraint): repeated calls with the same models reuse its converted models
+    and native engines. For many requests build an ``Engine`` yourself.
     """
-    cfg, potentials, engine_on_dead = check_request(
-        config, config_overrides, potentials, proposal, guide if guide is not None else grammar, on_dead
+    # the request's checks that need no model run before an Engine is built or found; the Engine
+    # checks the rest (draft/proposal, constraint) before it loads anything
+    asked = one_guide(guide, grammar)
+    cfg, _, _ = check_request(config, config_overrides, potentials, proposal, asked, on_dead)
+    engine = cached_engine(
+        target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, constraint=constraint,
+        engine=cfg.engine,
     )
-    check_model_device(target, "target")
-    target_lm = as_language_model(target, tokenizer)
-    if guide is not None and grammar is not None and guide is not grammar:
-        raise ValueError("give guide= or grammar= (its older name), not both")
-    grammar = guide if guide is not None else grammar
-    if not (isinstance(grammar, Potential) and not isinstance(grammar, GrammarPotential)):
-        grammar = as_grammar(grammar, target_lm, max_new_tokens=cfg.max_new_tokens)
-    if draft is not None and proposal is not None:
-        raise ValueError("give either draft or proposal, not both")
-    if constraint is not None and not isinstance(constraint, Potential):
-        raise TypeError(f"constraint must be a Potential, got {type(constraint).__name__}")
-    if constraint is not None and grammar is not None:
-        raise ValueError("give either grammar or constraint, not both (a grammar is a constraint with a mask)")
-    custom_proposal = proposal is not None
-    proposal = checked_proposal(proposal, target_lm.vocab_size)
-    if draft is not None:
-        check_model_device(draft, "draft")
-        draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer, target_lm)
-        if draft_lm.tokenizer is None:
-            draft_lm = LanguageModel(draft_lm.model, target_lm.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length)
-        check_compatible(target_lm, draft_lm)
-        if constraint is not None:
-            proposal = AWRSProposal(draft_lm, constraint, temperature=cfg.draft_temperature)
-        elif grammar is not None:
-            proposal = MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
-        else:
-            proposal = LMProposal(draft_lm, temperature=cfg.draft_temperature)
-    ids = encode_prompt(prompt, target_lm)
+    return engine(prompt, guide=asked, on_dead=on_dead, progress=progress, trace=trace, **cfg.model_dump())
 
-    from smcgen.backends.native.select import native_engine_or_reason
 
-    if trace:
-        native, why_not = None, "trace=True records on the generic engine only"
-    elif constraint is not None or (proposal is not None and proposal.target_constraint() is not None):
-        # AWRS draws run on the generic engine only (for now)
-        native, why_not = None, "a constraint steered by AWRS runs on the generic engine"
-    else:
-        native, why_not = native_engine_or_reason(
-            cfg, target_lm, draft_lm if draft is not None else None, potentials, custom_proposal, len(ids), mask=grammar
-        )
-    if native is None and cfg.engine == "native":
-        raise ValueError(f"engine='native' cannot run this request: {why_not}")
-    if native is None:
-        if cfg.engine == "auto" and why_not is not None:
-            _warn_fallback(why_not)
-        check_request_memory(cfg, target_lm, draft_lm if draft is not None else None, len(ids))
-    recorder = TraceRecorder(target_lm.tokenizer) if trace else None
-    try:
-        if native is not None:
-            run = native.run(ids, progress=progress, on_dead=engine_on_dead)
-        else:
-            run = SMC(
-                LMPotential(target_lm, temperature=cfg.target_temperature, alpha=cfg.alpha),
-                cfg,
-                proposal=proposal,
-                potentials=potentials,
-                guide=grammar,
-                constraint=constraint,
-            ).run(ids, n_groups=1, progress=progress, on_dead=engine_on_dead, recorder=recorder)
-    except AllParticlesDeadError as err:
-        raise explained_dead_end(err, target_lm.tokenizer, masked=grammar is not None) from None
+#: Engines behind generate(), most recent last. Each holds its models: clear_engine_cache() drops them.
+_ENGINES: OrderedDict[tuple, Any] = OrderedDict()
+ENGINES_KEPT = 4
 
-    lengths = run.lengths[0].tolist()
-    sequences = [row[:n] for row, n in zip(run.tokens[0].tolist(), lengths)]
-    log_w = run.log_weights[0]
-    dead = bool(run.dead[0]) if run.dead is not None else False
-    chosen = choose_answer(log_w, lengths, cfg.seed, dead)
-    decoder = target_lm.tokenizer
-    text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
-    texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
-    return SMCResult(
-        text=text,
-        token_ids=sequences[chosen],
-        sequences=sequences,
-        log_weights=[float(x) for x in log_w],
-        log_z=float(run.log_z[0]),
-        ess_history=[float(x) for x in run.ess_history[:, 0]],
-        n_resamples=int(run.resampled[:, 0].sum()),
-        n_steps=int(run.ess_history.shape[0]),
-        elapsed_s=run.elapsed_s,
-        n_particles=cfg.n_particles,
-        texts=texts,
-        engine="native" if native is not None else "generic",
-        engine_reason=None if native is not None else why_not,
-        dead=dead,
-        parsed=grammar.parse(text) if isinstance(grammar, GrammarPotential) and not dead else None,
-        trace=recorder.trace(0) if recorder is not None else None,
+
+def _identity(obj: Any) -> Any:
+    """A cache-key part: names by value, objects by identity (the entry holds the object, so its id stays unique)."""
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return tuple(_identity(o) for o in obj)
+    return ("id", id(obj))
+
+
+def cached_engine(
+    target: ModelLike,
+    *,
+    draft: ModelLike | None = None,
+    potentials: Potential | Sequence[Potential] = (),
+    proposal: Proposal | None = None,
+    tokenizer: Any | None = None,
+    constraint: Potential | None = None,
+    engine: str = "auto",
+) -> Any:
+    """The :class:`smcgen.Engine` for these models, built on first use and kept (``ENGINES_KEPT`` at most).
+
+    ``engine`` is the engine family asked for ('auto', 'native', 'generic'): part of the key, since an
+    Engine converts the models for the native engine when it is built (not for 'generic')."""
+    from smcgen.engine import Engine
+
+    parts = (target, draft, potentials, proposal, tokenizer, constraint)
+    key = (engine, *(_identity(x) for x in parts))
+    hit = _ENGINES.get(key)
+    if hit is not None:
+        _ENGINES.move_to_end(key)
+        return hit[0]
+    built = Engine(
+        target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, constraint=constraint,
+        engine=engine,
     )
+    # the objects ride along so the ids in the key cannot be reused while the entry lives
+    _ENGINES[key] = (built, parts)
+    while len(_ENGINES) > ENGINES_KEPT:
+        _ENGINES.popitem(last=False)
+    return built
 
 
-__all__ = ["as_language_model", "default_device", "generate", "load_model"]
+def clear_engine_cache() -> None:
+    """Drop the engines ``generate`` keeps (and with them their references to the models)."""
+    _ENGINES.clear()
+
+
+__all__ = ["as_language_model", "cached_engine", "clear_engine_cache", "default_device", "generate", "load_model"]

@@ -1,4 +1,5 @@
-"""``smcgen`` command line: the main job (SMC speculative decoding on the embedded model) and ``smcgen distill``."""
+"""``smcgen`` command line: the main job (SMC speculative decoding on the embedded model),
+``smcgen distill`` and ``smcgen serve MODEL`` (the OpenAI-compatible server)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--regex", default=None, help="constrain the output to this regular expression")
+    out.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the output to JSON under this schema")
+    out.add_argument("--grammar", metavar="FILE", default=None,
+                     help="constrain the output to this grammar: Lark syntax for a .lark file, else xgrammar EBNF")
     return p
 
 
@@ -117,11 +123,93 @@ def device_problem(device: str | None) -> str | None:
     return None
 
 
+
+
+def grammar_from_args(args: argparse.Namespace):
+    """The GrammarPotential that --regex / --json-schema / --grammar ask for (None when none is given)."""
+    import json
+    from pathlib import Path
+
+    from smcgen.potentials.grammar import GrammarPotential
+
+    if args.regex is not None:
+        return GrammarPotential.regex(args.regex)
+    if args.json_schema is not None:
+        return GrammarPotential.json_schema(json.loads(Path(args.json_schema).read_text()))
+    if args.grammar is not None:
+        text = Path(args.grammar).read_text()
+        return GrammarPotential.lark(text) if args.grammar.endswith(".lark") else GrammarPotential.ebnf(text)
+    return None
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """Options of ``smcgen serve``: the model, its draft, the address and the defaults of every request."""
+    d = SMCConfig()
+    p = argparse.ArgumentParser(
+        prog="smcgen serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/health, /metrics). SMC settings of a request are extra body fields; the options below are the defaults.",
+    )
+    p.add_argument("model", help="target model name or path (e.g. smollm2-135m)")
+    p.add_argument("--draft", default=None, help="draft model name or path (SMC speculative decoding)")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as model (default: MODEL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("-n", "--n-particles", type=int, default=d.n_particles)
+    p.add_argument("-k", "--block-size", type=int, default=d.block_size)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--engine", default=d.engine, help="auto, native or generic")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond that, 503")
+    p.add_argument("--max-batch", type=int, default=8, help="requests handed to the engine at once at most")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    """``smcgen serve``: load the model once and serve it with uvicorn until interrupted."""
+    from pydantic import ValidationError
+
+    args = build_serve_parser().parse_args(argv)
+    problem = device_problem(args.device)
+    if problem is not None:
+        print(f"smcgen serve: {problem}", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from smcgen.server import create_app
+    except ImportError as err:
+        print(f"smcgen serve needs the server extra: pip install 'smcgen[server]' ({err})", file=sys.stderr)
+        return 2
+    from smcgen.api import load_model
+    from smcgen.engine import Engine
+
+    try:
+        config = SMCConfig(n_particles=args.n_particles, block_size=args.block_size,
+                           max_new_tokens=args.max_new_tokens, engine=args.engine)
+    except ValidationError as err:
+        print(f"smcgen serve: invalid option: {err}", file=sys.stderr)
+        return 2
+    target = load_model(args.model, args.device)
+    draft = load_model(args.draft, args.device) if args.draft else None
+    engine = Engine(target, draft=draft, config=config)
+    app = create_app(engine, args.served_model_name or args.model, max_queue=args.max_queue,
+                     max_batch=args.max_batch)
+    print(f"smcgen serve: {args.model} ({'native' if engine.engine_reason is None else 'generic'} engine"
+          f"{'' if engine.engine_reason is None else ': ' + engine.engine_reason}) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the main job; any error prints its message and exits with status 2 (``--debug``: traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["distill"]:
         return distill_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)
@@ -148,6 +236,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"smcgen: error: {problem}", file=sys.stderr)
         return 2
     try:
+        grammar = grammar_from_args(args)
+    except (OSError, ValueError) as err:
+        print(f"smcgen: invalid output constraint: {err}", file=sys.stderr)
+        return 2
+    try:
         config = SMCConfig(
             n_particles=args.n_particles,
             block_size=args.block_size,
@@ -170,15 +263,12 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
 
     if args.raw or target.tokenizer is None or not getattr(target.tokenizer, "chat_template", None):
-        prompt: str | list[int] = args.prompt
+        prompt: str | list[dict[str, str]] = args.prompt
     else:
-        prompt = list(
-            target.tokenizer.apply_chat_template(
-                [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False,
-            )
-        )
-    result = smcgen.generate(target, prompt, draft=draft, config=config, progress=not args.no_progress)
+        prompt = [{"role": "user", "content": args.prompt}]  # generate applies the chat template
+    result = smcgen.generate(
+        target, prompt, draft=draft, config=config, grammar=grammar, progress=not args.no_progress
+    )
 
     mode = f"SMC-SD (draft {args.draft}, K={config.block_size})" if draft is not None else "plain SMC"
     print(f"== {mode} on {args.target}, device {target.device}")
@@ -187,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
     print(result.text)
     print("-" * 58)
     print(result.summary())
+    if result.parsed is not None:
+        print(f"parsed: {result.parsed!r}")
     print(f"model load: {load_s:.1f} s")
     return 0
 

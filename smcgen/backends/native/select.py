@@ -93,6 +93,36 @@ def native_unsupported(
     return None
 
 
+def native_reason(
+    cfg: SMCConfig,
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    potentials: Any,
+    custom_proposal: bool,
+) -> str | None:
+    """Why the native engine will not run requests with ``cfg`` on these models (None: it can),
+    decided before converting anything; the prompt's own limits are ``NativeSMC.unsupported_reason``.
+
+    Raises ``ValueError`` for a draft format named outright that cannot apply (no draft, or
+    ``engine='generic'``). ``engine='auto'`` picks native only on CUDA; ``engine='native'`` also
+    runs it on the CPU (with the kernels' torch twins: for tests and debugging, not speed)."""
+    # what the caller asked for by name ('auto' never errs: it quantizes only where it pays)
+    fmt = _named_format(cfg)
+    asked = "draft_fp8=True" if cfg.draft_fp8 else f"draft_quantization={cfg.draft_quantization!r}"
+    if fmt is not None and draft is None:
+        raise ValueError(f"{asked} quantizes the draft model, but no draft was given")
+    if cfg.engine == "generic":
+        if fmt is not None:
+            raise ValueError(f"{asked} needs the native engine; engine='generic' was asked for")
+        return "engine='generic' was asked for"
+    reason = native_unsupported(cfg, target, draft, potentials, custom_proposal)
+    if reason is None and cfg.engine == "auto" and target.device.type != "cuda":
+        reason = "the model is not on a GPU"
+    if reason is None and draft is not None and draft.device != target.device:
+        reason = f"target ({target.device}) and draft ({draft.device}) are on different devices"
+    return reason
+
+
 def native_engine_or_reason(
     cfg: SMCConfig,
     target: LanguageModel,
@@ -102,33 +132,18 @@ def native_engine_or_reason(
     prompt_len: int,
     mask: Any = None,
 ) -> tuple[Any, str | None]:
-    # ``mask``: the run's next-token guide (the engines' ``guide=``)
-    """``(engine, None)`` when the native engine runs this request, else ``(None, reason)``.
+    """``(engine, None)`` when the native engine runs this request, else ``(None, reason)``
+    (:func:`native_reason`, then the prompt's limits).
 
-    ``mask``: a bound grammar for locally constrained generation (the native engine runs it
-    eagerly, without the cycle graph, since every step's mask depends on the tokens just drawn).
-
-    ``engine='auto'`` picks native only on CUDA; ``engine='native'`` also runs it on the CPU (with
-    the kernels' torch twins: for tests and debugging, not speed).
+    ``mask``: the run's next-token guide (the engines' ``guide=``), e.g. a bound grammar for
+    locally constrained generation (the native engine runs it eagerly, without the cycle graph,
+    since every step's mask depends on the tokens just drawn).
     """
     from smcgen.backends.native.engine import NativeSMC
 
-    # what the caller asked for by name ('auto' never errs: it quantizes only where it pays)
-    fmt = _named_format(cfg)
-    asked = "draft_fp8=True" if cfg.draft_fp8 else f"draft_quantization={cfg.draft_quantization!r}"
-    if fmt is not None and draft is None:
-        raise ValueError(f"{asked} quantizes the draft model, but no draft was given")
-    if cfg.engine == "generic":
-        if fmt is not None:
-            raise ValueError(f"{asked} needs the native engine; engine='generic' was asked for")
-        return None, "engine='generic' was asked for"
-    reason = native_unsupported(cfg, target, draft, potentials, custom_proposal)
-    if reason is None and cfg.engine == "auto" and target.device.type != "cuda":
-        reason = "the model is not on a GPU"
+    reason = native_reason(cfg, target, draft, potentials, custom_proposal)
     if reason is not None:
         return None, reason
-    if draft is not None and draft.device != target.device:
-        return None, f"target ({target.device}) and draft ({draft.device}) are on different devices"
     with torch.no_grad():
         engine = NativeSMC(
             native_model(target),

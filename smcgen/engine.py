@@ -1,0 +1,496 @@
+"""``smcgen.Engine``: models loaded once, engines built once, many requests served.
+
+An :class:`Engine` holds a target (and optional draft, potentials, proposal) and a base
+:class:`SMCConfig`. It picks the engine family when built, before converting anything: when the
+native GPU engine can run the models and options, it converts them to native runners then (once,
+cached per model object) and keeps one :class:`NativeSMC` per distinct setting, so repeated
+requests reuse it; otherwise every request runs on the generic engine. ``engine(prompt)`` runs one
+request, ``engine.batch(prompts)`` many: requests whose settings agree run as one native batch
+(``NativeSMC.run`` takes prompts of different lengths and groups them by length); the generic
+engine runs them one after another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from smcgen.backends.transformers_lm import (
+    LanguageModel,
+    check_compatible,
+    encode_prompt,
+)
+from smcgen.config import SMCConfig
+from smcgen.memory import check_request_memory
+from smcgen.outcome import choose_answer, explained_dead_end
+from smcgen.potentials.base import Potential
+from smcgen.potentials.grammar import GrammarPotential
+from smcgen.potentials.lm import LMPotential
+from smcgen.potentials.output import as_grammar
+from smcgen.proposals.awrs import AWRSProposal
+from smcgen.proposals.base import Proposal
+from smcgen.proposals.lm import LMProposal
+from smcgen.proposals.masked import MaskedLMProposal
+from smcgen.result import SMCResult
+from smcgen.run import AllParticlesDeadError, BatchRun, length_problem
+from smcgen.smc import SMC
+from smcgen.trace import TraceRecorder
+from smcgen.validation import (
+    as_config,
+    as_potentials,
+    check_model_device,
+    check_on_dead,
+    checked_proposal,
+)
+
+#: a prompt: text, token ids, a [T] / [1, T] tensor, or chat messages ({"role", "content"} dicts)
+PromptLike = str | Sequence[int] | Tensor | Sequence[Mapping[str, Any]]
+
+#: native engines kept per Engine (one per distinct setting: config without the seed, guide)
+NATIVE_ENGINES_KEPT = 16
+
+#: why the generic engine runs a request with a constraint (AWRS draws have no native kernel yet)
+AWRS_REASON = "a constraint steered by AWRS runs on the generic engine"
+
+logger = logging.getLogger("smcgen")
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    """Log (once per distinct reason) that engine='auto' fell back to the generic engine."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning("smcgen: running on the generic engine, not the native one: %s", reason)
+
+
+def is_chat(prompt: Any) -> bool:
+    """Whether ``prompt`` is a list of chat messages (mappings with a role)."""
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, (str, bytes))
+        and len(prompt) > 0
+        and all(isinstance(m, Mapping) for m in prompt)
+    )
+
+
+def chat_prompt_ids(messages: Sequence[Mapping[str, Any]], lm: LanguageModel) -> list[int]:
+    """Token ids of ``messages`` under the model's chat template, ending with the assistant's turn."""
+    tok = lm.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("chat messages need a tokenizer with a chat template; pass text or token ids instead")
+    for i, m in enumerate(messages):
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+    ids = tok.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return [int(t) for t in ids]
+
+
+def prompt_ids(prompt: PromptLike, lm: LanguageModel) -> list[int]:
+    """Token ids of a prompt: chat messages get the chat template, the rest is :func:`encode_prompt`."""
+    if is_chat(prompt):
+        return chat_prompt_ids(prompt, lm)  # type: ignore[arg-type]
+    return encode_prompt(prompt, lm)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated request (from :meth:`Engine.resolve`): its token ids, config and guide (a bound
+    grammar, any potential with a next-token mask, or None)."""
+
+    ids: list[int]
+    config: SMCConfig
+    grammar: Potential | None
+
+
+def batch_key(request: Request) -> tuple:
+    """Requests with equal keys can share one native batch: the same config (seed included) and guide."""
+    return (request.config.model_dump_json(), id(request.grammar))
+
+
+class Engine:
+    """Holds the models and runs SMC requests on them; build once, call many times.
+
+    ``Engine(target, draft=..., potentials=..., proposal=..., constraint=..., config=..., tokenizer=...,
+    guide=..., **config_overrides)`` takes what :func:`smcgen.generate` takes, without the prompt
+    (``grammar=`` is ``guide``'s older name; a draft may be a trained draft directory, tied to the
+    target). ``engine(prompt, **overrides)`` runs one request; ``overrides`` are :class:`SMCConfig`
+    fields (``seed=1``, ``max_new_tokens=32``), ``guide=`` / ``grammar=`` and ``on_dead=``.
+    ``engine.batch(prompts, ...)`` runs many. A prompt is text, token ids, a tensor, a tokenizer's
+    output, or chat messages (``[{"role": "user", "content": ...}]``, formatted with the tokenizer's
+    chat template and the assistant turn opened).
+
+    Every argument is checked when the Engine is built and every request when it is resolved,
+    before any model work (errors name the parameter). A guide is anything
+    :func:`~smcgen.potentials.output.as_grammar` converts (bound to the target's tokenizer, its JSON
+    budget checked against the request's ``max_new_tokens``) or any potential with a
+    ``next_token_mask``. ``constraint`` (a :class:`Potential` without a cheap mask) steers every draw
+    by adaptive weighted rejection sampling and runs on the generic engine.
+
+    Calls are serialized (a lock): one engine runs one batch at a time. ``stats`` counts the native
+    engines built and the requests run, ``engine_reason`` says why the generic engine runs (None
+    when the native one can); a request that falls back under ``engine='auto'`` logs its reason
+    once per distinct reason.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        draft: Any = None,
+        potentials: Potential | Sequence[Potential] = (),
+        proposal: Proposal | None = None,
+        config: SMCConfig | None = None,
+        tokenizer: Any | None = None,
+        guide: Any = None,
+        grammar: Any = None,
+        constraint: Potential | None = None,
+        **config_overrides: Any,
+    ):
+        from smcgen.api import as_language_model
+
+        # the checks that need no model first, so a bad argument fails before anything loads
+        self.config = as_config(config, config_overrides)
+        self.potentials = as_potentials(potentials)
+        if proposal is not None and not isinstance(proposal, Proposal):
+            raise TypeError(f"proposal must be a smcgen.Proposal or None, got {type(proposal).__name__}")
+        if draft is not None and proposal is not None:
+            raise ValueError("give either draft or proposal, not both")
+        if constraint is not None and not isinstance(constraint, Potential):
+            raise TypeError(f"constraint must be a Potential, got {type(constraint).__name__}")
+        guide = one_guide(guide, grammar)
+        if constraint is not None and guide is not None:
+            raise ValueError("give either grammar or constraint, not both (a grammar is a constraint with a mask)")
+        check_model_device(target, "target")
+        self.target = as_language_model(target, tokenizer)
+        self.custom_proposal = proposal is not None
+        self.proposal = checked_proposal(proposal, self.target.vocab_size)
+        self.constraint = constraint
+        self.draft: LanguageModel | None = None
+        if draft is not None:
+            check_model_device(draft, "draft")
+            tok = tokenizer if tokenizer is not None else self.target.tokenizer
+            draft_lm = as_language_model(draft, tok, self.target)  # a draft directory is tied to the target
+            if draft_lm.tokenizer is None:
+                draft_lm = LanguageModel(
+                    draft_lm.model, self.target.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length
+                )
+            check_compatible(self.target, draft_lm)
+            self.draft = draft_lm
+        self.grammar = self.bind_grammar(guide, self.config.max_new_tokens)
+        self._native: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"native_engines_built": 0, "requests": 0, "native_requests": 0, "generic_requests": 0}
+        # decided before any conversion: the native engine only when it can run these models and options
+        self.engine_reason = self._static_reason(self.config)
+        if self.engine_reason is None:
+            self._convert(self.config, rows=self.config.n_particles)
+
+    # -------------------------------------------------------------------------- decisions
+
+    def bind_grammar(self, guide: Any, max_new_tokens: int | None = None) -> Potential | None:
+        """``guide`` ready to run: a potential with its own ``next_token_mask`` as it is; anything
+        else converted by :func:`~smcgen.potentials.output.as_grammar` and compiled for the target's
+        vocabulary (with ``max_new_tokens``, a JSON schema's shortest document is checked to fit)."""
+        if guide is None:
+            return None
+        if isinstance(guide, Potential) and not isinstance(guide, GrammarPotential):
+            return guide
+        return as_grammar(guide, self.target, max_new_tokens=max_new_tokens)
+
+    def _static_reason(self, cfg: SMCConfig) -> str | None:
+        """Why the native engine cannot run requests with ``cfg`` on these models (None: it can).
+
+        Raises for an explicit draft format that cannot apply (as the native selection does)."""
+        from smcgen.backends.native.select import native_reason
+
+        if self.constraint is not None or (self.proposal is not None and self.proposal.target_constraint() is not None):
+            return AWRS_REASON
+        return native_reason(cfg, self.target, self.draft, self.potentials, self.custom_proposal)
+
+    def _convert(self, cfg: SMCConfig, rows: int) -> tuple[Any, Any]:
+        """The native target and draft for a run of ``rows`` draft rows (converted once per model and format)."""
+        from smcgen.backends.native.select import draft_format, native_model
+
+        target = native_model(self.target)
+        draft = None
+        if self.draft is not None:
+            draft = native_model(self.draft, draft_format(cfg, rows, self.target.device))
+        return target, draft
+
+    def _native_engine(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any:
+        """The cached :class:`NativeSMC` for this setting (built on first use).
+
+        Keyed by the config without its seed (the seed is set per run) and by the guide object,
+        so every request with the same settings reuses one engine and whatever it keeps per shape.
+        """
+        from smcgen.backends.native.engine import NativeSMC
+
+        target, draft = self._convert(cfg, rows)
+        key = (cfg.model_copy(update={"seed": None}), id(guide), id(draft))
+        hit = self._native.get(key)
+        if hit is not None and hit[1] is guide:
+            self._native.move_to_end(key)
+            engine = hit[0]
+        else:
+            with torch.no_grad():
+                engine = NativeSMC(
+                    target,
+                    cfg,
+                    draft=draft,
+                    eos_token_ids=self.target.eos_token_ids,
+                    guide=guide,
+                    potentials=self.potentials,
+                    tokenizer=self.target.tokenizer,
+                )
+            self.stats["native_engines_built"] += 1
+            # the guide is held with its engine so its id cannot be reused by another object
+            self._native[key] = (engine, guide)
+            while len(self._native) > NATIVE_ENGINES_KEPT:
+                self._native.popitem(last=False)
+        # the seed is read at run time: one engine serves every seed
+        engine.config = cfg
+        return engine
+
+    def resolve(self, prompt: PromptLike, grammar: Any = None, *, guide: Any = None, **overrides: Any) -> Request:
+        """Validate one request: its token ids, its config (base config + overrides), its guide.
+
+        Raises ``ValueError`` (bad prompt, too long for the context), ``pydantic.ValidationError``
+        (a config field out of range) or :class:`~smcgen.potentials.grammar.GrammarError` (a guide
+        that does not compile, or a JSON budget too small for the schema).
+        """
+        cfg = as_config(self.config, overrides) if overrides else self.config
+        asked = one_guide(guide, grammar)
+        if asked is not None and self.constraint is not None:
+            raise ValueError("give either grammar or constraint, not both (a grammar is a constraint with a mask)")
+        g = self.bind_grammar(asked if asked is not None else self.grammar, cfg.max_new_tokens)
+        ids = prompt_ids(prompt, self.target)
+        problem = length_problem(len(ids), cfg.max_new_tokens, self.target.context_length)
+        if problem is not None:
+            raise ValueError(problem)
+        return Request(ids, cfg, g)
+
+    # ------------------------------------------------------------------------------ runs
+
+    def __call__(
+        self,
+        prompt: PromptLike,
+        *,
+        guide: Any = None,
+        grammar: Any = None,
+        on_dead: str = "raise",
+        progress: bool = False,
+        trace: bool = False,
+        **overrides: Any,
+    ) -> SMCResult:
+        """Run one request. When every particle ends at weight zero, ``on_dead="raise"`` raises
+        :class:`AllParticlesDeadError` (with the dead prefixes' text); ``"flag"`` / ``"partial"``
+        return the longest partial output with ``result.dead`` set. ``trace=True`` records the run
+        step by step into ``result.trace`` (:class:`smcgen.trace.Trace`; the generic engine records)."""
+        policy = check_on_dead(on_dead)
+        request = self.resolve(prompt, grammar, guide=guide, **overrides)
+        return self._run_group([request], progress=progress, on_dead=policy, trace=trace)[0]
+
+    def batch(
+        self,
+        prompts: Sequence[PromptLike],
+        *,
+        seed: int | None | Sequence[int | None] = None,
+        max_new_tokens: int | Sequence[int] | None = None,
+        grammar: Any = None,
+        guide: Any = None,
+        progress: bool = False,
+        **overrides: Any,
+    ) -> list[SMCResult]:
+        """Run many requests; results in the order of ``prompts``.
+
+        ``seed``, ``max_new_tokens`` and ``guide`` (or ``grammar``) take one value for all or a list
+        (one per prompt); other overrides apply to all. Requests whose settings agree (config, seed,
+        guide) run as one batch on the native engine (B requests x N particles, one batch per prompt
+        length); on the generic engine, one after another. A batched request's result is seeded and
+        reproducible, but not the same draw as the same request run alone (the batch shares one
+        random stream), and its ``elapsed_s`` is the wall time of the batch it ran in. A request whose
+        particles all end at weight zero is returned with ``result.dead`` set (no exception).
+        """
+        n = len(prompts)
+
+        def per_request(value: Any, name: str) -> list[Any]:
+            if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+                if len(value) != n:
+                    raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+                return list(value)
+            return [value] * n
+
+        seeds = per_request(seed, "seed")
+        limits = per_request(max_new_tokens, "max_new_tokens")
+        asked = one_guide(guide, grammar)
+        guides = list(asked) if isinstance(asked, (list, tuple)) else [asked] * n
+        if len(guides) != n:
+            raise ValueError(f"guide has {len(guides)} entries for {n} prompts")
+        requests = []
+        for p, s, m, g in zip(prompts, seeds, limits, guides):
+            extra = dict(overrides)
+            if s is not None:
+                extra["seed"] = s
+            if m is not None:
+                extra["max_new_tokens"] = m
+            requests.append(self.resolve(p, g, **extra))
+        return self.run_requests(requests, progress=progress)
+
+    def run_requests(self, requests: Sequence[Request], progress: bool = False) -> list[SMCResult]:
+        """Run resolved requests (:meth:`resolve`), grouped by setting as :meth:`batch` says; a request
+        whose particles all end at weight zero comes back with ``result.dead`` set."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(batch_key(r), []).append(i)
+        out: list[SMCResult | None] = [None] * len(requests)
+        for idx in groups.values():
+            for i, res in zip(idx, self._run_group([requests[i] for i in idx], progress=progress, on_dead="flag")):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _run_group(
+        self, requests: list[Request], progress: bool, on_dead: str, trace: bool = False
+    ) -> list[SMCResult]:
+        """Requests sharing one config and guide: one native run, or generic runs one by one."""
+        cfg, guide = requests[0].config, requests[0].grammar
+        with self._lock:
+            self.stats["requests"] += len(requests)
+            reason = "trace=True records on the generic engine only" if trace else self._static_reason(cfg)
+            native = None
+            if reason is None:
+                native = self._native_engine(cfg, guide, rows=cfg.n_particles * len(requests))
+                reason = next((r for r in (native.unsupported_reason(len(q.ids)) for q in requests) if r), None)
+                if reason is not None:
+                    native = None
+            if native is None and cfg.engine == "native":
+                raise ValueError(f"engine='native' cannot run this request: {reason}")
+            if native is None:
+                if cfg.engine == "auto" and reason is not None:
+                    _warn_fallback(reason)
+                for q in requests:  # the native engine checks its own cache; the generic one is checked here
+                    check_request_memory(cfg, self.target, self.draft, len(q.ids))
+            if isinstance(guide, GrammarPotential) and guide.schema is not None:
+                # the JSON budget twist counts down from this request's limit (the guide object is
+                # shared by requests with other limits: set it under the lock, right before the run)
+                guide.finish_within = cfg.max_new_tokens
+            try:
+                if native is not None:
+                    self.stats["native_requests"] += len(requests)
+                    run = native.run([q.ids for q in requests], progress=progress, on_dead=on_dead)
+                    return [self.result(run, b, cfg, guide, "native", None) for b in range(len(requests))]
+                self.stats["generic_requests"] += len(requests)
+                smc = self._generic(cfg, guide)
+                out = []
+                for q in requests:
+                    recorder = TraceRecorder(self.target.tokenizer) if trace else None
+                    run = smc.run(q.ids, n_groups=1, progress=progress, on_dead=on_dead, recorder=recorder)
+                    res = self.result(run, 0, cfg, guide, "generic", reason)
+                    out.append(dataclasses.replace(res, trace=recorder.trace(0)) if recorder is not None else res)
+                return out
+            except AllParticlesDeadError as err:
+                raise explained_dead_end(err, self.target.tokenizer, masked=guide is not None) from None
+
+    def _generic(self, cfg: SMCConfig, guide: Potential | None) -> SMC:
+        """The generic engine for one setting (cheap to build: it holds no per-run state)."""
+        proposal = self.proposal
+        if self.draft is not None:
+            if self.constraint is not None:
+                proposal = AWRSProposal(self.draft, self.constraint, temperature=cfg.draft_temperature)
+            elif guide is not None:
+                proposal = MaskedLMProposal(self.draft, guide, temperature=cfg.draft_temperature)
+            else:
+                proposal = LMProposal(self.draft, temperature=cfg.draft_temperature)
+        return SMC(
+            LMPotential(self.target, temperature=cfg.target_temperature, alpha=cfg.alpha),
+            cfg,
+            proposal=proposal,
+            potentials=self.potentials,
+            guide=guide,
+            constraint=self.constraint,
+        )
+
+    def result(
+        self,
+        run: BatchRun,
+        b: int,
+        cfg: SMCConfig,
+        guide: Potential | None,
+        engine: str,
+        engine_reason: str | None = None,
+    ) -> SMCResult:
+        """The :class:`SMCResult` of group ``b`` of a run: the answer is one particle drawn by final
+        weight (for a dead group, the longest partial output).
+
+        ``engine_reason``: why the generic engine ran (None on the native one)."""
+        lengths = run.lengths[b].tolist()
+        sequences = [row[:n] for row, n in zip(run.tokens[b].tolist(), lengths)]
+        log_w = run.log_weights[b]
+        alive = [bool(w > float("-inf")) for w in log_w.tolist()]
+        dead = (bool(run.dead[b]) if run.dead is not None else False) or not any(alive)
+        chosen = choose_answer(log_w, lengths, cfg.seed, dead)
+        ess = run.ess_history[:, b]
+        ess = ess[~torch.isnan(ess)]  # NaN pads the steps after a shorter batch of a merged run stopped
+        decoder = self.target.tokenizer
+        text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
+        texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
+        structured = isinstance(guide, GrammarPotential)
+        return SMCResult(
+            text=text,
+            token_ids=sequences[chosen],
+            sequences=sequences,
+            log_weights=[float(x) for x in log_w],
+            log_z=float(run.log_z[b]),
+            ess_history=[float(x) for x in ess],
+            n_resamples=int(run.resampled[:, b].sum()),
+            n_steps=len(ess),
+            elapsed_s=run.elapsed_s,
+            n_particles=cfg.n_particles,
+            texts=texts,
+            engine=engine,
+            engine_reason=engine_reason,
+            dead=dead,
+            parsed=guide.parse(text) if structured and not dead else None,
+            alive=alive,
+            posterior=posterior_of(sequences, log_w.tolist(), decoder),
+            output_format="json" if structured and guide.kind == "json_schema" else None,
+        )
+
+
+def one_guide(guide: Any, grammar: Any) -> Any:
+    """The guide asked for: ``guide=`` or its older name ``grammar=`` (both only when the same object)."""
+    if guide is not None and grammar is not None and guide is not grammar:
+        raise ValueError("give guide= or grammar= (its older name), not both")
+    return guide if guide is not None else grammar
+
+
+def posterior_of(sequences: list[list[int]], log_weights: list[float], decoder: Any) -> list[tuple[str, float]]:
+    """Distinct decoded texts of the live particles with their merged normalized weights, largest first
+    (particles that decode to the same text pool their weight, as genlm-control's decoded posterior)."""
+    if decoder is None:
+        return []
+    mass: dict[tuple[int, ...], float] = {}
+    for seq, lw in zip(sequences, log_weights):
+        if lw > float("-inf"):
+            key = tuple(seq)
+            mass[key] = mass.get(key, 0.0) + float(torch.tensor(lw).exp())
+    by_text: dict[str, float] = {}
+    for seq, w in mass.items():
+        t = decoder.decode(list(seq), skip_special_tokens=True)
+        by_text[t] = by_text.get(t, 0.0) + w
+    total = sum(by_text.values())
+    if total <= 0:
+        return []
+    return sorted(((t, w / total) for t, w in by_text.items()), key=lambda tw: -tw[1])
+
+
+__all__ = ["Engine", "Request", "batch_key", "chat_prompt_ids", "is_chat", "one_guide", "posterior_of", "prompt_ids"]

@@ -1,0 +1,121 @@
+"""The server's request queue: bounded, one engine batch at a time, simple batching.
+
+Requests wait in a FIFO queue of at most ``max_queue`` entries (beyond that, :class:`QueueFull`:
+the server answers 503). One worker takes the oldest request plus every request already waiting
+(up to ``max_batch`` in all; 1 when the Engine runs the generic engine, which would run them one
+after another anyway) and hands them to ``Engine.run_requests`` in one call, which runs the
+requests whose settings agree (config, grammar, no seed) as one native batch; requests with a
+``seed`` each run alone, so their output does not depend on other traffic. This is batching at
+request granularity: a batch runs to its end before the next one starts (requests do not join a
+running batch between cycles). A request whose client went away while it waited is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from smcgen.engine import Engine, Request, batch_key
+from smcgen.result import SMCResult
+from smcgen.server.metrics import ServerMetrics
+
+
+class QueueFull(RuntimeError):
+    """The request queue is full; the client should retry later."""
+
+
+@dataclass
+class _Job:
+    request: Request
+    future: asyncio.Future = field(repr=False)
+
+
+class Scheduler:
+    """Runs resolved requests on one :class:`Engine` from a bounded queue (start with :meth:`start`)."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics, max_queue: int = 256, max_batch: int = 8):
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queue = max_queue
+        # the generic engine runs a batch's requests one after another: batching gains nothing there and
+        # would hold every answer until the whole batch is done, so it takes one request at a time
+        self.max_batch = max_batch if engine.engine_reason is None else 1
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        # the engine runs in one thread of its own, so the event loop keeps answering /health and /metrics
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smcgen-engine")
+        self._unique = itertools.count()
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def submit(self, request: Request) -> asyncio.Future:
+        """Queue a request; the future resolves to its :class:`SMCResult`. Raises :class:`QueueFull`."""
+        assert self._queue is not None, "call start() first"
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Job(request, future))
+        except asyncio.QueueFull:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later") from None
+        self.metrics.queue_depth = self.depth
+        return future
+
+    def _key(self, job: _Job) -> Any:
+        # a seeded request runs alone: the same seed gives the same output whatever else is queued
+        if job.request.config.seed is not None:
+            return ("alone", next(self._unique))
+        return batch_key(job.request)
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < self.max_batch and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            self.metrics.queue_depth = self.depth
+            groups: dict[Any, list[_Job]] = {}
+            for job in jobs:
+                if not job.future.done():  # done: cancelled because its client disconnected
+                    groups.setdefault(self._key(job), []).append(job)
+            for group in groups.values():
+                live = [j for j in group if not j.future.done()]
+                if not live:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    results: list[SMCResult] = await loop.run_in_executor(
+                        self._executor, self.engine.run_requests, [j.request for j in live]
+                    )
+                except Exception as err:  # noqa: BLE001 - an engine error fails this group only; the worker goes on
+                    for j in live:
+                        if not j.future.done():
+                            j.future.set_exception(err)
+                    continue
+                self.metrics.batch_done(time.perf_counter() - t0, results)
+                for j, r in zip(live, results):
+                    if not j.future.done():
+                        j.future.set_result(r)
