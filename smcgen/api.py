@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -137,6 +138,9 @@ def generate(
             else MaskedLMProposal(draft_lm, grammar, temperature=cfg.draft_temperature)
         )
     ids = encode_prompt(prompt, target_lm)
+    if cfg.method == "sd":
+        return _speculative(cfg, target_lm, draft_lm if draft is not None else None, ids, potentials, grammar,
+                            custom_proposal, progress)
 
     from smcgen.backends.native.select import native_engine_or_reason
 
@@ -167,7 +171,7 @@ def generate(
     decoder = target_lm.tokenizer
     text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
     texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
-    return SMCResult(
+    result = SMCResult(
         text=text,
         token_ids=sequences[chosen],
         sequences=sequences,
@@ -181,6 +185,82 @@ def generate(
         texts=texts,
         engine="native" if native is not None else "generic",
         engine_reason=None if native is not None else why_not,
+    )
+    if proposal is not None:
+        _warn_weak_draft(result)
+    return result
+
+
+# mean ESS/N below this means the draft's blocks are mostly corrected by a few particles: at this N the
+# weighted particles then carry visibly more of the draft's text than the target's
+WEAK_DRAFT_ESS = 0.5
+
+
+def _warn_weak_draft(result: SMCResult) -> None:
+    """Warn (once per process) when the draft is far from the target at this N (mean ESS/N low)."""
+    frac = result.mean_ess_fraction
+    if result.n_particles > 1 and frac is not None and frac < WEAK_DRAFT_ESS and "weak-draft" not in _WARNED:
+        _WARNED.add("weak-draft")
+        logger.warning(
+            "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
+            "samples may look like the draft's text. Raise n_particles, lower block_size or use a better "
+            "draft (smcgen distill)",
+            result.n_particles, frac, WEAK_DRAFT_ESS, result.weight_variance,
+        )
+
+
+SD_ENGINE_REASON = "method='sd' runs on the generic engine (the native engine has no speculative decoding)"
+
+
+def _speculative(
+    cfg: SMCConfig,
+    target_lm: LanguageModel,
+    draft_lm: LanguageModel | None,
+    ids: list[int],
+    potentials: Potential | Sequence[Potential],
+    guide: Potential | None,
+    custom_proposal: bool,
+    progress: bool,
+) -> SMCResult:
+    """``generate`` with ``method='sd'``: n_particles independent exact samples by speculative decoding."""
+    from smcgen.speculative import check_speculative_request, speculative_decode
+
+    if custom_proposal:
+        raise ValueError("method='sd' needs a draft model (draft=), not a custom proposal")
+    has_potentials = bool(potentials) if not isinstance(potentials, Potential) else True
+    check_speculative_request(cfg.alpha, has_potentials, guide is not None, draft_lm is not None)
+    assert draft_lm is not None
+    if cfg.engine == "native":
+        raise ValueError(f"engine='native' cannot run this request: {SD_ENGINE_REASON}")
+    if cfg.engine == "auto":
+        _warn_fallback(SD_ENGINE_REASON)
+    run = speculative_decode(
+        target_lm, draft_lm, ids, n_rows=cfg.n_particles, block_size=cfg.block_size,
+        max_new_tokens=cfg.max_new_tokens, target_temperature=cfg.target_temperature,
+        draft_temperature=cfg.draft_temperature, seed=cfg.seed, progress=progress,
+    )
+    n = cfg.n_particles
+    chooser = random.Random(cfg.seed + 1 if cfg.seed is not None else None)
+    chosen = chooser.randrange(n)  # rows are exact samples of equal weight
+    decoder = target_lm.tokenizer
+    text = decoder.decode(run.tokens[chosen], skip_special_tokens=True) if decoder is not None else ""
+    texts = list(decoder.batch_decode(run.tokens, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
+    return SMCResult(
+        text=text,
+        token_ids=run.tokens[chosen],
+        sequences=run.tokens,
+        log_weights=[-math.log(n)] * n,
+        log_z=math.nan,
+        ess_history=[],
+        n_resamples=0,
+        n_steps=run.steps[chosen],
+        elapsed_s=run.elapsed_s,
+        n_particles=n,
+        texts=texts,
+        engine="generic",
+        engine_reason=SD_ENGINE_REASON,
+        method="sd",
+        acceptance_rate=run.acceptance_rate,
     )
 
 

@@ -16,6 +16,9 @@ class SMCResult:
     ``ess_history``: ESS after each step (before resampling); ``n_resamples``: resampling count.
     ``engine``: which engine ran it, ``"native"`` (GPU engine) or ``"generic"``;
     ``engine_reason``: why the generic engine ran it (None when the native one did).
+    ``method``: ``"smc"`` or ``"sd"`` (standard speculative decoding: uniform weights, ``log_z`` is
+    NaN because SD estimates no normalizing constant, ``acceptance_rate`` the kept fraction of drafts).
+    ``mean_ess_fraction`` and ``weight_variance`` say how far the draft is from the target.
     """
 
     text: str
@@ -31,6 +34,22 @@ class SMCResult:
     texts: list[str] = field(default_factory=list)
     engine: str = "generic"
     engine_reason: str | None = None
+    method: str = "smc"
+    acceptance_rate: float | None = None
+
+    @property
+    def mean_ess_fraction(self) -> float | None:
+        """Mean ESS/N over the steps: how well the proposal (the draft) matches the target; 1 is a
+        perfect match. None for speculative decoding, whose rows carry no weights."""
+        return sum(self.ess_history) / (len(self.ess_history) * self.n_particles) if self.ess_history else None
+
+    @property
+    def weight_variance(self) -> float | None:
+        """Mean over steps of the variance of the normalized particle weights (mean 1), N/ESS - 1: the
+        draft's chi-square distance from the target as the run saw it (0: no mismatch)."""
+        if not self.ess_history:
+            return None
+        return sum(self.n_particles / max(e, 1e-12) - 1.0 for e in self.ess_history) / len(self.ess_history)
 
     @property
     def tokens_per_second(self) -> float:
@@ -45,6 +64,8 @@ class SMCResult:
             if ess
             else "ESS n/a"
         )
+        if self.acceptance_rate is not None:
+            ess_part = f"method: sd | draft tokens kept {self.acceptance_rate:.2f}"
         return (
             f"engine: {self.engine} | particles: {self.n_particles} | steps: {self.n_steps} | resamples: {self.n_resamples} | {ess_part}\n"
             f"log Z_hat: {self.log_z:.3f} | {len(self.token_ids)} tokens in {self.elapsed_s:.2f} s "
