@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -11,14 +14,16 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from smcgen.backends.transformers_lm import LanguageModel
+from smcgen.backends.transformers_lm import LanguageModel, check_compatible
 from smcgen.config import SMCConfig
-from smcgen.engine import _WARNED, _warn_fallback, one_guide  # noqa: F401 (the fallback warning, as before)
+from smcgen.engine import _WARNED, _warn_fallback, one_guide, prompt_ids
 from smcgen.models import draft_dir
 from smcgen.potentials.base import Potential
 from smcgen.proposals.base import Proposal
 from smcgen.result import SMCResult
 from smcgen.validation import check_request
+
+logger = logging.getLogger("smcgen")
 
 ModelLike = LanguageModel | PreTrainedModel | str
 
@@ -121,11 +126,22 @@ def generate(
     # checks the rest (draft/proposal, constraint) before it loads anything
     asked = one_guide(guide, grammar)
     cfg, _, _ = check_request(config, config_overrides, potentials, proposal, asked, on_dead)
+    if cfg.method == "sd":
+        target_lm = as_language_model(target, tokenizer)
+        draft_lm = None
+        if draft is not None:
+            draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer, target_lm)
+            check_compatible(target_lm, draft_lm)
+        return _speculative(cfg, target_lm, draft_lm, prompt_ids(prompt, target_lm), potentials, asked,
+                            proposal is not None, progress)
     engine = cached_engine(
         target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, constraint=constraint,
         engine=cfg.engine,
     )
-    return engine(prompt, guide=asked, on_dead=on_dead, progress=progress, trace=trace, **cfg.model_dump())
+    result = engine(prompt, guide=asked, on_dead=on_dead, progress=progress, trace=trace, **cfg.model_dump())
+    if draft is not None or proposal is not None:
+        _warn_weak_draft(result)
+    return result
 
 
 #: Engines behind generate(), most recent last. Each holds its models: clear_engine_cache() drops them.
@@ -178,6 +194,80 @@ def cached_engine(
 def clear_engine_cache() -> None:
     """Drop the engines ``generate`` keeps (and with them their references to the models)."""
     _ENGINES.clear()
+
+
+# mean ESS/N below this means the draft's blocks are mostly corrected by a few particles: at this N the
+# weighted particles then carry visibly more of the draft's text than the target's
+WEAK_DRAFT_ESS = 0.5
+
+
+def _warn_weak_draft(result: SMCResult) -> None:
+    """Warn (once per process) when the draft is far from the target at this N (mean ESS/N low)."""
+    frac = result.mean_ess_fraction
+    if result.n_particles > 1 and frac is not None and frac < WEAK_DRAFT_ESS and "weak-draft" not in _WARNED:
+        _WARNED.add("weak-draft")
+        logger.warning(
+            "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
+            "samples may look like the draft's text. Raise n_particles, lower block_size or use a better "
+            "draft (smcgen distill)",
+            result.n_particles, frac, WEAK_DRAFT_ESS, result.weight_variance,
+        )
+
+
+SD_ENGINE_REASON = "method='sd' runs on the generic engine (the native engine has no speculative decoding)"
+
+
+def _speculative(
+    cfg: SMCConfig,
+    target_lm: LanguageModel,
+    draft_lm: LanguageModel | None,
+    ids: list[int],
+    potentials: Potential | Sequence[Potential],
+    guide: Potential | None,
+    custom_proposal: bool,
+    progress: bool,
+) -> SMCResult:
+    """``generate`` with ``method='sd'``: n_particles independent exact samples by speculative decoding."""
+    from smcgen.speculative import check_speculative_request, speculative_decode
+
+    if custom_proposal:
+        raise ValueError("method='sd' needs a draft model (draft=), not a custom proposal")
+    has_potentials = bool(potentials) if not isinstance(potentials, Potential) else True
+    check_speculative_request(cfg.alpha, has_potentials, guide is not None, draft_lm is not None)
+    assert draft_lm is not None
+    if cfg.engine == "native":
+        raise ValueError(f"engine='native' cannot run this request: {SD_ENGINE_REASON}")
+    if cfg.engine == "auto":
+        _warn_fallback(SD_ENGINE_REASON)
+    run = speculative_decode(
+        target_lm, draft_lm, ids, n_rows=cfg.n_particles, block_size=cfg.block_size,
+        max_new_tokens=cfg.max_new_tokens, target_temperature=cfg.target_temperature,
+        draft_temperature=cfg.draft_temperature, seed=cfg.seed, progress=progress,
+    )
+    n = cfg.n_particles
+    chooser = random.Random(cfg.seed + 1 if cfg.seed is not None else None)
+    chosen = chooser.randrange(n)  # rows are exact samples of equal weight
+    decoder = target_lm.tokenizer
+    text = decoder.decode(run.tokens[chosen], skip_special_tokens=True) if decoder is not None else ""
+    texts = list(decoder.batch_decode(run.tokens, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
+    return SMCResult(
+        text=text,
+        token_ids=run.tokens[chosen],
+        sequences=run.tokens,
+        log_weights=[-math.log(n)] * n,
+        log_z=None,  # SD estimates no normalizing constant (never NaN in a result)
+        ess_history=[],
+        n_resamples=0,
+        n_steps=run.steps[chosen],
+        elapsed_s=run.elapsed_s,
+        n_particles=n,
+        texts=texts,
+        engine="generic",
+        engine_reason=SD_ENGINE_REASON,
+        method="sd",
+        acceptance_rate=run.acceptance_rate,
+    )
+
 
 
 __all__ = ["as_language_model", "cached_engine", "clear_engine_cache", "default_device", "generate", "load_model"]

@@ -21,6 +21,7 @@ MAX_ALPHA = 1e4
 # The CPU generator (mt19937) keeps only the low 32 bits of a seed: seeds 0 and 2**32 drew the same
 # tokens. Seeds outside [0, 2**32) are refused instead of silently colliding.
 MAX_SEED = 2**32 - 1
+MethodName = Literal["smc", "sd"]
 DraftQuantization = Literal["auto", "none", "int8", "fp8"]
 
 
@@ -33,6 +34,14 @@ class SMCConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    method: MethodName = Field(
+        "smc",
+        description=(
+            "'smc': sequential Monte Carlo (SMC speculative decoding with a draft). 'sd': standard speculative "
+            "decoding (draft block_size tokens, keep each with prob min(1, p/q), residual draw on rejection): exact "
+            "for the target p_tau, alpha=1 and no potentials only; n_particles rows are independent samples."
+        ),
+    )
     n_particles: int = Field(8, ge=1, le=65536, description="Particles N per request.")
     block_size: int = Field(
         4, ge=1, le=256, description="K: tokens the proposal drafts per step (the target adds a bonus token)."

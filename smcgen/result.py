@@ -30,13 +30,16 @@ class SMCResult:
     object, Enum member, JSON value); None otherwise and for a dead result.
     ``output_format``: ``"json"`` when a JSON schema constrained the output, else None.
     ``trace``: the step-by-step record (:class:`smcgen.trace.Trace`) when ``generate(trace=True)``.
+    ``method``: ``"smc"`` or ``"sd"`` (standard speculative decoding: uniform weights, ``log_z`` is
+    None because SD estimates no normalizing constant, ``acceptance_rate`` the kept fraction of drafts).
+    ``mean_ess_fraction`` and ``weight_variance`` say how far the draft is from the target.
     """
 
     text: str
     token_ids: list[int]
     sequences: list[list[int]]
     log_weights: list[float]
-    log_z: float
+    log_z: float | None
     ess_history: list[float]
     n_resamples: int
     n_steps: int
@@ -68,6 +71,22 @@ class SMCResult:
     def argmax_text(self) -> str:
         """The text with the largest posterior mass (particles with the same text pooled)."""
         return self.posterior[0][0] if self.posterior else self.text
+    method: str = "smc"
+    acceptance_rate: float | None = None
+
+    @property
+    def mean_ess_fraction(self) -> float | None:
+        """Mean ESS/N over the steps: how well the proposal (the draft) matches the target; 1 is a
+        perfect match. None for speculative decoding, whose rows carry no weights."""
+        return sum(self.ess_history) / (len(self.ess_history) * self.n_particles) if self.ess_history else None
+
+    @property
+    def weight_variance(self) -> float | None:
+        """Mean over steps of the variance of the normalized particle weights (mean 1), N/ESS - 1: the
+        draft's chi-square distance from the target as the run saw it (0: no mismatch)."""
+        if not self.ess_history:
+            return None
+        return sum(self.n_particles / max(e, 1e-12) - 1.0 for e in self.ess_history) / len(self.ess_history)
 
     @property
     def tokens_per_second(self) -> float:
@@ -96,10 +115,12 @@ class SMCResult:
         )
         alive = f" | alive: {self.n_alive} of {self.n_particles}" if self.alive else ""
         why = f" ({self.engine_reason})" if self.engine_reason else ""
+        if self.acceptance_rate is not None:
+            ess_part = f"method: sd | draft tokens kept {self.acceptance_rate:.2f}"
         return (
             f"engine: {self.engine}{why} | particles: {self.n_particles} | steps: {self.n_steps} | "
             f"resamples: {self.n_resamples} | {ess_part}{alive}\n"
-            f"log Z_hat: {self.log_z:.3f} | answer: {len(self.token_ids)} tokens in {self.elapsed_s:.2f} s "
+            f"log Z_hat: {'n/a' if self.log_z is None else f'{self.log_z:.3f}'} | answer: {len(self.token_ids)} tokens in {self.elapsed_s:.2f} s "
             f"({self.tokens_per_second:.1f} tok/s) | all particles: {self.particle_tokens} tokens "
             f"({self.particle_tokens_per_second:.1f} tok/s)"
         )

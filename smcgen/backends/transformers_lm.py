@@ -94,6 +94,14 @@ class CausalLMRunner:
         self.fed = sequences.shape[1]
         return out.logits
 
+    def truncate(self, length: int) -> None:
+        """Roll the cache back to its first ``length`` positions (speculative decoding's rejected
+        tokens); the next :meth:`forward_new` feeds the sequences from there."""
+        assert self.cache is not None, "call start() first"
+        if length < self.fed:
+            self.cache.crop(length - self.fed)  # transformers 5: a negative count removes that many positions
+            self.fed = length
+
     def reorder(self, rows: Tensor) -> None:
         """Make row i a copy of row ``rows[i]`` (resampling)."""
         if self.cache is not None and self.cache.get_seq_length() > 0:

@@ -1,0 +1,120 @@
+"""SmolLM2-135M pair, real weights: AR vs standard SD vs SMC-SD, tokens/s and mean ESS/N side by side.
+
+One process, one prompt (the CLI's default question in the chat template), the same seeds for every
+configuration: AR (the target alone), SD with K in {2, 4, 8} (``method='sd'``) and SMC-SD with
+N in {1, 4, 8} x K in {2, 4, 8}. Tokens/s counts the answer's tokens over the run's wall time; SD
+also reports the fraction of drafted tokens kept. ``--draft`` takes a name or a trained draft directory.
+
+    OMP_NUM_THREADS=2 python benchmarks/smollm2_speed.py --device cpu --max-new-tokens 32 --repeats 1
+    python benchmarks/smollm2_speed.py --device cuda --draft DRAFT_DIR --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import smcgen
+from smcgen.api import load_model
+from smcgen.cli import DEFAULT_PROMPT
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--draft",
+        default="smollm2-135m-draft",
+        help="draft name or trained draft directory",
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument(
+        "--engine",
+        default="auto",
+        help="engine for AR and SMC-SD (SD always runs on the generic one)",
+    )
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+
+    target = load_model("smollm2-135m", args.device)
+    draft = load_model(args.draft, args.device)
+    prompt = list(
+        target.tokenizer.apply_chat_template(
+            [{"role": "user", "content": DEFAULT_PROMPT}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+    )
+    common = {
+        "max_new_tokens": args.max_new_tokens,
+        "target_temperature": args.temperature,
+        "draft_temperature": args.temperature,
+    }
+    cases = [("AR (target alone)", None, {"n_particles": 1, "engine": args.engine})]
+    cases += [(f"SD K={k}", draft, {"method": "sd", "n_particles": 1, "block_size": k}) for k in (2, 4, 8)]
+    cases += [
+        (
+            f"SMC-SD N={n} K={k}",
+            draft,
+            {"n_particles": n, "block_size": k, "engine": args.engine},
+        )
+        for n in (1, 4, 8)
+        for k in (2, 4, 8)
+    ]
+    smcgen.generate(target, prompt, n_particles=1, max_new_tokens=4, seed=0)  # warm-up
+    rows = []
+    for name, d, kw in cases:
+        tps, ess, acc = [], [], []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            res = smcgen.generate(target, prompt, draft=d, seed=r, **common, **kw)
+            wall = time.perf_counter() - t0
+            tps.append(len(res.token_ids) / wall)
+            if res.mean_ess_fraction is not None:
+                ess.append(res.mean_ess_fraction)
+            if res.acceptance_rate is not None:
+                acc.append(res.acceptance_rate)
+        rows.append(
+            {
+                "config": name,
+                "tokens_per_s": statistics.median(tps),
+                "engine": res.engine,
+                "mean_ess_over_n": statistics.mean(ess) if ess else None,
+                "sd_kept": statistics.mean(acc) if acc else None,
+            }
+        )
+    ar = rows[0]["tokens_per_s"]
+    best_sd = max(r["tokens_per_s"] for r in rows if r["config"].startswith("SD"))
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [
+        (f"# SmolLM2-135M pair, draft={args.draft}, {dev}, {args.max_new_tokens} new tokens, median of {args.repeats}"),
+        "",
+        "| configuration | engine | tokens/s | vs AR | vs best SD | mean ESS/N | SD drafts kept |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "–"
+        kept = f"{r['sd_kept']:.2f}" if r["sd_kept"] is not None else "–"
+        lines.append(
+            f"| {r['config']} | {r['engine']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ar:.2f}x "
+            f"| {r['tokens_per_s'] / best_sd:.2f}x | {ess} | {kept} |"
+        )
+    report = "\n".join(lines)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "smollm2_speed.md").write_text(report + "\n")
+        Path(args.out, "smollm2_speed.json").write_text(json.dumps(rows, indent=1))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
