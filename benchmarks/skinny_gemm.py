@@ -5,7 +5,7 @@ the linear work of a whole forward with distinct random weights per layer (so L2
 them): per layer norm -> qkv, o + residual, norm -> gate_up -> SiLU-mul, down + residual, then
 norm -> LM head. Three versions, timed side by side in one process (median of graph replays):
 
-- ``cublas``: bare ``F.linear`` GEMMs only (the floor of notes/performance.md 3.3, no elementwise);
+- ``cublas``: bare ``F.linear`` GEMMs only (the cuBLAS floor, no elementwise);
 - ``composed``: cuBLAS with the fused elementwise kernels (the engine's path for wide batches);
 - ``skinny``: ``kernels.linear.fused_linear_triton`` with its default launch plan.
 

@@ -15,7 +15,6 @@ import json
 import os
 
 import torch
-
 from skinny_gemm import graph_ms  # noqa: E402  (benchmarks/ on sys.path when run as a script)
 
 KINDS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -41,7 +40,7 @@ def main() -> None:
             gb = args.layers * n * k * 2 / 1e9
             result["rows"].append({"kind": kind, "M": m, "linear_ms": plain, "swapped_ms": swapped, "GB": gb})
             print(f"| {kind} | {m} | {plain:.3f} | {swapped:.3f} | {gb / min(plain, swapped):.2f} |", flush=True)
-        del ws
+        ws.clear()  # frees this kind's weights before the next
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -4,7 +4,7 @@ Methods (all on the embedded SmolLM2-135M-Instruct, prompt in its chat template,
 - unconstrained: ancestral sampling from p_tau (plain SMC with one particle, no grammar);
 - plain masking: one particle, every token drawn from p_tau masked to the grammar (what outlines
   and most servers do); it samples prod_t p(x_t | x_<t, mask), not p(x | x in the language);
-- SMC N=4 / N=8: plain SMC with the masked target, weights log sum_{allowed} p (DESIGN.md),
+- SMC N=4 / N=8: plain SMC with the masked target, weights log sum_{allowed} p (docs/math.md),
   resampling at ESS < N/2; the answer is one particle drawn by weight;
 - SMC-SD N=8, K=4 (``--draft``): the masked early-exit draft plus the masked bonus token.
 

@@ -7,7 +7,7 @@ against the other half. Power sampling targets p(x)^alpha over whole answers; pe
 1/alpha samples prod_t p(x_t | x_<t)^alpha / Z_t instead, which is not the same distribution (it
 ignores how likely the continuation of each token is). SMC runs the power target with the model
 proposing each token from its tempered next-token distribution, weighted by log sum_v p(v)^alpha
-(DESIGN.md); the answer is one particle drawn by weight. Best-of-N keeps the likeliest of N plain
+(docs/math.md); the answer is one particle drawn by weight. Best-of-N keeps the likeliest of N plain
 samples (the selection a user without a checker has). Success = the expected word in the answer.
 
     python recipes/power.py [--groups 3] [--cases 8] [--plot power.png]

@@ -1,6 +1,6 @@
 """The SMC step loop: propose a block, weight it, resample when the ESS drops.
 
-One loop serves every target (see DESIGN.md section 1): a step drafts K tokens from the
+One loop serves every target (see docs/math.md): a step drafts K tokens from the
 proposal (none when there is no proposal), the target scores them in one forward and adds a
 bonus token drawn from its own next-token distribution p_tau^alpha, the potentials weight the
 extension, and groups whose ESS fell below the threshold are resampled. B independent groups
@@ -57,7 +57,7 @@ class SMC:
     :class:`~smcgen.potentials.grammar.GrammarPotential`, or any :class:`Potential` implementing
     ``next_token_mask``; ``mask=`` is its older name) restricts the target's own draws (the bonus
     token; every token in plain SMC) to the tokens it allows, each weighted by the masked
-    log-normalizer log sum_{v allowed} p(v)^alpha: the locally constrained proposal of DESIGN.md.
+    log-normalizer log sum_{v allowed} p(v)^alpha: the locally constrained proposal of docs/math.md.
     A guide, and the mask of a masked proposal, are factors of the target (added to
     ``potentials`` when missing). ``constraint`` (any :class:`Potential`, typically a boolean one
     with no cheap mask; default: the proposal's ``target_constraint()``) does the same without a

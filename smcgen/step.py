@@ -37,7 +37,7 @@ def is_eos(block: Tensor, eos: Tensor) -> Tensor:
 
 
 def token_weights(log_p: Tensor, log_q: Tensor, bonus_log_norm: Tensor | None) -> Tensor:
-    """Per-position log-weights ``[R, k (+1)]`` of a block (DESIGN.md section 1).
+    """Per-position log-weights ``[R, k (+1)]`` of a block (docs/math.md, "Particles and weights").
 
     ``log_p`` ``[R, k]`` is alpha * log p_tau of each drafted token under the target, ``log_q``
     its log-probability under the proposal; the bonus token (drawn from the target itself)

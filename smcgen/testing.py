@@ -1,6 +1,6 @@
 """Property checks for a :class:`~smcgen.potentials.base.Potential`: run them on your own potential.
 
-What a potential must do for the engine to weight particles correctly (DESIGN.md, potentials):
+What a potential must do for the engine to weight particles correctly (docs/potentials.md):
 
 - **values**: ``log_prefix`` / ``log_complete`` return one score per particle, finite or ``-inf``
   (never NaN or ``+inf``);

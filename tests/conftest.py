@@ -12,7 +12,6 @@ if TEST_DEVICE == "cpu":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from tiny_models import tiny_lm, tiny_tokenizer  # noqa: E402
 
 

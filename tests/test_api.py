@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import EOS
 
 import smcgen
 from smcgen import Potential, RewardPotential, SequenceBatch, SMCConfig
-from tiny_models import EOS
 
 
 class NoC(Potential):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny_models import tiny_lm, tiny_tokenizer
 
 import smcgen
 from smcgen import AllParticlesDeadError, Potential, RewardPotential, SequenceBatch, SMCConfig
-from tiny_models import tiny_lm, tiny_tokenizer
 
 
 @pytest.mark.parametrize(

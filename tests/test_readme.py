@@ -50,3 +50,40 @@ def test_readme_testing_harness_runs_on_the_custom_potential():
     case.max_examples = 8
     for prop in ("values_finite_or_neginf", "batch_scores_as_rows_alone", "deterministic", "monotone_where_claimed"):
         getattr(case, f"test_{prop}")()
+
+
+ROOT = README.parent
+LINKED_DOCS = [README, ROOT / "BENCHMARKS.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file (lower case, punctuation dropped)."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    anchors = set()
+    for title in re.findall(r"^#+ (.+)$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_every_relative_link_resolves_inside_the_repository():
+    """The README, BENCHMARKS.md, CONTRIBUTING.md and docs/ link only to files (and headings) in the repository."""
+    broken = []
+    for doc in LINKED_DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked here
+            file_part, _, anchor = target.partition("#")
+            path = (doc.parent / file_part).resolve() if file_part else doc
+            if ROOT not in path.parents and path != ROOT:
+                broken.append(f"{doc.name}: {target} (outside the repository)")
+            elif not path.exists():
+                broken.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path):
+                broken.append(f"{doc.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 260

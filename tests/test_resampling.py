@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 from smcgen.resampling import (
+    _BELOW_ONE,
     RESAMPLERS,
     MultinomialResampler,
     Resampler,
     ResidualResampler,
     StratifiedResampler,
     SystematicResampler,
-    _BELOW_ONE,
     _inverse_cdf,
     ancestors_from_counts,
     effective_sample_size,

@@ -18,7 +18,7 @@ SmolLM2 the int8 copy of a draft moved its next-token distributions ~7x less (KL
 
 Why: a draft step of SMC-SD multiplies only N (one token per particle) rows by every weight, so
 each GEMM is a pure weight stream; cuBLAS streams the small matrices of a 1B draft at ~2.2 of
-~3 TB/s (notes/performance.md 3.3) and every neighbour op (norm, SiLU-mul, residual add, split-K
+~3 TB/s (BENCHMARKS.md, native engine history) and every neighbour op (norm, SiLU-mul, residual add, split-K
 reduce) is one more short kernel per layer, paid K times per cycle. The Triton kernel here reads
 each weight tile once for all rows (M <= ``MAX_SKINNY_ROWS``), with the norm, bias, gating and
 residual folded into its prologue and epilogue, and multiplies weight tile x rows (the weight

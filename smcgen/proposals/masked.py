@@ -1,6 +1,6 @@
 """Masked proposals: a draft restricted to the tokens a grammar allows, renormalized.
 
-The locally constrained row of DESIGN.md: q(y) = q_D(y) m(y) / sum_v q_D(v) m(v), with m the
+The locally constrained proposal of docs/math.md: q(y) = q_D(y) m(y) / sum_v q_D(v) m(v), with m the
 grammar's next-token mask. The step loop weights each drafted token by alpha log p_T(y) - log q(y)
 as for any proposal; the target's own draws (the bonus token, and every token of plain SMC) are
 masked by ``SMC(..., mask=grammar)``, which weights them by the masked log-normalizer

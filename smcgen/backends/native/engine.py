@@ -12,7 +12,7 @@ Layout of the token stream (all rows of a run have the same length):
 - the draft's cache holds every token but the last two (the last drafted token and the bonus),
   which the next cycle's first draft step feeds together: the "deferred bonus", K draft forwards
   per cycle instead of K+1.
-The weights follow DESIGN.md section 1: sum_k alpha*log p_T(y_k) - log q_D(y_k) over the drafted
+The weights follow docs/math.md: sum_k alpha*log p_T(y_k) - log q_D(y_k) over the drafted
 tokens, plus the bonus token's log-normalizer log sum_v p_T(v)^alpha; positions after an EOS, after
 the particle finished, or past ``max_new_tokens`` add nothing.
 """
@@ -88,7 +88,7 @@ class NativeSMC:
     :class:`~smcgen.potentials.grammar.GrammarPotential` or any potential implementing
     ``next_token_mask``; ``mask=`` is its older name) constrains generation locally: the draft
     and the target's bonus token are drawn from their distributions restricted to the allowed
-    tokens, weighted as DESIGN.md's "locally constrained" row says, and the guide is a factor of
+    tokens, weighted as docs/math.md's "masking bias" section says, and the guide is a factor of
     the target, applied at the end (a particle that stops outside a grammar's language gets
     weight zero). Masks are computed on the CPU from each step's tokens, so guided runs are not
     graphed.
