@@ -145,7 +145,10 @@ def main() -> None:
     print()
     print("| clients x requests | answered | failed | lost | p50 s | p90 s | p99 s | requests/s | answer tok/s | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    fmt = (lambda x: f"{x:.2f}" if x is not None else "-")
+
+    def fmt(x: float | None) -> str:
+        return f"{x:.2f}" if x is not None else "-"
+
     print(f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
           f"{fmt(summary['p50_s'])} | {fmt(summary['p90_s'])} | {fmt(summary['p99_s'])} | "
           f"{summary['requests_per_s']:.2f} | {summary['answer_tokens_per_s']:.1f} | {wall:.1f} |")

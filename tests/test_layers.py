@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("potentials, proposals", ["smcgen.potentials", "smcgen.proposals", "smcgen.exact", "smcgen.testing"]),
     ("step", ["smcgen.step", "smcgen.run"]),
     # engines drive the step over a runner; outcome turns an engine's dead-particle error into a result
-    ("engines", ["smcgen.smc", "smcgen.backends.native.engine", "smcgen.backends.native.select",
+    ("engines", ["smcgen.smc", "smcgen.speculative", "smcgen.backends.native.engine", "smcgen.backends.native.select",
                  "smcgen.outcome"]),
     # what users call: the package, generate(), input checks, memory estimates, distill, CLI, server
     ("interface", ["smcgen", "smcgen.__main__", "smcgen.api", "smcgen.validation", "smcgen.memory",
