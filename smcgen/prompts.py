@@ -62,14 +62,15 @@ def prompt_ids_from(prompt: Any) -> list[int] | str:
     items = list(prompt)
     if items and all(isinstance(p, str) for p in items):
         raise ValueError(
-            f"prompt is a list of {len(items)} strings (a batch); generate takes one prompt: call it once per "
-            "prompt (batched requests are not supported by generate yet)"
+            f"prompt is a list of {len(items)} strings (a batch); generate takes one prompt: use "
+            "smcgen.Engine(...).batch(prompts) for many"
         )
     if items and all(isinstance(p, (list, tuple)) or getattr(p, "ndim", 0) >= 1 for p in items):
         if len(items) == 1:
             return prompt_ids_from(items[0])
         raise ValueError(
-            f"prompt is a batch of {len(items)} token-id lists; generate takes one prompt: call it once per prompt"
+            f"prompt is a batch of {len(items)} token-id lists; generate takes one prompt: use "
+            "smcgen.Engine(...).batch(prompts) for many"
         )
     return [_token_id(t, f"position {i}") for i, t in enumerate(items)]
 
