@@ -115,7 +115,9 @@ def check_compatible(target: LanguageModel, draft: LanguageModel) -> None:
             f"draft and target vocabularies differ: draft logits have {draft.vocab_size} entries, "
             f"target logits {target.vocab_size}; SMC-SD needs a draft with the target's tokenizer"
         )
-    if target.tokenizer is not None and draft.tokenizer is not None:
+    # the same tokenizer object, or decoders without a vocabulary (plain id -> text maps): nothing to compare
+    comparable = all(hasattr(t, "get_vocab") for t in (target.tokenizer, draft.tokenizer))
+    if comparable and target.tokenizer is not draft.tokenizer:
         tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
         if tv != dv:
             differing = sorted(set(tv.items()) ^ set(dv.items()))[:3]
