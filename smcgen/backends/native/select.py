@@ -122,37 +122,3 @@ def native_reason(
         reason = f"target ({target.device}) and draft ({draft.device}) are on different devices"
     return reason
 
-
-def native_engine_or_reason(
-    cfg: SMCConfig,
-    target: LanguageModel,
-    draft: LanguageModel | None,
-    potentials: Any,
-    custom_proposal: bool,
-    prompt_len: int,
-    mask: Any = None,
-) -> tuple[Any, str | None]:
-    """``(engine, None)`` when the native engine runs this request, else ``(None, reason)``
-    (:func:`native_reason`, then the prompt's limits).
-
-    ``mask``: the run's next-token guide (the engines' ``guide=``), e.g. a bound grammar for
-    locally constrained generation (the native engine runs it eagerly, without the cycle graph,
-    since every step's mask depends on the tokens just drawn).
-    """
-    from smcgen.backends.native.engine import NativeSMC
-
-    reason = native_reason(cfg, target, draft, potentials, custom_proposal)
-    if reason is not None:
-        return None, reason
-    with torch.no_grad():
-        engine = NativeSMC(
-            native_model(target),
-            cfg,
-            draft=native_model(draft, draft_format(cfg, cfg.n_particles, target.device)) if draft is not None else None,
-            eos_token_ids=target.eos_token_ids,
-            guide=mask,
-            potentials=potentials if potentials is not None else (),
-            tokenizer=target.tokenizer,
-        )
-    reason = engine.unsupported_reason(prompt_len)
-    return (None, reason) if reason is not None else (engine, None)
