@@ -438,8 +438,9 @@ class NativeSMC:
         drafted: list[Tensor] = []
         log_q: list[Tensor] = []
         if masked:
-            # the continuation so far on the host, extended by each drafted token (eager path: syncs)
-            host_tokens = [s.history[:, : int(s.cycle) * T].cpu()]
+            # the continuation so far on the host (kept there across cycles), extended by each
+            # drafted token (eager path: syncs)
+            host_tokens = [s.host_history]
         if self.draft is not None:
             s.dcache.reserve(pos + K)
             feed, start = s.pending, pos - 1
@@ -487,7 +488,11 @@ class NativeSMC:
         token_w = token_weights(log_p, q, bonus_norm)
         anc = self._finish(s, y, bonus, token_w)
         if masked:
-            self.mask.reorder(anc.cpu())
+            anc_host = anc.cpu()
+            self.mask.reorder(anc_host)
+            # the device history after the cycle is (history, block)[anc]: copy only this cycle's block
+            done_w = s.host_history.shape[1]
+            s.host_history = torch.cat([s.host_history[anc_host], s.history[:, done_w : done_w + T].cpu()], dim=1)
 
     def _finish(self, s: _CycleState, y: Tensor, bonus: Tensor, token_w: Tensor) -> Tensor:
         """Record the block, add the weights, resample and update the caches (device only).
@@ -690,6 +695,8 @@ class _CycleState:
         self.tcache, self.dcache = tcache, dcache
         i64 = {"dtype": torch.long, "device": dev}
         self.history = torch.full((self.R, n_cycles * T), engine.pad_id, **i64)
+        # guided runs: the history's filled columns on the host, updated a block per cycle
+        self.host_history = torch.zeros(self.R, 0, dtype=torch.long)
         self.lengths = torch.zeros(self.R, **i64)
         self.done = torch.zeros(self.R, dtype=torch.bool, device=dev)
         self.all_done = torch.zeros(1, dtype=torch.bool, device=dev)
