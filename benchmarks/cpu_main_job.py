@@ -37,14 +37,7 @@ def main() -> None:
 
     target = load_model("smollm2-135m", "cpu")
     draft = load_model(args.draft, "cpu")
-    prompt = list(
-        target.tokenizer.apply_chat_template(
-            [{"role": "user", "content": DEFAULT_PROMPT}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-    )
+    prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template
     common = {
         "max_new_tokens": args.max_new_tokens,
         "draft_temperature": 0.7,

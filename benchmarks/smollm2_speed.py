@@ -46,14 +46,7 @@ def main() -> None:
 
     target = load_model("smollm2-135m", args.device)
     draft = load_model(args.draft, args.device)
-    prompt = list(
-        target.tokenizer.apply_chat_template(
-            [{"role": "user", "content": DEFAULT_PROMPT}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-    )
+    prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template
     common = {
         "max_new_tokens": args.max_new_tokens,
         "target_temperature": args.temperature,
