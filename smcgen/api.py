@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from smcgen.backends.transformers_lm import LanguageModel, check_compatible
 from smcgen.config import SMCConfig
-from smcgen.engine import _WARNED, _warn_fallback, one_guide, prompt_ids
+from smcgen.engine import _WARNED, WEAK_DRAFT_ESS, _warn_fallback, one_guide, prompt_ids  # noqa: F401 (read here)
 from smcgen.models import draft_dir
 from smcgen.potentials.base import Potential
 from smcgen.proposals.base import Proposal
@@ -138,10 +138,7 @@ def generate(
         target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, constraint=constraint,
         engine=cfg.engine,
     )
-    result = engine(prompt, guide=asked, on_dead=on_dead, progress=progress, trace=trace, **cfg.model_dump())
-    if draft is not None or proposal is not None:
-        _warn_weak_draft(result)
-    return result
+    return engine(prompt, guide=asked, on_dead=on_dead, progress=progress, trace=trace, **cfg.model_dump())
 
 
 #: Engines behind generate(), most recent last. Each holds its models: clear_engine_cache() drops them.
@@ -194,24 +191,6 @@ def cached_engine(
 def clear_engine_cache() -> None:
     """Drop the engines ``generate`` keeps (and with them their references to the models)."""
     _ENGINES.clear()
-
-
-# mean ESS/N below this means the draft's blocks are mostly corrected by a few particles: at this N the
-# weighted particles then carry visibly more of the draft's text than the target's
-WEAK_DRAFT_ESS = 0.5
-
-
-def _warn_weak_draft(result: SMCResult) -> None:
-    """Warn (once per process) when the draft is far from the target at this N (mean ESS/N low)."""
-    frac = result.mean_ess_fraction
-    if result.n_particles > 1 and frac is not None and frac < WEAK_DRAFT_ESS and "weak-draft" not in _WARNED:
-        _WARNED.add("weak-draft")
-        logger.warning(
-            "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
-            "samples may look like the draft's text. Raise n_particles, lower block_size or use a better "
-            "draft (smcgen distill)",
-            result.n_particles, frac, WEAK_DRAFT_ESS, result.weight_variance,
-        )
 
 
 SD_ENGINE_REASON = "method='sd' runs on the generic engine (the native engine has no speculative decoding)"

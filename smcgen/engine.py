@@ -64,6 +64,25 @@ logger = logging.getLogger("smcgen")
 _WARNED: set[str] = set()
 
 
+# mean ESS/N below this means the draft's blocks are mostly corrected by a few particles: at this N the
+# weighted particles then carry visibly more of the draft's text than the target's
+WEAK_DRAFT_ESS = 0.5
+
+
+def _warn_weak_draft(result: SMCResult) -> None:
+    """Warn (once per process) when the draft is far from the target at this N (mean ESS/N low)."""
+    frac = result.mean_ess_fraction
+    if result.n_particles > 1 and frac is not None and frac < WEAK_DRAFT_ESS and "weak-draft" not in _WARNED:
+        _WARNED.add("weak-draft")
+        logger.warning(
+            "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
+            "samples may look like the draft's text. Raise n_particles, lower block_size or use a better "
+            "draft (smcgen distill)",
+            result.n_particles, frac, WEAK_DRAFT_ESS, result.weight_variance,
+        )
+
+
+
 def _warn_fallback(reason: str) -> None:
     """Log (once per distinct reason) that engine='auto' fell back to the generic engine."""
     if reason not in _WARNED:
@@ -444,7 +463,7 @@ class Engine:
         text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
         texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
         structured = isinstance(guide, GrammarPotential)
-        return SMCResult(
+        res = SMCResult(
             text=text,
             token_ids=sequences[chosen],
             sequences=sequences,
@@ -464,6 +483,9 @@ class Engine:
             posterior=posterior_of(sequences, log_w.tolist(), decoder),
             output_format="json" if structured and guide.kind == "json_schema" else None,
         )
+        if self.draft is not None or self.proposal is not None:
+            _warn_weak_draft(res)  # every caller (generate, Engine, the server) hears of a weak draft
+        return res
 
 
 def one_guide(guide: Any, grammar: Any) -> Any:
