@@ -34,7 +34,8 @@ def default_device() -> torch.device:
 
 @functools.lru_cache(maxsize=4)
 def load_model(name: str, device: str | None = None) -> LanguageModel:
-    """Load a model by name: the embedded ``smollm2-135m`` / ``smollm2-135m-draft``, a trained draft
+    """Load a model by name: the embedded ``smollm2-135m`` / ``smollm2-135m-draft`` (the shipped trained
+    draft) / ``smollm2-135m-early-exit``, a trained draft
     directory (``smcgen distill``; its target is loaded too and shares its embedding and head) or any
     local path / hub id that ``transformers.AutoModelForCausalLM`` accepts. Cached per name."""
     from smcgen.models import smollm2
@@ -43,7 +44,7 @@ def load_model(name: str, device: str | None = None) -> LanguageModel:
     if draft_dir.is_draft_dir(name):  # a trained draft: load the target its manifest names and tie to it
         target = load_model(draft_dir.read_manifest(name)["target"], device)
         return LanguageModel.wrap(draft_dir.load_draft(name, target.model), target.tokenizer)
-    if name in (smollm2.EMBEDDED_TARGET, smollm2.EMBEDDED_DRAFT):
+    if name in smollm2.EMBEDDED_NAMES:
         model, tokenizer = smollm2.load_embedded(name, device=dev)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,10 +1,12 @@
-"""Models smcgen ships with or derives: the embedded SmolLM2 target and its early-exit draft."""
+"""Models smcgen ships with or derives: the embedded SmolLM2 target, its trained draft and its early-exit draft."""
 
 from smcgen.models.smollm2 import (
     DEFAULT_DRAFT_LAYERS,
+    EARLY_EXIT_DRAFT,
     EMBEDDED_DRAFT,
     EMBEDDED_NAMES,
     EMBEDDED_TARGET,
+    SHIPPED_DRAFT_DIR,
     cache_dir,
     converted_path,
     derive_draft,
@@ -15,9 +17,11 @@ from smcgen.models.smollm2 import (
 
 __all__ = [
     "DEFAULT_DRAFT_LAYERS",
+    "EARLY_EXIT_DRAFT",
     "EMBEDDED_DRAFT",
     "EMBEDDED_NAMES",
     "EMBEDDED_TARGET",
+    "SHIPPED_DRAFT_DIR",
     "cache_dir",
     "converted_path",
     "derive_draft",

@@ -16,6 +16,8 @@ needs no training.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -33,12 +35,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from smcgen.models import draft_dir
 from smcgen.models.cache_check import record_checksums, verify_cache
 
 __all__ = [
     "EMBEDDED_TARGET",
     "EMBEDDED_DRAFT",
+    "EARLY_EXIT_DRAFT",
     "EMBEDDED_NAMES",
+    "SHIPPED_DRAFT_DIR",
     "DEFAULT_DRAFT_LAYERS",
     "cache_dir",
     "converted_path",
@@ -52,13 +57,26 @@ EMBEDDED_TARGET = "smollm2-135m"
 """Name users pass (e.g. ``smcgen.generate(target=...)``) to get SmolLM2-135M-Instruct."""
 
 EMBEDDED_DRAFT = "smollm2-135m-draft"
-"""Name of the draft derived from the embedded target by :func:`derive_draft`."""
+"""Name of the default draft for the embedded target: the distilled 2-layer draft shipped in
+:data:`SHIPPED_DRAFT_DIR` (trained by ``benchmarks/distill_embedded.py``; shares the target's
+embedding and head)."""
 
-EMBEDDED_NAMES: tuple[str, ...] = (EMBEDDED_TARGET, EMBEDDED_DRAFT)
+EARLY_EXIT_DRAFT = "smollm2-135m-early-exit"
+"""Name of the untrained draft made of the target's first :data:`DEFAULT_DRAFT_LAYERS` layers
+(:func:`derive_draft`): the default before a trained draft shipped, kept for comparisons."""
+
+EMBEDDED_NAMES: tuple[str, ...] = (EMBEDDED_TARGET, EMBEDDED_DRAFT, EARLY_EXIT_DRAFT)
 """Every name :func:`load_embedded` understands."""
 
+SHIPPED_DRAFT_DIR = Path(__file__).parent / "drafts" / EMBEDDED_TARGET
+"""The trained draft directory that ships inside the package (format of :mod:`smcgen.models.draft_dir`)."""
+
+# The shipped weights are pinned like the wheel: a damaged install must fail loudly, not load a
+# different draft (the draft only changes speed and ESS, never the target, but figures refer to it).
+_SHIPPED_DRAFT_SHA256 = "fc83f48bf035f20e34fef6d69af780604e0dc38f64f2dc8be76354376cb94253"
+
 DEFAULT_DRAFT_LAYERS: int = 28
-"""Decoder layers (of 30) kept in the embedded draft.
+"""Decoder layers (of 30) kept in the early-exit draft (:data:`EARLY_EXIT_DRAFT`).
 
 Measured with ``benchmarks/draft_layers.py`` (table in the README): SmolLM2's
 intermediate layers do not decode through the final norm and head at all --
@@ -486,8 +504,9 @@ def load_embedded(
 
     Args:
         name: :data:`EMBEDDED_TARGET` (SmolLM2-135M-Instruct) or
-            :data:`EMBEDDED_DRAFT` (its first :data:`DEFAULT_DRAFT_LAYERS`
-            layers via :func:`derive_draft`).
+            :data:`EMBEDDED_DRAFT` (the shipped distilled draft, tied to the
+            target) or :data:`EARLY_EXIT_DRAFT` (the target's first
+            :data:`DEFAULT_DRAFT_LAYERS` layers via :func:`derive_draft`).
         device: where to put the weights.
         dtype: parameter dtype.
 
@@ -515,6 +534,23 @@ def load_embedded(
         _live_targets[key] = target
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(converted_path()))
-    if name == EMBEDDED_DRAFT:
+    if name == EARLY_EXIT_DRAFT:
         return derive_draft(target, DEFAULT_DRAFT_LAYERS), tokenizer
+    if name == EMBEDDED_DRAFT:
+        check_shipped_draft()
+        return draft_dir.load_draft(SHIPPED_DRAFT_DIR, target), tokenizer
     return target, tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def check_shipped_draft() -> None:
+    """Raise RuntimeError when the shipped draft's weights are missing or not the pinned file."""
+    path = SHIPPED_DRAFT_DIR / draft_dir.WEIGHTS_FILE
+    if not path.is_file():
+        raise RuntimeError(f"the shipped draft is missing: {path} (reinstall smcgen)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != _SHIPPED_DRAFT_SHA256:
+        raise RuntimeError(
+            f"the shipped draft {path} has SHA-256 {digest[:16]}..., expected {_SHIPPED_DRAFT_SHA256[:16]}... "
+            "(damaged install: reinstall smcgen)"
+        )
