@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature the draft is trained and evaluated for (the main job samples at 0.7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", type=int, default=None)
     args = p.parse_args()
@@ -95,14 +97,15 @@ def main() -> None:
     prompts = chat_prompts(target.tokenizer)
     n_target = model.config.num_hidden_layers
     held = sample_from_target(model, prompts, n_eval, max_new, target.eos_token_ids,
-                              torch.Generator(device=args.device).manual_seed(10_000 + args.seed), autocast)
+                              torch.Generator(device=args.device).manual_seed(10_000 + args.seed), autocast,
+                              args.temperature)
     results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "layers": args.layers,
-                     "held_out_sequences": n_eval, "held_out_positions": int(held.scored.sum())}
+                     "held_out_sequences": n_eval, "temperature": args.temperature, "held_out_positions": int(held.scored.sum())}
 
     inits = {}
     for how in ("spaced", "first", "last"):
         d = build_draft(model, init_layer_indices(n_target, args.layers, how))
-        inits[how] = evaluate_draft(model, d, held, micro, autocast)
+        inits[how] = evaluate_draft(model, d, held, micro, autocast, args.temperature)
         del d
     init = args.init or min(inits, key=lambda k: inits[k]["kl"])
     results["init_candidates"] = inits
@@ -110,7 +113,8 @@ def main() -> None:
 
     cfg = DistillConfig(layers=args.layers, init=init, steps=args.steps, minutes=args.minutes, batch_size=batch,
                         micro_batch=micro, sample_batch=sample_batch, reuse=2, max_new_tokens=max_new, lr=args.lr,
-                        warmup=0.05, seed=args.seed, eval_sequences=0, checkpoint_minutes=3.0, dtype="bfloat16")
+                        warmup=0.05, seed=args.seed, eval_sequences=0, checkpoint_minutes=3.0, dtype="bfloat16",
+                        temperature=args.temperature)
     draft_out = out / "draft"
     t_train = time.perf_counter()
     manifest = distill(target, draft_out, cfg, target_name="smollm2-135m", progress=True, resume=args.resume)
@@ -121,10 +125,10 @@ def main() -> None:
     trained = smcgen.load_model(str(draft_out), device=args.device).model
     early = derive_draft(model, DEFAULT_DRAFT_LAYERS)
     rows = {
-        f"early exit ({DEFAULT_DRAFT_LAYERS} layers)": evaluate_draft(model, early, held, micro, autocast),
+        f"early exit ({DEFAULT_DRAFT_LAYERS} layers)": evaluate_draft(model, early, held, micro, autocast, args.temperature),
         f"init '{init}' ({args.layers} layers, untrained)": inits[init],
         f"distilled ({args.layers} layers, {manifest['steps']} steps)": evaluate_draft(model, trained, held, micro,
-                                                                                      autocast),
+                                                                                      autocast, args.temperature),
     }
     results["drafts"] = rows
     results["draft_file_bytes"] = (draft_out / "draft.safetensors").stat().st_size

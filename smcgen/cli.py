@@ -71,6 +71,8 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=int, default=d.reuse, help="optimiser steps each sample serves")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of each target sample")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature the draft is for (target samples and KL are tempered alike)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
@@ -96,6 +98,7 @@ def distill_main(argv: list[str]) -> int:
             target, args.out, target_name=args.target, layers=args.layers, init=args.init, steps=args.steps,
             minutes=args.minutes, batch_size=args.batch_size, micro_batch=args.micro_batch,
             sample_batch=args.sample_batch, reuse=args.reuse, max_new_tokens=args.max_new_tokens, lr=args.lr,
+            temperature=args.temperature,
             seed=args.seed, eval_sequences=args.eval_sequences, checkpoint_minutes=args.checkpoint_minutes,
             corpus=args.corpus, resume=args.resume, progress=not args.no_progress,
         )

@@ -5,8 +5,10 @@ layers) on top of the target's own embedding and LM head, which stay frozen and 
 draft file holds only the new layers and final norm. Training is sequence-level distillation on
 the target's own samples: each round the target samples continuations of prompts (chat-template
 prompts from a built-in list of varied instructions, plus optional corpus text, or given ids) at
-temperature 1, and the draft minimises KL(target || draft) of the full next-token distributions at
-every generated position. Because the samples come from the target, not the draft, a pool of them
+the sampling temperature (``temperature``, 1 by default), and the draft minimises KL(target || draft)
+of the full next-token distributions, both tempered the same way, at every generated position: a
+draft meant for SMC-SD at temperature 0.7 is best trained at 0.7, since the importance weights
+compare the tempered distributions. Because the samples come from the target, not the draft, a pool of them
 can serve several optimiser steps.
 
 Outputs (in ``out_dir``): ``draft.safetensors`` + ``config.json`` + ``manifest.json`` (see
@@ -114,6 +116,7 @@ class DistillConfig:
     sample_batch: int = 32  # sequences the target samples per round (reused over several steps)
     reuse: int = 1  # optimiser steps each sampled sequence serves (passes over a pool)
     max_new_tokens: int = 64  # length of each target sample
+    temperature: float = 1.0  # sampling temperature the draft is trained for (samples and KL both tempered)
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
     weight_decay: float = 0.0
@@ -146,6 +149,8 @@ def check_config(cfg: DistillConfig, n_target_layers: int) -> None:
         raise ValueError(f"lr must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.warmup < 1:
         raise ValueError(f"warmup must be in [0, 1), got {cfg.warmup}")
+    if not (isinstance(cfg.temperature, (int, float)) and 0.05 <= cfg.temperature <= 10):
+        raise ValueError(f"temperature must be in [0.05, 10], got {cfg.temperature!r}")
     if cfg.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
 
@@ -249,8 +254,10 @@ def sample_from_target(
     eos_ids: Sequence[int],
     generator: torch.Generator,
     autocast: bool = False,
+    temperature: float = 1.0,
 ) -> SampleBatch:
-    """``n`` temperature-1 samples of the target, each continuing a prompt drawn (with ``generator``) from ``prompts``."""
+    """``n`` samples of the target at ``temperature``, each continuing a prompt drawn (with ``generator``) from
+    ``prompts``."""
     device = target.get_input_embeddings().weight.device
     pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
     chosen = [list(prompts[i]) for i in pick]
@@ -272,7 +279,7 @@ def sample_from_target(
         for _ in range(max_new_tokens):
             logits = target(input_ids=step_in, attention_mask=attn, position_ids=step_pos,
                             past_key_values=cache, use_cache=True).logits[:, -1].float()
-            probs = torch.softmax(logits, -1)
+            probs = torch.softmax(logits / temperature, -1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new_ids.append(tok)
@@ -296,19 +303,24 @@ def _logits(model: PreTrainedModel, batch: SampleBatch) -> Tensor:
     return model(input_ids=batch.ids, attention_mask=batch.real.long(), position_ids=_positions(batch.real)).logits
 
 
-def kl_terms(target_logits: Tensor, draft_logits: Tensor) -> Tensor:
-    """Per-position KL(target || draft) in nats over the full vocabulary, at temperature 1 (float32 math)."""
-    log_p = torch.log_softmax(target_logits.float(), -1)
-    log_q = torch.log_softmax(draft_logits.float(), -1)
+def kl_terms(target_logits: Tensor, draft_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-position KL(target || draft) in nats over the full vocabulary, both at ``temperature`` (float32 math)."""
+    log_p = torch.log_softmax(target_logits.float() / temperature, -1)
+    log_q = torch.log_softmax(draft_logits.float() / temperature, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 @torch.no_grad()
 def evaluate_draft(
-    target: PreTrainedModel, draft: PreTrainedModel, batch: SampleBatch, micro_batch: int = 8, autocast: bool = False
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    batch: SampleBatch,
+    micro_batch: int = 8,
+    autocast: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
     """Mean over scored positions of KL(target || draft), top-1 agreement and sum_v min(p, q) (the
-    expected acceptance of one drafted token; a per-token proxy of ESS/N)."""
+    expected acceptance of one drafted token; a per-token proxy of ESS/N), all at ``temperature``."""
     kl = agree = overlap = count = 0.0
     device = batch.ids.device
     for start in range(0, batch.ids.shape[0], micro_batch):
@@ -316,7 +328,7 @@ def evaluate_draft(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             t, d = _logits(target, part), _logits(draft, part)
         m = part.scored
-        t, d = t[m].float(), d[m].float()
+        t, d = t[m].float() / temperature, d[m].float() / temperature
         kl += float(kl_terms(t, d).sum())
         agree += float((t.argmax(-1) == d.argmax(-1)).sum())
         overlap += float(torch.minimum(t.softmax(-1), d.softmax(-1)).sum())
@@ -464,7 +476,8 @@ def distill(
 
     while not done():
         if pool is None or pool_cursor >= per_pool:
-            pool = sample_from_target(model, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast)
+            pool = sample_from_target(model, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast,
+                                      cfg.temperature)
             pool_cursor = 0
         # Each step takes the next batch_size rows of the pool, wrapping for reuse passes.
         rows = [(pool_cursor * cfg.batch_size + i) % cfg.sample_batch for i in range(cfg.batch_size)]
@@ -483,7 +496,7 @@ def distill(
                 with torch.no_grad():
                     t_logits = _logits(model, part)[part.scored]
                 d_logits = _logits(draft, part)[part.scored]
-            loss = kl_terms(t_logits, d_logits).sum() / n_scored
+            loss = kl_terms(t_logits, d_logits, cfg.temperature).sum() / n_scored
             loss.backward()
             loss_sum += float(loss.detach())
         if math.isfinite(loss_sum):
@@ -510,8 +523,8 @@ def distill(
     metrics: dict[str, float] = {}
     if cfg.eval_sequences:
         held_out = sample_from_target(model, pool_prompts, cfg.eval_sequences, cfg.max_new_tokens, eos, eval_gen,
-                                      autocast)
-        metrics = evaluate_draft(model, draft, held_out, micro, autocast)
+                                      autocast, cfg.temperature)
+        metrics = evaluate_draft(model, draft, held_out, micro, autocast, cfg.temperature)
     manifest = {
         "target": target_name,
         "target_embedding_sha256": draft_dir.embedding_checksum(model),

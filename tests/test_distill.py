@@ -14,9 +14,11 @@ from smcgen.api import load_model
 from smcgen.distill import (
     DistillConfig,
     build_draft,
+    check_config,
     distill,
     evaluate_draft,
     init_layer_indices,
+    kl_terms,
     sample_from_target,
 )
 from smcgen.models import draft_dir
@@ -133,3 +135,22 @@ def test_cli_needs_a_budget(tmp_path, capsys):
 
     assert main(["distill", "--out", str(tmp_path)]) == 2
     assert "--steps and/or --minutes" in capsys.readouterr().err
+
+
+def test_temperature_tempers_samples_and_kl():
+    """A draft trained for temperature tau is scored on the tempered distributions: near-zero tau samples the
+    argmax path, the KL is that of softmax(logits / tau), and an out-of-range tau is refused by name."""
+    torch.manual_seed(0)
+    t, d = torch.randn(5, 11), torch.randn(5, 11)
+    tau = 0.5
+    p, q = torch.softmax(t / tau, -1), torch.softmax(d / tau, -1)
+    expected = (p * (p.log() - q.log())).sum(-1)
+    assert torch.allclose(kl_terms(t, d, tau), expected, atol=1e-5)
+    assert not torch.allclose(kl_terms(t, d, tau), kl_terms(t, d), atol=1e-3)
+
+    target = _target()
+    cold = [sample_from_target(target.model, PROMPTS[:1], 2, 6, (), torch.Generator().manual_seed(s),
+                               temperature=0.05).ids for s in (1, 2)]
+    assert torch.equal(cold[0], cold[1])  # at tau -> 0 the seed no longer matters: the greedy path
+    with pytest.raises(ValueError, match="temperature"):
+        check_config(DistillConfig(steps=1, temperature=0.0), 2)
