@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smcgen",
         description="SMC speculative decoding: a draft proposes blocks, the target weights them, "
         "particles resample when the ESS drops. Defaults run the embedded SmolLM2-135M-Instruct "
-        "with its derived early-exit draft, offline after the first run.",
+        "with its shipped distilled draft, offline after the first run.",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (the chat template is applied)")
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
