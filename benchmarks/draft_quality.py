@@ -30,9 +30,9 @@ import time
 import torch
 
 from smcgen import SMCConfig
-from smcgen.backends.native.engine import NativeSMC
-from smcgen.backends.native.model import NativeCausalLM
 from smcgen.models import smollm2
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native import NativeSMC
 
 PROMPTS = (
     "Write a short poem about the sea.",

@@ -94,8 +94,8 @@ def main() -> None:
 
     import smcgen
     from smcgen import Engine, SMCConfig
-    from smcgen.backends.native.engine import NativeSMC
-    from smcgen.backends.native.select import draft_format, native_model
+    from smcgen.samplers.native import NativeSMC
+    from smcgen.samplers.native_select import draft_format, native_model
 
     if args.tiny:
         device, dtype, pair = torch.device("cpu"), torch.float32, TINY

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 import smcgen
 from smcgen import LMPotential, LMProposal, SMCConfig
 from smcgen.api import load_model
-from smcgen.smc import SMC
-from smcgen.speculative import speculative_decode
+from smcgen.samplers.generic import SMC
+from smcgen.samplers.speculative import speculative_decode
 
 FRESHQA = "abstention_bench/data/freshqa/FreshQA_v12182024.csv"
 

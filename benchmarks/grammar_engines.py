@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from smcgen.api import load_model
-from smcgen.sampling import bitmask_width
+from smcgen.core.sampling import bitmask_width
 
 
 # Kept apart from recipes/json_record.py's models on purpose: BENCHMARKS.md's engine table was

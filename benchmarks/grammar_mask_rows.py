@@ -25,7 +25,7 @@ import xgrammar as xgr
 
 from smcgen import GrammarPotential
 from smcgen.api import load_model
-from smcgen.sampling import bitmask_width
+from smcgen.core.sampling import bitmask_width
 
 SCHEMA = {
     "type": "object",

@@ -24,11 +24,11 @@ from collections import defaultdict
 
 import torch
 
-from smcgen.backends.native.engine import NativeSMC
-from smcgen.backends.native.model import NativeCausalLM
-from smcgen.backends.native.select import AUTO_INT8_MAX_ROWS
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
 from smcgen.kernels import attention, linear
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native import NativeSMC
+from smcgen.samplers.native_select import AUTO_INT8_MAX_ROWS
 
 # Engine settings compared side by side (--variants): each changes one thing from the default.
 VARIANTS = {

@@ -141,8 +141,8 @@ def run_method(lm, draft_lm, task: Task, grammar: GrammarPotential, method: Meth
 @torch.inference_mode()
 def _score(lm, ids: list[int], samples: list[Sample], temperature: float, chunk: int = 16) -> None:
     """log p_tau(x) / |x| of each sample, the prompt prefilled once per chunk (its KV cache shared)."""
-    from smcgen.backends.transformers_lm import CausalLMRunner
-    from smcgen.sampling import log_probs
+    from smcgen.core.sampling import log_probs
+    from smcgen.runners.transformers import CausalLMRunner
 
     prompt = torch.tensor(ids)
     pad = lm.eos_token_ids[0] if lm.eos_token_ids else 0

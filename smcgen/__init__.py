@@ -1,8 +1,17 @@
 """smcgen: sequential Monte Carlo decoding of language models with pluggable potentials."""
 
 from smcgen.api import generate, load_model
-from smcgen.backends.transformers_lm import LanguageModel
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
+from smcgen.core.resampling import (
+    MultinomialResampler,
+    Resampler,
+    ResidualResampler,
+    StratifiedResampler,
+    SystematicResampler,
+    effective_sample_size,
+    get_resampler,
+)
+from smcgen.core.result import SMCResult
 from smcgen.distill import DistillConfig, distill
 from smcgen.engine import Engine
 from smcgen.potentials import (
@@ -19,18 +28,9 @@ from smcgen.potentials import (
     TokenPotential,
 )
 from smcgen.proposals import AWRS, AWRSProposal, LMProposal, MaskedLMProposal, Proposal
-from smcgen.resampling import (
-    MultinomialResampler,
-    Resampler,
-    ResidualResampler,
-    StratifiedResampler,
-    SystematicResampler,
-    effective_sample_size,
-    get_resampler,
-)
-from smcgen.result import SMCResult
-from smcgen.smc import SMC, AllParticlesDeadError, BatchRun
-from smcgen.step import NonFiniteError
+from smcgen.runners.transformers import LanguageModel
+from smcgen.samplers.generic import SMC, AllParticlesDeadError, BatchRun
+from smcgen.samplers.step import NonFiniteError
 
 __version__ = "0.1.0"
 

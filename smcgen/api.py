@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from smcgen.backends.transformers_lm import LanguageModel, check_compatible
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
+from smcgen.core.result import SMCResult
 from smcgen.engine import _WARNED, WEAK_DRAFT_ESS, _warn_fallback, one_guide, prompt_ids  # noqa: F401 (read here)
 from smcgen.models import draft_dir
 from smcgen.potentials.base import Potential
 from smcgen.proposals.base import Proposal
-from smcgen.result import SMCResult
+from smcgen.runners.transformers import LanguageModel, check_compatible
 from smcgen.validation import check_request
 
 logger = logging.getLogger("smcgen")
@@ -208,7 +208,7 @@ def _speculative(
     progress: bool,
 ) -> SMCResult:
     """``generate`` with ``method='sd'``: n_particles independent exact samples by speculative decoding."""
-    from smcgen.speculative import check_speculative_request, speculative_decode
+    from smcgen.samplers.speculative import check_speculative_request, speculative_decode
 
     if custom_proposal:
         raise ValueError("method='sd' needs a draft model (draft=), not a custom proposal")

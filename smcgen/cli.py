@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
 
 DEFAULT_PROMPT = "Write a short poem about the sea."
 

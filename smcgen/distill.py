@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.models import draft_dir
+from smcgen.runners.transformers import LanguageModel
 
 # Varied instructions (writing, explaining, coding, math, lists, dialogue, rewriting) so the
 # target's samples cover the registers a chat draft will meet.

@@ -23,14 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.backends.transformers_lm import (
-    LanguageModel,
-    check_compatible,
-    encode_prompt,
-)
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
+from smcgen.core.result import SMCResult
 from smcgen.memory import check_request_memory
-from smcgen.outcome import choose_answer, explained_dead_end
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.lm import LMPotential
@@ -39,9 +34,14 @@ from smcgen.proposals.awrs import AWRSProposal
 from smcgen.proposals.base import Proposal
 from smcgen.proposals.lm import LMProposal
 from smcgen.proposals.masked import MaskedLMProposal
-from smcgen.result import SMCResult
-from smcgen.run import AllParticlesDeadError, BatchRun, length_problem
-from smcgen.smc import SMC
+from smcgen.runners.transformers import (
+    LanguageModel,
+    check_compatible,
+    encode_prompt,
+)
+from smcgen.samplers.generic import SMC
+from smcgen.samplers.outcome import choose_answer, explained_dead_end
+from smcgen.samplers.run import AllParticlesDeadError, BatchRun, length_problem
 from smcgen.trace import TraceRecorder
 from smcgen.validation import (
     as_config,
@@ -230,7 +230,7 @@ class Engine:
         """Why the native engine cannot run requests with ``cfg`` on these models (None: it can).
 
         Raises for an explicit draft format that cannot apply (as the native selection does)."""
-        from smcgen.backends.native.select import native_reason
+        from smcgen.samplers.native_select import native_reason
 
         if self.constraint is not None or (self.proposal is not None and self.proposal.target_constraint() is not None):
             return AWRS_REASON
@@ -238,7 +238,7 @@ class Engine:
 
     def _convert(self, cfg: SMCConfig, rows: int) -> tuple[Any, Any]:
         """The native target and draft for a run of ``rows`` draft rows (converted once per model and format)."""
-        from smcgen.backends.native.select import draft_format, native_model
+        from smcgen.samplers.native_select import draft_format, native_model
 
         target = native_model(self.target)
         draft = None
@@ -252,7 +252,7 @@ class Engine:
         Keyed by the config without its seed (the seed is set per run) and by the guide object,
         so every request with the same settings reuses one engine and whatever it keeps per shape.
         """
-        from smcgen.backends.native.engine import NativeSMC
+        from smcgen.samplers.native import NativeSMC
 
         target, draft = self._convert(cfg, rows)
         key = (cfg.model_copy(update={"seed": None}), id(guide), id(draft))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
 
 # full-vocabulary float32 copies the step makes beside the logits themselves (see the module docstring)
 _VOCAB_COPIES_PER_ROW = 5

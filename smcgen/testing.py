@@ -138,7 +138,7 @@ def check_monotone(
 
 def _allowed(potential: Any, seqs: Seqs, prompt_ids: Sequence[int], vocab_size: int) -> Tensor:
     """bool ``[len(seqs), V]`` from the potential's ``next_token_bitmask`` (xgrammar's int32 layout)."""
-    from smcgen.sampling import allowed_from_bitmask, bitmask_width
+    from smcgen.core.sampling import allowed_from_bitmask, bitmask_width
 
     width = max(len(s) for s in seqs)
     # rows of unequal length: each is asked about alone so padding never enters its state

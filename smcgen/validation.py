@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
 from smcgen.potentials.base import Potential
 from smcgen.proposals.base import Proposal
 

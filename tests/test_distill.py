@@ -70,7 +70,7 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
     assert res.sequences == res2.sequences and len(res.sequences) == 4
 
     # The native engine takes the loaded draft as a plain LlamaForCausalLM and gives its logits.
-    from smcgen.backends.native.model import NativeCausalLM
+    from smcgen.runners.native.model import NativeCausalLM
 
     native = NativeCausalLM.from_hf(draft)
     assert native.cfg.n_layers == 1 and torch.equal(native.embed, target.model.get_input_embeddings().weight)

@@ -203,7 +203,7 @@ def test_ensure_converted_reports_failed_download(monkeypatch: pytest.MonkeyPatc
 def test_native_runner_takes_the_derived_draft(tiny: LlamaForCausalLM, ids: torch.Tensor, n: int) -> None:
     """The early-exit draft (shared tensors, n layers) converts to the native runner with equal logits,
     so the embedded pair runs on the GPU engine too."""
-    from smcgen.backends.native.model import NativeCausalLM
+    from smcgen.runners.native.model import NativeCausalLM
 
     draft = derive_draft(tiny, n)
     native = NativeCausalLM.from_hf(draft)

@@ -10,8 +10,8 @@ from tiny_models import tiny_lm, tiny_tokenizer
 
 import smcgen
 from smcgen import Engine, GrammarPotential, LanguageModel
-from smcgen.backends.native import model as native_model_mod
-from smcgen.backends.native.select import forget_native_copies
+from smcgen.runners.native import model as native_model_mod
+from smcgen.samplers.native_select import forget_native_copies
 
 LETTERS = '{}":,ab'
 EOS_ID = len(LETTERS)

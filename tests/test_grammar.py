@@ -17,8 +17,8 @@ from tiny_models import tiny_lm
 
 import smcgen
 from smcgen import SMC, GrammarPotential, LMPotential, SequenceBatch, SMCConfig
+from smcgen.core.sampling import allowed_from_bitmask, sample_powered, sample_tokens
 from smcgen.proposals.masked import MaskedLMProposal
-from smcgen.sampling import allowed_from_bitmask, sample_powered, sample_tokens
 
 # a character-level vocabulary: printable ASCII plus EOS, for grammars over real text
 CHARS = [chr(i) for i in range(32, 127)]

@@ -28,10 +28,10 @@ from test_exactness import assert_tv_shrinks, masses, pooled, tv_and_noise
 from tiny_models import EOS, PROMPT, tiny_lm
 
 from smcgen import SMC, LMPotential, LMProposal, Potential, SequenceBatch, SMCConfig
+from smcgen.core.sampling import allowed_from_bitmask
 from smcgen.exact import enumerate_target
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.proposals.masked import MaskedLMProposal
-from smcgen.sampling import allowed_from_bitmask
 
 MAX_NEW = 4
 RUNS = 3000

@@ -270,8 +270,8 @@ def test_silu_mul_twin_is_old_formula(dtype):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_model_forward_triton_matches_twins(device, monkeypatch, qk_norm):
     """A prefill + last_only verify step of a tiny native model: fused Triton ops vs the torch twins."""
-    from smcgen.backends.native.model import NativeCausalLM, NativeConfig
     from smcgen.kernels import fused_ops
+    from smcgen.runners.native.model import NativeCausalLM, NativeConfig
 
     cfg = NativeConfig(
         model_type="qwen3" if qk_norm else "llama",

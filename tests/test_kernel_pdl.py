@@ -117,7 +117,7 @@ def test_model_with_pdl_equals_the_model_without(device):
         pytest.skip("this GPU has no programmatic dependent launch (needs sm_90+)")
     from transformers import LlamaConfig
 
-    from smcgen.backends.native import NativeCausalLM
+    from smcgen.runners.native import NativeCausalLM
 
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)

@@ -1,4 +1,4 @@
-"""Fused sampling and token log-probs: Triton kernels == torch twins == smcgen/sampling.py semantics."""
+"""Fused sampling and token log-probs: Triton kernels == torch twins == smcgen/core/sampling.py semantics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import triton  # noqa: F401  (a dev dependency: these tests must run, never skip)
 
+from smcgen.core.sampling import log_probs, sample_powered
 from smcgen.kernels import sampling as ks
-from smcgen.sampling import log_probs, sample_powered
 
 NEG_INF = float("-inf")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -128,7 +128,7 @@ def test_twin_matches_sample_powered_formulas(alpha):
     torch.testing.assert_close(log_p[live], powered.gather(-1, tokens[:, None]).squeeze(-1)[live], **TOL)
     ref_norm = torch.logsumexp(powered.masked_fill(~allowed, NEG_INF), dim=-1)
     torch.testing.assert_close(log_norm[live], ref_norm[live], **TOL)
-    # smcgen/sampling.py's masked draw: same log-normalizer, and empty rows give token 0, -inf, -inf
+    # smcgen/core/sampling.py's masked draw: same log-normalizer, and empty rows give token 0, -inf, -inf
     ref_tok, ref_p, ref_norm = sample_powered(logits, temperature, alpha, torch.Generator().manual_seed(0), packed)
     _assert_close_with_inf(log_norm, ref_norm.float())
     assert torch.equal(tokens[~live], ref_tok[~live]) and torch.equal(log_p[~live], ref_p[~live].float())

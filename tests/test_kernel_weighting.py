@@ -1,4 +1,4 @@
-"""SMC weight update + ESS + systematic resampling: Triton kernel == torch twin == smcgen.resampling."""
+"""SMC weight update + ESS + systematic resampling: Triton kernel == torch twin == smcgen.core.resampling."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton  # noqa: F401  (a dev dependency: these tests must run, never skip)
 
-from smcgen import resampling
+from smcgen.core import resampling
 from smcgen.kernels import weighting as kw
 from smcgen.kernels.philox import philox_uniform
 
@@ -151,7 +151,7 @@ def test_groups_independent(device):
 
 
 def test_twin_agrees_with_resampling_module(monkeypatch):
-    """Same u0 -> same ancestors as smcgen.resampling.SystematicResampler; same ESS as effective_sample_size."""
+    """Same u0 -> same ancestors as smcgen.core.resampling.SystematicResampler; same ESS as effective_sample_size."""
     b, n = 6, 300
     log_w, inc = _weights(b + 1, n, seed=5)
     log_w, inc = log_w[[0, 2, 3, 4, 5, 6]].contiguous(), inc[[0, 2, 3, 4, 5, 6]].contiguous()

@@ -17,22 +17,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smcgen"
 
 # Lowest first. A module may import its own layer and any layer below it.
 LAYERS: list[tuple[str, list[str]]] = [
-    # the math every layer shares: sampling and resampling primitives (the kernels' torch twins
-    # reuse them: one definition), settings, prompt handling, grammar text, result records
-    ("primitives", ["smcgen.config", "smcgen.sampling", "smcgen.resampling", "smcgen.prompts",
-                    "smcgen.grammars", "smcgen.result", "smcgen.trace"]),
+    # the math every layer shares (smcgen/core: settings, sampling and resampling primitives that the
+    # kernels' torch twins reuse, result records), prompt handling, grammar text
+    ("primitives", ["smcgen.core", "smcgen.prompts", "smcgen.grammars", "smcgen.trace"]),
     ("kernels", ["smcgen.kernels"]),
     # model runners: a forward pass and its KV cache, no SMC (the transformers runner, the native
     # model and its paged cache, the embedded model's files)
-    ("runners", ["smcgen.backends", "smcgen.backends.transformers_lm", "smcgen.backends.native",
-                 "smcgen.backends.native.model", "smcgen.backends.native.kv_cache", "smcgen.models"]),
+    ("runners", ["smcgen.runners", "smcgen.models"]),
     # the factors of the target and the proposals; exact enumeration and the property checks are
     # built on the factors alone
     ("potentials, proposals", ["smcgen.potentials", "smcgen.proposals", "smcgen.exact", "smcgen.testing"]),
-    ("step", ["smcgen.step", "smcgen.run"]),
-    # engines drive the step over a runner; outcome turns an engine's dead-particle error into a result
-    ("engines", ["smcgen.smc", "smcgen.speculative", "smcgen.backends.native.engine", "smcgen.backends.native.select",
-                 "smcgen.outcome"]),
+    ("step", ["smcgen.samplers.step", "smcgen.samplers.run"]),
+    # the samplers drive the step over a runner; outcome turns a dead-particle error into a result
+    ("samplers", ["smcgen.samplers"]),
     # what users call: the package, generate(), input checks, memory estimates, distill, CLI, server
     ("interface", ["smcgen", "smcgen.__main__", "smcgen.api", "smcgen.validation", "smcgen.memory",
                    "smcgen.distill", "smcgen.cli", "smcgen.engine", "smcgen.server"]),
@@ -114,11 +111,11 @@ def test_no_module_imports_from_a_higher_layer():
 
 def test_the_check_sees_an_upward_import():
     """The checker itself: a potential importing an engine (also lazily, or relatively) is caught."""
-    source = "import torch\nfrom smcgen.smc import SMC\ndef f():\n    from ..api import generate\n"
+    source = "import torch\nfrom smcgen.samplers.generic import SMC\ndef f():\n    from ..api import generate\n"
     found = smcgen_imports(source, "smcgen.potentials.reward", is_package=False)
-    assert found == {"smcgen.smc", "smcgen.api"}
+    assert found == {"smcgen.samplers.generic", "smcgen.api"}
     assert len(upward_imports("smcgen.potentials.reward", found)) == 2
-    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from smcgen.smc import SMC\n"
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from smcgen.samplers.generic import SMC\n"
     assert smcgen_imports(hidden, "smcgen.potentials.reward", is_package=False) == set()
     with pytest.raises(LookupError, match="smcgen.elsewhere"):
         layer_of("smcgen.elsewhere")

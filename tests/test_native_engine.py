@@ -16,10 +16,10 @@ from test_exactness import MAX_NEW, assert_matches_target
 from tiny_models import EOS, PROMPT, tiny_lm
 
 from smcgen import SMCConfig
-from smcgen.backends.native.engine import NativeSMC
-from smcgen.backends.native.model import NativeCausalLM
 from smcgen.exact import enumerate_target
 from smcgen.potentials.lm import LMPotential
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native import NativeSMC
 
 RUNS = 6000
 
@@ -131,7 +131,7 @@ def test_generate_with_an_fp8_draft(target, draft):
     """draft_fp8=True: generate runs the native engine on an fp8 copy of the draft (the bf16 copy
     stays as it was); without a draft, or on the generic engine, it is refused by name."""
     import smcgen
-    from smcgen.backends.native.select import _NATIVE_COPIES
+    from smcgen.samplers.native_select import _NATIVE_COPIES
 
     kw = {"draft": draft, "engine": "native", "n_particles": 4, "block_size": 2, "max_new_tokens": 6, "seed": 0}
     plain = smcgen.generate(target, [0, 1], draft_quantization="none", **kw)
@@ -154,7 +154,7 @@ def test_auto_quantizes_narrow_batches_on_the_gpu_only():
     """draft_quantization='auto' (the default): int8 for draft steps of at most 16 rows on CUDA, as
     loaded for wider ones and off the GPU; explicit formats and draft_fp8 win."""
     from smcgen import SMCConfig
-    from smcgen.backends.native.select import AUTO_INT8_MAX_ROWS, draft_format
+    from smcgen.samplers.native_select import AUTO_INT8_MAX_ROWS, draft_format
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     auto = SMCConfig()
@@ -175,7 +175,7 @@ def test_generate_with_an_int8_draft(target, draft):
     import pydantic
 
     import smcgen
-    from smcgen.backends.native.select import _NATIVE_COPIES, forget_native_copies
+    from smcgen.samplers.native_select import _NATIVE_COPIES, forget_native_copies
 
     kw = {"draft": draft, "engine": "native", "n_particles": 4, "block_size": 2, "max_new_tokens": 6, "seed": 0}
     forget_native_copies()
@@ -314,8 +314,8 @@ def test_prompts_of_different_lengths_run_per_length(models):
 
 def test_merged_runs_pad_the_batch_that_stopped_earlier():
     """_merge_runs: groups back in the callers' order; a batch with fewer cycles padded NaN / False."""
-    from smcgen.backends.native.engine import _merge_runs
-    from smcgen.smc import BatchRun
+    from smcgen.samplers.generic import BatchRun
+    from smcgen.samplers.native import _merge_runs
 
     def run(n_groups, n_cycles, fill):
         return BatchRun(
@@ -346,7 +346,7 @@ def test_a_long_prompt_fits_the_pool_sized_for_it(models):
 def test_native_copies_are_cached_until_forgotten(target, tok):
     """One native copy per transformers model; forget_native_copies() makes the next request convert again."""
     import smcgen
-    from smcgen.backends.native.select import forget_native_copies, native_model
+    from smcgen.samplers.native_select import forget_native_copies, native_model
 
     lm = smcgen.api.as_language_model(target, tok)
     first = native_model(lm)

@@ -14,9 +14,9 @@ from test_grammar_exactness import MASKED_REGEX, check_unbiased, grammar
 from tiny_models import EOS, PROMPT, tiny_lm
 
 from smcgen import LMPotential, SMCConfig
-from smcgen.backends.native.engine import NativeSMC
-from smcgen.backends.native.model import NativeCausalLM
 from smcgen.exact import enumerate_target
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native import NativeSMC
 
 RUNS = 3000
 

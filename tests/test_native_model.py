@@ -23,7 +23,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from smcgen.backends.native import NativeCausalLM, PagedKVCache
+from smcgen.runners.native import NativeCausalLM, PagedKVCache
 
 TOL = 1e-4  # max abs logit difference, fp32
 PAGE = 4
@@ -355,7 +355,7 @@ def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):
     """A save_pretrained directory loads straight into the native layout, with the same logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from smcgen.backends.native.model import NativeCausalLM
+    from smcgen.runners.native.model import NativeCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -16,16 +16,16 @@ from test_exactness import MAX_NEW, NoRepeats, assert_matches_target, count_b
 from tiny_models import EOS, PROMPT, LetterDecoder, tiny_lm
 
 from smcgen import SMCConfig
-from smcgen.backends.native.engine import NativeSMC
-from smcgen.backends.native.model import NativeCausalLM
+from smcgen.core.resampling import MultinomialResampler
 from smcgen.exact import enumerate_target
 from smcgen.potentials.base import Potential, PotentialError, SequenceBatch
 from smcgen.potentials.lm import LMPotential
 from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import LearnedReward, TokenPotential
-from smcgen.resampling import MultinomialResampler
-from smcgen.run import AllParticlesDeadError
-from smcgen.step import NonFiniteError
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native import NativeSMC
+from smcgen.samplers.run import AllParticlesDeadError
+from smcgen.samplers.step import NonFiniteError
 
 RUNS = 1500
 
@@ -238,7 +238,7 @@ def test_nan_logits_name_the_model_and_the_step(models, device):
 
 
 def test_the_built_in_resamplers_are_graph_safe_and_a_user_generator_one_is_not():
-    from smcgen.resampling import RESAMPLERS, graph_safe
+    from smcgen.core.resampling import RESAMPLERS, graph_safe
 
     assert all(graph_safe(cls()) for cls in RESAMPLERS.values())
     assert not graph_safe(TorchResampler())  # overrides _ancestors with its own torch.rand: eager

@@ -20,14 +20,14 @@ from tiny_models import EOS, PROMPT, LetterDecoder, tiny_lm
 
 import smcgen
 from smcgen import SMC, SMCConfig
-from smcgen.backends.native.engine import NativeSMC
-from smcgen.backends.native.model import NativeCausalLM
-from smcgen.backends.transformers_lm import CausalLMRunner
+from smcgen.core.sampling import log_probs
 from smcgen.potentials.lm import LMPotential
 from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import TokenPotential
 from smcgen.proposals.base import Proposal
-from smcgen.sampling import log_probs
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.runners.transformers import CausalLMRunner
+from smcgen.samplers.native import NativeSMC
 
 MAX_NEW = 6
 ALPHA = 0.5

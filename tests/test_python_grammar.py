@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from smcgen import GrammarPotential, SequenceBatch
+from smcgen.core.sampling import allowed_from_bitmask
 from smcgen.grammars.python import python_grammar
-from smcgen.sampling import allowed_from_bitmask
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n", "    ", "\n    "]
 TOKENS = [*CHARS, None]

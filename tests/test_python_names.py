@@ -26,9 +26,9 @@ from smcgen import (
     SequenceBatch,
     SMCConfig,
 )
-from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.exact import enumerate_target
 from smcgen.potentials.python_names import undefined_names
+from smcgen.runners.transformers import LanguageModel
 
 STATIC = {
     "def f(n):\n    return n + m\n": [("m", 2)],

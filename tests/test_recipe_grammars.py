@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from smcgen import GrammarPotential
-from smcgen.sampling import allowed_from_bitmask
+from smcgen.core.sampling import allowed_from_bitmask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 

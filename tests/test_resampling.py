@@ -1,4 +1,4 @@
-"""Tests for smcgen.resampling.
+"""Tests for smcgen.core.resampling.
 
 Statistical tests run M independent resamplings of one weight vector at once
 (as M rows of a batch) and compare empirical moments of the offspring counts
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from smcgen.resampling import (
+from smcgen.core.resampling import (
     _BELOW_ONE,
     RESAMPLERS,
     MultinomialResampler,

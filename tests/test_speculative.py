@@ -15,9 +15,9 @@ from tiny_models import PROMPT, tiny_lm
 
 import smcgen
 from smcgen import LMPotential, RewardPotential
-from smcgen.backends.transformers_lm import CausalLMRunner
 from smcgen.exact import enumerate_target
-from smcgen.speculative import speculative_decode, verify_block
+from smcgen.runners.transformers import CausalLMRunner
+from smcgen.samplers.speculative import speculative_decode, verify_block
 
 MAX_NEW = 4
 ROWS = 2000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smcgen.backends.transformers_lm import LanguageModel
+from smcgen.runners.transformers import LanguageModel
 
 VOCAB = 4
 EOS = 3

@@ -5,18 +5,18 @@ restricted to the allowed tokens, by Gumbel-max with Philox noise, and returns t
 log-probability under the *unmasked* powered distribution plus the log-normalizer over the allowed
 set, all in one pass over the vocabulary. ``token_logprobs`` scores given tokens (verify step).
 
-Semantics (shared by the Triton kernels and their torch twins; smcgen/sampling.py is the reference):
+Semantics (shared by the Triton kernels and their torch twins; smcgen/core/sampling.py is the reference):
 
 - ``s = scale * logits`` in float32; ``lse = logsumexp_v s`` over ALL tokens; ``lp = alpha * (s - lse)``.
 - Noise: ``u[r, v] = tl.rand(seed, offset + r*V + v)`` (see :mod:`smcgen.kernels.philox`), clamped into
-  ``[tiny, 1 - eps]`` like smcgen/sampling.py; ``G = -log(-log(u))``. One call uses ``R * V`` numbers;
+  ``[tiny, 1 - eps]`` like smcgen/core/sampling.py; ``G = -log(-log(u))``. One call uses ``R * V`` numbers;
   the caller advances ``offset`` by that much.
 - A token is a *candidate* iff it is allowed (bit ``v % 32`` of word ``v // 32`` of its row's int32
   bitmask, xgrammar's layout) and its logit is not ``-inf``.
   ``token = argmax_{candidates} alpha * s + G`` (the constant ``-alpha * lse`` does not change the
   argmax and is unknown until the pass ends); ties go to the smallest token id, like torch.argmax.
 - ``log_p = lp[token]``; ``log_norm = logsumexp_{candidates} lp`` -- except that with no mask and
-  ``alpha == 1`` it is exactly 0 (its exact value; smcgen/sampling.py does the same so that Z_hat
+  ``alpha == 1`` it is exactly 0 (its exact value; smcgen/core/sampling.py does the same so that Z_hat
   does not drift by rounding).
 - A row with no candidate (everything masked, or every logit ``-inf``): token 0, ``log_p = -inf``,
   ``log_norm = -inf``.
@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from smcgen.core.sampling import allowed_from_bitmask, bitmask_width, gumbel_from_uniform
 from smcgen.kernels._triton import (
     HAS_TRITON,
     require_triton,
@@ -52,7 +53,6 @@ from smcgen.kernels._triton import (
     use_triton,
 )
 from smcgen.kernels.philox import philox_uniform
-from smcgen.sampling import allowed_from_bitmask, bitmask_width, gumbel_from_uniform
 
 __all__ = [
     "HAS_TRITON",

@@ -8,7 +8,7 @@ Semantics (shared by the Triton kernel and its torch twin):
 
 - ``log_w += inc`` (float32, in place).
 - Per group b, with ``m = max_j log_w`` and ``w_j = exp(log_w_j - m)`` in float64:
-  ``ESS = (sum w)^2 / sum w^2``, clamped into ``[1, N]`` like :func:`smcgen.resampling.effective_sample_size`
+  ``ESS = (sum w)^2 / sum w^2``, clamped into ``[1, N]`` like :func:`smcgen.core.resampling.effective_sample_size`
   (it is mathematically there; the clamp removes rounding excursions). A group whose weights are all
   ``-inf`` is *dead*: ``ESS = 0``, ``dead = True``, never resampled, log-weights left as they are.
 - ``resampled = allow != 0 and (ESS < ess_threshold * N or ess_threshold >= 1) and not dead``; the
@@ -23,7 +23,7 @@ Semantics (shared by the Triton kernel and its torch twin):
   zero weight and -inf particles are never chosen, the last live particle has ``c_j == 1.0`` exactly
   (so the search always ends on a live particle), and the twin's ``torch.cumsum`` gives the very same
   ``C``. The quantum ``2**-(62 - ceil(log2 N))`` relative to the largest weight (<= 2**-50 for
-  N <= 4096) is about float64's own resolution, so this matches smcgen.resampling's float64 CDF up
+  N <= 4096) is about float64's own resolution, so this matches smcgen.core.resampling's float64 CDF up
   to rounding. Each particle gets ``floor(N wbar_j)`` or ``ceil(N wbar_j)`` copies.
 - Resampled groups: every log-weight becomes ``logsumexp_j(log_w) - log N`` (keeps the running
   ``log Z_hat = logsumexp(log_w) - log N`` unbiased). Ancestors are global row ids ``b * N + j``.
@@ -42,9 +42,9 @@ import math
 import torch
 from torch import Tensor
 
+from smcgen.core.resampling import _inverse_cdf
 from smcgen.kernels._triton import HAS_TRITON, require_triton, tl, triton, use_triton
 from smcgen.kernels.philox import philox_uniform
-from smcgen.resampling import _inverse_cdf
 
 __all__ = ["HAS_TRITON", "smc_weight_update", "smc_weight_update_torch", "smc_weight_update_triton"]
 

@@ -162,7 +162,7 @@ class PendingMask:
     def result(self) -> Tensor:
         """The int32 bitmask ``[R, ceil(V/32)]`` (CPU)."""
         if self._value is None:
-            from smcgen.sampling import bitmask_from_allowed
+            from smcgen.core.sampling import bitmask_from_allowed
 
             pot = self._potential
             vocab = getattr(pot, "_guide_vocab_size", None)

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from smcgen.backends.transformers_lm import LanguageModel
+from smcgen.core.sampling import bitmask_width
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.json_schema import LoweredSchema, budget_twist, lower_json_schema
-from smcgen.sampling import bitmask_width
+from smcgen.runners.transformers import LanguageModel
 
 try:
     import xgrammar as xgr

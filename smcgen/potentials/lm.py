@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from smcgen.core.sampling import log_probs
 from smcgen.potentials.base import Potential, SequenceBatch
-from smcgen.sampling import log_probs
 
 if TYPE_CHECKING:  # only a type here: the potential calls whatever model object it is given
-    from smcgen.backends.transformers_lm import LanguageModel
+    from smcgen.runners.transformers import LanguageModel
 
 
 class LMPotential(Potential):

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.backends.transformers_lm import LanguageModel
+from smcgen.core.sampling import gumbel_noise
 from smcgen.potentials.base import Decoder, Potential, SequenceBatch, checked_scores
 from smcgen.proposals.lm import LMProposal
-from smcgen.sampling import gumbel_noise
+from smcgen.runners.transformers import LanguageModel
 
 
 class AWRS:

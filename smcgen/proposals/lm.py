@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.backends.transformers_lm import CausalLMRunner, LanguageModel
+from smcgen.core.sampling import sample_tokens
 from smcgen.proposals.base import Proposal
-from smcgen.sampling import sample_tokens
+from smcgen.runners.transformers import CausalLMRunner, LanguageModel
 
 
 class LMProposal(Proposal):

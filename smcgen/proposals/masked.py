@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.backends.transformers_lm import LanguageModel
+from smcgen.core.sampling import sample_tokens
 from smcgen.potentials.grammar import GrammarPotential, PendingBitmask
 from smcgen.proposals.lm import LMProposal
-from smcgen.sampling import sample_tokens
+from smcgen.runners.transformers import LanguageModel
 
 
 class MaskedLMProposal(LMProposal):

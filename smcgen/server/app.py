@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from smcgen.core.result import SMCResult
 from smcgen.engine import Engine
 from smcgen.potentials.errors import GrammarError
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.output import as_grammar
-from smcgen.result import SMCResult
 from smcgen.server.metrics import ServerMetrics
 from smcgen.server.protocol import ChatCompletionRequest, CompletionRequest, SMCRequest
 from smcgen.server.scheduler import QueueFull, Scheduler

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from smcgen.core.result import SMCResult
 from smcgen.engine import Engine, Request, batch_key
-from smcgen.result import SMCResult
 from smcgen.server.metrics import ServerMetrics
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.smc import AllParticlesDeadError
+from smcgen.samplers.generic import AllParticlesDeadError
 
 _MASK_HINT = (
     "the proposal keeps drawing tokens the potentials rule out: constrain the draws instead of only "

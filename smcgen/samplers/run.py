@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.resampling import normalized_log_weights
+from smcgen.core.resampling import normalized_log_weights
 
 
 class AllParticlesDeadError(RuntimeError):

@@ -29,9 +29,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from smcgen.backends.native.kv_cache import PagedKVCache
-from smcgen.backends.native.model import NativeCausalLM
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
+from smcgen.core.resampling import (
+    Resampler,
+    SystematicResampler,
+    effective_sample_size,
+    get_resampler,
+    graph_safe,
+)
 from smcgen.kernels.philox import philox_uniform
 from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
@@ -45,15 +50,10 @@ from smcgen.potentials.base import (
     scoring_error,
 )
 from smcgen.potentials.token import TokenPotential
-from smcgen.resampling import (
-    Resampler,
-    SystematicResampler,
-    effective_sample_size,
-    get_resampler,
-    graph_safe,
-)
-from smcgen.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
-from smcgen.step import (
+from smcgen.runners.native.kv_cache import PagedKVCache
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
+from smcgen.samplers.step import (
     NonFiniteError,
     advance,
     bad_values,

@@ -3,7 +3,7 @@
 Every engine runs the same cycle: propose a block of tokens, weight it, update lengths and the
 done flags, add the potentials' increments, and resample the groups whose ESS fell. The math of
 that cycle lives here once; the engines differ only in how they get logits (the transformers
-runner in :mod:`smcgen.smc`, the paged native runner in :mod:`smcgen.backends.native.engine`).
+runner in :mod:`smcgen.samplers.generic`, the paged native runner in :mod:`smcgen.samplers.native`).
 
 Every function here is device-side and shape-static: no ``.item()``, no ``nonzero``, no boolean
 indexing, so the native engine can record them inside its CUDA graph.

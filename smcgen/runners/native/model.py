@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import paged_attention
 from smcgen.kernels.linear import fused_linear, quantize_fp8, quantize_int8
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
+from smcgen.runners.native.kv_cache import PagedKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from smcgen.backends.transformers_lm import CausalLMRunner, LanguageModel
-from smcgen.run import length_problem
-from smcgen.sampling import log_probs
+from smcgen.core.sampling import log_probs
+from smcgen.runners.transformers import CausalLMRunner, LanguageModel
+from smcgen.samplers.run import length_problem
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from smcgen.backends.transformers_lm import CausalLMRunner
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
+from smcgen.core.resampling import Resampler, effective_sample_size, get_resampler
+from smcgen.core.sampling import log_probs, sample_powered
 from smcgen.potentials.base import (
     Potential,
     Product,
@@ -33,10 +34,9 @@ from smcgen.potentials.base import (
 from smcgen.potentials.lm import LMPotential
 from smcgen.proposals.awrs import AWRS
 from smcgen.proposals.base import Proposal
-from smcgen.resampling import Resampler, effective_sample_size, get_resampler
-from smcgen.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
-from smcgen.sampling import log_probs, sample_powered
-from smcgen.step import (
+from smcgen.runners.transformers import CausalLMRunner
+from smcgen.samplers.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
+from smcgen.samplers.step import (
     NonFiniteError,
     advance,
     bad_values,

@@ -1,5 +1,5 @@
 """Model runners. ``transformers_lm`` runs any Hugging Face causal LM (the exact reference)."""
 
-from smcgen.backends.transformers_lm import CausalLMRunner, LanguageModel
+from smcgen.runners.transformers import CausalLMRunner, LanguageModel
 
 __all__ = ["CausalLMRunner", "LanguageModel"]

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from smcgen.backends.native.model import NativeCausalLM, NativeConfig
-from smcgen.backends.transformers_lm import LanguageModel
-from smcgen.config import SMCConfig
+from smcgen.core.config import SMCConfig
 from smcgen.kernels._triton import HAS_TRITON
+from smcgen.runners.native.model import NativeCausalLM, NativeConfig
+from smcgen.runners.transformers import LanguageModel
 
 # Native copies per transformers model object (one per weight format: None = as loaded, 'int8',
 # 'fp8'), dropped with the model.

@@ -4,8 +4,8 @@
 a ``PagedKVCache``; the kernels it calls live in ``smcgen.kernels``.
 """
 
-from smcgen.backends.native.kv_cache import PagedKVCache
-from smcgen.backends.native.model import (
+from smcgen.runners.native.kv_cache import PagedKVCache
+from smcgen.runners.native.model import (
     SUPPORTED_MODEL_TYPES,
     NativeCausalLM,
     NativeConfig,
