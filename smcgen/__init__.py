@@ -1,7 +1,7 @@
 """smcgen: sequential Monte Carlo decoding of language models with pluggable potentials."""
 
 from smcgen.api import generate, load_model
-from smcgen.core.config import SMCConfig
+from smcgen.core.config import EngineSettings, SamplingParams, SMCConfig
 from smcgen.core.resampling import (
     MultinomialResampler,
     Resampler,
@@ -60,6 +60,8 @@ __all__ = [
     "ResidualResampler",
     "RewardPotential",
     "SMCConfig",
+    "SamplingParams",
+    "EngineSettings",
     "SMCResult",
     "SequenceBatch",
     "StratifiedResampler",

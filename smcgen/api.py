@@ -99,7 +99,8 @@ def generate(
     replaces the draft by any :class:`Proposal`; with neither, the target proposes one token per
     step (plain SMC). ``prompt`` is text (needs a tokenizer; used as is), chat messages
     (``[{"role": "user", "content": ...}]``: the tokenizer's chat template is applied), a list of
-    ids, a ``[T]``/``[1, T]`` tensor or a tokenizer's output. ``config`` fields can be overridden by
+    ids, a ``[T]``/``[1, T]`` tensor or a tokenizer's output. ``config`` is an :class:`SMCConfig`, or
+    :class:`SamplingParams` and/or :class:`EngineSettings` (a tuple of both); its fields can be overridden by
     keyword (``n_particles=16``). ``draft`` may also be a trained draft directory (``smcgen distill``).
     ``guide`` constrains generation locally: the draft and the target's own tokens are drawn
     masked to the guide's allowed tokens and the weights correct the masking bias (a grammar passed

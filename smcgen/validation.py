@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smcgen.core.config import SMCConfig
+from smcgen.core.config import EngineSettings, SamplingParams, SMCConfig
 from smcgen.potentials.base import Potential
 from smcgen.proposals.base import Proposal
 
@@ -28,15 +28,23 @@ def _kind(value: Any) -> str:
 
 
 def as_config(config: Any, overrides: Mapping[str, Any]) -> SMCConfig:
-    """``config`` (an :class:`SMCConfig`, a dict of its fields or None) with keyword overrides applied."""
-    if config is None:
-        base: dict[str, Any] = {}
-    elif isinstance(config, SMCConfig):
-        base = config.model_dump()
-    elif isinstance(config, Mapping):
-        base = dict(config)
-    else:
-        raise TypeError(f"config must be an SMCConfig, a dict of its fields or None, got {_kind(config)}")
+    """``config`` with keyword overrides applied. ``config`` is an :class:`SMCConfig`, a
+    :class:`SamplingParams`, an :class:`EngineSettings`, a dict of fields, a tuple of these (merged
+    left to right: ``(SamplingParams(...), EngineSettings(...))``) or None."""
+    parts = config if isinstance(config, tuple) else (config,)
+    base: dict[str, Any] = {}
+    for part in parts:
+        if part is None:
+            continue
+        if isinstance(part, (SamplingParams, EngineSettings)):
+            base.update(part.model_dump())
+        elif isinstance(part, Mapping):
+            base.update(part)
+        else:
+            raise TypeError(
+                "config must be an SMCConfig, SamplingParams, EngineSettings, a dict of their fields, a tuple of "
+                f"these or None, got {_kind(part)}"
+            )
     return SMCConfig(**{**base, **overrides})
 
 

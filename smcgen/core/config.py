@@ -1,4 +1,11 @@
-"""Run configuration for SMC decoding, validated by pydantic."""
+"""Run configuration for SMC decoding, validated by pydantic.
+
+Two groups of settings: :class:`SamplingParams` say *what* is sampled (the algorithm: particles,
+block size, temperatures, power, seed, resampling) and may change per request;
+:class:`EngineSettings` say *how* it runs (which engine, draft quantization) and are fixed when an
+:class:`~smcgen.engine.Engine` is built. :class:`SMCConfig` holds both, flat, so every keyword
+argument users already pass (``generate(..., n_particles=16, engine="generic")``) keeps working.
+"""
 
 from __future__ import annotations
 
@@ -25,11 +32,12 @@ MethodName = Literal["smc", "sd"]
 DraftQuantization = Literal["auto", "none", "int8", "fp8"]
 
 
-class SMCConfig(BaseModel):
-    """Everything that shapes one SMC run; invalid values raise ``pydantic.ValidationError``.
+class SamplingParams(BaseModel):
+    """The algorithm's settings: what one request samples and how the particles evolve.
 
-    The error names the field and the allowed range, e.g. ``n_particles: Input should be
-    greater than or equal to 1``. Unknown fields are rejected so a typo never passes silently.
+    Invalid values raise ``pydantic.ValidationError`` naming the field and the allowed range, e.g.
+    ``n_particles: Input should be greater than or equal to 1``; unknown fields are rejected so a typo
+    never passes silently.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,6 +80,16 @@ class SMCConfig(BaseModel):
         le=MAX_SEED,
         description="Seed for every random draw, in [0, 2**32 - 1]; None draws a fresh seed.",
     )
+    return_all_particles: bool = Field(
+        False, description="Also decode the text of every particle into SMCResult.texts."
+    )
+
+
+class EngineSettings(BaseModel):
+    """How a request runs: the engine and the draft's weight format (fixed per built engine)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     engine: EngineName = Field(
         "auto",
         description=(
@@ -96,15 +114,37 @@ class SMCConfig(BaseModel):
     draft_fp8: bool = Field(
         False, description="Shorthand for draft_quantization='fp8' (kept for earlier callers)."
     )
-    return_all_particles: bool = Field(
-        False, description="Also decode the text of every particle into SMCResult.texts."
-    )
 
     @model_validator(mode="after")
-    def _one_draft_format(self) -> SMCConfig:
+    def _one_draft_format(self) -> EngineSettings:
         if self.draft_fp8 and self.draft_quantization not in ("auto", "fp8"):
             raise ValueError(
                 f"draft_fp8=True asks for fp8, draft_quantization={self.draft_quantization!r} for another format: "
                 "give one of them"
             )
         return self
+
+
+class SMCConfig(SamplingParams, EngineSettings):
+    """Everything that shapes one SMC run: :class:`SamplingParams` and :class:`EngineSettings` in one
+    flat, frozen model (the form ``generate`` and ``Engine`` keyword arguments take).
+
+    ``config.sampling`` and ``config.engine_settings`` split it; ``SMCConfig.combine(sampling,
+    settings)`` joins the two.
+    """
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The algorithm's settings of this config."""
+        return SamplingParams(**{k: getattr(self, k) for k in SamplingParams.model_fields})
+
+    @property
+    def engine_settings(self) -> EngineSettings:
+        """The engine's settings of this config."""
+        return EngineSettings(**{k: getattr(self, k) for k in EngineSettings.model_fields})
+
+    @classmethod
+    def combine(cls, sampling: SamplingParams | None = None, settings: EngineSettings | None = None) -> SMCConfig:
+        """One config from its two halves (defaults for a missing one)."""
+        parts = [p.model_dump() for p in (sampling, settings) if p is not None]
+        return cls(**{k: v for part in parts for k, v in part.items()})
