@@ -81,6 +81,7 @@ CASES = {
     "power_alpha2": (False, 1, 2.0, 1.0, list),
     "power_with_draft": (True, 1, 2.0, 1.0, list),
     "target_temperature": (True, 1, 1.0, 0.7, list),
+    "tempered_draft": (True, 2, 1.0, 0.7, list),  # the draft at 0.7 too: LMProposal(temperature=0.7)
     "reward_end": (False, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0)]),
     "reward_prefix_draft": (True, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0, prefix=True)]),
     "product_user": (True, 1, 1.0, 1.0, lambda: [NoRepeats() * RewardPotential(count_b, beta=-0.5)]),
@@ -93,7 +94,8 @@ def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
     target = LMPotential(target_lm, temperature=tau, alpha=alpha)
     exact = enumerate_target(target, PROMPT, MAX_NEW, make_potentials())
     outs = {
-        n: smc_estimates(target, LMProposal(draft_lm) if use_draft else None, make_potentials(), n, block, seed)
+        n: smc_estimates(target, LMProposal(draft_lm, temperature=0.7 if case == "tempered_draft" else 1.0)
+                         if use_draft else None, make_potentials(), n, block, seed)
         for n, seed in ((1, 11), (4, 12), (16, 13))
     }
     assert_matches_target(case, exact, outs)

@@ -44,10 +44,10 @@ def models(device):
     return target, NativeCausalLM.from_hf(target.model, device=device), NativeCausalLM.from_hf(draft.model, device=device)
 
 
-def native_runs(native_target, native_draft, n, block, alpha, tau, seed, page_size=4):
+def native_runs(native_target, native_draft, n, block, alpha, tau, seed, page_size=4, draft_tau=1.0):
     cfg = SMCConfig(
         n_particles=n, block_size=block, max_new_tokens=MAX_NEW, seed=seed, ess_threshold=0.5,
-        alpha=alpha, target_temperature=tau,
+        alpha=alpha, target_temperature=tau, draft_temperature=draft_tau,
     )
     engine = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=page_size)
     return engine.run(PROMPT, n_groups=RUNS)
@@ -63,6 +63,17 @@ def test_native_engine_matches_enumerated_target(case, models):
         for n, seed in ((1, 21), (4, 22), (16, 23))
     }
     assert_matches_target(case, exact, outs)
+
+
+def test_native_engine_with_a_tempered_draft_matches_the_target(models):
+    """Draft and target both at temperature 0.7 (the main job's setting): the draft samples from
+    q^(1/0.7) and the weights must divide by that same tempered q, or the output drifts from the target
+    at any N."""
+    target_lm, native_target, native_draft = models
+    exact = enumerate_target(LMPotential(target_lm, temperature=0.7), PROMPT, MAX_NEW, [])
+    outs = {n: native_runs(native_target, native_draft, n, 2, 1.0, 0.7, seed, draft_tau=0.7)
+            for n, seed in ((1, 31), (4, 32), (16, 33))}
+    assert_matches_target("tempered_draft", exact, outs)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
