@@ -76,8 +76,8 @@ def _warn_weak_draft(result: SMCResult) -> None:
         _WARNED.add("weak-draft")
         logger.warning(
             "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
-            "samples may look like the draft's text. Raise n_particles, lower block_size or use a better "
-            "draft (smcgen distill)",
+            "samples may look like the draft's text. Raise n_particles, lower block_size (or "
+            "block_size_policy='adaptive'), use method='sd' (exact, slower) or a better draft (smcgen distill)",
             result.n_particles, frac, WEAK_DRAFT_ESS, result.weight_variance,
         )
 

@@ -152,3 +152,30 @@ def assert_tv_shrinks(case: str, tvs: dict) -> None:
     (tv1, noise1), (tv4, noise4), (tv16, noise16) = tvs[1], tvs[4], tvs[16]
     assert tv4 + 3 * noise4 < tv1 - 3 * noise1, f"{case}: TV does not shrink from N=1 to 4: {tvs}"
     assert tv16 - 3 * noise16 <= 0.5 * (tv4 + 3 * noise4), f"{case}: TV does not halve from N=4 to 16: {tvs}"
+
+
+def test_adaptive_block_size_keeps_the_target(target_lm, draft_lm):
+    """block_size_policy='adaptive': the block size each step drafts is chosen from the previous step's
+    weights (a predictable choice), so the output is still the target's; and the blocks do change."""
+    target = LMPotential(target_lm)
+    exact = enumerate_target(target, PROMPT, MAX_NEW, [])
+    outs = {}
+    for n, seed in ((1, 41), (4, 42), (16, 43)):
+        cfg = SMCConfig(n_particles=n, block_size=4, max_new_tokens=MAX_NEW, seed=seed, ess_threshold=0.5,
+                        block_size_policy="adaptive")
+        outs[n] = SMC(target, cfg, proposal=LMProposal(draft_lm)).run(PROMPT, n_groups=RUNS)
+    assert_matches_target("adaptive_block", exact, outs)
+
+    class Widths:
+        def __init__(self):
+            self.seen = []
+
+        def record(self, block, valid, log_weights, ess, ancestors):
+            self.seen.append(block.shape[1])  # drafted tokens + the bonus token
+
+    rec = Widths()
+    cfg = SMCConfig(n_particles=8, block_size=4, max_new_tokens=40, seed=0, block_size_policy="adaptive")
+    long_target = LMPotential(tiny_lm(5, vocab=16, eos=15, logit_scale=1.0))  # EOS rare: many steps
+    long_draft = LMProposal(tiny_lm(6, vocab=16, eos=15, logit_scale=1.0))
+    SMC(long_target, cfg, proposal=long_draft).run(PROMPT, n_groups=4, recorder=rec)
+    assert rec.seen[0] == 5 and len(set(rec.seen)) > 1, rec.seen  # starts at block_size, then moves

@@ -54,6 +54,14 @@ class SamplingParams(BaseModel):
     block_size: int = Field(
         4, ge=1, le=256, description="K: tokens the proposal drafts per step (the target adds a bonus token)."
     )
+    block_size_policy: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description=(
+            "'fixed': every step drafts block_size tokens. 'adaptive' (generic engine): block_size is the largest "
+            "block; each step halves it when the last block's weights were uneven (ESS/N of the increments < 0.5) "
+            "and doubles it when they were even (> 0.8), from past weights only, so the estimate stays unbiased."
+        ),
+    )
     max_new_tokens: int = Field(64, ge=1, description="Generation stops after this many new tokens.")
     ess_threshold: float = Field(
         0.5,

@@ -41,6 +41,7 @@ from smcgen.samplers.step import (
     advance,
     bad_values,
     global_rows,
+    next_block_size,
     potential_increment,
     resample_gate,
     reset_weights,
@@ -163,6 +164,7 @@ class SMC:
         device = lm.device
         tau, alpha = self.target.temperature, self.target.alpha
         K = cfg.block_size if self.proposal is not None else 0
+        adaptive = cfg.block_size_policy == "adaptive" and K > 1
 
         generator = torch.Generator(device=device)
         # a fresh seed from the OS, leaving torch's global generator (the user's) untouched
@@ -233,6 +235,7 @@ class SMC:
                 block = torch.cat([block, bonus[:, None]], dim=1)
             token_w = token_weights(log_p, log_q, log_norm)
 
+            done_before = done
             adv = advance(block, token_w, done, lengths, eos, cfg.max_new_tokens, self.pad_id)
             block, inc, lengths, new_done = adv.block, adv.inc, adv.lengths, adv.done
             # the model's numbers are checked where they enter the weights (NaN logits name the model)
@@ -254,6 +257,8 @@ class SMC:
                     inc[rows_dev] += delta.to(device)
             done = new_done
             lw += inc.view(B, N)
+            if adaptive:  # decided from this step's weights, before the next block is drafted
+                K = next_block_size(K, cfg.block_size, inc.view(B, N), ~done_before.view(B, N))
 
             dead = torch.isneginf(lw).all(dim=1) & ~dead_groups
             if bool(dead.any()):

@@ -78,6 +78,11 @@ def native_unsupported(
 
     Limits that depend on the prompt are the engine's own (``NativeSMC.unsupported_reason``).
     Potentials, guides and every resampler run natively."""
+    if cfg.block_size_policy == "adaptive" and draft is not None:
+        return (
+            "block_size_policy='adaptive' runs on the generic engine: the native engine captures one CUDA graph "
+            "per block size"
+        )
     if custom_proposal:
         return (
             "a custom Proposal runs on the generic engine only: the native engine drafts with a native "

@@ -103,6 +103,31 @@ def resample_gate(ess: Tensor, ess_threshold: float, n_particles: int, all_done:
     return want & ~dead & ~all_done.reshape(())
 
 
+def next_block_size(k: int, k_max: int, increments: Tensor, active: Tensor) -> int:
+    """The adaptive block size for the next cycle, from this cycle's weight increments only.
+
+    ``increments`` ``[B, N]`` are the log-weight increments of the cycle just run (drafted with block
+    size ``k``) and ``active`` ``[B, N]`` the particles that were still running. The mean ESS/N of the
+    increments over the groups with at least two active particles says how far one block of the
+    draft strays from the target: below 0.5 the block halves, above 0.8 it doubles (never above
+    ``k_max`` or below 1). The choice depends on the past alone (it is made before the next block is
+    drafted), so the SMC estimate stays unbiased, as for any adapted proposal.
+    """
+    counts = active.sum(dim=1)
+    use = counts >= 2
+    if not bool(use.any()):
+        return k
+    inc = torch.where(active, increments, torch.full_like(increments, -math.inf))[use]
+    ess = torch.exp(2 * torch.logsumexp(inc, 1) - torch.logsumexp(2 * inc, 1))
+    ess = torch.nan_to_num(ess, nan=0.0)  # a group whose active particles all died: no information
+    frac = float((ess / counts[use]).mean())
+    if frac < 0.5:
+        return max(1, k // 2)
+    if frac > 0.8:
+        return min(k_max, 2 * k)
+    return k
+
+
 def bad_values(x: Tensor) -> Tensor:
     """0-d bool: ``x`` holds NaN or ``+inf`` (an error in a log-weight; ``-inf`` is a zero weight)."""
     return (torch.isnan(x) | torch.isposinf(x)).any()
