@@ -189,7 +189,7 @@ def test_ensure_converted_reports_failed_download(monkeypatch: pytest.MonkeyPatc
     def failing_run(cmd: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: network unreachable")
 
-    monkeypatch.setattr(smollm2.subprocess, "run", failing_run)
+    monkeypatch.setattr(subprocess, "run", failing_run)
     with pytest.raises(RuntimeError) as info:
         smollm2.ensure_converted(progress=False)
     message = str(info.value)
