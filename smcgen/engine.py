@@ -5,9 +5,9 @@ An :class:`Engine` holds a target (and optional draft, potentials, proposal) and
 native GPU engine can run the models and options, it converts them to native runners then (once,
 cached per model object) and keeps one :class:`NativeSMC` per distinct setting, so repeated
 requests reuse it; otherwise every request runs on the generic engine. ``engine(prompt)`` runs one
-request, ``engine.batch(prompts)`` many: requests whose settings agree run as one native batch
-(``NativeSMC.run`` takes prompts of different lengths and groups them by length); the generic
-engine runs them one after another.
+request, ``engine.batch(prompts)`` many: requests whose settings agree (seeds and token limits may
+differ) run as one native batch, prompts of every length together, each request with its own
+random stream; the generic engine runs them one after another.
 """
 
 from __future__ import annotations
@@ -132,8 +132,11 @@ class Request:
 
 
 def batch_key(request: Request) -> tuple:
-    """Requests with equal keys can share one native batch: the same config (seed included) and guide."""
-    return (request.config.model_dump_json(), id(request.grammar))
+    """Requests with equal keys can share one native batch: the same config up to the seed and the
+    token limit (each request keeps its own in the batch) and the same guide (a JSON schema's
+    budget counts down from the limit, so guided requests also share the limit)."""
+    free = {"seed": None} if request.grammar is not None else {"seed": None, "max_new_tokens": 1}
+    return (request.config.model_copy(update=free).model_dump_json(), id(request.grammar))
 
 
 class Engine:
@@ -333,12 +336,13 @@ class Engine:
         """Run many requests; results in the order of ``prompts``.
 
         ``seed``, ``max_new_tokens`` and ``guide`` (or ``grammar``) take one value for all or a list
-        (one per prompt); other overrides apply to all. Requests whose settings agree (config, seed,
-        guide) run as one batch on the native engine (B requests x N particles, one batch per prompt
-        length); on the generic engine, one after another. A batched request's result is seeded and
-        reproducible, but not the same draw as the same request run alone (the batch shares one
-        random stream), and its ``elapsed_s`` is the wall time of the batch it ran in. A request whose
-        particles all end at weight zero is returned with ``result.dead`` set (no exception).
+        (one per prompt); other overrides apply to all. Requests whose settings agree (config up to
+        seed and limit, guide) run as one batch on the native engine (B requests x N particles,
+        prompts of any length); on the generic engine, one after another. Each request draws from
+        its own random stream, so it gets the same tokens as the same request run alone with the
+        same seed (its weights to float rounding); its ``elapsed_s`` is the wall time of the batch
+        it ran in. A request whose particles all end at weight zero is returned with
+        ``result.dead`` set (no exception).
         """
         n = len(prompts)
 
@@ -388,7 +392,10 @@ class Engine:
             native = None
             if reason is None:
                 native = self._native_engine(cfg, guide, rows=cfg.n_particles * len(requests))
-                reason = next((r for r in (native.unsupported_reason(len(q.ids)) for q in requests) if r), None)
+                reason = next(
+                    (r for r in (native.unsupported_reason(len(q.ids), q.config.max_new_tokens) for q in requests) if r),
+                    None,
+                )
                 if reason is not None:
                     native = None
             if native is None and cfg.engine == "native":
@@ -397,7 +404,7 @@ class Engine:
                 if cfg.engine == "auto" and reason is not None:
                     _warn_fallback(reason)
                 for q in requests:  # the native engine checks its own cache; the generic one is checked here
-                    check_request_memory(cfg, self.target, self.draft, len(q.ids))
+                    check_request_memory(q.config, self.target, self.draft, len(q.ids))
             if isinstance(guide, GrammarPotential) and guide.schema is not None:
                 # the JSON budget twist counts down from this request's limit (the guide object is
                 # shared by requests with other limits: set it under the lock, right before the run)
@@ -405,15 +412,19 @@ class Engine:
             try:
                 if native is not None:
                     self.stats["native_requests"] += len(requests)
-                    run = native.run([q.ids for q in requests], progress=progress, on_dead=on_dead)
-                    return [self.result(run, b, cfg, guide, "native", None) for b in range(len(requests))]
+                    run = native.run(
+                        [q.ids for q in requests], progress=progress, on_dead=on_dead,
+                        seeds=[q.config.seed for q in requests],
+                        max_new_tokens=[q.config.max_new_tokens for q in requests],
+                    )
+                    return [self.result(run, b, q.config, guide, "native", None) for b, q in enumerate(requests)]
                 self.stats["generic_requests"] += len(requests)
-                smc = self._generic(cfg, guide)
                 out = []
-                for q in requests:
+                for q in requests:  # a group's requests may differ in seed and limit: each its own config
                     recorder = TraceRecorder(self.target.tokenizer) if trace else None
+                    smc = self._generic(q.config, guide)
                     run = smc.run(q.ids, n_groups=1, progress=progress, on_dead=on_dead, recorder=recorder)
-                    res = self.result(run, 0, cfg, guide, "generic", reason)
+                    res = self.result(run, 0, q.config, guide, "generic", reason)
                     out.append(dataclasses.replace(res, trace=recorder.trace(0)) if recorder is not None else res)
                 return out
             except AllParticlesDeadError as err:
