@@ -4,8 +4,9 @@ Requests wait in a FIFO queue of at most ``max_queue`` entries (beyond that, :cl
 the server answers 503). One worker takes the oldest request plus every request already waiting
 (up to ``max_batch`` in all; 1 when the Engine runs the generic engine, which would run them one
 after another anyway) and hands them to ``Engine.run_requests`` in one call, which runs the
-requests whose settings agree (config, grammar, no seed) as one native batch; requests with a
-``seed`` each run alone, so their output does not depend on other traffic. This is batching at
+requests whose settings agree (config up to seed and token limit, grammar) as one native batch,
+prompts of every length together. Each request keeps its own random stream in the batch, so a
+seeded request's output does not depend on other traffic. This is batching at
 request granularity: a batch runs to its end before the next one starts (requests do not join a
 running batch between cycles). A request whose client went away while it waited is skipped.
 """
@@ -13,7 +14,6 @@ running batch between cycles). A request whose client went away while it waited 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,7 +52,6 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         # the engine runs in one thread of its own, so the event loop keeps answering /health and /metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smcgen-engine")
-        self._unique = itertools.count()
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -84,9 +83,8 @@ class Scheduler:
         return future
 
     def _key(self, job: _Job) -> Any:
-        # a seeded request runs alone: the same seed gives the same output whatever else is queued
-        if job.request.config.seed is not None:
-            return ("alone", next(self._unique))
+        # seeded requests batch too: each keeps its own random stream, so its output is the same
+        # whatever else is queued
         return batch_key(job.request)
 
     async def _worker(self) -> None:
