@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # the math every layer shares: sampling and resampling primitives (the kernels' torch twins
     # reuse them: one definition), settings, prompt handling, grammar text, result records
     ("primitives", ["smcgen.config", "smcgen.sampling", "smcgen.resampling", "smcgen.prompts",
-                    "smcgen.grammars", "smcgen.result", "smcgen.trace"]),
+                    "smcgen.grammars", "smcgen.result", "smcgen.trace", "smcgen.streaming"]),
     ("kernels", ["smcgen.kernels"]),
     # model runners: a forward pass and its KV cache, no SMC (the transformers runner, the native
     # model and its paged cache, the embedded model's files)

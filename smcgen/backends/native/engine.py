@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,6 +266,7 @@ class NativeSMC:
         *,
         seeds: Sequence[int | None] | None = None,
         max_new_tokens: Sequence[int] | None = None,
+        on_cycle: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     ) -> BatchRun:
         """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts,
         all in one batch: prompts of different lengths run together, each row at its own position
@@ -281,7 +282,9 @@ class NativeSMC:
         weight zero raises :class:`AllParticlesDeadError` after the run (``on_dead="raise"``), or
         (``on_dead="flag"``) is flagged in ``BatchRun.dead`` with log-weights ``-inf`` while the
         other groups' results are returned as usual. Unlike the generic engine, a dead group is not
-        stopped early.
+        stopped early. ``on_cycle(tokens [R, W], lengths [R], log_weights [B, N])`` (host tensors, rows
+        in the callers' order when ``seeds`` or ``max_new_tokens`` are given) is called after every
+        cycle, the cycle after it not yet enqueued (streaming; it costs a device sync per cycle).
         """
         if on_dead not in ("raise", "flag"):
             raise ValueError(f"on_dead must be 'raise' or 'flag', got {on_dead!r}")
@@ -291,7 +294,7 @@ class NativeSMC:
             reason = self.unsupported_reason(g.prompt_len, g.limit)
             if reason is not None:
                 raise ValueError(reason)
-        run, self.last_timing = self._run_segments([prompts[i] for i in order], segments, progress)
+        run, self.last_timing = self._run_segments([prompts[i] for i in order], segments, progress, on_cycle)
         out = _reordered(run, order)
         if on_dead == "raise" and bool(out.dead.any()):
             groups = out.dead.nonzero().squeeze(-1).tolist()
@@ -347,7 +350,11 @@ class NativeSMC:
         return order, segments
 
     def _run_segments(
-        self, prompts: list[list[int]], segments: list[_Segment], progress: bool
+        self,
+        prompts: list[list[int]],
+        segments: list[_Segment],
+        progress: bool,
+        on_cycle: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     ) -> tuple[BatchRun, dict[str, float]]:
         """One batch of segments: prefill, capture, cycles; dead groups flagged, not raised.
 
@@ -392,13 +399,14 @@ class NativeSMC:
         # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
         # wait on the host at every step anyway)
         ahead = on_gpu if self.lookahead is None else self.lookahead
-        lag = 1 if ahead and self.mask is None else 0
+        # nor when someone watches every cycle: they must see it before the next one overwrites it
+        lag = 1 if ahead and self.mask is None and on_cycle is None else 0
         host = None
         if self.host_potential is not None:
             # host potentials score cycle c - 1 while the device runs cycle c (always, also on the
             # CPU, so the CPU tests check the lagged weights the GPU uses); with a guide every cycle
             # waits on the host anyway, and they score each cycle right after it
-            lag = 0 if self.mask is not None else 1
+            lag = 0 if self.mask is not None or on_cycle is not None else 1
             host = _HostScorer(self, state, prompts, lag)
         seen = -1
         for c in range(n_cycles):
@@ -420,6 +428,8 @@ class NativeSMC:
                 flag_ready[seen % 2].synchronize()
             if host is not None:
                 host.score(seen)
+            if on_cycle is not None:
+                on_cycle(state.history[:, : (seen + 1) * T].cpu(), state.lengths.cpu(), state.log_w.cpu())
             if bool(done_host[seen % 2]):
                 # a cycle enqueued after every particle finished changes nothing (no valid token, no
                 # weight, no resampling) and is not counted
