@@ -387,9 +387,21 @@ class Engine:
             requests.append(self.resolve(p, g, **extra))
         return self.run_requests(requests, progress=progress)
 
-    def run_requests(self, requests: Sequence[Request], progress: bool = False) -> list[SMCResult]:
+    def run_requests(
+        self,
+        requests: Sequence[Request],
+        progress: bool = False,
+        on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
+    ) -> list[SMCResult]:
         """Run resolved requests (:meth:`resolve`), grouped by setting as :meth:`batch` says; a request
-        whose particles all end at weight zero comes back with ``result.dead`` set."""
+        whose particles all end at weight zero comes back with ``result.dead`` set.
+
+        ``on_step(sequences, alive)`` watches the first request step by step (for streaming: its
+        particles' tokens so far and whether each has weight above zero); that request then runs
+        in a batch of its own."""
+        if on_step is not None:
+            first = self._run_group([requests[0]], progress=progress, on_dead="flag", on_step=on_step)
+            return first + (self.run_requests(requests[1:], progress) if len(requests) > 1 else [])
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(batch_key(r), []).append(i)

@@ -208,3 +208,28 @@ def test_scheduler_batches_waiting_requests_seeded_or_not():
     alone = engine("ab", seed=7)
     assert results[3].sequences == alone.sequences and results[3].text == alone.text
     assert all(r.engine == "native" for r in results)
+
+
+def test_streaming_through_the_openai_client(client):
+    """stream: true gives OpenAI chunks whose text adds up to the unstreamed answer (same seed)."""
+    kwargs = {"model": "tiny", "prompt": "ab", "max_tokens": 16, "seed": 0, "extra_body": {"ess_threshold": 1.0}}
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert any(c.choices[0].text for c in chunks[1:-1]), "no text streamed before the end"
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "ab"}], "max_tokens": 12, "seed": 1}
+    answer = client.chat.completions.create(**chat).choices[0].message.content
+    parts = list(client.chat.completions.create(stream=True, **chat))
+    assert parts[0].choices[0].delta.role == "assistant" and parts[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == answer
+    assert_works(client)
+
+
+def test_a_stream_reports_an_engine_error_and_the_server_goes_on(client):
+    with pytest.raises(openai.APIError, match="the engine failed"):
+        list(client.completions.create(model="tiny", prompt=[BOOM, 1], max_tokens=4, stream=True))
+    with pytest.raises(openai.BadRequestError, match="one prompt"):
+        client.completions.create(model="tiny", prompt=["ab", "ba"], max_tokens=4, stream=True)
+    assert_works(client)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ class QueueFull(RuntimeError):
 class _Job:
     request: Request
     future: asyncio.Future = field(repr=False)
+    #: a streamed request's per-step watcher (it runs in a batch of its own)
+    on_step: Callable[[list[list[int]], list[bool]], None] | None = field(default=None, repr=False)
 
 
 class Scheduler:
@@ -71,12 +74,17 @@ class Scheduler:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
-    def submit(self, request: Request) -> asyncio.Future:
-        """Queue a request; the future resolves to its :class:`SMCResult`. Raises :class:`QueueFull`."""
+    def submit(
+        self, request: Request, on_step: Callable[[list[list[int]], list[bool]], None] | None = None
+    ) -> asyncio.Future:
+        """Queue a request; the future resolves to its :class:`SMCResult`. Raises :class:`QueueFull`.
+
+        ``on_step`` (streaming) is called from the engine's thread after every step of the request
+        (see :meth:`Engine.run_requests`)."""
         assert self._queue is not None, "call start() first"
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Job(request, future))
+            self._queue.put_nowait(_Job(request, future, on_step))
         except asyncio.QueueFull:
             raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later") from None
         self.metrics.queue_depth = self.depth
@@ -84,7 +92,9 @@ class Scheduler:
 
     def _key(self, job: _Job) -> Any:
         # seeded requests batch too: each keeps its own random stream, so its output is the same
-        # whatever else is queued
+        # whatever else is queued; a streamed request is watched step by step and runs alone
+        if job.on_step is not None:
+            return ("stream", id(job))
         return batch_key(job.request)
 
     async def _worker(self) -> None:
@@ -106,7 +116,7 @@ class Scheduler:
                 t0 = time.perf_counter()
                 try:
                     results: list[SMCResult] = await loop.run_in_executor(
-                        self._executor, self.engine.run_requests, [j.request for j in live]
+                        self._executor, self.engine.run_requests, [j.request for j in live], False, live[0].on_step
                     )
                 except Exception as err:  # noqa: BLE001 - an engine error fails this group only; the worker goes on
                     for j in live:
