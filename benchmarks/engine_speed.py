@@ -12,7 +12,8 @@ would be), N=8 K=8, 512 new tokens (EOS off), prompts of random ids:
 4. ``engine.batch`` of 8 prompts of lengths 64, 128, ..., 512 (aggregate tok/s = 8 x 512 / wall):
    one native batch, each request at its own position with its own seed; then the same 8 prompts
    one request after another (what the engine did before mixed lengths shared a batch: one batch
-   per distinct length), and 8 prompts of one length (512) for comparison.
+   per distinct length), 8 prompts of one length (512) for comparison, and those 8 as one
+   ``NativeSMC.run`` sharing one random stream (the cost of a segment per request).
 
 ``--tiny`` runs the same steps on the CPU with a tiny Llama and the native engine's torch twins
 (a check that the script works, not a speed figure). Writes JSON to ``--out`` (default $OUT or .)
@@ -175,6 +176,12 @@ def main() -> None:
             record(f"{name}, call {i + 1}", wall, new * len(prompts), per_request_tok_s=new / wall,
                    decode_tok_s=new * len(prompts) / timing["decode_s"], prefill_s=timing["prefill_s"],
                    capture_s=timing["capture_s"])
+    # the same-length prompts as one segment sharing one random stream (no per-request segments)
+    _, wall = timed(lambda: native.run(same), device)
+    t = native.last_timing
+    record(f"NativeSMC.run, 8 prompts of length {batch_lens[-1]}, one shared stream", wall, new * len(same),
+           per_request_tok_s=new / wall, decode_tok_s=new * len(same) / t["decode_s"], prefill_s=t["prefill_s"],
+           capture_s=t["capture_s"])
     # the old schedule: one batch per distinct length, one after another (here: one request each)
     _, wall = timed(lambda: [engine(q, seed=0) for q in mixed], device)
     record(f"{cases[0][0]}, one length at a time (old grouping)", wall, new * len(mixed), per_request_tok_s=new / wall)
