@@ -9,8 +9,11 @@ would be), N=8 K=8, 512 new tokens (EOS off), prompts of random ids:
 2. ``engine(prompt)``: the first call and the second, wall tok/s (everything a user waits for:
    prompt checks, prefill, graph capture, decode, result); the target is second call >= 95% of (1).
 3. ``smcgen.generate`` twice (the cached Engine behind it).
-4. ``engine.batch`` of 8 prompts of lengths 64, 128, ..., 512 (aggregate tok/s = 8 x 512 / wall),
-   and of 8 prompts of one length (512) for comparison.
+4. ``engine.batch`` of 8 prompts of lengths 64, 128, ..., 512 (aggregate tok/s = 8 x 512 / wall):
+   one native batch, each request at its own position with its own seed; then the same 8 prompts
+   one request after another (what the engine did before mixed lengths shared a batch: one batch
+   per distinct length), 8 prompts of one length (512) for comparison, and those 8 as one
+   ``NativeSMC.run`` sharing one random stream (the cost of a segment per request).
 
 ``--tiny`` runs the same steps on the CPU with a tiny Llama and the native engine's torch twins
 (a check that the script works, not a speed figure). Writes JSON to ``--out`` (default $OUT or .)
@@ -169,7 +172,19 @@ def main() -> None:
     for name, prompts in cases:
         for i in range(2):
             _, wall = timed(lambda prompts=prompts: engine.batch(prompts, seed=0), device)
-            record(f"{name}, call {i + 1}", wall, new * len(prompts), per_request_tok_s=new / wall)
+            timing = next(reversed(engine._native.values()))[0].last_timing  # the NativeSMC that ran it
+            record(f"{name}, call {i + 1}", wall, new * len(prompts), per_request_tok_s=new / wall,
+                   decode_tok_s=new * len(prompts) / timing["decode_s"], prefill_s=timing["prefill_s"],
+                   capture_s=timing["capture_s"])
+    # the same-length prompts as one segment sharing one random stream (no per-request segments)
+    _, wall = timed(lambda: native.run(same), device)
+    t = native.last_timing
+    record(f"NativeSMC.run, 8 prompts of length {batch_lens[-1]}, one shared stream", wall, new * len(same),
+           per_request_tok_s=new / wall, decode_tok_s=new * len(same) / t["decode_s"], prefill_s=t["prefill_s"],
+           capture_s=t["capture_s"])
+    # the old schedule: one batch per distinct length, one after another (here: one request each)
+    _, wall = timed(lambda: [engine(q, seed=0) for q in mixed], device)
+    record(f"{cases[0][0]}, one length at a time (old grouping)", wall, new * len(mixed), per_request_tok_s=new / wall)
 
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

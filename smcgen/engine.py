@@ -5,18 +5,19 @@ An :class:`Engine` holds a target (and optional draft, potentials, proposal) and
 native GPU engine can run the models and options, it converts them to native runners then (once,
 cached per model object) and keeps one :class:`NativeSMC` per distinct setting, so repeated
 requests reuse it; otherwise every request runs on the generic engine. ``engine(prompt)`` runs one
-request, ``engine.batch(prompts)`` many: requests whose settings agree run as one native batch
-(``NativeSMC.run`` takes prompts of different lengths and groups them by length); the generic
-engine runs them one after another.
+request, ``engine.batch(prompts)`` many: requests whose settings agree (seeds and token limits may
+differ) run as one native batch, prompts of every length together, each request with its own
+random stream; the generic engine runs them one after another.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from smcgen.runners.transformers import (
 from smcgen.samplers.generic import SMC
 from smcgen.samplers.outcome import choose_answer, explained_dead_end
 from smcgen.samplers.run import AllParticlesDeadError, BatchRun, length_problem
+from smcgen.streaming import StablePrefix
 from smcgen.trace import TraceRecorder
 from smcgen.validation import (
     as_config,
@@ -132,8 +134,11 @@ class Request:
 
 
 def batch_key(request: Request) -> tuple:
-    """Requests with equal keys can share one native batch: the same config (seed included) and guide."""
-    return (request.config.model_dump_json(), id(request.grammar))
+    """Requests with equal keys can share one native batch: the same config up to the seed and the
+    token limit (each request keeps its own in the batch) and the same guide (a JSON schema's
+    budget counts down from the limit, so guided requests also share the limit)."""
+    free = {"seed": None} if request.grammar is not None else {"seed": None, "max_new_tokens": 1}
+    return (request.config.model_copy(update=free).model_dump_json(), id(request.grammar))
 
 
 class Engine:
@@ -319,6 +324,22 @@ class Engine:
         request = self.resolve(prompt, grammar, guide=guide, **overrides)
         return self._run_group([request], progress=progress, on_dead=policy, trace=trace)[0]
 
+    def stream(
+        self, prompt: PromptLike, *, guide: Any = None, grammar: Any = None, on_dead: str = "raise", **overrides: Any
+    ) -> TextStream:
+        """Run one request and iterate over its text as it becomes stable (a :class:`TextStream`).
+
+        What is streamed is the text of the longest token prefix that every live particle shares:
+        every later particle descends from a live one, so the final answer starts with it and no
+        streamed text is ever taken back (see :mod:`smcgen.streaming`). With much resampling
+        diversity that prefix can lag far behind the particles, up to the whole answer arriving at
+        the end. Concatenated, the deltas are ``result.text``; ``stream.result`` holds the
+        :class:`SMCResult` once the iterator is exhausted. Same arguments as calling the engine.
+        """
+        policy = check_on_dead(on_dead)
+        request = self.resolve(prompt, grammar, guide=guide, **overrides)
+        return TextStream(self, request, policy)
+
     def batch(
         self,
         prompts: Sequence[PromptLike],
@@ -333,12 +354,13 @@ class Engine:
         """Run many requests; results in the order of ``prompts``.
 
         ``seed``, ``max_new_tokens`` and ``guide`` (or ``grammar``) take one value for all or a list
-        (one per prompt); other overrides apply to all. Requests whose settings agree (config, seed,
-        guide) run as one batch on the native engine (B requests x N particles, one batch per prompt
-        length); on the generic engine, one after another. A batched request's result is seeded and
-        reproducible, but not the same draw as the same request run alone (the batch shares one
-        random stream), and its ``elapsed_s`` is the wall time of the batch it ran in. A request whose
-        particles all end at weight zero is returned with ``result.dead`` set (no exception).
+        (one per prompt); other overrides apply to all. Requests whose settings agree (config up to
+        seed and limit, guide) run as one batch on the native engine (B requests x N particles,
+        prompts of any length); on the generic engine, one after another. Each request draws from
+        its own random stream, so it gets the same tokens as the same request run alone with the
+        same seed (its weights to float rounding); its ``elapsed_s`` is the wall time of the batch
+        it ran in. A request whose particles all end at weight zero is returned with
+        ``result.dead`` set (no exception).
         """
         n = len(prompts)
 
@@ -365,9 +387,21 @@ class Engine:
             requests.append(self.resolve(p, g, **extra))
         return self.run_requests(requests, progress=progress)
 
-    def run_requests(self, requests: Sequence[Request], progress: bool = False) -> list[SMCResult]:
+    def run_requests(
+        self,
+        requests: Sequence[Request],
+        progress: bool = False,
+        on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
+    ) -> list[SMCResult]:
         """Run resolved requests (:meth:`resolve`), grouped by setting as :meth:`batch` says; a request
-        whose particles all end at weight zero comes back with ``result.dead`` set."""
+        whose particles all end at weight zero comes back with ``result.dead`` set.
+
+        ``on_step(sequences, alive)`` watches the first request step by step (for streaming: its
+        particles' tokens so far and whether each has weight above zero); that request then runs
+        in a batch of its own."""
+        if on_step is not None:
+            first = self._run_group([requests[0]], progress=progress, on_dead="flag", on_step=on_step)
+            return first + (self.run_requests(requests[1:], progress) if len(requests) > 1 else [])
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(batch_key(r), []).append(i)
@@ -378,9 +412,17 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def _run_group(
-        self, requests: list[Request], progress: bool, on_dead: str, trace: bool = False
+        self,
+        requests: list[Request],
+        progress: bool,
+        on_dead: str,
+        trace: bool = False,
+        on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
     ) -> list[SMCResult]:
-        """Requests sharing one config and guide: one native run, or generic runs one by one."""
+        """Requests sharing one config and guide: one native run, or generic runs one by one.
+
+        ``on_step(sequences, alive)``: after every step (cycle), the first request's particles'
+        tokens so far and whether each has weight above zero (streaming)."""
         cfg, guide = requests[0].config, requests[0].grammar
         with self._lock:
             self.stats["requests"] += len(requests)
@@ -388,7 +430,10 @@ class Engine:
             native = None
             if reason is None:
                 native = self._native_engine(cfg, guide, rows=cfg.n_particles * len(requests))
-                reason = next((r for r in (native.unsupported_reason(len(q.ids)) for q in requests) if r), None)
+                reason = next(
+                    (r for r in (native.unsupported_reason(len(q.ids), q.config.max_new_tokens) for q in requests) if r),
+                    None,
+                )
                 if reason is not None:
                     native = None
             if native is None and cfg.engine == "native":
@@ -397,7 +442,7 @@ class Engine:
                 if cfg.engine == "auto" and reason is not None:
                     _warn_fallback(reason)
                 for q in requests:  # the native engine checks its own cache; the generic one is checked here
-                    check_request_memory(cfg, self.target, self.draft, len(q.ids))
+                    check_request_memory(q.config, self.target, self.draft, len(q.ids))
             if isinstance(guide, GrammarPotential) and guide.schema is not None:
                 # the JSON budget twist counts down from this request's limit (the guide object is
                 # shared by requests with other limits: set it under the lock, right before the run)
@@ -405,16 +450,23 @@ class Engine:
             try:
                 if native is not None:
                     self.stats["native_requests"] += len(requests)
-                    run = native.run([q.ids for q in requests], progress=progress, on_dead=on_dead)
-                    return [self.result(run, b, cfg, guide, "native", None) for b in range(len(requests))]
+                    run = native.run(
+                        [q.ids for q in requests], progress=progress, on_dead=on_dead,
+                        seeds=[q.config.seed for q in requests],
+                        max_new_tokens=[q.config.max_new_tokens for q in requests],
+                        on_cycle=_native_watcher(on_step, cfg.n_particles) if on_step is not None else None,
+                    )
+                    return [self.result(run, b, q.config, guide, "native", None) for b, q in enumerate(requests)]
                 self.stats["generic_requests"] += len(requests)
-                smc = self._generic(cfg, guide)
                 out = []
-                for q in requests:
+                for q in requests:  # a group's requests may differ in seed and limit: each its own config
                     recorder = TraceRecorder(self.target.tokenizer) if trace else None
+                    if on_step is not None and q is requests[0]:
+                        recorder = _StepWatcher(on_step, cfg.n_particles)
+                    smc = self._generic(q.config, guide)
                     run = smc.run(q.ids, n_groups=1, progress=progress, on_dead=on_dead, recorder=recorder)
-                    res = self.result(run, 0, cfg, guide, "generic", reason)
-                    out.append(dataclasses.replace(res, trace=recorder.trace(0)) if recorder is not None else res)
+                    res = self.result(run, 0, q.config, guide, "generic", reason)
+                    out.append(dataclasses.replace(res, trace=recorder.trace(0)) if trace else res)
                 return out
             except AllParticlesDeadError as err:
                 raise explained_dead_end(err, self.target.tokenizer, masked=guide is not None) from None
@@ -488,6 +540,86 @@ class Engine:
         return res
 
 
+class TextStream:
+    """Iterator of text deltas of one running request (from :meth:`Engine.stream`).
+
+    The request runs in a thread of its own; each step's newly stable text (the live particles'
+    common prefix) is queued and handed out by ``next()``; the last delta is the rest of the final
+    answer. An error of the run is raised by ``next()``. ``result`` is the :class:`SMCResult` once
+    the iteration has ended (None before).
+    """
+
+    def __init__(self, engine: Engine, request: Request, on_dead: str):
+        self.result: SMCResult | None = None
+        self._prefix = StablePrefix(engine.target.tokenizer)
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._ended = False
+
+        def on_step(sequences: list[list[int]], alive: list[bool]) -> None:
+            delta = self._prefix.update(sequences, alive)
+            if delta:
+                self._queue.put(("text", delta))
+
+        def work() -> None:
+            try:
+                res = engine._run_group([request], progress=False, on_dead=on_dead, on_step=on_step)[0]
+                self._queue.put(("done", res))
+            except BaseException as err:  # noqa: BLE001 - handed to the reader, raised by next()
+                self._queue.put(("error", err))
+
+        self._thread = threading.Thread(target=work, name="smcgen-stream", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._ended:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "text":
+            return value
+        self._ended = True
+        self._thread.join()
+        if kind == "error":
+            raise value
+        self.result = value
+        rest = self._prefix.finish(value.text)
+        if rest:
+            return rest
+        raise StopIteration
+
+
+def _native_watcher(on_step: Callable[[list[list[int]], list[bool]], None], n: int) -> Callable[..., None]:
+    """``NativeSMC.run``'s per-cycle hook for :meth:`Engine._run_group`'s ``on_step`` (request 0)."""
+
+    def watch(tokens: Tensor, lengths: Tensor, log_w: Tensor) -> None:
+        rows = [row[:k] for row, k in zip(tokens[:n].tolist(), lengths[:n].tolist())]
+        on_step(rows, [bool(w > float("-inf")) for w in log_w[0].tolist()])
+
+    return watch
+
+
+class _StepWatcher:
+    """A recorder for the generic engine's step loop (as :class:`TraceRecorder`) that keeps request
+    0's particles' tokens through resampling and calls ``on_step(sequences, alive)`` every step."""
+
+    def __init__(self, on_step: Callable[[list[list[int]], list[bool]], None], n: int):
+        self.on_step, self.n = on_step, n
+        self.rows: list[list[int]] = [[] for _ in range(n)]
+
+    def record(self, block: Tensor, valid: Tensor, log_weights: Tensor, ess: Tensor, ancestors: Tensor | None) -> None:
+        n = self.n
+        for r, (toks, ok) in enumerate(zip(block[:n].tolist(), valid[:n].tolist())):
+            self.rows[r] += [t for t, v in zip(toks, ok) if v]
+        alive = [bool(w > float("-inf")) for w in log_weights[0].tolist()]
+        if ancestors is not None:
+            anc = ancestors[0].tolist()  # group 0's rows are 0..n-1: local ids are row ids
+            self.rows = [list(self.rows[a]) for a in anc]
+            alive = [alive[a] for a in anc]
+        self.on_step(self.rows, alive)
+
+
 def one_guide(guide: Any, grammar: Any) -> Any:
     """The guide asked for: ``guide=`` or its older name ``grammar=`` (both only when the same object)."""
     if guide is not None and grammar is not None and guide is not grammar:
@@ -515,4 +647,4 @@ def posterior_of(sequences: list[list[int]], log_weights: list[float], decoder: 
     return sorted(((t, w / total) for t, w in by_text.items()), key=lambda tw: -tw[1])
 
 
-__all__ = ["Engine", "Request", "batch_key", "chat_prompt_ids", "is_chat", "one_guide", "posterior_of", "prompt_ids"]
+__all__ = ["Engine", "Request", "TextStream", "batch_key", "chat_prompt_ids", "is_chat", "one_guide", "posterior_of", "prompt_ids"]

@@ -105,7 +105,8 @@ def test_batch_of_different_lengths_matches_single_calls(models, engine_name):
     batched = engine.batch(prompts, seed=seeds, max_new_tokens=[9, 6, 9])
     assert len(batched) == 3
     for prompt, seed, limit, res in zip(prompts, seeds, [9, 6, 9], batched):
-        # a request alone in its group is the same run as the single call
+        # one batch (native: prompts of three lengths, three seeds, two limits), each request the same
+        # draw as the single call with its seed
         same(res, engine(prompt, seed=seed, max_new_tokens=limit))
         assert max(len(s) for s in res.sequences) <= limit
 

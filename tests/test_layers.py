@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smcgen"
 LAYERS: list[tuple[str, list[str]]] = [
     # the math every layer shares (smcgen/core: settings, sampling and resampling primitives that the
     # kernels' torch twins reuse, result records), prompt handling, grammar text
-    ("primitives", ["smcgen.core", "smcgen.prompts", "smcgen.grammars", "smcgen.trace"]),
+    ("primitives", ["smcgen.core", "smcgen.prompts", "smcgen.grammars", "smcgen.trace", "smcgen.streaming"]),
     ("kernels", ["smcgen.kernels"]),
     # model runners: a forward pass and its KV cache, no SMC (the transformers runner, the native
     # model and its paged cache, the embedded model's files)

@@ -301,9 +301,45 @@ def test_context_bounds_are_checked_before_running(models):
         NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,)).run(PROMPT)
 
 
-def test_prompts_of_different_lengths_run_per_length(models):
-    """A call with two prompt lengths = one batch per length, merged back in the order given;
-    the second batch draws its own noise (another Philox key), reproducibly."""
+def _prompt(n: int, seed: int) -> list[int]:
+    return [int(t) for t in torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("resampler", ["systematic", "multinomial"])
+def test_mixed_lengths_in_one_batch_equal_each_request_alone(models, resampler):
+    """Prompts of different lengths, seeds and limits run as one batch (per-row positions, each
+    prompt prefilled into its own pages); each request gets the tokens it gets alone, and its weights
+    up to float rounding (a batch's matmuls may sum in another order than a single request's)."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=0, ess_threshold=0.9, resampler=resampler)
+    engine = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
+    prompts = [_prompt(n, i) for i, n in enumerate([5, 2, 13, 7, 2])]
+    seeds, limits = [3, 1, 4, 1, 5], [9, 6, 9, 3, 8]
+    mixed = engine.run(prompts, on_dead="flag", seeds=seeds, max_new_tokens=limits)
+    assert mixed.tokens.shape == (5, 4, 9)
+    resampled = 0
+    for b, (prompt, seed, limit) in enumerate(zip(prompts, seeds, limits)):
+        alone = engine.run([prompt], on_dead="flag", seeds=[seed], max_new_tokens=[limit])
+        assert torch.equal(mixed.tokens[b, :, :limit], alone.tokens[0]), b
+        assert (mixed.tokens[b, :, limit:] == EOS).all()  # past its own limit: padding
+        assert torch.equal(mixed.lengths[b], alone.lengths[0])
+        assert torch.allclose(mixed.log_weights[b], alone.log_weights[0], rtol=0, atol=1e-5)
+        assert torch.allclose(mixed.log_z[b], alone.log_z[0], rtol=0, atol=1e-5)
+        steps = alone.ess_history.shape[0]
+        assert torch.allclose(mixed.ess_history[:steps, b], alone.ess_history[:, 0], rtol=0, atol=1e-4)
+        assert torch.equal(mixed.resampled[:steps, b], alone.resampled[:, 0])
+        assert torch.isnan(mixed.ess_history[steps:, b]).all()  # it had stopped: no steps after that
+        resampled += int(alone.resampled.sum())
+    assert resampled > 0, "the check must cover resampling"
+    # a seed alone equals the config's seed
+    again = NativeSMC(native_target, cfg.model_copy(update={"seed": 4, "max_new_tokens": 9}), draft=native_draft,
+                      eos_token_ids=(EOS,), page_size=4).run([prompts[2]], on_dead="flag")
+    assert torch.equal(again.tokens[0], mixed.tokens[2])
+
+
+def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):
+    """Without per-request seeds the groups of one length share the config's stream (the i-th
+    length another key), in the order given; reproducible."""
     _, native_target, native_draft = models
     cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=MAX_NEW, seed=7, ess_threshold=0.5)
     engine = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
@@ -311,37 +347,28 @@ def test_prompts_of_different_lengths_run_per_length(models):
     prompts = [short if i % 2 == 0 else long for i in range(24)]
     mixed = engine.run(prompts)
     assert mixed.tokens.shape == (24, 4, MAX_NEW) and not bool(mixed.dead.any())
-    assert mixed.ess_history.shape[1] == 24
     alone_short = engine.run([short] * 12)
-    alone_long, _ = engine._run_one_length([long] * 12, False, 1)
-    for got, want in ((slice(0, None, 2), alone_short), (slice(1, None, 2), alone_long)):
-        assert torch.equal(mixed.tokens[got], want.tokens) and torch.equal(mixed.lengths[got], want.lengths)
-        assert torch.equal(mixed.log_z[got], want.log_z)
-        assert torch.allclose(mixed.log_weights[got], want.log_weights)
-    other_stream, _ = engine._run_one_length([short] * 12, False, 1)
-    assert not torch.equal(other_stream.tokens, alone_short.tokens)
+    assert torch.equal(mixed.tokens[::2], alone_short.tokens)
+    assert torch.allclose(mixed.log_z[::2], alone_short.log_z, rtol=0, atol=1e-5)
+    alone_long = engine.run([long] * 12)  # the first length of its own call: the config's key, not the second's
+    assert not torch.equal(mixed.tokens[1::2], alone_long.tokens)
     assert torch.equal(engine.run(prompts).tokens, mixed.tokens)
 
 
-def test_merged_runs_pad_the_batch_that_stopped_earlier():
-    """_merge_runs: groups back in the callers' order; a batch with fewer cycles padded NaN / False."""
+def test_segments_come_back_in_the_callers_order():
     from smcgen.samplers.generic import BatchRun
-    from smcgen.samplers.native import _merge_runs
+    from smcgen.samplers.native import _reordered
 
-    def run(n_groups, n_cycles, fill):
-        return BatchRun(
-            tokens=torch.full((n_groups, 2, 3), fill), lengths=torch.full((n_groups, 2), fill),
-            log_weights=torch.full((n_groups, 2), -math.log(2)), log_z=torch.full((n_groups,), float(fill)),
-            ess_history=torch.full((n_cycles, n_groups), 2.0), resampled=torch.ones(n_cycles, n_groups, dtype=torch.bool),
-            elapsed_s=1.5, dead=torch.tensor([fill == 7] * n_groups),
-        )
-
-    merged = _merge_runs([([1, 3], run(2, 4, 7)), ([0, 2, 4], run(3, 2, 5))], 5)
-    assert merged.tokens[:, 0, 0].tolist() == [5, 7, 5, 7, 5] and merged.log_z.tolist() == [5, 7, 5, 7, 5]
-    assert merged.dead.tolist() == [False, True, False, True, False] and merged.elapsed_s == 3.0
-    assert merged.ess_history.shape == (4, 5) and torch.isnan(merged.ess_history[2:, [0, 2, 4]]).all()
-    assert not merged.resampled[2:, [0, 2, 4]].any() and merged.resampled[:, [1, 3]].all()
-    assert (merged.ess_history[:, [1, 3]] == 2.0).all()
+    n = 4
+    run = BatchRun(
+        tokens=torch.arange(n).view(n, 1, 1), lengths=torch.ones(n, 1, dtype=torch.long),
+        log_weights=torch.zeros(n, 1), log_z=torch.arange(n).double(), ess_history=torch.arange(n).float()[None],
+        resampled=torch.tensor([[True, False, False, True]]), elapsed_s=1.0, dead=torch.tensor([1, 0, 0, 0]).bool(),
+    )
+    back = _reordered(run, [2, 0, 3, 1])  # batch group j is the caller's order[j]
+    assert back.tokens.flatten().tolist() == [1, 3, 0, 2] and back.log_z.tolist() == [1, 3, 0, 2]
+    assert back.ess_history[0].tolist() == [1, 3, 0, 2] and back.dead.tolist() == [False, False, True, False]
+    assert back.resampled[0].tolist() == [False, True, True, False]
 
 
 def test_a_long_prompt_fits_the_pool_sized_for_it(models):

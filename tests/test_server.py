@@ -182,9 +182,9 @@ def test_health_and_metrics(server, client):
     assert [m.id for m in models.data] == ["tiny"]
 
 
-def test_scheduler_batches_waiting_requests_and_runs_seeded_ones_alone():
-    """Requests waiting together go to the engine in one call; agreeing unseeded ones share one native
-    batch, a seeded one runs alone (its output must not depend on other traffic)."""
+def test_scheduler_batches_waiting_requests_seeded_or_not():
+    """Requests waiting together go to the engine in one call and share one native batch, whatever
+    their prompt lengths; a seeded one keeps its own stream (its output does not depend on other traffic)."""
     import asyncio
 
     from smcgen.server.metrics import ServerMetrics
@@ -203,8 +203,33 @@ def test_scheduler_batches_waiting_requests_and_runs_seeded_ones_alone():
         return results, metrics
 
     results, metrics = asyncio.run(scenario())
-    assert metrics.batches == 2  # the three unseeded requests in one native run, the seeded one alone
+    assert metrics.batches == 1  # all four requests in one native run
     assert engine.stats["native_requests"] == 4 and engine.stats["native_engines_built"] == 1  # one per setting, any seed
     alone = engine("ab", seed=7)
     assert results[3].sequences == alone.sequences and results[3].text == alone.text
     assert all(r.engine == "native" for r in results)
+
+
+def test_streaming_through_the_openai_client(client):
+    """stream: true gives OpenAI chunks whose text adds up to the unstreamed answer (same seed)."""
+    kwargs = {"model": "tiny", "prompt": "ab", "max_tokens": 16, "seed": 0, "extra_body": {"ess_threshold": 1.0}}
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert any(c.choices[0].text for c in chunks[1:-1]), "no text streamed before the end"
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "ab"}], "max_tokens": 12, "seed": 1}
+    answer = client.chat.completions.create(**chat).choices[0].message.content
+    parts = list(client.chat.completions.create(stream=True, **chat))
+    assert parts[0].choices[0].delta.role == "assistant" and parts[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == answer
+    assert_works(client)
+
+
+def test_a_stream_reports_an_engine_error_and_the_server_goes_on(client):
+    with pytest.raises(openai.APIError, match="the engine failed"):
+        list(client.completions.create(model="tiny", prompt=[BOOM, 1], max_tokens=4, stream=True))
+    with pytest.raises(openai.BadRequestError, match="one prompt"):
+        client.completions.create(model="tiny", prompt=["ab", "ba"], max_tokens=4, stream=True)
+    assert_works(client)

@@ -6,7 +6,12 @@ value that changes between cycles (positions, the cycle index, RNG offsets) live
 so on a GPU the whole cycle is captured once as a CUDA graph and replayed; the host only reads
 one flag per cycle to stop early when every particle has finished.
 
-Layout of the token stream (all rows of a run have the same length):
+A run is one batch of B requests x N particles; its requests may have prompts of different
+lengths, seeds and token limits. The batch is cut into *segments* (one request, or the requests of
+one prompt length sharing one seed), each with its own cache position and its own Philox stream, so
+a request's draws do not depend on the others; the models run every row at once at its own position.
+
+Layout of one row's token stream:
 - the target's cache holds every token but the last one (the bonus of the previous cycle, or the
   last prompt token at the start), which the next verify feeds first;
 - the draft's cache holds every token but the last two (the last drafted token and the bonus),
@@ -22,7 +27,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -173,23 +179,24 @@ class NativeSMC:
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
         self.last_timing: dict[str, float] = {}
 
-    def unsupported_reason(self, prompt_len: int) -> str | None:
+    def unsupported_reason(self, prompt_len: int, max_new_tokens: int | None = None) -> str | None:
         """Why a prompt of ``prompt_len`` tokens cannot run here (None when it can).
 
-        Checked before a run (``run`` raises it; ``engine='auto'`` falls back to the generic engine).
+        ``max_new_tokens``: the request's own limit (default: the config's). Checked before a run
+        (``run`` raises it; ``engine='auto'`` falls back to the generic engine).
         """
-        cfg = self.config
+        limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         T = self.block + 1
         min_prompt = 2 if self.draft is not None else 1
         if prompt_len < min_prompt:
             return f"the native engine needs a prompt of at least {min_prompt} tokens, got {prompt_len}"
         # the position tables actually built (from_hf/from_pretrained may shorten them), draft included
         context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
-        problem = length_problem(prompt_len, cfg.max_new_tokens, context)
+        problem = length_problem(prompt_len, limit, context)
         if problem is not None:
             return problem
         # every cycle writes all K+1 positions, so the last one may reach past max_new_tokens
-        reach = self._positions_written(prompt_len)
+        reach = self._positions_written(prompt_len, limit)
         if reach > context:
             return (
                 f"the last cycle of K+1 = {T} positions would reach position {reach - 1}, past the model context "
@@ -198,20 +205,22 @@ class NativeSMC:
             )
         return None
 
-    def _positions_written(self, prompt_len: int) -> int:
+    def _positions_written(self, prompt_len: int, max_new_tokens: int | None = None) -> int:
         """Positions a row's cache holds at the end: the target all but the last token (the draft
         all but two) of the prompt and of every whole cycle of K+1 tokens."""
         T = self.block + 1
-        return prompt_len - 1 + -(-self.config.max_new_tokens // T) * T
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return prompt_len - 1 + -(-limit // T) * T
 
     # ------------------------------------------------------------------------------ setup
 
-    def _make_cache(
-        self, model: NativeCausalLM, n_rows: int, n_requests: int, prompt_len: int, max_len: int, share: float
-    ) -> PagedKVCache:
-        """A cache sized for the worst case of this run; on CUDA checked against free memory."""
-        max_pages = -(-max_len // self.page_size)
-        available, where = 1 << 62, ""
+    def _make_cache(self, model: NativeCausalLM, segments: list[_Segment], lag: int, share: float) -> PagedKVCache:
+        """A cache sized for the worst case of these segments (their needs add up); on CUDA checked
+        against free memory. ``lag``: how many fewer prompt tokens this model's cache holds (the
+        target 1, the draft 2)."""
+        lengths = [self._positions_written(g.prompt_len, g.limit) for g in segments]
+        max_pages = -(-max(lengths) // self.page_size)
+        available, where = 1 << 62, "in the pool"
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             # memory torch's allocator holds but no tensor uses (an earlier batch's pools) is free too
@@ -222,7 +231,27 @@ class NativeSMC:
             available = int(free * self.kv_memory_fraction * share // per_page)
             who = "the draft" if model is self.draft else "the target"
             where = f"for {who} in {share * self.kv_memory_fraction:.0%} of {free / 2**30:.1f} GiB free GPU memory"
-        needed = PagedKVCache.check_budget(n_rows, n_requests, prompt_len, max_len, self.page_size, available, where)
+        N = self.config.n_particles
+        if len(segments) == 1:
+            g = segments[0]
+            needed = PagedKVCache.check_budget(
+                g.n_rows, g.n_groups, max(g.prompt_len - lag, 1), lengths[0], self.page_size, available, where
+            )
+        else:
+            # each segment's worst case, summed (a segment's prompt pages are shared only inside it)
+            needed = sum(
+                PagedKVCache.pages_needed(g.n_rows, g.n_groups, max(g.prompt_len - lag, 1), n, self.page_size)
+                for g, n in zip(segments, lengths)
+            )
+            if needed > available:
+                raise ValueError(
+                    f"KV cache too small: {needed} pages of {self.page_size} tokens needed in the worst case "
+                    f"({sum(g.n_groups for g in segments)} request(s) x {N} particles, prompts of "
+                    f"{min(g.prompt_len for g in segments)}..{max(g.prompt_len for g in segments)} tokens, "
+                    f"up to {max(lengths)} tokens per row), {available} available {where}; give the cache more "
+                    f"memory or run fewer requests at once"
+                )
+        n_rows = sum(g.n_rows for g in segments)
         return model.make_cache(needed, n_rows, max_pages, self.page_size)
 
     # -------------------------------------------------------------------------------- run
@@ -234,34 +263,39 @@ class NativeSMC:
         n_groups: int | None = None,
         progress: bool = False,
         on_dead: str = "raise",
+        *,
+        seeds: Sequence[int | None] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+        on_cycle: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     ) -> BatchRun:
-        """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts.
+        """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts,
+        all in one batch: prompts of different lengths run together, each row at its own position
+        over the shared paged KV pool (one prefill per request into its own pages, one cycle for all).
 
-        The cycle is one static shape, so prompts of different lengths run as one batch per
-        distinct length (each with its own graph capture and its own random stream), merged back
-        into the order given; ``ess_history`` / ``resampled`` of a batch that stopped earlier are
-        padded with NaN / False, and ``elapsed_s`` and ``last_timing`` sum over the batches. A group whose particles all end at weight zero raises
-        :class:`AllParticlesDeadError` after the run (``on_dead="raise"``), or (``on_dead="flag"``)
-        is flagged in ``BatchRun.dead`` with log-weights ``-inf`` while the other groups' results
-        are returned as usual. Unlike the generic engine, a dead group is not stopped early.
+        The batch is cut into *segments*, each with its own positions and its own random stream:
+        ``seeds`` / ``max_new_tokens`` (one per prompt; a seed None draws a fresh one) make every
+        request its own segment, so each request gets exactly the tokens and weights it gets run
+        alone with that seed and limit. Without them, the groups of one prompt length form one
+        segment seeded by the config (the i-th distinct length with a key derived from it).
+        ``tokens`` is as wide as the largest limit; ``ess_history`` / ``resampled`` are NaN / False
+        for a request's cycles after all its particles finished. A group whose particles all end at
+        weight zero raises :class:`AllParticlesDeadError` after the run (``on_dead="raise"``), or
+        (``on_dead="flag"``) is flagged in ``BatchRun.dead`` with log-weights ``-inf`` while the
+        other groups' results are returned as usual. Unlike the generic engine, a dead group is not
+        stopped early. ``on_cycle(tokens [R, W], lengths [R], log_weights [B, N])`` (host tensors, rows
+        in the callers' order when ``seeds`` or ``max_new_tokens`` are given) is called after every
+        cycle, the cycle after it not yet enqueued (streaming; it costs a device sync per cycle).
         """
         if on_dead not in ("raise", "flag"):
             raise ValueError(f"on_dead must be 'raise' or 'flag', got {on_dead!r}")
         prompts = _as_prompts(prompt_ids, n_groups)
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
-        for length in by_length:
-            reason = self.unsupported_reason(length)
+        order, segments = self._segments(prompts, seeds, max_new_tokens)
+        for g in segments:
+            reason = self.unsupported_reason(g.prompt_len, g.limit)
             if reason is not None:
                 raise ValueError(reason)
-        parts, timings = [], []
-        for stream, idx in enumerate(by_length.values()):
-            run, timing = self._run_one_length([prompts[i] for i in idx], progress, stream)
-            parts.append((idx, run))
-            timings.append(timing)
-        out = parts[0][1] if len(parts) == 1 else _merge_runs(parts, len(prompts))
-        self.last_timing = {k: sum(t[k] for t in timings) for k in timings[0]}
+        run, self.last_timing = self._run_segments([prompts[i] for i in order], segments, progress, on_cycle)
+        out = _reordered(run, order)
         if on_dead == "raise" and bool(out.dead.any()):
             groups = out.dead.nonzero().squeeze(-1).tolist()
             g = groups[0]
@@ -274,20 +308,64 @@ class NativeSMC:
             raise dead_group_error(groups, partial, finished, self.potential, cause=cause)
         return out
 
-    def _run_one_length(
-        self, prompts: list[list[int]], progress: bool, stream: int
-    ) -> tuple[BatchRun, dict[str, float]]:
-        """One batch of prompts of one length: prefill, capture, cycles; dead groups flagged, not raised.
-        Returns the run and its timing (prefill, capture and decode seconds, cycles).
+    def _segments(
+        self,
+        prompts: list[list[int]],
+        seeds: Sequence[int | None] | None,
+        limits: Sequence[int] | None,
+    ) -> tuple[list[int], list[_Segment]]:
+        """The batch order of the prompts (segments contiguous) and the segments."""
+        n, N = len(prompts), self.config.n_particles
+        for name, values in (("seeds", seeds), ("max_new_tokens", limits)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
+        if limits is not None:
+            for m in limits:
+                if not isinstance(m, int) or m < 1:
+                    raise ValueError(f"max_new_tokens must be integers >= 1, got {m!r}")
+        if seeds is None and limits is None:
+            by_length: dict[int, list[int]] = {}
+            for i, p in enumerate(prompts):
+                by_length.setdefault(len(p), []).append(i)
+            parts = [(idx, self.config.seed, stream, self.config.max_new_tokens) for stream, idx in enumerate(by_length.values())]
+        else:
+            parts = [
+                (
+                    [i],
+                    seeds[i] if seeds is not None else self.config.seed,
+                    0,
+                    limits[i] if limits is not None else self.config.max_new_tokens,
+                )
+                for i in range(n)
+            ]
+        order, segments, g0 = [], [], 0
+        for idx, seed, stream, limit in parts:
+            if seed is None:
+                seed = random.SystemRandom().getrandbits(62)
+            # another segment of the same seed: a key far from it (Philox streams of distinct keys are independent)
+            key = (int(seed) + stream * 0x9E3779B97F4A7C15) % (2**62)
+            segments.append(_Segment(g0, g0 + len(idx), N, len(prompts[idx[0]]), int(limit), key))
+            order += idx
+            g0 += len(idx)
+        return order, segments
 
-        ``stream`` > 0 derives another seed from the config's (each batch of a call its own noise).
+    def _run_segments(
+        self,
+        prompts: list[list[int]],
+        segments: list[_Segment],
+        progress: bool,
+        on_cycle: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+    ) -> tuple[BatchRun, dict[str, float]]:
+        """One batch of segments: prefill, capture, cycles; dead groups flagged, not raised.
+
+        Returns the run (in the order of ``prompts``) and its timing (prefill, capture and decode
+        seconds, cycles).
         """
         cfg = self.config
-        B, N, K = len(prompts), cfg.n_particles, self.block
-        R, T = B * N, K + 1
-        P = len(prompts[0])
-        n_cycles = -(-cfg.max_new_tokens // T)
-        max_len = self._positions_written(P)
+        B, N = len(prompts), cfg.n_particles
+        T = self.block + 1
+        limit = max(g.limit for g in segments)
+        n_cycles = -(-limit // T)
         dev = self.device
         t_start = time.perf_counter()
 
@@ -296,16 +374,12 @@ class NativeSMC:
             kv_t = self.target.kv_bytes_per_token()
             kv_d = self.draft.kv_bytes_per_token()
             share_t = kv_t / (kv_t + kv_d)
-        tcache = self._make_cache(self.target, R, B, P - 1, max_len, share_t)
-        dcache = (
-            self._make_cache(self.draft, R, B, max(P - 2, 1), max_len, 1.0 - share_t)
-            if self.draft is not None
-            else None
-        )
+        tcache = self._make_cache(self.target, segments, 1, share_t)
+        dcache = self._make_cache(self.draft, segments, 2, 1.0 - share_t) if self.draft is not None else None
 
-        state = _CycleState(self, prompts, n_cycles, tcache, dcache, stream)
+        state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
         if self.potential is not None:
-            self.potential.start(prompts[0], R)
+            self.potential.start(prompts[0], state.R)
         self._start_potentials(state, prompts)
         self._prefill(state, prompts)
         _sync(dev)
@@ -317,7 +391,7 @@ class NativeSMC:
             graph = self._capture(state)
         _sync(dev)
         t_decode = time.perf_counter()
-        bar = tqdm(total=cfg.max_new_tokens, disable=not progress, desc="smc (native)", unit="tok", leave=False)
+        bar = tqdm(total=limit, disable=not progress, desc="smc (native)", unit="tok", leave=False)
         # one done flag per cycle in flight, read by the host when that cycle's event has passed
         on_gpu = dev.type == "cuda"
         done_host = torch.zeros(2, dtype=torch.bool, pin_memory=on_gpu)
@@ -325,13 +399,14 @@ class NativeSMC:
         # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
         # wait on the host at every step anyway)
         ahead = on_gpu if self.lookahead is None else self.lookahead
-        lag = 1 if ahead and self.mask is None else 0
+        # nor when someone watches every cycle: they must see it before the next one overwrites it
+        lag = 1 if ahead and self.mask is None and on_cycle is None else 0
         host = None
         if self.host_potential is not None:
             # host potentials score cycle c - 1 while the device runs cycle c (always, also on the
             # CPU, so the CPU tests check the lagged weights the GPU uses); with a guide every cycle
             # waits on the host anyway, and they score each cycle right after it
-            lag = 0 if self.mask is not None else 1
+            lag = 0 if self.mask is not None or on_cycle is not None else 1
             host = _HostScorer(self, state, prompts, lag)
         seen = -1
         for c in range(n_cycles):
@@ -345,7 +420,7 @@ class NativeSMC:
                 host.snapshot(c)
             if flag_ready is not None:
                 flag_ready[c % 2].record(torch.cuda.current_stream(dev))  # the models' device, not the current one
-            bar.update(min(T, cfg.max_new_tokens - bar.n))
+            bar.update(min(T, limit - bar.n))
             seen = c - lag  # with the lookahead, cycle c runs while the host reads cycle c - 1's flag
             if seen < 0:
                 continue
@@ -353,6 +428,8 @@ class NativeSMC:
                 flag_ready[seen % 2].synchronize()
             if host is not None:
                 host.score(seen)
+            if on_cycle is not None:
+                on_cycle(state.history[:, : (seen + 1) * T].cpu(), state.lengths.cpu(), state.log_w.cpu())
             if bool(done_host[seen % 2]):
                 # a cycle enqueued after every particle finished changes nothing (no valid token, no
                 # weight, no resampling) and is not counted
@@ -381,13 +458,22 @@ class NativeSMC:
         # dead during the run (the weight update leaves a dead group's -inf weights as they are), or
         # (with a grammar) no particle ended inside the language
         dead = torch.isneginf(state.log_w).all(dim=1).cpu()
-        width = cfg.max_new_tokens
+        ess = state.ess_history[:n_cycles].cpu()
+        resampled = state.resampled_history[:n_cycles].cpu()
+        finished = state.done_history[:n_cycles].cpu()
+        for g in segments:
+            # a segment's cycles after all its particles finished: the run alone would have stopped
+            ended = finished[:, g.g0 : g.g1].all(dim=1).nonzero()
+            if ended.numel():
+                after = int(ended[0]) + 1
+                ess[after:, g.g0 : g.g1] = math.nan
+                resampled[after:, g.g0 : g.g1] = False
         run = BatchRun.from_log_weights(
-            state.history[:, :width].reshape(B, N, width),
+            state.history[:, :limit].reshape(B, N, limit),
             state.lengths.view(B, N),
             state.log_w.double(),
-            state.ess_history[:n_cycles],
-            state.resampled_history[:n_cycles],
+            ess,
+            resampled,
             elapsed,
             dead,
         )
@@ -396,27 +482,29 @@ class NativeSMC:
     # ---------------------------------------------------------------------------- prefill
 
     def _prefill(self, s: _CycleState, prompts: list[list[int]]) -> None:
-        """Prefill every request's prompt in one batched forward and share its pages with the group.
+        """Prefill every segment's prompts (one batched forward per segment, each prompt into its
+        own pages) and share each prompt's pages with its group.
 
-        The B prompts go into rows 0..B-1 (a ``rows`` view of the cache); one resample then makes
-        row b*N + i a copy of row b: full pages shared, partial last page copied.
+        A segment's B prompts go into its first B rows (a ``rows`` view of the cache); one resample
+        of the segment's rows then makes row b*N + i a copy of row b: full pages shared, partial
+        last page copied.
         """
         N = self.config.n_particles
-        B = len(prompts)
         dev = self.device
-        P = len(prompts[0])
-        ids = torch.tensor(prompts, dtype=torch.long, device=dev)
-        owner = torch.arange(B, device=dev).repeat_interleave(N)
-        for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
-            if model is None or cache is None or n_fed == 0:
-                continue
-            view = cache.rows(0, B)
-            view.reserve(n_fed)
-            model(ids[:, :n_fed], torch.zeros(B, dtype=torch.int32, device=dev), view, last_only=True)
-            cache.resample(owner, n_fed)
         tail = 2 if self.draft is not None else 1
-        s.pending.copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
-        s.pos.fill_(P - 1)
+        for i, g in enumerate(s.segments):
+            P = g.prompt_len
+            ids = torch.tensor(prompts[g.g0 : g.g1], dtype=torch.long, device=dev)
+            owner = torch.arange(g.n_groups, device=dev).repeat_interleave(N)
+            for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
+                if model is None or cache is None or n_fed == 0:
+                    continue
+                view = cache.rows(g.r0, g.r0 + g.n_groups)
+                view.reserve(n_fed)
+                model(ids[:, :n_fed], torch.zeros(g.n_groups, dtype=torch.int32, device=dev), view, last_only=True)
+                cache.rows(g.r0, g.r1).resample(owner, n_fed)
+            s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
+            s.pos[i : i + 1].fill_(P - 1)
 
     # ------------------------------------------------------------------------------ cycle
 
@@ -430,11 +518,11 @@ class NativeSMC:
         cfg = self.config
         K, T = self.block, self.block + 1
         R = s.R
-        V = self.target.vocab_size
-        pos = s.pos  # [1] int32: tokens in the target's cache
+        pos = s.pos[s.seg_of_row]  # [R] int32: tokens in each row's target cache (per segment)
         masked = self.mask is not None
 
-        s.tcache.reserve(pos + T)
+        for i, view in enumerate(s.tviews):
+            view.reserve(s.pos[i : i + 1] + T)
         drafted: list[Tensor] = []
         log_q: list[Tensor] = []
         if masked:
@@ -442,16 +530,16 @@ class NativeSMC:
             # drafted token (eager path: syncs)
             host_tokens = [s.host_history]
         if self.draft is not None:
-            s.dcache.reserve(pos + K)
+            for i, view in enumerate(s.dviews):
+                view.reserve(s.pos[i : i + 1] + K)
             feed, start = s.pending, pos - 1
             for k in range(K):
                 # the mask is requested (token ids read) before the forward and computed after its
                 # launch, so on a GPU the host builds it while the device runs the draft
                 pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
-                logits = self.draft(feed, start.expand(R), s.dcache, last_only=True)
+                logits = self.draft(feed, start, s.dcache, last_only=True)
                 allowed = pending.result().to(self.device) if masked else None
-                tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset, allowed)
-                s.offset.add_(R * V)
+                tok, lp, ln = self._sample(s, logits, 1.0 / cfg.draft_temperature, 1.0, allowed)
                 drafted.append(tok)
                 if masked:
                     host_tokens.append(tok[:, None].cpu())
@@ -468,11 +556,10 @@ class NativeSMC:
             y = s.pending[:, :0]
             verify_in = s.pending
         pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
-        logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
+        logits = self.target(verify_in, pos, s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
         allowed = pending.result().to(self.device) if masked else None
-        bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
-        s.offset.add_(R * V)
+        bonus, _, bonus_norm = self._sample(s, logits[:, K], scale, cfg.alpha, allowed)
         # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
         # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
         if K > 0:
@@ -494,6 +581,23 @@ class NativeSMC:
             done_w = s.host_history.shape[1]
             s.host_history = torch.cat([s.host_history[anc_host], s.history[:, done_w : done_w + T].cpu()], dim=1)
 
+    def _sample(
+        self, s: _CycleState, logits: Tensor, scale: float, alpha: float, allowed: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``fused_sample`` of each segment's rows from the segment's own Philox stream (its key and
+        offset), so a request's draws do not depend on what else runs in the batch."""
+        V = logits.shape[-1]
+        parts = []
+        for i, g in enumerate(s.segments):
+            rows = slice(g.r0, g.r1)
+            mine = allowed[rows] if allowed is not None else None
+            parts.append(fused_sample(logits[rows], scale, alpha, s.seed[i : i + 1], s.offset[i : i + 1], mine))
+            s.offset[i : i + 1].add_(g.n_rows * V)
+        if len(parts) == 1:
+            return parts[0]
+        tok, lp, ln = (torch.cat(x) for x in zip(*parts))
+        return tok, lp, ln
+
     def _finish(self, s: _CycleState, y: Tensor, bonus: Tensor, token_w: Tensor) -> Tensor:
         """Record the block, add the weights, resample and update the caches (device only).
 
@@ -502,12 +606,14 @@ class NativeSMC:
         cfg = self.config
         K, T = self.block, self.block + 1
         R = s.R
-        pos = s.pos
         block = torch.cat([y, bonus[:, None]], dim=1)
 
         gen_idx = s.cycle * T + s.arange_t  # [T] positions of this block in the continuation
+        in_budget = gen_idx if s.limits is None else gen_idx[None, :]
+        limit = cfg.max_new_tokens if s.limits is None else s.limits
         adv = advance(
-            block, token_w, s.done, s.lengths, s.eos, cfg.max_new_tokens, self.pad_id, gen_idx < cfg.max_new_tokens
+            block, token_w, s.done, s.lengths, s.eos, limit, self.pad_id,
+            in_budget < (limit if s.limits is None else limit[:, None]),
         )
         s.history.scatter_(1, gen_idx.expand(R, T), adv.block)
         s.lengths.copy_(adv.lengths)
@@ -531,14 +637,20 @@ class NativeSMC:
         # no resampling once every particle has finished (at the latest the last cycle, where every
         # row reaches max_new_tokens): it would only add noise to the final weights; decided on
         # the device, so graphs keep it
-        if self.resampler is None:
-            allow = (~s.done.all()).to(torch.int32).reshape(1)
-            anc, ess, resampled, _ = smc_weight_update(
-                s.log_w, inc.view(s.B, -1).float(), cfg.ess_threshold, s.seed, s.offset, allow
-            )
-            s.offset.add_(s.B)
-        else:
-            anc, ess, resampled = self._torch_resample(s, inc)
+        inc = inc.view(s.B, -1).float()
+        parts = []
+        for i, g in enumerate(s.segments):
+            groups = slice(g.g0, g.g1)
+            if self.resampler is None:
+                allow = (~s.done[g.r0 : g.r1].all()).to(torch.int32).reshape(1)
+                anc, ess, resampled, _ = smc_weight_update(
+                    s.log_w[groups], inc[groups], cfg.ess_threshold, s.seed[i : i + 1], s.offset[i : i + 1], allow
+                )
+                s.offset[i : i + 1].add_(g.n_groups)
+            else:
+                anc, ess, resampled = self._torch_resample(s, i, inc[groups])
+            parts.append((anc + g.r0 if g.r0 else anc, ess, resampled))
+        anc, ess, resampled = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
         s.ess_history.index_copy_(0, s.cycle, ess[None])
         s.resampled_history.index_copy_(0, s.cycle, resampled[None])
 
@@ -553,30 +665,36 @@ class NativeSMC:
             s.device_prev.copy_(s.device_prev[:, anc])
         if self.host_potential is not None:
             s.last_anc.copy_(anc)
-        s.tcache.resample(anc, pos + T)
-        if self.draft is not None:
-            s.dcache.resample(anc, pos + K)
+        for i, g in enumerate(s.segments):
+            local = anc[g.r0 : g.r1] - g.r0 if g.r0 else anc[g.r0 : g.r1]
+            s.tviews[i].resample(local, s.pos[i : i + 1] + T)
+            if self.draft is not None:
+                s.dviews[i].resample(local, s.pos[i : i + 1] + K)
         s.all_done.copy_(s.done.all().reshape(1))
-        pos.add_(T)
+        s.done_history.index_copy_(0, s.cycle, s.done.view(s.B, -1).all(dim=1)[None])
+        s.pos.add_(T)
         s.cycle.add_(1)
         return anc
 
-    def _torch_resample(self, s: _CycleState, inc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The weight update with a torch resampler (any scheme but the fused systematic one):
-        the same gate as the kernel; dead groups keep their -inf weights and are not resampled."""
+    def _torch_resample(self, s: _CycleState, i: int, inc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Segment ``i``'s weight update with a torch resampler (any scheme but the fused systematic
+        one): the same gate as the kernel; dead groups keep their -inf weights and are not resampled.
+        ``inc``: the segment's increments [groups, N]; the ancestors are the segment's own row ids."""
         assert self.resampler is not None
-        s.log_w.add_(inc.view(s.B, -1).float())
-        lw = s.log_w.double()
+        g = s.segments[i]
+        log_w = s.log_w[g.g0 : g.g1]
+        log_w.add_(inc)
+        lw = log_w.double()
         dead = torch.isneginf(lw).all(dim=1)
         ess = effective_sample_size(lw).float()
-        want = resample_gate(ess, self.config.ess_threshold, self.config.n_particles, s.done.all(), dead)
+        want = resample_gate(ess, self.config.ess_threshold, self.config.n_particles, s.done[g.r0 : g.r1].all(), dead)
         # a dead group's weights would be NaN in the resampler: give it uniform ones, its result is unused;
-        # the built-in schemes draw from the run's Philox stream (graph-safe), a user one from a generator
-        source = _PhiloxUniforms(s) if graph_safe(self.resampler) else s.generator
+        # the built-in schemes draw from the segment's Philox stream (graph-safe), a user one from a generator
+        source = _PhiloxUniforms(s.seed[i : i + 1], s.offset[i : i + 1]) if graph_safe(self.resampler) else s.generators[i]
         local = self.resampler.ancestors(torch.where(dead[:, None], torch.zeros_like(lw), lw), source)
         keep = torch.arange(lw.shape[1], device=lw.device).expand_as(local)
         anc = global_rows(torch.where(want[:, None], local.to(lw.device), keep))
-        s.log_w.copy_(reset_weights(lw, want).float())
+        log_w.copy_(reset_weights(lw, want).float())
         return anc, ess, want
 
     def _flag(self, s: _CycleState, source: int, bad: Tensor) -> None:
@@ -675,6 +793,35 @@ class NativeSMC:
         return graph  # capturing runs nothing: the state is still the restored one
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """Groups ``g0:g1`` of a batch (rows ``r0:r1``) that share one prompt length, one token limit
+    and one random stream (``seed``: its Philox key); each segment keeps its own position."""
+
+    g0: int
+    g1: int
+    n_particles: int
+    prompt_len: int
+    limit: int
+    seed: int
+
+    @property
+    def n_groups(self) -> int:
+        return self.g1 - self.g0
+
+    @property
+    def r0(self) -> int:
+        return self.g0 * self.n_particles
+
+    @property
+    def r1(self) -> int:
+        return self.g1 * self.n_particles
+
+    @property
+    def n_rows(self) -> int:
+        return self.r1 - self.r0
+
+
 class _CycleState:
     """Every device tensor a cycle reads or writes, allocated once per run (static addresses)."""
 
@@ -682,10 +829,10 @@ class _CycleState:
         self,
         engine: NativeSMC,
         prompts: list[list[int]],
+        segments: list[_Segment],
         n_cycles: int,
         tcache: PagedKVCache,
         dcache: PagedKVCache | None,
-        stream: int = 0,
     ):
         cfg = engine.config
         dev = engine.device
@@ -693,7 +840,16 @@ class _CycleState:
         self.R = self.B * cfg.n_particles
         T = engine.block + 1
         self.tcache, self.dcache = tcache, dcache
+        self.segments = segments
+        # each segment's rows of the caches (views sharing the pools and page bookkeeping)
+        self.tviews = [tcache.rows(g.r0, g.r1) for g in segments]
+        self.dviews = [dcache.rows(g.r0, g.r1) for g in segments] if dcache is not None else []
         i64 = {"dtype": torch.long, "device": dev}
+        self.seg_of_row = torch.tensor([i for i, g in enumerate(segments) for _ in range(g.n_rows)], **i64)
+        # each row's token limit, or None when every row has the config's
+        limits = [g.limit for g in segments for _ in range(g.n_rows)]
+        same = all(m == cfg.max_new_tokens for m in limits)
+        self.limits = None if same else torch.tensor(limits, **i64)
         self.history = torch.full((self.R, n_cycles * T), engine.pad_id, **i64)
         # guided runs: the history's filled columns on the host, updated a block per cycle
         self.host_history = torch.zeros(self.R, 0, dtype=torch.long)
@@ -702,17 +858,17 @@ class _CycleState:
         self.all_done = torch.zeros(1, dtype=torch.bool, device=dev)
         self.pending = torch.zeros(self.R, 2 if engine.draft is not None else 1, **i64)
         self.log_w = torch.zeros(self.B, cfg.n_particles, dtype=torch.float32, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.pos = torch.zeros(len(segments), dtype=torch.int32, device=dev)
         self.cycle = torch.zeros(1, **i64)
         self.arange_t = torch.arange(T, **i64)
         self.eos = torch.tensor(engine.eos_ids, **i64).reshape(-1)
-        seed = cfg.seed if cfg.seed is not None else random.SystemRandom().getrandbits(62)
-        # another batch of the same call: a key far from this one (Philox streams of distinct keys are independent)
-        seed += stream * 0x9E3779B97F4A7C15
-        self.seed = torch.tensor([seed % (2**62)], **i64)
-        self.offset = torch.zeros(1, **i64)
+        # each segment's Philox key and offset
+        self.seed = torch.tensor([g.seed for g in segments], **i64)
+        self.offset = torch.zeros(len(segments), **i64)
         self.ess_history = torch.zeros(n_cycles, self.B, dtype=torch.float32, device=dev)
         self.resampled_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
+        # whether each group's particles had all finished after each cycle
+        self.done_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
         # potentials: each device potential's last score per row, the host potentials' pending
         # increment (added by the next cycle), the last cycle's ancestors
         self.device_prev = torch.zeros(len(engine.device_potentials), self.R, dtype=torch.float32, device=dev)
@@ -722,9 +878,10 @@ class _CycleState:
         # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
         self.bad = torch.zeros(len(engine._sources), dtype=torch.bool, device=dev)
         self.bad_step = torch.full((len(engine._sources),), -1, **i64)
-        # a torch resampler's randomness (eager runs only)
-        self.generator = torch.Generator(device=dev)
-        self.generator.manual_seed(seed % (2**62) + 1)
+        # a torch resampler's randomness (eager runs only), one per segment
+        self.generators = [torch.Generator(device=dev) for _ in segments]
+        for gen, g in zip(self.generators, segments):
+            gen.manual_seed(g.seed + 1)
 
     def _tensors(self) -> list[Tensor]:
         caches = [c for c in (self.tcache, self.dcache) if c is not None]
@@ -740,6 +897,7 @@ class _CycleState:
             self.offset,
             self.ess_history,
             self.resampled_history,
+            self.done_history,
             self.device_prev,
             self.host_inc,
             self.last_anc,
@@ -764,34 +922,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _merge_runs(parts: list[tuple[list[int], BatchRun]], n_groups: int) -> BatchRun:
-    """One BatchRun in the callers' group order from runs over subsets of the groups."""
-    n_cycles = max(run.ess_history.shape[0] for _, run in parts)
-    first = parts[0][1]
-    N, width = first.tokens.shape[1], first.tokens.shape[2]
-    tokens = torch.empty(n_groups, N, width, dtype=first.tokens.dtype)
-    lengths = torch.empty(n_groups, N, dtype=first.lengths.dtype)
-    log_w = torch.empty(n_groups, N, dtype=first.log_weights.dtype)
-    log_z = torch.empty(n_groups, dtype=first.log_z.dtype)
-    ess = torch.full((n_cycles, n_groups), math.nan, dtype=first.ess_history.dtype)
-    resampled = torch.zeros(n_cycles, n_groups, dtype=torch.bool)
-    dead = torch.zeros(n_groups, dtype=torch.bool)
-    for idx, run in parts:
-        at = torch.tensor(idx)
-        tokens[at], lengths[at], log_w[at], log_z[at], dead[at] = (
-            run.tokens, run.lengths, run.log_weights, run.log_z, run.dead
-        )
-        ess[: run.ess_history.shape[0], at] = run.ess_history
-        resampled[: run.resampled.shape[0], at] = run.resampled
+def _reordered(run: BatchRun, order: list[int]) -> BatchRun:
+    """``run`` (groups in batch order, ``order[j]`` the caller's index of group j) in the callers' order."""
+    if order == sorted(order):
+        return run
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
     return BatchRun(
-        tokens=tokens,
-        lengths=lengths,
-        log_weights=log_w,
-        log_z=log_z,
-        ess_history=ess,
-        resampled=resampled,
-        elapsed_s=sum(run.elapsed_s for _, run in parts),
-        dead=dead,
+        tokens=run.tokens[back],
+        lengths=run.lengths[back],
+        log_weights=run.log_weights[back],
+        log_z=run.log_z[back],
+        ess_history=run.ess_history[:, back],
+        resampled=run.resampled[:, back],
+        elapsed_s=run.elapsed_s,
+        dead=run.dead[back] if run.dead is not None else None,
     )
 
 
@@ -815,16 +960,16 @@ def _as_prompts(prompt_ids: Sequence[int] | Sequence[Sequence[int]], n_groups: i
 
 
 class _PhiloxUniforms:
-    """Uniforms from the run's counter-based Philox stream (seed and offset on the device): what the
-    built-in resamplers draw from on the native engine, so a CUDA graph captures them."""
+    """Uniforms from a segment's counter-based Philox stream (key and offset on the device): what
+    the built-in resamplers draw from on the native engine, so a CUDA graph captures them."""
 
-    def __init__(self, s: _CycleState):
-        self.s = s
+    def __init__(self, seed: Tensor, offset: Tensor):
+        self.seed, self.offset = seed, offset
 
     def uniform(self, shape: tuple[int, ...]) -> Tensor:
         n = math.prod(shape)
-        u = philox_uniform(self.s.seed, self.s.offset + torch.arange(n, device=self.s.offset.device))
-        self.s.offset.add_(n)
+        u = philox_uniform(self.seed, self.offset + torch.arange(n, device=self.offset.device))
+        self.offset.add_(n)
         return u.view(shape)
 
 

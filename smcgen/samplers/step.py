@@ -55,7 +55,7 @@ def advance(
     done: Tensor,
     lengths: Tensor,
     eos: Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | Tensor,
     pad_id: int,
     in_budget: Tensor | None = None,
 ) -> BlockAdvance:
@@ -63,13 +63,14 @@ def advance(
 
     A position counts while its particle is alive, no EOS came earlier in the block and (native
     engine, whose blocks have a fixed width) it lies within ``max_new_tokens`` (``in_budget``
-    ``[T]`` bool). Positions that do not count add no weight and are replaced by ``pad_id``.
+    ``[T]`` or, with a limit per row, ``[R, T]`` bool; ``max_new_tokens`` an int or ``[R]``).
+    Positions that do not count add no weight and are replaced by ``pad_id``.
     """
     eos_here = is_eos(block, eos)
     eos_before = (torch.cumsum(eos_here.int(), dim=1) - eos_here.int()) > 0
     valid = (~done)[:, None] & ~eos_before
     if in_budget is not None:
-        valid = valid & in_budget[None, :]
+        valid = valid & in_budget.expand_as(valid)
     inc = torch.where(valid, token_w, torch.zeros_like(token_w)).sum(dim=1)
     kept = torch.where(valid, block, torch.full_like(block, pad_id))
     new_lengths = lengths + valid.sum(dim=1)

@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -33,6 +33,7 @@ from smcgen.potentials.output import as_grammar
 from smcgen.server.metrics import ServerMetrics
 from smcgen.server.protocol import ChatCompletionRequest, CompletionRequest, SMCRequest
 from smcgen.server.scheduler import QueueFull, Scheduler
+from smcgen.streaming import StablePrefix
 
 #: compiled grammars kept per server (keyed by their source), so a repeated schema is compiled once
 GRAMMARS_KEPT = 64
@@ -167,10 +168,8 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
-    async def run(body: SMCRequest, prompts: list[Any], request: Request) -> tuple[list[SMCResult], int]:
-        """Validate, queue and wait; a client that disconnects while waiting cancels its queued request.
-
-        Returns the results and the number of prompt tokens."""
+    async def resolve(body: SMCRequest, prompts: list[Any]) -> list[Any]:
+        """Validate every prompt and the settings (4xx naming the field)."""
         if body.model != state.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {state.model_name!r}",
                            param="model", code="model_not_found")
@@ -188,6 +187,13 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
                 too_long = "max_new_tokens" in msg and ("prompt (" in msg or isinstance(err, GrammarError))
                 param = "max_tokens" if too_long else ("messages" if isinstance(body, ChatCompletionRequest) else "prompt")
                 raise APIError(400, msg, param=param) from None
+        return resolved
+
+    async def run(body: SMCRequest, prompts: list[Any], request: Request) -> tuple[list[SMCResult], int]:
+        """Validate, queue and wait; a client that disconnects while waiting cancels its queued request.
+
+        Returns the results and the number of prompt tokens."""
+        resolved = await resolve(body, prompts)
         try:
             futures = [state.scheduler.submit(r) for r in resolved]
         except QueueFull as err:
@@ -202,21 +208,93 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
                 if await request.is_disconnected():
                     gathered.cancel()
                     raise APIError(499, "client disconnected")
-            try:
-                results = gathered.result()
-            except APIError:
-                raise
-            except ValueError as err:  # the engine cannot run this request (e.g. its KV pages do not fit)
-                raise APIError(400, f"the engine cannot run this request: {err}", code="request_not_runnable") from None
-            except Exception as err:  # noqa: BLE001 - any engine failure is a 500; the server goes on
-                raise APIError(500, f"the engine failed: {type(err).__name__}: {err}", code="engine_error") from None
+            results = outcome(gathered)
         finally:
             state.metrics.in_flight -= len(futures)
-        dead = [r for r in results if r.dead]
-        if dead:
+        return results, sum(len(r.ids) for r in resolved)
+
+    def outcome(done: asyncio.Future) -> Any:
+        """The result(s) of a finished future, or the APIError its failure maps to."""
+        try:
+            results = done.result()
+        except APIError:
+            raise
+        except ValueError as err:  # the engine cannot run this request (e.g. its KV pages do not fit)
+            raise APIError(400, f"the engine cannot run this request: {err}", code="request_not_runnable") from None
+        except Exception as err:  # noqa: BLE001 - any engine failure is a 500; the server goes on
+            raise APIError(500, f"the engine failed: {type(err).__name__}: {err}", code="engine_error") from None
+        if any(r.dead for r in (results if isinstance(results, list) else [results])):
             raise APIError(422, "every particle ended at weight zero (no output satisfies the constraint within "
                            "max_tokens); raise max_tokens or n_particles", param="max_tokens", code="all_particles_dead")
-        return results, sum(len(r.ids) for r in resolved)
+        return results
+
+    async def streamed(endpoint: str, body: SMCRequest, prompt: Any, chat: bool) -> StreamingResponse:
+        """``stream: true``: server-sent events in OpenAI's chunk format, each chunk the text that became
+        stable (the live particles' common prefix: never taken back; see smcgen.streaming), then the
+        rest of the answer with its finish reason, then ``[DONE]``. Errors before the first byte are
+        answered as usual; an engine error later is sent as an ``error`` event."""
+        t0 = time.perf_counter()
+        (resolved,) = await resolve(body, [prompt])
+        loop = asyncio.get_running_loop()
+        prefix = StablePrefix(engine.target.tokenizer)
+        deltas: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_step(sequences: list[list[int]], alive: list[bool]) -> None:  # the engine's thread
+            delta = prefix.update(sequences, alive)
+            if delta:
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+        try:
+            future = state.scheduler.submit(resolved, on_step=on_step)
+        except QueueFull as err:
+            raise APIError(503, str(err), code="queue_full") from None
+        state.metrics.in_flight += 1
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                kind = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                kind = "text_completion"
+            body = {"id": ident, "object": kind, "created": created, "model": state.model_name, "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            status = 200
+            try:
+                yield chunk(None if chat else "", first=True)
+                while not future.done():
+                    getter = asyncio.ensure_future(deltas.get())
+                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield chunk(getter.result())
+                    else:
+                        getter.cancel()
+                while not deltas.empty():  # steps queued before the result
+                    yield chunk(deltas.get_nowait())
+                try:
+                    result = outcome(future)
+                except APIError as err:
+                    status = err.status
+                    kind = "invalid_request_error" if err.status < 500 else "server_error"
+                    error = {"message": err.message, "type": kind, "param": err.param, "code": err.code}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                yield chunk(prefix.finish(result.text), _finish_reason(result, engine.target.eos_token_ids))
+                yield "data: [DONE]\n\n"
+            finally:
+                if not future.done():
+                    future.cancel()  # the client went away: a queued request is skipped
+                state.metrics.in_flight -= 1
+                state.metrics.request_done(endpoint, status, time.perf_counter() - t0)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def timed(endpoint: str, handler) -> JSONResponse:
         t0 = time.perf_counter()
@@ -233,10 +311,15 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
             state.metrics.request_done(endpoint, status, time.perf_counter() - t0)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        p = body.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if body.stream:
+            if len(prompts) != 1:
+                raise APIError(400, "stream: true takes one prompt", param="prompt")
+            return await streamed("completions", body, prompts[0], chat=False)
+
         async def handle() -> dict[str, Any]:
-            p = body.prompt
-            prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
             if not prompts:
                 raise APIError(400, "prompt is empty", param="prompt")
             results, n_prompt = await run(body, prompts, request)
@@ -258,12 +341,15 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
         return await timed("completions", handle)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from None
+        if body.stream:
+            return await streamed("chat_completions", body, messages, chat=True)
+
         async def handle() -> dict[str, Any]:
-            try:
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            except ValueError as err:
-                raise APIError(400, str(err), param="messages") from None
             (result,), n_prompt = await run(body, [messages], request)
             eos = engine.target.eos_token_ids
             return {

@@ -1,6 +1,6 @@
 """The OpenAI-compatible request bodies the server accepts, validated by pydantic.
 
-The OpenAI fields smcgen can honour are typed; those it cannot (streaming, several choices, stop
+The OpenAI fields smcgen can honour are typed; those it cannot (several choices, stop
 strings, log-probabilities) are accepted only at their neutral value, so a client setting them
 gets a 400 naming the field instead of a silently different answer. SMC settings are extra body
 fields (``extra_body={"n_particles": 16}`` in the ``openai`` client); their ranges are checked by
@@ -66,7 +66,7 @@ class SMCRequest(BaseModel):
     response_format: ResponseFormat | None = None
     # OpenAI fields accepted at their neutral value only
     n: Literal[1] = 1
-    stream: Literal[False] = False
+    stream: bool = Field(False, description="Server-sent events of the text as it becomes stable.")
     top_p: Literal[1, 1.0] | None = None
     stop: None = None
     logprobs: None | Literal[False] = None

@@ -4,8 +4,9 @@ Requests wait in a FIFO queue of at most ``max_queue`` entries (beyond that, :cl
 the server answers 503). One worker takes the oldest request plus every request already waiting
 (up to ``max_batch`` in all; 1 when the Engine runs the generic engine, which would run them one
 after another anyway) and hands them to ``Engine.run_requests`` in one call, which runs the
-requests whose settings agree (config, grammar, no seed) as one native batch; requests with a
-``seed`` each run alone, so their output does not depend on other traffic. This is batching at
+requests whose settings agree (config up to seed and token limit, grammar) as one native batch,
+prompts of every length together. Each request keeps its own random stream in the batch, so a
+seeded request's output does not depend on other traffic. This is batching at
 request granularity: a batch runs to its end before the next one starts (requests do not join a
 running batch between cycles). A request whose client went away while it waited is skipped.
 """
@@ -13,8 +14,8 @@ running batch between cycles). A request whose client went away while it waited 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ class QueueFull(RuntimeError):
 class _Job:
     request: Request
     future: asyncio.Future = field(repr=False)
+    #: a streamed request's per-step watcher (it runs in a batch of its own)
+    on_step: Callable[[list[list[int]], list[bool]], None] | None = field(default=None, repr=False)
 
 
 class Scheduler:
@@ -52,7 +55,6 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         # the engine runs in one thread of its own, so the event loop keeps answering /health and /metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smcgen-engine")
-        self._unique = itertools.count()
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -72,21 +74,27 @@ class Scheduler:
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
-    def submit(self, request: Request) -> asyncio.Future:
-        """Queue a request; the future resolves to its :class:`SMCResult`. Raises :class:`QueueFull`."""
+    def submit(
+        self, request: Request, on_step: Callable[[list[list[int]], list[bool]], None] | None = None
+    ) -> asyncio.Future:
+        """Queue a request; the future resolves to its :class:`SMCResult`. Raises :class:`QueueFull`.
+
+        ``on_step`` (streaming) is called from the engine's thread after every step of the request
+        (see :meth:`Engine.run_requests`)."""
         assert self._queue is not None, "call start() first"
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Job(request, future))
+            self._queue.put_nowait(_Job(request, future, on_step))
         except asyncio.QueueFull:
             raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later") from None
         self.metrics.queue_depth = self.depth
         return future
 
     def _key(self, job: _Job) -> Any:
-        # a seeded request runs alone: the same seed gives the same output whatever else is queued
-        if job.request.config.seed is not None:
-            return ("alone", next(self._unique))
+        # seeded requests batch too: each keeps its own random stream, so its output is the same
+        # whatever else is queued; a streamed request is watched step by step and runs alone
+        if job.on_step is not None:
+            return ("stream", id(job))
         return batch_key(job.request)
 
     async def _worker(self) -> None:
@@ -108,7 +116,7 @@ class Scheduler:
                 t0 = time.perf_counter()
                 try:
                     results: list[SMCResult] = await loop.run_in_executor(
-                        self._executor, self.engine.run_requests, [j.request for j in live]
+                        self._executor, self.engine.run_requests, [j.request for j in live], False, live[0].on_step
                     )
                 except Exception as err:  # noqa: BLE001 - an engine error fails this group only; the worker goes on
                     for j in live:
