@@ -406,7 +406,7 @@ class Engine:
                 if native is not None:
                     self.stats["native_requests"] += len(requests)
                     run = native.run([q.ids for q in requests], progress=progress, on_dead=on_dead)
-                    return [self.result(run, b, cfg, guide, "native", None) for b in range(len(requests))]
+                    return [self.result(run, b, cfg, guide, "native", native.guide_reason) for b in range(len(requests))]
                 self.stats["generic_requests"] += len(requests)
                 smc = self._generic(cfg, guide)
                 out = []
@@ -450,7 +450,8 @@ class Engine:
         """The :class:`SMCResult` of group ``b`` of a run: the answer is one particle drawn by final
         weight (for a dead group, the longest partial output).
 
-        ``engine_reason``: why the generic engine ran (None on the native one)."""
+        ``engine_reason``: why the generic engine ran, or why a native run's guide ran on the host
+        (None when the native engine ran it all on the device)."""
         lengths = run.lengths[b].tolist()
         sequences = [row[:n] for row, n in zip(run.tokens[b].tolist(), lengths)]
         log_w = run.log_weights[b]

@@ -44,7 +44,9 @@ from smcgen.potentials.base import (
     score_particles,
     scoring_error,
 )
+from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES
 from smcgen.potentials.token import TokenPotential
+from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.resampling import (
     Resampler,
     SystematicResampler,
@@ -90,8 +92,11 @@ class NativeSMC:
     and the target's bonus token are drawn from their distributions restricted to the allowed
     tokens, weighted as docs/math.md's "masking bias" section says, and the guide is a factor of
     the target, applied at the end (a particle that stops outside a grammar's language gets
-    weight zero). Masks are computed on the CPU from each step's tokens, so guided runs are not
-    graphed.
+    weight zero). A guide with a token automaton (``guide.token_automaton``: a regex, a choice of
+    literals) whose tables fit ``guide_table_bytes`` runs on the device: each particle's automaton
+    state is a device tensor, masks and state updates are gathers, and the guided cycle is captured
+    like any other. Other guides (or ``device_guide=False``) compute their masks on the CPU from
+    each step's tokens, so those runs are not graphed; :attr:`guide_reason` says why.
     """
 
     def __init__(
@@ -109,6 +114,8 @@ class NativeSMC:
         potentials: Potential | Sequence[Potential] = (),
         resampler: Resampler | None = None,
         tokenizer: Any = None,
+        device_guide: bool = True,
+        guide_table_bytes: int = DEFAULT_MAX_BYTES,
     ):
         mask = as_guide(guide, mask)
         if resampler is None:
@@ -145,9 +152,20 @@ class NativeSMC:
                     f"the grammar ends sequences with EOS ids {sorted(missing)} that the engine does not stop on "
                     f"(eos_token_ids={self.eos_ids}); pass the same EOS ids to both"
                 )
-            # the masks depend on the tokens just drawn: the host takes part in every step
-            self.cuda_graph = False
+        #: the guide's automaton on the device (None: no guide, or masks from the host)
+        self.dfa: TokenDFA | None = None
+        #: why a guide runs on the host, one eager cycle at a time (None: no guide, or on the device)
+        self.guide_reason: str | None = None
+        if mask is not None:
+            automaton = mask.token_automaton(guide_table_bytes) if device_guide else "device_guide=False"
+            if isinstance(automaton, TokenDFA):
+                self.dfa = automaton.to(self.device)
+            else:
+                self.guide_reason = f"the guide's masks are computed on the host, cycles run eagerly: {automaton}"
+                # the masks depend on the tokens just drawn: the host takes part in every step
+                self.cuda_graph = False
         self.mask = mask
+        self._host_guide = mask is not None and self.dfa is None
         if isinstance(potentials, Potential):
             potentials = [potentials]
         factors = [f for f in Product(list(potentials)).factors if f is not mask]
@@ -325,13 +343,13 @@ class NativeSMC:
         # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
         # wait on the host at every step anyway)
         ahead = on_gpu if self.lookahead is None else self.lookahead
-        lag = 1 if ahead and self.mask is None else 0
+        lag = 1 if ahead and not self._host_guide else 0
         host = None
         if self.host_potential is not None:
             # host potentials score cycle c - 1 while the device runs cycle c (always, also on the
             # CPU, so the CPU tests check the lagged weights the GPU uses); with a guide every cycle
             # waits on the host anyway, and they score each cycle right after it
-            lag = 0 if self.mask is not None else 1
+            lag = 0 if self._host_guide else 1
             host = _HostScorer(self, state, prompts, lag)
         seen = -1
         for c in range(n_cycles):
@@ -374,7 +392,10 @@ class NativeSMC:
         if dcache is not None:
             dcache.check_status()
         self._check_flags(state)
-        if self.mask is not None:
+        if self.dfa is not None and self.dfa.complete_is_exact:
+            # the automaton's end state decides membership (pads after the end are EOS: absorbing)
+            state.log_w.add_(self.dfa.log_complete(state.guide_state).view(B, N))
+        elif self.mask is not None:
             self._apply_final_factor(state, prompts[0])
         for p in self.end_potentials:
             self._apply_end_potential(state, p)
@@ -433,11 +454,14 @@ class NativeSMC:
         V = self.target.vocab_size
         pos = s.pos  # [1] int32: tokens in the target's cache
         masked = self.mask is not None
+        host_masked = self._host_guide
+        # a device guide: each row's automaton state after the tokens drawn so far (no host sync)
+        state = s.guide_state
 
         s.tcache.reserve(pos + T)
         drafted: list[Tensor] = []
         log_q: list[Tensor] = []
-        if masked:
+        if host_masked:
             # the continuation so far on the host (kept there across cycles), extended by each
             # drafted token (eager path: syncs)
             host_tokens = [s.host_history]
@@ -447,14 +471,17 @@ class NativeSMC:
             for k in range(K):
                 # the mask is requested (token ids read) before the forward and computed after its
                 # launch, so on a GPU the host builds it while the device runs the draft
-                pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
+                pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if host_masked else None
                 logits = self.draft(feed, start.expand(R), s.dcache, last_only=True)
-                allowed = pending.result().to(self.device) if masked else None
+                allowed = self._allowed(pending, state)
                 tok, lp, ln = fused_sample(logits, 1.0 / cfg.draft_temperature, 1.0, s.seed, s.offset, allowed)
                 s.offset.add_(R * V)
                 drafted.append(tok)
-                if masked:
+                if state is not None:
+                    state = self.dfa.step(state, tok)
+                if host_masked:
                     host_tokens.append(tok[:, None].cpu())
+                if masked:
                     # a row with no allowed token is a dead end: weight zero, never NaN
                     log_q.append(torch.where(torch.isneginf(ln), torch.full_like(ln, math.inf), lp - ln))
                 else:
@@ -467,10 +494,10 @@ class NativeSMC:
         else:
             y = s.pending[:, :0]
             verify_in = s.pending
-        pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
+        pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if host_masked else None
         logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
-        allowed = pending.result().to(self.device) if masked else None
+        allowed = self._allowed(pending, state)
         bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
         s.offset.add_(R * V)
         # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
@@ -487,12 +514,19 @@ class NativeSMC:
             self._flag(s, 0, torch.isnan(bonus_norm).any())
         token_w = token_weights(log_p, q, bonus_norm)
         anc = self._finish(s, y, bonus, token_w)
-        if masked:
+        if host_masked:
             anc_host = anc.cpu()
             self.mask.reorder(anc_host)
             # the device history after the cycle is (history, block)[anc]: copy only this cycle's block
             done_w = s.host_history.shape[1]
             s.host_history = torch.cat([s.host_history[anc_host], s.history[:, done_w : done_w + T].cpu()], dim=1)
+
+    def _allowed(self, pending: Any, state: Tensor | None) -> Tensor | None:
+        """The next-token bitmask of every row: the host guide's (collected after the forward's
+        launch), a gather from the device guide's automaton, or None unguided."""
+        if pending is not None:
+            return pending.result().to(self.device)
+        return self.dfa.masks(state) if state is not None else None
 
     def _finish(self, s: _CycleState, y: Tensor, bonus: Tensor, token_w: Tensor) -> Tensor:
         """Record the block, add the weights, resample and update the caches (device only).
@@ -542,6 +576,10 @@ class NativeSMC:
         s.ess_history.index_copy_(0, s.cycle, ess[None])
         s.resampled_history.index_copy_(0, s.cycle, resampled[None])
 
+        if s.guide_state is not None:
+            # the kept block (pads, i.e. EOS, where a position does not count) moves the automaton
+            # exactly as the host guide's matchers follow the history
+            s.guide_state.copy_(self.dfa.fold(s.guide_state, adv.block)[anc])
         s.history.copy_(s.history[anc])
         s.lengths.copy_(s.lengths[anc])
         s.done.copy_(s.done[anc])
@@ -719,6 +757,8 @@ class _CycleState:
         self.host_inc = torch.zeros(self.R, dtype=torch.float64, device=dev)
         self.host_start: Tensor | None = None
         self.last_anc = torch.arange(self.R, **i64)
+        # a device guide's automaton state per row (after the kept history)
+        self.guide_state = engine.dfa.initial(self.R, dev) if engine.dfa is not None else None
         # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
         self.bad = torch.zeros(len(engine._sources), dtype=torch.bool, device=dev)
         self.bad_step = torch.full((len(engine._sources),), -1, **i64)
@@ -746,6 +786,8 @@ class _CycleState:
             self.bad,
             self.bad_step,
         ]
+        if self.guide_state is not None:
+            out.append(self.guide_state)
         for c in caches:
             out += [c.block_table, c.refcount, c.free_stack, c.free_top, c.status, c.high_water]
         return out
