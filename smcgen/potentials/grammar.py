@@ -40,7 +40,7 @@ from torch import Tensor
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
-from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa
+from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
 from smcgen.potentials.json_schema import LoweredSchema, budget_twist, lower_json_schema
 from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.sampling import bitmask_width
@@ -526,7 +526,10 @@ class GrammarPotential(Potential):
         self._need_bound()
         hit = self._automata.get(max_bytes)
         if hit is None:
-            hit = build_token_dfa(self._initial, self.vocab_size, self.eos_token_ids, max_bytes, progress)
+            hit = build_token_dfa(
+                self._initial, list(self._info.decoded_vocab), self.vocab_size, self.eos_token_ids, max_bytes, progress,
+                tree=sub_rules_are_a_tree(str(self._grammar)),
+            )
             if isinstance(hit, TokenDFA):
                 # a JSON Schema's exact validator also decides the end: the engine keeps it on the host
                 hit.complete_is_exact = self.schema is None
