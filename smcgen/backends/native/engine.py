@@ -340,8 +340,8 @@ class NativeSMC:
         on_gpu = dev.type == "cuda"
         done_host = torch.zeros(2, dtype=torch.bool, pin_memory=on_gpu)
         flag_ready = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
-        # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
-        # wait on the host at every step anyway)
+        # not with a host guide: its matchers would consume the extra cycle's tokens (and its cycles
+        # wait on the host at every step anyway); a device guide's states just absorb the padding
         ahead = on_gpu if self.lookahead is None else self.lookahead
         lag = 1 if ahead and not self._host_guide else 0
         host = None
