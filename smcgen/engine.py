@@ -456,7 +456,7 @@ class Engine:
                         max_new_tokens=[q.config.max_new_tokens for q in requests],
                         on_cycle=_native_watcher(on_step, cfg.n_particles) if on_step is not None else None,
                     )
-                    return [self.result(run, b, q.config, guide, "native", None) for b, q in enumerate(requests)]
+                    return [self.result(run, b, q.config, guide, "native", native.guide_reason) for b, q in enumerate(requests)]
                 self.stats["generic_requests"] += len(requests)
                 out = []
                 for q in requests:  # a group's requests may differ in seed and limit: each its own config
@@ -502,7 +502,8 @@ class Engine:
         """The :class:`SMCResult` of group ``b`` of a run: the answer is one particle drawn by final
         weight (for a dead group, the longest partial output).
 
-        ``engine_reason``: why the generic engine ran (None on the native one)."""
+        ``engine_reason``: why the generic engine ran, or why a native run's guide ran on the host
+        (None when the native engine ran it all on the device)."""
         lengths = run.lengths[b].tolist()
         sequences = [row[:n] for row, n in zip(run.tokens[b].tolist(), lengths)]
         log_w = run.log_weights[b]

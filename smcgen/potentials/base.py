@@ -128,6 +128,13 @@ class Potential(abc.ABC):
         self._guide_decoder = decoder
         self._guide_eos = tuple(int(e) for e in eos_token_ids)
 
+    def token_automaton(self, max_bytes: int) -> Any:
+        """Optional: this guide's next-token masks as a token-level automaton
+        (:class:`~smcgen.potentials.token_dfa.TokenDFA` whose tables take at most ``max_bytes``), which
+        a GPU engine steps on the device; or a string saying why there is none (the default: masks
+        come from :meth:`next_token_mask` on the host)."""
+        return f"{self.name} computes its masks on the host (it has no token automaton)"
+
     #: token ids this potential treats as end of sequence (a grammar's; none by default)
     eos_token_ids: tuple[int, ...] = ()
 

@@ -40,7 +40,9 @@ from torch import Tensor
 from smcgen.core.sampling import bitmask_width
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
+from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
 from smcgen.potentials.json_schema import LoweredSchema, budget_twist, lower_json_schema
+from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.runners.transformers import LanguageModel
 
 try:
@@ -222,6 +224,8 @@ class GrammarPotential(Potential):
         self._vocab_bytes: list[bytes] | None = None
         # max_new_tokens of the run, for the budget twist of JSON schemas (None: no twist)
         self.finish_within: int | None = None
+        # token automata built by token_automaton, per memory budget (an automaton or why there is none)
+        self._automata: dict[int, TokenDFA | str] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -514,6 +518,24 @@ class GrammarPotential(Potential):
         return None
 
     # ------------------------------------------------------------------ masks
+    def token_automaton(self, max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = False) -> TokenDFA | str:
+        """This grammar as a token-level automaton (:class:`~smcgen.potentials.token_dfa.TokenDFA`,
+        built once per budget and cached), or a string saying why it has none: its language is not
+        regular in the matcher's terms (a JSON Schema's nested rules, a context-free grammar) or the
+        tables exceed ``max_bytes``. The automaton's masks are this grammar's host masks exactly."""
+        self._need_bound()
+        hit = self._automata.get(max_bytes)
+        if hit is None:
+            hit = build_token_dfa(
+                self._initial, list(self._info.decoded_vocab), self.vocab_size, self.eos_token_ids, max_bytes, progress,
+                tree=sub_rules_are_a_tree(str(self._grammar)),
+            )
+            if isinstance(hit, TokenDFA):
+                # a JSON Schema's exact validator also decides the end: the engine keeps it on the host
+                hit.complete_is_exact = self.schema is None
+            self._automata[max_bytes] = hit
+        return hit
+
     def _token_ids_of(self, continuations: Tensor) -> list[list[int]]:
         """Each row's tokens up to and including its first EOS (what follows an EOS is padding)."""
         ends = [continuations.shape[1]] * continuations.shape[0]

@@ -55,7 +55,9 @@ from smcgen.potentials.base import (
     score_particles,
     scoring_error,
 )
+from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES
 from smcgen.potentials.token import TokenPotential
+from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.run import AllParticlesDeadError, BatchRun, dead_group_error, length_problem
@@ -96,8 +98,11 @@ class NativeSMC:
     and the target's bonus token are drawn from their distributions restricted to the allowed
     tokens, weighted as docs/math.md's "masking bias" section says, and the guide is a factor of
     the target, applied at the end (a particle that stops outside a grammar's language gets
-    weight zero). Masks are computed on the CPU from each step's tokens, so guided runs are not
-    graphed.
+    weight zero). A guide with a token automaton (``guide.token_automaton``: a regex, a choice of
+    literals) whose tables fit ``guide_table_bytes`` runs on the device: each particle's automaton
+    state is a device tensor, masks and state updates are gathers, and the guided cycle is captured
+    like any other. Other guides (or ``device_guide=False``) compute their masks on the CPU from
+    each step's tokens, so those runs are not graphed; :attr:`guide_reason` says why.
     """
 
     def __init__(
@@ -115,6 +120,8 @@ class NativeSMC:
         potentials: Potential | Sequence[Potential] = (),
         resampler: Resampler | None = None,
         tokenizer: Any = None,
+        device_guide: bool = True,
+        guide_table_bytes: int = DEFAULT_MAX_BYTES,
     ):
         mask = as_guide(guide, mask)
         if resampler is None:
@@ -151,9 +158,20 @@ class NativeSMC:
                     f"the grammar ends sequences with EOS ids {sorted(missing)} that the engine does not stop on "
                     f"(eos_token_ids={self.eos_ids}); pass the same EOS ids to both"
                 )
-            # the masks depend on the tokens just drawn: the host takes part in every step
-            self.cuda_graph = False
+        #: the guide's automaton on the device (None: no guide, or masks from the host)
+        self.dfa: TokenDFA | None = None
+        #: why a guide runs on the host, one eager cycle at a time (None: no guide, or on the device)
+        self.guide_reason: str | None = None
+        if mask is not None:
+            automaton = mask.token_automaton(guide_table_bytes) if device_guide else "device_guide=False"
+            if isinstance(automaton, TokenDFA):
+                self.dfa = automaton.to(self.device)
+            else:
+                self.guide_reason = f"the guide's masks are computed on the host, cycles run eagerly: {automaton}"
+                # the masks depend on the tokens just drawn: the host takes part in every step
+                self.cuda_graph = False
         self.mask = mask
+        self._host_guide = mask is not None and self.dfa is None
         if isinstance(potentials, Potential):
             potentials = [potentials]
         factors = [f for f in Product(list(potentials)).factors if f is not mask]
@@ -396,17 +414,17 @@ class NativeSMC:
         on_gpu = dev.type == "cuda"
         done_host = torch.zeros(2, dtype=torch.bool, pin_memory=on_gpu)
         flag_ready = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
-        # not with a grammar: its matchers would consume the extra cycle's tokens (and masked cycles
-        # wait on the host at every step anyway)
+        # not with a host guide: its matchers would consume the extra cycle's tokens (and its cycles
+        # wait on the host at every step anyway); a device guide's states just absorb the padding
         ahead = on_gpu if self.lookahead is None else self.lookahead
         # nor when someone watches every cycle: they must see it before the next one overwrites it
-        lag = 1 if ahead and self.mask is None and on_cycle is None else 0
+        lag = 1 if ahead and not self._host_guide and on_cycle is None else 0
         host = None
         if self.host_potential is not None:
             # host potentials score cycle c - 1 while the device runs cycle c (always, also on the
             # CPU, so the CPU tests check the lagged weights the GPU uses); with a guide every cycle
             # waits on the host anyway, and they score each cycle right after it
-            lag = 0 if self.mask is not None or on_cycle is not None else 1
+            lag = 0 if self._host_guide or on_cycle is not None else 1
             host = _HostScorer(self, state, prompts, lag)
         seen = -1
         for c in range(n_cycles):
@@ -451,7 +469,10 @@ class NativeSMC:
         if dcache is not None:
             dcache.check_status()
         self._check_flags(state)
-        if self.mask is not None:
+        if self.dfa is not None and self.dfa.complete_is_exact:
+            # the automaton's end state decides membership (pads after the end are EOS: absorbing)
+            state.log_w.add_(self.dfa.log_complete(state.guide_state).view(B, N))
+        elif self.mask is not None:
             self._apply_final_factor(state, prompts[0])
         for p in self.end_potentials:
             self._apply_end_potential(state, p)
@@ -520,12 +541,15 @@ class NativeSMC:
         R = s.R
         pos = s.pos[s.seg_of_row]  # [R] int32: tokens in each row's target cache (per segment)
         masked = self.mask is not None
+        host_masked = self._host_guide
+        # a device guide: each row's automaton state after the tokens drawn so far (no host sync)
+        state = s.guide_state
 
         for i, view in enumerate(s.tviews):
             view.reserve(s.pos[i : i + 1] + T)
         drafted: list[Tensor] = []
         log_q: list[Tensor] = []
-        if masked:
+        if host_masked:
             # the continuation so far on the host (kept there across cycles), extended by each
             # drafted token (eager path: syncs)
             host_tokens = [s.host_history]
@@ -536,13 +560,16 @@ class NativeSMC:
             for k in range(K):
                 # the mask is requested (token ids read) before the forward and computed after its
                 # launch, so on a GPU the host builds it while the device runs the draft
-                pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
+                pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if host_masked else None
                 logits = self.draft(feed, start, s.dcache, last_only=True)
-                allowed = pending.result().to(self.device) if masked else None
+                allowed = self._allowed(pending, state)
                 tok, lp, ln = self._sample(s, logits, 1.0 / cfg.draft_temperature, 1.0, allowed)
                 drafted.append(tok)
-                if masked:
+                if state is not None:
+                    state = self.dfa.step(state, tok)
+                if host_masked:
                     host_tokens.append(tok[:, None].cpu())
+                if masked:
                     # a row with no allowed token is a dead end: weight zero, never NaN
                     log_q.append(torch.where(torch.isneginf(ln), torch.full_like(ln, math.inf), lp - ln))
                 else:
@@ -555,10 +582,10 @@ class NativeSMC:
         else:
             y = s.pending[:, :0]
             verify_in = s.pending
-        pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if masked else None
+        pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if host_masked else None
         logits = self.target(verify_in, pos, s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
-        allowed = pending.result().to(self.device) if masked else None
+        allowed = self._allowed(pending, state)
         bonus, _, bonus_norm = self._sample(s, logits[:, K], scale, cfg.alpha, allowed)
         # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
         # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
@@ -574,7 +601,7 @@ class NativeSMC:
             self._flag(s, 0, torch.isnan(bonus_norm).any())
         token_w = token_weights(log_p, q, bonus_norm)
         anc = self._finish(s, y, bonus, token_w)
-        if masked:
+        if host_masked:
             anc_host = anc.cpu()
             self.mask.reorder(anc_host)
             # the device history after the cycle is (history, block)[anc]: copy only this cycle's block
@@ -597,6 +624,13 @@ class NativeSMC:
             return parts[0]
         tok, lp, ln = (torch.cat(x) for x in zip(*parts))
         return tok, lp, ln
+
+    def _allowed(self, pending: Any, state: Tensor | None) -> Tensor | None:
+        """The next-token bitmask of every row: the host guide's (collected after the forward's
+        launch), a gather from the device guide's automaton, or None unguided."""
+        if pending is not None:
+            return pending.result().to(self.device)
+        return self.dfa.masks(state) if state is not None else None
 
     def _finish(self, s: _CycleState, y: Tensor, bonus: Tensor, token_w: Tensor) -> Tensor:
         """Record the block, add the weights, resample and update the caches (device only).
@@ -654,6 +688,10 @@ class NativeSMC:
         s.ess_history.index_copy_(0, s.cycle, ess[None])
         s.resampled_history.index_copy_(0, s.cycle, resampled[None])
 
+        if s.guide_state is not None:
+            # the kept block (pads, i.e. EOS, where a position does not count) moves the automaton
+            # exactly as the host guide's matchers follow the history
+            s.guide_state.copy_(self.dfa.fold(s.guide_state, adv.block)[anc])
         s.history.copy_(s.history[anc])
         s.lengths.copy_(s.lengths[anc])
         s.done.copy_(s.done[anc])
@@ -875,6 +913,8 @@ class _CycleState:
         self.host_inc = torch.zeros(self.R, dtype=torch.float64, device=dev)
         self.host_start: Tensor | None = None
         self.last_anc = torch.arange(self.R, **i64)
+        # a device guide's automaton state per row (after the kept history)
+        self.guide_state = engine.dfa.initial(self.R, dev) if engine.dfa is not None else None
         # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
         self.bad = torch.zeros(len(engine._sources), dtype=torch.bool, device=dev)
         self.bad_step = torch.full((len(engine._sources),), -1, **i64)
@@ -904,6 +944,8 @@ class _CycleState:
             self.bad,
             self.bad_step,
         ]
+        if self.guide_state is not None:
+            out.append(self.guide_state)
         for c in caches:
             out += [c.block_table, c.refcount, c.free_stack, c.free_top, c.status, c.high_water]
         return out
