@@ -4,9 +4,11 @@ One process, one prompt (the CLI's default question in the chat template), the s
 configuration: AR (the target alone), SD with K in {2, 4, 8} (``method='sd'``) and SMC-SD with
 N in {1, 4, 8} x K in {2, 4, 8}. Tokens/s counts the answer's tokens over the run's wall time; SD
 also reports the fraction of drafted tokens kept. ``--draft`` takes a name or a trained draft directory.
+``--sd-engine`` picks the engine of the SD rows: 'auto' (native on a GPU), 'native', 'generic', or
+'both' (each K once per engine, so native SD, generic SD, AR and SMC-SD sit in one table).
 
     OMP_NUM_THREADS=2 python benchmarks/smollm2_speed.py --device cpu --max-new-tokens 32 --repeats 1
-    python benchmarks/smollm2_speed.py --device cuda --draft DRAFT_DIR --out $OUT
+    python benchmarks/smollm2_speed.py --device cuda --draft DRAFT_DIR --sd-engine both --out $OUT
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ def main() -> None:
     ap.add_argument(
         "--engine",
         default="auto",
-        help="engine for AR and SMC-SD (SD always runs on the generic one)",
+        help="engine for AR and SMC-SD",
+    )
+    ap.add_argument(
+        "--sd-engine",
+        choices=["auto", "native", "generic", "both"],
+        default="auto",
+        help="engine for the SD rows (method='sd'); 'both' runs each K on the native and the generic engine",
     )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
@@ -53,7 +61,13 @@ def main() -> None:
         "draft_temperature": args.temperature,
     }
     cases = [("AR (target alone)", None, {"n_particles": 1, "engine": args.engine})]
-    cases += [(f"SD K={k}", draft, {"method": "sd", "n_particles": 1, "block_size": k}) for k in (2, 4, 8)]
+    sd_engines = ["native", "generic"] if args.sd_engine == "both" else [args.sd_engine]
+    cases += [
+        (f"SD K={k}" + (f" ({e})" if len(sd_engines) > 1 else ""), draft,
+         {"method": "sd", "n_particles": 1, "block_size": k, "engine": e})
+        for e in sd_engines
+        for k in (2, 4, 8)
+    ]  # fmt: skip
     cases += [
         (
             f"SMC-SD N={n} K={k}",
@@ -64,6 +78,8 @@ def main() -> None:
         for k in (2, 4, 8)
     ]
     smcgen.generate(target, prompt, n_particles=1, max_new_tokens=4, seed=0)  # warm-up
+    for e in sd_engines:  # converts the models for native SD and compiles its kernels before timing
+        smcgen.generate(target, prompt, draft=draft, method="sd", engine=e, block_size=2, max_new_tokens=4, seed=0)
     rows = []
     for name, d, kw in cases:
         tps, ess, acc = [], [], []

@@ -195,9 +195,6 @@ def clear_engine_cache() -> None:
     _ENGINES.clear()
 
 
-SD_ENGINE_REASON = "method='sd' runs on the generic engine (the native engine has no speculative decoding)"
-
-
 def _speculative(
     cfg: SMCConfig,
     target_lm: LanguageModel,
@@ -208,7 +205,10 @@ def _speculative(
     custom_proposal: bool,
     progress: bool,
 ) -> SMCResult:
-    """``generate`` with ``method='sd'``: n_particles independent exact samples by speculative decoding."""
+    """``generate`` with ``method='sd'``: n_particles independent exact samples by speculative decoding,
+    on the native engine when the engine choice allows it (``samplers.native_sd``), else the generic one."""
+    from smcgen.samplers.native_sd import native_sd_unsupported, native_speculative_decode
+    from smcgen.samplers.native_select import draft_format, native_model, native_reason
     from smcgen.samplers.speculative import check_speculative_request, speculative_decode
 
     if custom_proposal:
@@ -216,15 +216,27 @@ def _speculative(
     has_potentials = bool(potentials) if not isinstance(potentials, Potential) else True
     check_speculative_request(cfg.alpha, has_potentials, guide is not None, draft_lm is not None)
     assert draft_lm is not None
-    if cfg.engine == "native":
-        raise ValueError(f"engine='native' cannot run this request: {SD_ENGINE_REASON}")
-    if cfg.engine == "auto":
-        _warn_fallback(SD_ENGINE_REASON)
-    run = speculative_decode(
-        target_lm, draft_lm, ids, n_rows=cfg.n_particles, block_size=cfg.block_size,
-        max_new_tokens=cfg.max_new_tokens, target_temperature=cfg.target_temperature,
-        draft_temperature=cfg.draft_temperature, seed=cfg.seed, progress=progress,
-    )
+    kw = {
+        "n_rows": cfg.n_particles, "block_size": cfg.block_size, "max_new_tokens": cfg.max_new_tokens,
+        "target_temperature": cfg.target_temperature, "draft_temperature": cfg.draft_temperature,
+        "seed": cfg.seed, "progress": progress,
+    }
+    reason = native_reason(cfg, target_lm, draft_lm, None, False)
+    if reason is None:
+        native_t = native_model(target_lm)
+        native_d = native_model(draft_lm, draft_format(cfg, cfg.n_particles, target_lm.device))
+        reason = native_sd_unsupported(native_t, native_d, len(ids), cfg.max_new_tokens)
+    if reason is None:
+        run = native_speculative_decode(native_t, native_d, ids, eos_token_ids=target_lm.eos_token_ids, **kw)
+        engine, engine_reason = "native", None
+    else:
+        if cfg.engine == "native":
+            raise ValueError(f"engine='native' cannot run this request: {reason}")
+        engine_reason = f"method='sd' runs on the generic engine: {reason}"
+        if cfg.engine == "auto":
+            _warn_fallback(engine_reason)
+        run = speculative_decode(target_lm, draft_lm, ids, **kw)
+        engine = "generic"
     n = cfg.n_particles
     chooser = random.Random(cfg.seed + 1 if cfg.seed is not None else None)
     chosen = chooser.randrange(n)  # rows are exact samples of equal weight
@@ -243,8 +255,8 @@ def _speculative(
         elapsed_s=run.elapsed_s,
         n_particles=n,
         texts=texts,
-        engine="generic",
-        engine_reason=SD_ENGINE_REASON,
+        engine=engine,
+        engine_reason=engine_reason,
         method="sd",
         acceptance_rate=run.acceptance_rate,
     )

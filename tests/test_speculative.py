@@ -129,7 +129,6 @@ def test_generate_sd_reports_method_and_reason(target, draft, tok):
     [
         ({"alpha": 2.0}, "alpha must be 1.0"),
         ({"potentials": [RewardPotential(lambda t: 0.0, beta=1.0)]}, "potentials"),
-        ({"engine": "native"}, "engine='native'"),
         ({"draft": None}, "needs a draft"),
     ],
 )
