@@ -414,6 +414,9 @@ class NativeSMC:
             view.reserve(n_fed)
             model(ids[:, :n_fed], torch.zeros(B, dtype=torch.int32, device=dev), view, last_only=True)
             cache.resample(owner, n_fed)
+            # the group's rows now hold the same prompt K/V (resampling stays inside a group):
+            # cascade attention may read it once per request (NativeCausalLM.cascade)
+            cache.share_prefix(N, n_fed)
         tail = 2 if self.draft is not None else 1
         s.pending.copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
         s.pos.fill_(P - 1)
