@@ -186,6 +186,18 @@ def main() -> None:
         gain = f"{best / speeds['off']:.2f}x" if "off" in speeds and speeds else "-"
         draft_kind = next(iter(mine.values()))["draft"]
         md.append(f"| {p} | {reqs} x {n} | {draft_kind} | " + " | ".join(cells) + f" | {gain} |")
+    # the yardstick: a long prompt's speed as a fraction of the shortest prompt's, per mode
+    base = min(prompts) if prompts else None
+    for p in prompts:
+        if p == base:
+            continue
+        fracs = []
+        for m in modes:
+            long_ = next((r for r in rows if (r["requests"], r["prompt"], r["mode"]) == (1, p, m)), {})
+            short = next((r for r in rows if (r["requests"], r["prompt"], r["mode"]) == (1, base, m)), {})
+            if "aggregate_tok_s" in long_ and "aggregate_tok_s" in short:
+                fracs.append(f"{m} {100 * long_['aggregate_tok_s'] / short['aggregate_tok_s']:.0f}%")
+        md.append(f"\n1 x 8 at a {p}-token prompt as a share of its {base}-token speed: " + ", ".join(fracs))
     md.append(f"\n(total {info['elapsed_s']:.0f} s)")
     table = "\n".join(md)
     with open(os.path.join(args.out, "cascade_speed.json"), "w") as f:

@@ -305,6 +305,9 @@ def paged_attention(
 PREFIX_KEYS_PER_QUERY = 4
 #: most partial slots (suffix splits + prefix splits) one query merges
 MAX_SLOTS = 48
+#: most splits of the suffix kernel: a suffix holds only the generated tokens (hundreds), and each
+#: split adds a partial to merge
+SUFFIX_MAX_SPLITS = 4
 
 
 def _check_groups(n_rows: int, group: int, prefix_len: torch.Tensor) -> None:
@@ -431,7 +434,7 @@ def cascade_attention_triton(
         block_n, min_keys = _decode_tile(n_programs, dev)
     suffix_keys = max(max_pages * page_size - max(min_prefix, 0), 1)
     if num_splits is None:
-        num_splits = _num_splits(n_programs, suffix_keys, block_m, dev, min_keys)
+        num_splits = min(_num_splits(n_programs, suffix_keys, block_m, dev, min_keys), SUFFIX_MAX_SPLITS)
     # prefix: the group's packed queries in one tile (up to 128 rows), split to fill the GPU
     pm, pn, p_warps, p_stages = _launch_config(group * hg * n_q, dim)
     p_qblocks = triton.cdiv(group * hg * n_q, pm)
