@@ -4,8 +4,9 @@ Random-weight Llama-3.1-8B target and Llama-3.2-1B draft (published configs, bf1
 the same engine with ``NativeCausalLM.cascade`` off and on:
 
 1. one layer's attention alone (CUDA events, median of 50 calls): the 8B's verify (8 rows x 9
-   queries) and the 1B's draft step (8 rows x 1 query) at every prompt length, plain vs cascade,
-   with the largest difference between their outputs (bf16);
+   queries per request) and the 1B's draft step (8 rows x 1 query) at every prompt length, for 1
+   request and (at the aggregate prompts) 8, plain vs cascade, with the largest difference between
+   their outputs (bf16);
 2. SMC-SD N=8 K=8 (int8 draft, what ``generate`` picks for 8 rows) at each prompt length, tokens/s
    per request, decode only, with cascade off / on / on with coarser prefix splits;
 3. 8 requests x 8 particles (bf16 draft), aggregate tokens/s, cascade off / on.
@@ -64,31 +65,34 @@ def time_call(fn, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def attention_layer(prompt: int, rows: int, n_q: int, n_qh: int, n_kvh: int, dim: int, new: int = 512):
-    """One layer's plain / cascade attention time (us) and max |difference|, rows sharing ``prompt`` tokens."""
+def attention_layer(prompt: int, groups: int, group: int, n_q: int, n_qh: int, n_kvh: int, dim: int, new: int = 512):
+    """One layer's plain / cascade attention time (us) and max |difference|: ``groups`` requests of
+    ``group`` rows, each request's rows sharing the pages of its ``prompt`` tokens."""
     dev, ps = torch.device("cuda"), 16
     gen = torch.Generator(device=dev).manual_seed(0)
+    rows = groups * group
     max_pages = -(-(prompt + new + n_q) // ps)
     shared, own = prompt // ps, max_pages - prompt // ps
-    n_pages = shared + rows * own
+    n_pages = groups * shared + rows * own
     k_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(torch.bfloat16)
     v_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(torch.bfloat16)
     table = torch.empty(rows, max_pages, dtype=torch.int32, device=dev)
-    table[:, :shared] = torch.arange(shared, dtype=torch.int32, device=dev)
-    table[:, shared:] = shared + torch.arange(rows * own, dtype=torch.int32, device=dev).view(rows, own)
+    i32 = {"dtype": torch.int32, "device": dev}
+    table[:, :shared] = torch.arange(groups * shared, **i32).view(groups, 1, shared).expand(groups, group, shared).reshape(rows, shared)
+    table[:, shared:] = groups * shared + torch.arange(rows * own, **i32).view(rows, own)
     # mid-run: every row 256 tokens past its prompt (the partial prompt page belongs to each row)
-    start = torch.full((rows,), prompt + 256, dtype=torch.int32, device=dev)
+    start = torch.full((rows,), prompt + 256, **i32)
     shared_len = shared * ps  # only the shared pages are one copy here
-    plen = torch.full((1,), shared_len, dtype=torch.int32, device=dev)
+    plen = torch.full((groups,), shared_len, **i32)
     q = torch.randn(rows, n_q, n_qh, dim, generator=gen, device=dev).to(torch.bfloat16)
-    counters = torch.zeros(16384, dtype=torch.int32, device=dev)
+    counters = torch.zeros(16384, **i32)
     scale = dim**-0.5
 
     def plain():
         return attention.paged_attention(q, k_pool, v_pool, table, start, scale, counters)
 
     def cascade():
-        return attention.cascade_attention(q, k_pool, v_pool, table, start, scale, plen, rows, shared_len, counters)
+        return attention.cascade_attention(q, k_pool, v_pool, table, start, scale, plen, group, shared_len, counters)
 
     diff = float((plain().float() - cascade().float()).abs().max())
     return {"plain_us": time_call(plain), "cascade_us": time_call(cascade), "max_abs_diff": diff}
@@ -121,12 +125,15 @@ def main() -> None:
 
     # 1. one layer's attention, both models' shapes
     kernel_rows = []
-    for p in sorted(set(prompts + agg_prompts)):
-        for what, (rows, n_q, n_qh, n_kvh, dim) in (("verify 8B", (8, 9, 32, 8, 128)),
-                                                     ("draft 1B", (8, 1, 32, 8, 64))):
-            r = {"prompt": p, "call": what, **attention_layer(p, rows, n_q, n_qh, n_kvh, dim, args.new_tokens)}
-            kernel_rows.append(r)
-            print(json.dumps(r), flush=True)
+    calls = [(p, 1) for p in prompts] + [(p, 8) for p in agg_prompts]
+    for p, groups in calls:
+        for what, (n_q, n_qh, n_kvh, dim) in (("verify 8B", (9, 32, 8, 128)), ("draft 1B", (1, 32, 8, 64))):
+            for mode in [m for m in modes if m != "off"]:
+                set_mode((), mode)
+                r = {"prompt": p, "call": f"{what}, {groups} x 8", "mode": mode,
+                     **attention_layer(p, groups, 8, n_q, n_qh, n_kvh, dim, args.new_tokens)}
+                kernel_rows.append(r)
+                print(json.dumps(r), flush=True)
 
     # 2. and 3. the engine
     max_pos = max(prompts + agg_prompts) + args.new_tokens + 64
@@ -163,9 +170,10 @@ def main() -> None:
     md = [f"{info['pair']} on {info['device']}, bf16 random weights, {args.new_tokens} new tokens, "
           f"{time.strftime('%Y-%m-%d')}", "",
           "One layer's attention (8 rows, 256 tokens past the prompt; us, median of 50):", "",
-          "| prompt | call | plain us | cascade us | speed-up | max abs diff |", "|---:|---|---:|---:|---:|---:|"]
+          "| prompt | call | cascade mode | plain us | cascade us | speed-up | max abs diff |",
+          "|---:|---|---|---:|---:|---:|---:|"]
     for r in kernel_rows:
-        md.append(f"| {r['prompt']} | {r['call']} | {r['plain_us']:.1f} | {r['cascade_us']:.1f} | "
+        md.append(f"| {r['prompt']} | {r['call']} | {r['mode']} | {r['plain_us']:.1f} | {r['cascade_us']:.1f} | "
                   f"{r['plain_us'] / r['cascade_us']:.2f}x | {r['max_abs_diff']:.1e} |")
     md += ["", "SMC-SD N=8 K=8 through the engine (decode tokens/s; aggregate = per request x requests):", "",
            "| prompt | requests x N | draft | " + " | ".join(f"cascade {m}" for m in modes) + " | best vs off |",
