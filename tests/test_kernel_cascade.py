@@ -45,6 +45,7 @@ CASES = [
     (1, 4, 1, 8, 2, 64, 16, 6, 40, None, None),  # draft step, G=4, prefix ends mid-page
     (2, 3, 2, 8, 2, 64, 16, 5, 32, 1, 3),  # the draft's first step (T=2), two groups, page boundary
     (1, 4, 9, 32, 8, 128, 16, 4, 37, 2, 2),  # verify, Llama-3-8B heads
+    (1, 4, 9, 32, 8, 128, 16, 4, 37, 1, 2),  # ... an odd slot count for the big tile's 2-slot merge steps
     (2, 2, 9, 14, 2, 64, 8, 8, 21, 3, 4),  # Qwen2-0.5B grouping (G=7), page size 8
     (1, 8, 5, 4, 4, 64, 16, 4, 17, None, None),  # G=1, 40 packed rows per kv head
 ]
