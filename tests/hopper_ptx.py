@@ -70,11 +70,22 @@ def main() -> None:
                            {**ptrs_f, "w_scale": "*fp32", "bt": "*i32", "start_pos": "*i32"}, ("eps",),
                            num_warps=4, num_stages=4)))
     attn = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 16, "BLOCK_N": 128, "NSPLIT": 4, "NSPLIT_P2": 4, "IEEE": False,
-            "PDL": True}
+            "PDL": True, "CASCADE": False, "NSLOT": 4}
     ptrs = {"q": bf16, "k_pool": bf16, "v_pool": bf16, "bt": "*i32", "start_pos": "*i32", "out": bf16,
-            "part_o": "*fp32", "part_lse": "*fp32", "counters": "*i32"}
+            "part_o": "*fp32", "part_lse": "*fp32", "counters": "*i32", "prefix_len": "*i32"}
     print(json.dumps(facts("paged_attention", attention._paged_attention_kernel, attn, ptrs, ("qk_scale",),
                            num_warps=4, num_stages=2)))
+    # cascade attention: the suffix (the same kernel, CASCADE) and the prefix kernel with its merge
+    print(json.dumps(facts("paged_attention_cascade", attention._paged_attention_kernel,
+                           {**attn, "CASCADE": True, "NSLOT": 12}, ptrs, ("qk_scale",), num_warps=4, num_stages=2)))
+    prefix = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 128, "BLOCK_N": 32, "NSPLIT": 8, "SLOT0": 4, "NSLOT": 12,
+              "NSLOT_P2": 16, "IEEE": False, "PDL": True, "MERGE_PER_ITER": 2}
+    print(json.dumps(facts("prefix_attention", attention._prefix_attention_kernel, prefix, ptrs, ("qk_scale",),
+                           num_warps=8, num_stages=3)))
+    # one prefix split (no counter election), the draft's 64-wide heads, the merge unrolled 8 slots a step
+    print(json.dumps(facts("prefix_attention_one_split", attention._prefix_attention_kernel,
+                           {**prefix, "D": 64, "BLOCK_M": 32, "BLOCK_N": 64, "NSPLIT": 1, "SLOT0": 2, "NSLOT": 3,
+                            "NSLOT_P2": 4, "MERGE_PER_ITER": 8}, ptrs, ("qk_scale",), num_warps=4, num_stages=3)))
     norm = {"BLOCK": 4096, "SINGLE": True, "PDL": True}
     print(json.dumps(facts("rms_norm", fused_ops._rms_norm_kernel, norm, {"x": bf16, "w": bf16, "out": bf16},
                            ("eps",), num_warps=8)))

@@ -37,7 +37,8 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
     kernels = {f["kernel"]: f for f in map(json.loads, done.stdout.splitlines())}
     # every kernel that takes a PDL flag
     assert set(kernels) == {"skinny_linear", "skinny_linear_swapped", "qkv_rope", "paged_attention", "rms_norm",
-                            "rope_qk_write_kv", "silu_mul"}
+                            "rope_qk_write_kv", "silu_mul", "paged_attention_cascade", "prefix_attention",
+                            "prefix_attention_one_split"}
     for name, f in kernels.items():
         assert 0 <= f["wait"] < f["launch_dependents"], name
         assert f["first_access"] > f["wait"], f"{name} touches memory before waiting on its predecessor"

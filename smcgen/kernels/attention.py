@@ -32,6 +32,9 @@ from smcgen.kernels._triton import (
 
 __all__ = [
     "HAS_TRITON",
+    "cascade_attention",
+    "cascade_attention_torch",
+    "cascade_attention_triton",
     "paged_attention",
     "paged_attention_torch",
     "paged_attention_triton",
@@ -238,10 +241,12 @@ def paged_attention_triton(
         part_o,
         part_lse,
         counters,
+        start_pos,  # prefix_len: unread without CASCADE
         scale * _LOG2E,
         n_q,
         n_kvh,
         max_pages,
+        1,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -291,10 +296,382 @@ def paged_attention(
 
 
 # --------------------------------------------------------------------------------------------------
+# cascade_attention: the group's shared prefix once, each row's suffix apart, merged by LSE
+# --------------------------------------------------------------------------------------------------
+
+#: fewest prefix keys a split of the prefix kernel covers, per packed query of its tile: each
+#: split writes a [BLOCK_M, D] fp32 partial that the merge reads back, so a split must read several
+#: times more K/V than that (BLOCK_M = 128: 512 keys; the draft's 32-row tiles: 128 keys)
+PREFIX_KEYS_PER_QUERY = 4
+#: most partial slots (suffix splits + prefix splits) one query merges
+MAX_SLOTS = 48
+#: partial outputs the prefix kernel's merge loads per loop step: all unrolled (0) spilled
+#: registers (ptxas, sm_90), one at a time waits out a memory latency per slot. Small tiles (the
+#: draft's 32 x 64) load 8 at a time, big ones (the verify's 128 x 128, on 8 warps) 2
+MERGE_PER_ITER_SMALL = 8
+MERGE_PER_ITER_BIG = 2
+#: packed queries x head dim from which a prefix tile counts as big (8 warps, MERGE_PER_ITER_BIG)
+BIG_TILE = 128 * 128
+#: most splits of the suffix kernel: a suffix holds only the generated tokens (hundreds), and each
+#: split adds a partial to merge
+SUFFIX_MAX_SPLITS = 4
+
+
+def _check_groups(n_rows: int, group: int, prefix_len: torch.Tensor) -> None:
+    if group < 1 or n_rows % group:
+        raise ValueError(f"cascade attention: group must divide the {n_rows} rows, got {group}")
+    if prefix_len.numel() != n_rows // group:
+        raise ValueError(
+            f"cascade attention: prefix_len needs one entry per group ({n_rows // group}), got {prefix_len.numel()}"
+        )
+
+
+def cascade_attention_torch(
+    q: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+    prefix_len: torch.Tensor,
+    group: int,
+) -> torch.Tensor:
+    """:func:`paged_attention_torch` for rows that share a prefix (torch twin; fp32 math).
+
+    Rows ``g*group .. g*group + group - 1`` hold the same keys and values at positions
+    < ``prefix_len[g]``. The prefix is gathered once per group (from its first row's pages) and all
+    the group's queries attend to it in one batched product; each row's own keys
+    [prefix_len, position] are attended apart; the two halves are merged by their log-sum-exp.
+    """
+    n_rows, n_q, n_qh, dim = q.shape
+    _check_groups(n_rows, group, prefix_len)
+    _, page_size, n_kvh, _ = k_pool_l.shape
+    n_groups, hg = n_rows // group, n_qh // n_kvh
+    max_pages = block_table.shape[1]
+    n_keys = max_pages * page_size
+    kpos = torch.arange(n_keys, device=q.device)
+    qpos = start_pos.long()[:, None] + torch.arange(n_q, device=q.device)[None, :]  # [R, T]
+    plen = prefix_len.long().repeat_interleave(group)  # [R]
+    qg = q.float().reshape(n_rows, n_q, n_kvh, hg, dim).permute(0, 2, 3, 1, 4)  # [R, Hkv, G, T, D]
+
+    def gather(pool, pages, rows):  # -> [rows, Hkv, S, D]
+        return pool[pages].reshape(rows, n_keys, n_kvh, dim).float().permute(0, 2, 1, 3)
+
+    # prefix: the group's first row's pages, every query of the group in one product per kv head
+    lead = block_table[::group].long()
+    lead_ok = (lead >= 0).repeat_interleave(page_size, dim=1)  # [B, S]
+    pk, pv = gather(k_pool_l, lead.clamp(min=0), n_groups), gather(v_pool_l, lead.clamp(min=0), n_groups)
+    in_prefix = lead_ok & (kpos[None, :] < prefix_len.long()[:, None])  # [B, S]
+    pv = pv.masked_fill(~in_prefix[:, None, :, None], 0.0)
+    qb = qg.reshape(n_groups, group, n_kvh, hg, n_q, dim).permute(0, 2, 1, 3, 4, 5)  # [B, Hkv, N, G, T, D]
+    s_pre = torch.einsum("bhngtd,bhsd->bhngts", qb, pk) * scale
+    vis_pre = in_prefix.view(n_groups, 1, 1, 1, 1, n_keys) & (
+        kpos.view(1, 1, 1, 1, 1, -1) <= qpos.view(n_groups, 1, group, 1, n_q, 1)
+    )
+    s_pre = s_pre.masked_fill(~vis_pre, float("-inf"))
+    s_pre = s_pre.permute(0, 2, 1, 3, 4, 5).reshape(n_rows, n_kvh, hg, n_q, n_keys)  # [R, Hkv, G, T, S]
+
+    # suffix: each row's own keys at positions [prefix_len, position]
+    pages = block_table.long()
+    page_ok = (pages >= 0).repeat_interleave(page_size, dim=1)  # [R, S]
+    sk, sv = gather(k_pool_l, pages.clamp(min=0), n_rows), gather(v_pool_l, pages.clamp(min=0), n_rows)
+    own = page_ok & (kpos[None, :] >= plen[:, None]) & (kpos[None, :] < qpos[:, -1:] + 1)  # [R, S] written
+    sv = sv.masked_fill(~own[:, None, :, None], 0.0)
+    s_suf = torch.einsum("rhgtd,rhsd->rhgts", qg, sk) * scale
+    vis_suf = own[:, None, :] & (kpos[None, None, :] <= qpos[:, :, None])  # [R, T, S]
+    s_suf = s_suf.masked_fill(~vis_suf[:, None, None], float("-inf"))
+
+    # the merge: each half's softmax weighted by its share of the total mass
+    lse = torch.stack([s_pre.logsumexp(-1), s_suf.logsumexp(-1)])  # [2, R, Hkv, G, T]
+    total = lse.logsumexp(0)
+    w = torch.exp(lse - total).nan_to_num(0.0)  # a query with no visible key gets zeros
+    o_pre = torch.einsum("rhgts,rhsd->rhgtd", torch.softmax(s_pre, -1).nan_to_num(0.0),
+                         pv.repeat_interleave(group, dim=0))
+    o_suf = torch.einsum("rhgts,rhsd->rhgtd", torch.softmax(s_suf, -1).nan_to_num(0.0), sv)
+    out = w[0][..., None] * o_pre + w[1][..., None] * o_suf
+    return out.permute(0, 3, 1, 2, 4).reshape(n_rows, n_q, n_qh, dim).to(q.dtype)
+
+
+def cascade_attention_triton(
+    q: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+    prefix_len: torch.Tensor,
+    group: int,
+    min_prefix: int = 0,
+    *,
+    num_splits: int | None = None,
+    prefix_splits: int | None = None,
+    counters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`cascade_attention_torch`: two kernels, no extra memset.
+
+    The suffix kernel (``_paged_attention_kernel`` with CASCADE: each row's keys from
+    ``prefix_len`` on) writes its splits' partial outputs and log-sum-exps to slots 0..S-1; the
+    prefix kernel reads each prefix K/V tile once for the GROUP * T * G packed queries of a group
+    and kv head, writes its splits' partials to the slots after them, and the last of a tile's
+    split programs to finish merges every slot into ``out``. ``min_prefix`` (the shortest prefix,
+    a host int) sizes the splits; ``prefix_len`` [groups] int32 on the device holds the lengths
+    (a captured graph reads them where they lie). ``num_splits`` / ``prefix_splits`` (tests and
+    tuning) override the suffix's and the prefix's split counts; ``counters``: see
+    :func:`paged_attention_triton` (a slot per group x kv head x prefix query block).
+    """
+    n_rows, n_q, n_qh, dim = q.shape
+    _check_groups(n_rows, group, prefix_len)
+    _, page_size, n_kvh, _ = k_pool_l.shape
+    assert n_qh % n_kvh == 0 and dim in TRITON_HEAD_DIMS
+    hg = n_qh // n_kvh
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_pool_l.stride(-1) == 1 and v_pool_l.stride(-1) == 1 and block_table.is_contiguous()
+    prefix_len = prefix_len.to(torch.int32).contiguous()
+    max_pages = block_table.shape[1]
+    n_groups = n_rows // group
+    dev = q.device
+
+    # suffix: the plain kernel's tiling, split by the longest suffix the table can hold
+    block_m, block_n, num_warps, num_stages = _launch_config(hg * n_q, dim)
+    n_qblocks = triton.cdiv(hg * n_q, block_m)
+    n_programs = n_rows * n_kvh * n_qblocks
+    min_keys = None
+    if block_m <= 16:
+        block_n, min_keys = _decode_tile(n_programs, dev)
+    suffix_keys = max(max_pages * page_size - max(min_prefix, 0), 1)
+    if num_splits is None:
+        num_splits = min(_num_splits(n_programs, suffix_keys, block_m, dev, min_keys), SUFFIX_MAX_SPLITS)
+    # prefix: the group's packed queries in one tile (up to 128 rows), split to fill the GPU
+    pm, pn, p_warps, p_stages = _launch_config(group * hg * n_q, dim)
+    big = pm * dim >= BIG_TILE
+    if big:  # 128 x 128 fp32 accumulators on 4 warps spilled 6 KB a thread, 1 KB on 8 (ptxas, sm_90)
+        p_warps = 8
+    p_qblocks = triton.cdiv(group * hg * n_q, pm)
+    p_programs = n_groups * n_kvh * p_qblocks
+    if prefix_splits is None:
+        per_split = max(MIN_KEYS_PER_SPLIT // 2, PREFIX_KEYS_PER_QUERY * pm)
+        prefix_splits = _num_splits(p_programs, max(min_prefix, 1), pm, dev, per_split)
+        prefix_splits = max(1, min(prefix_splits, MAX_SLOTS - num_splits))
+    n_slots = num_splits + prefix_splits
+
+    out = torch.empty_like(q)
+    part_o = torch.empty((n_rows, n_q, n_qh, n_slots, dim), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((n_rows, n_q, n_qh, n_slots), dtype=torch.float32, device=dev)
+    n_tiles = p_programs
+    if prefix_splits > 1 and (counters is None or counters.numel() < n_tiles):
+        counters = torch.zeros(n_tiles, dtype=torch.int32, device=dev)
+    elif counters is None:
+        counters = part_lse  # unread with one prefix split
+    pdl = pdl_enabled(q)
+    ieee = q.dtype == torch.float32
+    common = (q.stride(0), q.stride(1), q.stride(2), k_pool_l.stride(0), k_pool_l.stride(1), k_pool_l.stride(2),
+              v_pool_l.stride(0), v_pool_l.stride(1), v_pool_l.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    _paged_attention_kernel[(n_rows * n_kvh, num_splits, n_qblocks)](
+        q, k_pool_l, v_pool_l, block_table, start_pos, out, part_o, part_lse, counters, prefix_len,
+        scale * _LOG2E, n_q, n_kvh, max_pages, group, *common,
+        G=hg, D=dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, NSPLIT=num_splits,
+        NSPLIT_P2=triton.next_power_of_2(num_splits), IEEE=ieee, PDL=pdl, CASCADE=True, NSLOT=n_slots,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+    )  # fmt: skip
+    _prefix_attention_kernel[(n_groups * n_kvh, prefix_splits, p_qblocks)](
+        q, k_pool_l, v_pool_l, block_table, start_pos, prefix_len, out, part_o, part_lse, counters,
+        scale * _LOG2E, n_q, n_kvh, max_pages, group, *common,
+        G=hg, D=dim, PAGE=page_size, BLOCK_M=pm, BLOCK_N=pn, NSPLIT=prefix_splits, SLOT0=num_splits,
+        NSLOT=n_slots, NSLOT_P2=triton.next_power_of_2(n_slots), IEEE=ieee, PDL=pdl,
+        MERGE_PER_ITER=MERGE_PER_ITER_BIG if big else MERGE_PER_ITER_SMALL, num_warps=p_warps, num_stages=p_stages, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
+
+
+def cascade_attention(
+    q: torch.Tensor,
+    k_pool_l: torch.Tensor,
+    v_pool_l: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+    prefix_len: torch.Tensor,
+    group: int,
+    min_prefix: int = 0,
+    counters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cascade attention -> [R, T, Hq, D] (Triton on CUDA, torch otherwise); same result as
+    :func:`paged_attention` when the rows of each group hold the same K/V below ``prefix_len``."""
+    if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
+        return cascade_attention_triton(q, k_pool_l, v_pool_l, block_table, start_pos, scale, prefix_len, group,
+                                        min_prefix, counters=counters)
+    return cascade_attention_torch(q, k_pool_l, v_pool_l, block_table, start_pos, scale, prefix_len, group)
+
+
+# --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _merge_partials(part_o, part_lse, row, m_ok, d, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                        NSLOT: tl.constexpr, NSLOT_P2: tl.constexpr, PER_ITER: tl.constexpr = 0):
+        """Merge the NSLOT partial outputs of packed rows ``row`` by their log-sum-exp (log2 units).
+
+        Every slot's log-sum-exp in one load and (PER_ITER 0, for small tiles) every partial
+        output's load unrolled: a loop over the slots would wait out one memory latency per slot.
+        A large tile loads PER_ITER slots per loop step instead: each load is already wide, and
+        fully unrolled ones spilled registers (ptxas, sm_90: 21 KB a thread at 128 x 128 and 10
+        slots, against 1.6 KB for the kernel without its merge). A row with no visible key gets zeros.
+        """
+        sp = tl.arange(0, NSLOT_P2)
+        lse_all = tl.load(part_lse + row[:, None] * NSLOT + sp[None, :],
+                          mask=m_ok[:, None] & (sp[None, :] < NSLOT), other=float("-inf"),
+                          cache_modifier=".cg")
+        m_all = tl.max(lse_all, 1)
+        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+        w_all = tl.exp2(lse_all - m_use[:, None])
+        l_all = tl.sum(w_all, 1)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if PER_ITER == 0:
+            for s_i in tl.static_range(NSLOT):
+                w_s = tl.sum(tl.where(sp[None, :] == s_i, w_all, 0.0), 1)
+                o_s = tl.load(part_o + (row * NSLOT + s_i)[:, None] * D + d[None, :], mask=m_ok[:, None],
+                              other=0.0, cache_modifier=".cg")
+                acc += w_s[:, None] * o_s
+        else:
+            for s0 in range(0, NSLOT, PER_ITER):
+                for j in tl.static_range(PER_ITER):
+                    ok = m_ok & (s0 + j < NSLOT)
+                    lse_s = tl.load(part_lse + row * NSLOT + s0 + j, mask=ok, other=float("-inf"),
+                                    cache_modifier=".cg")
+                    o_s = tl.load(part_o + (row * NSLOT + s0 + j)[:, None] * D + d[None, :], mask=ok[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    acc += tl.exp2(lse_s - m_use)[:, None] * o_s
+        return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+
+    @triton.jit
+    def _prefix_attention_kernel(
+        q,
+        k_pool,
+        v_pool,
+        bt,
+        start_pos,
+        prefix_len,
+        out,
+        part_o,
+        part_lse,
+        counters,
+        qk_scale,
+        T,
+        n_kvh,
+        max_pages,
+        GROUP,
+        s_qr,
+        s_qt,
+        s_qh,
+        s_kp,
+        s_ks,
+        s_kh,
+        s_vp,
+        s_vs,
+        s_vh,
+        s_or,
+        s_ot,
+        s_oh,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NSPLIT: tl.constexpr,
+        SLOT0: tl.constexpr,
+        NSLOT: tl.constexpr,
+        NSLOT_P2: tl.constexpr,
+        IEEE: tl.constexpr,
+        PDL: tl.constexpr,
+        MERGE_PER_ITER: tl.constexpr = 0,
+    ):
+        """The shared-prefix half of cascade attention, and the merge of both halves.
+
+        Program (group x kv head, prefix split, query block): the packed queries of every row of
+        the group, m = (n * T + t) * G + g, against the group's prefix keys [0, prefix_len[group])
+        read from the group's first row's pages: each K/V tile is loaded once for all GROUP * T * G
+        queries. The split's partial goes to slot SLOT0 + split (the suffix kernel, launched just
+        before, filled slots 0 .. SLOT0 - 1); the tile's last program to arrive merges all NSLOT.
+        """
+        pdl_wait(PDL)
+        pid = tl.program_id(0)
+        grp = pid // n_kvh
+        kvh = pid % n_kvh
+        split = tl.program_id(1)
+        qblock = tl.program_id(2)
+        m = qblock * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < GROUP * T * G
+        rem = m % (T * G)
+        leader = grp * GROUP
+        r = leader + tl.where(m_ok, m // (T * G), 0)
+        t = rem // G
+        head = kvh * G + rem % G
+        d = tl.arange(0, D)
+        qpos = tl.load(start_pos + r) + t
+        plen = tl.load(prefix_len + grp)
+        chunk = tl.cdiv(tl.cdiv(plen, NSPLIT), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, plen)
+
+        qt = tl.load(q + r[:, None] * s_qr + t[:, None] * s_qt + head[:, None] * s_qh + d[None, :],
+                     mask=m_ok[:, None])
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            page = tl.load(bt + leader * max_pages + n // PAGE, mask=n < hi, other=-1).to(tl.int64)
+            n_ok = (n < hi) & (page >= 0)
+            slot = n % PAGE
+            kt = tl.load(
+                k_pool + (page * s_kp + slot * s_ks + kvh * s_kh)[None, :] + d[:, None], mask=n_ok[None, :], other=0.0
+            )
+            if IEEE:
+                s = tl.dot(qt, kt.to(qt.dtype), input_precision="ieee")
+            else:
+                s = tl.dot(qt, kt.to(qt.dtype))
+            # a query inside the prefix (never in the engine, which queries past the prompt) stays causal
+            visible = n_ok[None, :] & (n[None, :] <= qpos[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(
+                v_pool + (page * s_vp + slot * s_vs + kvh * s_vh)[:, None] + d[None, :], mask=n_ok[:, None], other=0.0
+            )
+            if IEEE:
+                pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        pdl_release(PDL)
+
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        row = (r * T + t) * (n_kvh * G) + head
+        tl.store(part_o + (row * NSLOT + SLOT0 + split)[:, None] * D + d[None, :], acc / safe_l[:, None],
+                 mask=m_ok[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(part_lse + row * NSLOT + SLOT0 + split, lse, mask=m_ok)
+        tl.debug_barrier()
+        last = True
+        if NSPLIT > 1:  # the tile's last split program merges (see _paged_attention_kernel)
+            tile = pid * tl.num_programs(2) + qblock
+            arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+            last = arrived == NSPLIT - 1
+        if last:
+            tl.debug_barrier()
+            res = _merge_partials(part_o, part_lse, row, m_ok, d, BLOCK_M, D, NSLOT, NSLOT_P2, MERGE_PER_ITER)
+            optr = out + r[:, None] * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
+            tl.store(optr, res.to(out.dtype.element_ty), mask=m_ok[:, None])
+            if NSPLIT > 1:
+                tl.atomic_xchg(counters + tile, 0)
 
     @triton.jit
     def _paged_attention_kernel(
@@ -307,10 +684,12 @@ if HAS_TRITON:
         part_o,
         part_lse,
         counters,
+        prefix_len,
         qk_scale,
         T,
         n_kvh,
         max_pages,
+        GROUP,
         s_qr,
         s_qt,
         s_qh,
@@ -332,6 +711,8 @@ if HAS_TRITON:
         NSPLIT_P2: tl.constexpr,
         IEEE: tl.constexpr,
         PDL: tl.constexpr,
+        CASCADE: tl.constexpr = False,
+        NSLOT: tl.constexpr = 1,
     ):
         pdl_wait(PDL)
         pid = tl.program_id(0)
@@ -349,8 +730,14 @@ if HAS_TRITON:
         qpos = start + t
         # keys this block can see: [0, position of its last query]; this split's share of them
         kv_end = start + tl.minimum(T - 1, (qblock * BLOCK_M + BLOCK_M - 1) // G) + 1
-        chunk = tl.cdiv(tl.cdiv(kv_end, NSPLIT), BLOCK_N) * BLOCK_N
-        lo = split * chunk
+        if CASCADE:  # the suffix only: the group's shared prefix is the prefix kernel's
+            kv_lo = tl.load(prefix_len + r // GROUP)
+            span = tl.maximum(kv_end - kv_lo, 0)
+        else:
+            kv_lo = 0
+            span = kv_end
+        chunk = tl.cdiv(tl.cdiv(span, NSPLIT), BLOCK_N) * BLOCK_N
+        lo = kv_lo + split * chunk
         hi = tl.minimum(lo + chunk, kv_end)
 
         qt = tl.load(q + r * s_qr + t[:, None] * s_qt + head[:, None] * s_qh + d[None, :], mask=m_ok[:, None])
@@ -389,7 +776,12 @@ if HAS_TRITON:
 
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
-        if NSPLIT > 1:
+        if CASCADE:  # a partial for the prefix kernel to merge (slots 0 .. NSPLIT - 1)
+            row = (r * T + t) * (n_kvh * G) + head
+            tl.store(part_o + (row * NSLOT + split)[:, None] * D + d[None, :], o, mask=m_ok[:, None])
+            lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+            tl.store(part_lse + row * NSLOT + split, lse, mask=m_ok)
+        elif NSPLIT > 1:
             row = (r * T + t) * (n_kvh * G) + head
             tl.store(part_o + (row * NSPLIT + split)[:, None] * D + d[None, :], o, mask=m_ok[:, None])
             lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
@@ -402,23 +794,7 @@ if HAS_TRITON:
             arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
             if arrived == NSPLIT - 1:
                 tl.debug_barrier()
-                # every split's log-sum-exp in one load and every partial output's load unrolled:
-                # a loop over the splits would wait out one memory latency per split
-                sp = tl.arange(0, NSPLIT_P2)
-                lse_all = tl.load(part_lse + row[:, None] * NSPLIT + sp[None, :],
-                                  mask=m_ok[:, None] & (sp[None, :] < NSPLIT), other=float("-inf"),
-                                  cache_modifier=".cg")
-                m_all = tl.max(lse_all, 1)
-                m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-                w_all = tl.exp2(lse_all - m_use[:, None])
-                l_all = tl.sum(w_all, 1)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
-                for s_i in tl.static_range(NSPLIT):
-                    w_s = tl.sum(tl.where(sp[None, :] == s_i, w_all, 0.0), 1)
-                    o_s = tl.load(part_o + (row * NSPLIT + s_i)[:, None] * D + d[None, :], mask=m_ok[:, None],
-                                  other=0.0, cache_modifier=".cg")
-                    acc += w_s[:, None] * o_s
-                res = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+                res = _merge_partials(part_o, part_lse, row, m_ok, d, BLOCK_M, D, NSPLIT, NSPLIT_P2)
                 optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
                 tl.store(optr, res.to(out.dtype.element_ty), mask=m_ok[:, None])
                 tl.atomic_xchg(counters + tile, 0)

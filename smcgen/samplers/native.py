@@ -526,6 +526,11 @@ class NativeSMC:
                 cache.rows(g.r0, g.r1).resample(owner, n_fed)
             s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
             s.pos[i : i + 1].fill_(P - 1)
+        # each group's rows now hold the same prompt K/V (resampling stays inside a group): cascade
+        # attention may read it once per request (NativeCausalLM.cascade), each at its own length
+        for cache, unfed in ((s.tcache, 1), (s.dcache, 2)):
+            if cache is not None:
+                cache.share_prefixes(N, [g.prompt_len - unfed for g in s.segments for _ in range(g.n_groups)])
 
     # ------------------------------------------------------------------------------ cycle
 

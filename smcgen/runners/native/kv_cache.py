@@ -30,6 +30,20 @@ _KNOBS = (
 )
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows ``g*group .. g*group + group - 1`` (group g) share their first ``lengths[g]`` tokens.
+
+    ``lengths`` is an int32 device tensor (one entry per group; a CUDA graph reads it where it
+    lies), ``min_length`` its smallest entry on the host, for sizing kernels and for the automatic
+    choice of cascade attention.
+    """
+
+    group: int
+    lengths: Tensor
+    min_length: int
+
+
 @dataclass
 class PagedKVCache:
     """Pool tensors plus the block table and page bookkeeping of ``n_rows`` particle rows.
@@ -58,6 +72,8 @@ class PagedKVCache:
     free_top: Tensor = field(init=False, repr=False)
     status: Tensor = field(init=False, repr=False)
     high_water: Tensor = field(init=False, repr=False)
+    #: the prompt prefix each group of rows holds in common (``share_prefix``), or None
+    shared_prefix: SharedPrefix | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_kv_heads", "head_dim", "page_size", "n_pages", "n_rows", "max_pages"):
@@ -79,6 +95,7 @@ class PagedKVCache:
         self.status = torch.zeros(1, **i32)
         # Largest n_tokens ever reserved: lets check_status say how many pages were missing.
         self.high_water = torch.zeros(1, **i32)
+        self.shared_prefix = None
 
     # ----------------------------------------------------------------------------- sizing
 
@@ -159,6 +176,38 @@ class PagedKVCache:
             self.page_size,
         )
 
+    def share_prefix(self, group: int, length: int) -> None:
+        """Declare that rows ``g*group .. g*group + group - 1`` hold the same first ``length`` tokens.
+
+        True after a prefill shared with the group by ``resample`` (and kept by every later
+        resample, which draws ancestors inside a group only): the prefix's positions then hold the
+        same keys and values in every row of the group (full pages shared, the partial page copied),
+        so cascade attention may read them once from the group's first row. ``length`` 0 clears it.
+        """
+        if length <= 0:
+            self.shared_prefix = None
+            return
+        if group < 1 or self.n_rows % group:
+            raise ValueError(f"share_prefix: group must divide the cache's {self.n_rows} rows, got {group}")
+        if length > self.max_pages * self.page_size:
+            raise ValueError(f"share_prefix: length {length} is past a row's {self.max_pages * self.page_size} slots")
+        self.share_prefixes(group, [int(length)] * (self.n_rows // group))
+
+    def share_prefixes(self, group: int, lengths: list[int]) -> None:
+        """:meth:`share_prefix` with one length per group (requests of different prompt lengths in
+        one batch); a group of length 0 shares nothing."""
+        if group < 1 or self.n_rows % group or len(lengths) != self.n_rows // group:
+            raise ValueError(f"share_prefixes: need one length per group of {group} of the cache's {self.n_rows} rows, "
+                             f"got {len(lengths)} lengths")
+        if max(lengths) > self.max_pages * self.page_size:
+            raise ValueError(f"share_prefixes: length {max(lengths)} is past a row's {self.max_pages * self.page_size} "
+                             "slots")
+        if min(lengths) <= 0 and max(lengths) <= 0:
+            self.shared_prefix = None
+            return
+        dev_lengths = torch.tensor([max(0, int(n)) for n in lengths], dtype=torch.int32, device=self.device)
+        self.shared_prefix = SharedPrefix(group, dev_lengths, max(0, min(int(n) for n in lengths)))
+
     def rows(self, start: int, stop: int) -> PagedKVCache:
         """A view of rows ``start:stop`` that shares the pool and bookkeeping with this cache.
 
@@ -170,6 +219,7 @@ class PagedKVCache:
         view = copy.copy(self)
         view.block_table = self.block_table[start:stop]
         view.n_rows = stop - start
+        view.shared_prefix = None  # the groups need not line up with the view's rows
         return view
 
     def reset(self) -> None:
@@ -183,6 +233,7 @@ class PagedKVCache:
         self.free_top.fill_(self.n_pages)
         self.status.zero_()
         self.high_water.zero_()
+        self.shared_prefix = None
 
     # ----------------------------------------------------------------------- host checks
 

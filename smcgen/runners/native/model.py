@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smcgen.kernels._triton import pdl_scope
-from smcgen.kernels.attention import paged_attention
+from smcgen.kernels.attention import cascade_attention, paged_attention
 from smcgen.kernels.linear import fused_linear, quantize_fp8, quantize_int8
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
-from smcgen.runners.native.kv_cache import PagedKVCache
+from smcgen.runners.native.kv_cache import PagedKVCache, SharedPrefix
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -227,6 +227,13 @@ class NativeCausalLM(nn.Module):
         #: needs no copy of its C operand (one device memcpy per layer and projection otherwise, on
         #: batches wider than skinny_max_rows): +1.9% at N=8 K=8 and +2.1% on 8 x 8 (H100, BENCHMARKS.md)
         self.residual_in_place = True
+        #: cascade attention (kernels.attention.cascade_attention) for caches whose row groups share
+        #: a prompt prefix (PagedKVCache.share_prefix, set by the engine after its prefill): each
+        #: prefix K/V tile is read once for all the group's queries instead of once per row. True /
+        #: False: always / never; None: on CUDA when the shared prefix holds at least
+        #: ``cascade_min_prefix`` tokens (docs/gpu_engine.md, BENCHMARKS.md)
+        self.cascade: bool | None = None
+        self.cascade_min_prefix = 1024
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -518,6 +525,16 @@ class NativeCausalLM(nn.Module):
             self.device,
         )
 
+    def cascade_prefix(self, cache: PagedKVCache) -> SharedPrefix | None:
+        """The shared prefix a forward over ``cache`` attends to with cascade attention, or None
+        for plain paged attention (see ``cascade``; a group of one row has nothing to share)."""
+        prefix = cache.shared_prefix
+        if prefix is None or prefix.group < 2 or self.cascade is False:
+            return None
+        if self.cascade is None and (self.device.type != "cuda" or prefix.min_length < self.cascade_min_prefix):
+            return None
+        return prefix
+
     # ---------------------------------------------------------------------------- forward
 
     @torch.no_grad()
@@ -544,6 +561,7 @@ class NativeCausalLM(nn.Module):
         # stream in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
+        prefix = self.cascade_prefix(cache)
         for i, layer in enumerate(self.layers):
             # a quantized projection's row scales (quantize_weights), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
@@ -562,7 +580,11 @@ class NativeCausalLM(nn.Module):
                 max_rows=self.skinny_max_rows if self.skinny_qkv else 0, counters=self.linear_counters,
                 fused=self.fused_qkv_rope,
             )  # fmt: skip
-            att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
+            if prefix is not None:
+                att = cascade_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, prefix.lengths,
+                                        prefix.group, prefix.min_length, self.attn_counters)
+            else:
+                att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
             h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace,
                        weight_scale=o_scale)
