@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     # model runners: a forward pass and its KV cache, no SMC (the transformers runner, the native
     # model and its paged cache, the embedded model's files)
     ("runners", ["smcgen.backends", "smcgen.backends.transformers_lm", "smcgen.backends.native",
-                 "smcgen.backends.native.model", "smcgen.backends.native.kv_cache", "smcgen.models"]),
+                 "smcgen.backends.native.model", "smcgen.backends.native.kv_cache", "smcgen.backends.native.parallel",
+                 "smcgen.backends.native.build", "smcgen.models"]),
     # the factors of the target and the proposals; exact enumeration and the property checks are
     # built on the factors alone
     ("potentials, proposals", ["smcgen.potentials", "smcgen.proposals", "smcgen.exact", "smcgen.testing"]),

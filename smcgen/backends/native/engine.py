@@ -33,7 +33,7 @@ from smcgen.backends.native.kv_cache import PagedKVCache
 from smcgen.backends.native.model import NativeCausalLM
 from smcgen.config import SMCConfig
 from smcgen.kernels.philox import philox_uniform
-from smcgen.kernels.sampling import fused_sample, token_logprobs
+from smcgen.kernels.sampling import fused_sample
 from smcgen.kernels.weighting import smc_weight_update
 from smcgen.potentials.base import (
     Potential,
@@ -471,12 +471,12 @@ class NativeSMC:
         logits = self.target(verify_in, pos.expand(R), s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
         allowed = pending.result().to(self.device) if masked else None
-        bonus, _, bonus_norm = fused_sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
+        bonus, _, bonus_norm = self.target.sample(logits[:, K], scale, cfg.alpha, s.seed, s.offset, allowed)
         s.offset.add_(R * V)
         # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
         # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
         if K > 0:
-            log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
+            log_p = self.target.token_logprobs(logits[:, :K], y, scale, cfg.alpha)
             q = torch.stack(log_q, dim=1)
             # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error);
             # one flag update for both models keeps the captured cycle's extra kernels few
