@@ -2,13 +2,14 @@
 
 A quantized draft costs SMC only efficiency (the weights correct for it); a quantized target
 changes the distribution sampled: SMC is then exact for the quantized model, not the original.
-This measures how far that moves, teacher-forced over text the reference model (bf16 on CUDA, fp32 on the CPU) wrote (AR, temperature
-0.7): the mean per-token KL(reference || quantized) of the next-token distributions at temperature 0.7
-and 1.0, and how often the two models' most likely next token agree. Configurations: every linear
+This measures how far that moves against the model in its own dtype (bf16 on CUDA, fp32 on the
+CPU), teacher-forced over a fixed English passage (``--generate``: over text the reference model
+writes for chat prompts, AR at temperature 0.7): the mean per-token KL(reference || quantized)
+of the next-token distributions at temperatures 0.7 and 1.0, and how often the two models' most likely next token agree. Configurations: every linear
 layer and the LM head (what ``benchmarks/tp_70b.py`` runs on one GPU) and the draft's default set
 (gate/up, down, LM head), each in int8 and fp8.
 
-    python benchmarks/target_quantization.py [--device cpu] [--new-tokens 64]
+    python benchmarks/target_quantization.py [--device cpu] [--generate --new-tokens 64]
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from smcgen import SMCConfig  # noqa: E402
 from smcgen.backends.native.engine import NativeSMC  # noqa: E402
 from smcgen.backends.native.model import NativeCausalLM  # noqa: E402
 from smcgen.models import smollm2  # noqa: E402
+
+PASSAGE = (
+    "The lighthouse stood at the end of a narrow spit of rock, and for most of the year the only visitors "
+    "were gulls and the occasional fisherman sheltering from a squall. The keeper kept a logbook in which "
+    "he wrote the weather twice a day, the ships he saw, and, when nothing else happened, the books he was "
+    "reading. Over forty years the logbook grew to eleven volumes. Historians later used it to reconstruct "
+    "the storms of the period, because his notes on wind and pressure were more careful than those of the "
+    "nearest official station. To compute the area of a circle, multiply pi by the square of the radius; "
+    "a circle of radius three has an area of about twenty-eight square units."
+)
 
 
 @torch.no_grad()
@@ -54,6 +65,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--generate", action="store_true",
+                    help="score text the reference model writes for the chat prompts instead of the fixed passage")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="the reference model's dtype (default: bf16 on CUDA, float32 on the CPU, where bf16 is slow)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "target_quantization.json"))
@@ -70,10 +83,14 @@ def main() -> None:
                for p in PROMPTS[: args.prompts]]
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
     seqs = []
-    for i, prompt in enumerate(prompts):
-        cfg = SMCConfig(n_particles=1, max_new_tokens=args.new_tokens, seed=i, target_temperature=0.7)
-        out = NativeSMC(ref, cfg, eos_token_ids=[tok.eos_token_id]).run(prompt)
-        seqs.append((len(prompt), prompt + out.tokens[0, 0, : int(out.lengths[0, 0])].tolist()))
+    if args.generate:
+        for i, prompt in enumerate(prompts):
+            cfg = SMCConfig(n_particles=1, max_new_tokens=args.new_tokens, seed=i, target_temperature=0.7)
+            out = NativeSMC(ref, cfg, eos_token_ids=[tok.eos_token_id]).run(prompt)
+            seqs.append((len(prompt), prompt + out.tokens[0, 0, : int(out.lengths[0, 0])].tolist()))
+    else:
+        # a fixed passage of ordinary English, scored from its second token on: no generation needed
+        seqs.append((1, tok.encode(PASSAGE)))
     rows = []
     for layers, names in (("all linear + head", NativeCausalLM.FP8_NAMES),
                           ("gate_up, down, head", NativeCausalLM.FP8_DEFAULT)):
@@ -83,7 +100,8 @@ def main() -> None:
             rows.append({"layers": layers, "format": fmt, **compare(ref, q, seqs)})
             del q
     info = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
-            "model": f"SmolLM2-135M-Instruct ({dtype} reference)", "prompts": len(prompts), "new_tokens": args.new_tokens}
+            "model": f"SmolLM2-135M-Instruct ({dtype} reference)", "text": "generated" if args.generate else "fixed passage", "prompts": len(prompts),
+            "new_tokens": args.new_tokens}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(json.dumps(info))

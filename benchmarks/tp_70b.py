@@ -1,4 +1,4 @@
-"""A 70B-class target: one large GPU with a weight-only fp8 target, or tensor parallel under torchrun.
+"""A 70B-class target: one large GPU with a weight-only int8 / fp8 target, or tensor parallel under torchrun.
 
 Llama-3.1-70B target and Llama-3.2-1B draft architectures with random weights (the speed does not
 depend on them), 256-token random prompt, 512 new tokens, EOS off, temperature 0.7. Rows: AR
@@ -8,8 +8,10 @@ over (W_target_per_GPU + K * W_draft) / B, B the copy bandwidth of one GPU measu
 run (each GPU streams its target shard and the whole replicated draft), AR: B / W_target_per_GPU.
 ``--profile`` adds the all-reduce / all-gather (NCCL) kernel time per cycle from an eager run.
 
-    # one H200, target layers and LM head in weight-only fp8 (~71 GB), built layer by layer:
+    # one H200, target layers and LM head in weight-only int8 (~71 GB), built layer by layer
+    # (int8 moved SmolLM2's next-token distributions ~6x less than fp8: benchmarks/target_quantization.py):
     python benchmarks/tp_70b.py --out $OUT
+    python benchmarks/tp_70b.py --quantize fp8 --out $OUT
     # tensor parallel over 4 (or 2) GPUs, bf16 target shards (35 GB each at TP=4):
     torchrun --nproc-per-node=4 benchmarks/tp_70b.py --quantize none --profile --out $OUT
     # TP=2 on 80 GB cards: the bf16 shards (70 GB) leave no room, so quantize them:
@@ -92,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=("llama70b", "tiny"), default="llama70b")
     ap.add_argument("--quantize", choices=("fp8", "int8", "none"), default=None,
-                    help="target weights (every linear layer and the LM head); default: fp8 on one GPU, none under TP")
+                    help="target weights (every linear layer and the LM head); default: int8 on one GPU, none under TP")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--particles", type=int, default=8)
@@ -106,7 +108,7 @@ def main() -> None:
         rank, world, device = init_tensor_parallel()
     else:
         rank, device = 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quantize = args.quantize or ("fp8" if world == 1 else "none")
+    quantize = args.quantize or ("int8" if world == 1 else "none")
     tiny = args.arch == "tiny"
     t_cfg, d_cfg = hf_config("llama", TINY_T if tiny else LLAMA_70B), hf_config("llama", TINY_D if tiny else LLAMA_1B)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
