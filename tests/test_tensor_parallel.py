@@ -111,3 +111,20 @@ def test_a_model_that_does_not_split_is_refused():
     cfg = NativeCausalLM.from_config(_config("llama"), dtype=torch.float32).cfg
     with pytest.raises(ValueError, match="num_key_value_heads"):
         _local_config(cfg, 4)
+
+
+def test_a_model_built_layer_by_layer_is_quantized_as_it_grows():
+    from smcgen.backends.native.build import random_layerwise
+
+    model = random_layerwise(_config("llama"), dtype=torch.float32, quantize="int8", progress=False)
+    assert model.n_layers == 2 and len(model.layers) == 2
+    assert model.quantized_weights == {name: "int8" for name in NativeCausalLM.FP8_NAMES}
+    assert all(layer.down.dtype == torch.int8 for layer in model.layers)
+    plain = random_layerwise(_config("llama"), dtype=torch.float32, progress=False)
+    # one byte per quantized weight: the model streams a bit over a quarter of the fp32 bytes
+    assert model.weight_bytes() < 0.3 * plain.weight_bytes()
+    tokens = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    got, want = _logits(model, tokens), _logits(plain, tokens)
+    assert torch.isfinite(got).all()
+    # the same random draws, rounded to int8: close to the unquantized model's logits, not equal
+    assert 0 < float((got - want).abs().max()) < 0.1 * float(want.abs().max())
