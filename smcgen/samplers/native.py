@@ -44,7 +44,6 @@ from smcgen.core.resampling import (
     graph_safe,
 )
 from smcgen.kernels.philox import philox_uniform
-from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.kernels.weighting import smc_weight_update
 from smcgen.potentials.base import (
     Potential,
@@ -568,7 +567,7 @@ class NativeSMC:
                 pending = self.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0) if host_masked else None
                 logits = self.draft(feed, start, s.dcache, last_only=True)
                 allowed = self._allowed(pending, state)
-                tok, lp, ln = self._sample(s, logits, 1.0 / cfg.draft_temperature, 1.0, allowed)
+                tok, lp, ln = self._sample(s, logits, 1.0 / cfg.draft_temperature, 1.0, allowed, self.draft)
                 drafted.append(tok)
                 if state is not None:
                     state = self.dfa.step(state, tok)
@@ -591,11 +590,11 @@ class NativeSMC:
         logits = self.target(verify_in, pos, s.tcache)  # [R, T, V]
         scale = 1.0 / cfg.target_temperature
         allowed = self._allowed(pending, state)
-        bonus, _, bonus_norm = self._sample(s, logits[:, K], scale, cfg.alpha, allowed)
+        bonus, _, bonus_norm = self._sample(s, logits[:, K], scale, cfg.alpha, allowed, self.target)
         # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
         # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
         if K > 0:
-            log_p = token_logprobs(logits[:, :K], y, scale, cfg.alpha)
+            log_p = self.target.token_logprobs(logits[:, :K], y, scale, cfg.alpha)
             q = torch.stack(log_q, dim=1)
             # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error);
             # one flag update for both models keeps the captured cycle's extra kernels few
@@ -614,16 +613,18 @@ class NativeSMC:
             s.host_history = torch.cat([s.host_history[anc_host], s.history[:, done_w : done_w + T].cpu()], dim=1)
 
     def _sample(
-        self, s: _CycleState, logits: Tensor, scale: float, alpha: float, allowed: Tensor | None
+        self, s: _CycleState, logits: Tensor, scale: float, alpha: float, allowed: Tensor | None, model: Any
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``fused_sample`` of each segment's rows from the segment's own Philox stream (its key and
-        offset), so a request's draws do not depend on what else runs in the batch."""
-        V = logits.shape[-1]
+        offset), so a request's draws do not depend on what else runs in the batch. ``model.sample``
+        draws (a tensor-parallel target reduces across its vocabulary shards); offsets advance by the
+        full vocabulary, whatever width of logits this rank holds."""
+        V = model.vocab_size
         parts = []
         for i, g in enumerate(s.segments):
             rows = slice(g.r0, g.r1)
             mine = allowed[rows] if allowed is not None else None
-            parts.append(fused_sample(logits[rows], scale, alpha, s.seed[i : i + 1], s.offset[i : i + 1], mine))
+            parts.append(model.sample(logits[rows], scale, alpha, s.seed[i : i + 1], s.offset[i : i + 1], mine))
             s.offset[i : i + 1].add_(g.n_rows * V)
         if len(parts) == 1:
             return parts[0]

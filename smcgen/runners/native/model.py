@@ -30,6 +30,7 @@ from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import cascade_attention, paged_attention
 from smcgen.kernels.linear import fused_linear, quantize_fp8, quantize_int8
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
+from smcgen.kernels.sampling import fused_sample, token_logprobs
 from smcgen.runners.native.kv_cache import PagedKVCache, SharedPrefix
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -143,6 +144,19 @@ def rope_inv_freq(cfg: NativeConfig) -> Tensor:
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     # Uninitialized: from_hf / from_config fill every tensor, so no time goes to a throwaway init.
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+@torch.no_grad()
+def init_random(module: nn.Module, cfg: NativeConfig, gen: torch.Generator) -> None:
+    """Random weights like transformers' initializer: matrices ~ N(0, initializer_range), norms 1,
+    biases 0 (every parameter of ``module``, in ``named_parameters`` order)."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, cfg.initializer_range, generator=gen)
+        elif name.endswith("norm"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
 
 
 class NativeLayer(nn.Module):
@@ -344,14 +358,7 @@ class NativeCausalLM(nn.Module):
         """
         cfg = config if isinstance(config, NativeConfig) else NativeConfig.from_hf(config)
         native = cls(cfg, dtype, device, max_positions)
-        gen = torch.Generator(device=native.embed.device).manual_seed(seed)
-        for name, p in native.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, cfg.initializer_range, generator=gen)
-            elif name.endswith("norm"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
+        init_random(native, cfg, torch.Generator(device=native.embed.device).manual_seed(seed))
         native.fold_input_norms()
         return native
 
@@ -408,14 +415,17 @@ class NativeCausalLM(nn.Module):
             raise ValueError(f"{clash} are already stored in {held[clash[0]]}; cannot also quantize them to {fmt}")
         quantize = quantizers[fmt]
         for name in names:
-            if name in held:
-                continue
             if name == "lm_head":
-                q, scale = quantize(self.lm_head)
-                self.lm_head = nn.Parameter(q, requires_grad=False)  # unties a tied head
-                self.register_buffer("lm_head_scale", scale)
+                if "lm_head" not in held:
+                    q, scale = quantize(self.lm_head)
+                    self.lm_head = nn.Parameter(q, requires_grad=False)  # unties a tied head
+                    self.register_buffer("lm_head_scale", scale)
                 continue
+            # layer by layer: a model built one quantized layer at a time (backends.native.build)
+            # quantizes only the layer it just appended
             for layer in self.layers:
+                if getattr(layer, f"{name}_scale", None) is not None:
+                    continue
                 q, scale = quantize(getattr(layer, name))
                 setattr(layer, name, nn.Parameter(q, requires_grad=False))
                 layer.register_buffer(f"{name}_scale", scale)
@@ -535,6 +545,27 @@ class NativeCausalLM(nn.Module):
             return None
         return prefix
 
+    # ------------------------------------------------------- hooks of the tensor-parallel model
+
+    def _add_projection(
+        self, linear: Any, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, accumulate: bool,
+        weight_scale: Tensor | None,
+    ) -> Tensor:
+        """``residual + x @ weight.T + bias`` (the o and down projections); the tensor-parallel
+        model (``backends.native.parallel``) sums its ranks' partial products here."""
+        return linear(x, weight, bias, residual=residual, accumulate=accumulate, weight_scale=weight_scale)
+
+    def sample(
+        self, logits: Tensor, scale: float, alpha: float, seed: Tensor, offset: Tensor, allowed: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``kernels.sampling.fused_sample`` over this model's logits (a tensor-parallel model's
+        logits are its vocabulary shard: it reduces the statistics across ranks)."""
+        return fused_sample(logits, scale, alpha, seed, offset, allowed)
+
+    def token_logprobs(self, logits: Tensor, tokens: Tensor, scale: float, alpha: float) -> Tensor:
+        """``kernels.sampling.token_logprobs`` over this model's logits (see :meth:`sample`)."""
+        return token_logprobs(logits, tokens, scale, alpha)
+
     # ---------------------------------------------------------------------------- forward
 
     @torch.no_grad()
@@ -586,12 +617,11 @@ class NativeCausalLM(nn.Module):
             else:
                 att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
-            h = linear(att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, residual=h, accumulate=inplace,
-                       weight_scale=o_scale)
+            h = self._add_projection(linear, att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, h,
+                                     inplace, o_scale)
             mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True,
                          weight_scale=gate_up_scale)
-            h = linear(mlp, layer.down, layer.down_bias, residual=h, accumulate=inplace,
-                       weight_scale=down_scale)
+            h = self._add_projection(linear, mlp, layer.down, layer.down_bias, h, inplace, down_scale)
         if last_only:
             h = h[:, -1]
         return fused_linear(h, self.lm_head, norm_weight=self.norm, eps=eps,
