@@ -40,7 +40,8 @@ from torch import Tensor
 from smcgen.backends.transformers_lm import LanguageModel
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
-from smcgen.potentials.json_schema import LoweredSchema, budget_twist, lower_json_schema
+from smcgen.potentials.json_budget import budget_twist
+from smcgen.potentials.json_schema import LoweredSchema, lower_json_schema
 from smcgen.sampling import bitmask_width
 
 try:
@@ -481,7 +482,7 @@ class GrammarPotential(Potential):
             # leaves the target unchanged, but resampling favours particles that can still close in time
             for i, tokens in enumerate(batch.token_ids):
                 if rows[i].alive:
-                    scores[i] = budget_twist(self._text(tokens), self.finish_within - len(tokens))
+                    scores[i] = budget_twist(self._text(tokens), self.finish_within - len(tokens), self.schema)
         return torch.tensor(scores, dtype=torch.float64)
 
     def log_complete(self, batch: SequenceBatch) -> Tensor:
