@@ -318,3 +318,44 @@ def test_metaschema_ref_resolves_offline_and_remote_refs_are_refused():
     assert accepted(g, '{"s":{"type":"integer"}}') and not accepted(g, '{"s":{"type":3}}')
     with pytest.raises(GrammarError, match="no remote refs"):
         GrammarPotential.json_schema({"$ref": "http://example.com/x.json"})
+
+
+# ---------------------------------------------------------------------------- real-schema spellings
+def test_ecma_patterns_are_checked_with_their_python_spelling():
+    from smcgen.potentials.json_schema import python_regex
+
+    assert python_regex(r"^a+$") == r"^a+$"  # re accepts it: unchanged
+    g = char_grammar({"type": "string", "pattern": r"^[^\p{Cc}]+$"})  # CircleCI's spelling
+    assert accepted(g, '"ab"') and not accepted(g, '"a\\u0007"')
+    g = char_grammar({"type": "string", "pattern": r"^(?<major>[0-9]+)\.[\w-_.]+$"})
+    assert accepted(g, '"1.a-b_c"') and not accepted(g, '"x.a"')
+
+
+def test_refs_through_dropped_keywords_and_tuple_items_are_relocated():
+    schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "definitions": {"opts": {"if": {"type": "integer", "maximum": 3}, "items": [{"type": "string"}]}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/definitions/opts/if"}, "b": {"$ref": "#/definitions/opts/items/0"}},
+        "required": ["a", "b"],
+    }
+    g = char_grammar(schema)
+    assert accepted(g, '{"a":2,"b":"x"}')
+    assert not mask_lets_through(g, '{"a":5,"b":"x"}') and not mask_lets_through(g, '{"a":2,"b":1}')
+
+
+def test_min_properties_beyond_the_named_ones_allows_other_properties():
+    g = char_grammar({"type": "object", "minProperties": 1})
+    assert accepted(g, '{"k":1}') and not mask_lets_through(g, "{}")
+
+
+def test_bundle_embeds_the_documents_refs_reach():
+    from smcgen.potentials.json_bundle import bundle_schema
+
+    docs = {"https://example.com/defs.json": {"$id": "https://example.com/defs.json",
+                                              "definitions": {"id": {"type": "integer", "minimum": 1}}}}
+    schema = {"type": "object", "properties": {"id": {"$ref": "defs.json#/definitions/id"}}, "required": ["id"]}
+    with pytest.raises(GrammarError, match="no remote refs"):
+        char_grammar(schema)
+    g = char_grammar(bundle_schema(schema, docs, "https://example.com/main.json"))
+    assert accepted(g, '{"id":3}') and not accepted(g, '{"id":0}')
