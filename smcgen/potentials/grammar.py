@@ -41,7 +41,8 @@ from smcgen.core.sampling import bitmask_width
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
-from smcgen.potentials.json_schema import LoweredSchema, budget_twist, lower_json_schema
+from smcgen.potentials.json_budget import budget_twist
+from smcgen.potentials.json_schema import LoweredSchema, lower_json_schema
 from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.runners.transformers import LanguageModel
 
@@ -485,7 +486,7 @@ class GrammarPotential(Potential):
             # leaves the target unchanged, but resampling favours particles that can still close in time
             for i, tokens in enumerate(batch.token_ids):
                 if rows[i].alive:
-                    scores[i] = budget_twist(self._text(tokens), self.finish_within - len(tokens))
+                    scores[i] = budget_twist(self._text(tokens), self.finish_within - len(tokens), self.schema)
         return torch.tensor(scores, dtype=torch.float64)
 
     def log_complete(self, batch: SequenceBatch) -> Tensor:

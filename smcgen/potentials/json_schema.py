@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import json
+import re
+import sys
 import typing
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +170,85 @@ def _resolve(root: Any, ref: str) -> Any:
     return node
 
 
+# ---------------------------------------------------------------------------- ECMA-262 patterns
+# JSON Schema patterns are ECMA-262 regexes; the validator runs them with Python's re. Spellings re
+# does not know but that mean the same are rewritten (only for patterns re rejects as written).
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
+_NAMED_GROUP = re.compile(r"\(\?<(?![=!])")
+_BACKREF = re.compile(r"\\k<(\w+)>")
+_PROPERTY = re.compile(r"\\([pP])\{([A-Za-z_]+)\}")
+_DASH_AFTER_CLASS = re.compile(r"(\\[wdsWDS])-(?!\])")
+_DASH_BEFORE_CLASS = re.compile(r"(?<!\\)-(\\[wdsWDS])")
+
+
+@functools.lru_cache(maxsize=32)
+def _category_ranges(name: str) -> str | None:
+    """The code points of a Unicode general category (``L``, ``Lu``, ``Cc``, ...) as class ranges."""
+    if not (1 <= len(name) <= 2 and name[0] in "CLMNPSZ"):
+        return None
+    ranges: list[tuple[int, int]] = []
+    for cp in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(cp)).startswith(name):
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1] = (ranges[-1][0], cp)
+            else:
+                ranges.append((cp, cp))
+    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) or None
+
+
+def python_regex(pattern: str) -> str:
+    """``pattern`` (ECMA-262) in Python ``re`` syntax where re rejects it as written; else unchanged.
+
+    Rewrites named groups ``(?<n>...)`` and ``\\k<n>``, Unicode general categories ``\\p{L}`` /
+    ``\\P{L}`` (``\\P`` outside classes only), and a ``-`` next to ``\\w``/``\\d``/``\\s`` inside a class (a
+    literal dash in ECMA). A pattern still rejected after that is returned unchanged.
+    """
+    try:
+        re.compile(pattern)
+        return pattern
+    except re.error:
+        pass
+
+    def prop(m: re.Match[str]) -> str:
+        ranges = _category_ranges(m.group(2))
+        if ranges is None:
+            return m.group(0)
+        inside = m.string[: m.start()].count("[") > m.string[: m.start()].count("]")  # rough, enough here
+        if inside:
+            return ranges if m.group(1) == "p" else m.group(0)
+        return f"[{ranges}]" if m.group(1) == "p" else f"[^{ranges}]"
+
+    out = _NAMED_GROUP.sub("(?P<", pattern)
+    out = _BACKREF.sub(r"(?P=\1)", out)
+    out = _PROPERTY.sub(prop, out)
+    out = _DASH_AFTER_CLASS.sub(r"\1\\-", out)
+    out = _DASH_BEFORE_CLASS.sub(r"\\-\1", out)
+    try:
+        re.compile(out)
+        return out
+    except re.error:
+        return pattern
+
+
+def python_patterns(schema: Any) -> Any:
+    """``schema`` with every ``pattern`` and ``patternProperties`` key through :func:`python_regex`."""
+    if isinstance(schema, list):
+        return [python_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key == "pattern" and isinstance(value, str):
+            out[key] = python_regex(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            out[key] = {python_regex(k): python_patterns(v) for k, v in value.items()}
+        else:
+            out[key] = python_patterns(value)
+    return out
+
+
 def _validator_for(schema: dict[str, Any] | bool) -> Any:
     try:
         import jsonschema
@@ -191,6 +274,11 @@ class _Lowering:
         self.checked: list[str] = []
         self.warnings: list[str] = []
         self.problems: list[str] = []
+        # refs whose target the grammar schema does not keep at the same pointer (through a dropped
+        # keyword, a tuple ``items`` renamed ``prefixItems``, a merged ``allOf``): target lowered once
+        # into ``$defs`` under a fresh name, the ref pointed there
+        self.relocated: dict[str, str] = {}
+        self.extra_defs: dict[str, Any] = {}
 
     def lower(self, node: Any, path: list[str], depth: int = 0) -> Any:
         where = _pointer(path)
@@ -239,6 +327,10 @@ class _Lowering:
         n_prefix = len(out.get("prefixItems", []))
         if "items" not in out and isinstance(out.get("minItems"), int) and out["minItems"] > n_prefix:
             out["items"] = {}  # generation adds no unnamed items by default; here the schema needs some
+        if (isinstance(out.get("minProperties"), int) and out["minProperties"] > len(out.get("properties") or {})
+                and "additionalProperties" not in out and "patternProperties" not in out):
+            # the schema allows other properties and needs some: strict generation would allow none
+            out["additionalProperties"] = True
         for key in ("properties", "patternProperties"):
             if isinstance(out.get(key), dict):  # a false property schema: the property never appears
                 out[key] = {k: v for k, v in out[key].items() if v is not False}
@@ -307,7 +399,12 @@ class _Lowering:
             return value
         if key == "$ref":
             try:
-                _resolve(self.root, value if isinstance(value, str) else "")
+                target = _resolve(self.root, value if isinstance(value, str) else "")
+                if not _kept_in_place(self.root, value):
+                    if depth >= _MAX_INLINE_DEPTH:  # deep chains of relocations: the place is left open
+                        self.checked.append(f"{at}: $ref {value!r}")
+                        return _DROP
+                    return self._relocate(value, target, depth)
             except KeyError:
                 if isinstance(value, str) and _registry_resolves(self.root, value):
                     # an anchor or an $id inside this document: the validator resolves it, the grammar
@@ -321,6 +418,11 @@ class _Lowering:
             if not isinstance(value, dict):
                 self.problems.append(f"{at}: {key} must be an object")
                 return _DROP
+            if key == "patternProperties":
+                unparsed = [k for k in value if not _xgrammar_regex_ok(k)]
+                for k in unparsed:  # narrower, not looser: such names are simply never generated
+                    self.warnings.append(f"{at}: property names matching {k!r} are not generated (xgrammar cannot parse it)")
+                value = {k: v for k, v in value.items() if k not in unparsed}
             return {name: self.lower(s, path + [key, name], depth) for name, s in value.items()}
         if key in ("additionalProperties", "items", "propertyNames"):
             return self.lower(value, path + [key], depth)
@@ -332,6 +434,15 @@ class _Lowering:
                 self.checked.append(f"{at}: oneOf (exactly one branch; generated as anyOf)")
             return [self.lower(s, path + [key, str(i)], depth) for i, s in enumerate(value)]
         return value
+
+    def _relocate(self, ref: str, target: Any, depth: int) -> str:
+        """A ``$ref`` to ``target`` in the grammar schema's ``$defs`` (lowered once, recursion allowed)."""
+        if ref not in self.relocated:
+            name = f"_smcgen_ref{len(self.relocated)}"
+            self.relocated[ref] = name  # before lowering: a target that refers to itself finds its name
+            parts = [p.replace("~1", "/").replace("~0", "~") for p in ref[1:].split("/") if p]
+            self.extra_defs[name] = self.lower(target, parts, depth + 1)
+        return f"#/$defs/{self.relocated[ref]}"
 
     def _approximations(self, out: dict[str, Any], where: str) -> None:
         """Combinations xgrammar 0.2.x compiles with a keyword ignored: that keyword is checked after."""
@@ -380,6 +491,41 @@ class _Lowering:
 
 
 _DROP = object()
+
+
+@functools.lru_cache(maxsize=1024)
+def _xgrammar_regex_ok(pattern: str) -> bool:
+    try:
+        xgr.Grammar.from_regex(pattern)
+        return True
+    except RuntimeError:
+        return False
+# keywords whose value the lowering keeps at the same place, and what stands under them
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+_ONE_SCHEMA = frozenset({"additionalProperties", "items", "propertyNames"})
+_SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems"})
+
+
+def _kept_in_place(root: Any, ref: str) -> bool:
+    """Whether the node a local ``$ref`` names sits at the same pointer in the grammar schema: the path
+    runs only through keywords the lowering keeps as they are (not a dropped or unknown keyword, a
+    tuple ``items``, or a schema with ``allOf``, which is merged away)."""
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in ref[1:].split("/") if p]
+    node, i = root, 0
+    while i < len(parts):
+        if not isinstance(node, dict) or "allOf" in node:
+            return False
+        key = parts[i]
+        value = node.get(key)
+        if key in _NAMED_SCHEMAS and isinstance(value, dict) and i + 1 < len(parts):
+            node, i = value.get(parts[i + 1]), i + 2
+        elif key in _ONE_SCHEMA and isinstance(value, (dict, bool)):
+            node, i = value, i + 1
+        elif key in _SCHEMA_LISTS and isinstance(value, list) and i + 1 < len(parts) and parts[i + 1].isdigit():
+            node, i = value[int(parts[i + 1])], i + 2
+        else:
+            return False
+    return True
 
 
 def _all_refs(node: Any) -> list[str]:
@@ -465,11 +611,13 @@ def lower_json_schema(schema: Any) -> LoweredSchema:
     normalized = normalize_schema(schema)
     lowering = _Lowering(normalized)
     grammar_schema = lowering.lower(normalized, [])
+    if lowering.extra_defs and isinstance(grammar_schema, dict):
+        grammar_schema = {**grammar_schema, "$defs": {**grammar_schema.get("$defs", {}), **lowering.extra_defs}}
     if lowering.problems:
         p = lowering.problems
         shown = "; ".join(p[:8]) + (f"; and {len(p) - 8} more" if len(p) > 8 else "")
         raise GrammarError(f"JSON schema not supported: {shown}")
-    validator = _validator_for(normalized)
+    validator = _validator_for(python_patterns(normalized))
     if lowering.warnings:
         w = lowering.warnings
         warnings.warn("; ".join(w[:5]) + (f"; and {len(w) - 5} more" if len(w) > 5 else ""), SchemaWarning, stacklevel=3)
@@ -564,42 +712,3 @@ def shortest_document(schema: Any, root: Any = None, depth: int = 0) -> Any:
         return items + [shortest_document(schema.get("items", True), root, depth + 1)] * extra
     props = schema.get("properties") or {}
     return {name: shortest_document(props.get(name, True), root, depth + 1) for name in schema.get("required", [])}
-
-
-# ---------------------------------------------------------------------------- the budget twist
-TWIST_NATS_PER_TOKEN = 2.0  # how hard a particle that cannot close in time is pushed down, per missing token
-TWIST_MARGIN = 8  # tokens of slack asked for beyond the closers, so particles turn back before it is too late
-
-
-def closing_need(text: str) -> int:
-    """Tokens a JSON prefix needs at least to end, counted as one per closer: the open string's
-    quote, a value after a dangling ``:``, each open ``{``/``[``, and the EOS token."""
-    stack: list[str] = []
-    in_string = escaped = False
-    last = ""
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-                last = '"'
-            continue
-        if ch == '"':
-            in_string = True
-        elif ch in "{[":
-            stack.append(ch)
-        elif ch in "}]" and stack:
-            stack.pop()
-        if not ch.isspace():
-            last = ch
-    return int(in_string) + len(stack) + int(last == ":" and not in_string) + 1
-
-
-def budget_twist(text: str, tokens_left: int) -> float:
-    """Log-twist of a JSON prefix with ``tokens_left`` tokens of budget: 0 while it can close with
-    ``TWIST_MARGIN`` tokens to spare, ``-TWIST_NATS_PER_TOKEN`` per token short of that. Finite, so it
-    telescopes out of the weights: the target does not change, only which particles resampling keeps."""
-    return -TWIST_NATS_PER_TOKEN * max(0, closing_need(text) + TWIST_MARGIN - tokens_left)
