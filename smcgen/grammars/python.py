@@ -141,10 +141,11 @@ se_$c ::= ntest_$c | "*" $W bor_$c
 ntest_$c ::= name $W ":=" $W test_$c | test_$c
 test_$c ::= or_$c ($W1 "if" $W1 or_$c $W1 "else" $W1 test_$c)? $LAMBDA
 lambda_$c ::= "lambda" ($W1 lparams_$c)? $W ":" $W test_$c
-or_$c ::= ("not" $W1)* chain_$c ($W1 ("and" | "or") $W1 ("not" $W1)* chain_$c)*
+or_$c ::= not_$c ($W1 ("and" | "or") $W1 not_$c)*
+not_$c ::= "not" $W1 not_$c | chain_$c
 chain_$c ::= operand_$c ($W binop $W operand_$c | $W1 ("in" | "not" $W1 "in" | "is" | "is" $W1 "not") $W1 operand_$c)*
 bor_$c ::= operand_$c ($W arithop $W operand_$c)*
-operand_$c ::= ([+\-~] $W)* ("await" $W1)? (number | atom_$c ($W trailer_$c)*)
+operand_$c ::= [+\-~] $W operand_$c | ("await" $W1)? (number | atom_$c ($W trailer_$c)*)
 atom_$c ::= name | "None" | "True" | "False" | "__debug__" | "..." | strs_$c | "(" $WB (paren_$B $WB)? ")" | "[" $WB (list_$B $WB)? "]" $BRACE
 trailer_$c ::= "(" $WB (args_$B $WB)? ")" | "[" $WB subs_$B $WB "]" | "." $W name
 paren_$c ::= yield_$c | ntest_$c $W1 compfor_$c | ntest_$c | se_$c ($W "," $W se_$c)+ ($W ",")? | se_$c $W ","
