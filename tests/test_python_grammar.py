@@ -37,6 +37,8 @@ VALID = [
     ("\n    global g\n    nonlocal_ = not a and b or c is not d\n    assert x in y, 'msg'\n    import os.path as p, sys\n"
     "    from ..m import (a as b,\n        c,)\n    a, *b = c\n    d[1:2, ::3] += 1\n    return ...\n"),
     "\n    x=a+b*c//d**-e@f|g&h^i<<j>>k%l\n    return x<y<=z!=w==v>=u>t\n",
+    # the whitespace and chained-assignment rules written for cheap masks (docs/python_grammar.md)
+    "\n    a = b = yield c\n    d, *e = f[0] = g = \\\n        h\n    x = f(  # c\n        a, \\\n        b,  # d\n    )\n",
     "\n    while(x < 0):\n        del(a[1])\n        assert(len(b) > 1), 'm'\n        yield('x')\n    return('...') + 1\n",
     ("\n    def inner():\n        def deeper():\n            if a:\n                for b in c:\n                    while d:\n"
     "                        return e\n        return deeper\n    return inner\n```\n"),
@@ -55,6 +57,8 @@ INVALID = [
     "\n    return 01\n",
     "\n    f() = 1\n",
     "\n    x := 1\n",  # an unparenthesized walrus statement
+    "\n    a = b =\n",  # a chained assignment needs a value
+    "\n    x = f(a  # c)\n",  # a comment runs to the end of the line
     "\n    return b'\\xff' + 'a\\x4'\n",
     "\n    print(\"done\")\nprint(1)\n",  # code after the function
 ]
