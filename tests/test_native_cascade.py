@@ -79,17 +79,26 @@ def test_seeded_runs_give_the_same_tokens_with_cascade_on_and_off(models, draft_
 
 def test_automatic_choice_is_off_on_the_cpu_and_for_short_prefixes(models):
     model, _ = models
-    cache = model.make_cache(n_pages=600, n_rows=4, max_pages=300, page_size=4)
+    cache = model.make_cache(n_pages=2400, n_rows=16, max_pages=300, page_size=4)
     assert model.cascade_prefix(cache) is None  # nothing declared
     cache.share_prefix(2, model.cascade_min_prefix - 1)
     assert model.cascade is None and model.cascade_prefix(cache) is None  # too short to pay
     cache.share_prefix(2, model.cascade_min_prefix)
-    # automatic: on CUDA only (the twins gain nothing from reading the prefix once)
+    # automatic: on CUDA only (the twins gain nothing from reading the prefix once), 8 groups here
     assert (model.cascade_prefix(cache) is not None) == (model.device.type == "cuda")
+    cache.share_prefix(4, model.cascade_min_prefix)
+    assert model.cascade_prefix(cache) is None  # 4 requests: below cascade_min_groups, where it lost
+    # one length per group (requests of different prompt lengths in one batch); the smallest decides
+    cache.share_prefixes(4, [1100, 1150, 1024, 1200])
+    assert cache.shared_prefix.lengths.tolist() == [1100, 1150, 1024, 1200] and cache.shared_prefix.min_length == 1024
+    with pytest.raises(ValueError, match="one length per group"):
+        cache.share_prefixes(4, [1100, 1150])
     model.cascade = True
     try:
         assert model.cascade_prefix(cache) is cache.shared_prefix
         assert model.cascade_prefix(cache.rows(0, 2)) is None  # a view's rows need not line up with groups
+        cache.share_prefix(2, model.cascade_min_prefix)
+        assert model.cascade_prefix(cache) is cache.shared_prefix
         cache.share_prefix(1, 1100)
         assert model.cascade_prefix(cache) is None  # a group of one row has nothing to share
     finally:

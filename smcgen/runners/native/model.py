@@ -244,10 +244,12 @@ class NativeCausalLM(nn.Module):
         #: cascade attention (kernels.attention.cascade_attention) for caches whose row groups share
         #: a prompt prefix (PagedKVCache.share_prefix, set by the engine after its prefill): each
         #: prefix K/V tile is read once for all the group's queries instead of once per row. True /
-        #: False: always / never; None: on CUDA when the shared prefix holds at least
-        #: ``cascade_min_prefix`` tokens (docs/gpu_engine.md, BENCHMARKS.md)
+        #: False: always / never; None: on CUDA when at least ``cascade_min_groups`` requests share
+        #: prefixes of ``cascade_min_prefix`` tokens or more, the only shape where it was measured to
+        #: win on an H100 (8 x 8 at 4,096 tokens: 1.09x; 1 x 8: 0.89-0.95x; BENCHMARKS.md)
         self.cascade: bool | None = None
         self.cascade_min_prefix = 1024
+        self.cascade_min_groups = 8
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -541,7 +543,11 @@ class NativeCausalLM(nn.Module):
         prefix = cache.shared_prefix
         if prefix is None or prefix.group < 2 or self.cascade is False:
             return None
-        if self.cascade is None and (self.device.type != "cuda" or prefix.min_length < self.cascade_min_prefix):
+        if self.cascade is None and (
+            self.device.type != "cuda"
+            or prefix.min_length < self.cascade_min_prefix
+            or cache.n_rows // prefix.group < self.cascade_min_groups
+        ):
             return None
         return prefix
 
