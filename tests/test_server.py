@@ -157,7 +157,9 @@ def test_engine_error_is_a_500_and_the_server_goes_on(client):
 
 
 def test_client_disconnecting_mid_request_does_not_break_the_next(server, client):
-    body = {"model": "tiny", "prompt": "ab", "max_tokens": 40, "n_particles": 512}
+    # 4096 particles: long enough (~0.5 s on a CPU) that a 0.05 s client timeout always cuts it,
+    # even when every particle reaches EOS after a few tokens
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 40, "n_particles": 4096}
     for _ in range(3):  # queued ones are dropped, a running one finishes unseen
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server}/v1/completions", json=body, timeout=0.05)
