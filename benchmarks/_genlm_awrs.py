@@ -36,9 +36,7 @@ async def one_run(sampler, n, max_tokens):
 def main() -> None:
     req = json.loads(sys.stdin.read())
     torch.set_num_threads(req["threads"])
-    backend = AsyncTransformer.from_name(
-        req["model_dir"], hf_opts={"device_map": "cpu", "torch_dtype": torch.float32}
-    )
+    backend = AsyncTransformer.from_name(req["model_dir"], hf_opts={"device_map": "cpu", "torch_dtype": torch.float32})
     llm = PromptedLLM(backend, temperature=req["temperature"])
     llm.prompt_ids = req["prompt_ids"]
     condition = NoLetterE(llm.vocab)
@@ -58,8 +56,18 @@ def main() -> None:
         for ctx, w in zip(seqs.contexts, seqs.log_weights):
             texts.append(b"".join(t for t in ctx if isinstance(t, bytes)).decode("utf-8", errors="replace"))
             weights.append(float(w))
-        print(json.dumps({"seed": seed, "wall_s": wall, "texts": texts, "log_weights": weights,
-                          "n_tokens": [len(c) for c in seqs.contexts]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "wall_s": wall,
+                    "texts": texts,
+                    "log_weights": weights,
+                    "n_tokens": [len(c) for c in seqs.contexts],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -56,27 +56,62 @@ def model_dir() -> Path:
 
 def ours(lm, ids: list[int], seed: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
-    r = smcgen.generate(lm, ids, constraint=NoLetterE(), n_particles=args.n, max_new_tokens=args.max_new_tokens,
-                        seed=seed, return_all_particles=True, engine="generic")
+    r = smcgen.generate(
+        lm,
+        ids,
+        constraint=NoLetterE(),
+        n_particles=args.n,
+        max_new_tokens=args.max_new_tokens,
+        seed=seed,
+        return_all_particles=True,
+        engine="generic",
+    )
     wall = time.perf_counter() - t0
     live = [t for t, w in zip(r.texts, r.log_weights) if w > -math.inf]
-    return {"seed": seed, "wall_s": wall, "died": not live, "has_e": any("e" in t.lower() for t in live),
-            "text": r.text, "tokens": len(r.token_ids)}
+    return {
+        "seed": seed,
+        "wall_s": wall,
+        "died": not live,
+        "has_e": any("e" in t.lower() for t in live),
+        "text": r.text,
+        "tokens": len(r.token_ids),
+    }
 
 
 def genlm(ids: list[int], seed: int, args: argparse.Namespace) -> dict:
-    req = {"model_dir": str(model_dir()), "prompt_ids": ids, "seeds": [seed], "n_particles": args.n,
-           "max_tokens": args.max_new_tokens, "threads": args.threads, "temperature": 1.0, "warmup_tokens": 4}
-    proc = subprocess.run([args.genlm_python, str(HERE / "_genlm_awrs.py")], input=json.dumps(req), text=True, check=False,
-                          capture_output=True, timeout=args.timeout, cwd="/tmp")
+    req = {
+        "model_dir": str(model_dir()),
+        "prompt_ids": ids,
+        "seeds": [seed],
+        "n_particles": args.n,
+        "max_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "temperature": 1.0,
+        "warmup_tokens": 4,
+    }
+    proc = subprocess.run(
+        [args.genlm_python, str(HERE / "_genlm_awrs.py")],
+        input=json.dumps(req),
+        text=True,
+        check=False,
+        capture_output=True,
+        timeout=args.timeout,
+        cwd="/tmp",
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"genlm-control run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1])
     live = [t for t, w in zip(out["texts"], out["log_weights"]) if w > -math.inf]
     best = max(range(len(out["texts"])), key=lambda i: out["log_weights"][i])
-    return {"seed": seed, "wall_s": out["wall_s"], "died": not live, "has_e": any("e" in t.lower() for t in live),
-            "text": out["texts"][best], "tokens": out["n_tokens"][best]}
+    return {
+        "seed": seed,
+        "wall_s": out["wall_s"],
+        "died": not live,
+        "has_e": any("e" in t.lower() for t in live),
+        "text": out["texts"][best],
+        "tokens": out["n_tokens"][best],
+    }
 
 
 def main() -> None:
@@ -92,27 +127,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     lm = smcgen.load_model("smollm2-135m", "cpu")
-    ids = list(lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False))
+    ids = list(
+        lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
     smcgen.generate(lm, ids, constraint=NoLetterE(), n_particles=args.n, max_new_tokens=4, seed=99, engine="generic")
     rows = []
     for seed in seeds:
         a = ours(lm, ids, seed, args)
         b = genlm(ids, seed, args)
         rows.append({"seed": seed, "smcgen": a, "genlm": b})
-        print(f"seed {seed}: smcgen {a['wall_s']:.1f} s, genlm-control {b['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"seed {seed}: smcgen {a['wall_s']:.1f} s, genlm-control {b['wall_s']:.1f} s", file=sys.stderr, flush=True
+        )
 
     speed = [r["genlm"]["wall_s"] / r["smcgen"]["wall_s"] for r in rows]
-    head = (f"no-'e' lipogram, SmolLM2-135M-Instruct float32, N={args.n}, {args.max_new_tokens} tokens, "
-            f"CPU ({platform.machine()}), {args.threads} torch threads, {date.today()}, smcgen {smcgen.__version__}")
-    md = [head, "", "| seed | smcgen AWRS s | genlm-control AWRS s | speed-up | smcgen died / 'e' | genlm died / 'e' |",
-          "|---|---|---|---|---|---|"]
+    head = (
+        f"no-'e' lipogram, SmolLM2-135M-Instruct float32, N={args.n}, {args.max_new_tokens} tokens, "
+        f"CPU ({platform.machine()}), {args.threads} torch threads, {date.today()}, smcgen {smcgen.__version__}"
+    )
+    md = [
+        head,
+        "",
+        "| seed | smcgen AWRS s | genlm-control AWRS s | speed-up | smcgen died / 'e' | genlm died / 'e' |",
+        "|---|---|---|---|---|---|",
+    ]
     for r, s in zip(rows, speed):
         a, b = r["smcgen"], r["genlm"]
-        md.append(f"| {r['seed']} | {a['wall_s']:.1f} | {b['wall_s']:.1f} | {s:.2f}x | {a['died']} / {a['has_e']} | "
-                  f"{b['died']} / {b['has_e']} |")
-    md.append(f"| median | {statistics.median(r['smcgen']['wall_s'] for r in rows):.1f} | "
-              f"{statistics.median(r['genlm']['wall_s'] for r in rows):.1f} | {statistics.median(speed):.2f}x | | |")
+        md.append(
+            f"| {r['seed']} | {a['wall_s']:.1f} | {b['wall_s']:.1f} | {s:.2f}x | {a['died']} / {a['has_e']} | "
+            f"{b['died']} / {b['has_e']} |"
+        )
+    md.append(
+        f"| median | {statistics.median(r['smcgen']['wall_s'] for r in rows):.1f} | "
+        f"{statistics.median(r['genlm']['wall_s'] for r in rows):.1f} | {statistics.median(speed):.2f}x | | |"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "awrs_vs_genlm.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))

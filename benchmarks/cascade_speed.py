@@ -78,7 +78,9 @@ def attention_layer(prompt: int, groups: int, group: int, n_q: int, n_qh: int, n
     v_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(torch.bfloat16)
     table = torch.empty(rows, max_pages, dtype=torch.int32, device=dev)
     i32 = {"dtype": torch.int32, "device": dev}
-    table[:, :shared] = torch.arange(groups * shared, **i32).view(groups, 1, shared).expand(groups, group, shared).reshape(rows, shared)
+    table[:, :shared] = (
+        torch.arange(groups * shared, **i32).view(groups, 1, shared).expand(groups, group, shared).reshape(rows, shared)
+    )
     table[:, shared:] = groups * shared + torch.arange(rows * own, **i32).view(rows, own)
     # mid-run: every row 256 tokens past its prompt (the partial prompt page belongs to each row)
     start = torch.full((rows,), prompt + 256, **i32)
@@ -119,8 +121,13 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
 
     (t_name, t_kind, t_fields), (d_name, d_kind, d_fields) = PAIRS["llama"]
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pair": f"{t_name} / {d_name}",
-            "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "pair": f"{t_name} / {d_name}",
+        "new_tokens": args.new_tokens,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(info), flush=True)
 
     # 1. one layer's attention, both models' shapes
@@ -130,19 +137,20 @@ def main() -> None:
         for what, (n_q, n_qh, n_kvh, dim) in (("verify 8B", (9, 32, 8, 128)), ("draft 1B", (1, 32, 8, 64))):
             for mode in [m for m in modes if m != "off"]:
                 set_mode((), mode)
-                r = {"prompt": p, "call": f"{what}, {groups} x 8", "mode": mode,
-                     **attention_layer(p, groups, 8, n_q, n_qh, n_kvh, dim, args.new_tokens)}
+                r = {
+                    "prompt": p,
+                    "call": f"{what}, {groups} x 8",
+                    "mode": mode,
+                    **attention_layer(p, groups, 8, n_q, n_qh, n_kvh, dim, args.new_tokens),
+                }
                 kernel_rows.append(r)
                 print(json.dumps(r), flush=True)
 
     # 2. and 3. the engine
     max_pos = max(prompts + agg_prompts) + args.new_tokens + 64
-    target = NativeCausalLM.from_config(hf_config(t_kind, t_fields), torch.bfloat16, dev, seed=0,
-                                        max_positions=max_pos)
-    draft = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
-                                       max_positions=max_pos)
-    draft8 = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
-                                        max_positions=max_pos)
+    target = NativeCausalLM.from_config(hf_config(t_kind, t_fields), torch.bfloat16, dev, seed=0, max_positions=max_pos)
+    draft = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1, max_positions=max_pos)
+    draft8 = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1, max_positions=max_pos)
     draft8.quantize_int8()
     models = (target, draft, draft8)
     grid = [(8, 8, 1, p) for p in prompts] + [(8, 8, 8, p) for p in agg_prompts]
@@ -156,8 +164,16 @@ def main() -> None:
             except (ValueError, RuntimeError, torch.OutOfMemoryError) as err:  # a pool that does not fit
                 r = {"error": str(err)[:300]}
                 torch.cuda.empty_cache()
-            r.update({"N": n, "K": k, "requests": reqs, "prompt": p, "mode": mode,
-                      "draft": "int8" if d_model is draft8 else "bf16"})
+            r.update(
+                {
+                    "N": n,
+                    "K": k,
+                    "requests": reqs,
+                    "prompt": p,
+                    "mode": mode,
+                    "draft": "int8" if d_model is draft8 else "bf16",
+                }
+            )
             if "tok_s_per_request" in r:
                 r["aggregate_tok_s"] = r["tok_s_per_request"] * reqs
             rows.append(r)
@@ -167,17 +183,27 @@ def main() -> None:
         m.cascade = None
     info["elapsed_s"] = time.perf_counter() - t0
 
-    md = [f"{info['pair']} on {info['device']}, bf16 random weights, {args.new_tokens} new tokens, "
-          f"{time.strftime('%Y-%m-%d')}", "",
-          "One layer's attention (8 rows, 256 tokens past the prompt; us, median of 50):", "",
-          "| prompt | call | cascade mode | plain us | cascade us | speed-up | max abs diff |",
-          "|---:|---|---|---:|---:|---:|---:|"]
+    md = [
+        f"{info['pair']} on {info['device']}, bf16 random weights, {args.new_tokens} new tokens, "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "One layer's attention (8 rows, 256 tokens past the prompt; us, median of 50):",
+        "",
+        "| prompt | call | cascade mode | plain us | cascade us | speed-up | max abs diff |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
     for r in kernel_rows:
-        md.append(f"| {r['prompt']} | {r['call']} | {r['mode']} | {r['plain_us']:.1f} | {r['cascade_us']:.1f} | "
-                  f"{r['plain_us'] / r['cascade_us']:.2f}x | {r['max_abs_diff']:.1e} |")
-    md += ["", "SMC-SD N=8 K=8 through the engine (decode tokens/s; aggregate = per request x requests):", "",
-           "| prompt | requests x N | draft | " + " | ".join(f"cascade {m}" for m in modes) + " | best vs off |",
-           "|---:|---|---|" + "---:|" * (len(modes) + 1)]
+        md.append(
+            f"| {r['prompt']} | {r['call']} | {r['mode']} | {r['plain_us']:.1f} | {r['cascade_us']:.1f} | "
+            f"{r['plain_us'] / r['cascade_us']:.2f}x | {r['max_abs_diff']:.1e} |"
+        )
+    md += [
+        "",
+        "SMC-SD N=8 K=8 through the engine (decode tokens/s; aggregate = per request x requests):",
+        "",
+        "| prompt | requests x N | draft | " + " | ".join(f"cascade {m}" for m in modes) + " | best vs off |",
+        "|---:|---|---|" + "---:|" * (len(modes) + 1),
+    ]
     for n, k, reqs, p in grid:
         mine = {r["mode"]: r for r in rows if (r["N"], r["K"], r["requests"], r["prompt"]) == (n, k, reqs, p)}
         cells, speeds = [], {}

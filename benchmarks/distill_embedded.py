@@ -46,23 +46,42 @@ def generate_check(target, draft_out: Path) -> dict:
     """One SMC-SD run with the draft directory (native engine on CUDA): engine used and mean ESS/N."""
     try:
         msg = [{"role": "user", "content": "Write a short poem about the sea."}]
-        ids = list(target.tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
-        res = smcgen.generate(target, ids, draft=str(draft_out), n_particles=8, block_size=4, max_new_tokens=96,
-                              seed=0, draft_temperature=1.0, target_temperature=1.0)
+        ids = list(
+            target.tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+        res = smcgen.generate(
+            target,
+            ids,
+            draft=str(draft_out),
+            n_particles=8,
+            block_size=4,
+            max_new_tokens=96,
+            seed=0,
+            draft_temperature=1.0,
+            target_temperature=1.0,
+        )
     except Exception as err:  # noqa: BLE001 -- the training result must survive a failure of this check
         return {"error": f"{type(err).__name__}: {err}"}
     ess = res.ess_history
-    return {"engine": res.engine, "mean_ess_over_n": sum(ess) / max(1, len(ess)) / res.n_particles,
-            "tokens": len(res.token_ids), "elapsed_s": res.elapsed_s, "text": res.text[:300]}
+    return {
+        "engine": res.engine,
+        "mean_ess_over_n": sum(ess) / max(1, len(ess)) / res.n_particles,
+        "tokens": len(res.token_ids),
+        "elapsed_s": res.elapsed_s,
+        "text": res.text[:300],
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "distill_out"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="training budget (default 6 on CUDA, so the whole run fits a 10-minute job)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training budget (default 6 on CUDA, so the whole run fits a 10-minute job)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/draft/checkpoint.pt")
     p.add_argument("--no-generate", action="store_true", help="skip the final smcgen.generate check")
     p.add_argument("--steps", type=int, default=None)
@@ -72,8 +91,12 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature the draft is trained and evaluated for (the main job samples at 0.7)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature the draft is trained and evaluated for (the main job samples at 0.7)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", type=int, default=None)
     args = p.parse_args()
@@ -96,11 +119,23 @@ def main() -> None:
     autocast = cuda
     prompts = chat_prompts(target.tokenizer)
     n_target = model.config.num_hidden_layers
-    held = sample_from_target(model, prompts, n_eval, max_new, target.eos_token_ids,
-                              torch.Generator(device=args.device).manual_seed(10_000 + args.seed), autocast,
-                              args.temperature)
-    results: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "layers": args.layers,
-                     "held_out_sequences": n_eval, "temperature": args.temperature, "held_out_positions": int(held.scored.sum())}
+    held = sample_from_target(
+        model,
+        prompts,
+        n_eval,
+        max_new,
+        target.eos_token_ids,
+        torch.Generator(device=args.device).manual_seed(10_000 + args.seed),
+        autocast,
+        args.temperature,
+    )
+    results: dict = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "layers": args.layers,
+        "held_out_sequences": n_eval,
+        "temperature": args.temperature,
+        "held_out_positions": int(held.scored.sum()),
+    }
 
     inits = {}
     for how in ("spaced", "first", "last"):
@@ -111,10 +146,24 @@ def main() -> None:
     results["init_candidates"] = inits
     results["init"] = init
 
-    cfg = DistillConfig(layers=args.layers, init=init, steps=args.steps, minutes=args.minutes, batch_size=batch,
-                        micro_batch=micro, sample_batch=sample_batch, reuse=2, max_new_tokens=max_new, lr=args.lr,
-                        warmup=0.05, seed=args.seed, eval_sequences=0, checkpoint_minutes=3.0, dtype="bfloat16",
-                        temperature=args.temperature)
+    cfg = DistillConfig(
+        layers=args.layers,
+        init=init,
+        steps=args.steps,
+        minutes=args.minutes,
+        batch_size=batch,
+        micro_batch=micro,
+        sample_batch=sample_batch,
+        reuse=2,
+        max_new_tokens=max_new,
+        lr=args.lr,
+        warmup=0.05,
+        seed=args.seed,
+        eval_sequences=0,
+        checkpoint_minutes=3.0,
+        dtype="bfloat16",
+        temperature=args.temperature,
+    )
     draft_out = out / "draft"
     t_train = time.perf_counter()
     manifest = distill(target, draft_out, cfg, target_name="smollm2-135m", progress=True, resume=args.resume)
@@ -125,10 +174,13 @@ def main() -> None:
     trained = smcgen.load_model(str(draft_out), device=args.device).model
     early = derive_draft(model, DEFAULT_DRAFT_LAYERS)
     rows = {
-        f"early exit ({DEFAULT_DRAFT_LAYERS} layers)": evaluate_draft(model, early, held, micro, autocast, args.temperature),
+        f"early exit ({DEFAULT_DRAFT_LAYERS} layers)": evaluate_draft(
+            model, early, held, micro, autocast, args.temperature
+        ),
         f"init '{init}' ({args.layers} layers, untrained)": inits[init],
-        f"distilled ({args.layers} layers, {manifest['steps']} steps)": evaluate_draft(model, trained, held, micro,
-                                                                                      autocast, args.temperature),
+        f"distilled ({args.layers} layers, {manifest['steps']} steps)": evaluate_draft(
+            model, trained, held, micro, autocast, args.temperature
+        ),
     }
     results["drafts"] = rows
     results["draft_file_bytes"] = (draft_out / "draft.safetensors").stat().st_size
@@ -140,9 +192,11 @@ def main() -> None:
 
     (out / "distill_embedded.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        (f"Held-out target samples: {n_eval} sequences, {results['held_out_positions']} positions; "
-        f"device {results['device']}; training {results['train_wall_s']} s, {results['steps']} steps; "
-        f"draft file {results['draft_file_bytes'] / 2**20:.1f} MiB"),
+        (
+            f"Held-out target samples: {n_eval} sequences, {results['held_out_positions']} positions; "
+            f"device {results['device']}; training {results['train_wall_s']} s, {results['steps']} steps; "
+            f"draft file {results['draft_file_bytes'] / 2**20:.1f} MiB"
+        ),
         "",
         "| draft | KL(target‖draft) nats/token | top-1 agreement | Σ min(p, q) |",
         "|---|---:|---:|---:|",

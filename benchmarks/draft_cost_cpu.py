@@ -44,8 +44,9 @@ def main() -> None:
     rows = []
     t_ar = step_ms(target, 1, 1)
     for name, model in [("target (30)", target)] + [(f"draft {n}", derive_draft(target, n)) for n in (1, 2, 4)]:
-        rows.append({"model": name, "1x1": step_ms(model, 1, 1), "8x1": step_ms(model, 8, 1),
-                     "4x1": step_ms(model, 4, 1)})
+        rows.append(
+            {"model": name, "1x1": step_ms(model, 1, 1), "8x1": step_ms(model, 8, 1), "4x1": step_ms(model, 4, 1)}
+        )
     verify = {f"{n}x{k + 1}": step_ms(target, n, k + 1) for n, k in ((4, 4), (8, 4), (8, 2), (4, 8))}
     print("| model | 1 row x 1 token (ms) | 4 rows | 8 rows |\n|---|---:|---:|---:|")
     for r in rows:

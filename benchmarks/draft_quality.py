@@ -90,13 +90,23 @@ def main() -> None:
     target = native_copy(target_hf, "none", dev)
     bases = {"target itself": target_hf, "early-exit draft": draft_hf}
     drafts = {f"{base}, {fmt}": native_copy(hf, fmt, dev) for base, hf in bases.items() for fmt in FORMATS}
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-               for p in PROMPTS]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        for p in PROMPTS
+    ]
     # transformers 5 returns a BatchEncoding here, 4 a list of ids
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
-    info = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "N": 8, "K": 8, "temperature": 0.7, "new_tokens": args.new_tokens,
-            "prompts": len(prompts), "seeds": args.seeds}
+    info = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "N": 8,
+        "K": 8,
+        "temperature": 0.7,
+        "new_tokens": args.new_tokens,
+        "prompts": len(prompts),
+        "seeds": args.seeds,
+    }
     print(json.dumps(info))
     rows = []
     texts: dict[str, list[tuple[int, list[int]]]] = {}
@@ -105,8 +115,14 @@ def main() -> None:
         seqs = []
         for prompt in prompts:
             for seed in range(args.seeds):
-                cfg = SMCConfig(n_particles=8, block_size=8, max_new_tokens=args.new_tokens, seed=seed,
-                                draft_temperature=0.7, target_temperature=0.7)
+                cfg = SMCConfig(
+                    n_particles=8,
+                    block_size=8,
+                    max_new_tokens=args.new_tokens,
+                    seed=seed,
+                    draft_temperature=0.7,
+                    target_temperature=0.7,
+                )
                 out = NativeSMC(target, cfg, draft=draft, eos_token_ids=[tok.eos_token_id]).run(prompt, n_groups=1)
                 ess.append(out.ess_history[:, 0].float() / 8)
                 resampled += int(out.resampled.sum())
@@ -115,17 +131,24 @@ def main() -> None:
                 seqs.append((len(prompt), prompt + out.tokens[0, best, : int(out.lengths[0, best])].tolist()))
         texts[name] = seqs
         all_ess = torch.cat(ess)
-        row = {"draft": name, "mean_ess_frac": float(all_ess.mean()), "min_ess_frac": float(all_ess.min()),
-               "resample_rate": resampled / cycles, "cycles": cycles}
+        row = {
+            "draft": name,
+            "mean_ess_frac": float(all_ess.mean()),
+            "min_ess_frac": float(all_ess.min()),
+            "resample_rate": resampled / cycles,
+            "cycles": cycles,
+        }
         rows.append(row)
         print(json.dumps(row))
     # what quantizing adds to each draft, on the text that draft's quantized runs produced
     for base in bases:
         for fmt in FORMATS[1:]:
             seqs = texts[f"{base}, {fmt}"]
-            row = {"draft": f"{base}, {fmt}",
-                   "kl_to_quantized_per_token": kl_per_token(drafts[f"{base}, none"], drafts[f"{base}, {fmt}"], seqs, 0.7),
-                   "kl_target_to_draft_as_loaded_per_token": kl_per_token(target, drafts[f"{base}, none"], seqs, 0.7)}
+            row = {
+                "draft": f"{base}, {fmt}",
+                "kl_to_quantized_per_token": kl_per_token(drafts[f"{base}, none"], drafts[f"{base}, {fmt}"], seqs, 0.7),
+                "kl_target_to_draft_as_loaded_per_token": kl_per_token(target, drafts[f"{base}, none"], seqs, 0.7),
+            }
             rows.append(row)
             print(json.dumps(row))
     print()
@@ -135,7 +158,9 @@ def main() -> None:
     for r in rows:
         if "mean_ess_frac" in r:
             k = f"{kl[r['draft']]:.4f}" if r["draft"] in kl else "-"
-            print(f"| {r['draft']} | {r['mean_ess_frac']:.3f} | {r['min_ess_frac']:.3f} | {r['resample_rate']:.1%} | {k} |")
+            print(
+                f"| {r['draft']} | {r['mean_ess_frac']:.3f} | {r['min_ess_frac']:.3f} | {r['resample_rate']:.1%} | {k} |"
+            )
     with open(args.out, "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
 

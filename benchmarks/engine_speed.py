@@ -34,23 +34,72 @@ import time
 
 import torch
 
-LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
+LLAMA_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 PAIR = {
-    "target": ("Llama-3.1-8B", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                                    "rope_theta": 500000.0, "rope_scaling": {**LLAMA_ROPE, "factor": 8.0},
-                                    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}),
-    "draft": ("Llama-3.2-1B", {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
-                                   "rope_theta": 500000.0, "rope_scaling": {**LLAMA_ROPE, "factor": 32.0},
-                                   "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
+    "target": (
+        "Llama-3.1-8B",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "rope_theta": 500000.0,
+            "rope_scaling": {**LLAMA_ROPE, "factor": 8.0},
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "draft": (
+        "Llama-3.2-1B",
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "vocab_size": 128256,
+            "rope_theta": 500000.0,
+            "rope_scaling": {**LLAMA_ROPE, "factor": 32.0},
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 TINY = {
-    "target": ("tiny-target", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                   "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256}),
-    "draft": ("tiny-draft", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                 "num_key_value_heads": 1, "vocab_size": 256, "max_position_embeddings": 256}),
+    "target": (
+        "tiny-target",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 256,
+            "max_position_embeddings": 256,
+        },
+    ),
+    "draft": (
+        "tiny-draft",
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "vocab_size": 256,
+            "max_position_embeddings": 256,
+        },
+    ),
 }
 
 
@@ -125,8 +174,14 @@ def main() -> None:
     def prompt(length: int) -> list[int]:
         return torch.randint(0, vocab, (length,), generator=gen).tolist()
 
-    settings = {"n_particles": n, "block_size": k, "max_new_tokens": new, "draft_temperature": 0.7,
-                    "target_temperature": 0.7, "engine": engine_name}
+    settings = {
+        "n_particles": n,
+        "block_size": k,
+        "max_new_tokens": new,
+        "draft_temperature": 0.7,
+        "target_temperature": 0.7,
+        "engine": engine_name,
+    }
     rows: list[dict] = []
 
     def record(name: str, wall: float, tokens: int, **extra) -> None:
@@ -135,8 +190,11 @@ def main() -> None:
 
     # the Engine first: it converts the models (timed apart: a one-off cost)
     (engine, build_s) = timed(lambda: Engine(target, draft=draft, **settings), device)
-    print(f"Engine built in {build_s:.1f} s (conversions included); engine: "
-          f"{'native' if engine.engine_reason is None else 'generic: ' + engine.engine_reason}", flush=True)
+    print(
+        f"Engine built in {build_s:.1f} s (conversions included); engine: "
+        f"{'native' if engine.engine_reason is None else 'generic: ' + engine.engine_reason}",
+        flush=True,
+    )
     p = prompt(plen)
 
     # 1. NativeSMC directly on the same converted models (the draft in the format the Engine picks)
@@ -147,8 +205,14 @@ def main() -> None:
     for i in range(2):
         _, wall = timed(lambda: native.run(p), device)
         t = native.last_timing
-        record(f"NativeSMC.run, call {i + 1}", wall, new, decode_tok_s=new / t["decode_s"],
-               prefill_s=t["prefill_s"], capture_s=t["capture_s"])
+        record(
+            f"NativeSMC.run, call {i + 1}",
+            wall,
+            new,
+            decode_tok_s=new / t["decode_s"],
+            prefill_s=t["prefill_s"],
+            capture_s=t["capture_s"],
+        )
     native_decode = rows[-1]["decode_tok_s"]
     native_wall = rows[-1]["tok_s"]
 
@@ -156,8 +220,14 @@ def main() -> None:
     for i in range(2):
         res, wall = timed(lambda: engine(p, seed=0), device)
         assert len(res.token_ids) == new, "EOS is off: every answer has the full length"
-        record(f"engine(prompt), call {i + 1}", wall, new, engine=res.engine,
-               vs_native_wall=(new / wall) / native_wall, vs_native_decode=(new / wall) / native_decode)
+        record(
+            f"engine(prompt), call {i + 1}",
+            wall,
+            new,
+            engine=res.engine,
+            vs_native_wall=(new / wall) / native_wall,
+            vs_native_decode=(new / wall) / native_decode,
+        )
 
     # 3. generate twice (its cached Engine)
     for i in range(2):
@@ -167,30 +237,51 @@ def main() -> None:
     # 4. batches: 8 prompts of different lengths, then 8 of one length
     mixed = [prompt(length) for length in batch_lens]
     same = [prompt(batch_lens[-1]) for _ in batch_lens]
-    cases = [(f"engine.batch, 8 prompts of lengths {batch_lens[0]}..{batch_lens[-1]}", mixed),
-             (f"engine.batch, 8 prompts of length {batch_lens[-1]}", same)]
+    cases = [
+        (f"engine.batch, 8 prompts of lengths {batch_lens[0]}..{batch_lens[-1]}", mixed),
+        (f"engine.batch, 8 prompts of length {batch_lens[-1]}", same),
+    ]
     for name, prompts in cases:
         for i in range(2):
             _, wall = timed(lambda prompts=prompts: engine.batch(prompts, seed=0), device)
             timing = next(reversed(engine._native.values()))[0].last_timing  # the NativeSMC that ran it
-            record(f"{name}, call {i + 1}", wall, new * len(prompts), per_request_tok_s=new / wall,
-                   decode_tok_s=new * len(prompts) / timing["decode_s"], prefill_s=timing["prefill_s"],
-                   capture_s=timing["capture_s"])
+            record(
+                f"{name}, call {i + 1}",
+                wall,
+                new * len(prompts),
+                per_request_tok_s=new / wall,
+                decode_tok_s=new * len(prompts) / timing["decode_s"],
+                prefill_s=timing["prefill_s"],
+                capture_s=timing["capture_s"],
+            )
     # the same-length prompts as one segment sharing one random stream (no per-request segments)
     _, wall = timed(lambda: native.run(same), device)
     t = native.last_timing
-    record(f"NativeSMC.run, 8 prompts of length {batch_lens[-1]}, one shared stream", wall, new * len(same),
-           per_request_tok_s=new / wall, decode_tok_s=new * len(same) / t["decode_s"], prefill_s=t["prefill_s"],
-           capture_s=t["capture_s"])
+    record(
+        f"NativeSMC.run, 8 prompts of length {batch_lens[-1]}, one shared stream",
+        wall,
+        new * len(same),
+        per_request_tok_s=new / wall,
+        decode_tok_s=new * len(same) / t["decode_s"],
+        prefill_s=t["prefill_s"],
+        capture_s=t["capture_s"],
+    )
     # the old schedule: one batch per distinct length, one after another (here: one request each)
     _, wall = timed(lambda: [engine(q, seed=0) for q in mixed], device)
     record(f"{cases[0][0]}, one length at a time (old grouping)", wall, new * len(mixed), per_request_tok_s=new / wall)
 
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "models": f"{t_name} / {d_name} (random weights)", "n": n, "k": k, "new_tokens": new, "prompt_len": plen,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip(),
-        "native_engines_built": engine.stats["native_engines_built"], "engine_build_s": build_s,
+        "models": f"{t_name} / {d_name} (random weights)",
+        "n": n,
+        "k": k,
+        "new_tokens": new,
+        "prompt_len": plen,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "native_engines_built": engine.stats["native_engines_built"],
+        "engine_build_s": build_s,
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "engine_speed.json"), "w") as f:
@@ -202,8 +293,10 @@ def main() -> None:
     for r in rows:
         notes = []
         if "decode_tok_s" in r:
-            notes.append(f"decode only {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_s']:.2f} s, "
-                         f"capture {r['capture_s']:.2f} s")
+            notes.append(
+                f"decode only {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_s']:.2f} s, "
+                f"capture {r['capture_s']:.2f} s"
+            )
         if "vs_native_wall" in r:
             notes.append(f"{r['vs_native_wall']:.1%} of NativeSMC wall")
         if "vs_native_decode" in r:

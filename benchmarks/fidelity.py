@@ -292,9 +292,7 @@ def first_tokens(target, draft, prompt, M, N, K, tau, seed) -> dict[str, list[li
     out["a"] = chosen(SMC(LMPotential(target, temperature=tau), cfg).run(prompt, n_groups=M))
     smc_cfg = cfg.model_copy(update={"n_particles": N, "block_size": K})
     proposal = LMProposal(draft, temperature=tau)
-    out["b"] = chosen(
-        SMC(LMPotential(target, temperature=tau), smc_cfg, proposal=proposal).run(prompt, n_groups=M)
-    )
+    out["b"] = chosen(SMC(LMPotential(target, temperature=tau), smc_cfg, proposal=proposal).run(prompt, n_groups=M))
     out["c"] = chosen(SMC(LMPotential(draft, temperature=tau), cfg).run(prompt, n_groups=M))
     sd = speculative_decode(
         target,

@@ -72,8 +72,9 @@ def main() -> None:
     eos = set(target.eos_token_ids)
 
     runs: list[tuple[str, dict]] = [("AR (target alone)", {"n_particles": 1})]
-    runs.append((f"SD K={args.sd_block}", {"draft": draft, "method": "sd", "n_particles": 1,
-                                            "block_size": args.sd_block}))
+    runs.append(
+        (f"SD K={args.sd_block}", {"draft": draft, "method": "sd", "n_particles": 1, "block_size": args.sd_block})
+    )
     for n, k in parse_configs(args.configs):
         runs.append((f"SMC-SD N={n} K={k}", {"draft": draft, "n_particles": n, "block_size": k}))
     if not args.no_early_exit:
@@ -98,11 +99,18 @@ def main() -> None:
             reps.append(repeated_3grams(ids))
             if res.mean_ess_fraction is not None and kw.get("n_particles", 1) > 1:
                 ess.append(res.mean_ess_fraction)
-        rows.append({
-            "name": name, "engine": res.engine, "loglik": mean_se(lls), "length": mean_se(lengths),
-            "stop_rate": mean_se(stops), "repeated_3grams": mean_se(reps),
-            "mean_ess_over_n": statistics.mean(ess) if ess else None, "tokens_per_s": tokens / wall,
-        })
+        rows.append(
+            {
+                "name": name,
+                "engine": res.engine,
+                "loglik": mean_se(lls),
+                "length": mean_se(lengths),
+                "stop_rate": mean_se(stops),
+                "repeated_3grams": mean_se(reps),
+                "mean_ess_over_n": statistics.mean(ess) if ess else None,
+                "tokens_per_s": tokens / wall,
+            }
+        )
 
     ar_ll, ar_se = rows[0]["loglik"]
     ar_tps = rows[0]["tokens_per_s"]

@@ -28,7 +28,9 @@ def exactness(device: str) -> None:
     d = LanguageModel(d.model.to(device), d.tokenizer, d.eos_token_ids, d.context_length)
     target = LMPotential(t)
     exact = enumerate_target(target, PROMPT, 4)
-    out = SMC(target, SMCConfig(n_particles=8, block_size=2, max_new_tokens=4, seed=0), proposal=LMProposal(d)).run(PROMPT, n_groups=4000)
+    out = SMC(target, SMCConfig(n_particles=8, block_size=2, max_new_tokens=4, seed=0), proposal=LMProposal(d)).run(
+        PROMPT, n_groups=4000
+    )
     z = torch.exp(out.log_z - exact.log_z)
     se = float(z.std() / math.sqrt(len(z)))
     print(f"exactness on {device}: mean Z_hat/Z = {float(z.mean()):.4f} +- {se:.4f} (4000 runs, N=8, K=2)")
@@ -36,22 +38,32 @@ def exactness(device: str) -> None:
 
 
 def llama(layers: int, hidden: int, inter: int, heads: int, kv: int, device: str) -> LanguageModel:
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      eos_token_id=128001, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        eos_token_id=128001,
+        tie_word_embeddings=False,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     return LanguageModel.wrap(model)
 
 
 def speed(device: str) -> None:
-    target = llama(32, 4096, 14336, 32, 8, device)   # Llama-3.1-8B shape
-    draft = llama(16, 2048, 8192, 32, 8, device)     # Llama-3.2-1B shape
+    target = llama(32, 4096, 14336, 32, 8, device)  # Llama-3.1-8B shape
+    draft = llama(16, 2048, 8192, 32, 8, device)  # Llama-3.2-1B shape
     prompt = list(range(1000, 1256))
     print("| configuration | tokens/s per request | wall s |")
     print("|---|---|---|")
     for name, prop, n, k in [("AR (N=1, no draft)", None, 1, 1), ("SMC-SD N=8 K=8", draft, 8, 8)]:
-        cfg = SMCConfig(n_particles=n, block_size=k, max_new_tokens=128, seed=0, draft_temperature=0.7, target_temperature=0.7)
+        cfg = SMCConfig(
+            n_particles=n, block_size=k, max_new_tokens=128, seed=0, draft_temperature=0.7, target_temperature=0.7
+        )
         smc = SMC(LMPotential(target, temperature=0.7), cfg, proposal=LMProposal(prop, 0.7) if prop else None)
         smc.run(prompt)  # warm-up
         out = smc.run(prompt)

@@ -55,8 +55,15 @@ CASES = {
     "JSON schema (Person)": (
         "json",
         Person.model_json_schema(),
-        json.dumps({"name": "Ada Lovelace", "age": 36, "favorite_color": "green",
-                    "address": {"city": "London", "zip_code": "12345"}, "hobbies": ["math", "poetry"]}),
+        json.dumps(
+            {
+                "name": "Ada Lovelace",
+                "age": 36,
+                "favorite_color": "green",
+                "address": {"city": "London", "zip_code": "12345"},
+                "hobbies": ["math", "poetry"],
+            }
+        ),
     ),
 }
 
@@ -138,7 +145,14 @@ def bench_xgrammar(kind, source, tokens, tokenizer, vocab_size, eos, R, repeats)
     for t in tokens[: len(tokens) // 2]:
         m.accept_token(t)
     fork = per_op(lambda: [m.fork() for _ in range(1000)], 1000, repeats)
-    row = {"info": t_info, "compile": t_compile, "fill_batched": fill_b, "fill_single": fill_s, "accept": acc, "fork": fork}
+    row = {
+        "info": t_info,
+        "compile": t_compile,
+        "fill_batched": fill_b,
+        "fill_single": fill_s,
+        "accept": acc,
+        "fork": fork,
+    }
     return row, masks
 
 
@@ -181,8 +195,14 @@ def bench_outlines(kind, source, tokens, tokenizer, vocab_size, eos, R, repeats)
     for t in tokens[: len(tokens) // 2]:
         g.advance(t, return_tokens=False)
     fork = per_op(lambda: [copy.copy(g) for _ in range(20)], 20, repeats)
-    guide_row = {"info": t_info, "compile": t_compile, "fill_batched": math.nan, "fill_single": fill, "accept": acc,
-                 "fork": fork}
+    guide_row = {
+        "info": t_info,
+        "compile": t_compile,
+        "fill_batched": math.nan,
+        "fill_single": fill,
+        "accept": acc,
+        "fork": fork,
+    }
 
     # the other way to use outlines-core: a particle is a DFA state id (forking copies an int) and
     # masks are built from Index.get_allowed_tokens once per state, then cached
@@ -210,8 +230,15 @@ def bench_outlines(kind, source, tokens, tokenizer, vocab_size, eos, R, repeats)
 
     cold = per_op(lambda: (cache.clear(), run_states()), steps, 1)
     warm = per_op(run_states, steps, repeats)
-    state_row = {"info": t_info, "compile": t_compile, "fill_batched": math.nan, "fill_single": warm,
-                 "accept": math.nan, "fork": 0.0, "cold": cold}
+    state_row = {
+        "info": t_info,
+        "compile": t_compile,
+        "fill_batched": math.nan,
+        "fill_single": warm,
+        "accept": math.nan,
+        "fork": 0.0,
+        "cold": cold,
+    }
     return guide_row, state_row, masks
 
 
@@ -222,9 +249,13 @@ def main() -> None:
     args = ap.parse_args()
     lm = load_model("smollm2-135m", "cpu")
     tok, V, eos = lm.tokenizer, lm.vocab_size, lm.eos_token_ids[0]
-    print(f"device: {platform.machine()}, {torch.get_num_threads()} torch threads; vocabulary {V}; R = {args.particles}")
-    print("| grammar | engine | vocab setup s | compile s | mask µs/particle-step (batched) | mask µs (one at a time) "
-          "| advance µs | fork µs | masks agree |")
+    print(
+        f"device: {platform.machine()}, {torch.get_num_threads()} torch threads; vocabulary {V}; R = {args.particles}"
+    )
+    print(
+        "| grammar | engine | vocab setup s | compile s | mask µs/particle-step (batched) | mask µs (one at a time) "
+        "| advance µs | fork µs | masks agree |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (kind, source, text) in CASES.items():
         tokens = tok(text, add_special_tokens=False)["input_ids"]
@@ -232,11 +263,16 @@ def main() -> None:
         ro, rs, mo = bench_outlines(kind, source, tokens, tok, V, eos, args.particles, args.repeats)
         agree = sum(bool(torch.equal(a, b)) for a, b in zip(mx, mo))
         rs["fill_single"] = f"{rs['fill_single']:.1f} (cold {rs.pop('cold'):.0f})"
-        for engine, r in (("xgrammar 0.2.8", rx), ("outlines-core 0.2.14, Guide per particle", ro),
-                          ("outlines-core 0.2.14, state id + mask cache", rs)):
+        for engine, r in (
+            ("xgrammar 0.2.8", rx),
+            ("outlines-core 0.2.14, Guide per particle", ro),
+            ("outlines-core 0.2.14, state id + mask cache", rs),
+        ):
             f = {k: (v if isinstance(v, str) else "n/a" if math.isnan(v) else f"{v:.1f}") for k, v in r.items()}
-            print(f"| {name} ({len(tokens)} tokens) | {engine} | {r['info']:.2f} | {r['compile']:.3f} | "
-                  f"{f['fill_batched']} | {f['fill_single']} | {f['accept']} | {r['fork']:.2f} | {agree}/{len(mx)} steps |")
+            print(
+                f"| {name} ({len(tokens)} tokens) | {engine} | {r['info']:.2f} | {r['compile']:.3f} | "
+                f"{f['fill_batched']} | {f['fill_single']} | {f['accept']} | {r['fork']:.2f} | {agree}/{len(mx)} steps |"
+            )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,10 @@ def exactness(device: torch.device) -> None:
         out = smc.run(PROMPT, n_groups=3000)
         tv, noise = check_unbiased(f"CUDA {name}", out, exact, index)
         z = torch.exp(out.log_z - exact.log_z)
-        print(f"exactness on {device_name(device)}, {name}, N=4, 3000 runs: mean Z_hat/Z = "
-              f"{z.mean():.4f} ± {z.std() / len(z) ** 0.5:.4f}, per-outcome z-tests pass, TV {tv:.4f} (noise {noise:.4f})")
+        print(
+            f"exactness on {device_name(device)}, {name}, N=4, 3000 runs: mean Z_hat/Z = "
+            f"{z.mean():.4f} ± {z.std() / len(z) ** 0.5:.4f}, per-outcome z-tests pass, TV {tv:.4f} (noise {noise:.4f})"
+        )
 
 
 def overlap(device: torch.device, tokenizer_dir: str, repeats: int) -> None:
@@ -89,8 +91,11 @@ def overlap(device: torch.device, tokenizer_dir: str, repeats: int) -> None:
         return pending
 
     rows = []
-    for name, masked, order in (("unconstrained", False, None), ("masked, overlapped", True, "overlap"),
-                                ("masked, serial", True, "serial")):
+    for name, masked, order in (
+        ("unconstrained", False, None),
+        ("masked, overlapped", True, "overlap"),
+        ("masked, serial", True, "serial"),
+    ):
         grammar_mod.GrammarPotential.request_bitmask = serial if order == "serial" else original
         per_step, mask_us = [], []
         for seed in range(repeats + 1):
@@ -108,8 +113,10 @@ def overlap(device: torch.device, tokenizer_dir: str, repeats: int) -> None:
                 mask_us.append(g.stats.mask_us_per_row)
         grammar_mod.GrammarPotential.request_bitmask = original
         rows.append((name, 1000 * statistics.median(per_step), statistics.median(mask_us) if masked else None))
-    print(f"\nSmolLM2-135M architecture, random bf16 weights, {device_name(device)}, plain SMC N=8, "
-          f"64 new tokens, JSON schema grammar, medians of {repeats}")
+    print(
+        f"\nSmolLM2-135M architecture, random bf16 weights, {device_name(device)}, plain SMC N=8, "
+        f"64 new tokens, JSON schema grammar, medians of {repeats}"
+    )
     print("| run | ms / step | mask µs / particle-step |")
     print("|---|---|---|")
     for name, ms, us in rows:

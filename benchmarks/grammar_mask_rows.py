@@ -33,8 +33,11 @@ SCHEMA = {
         "name": {"type": "string", "maxLength": 40},
         "age": {"type": "integer", "minimum": 0},
         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 6},
-        "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
-                    "required": ["city"]},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+            "required": ["city"],
+        },
     },
     "required": ["name", "age", "tags", "address"],
 }
@@ -42,8 +45,17 @@ SCHEMA = {
 
 def documents(n: int) -> list[str]:
     """n different valid documents (the rows stop at different points of them)."""
-    return [json.dumps({"name": f"person number {i}", "age": 20 + i, "tags": [f"t{j}" for j in range(i % 5)],
-                        "address": {"city": f"city {i}", "zip": f"{10000 + i}"}}) for i in range(n)]
+    return [
+        json.dumps(
+            {
+                "name": f"person number {i}",
+                "age": 20 + i,
+                "tags": [f"t{j}" for j in range(i % 5)],
+                "address": {"city": f"city {i}", "zip": f"{10000 + i}"},
+            }
+        )
+        for i in range(n)
+    ]
 
 
 def main() -> None:

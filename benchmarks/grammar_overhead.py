@@ -49,8 +49,14 @@ def main() -> None:
     target = LMPotential(target_lm, temperature=tau)
 
     def config(seed: int) -> SMCConfig:
-        return SMCConfig(n_particles=8, block_size=4, max_new_tokens=args.max_new_tokens, target_temperature=tau,
-                         draft_temperature=tau, seed=seed)
+        return SMCConfig(
+            n_particles=8,
+            block_size=4,
+            max_new_tokens=args.max_new_tokens,
+            target_temperature=tau,
+            draft_temperature=tau,
+            seed=seed,
+        )
 
     cases = {
         "SMC-SD N=8, K=4": (True, False),
@@ -63,7 +69,9 @@ def main() -> None:
         for name, (use_draft, constrained) in cases.items():
             cfg = config(seed)
             if use_draft:
-                proposal = MaskedLMProposal(draft_lm, grammar, temperature=tau) if constrained else LMProposal(draft_lm, tau)
+                proposal = (
+                    MaskedLMProposal(draft_lm, grammar, temperature=tau) if constrained else LMProposal(draft_lm, tau)
+                )
             else:
                 proposal = None
             grammar.stats.reset()
@@ -75,11 +83,15 @@ def main() -> None:
             g_time = st.mask_seconds + st.advance_seconds + st.fork_seconds if constrained else 0.0
             results[name].append((wall, out.tokens.shape[-1], g_time, st.mask_rows, st.mask_seconds))
 
-    print(f"device: CPU ({platform.machine()}), {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"JSON recipe prompt and schema, max_new_tokens {args.max_new_tokens}, tau {tau}, "
-          f"{args.repeats} seeds (medians)")
-    print("| configuration | token positions | wall s | ms / token position | slowdown vs unconstrained | "
-          "mask µs / particle-step | grammar CPU share of wall |")
+    print(
+        f"device: CPU ({platform.machine()}), {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"JSON recipe prompt and schema, max_new_tokens {args.max_new_tokens}, tau {tau}, "
+        f"{args.repeats} seeds (medians)"
+    )
+    print(
+        "| configuration | token positions | wall s | ms / token position | slowdown vs unconstrained | "
+        "mask µs / particle-step | grammar CPU share of wall |"
+    )
     print("|---|---|---|---|---|---|---|")
     base = {}
     for name, (use_draft, constrained) in cases.items():

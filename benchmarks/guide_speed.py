@@ -38,16 +38,43 @@ import smcgen
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.runners.transformers import LanguageModel
 
-LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
-TARGET = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-              num_key_value_heads=8, rope_theta=500000.0, rope_scaling={**LLAMA_ROPE, "factor": 8.0},
-              rms_norm_eps=1e-5, tie_word_embeddings=False)
-DRAFT = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-             num_key_value_heads=8, head_dim=64, rope_theta=500000.0, rope_scaling={**LLAMA_ROPE, "factor": 32.0},
-             rms_norm_eps=1e-5, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            tie_word_embeddings=False)
+LLAMA_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+TARGET = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+DRAFT = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rope_theta=500000.0,
+    rope_scaling={**LLAMA_ROPE, "factor": 32.0},
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 EOS = 1
 
 
@@ -95,9 +122,15 @@ def timed(label: str, repeats: int, **kw) -> dict:
         out = smcgen.generate(**{**kw, "seed": i + 1})
         speeds.append(len(out.token_ids) / (time.perf_counter() - t0))
     assert out is not None
-    row = {"variant": label, "engine": out.engine, "engine_reason": out.engine_reason,
-           "tok_s": statistics.median(speeds), "tokens": len(out.token_ids), "resamples": out.n_resamples,
-           "answer_head": out.text[:60]}
+    row = {
+        "variant": label,
+        "engine": out.engine,
+        "engine_reason": out.engine_reason,
+        "tok_s": statistics.median(speeds),
+        "tokens": len(out.token_ids),
+        "resamples": out.n_resamples,
+        "answer_head": out.text[:60],
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -141,15 +174,29 @@ def main() -> None:
         raise RuntimeError("the host row needs its own bound grammar")
     # the host row: the same grammar with its automaton hidden, so the engine computes masks on the CPU
     host_guide.token_automaton = lambda *a, **k: "hidden by the benchmark (host path)"
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "vocab": vocab,
-            "tokenizer": args.tokenizer_dir or "synthetic word-level", "regex": args.regex, "new_tokens": new_tokens,
-            "automaton": automaton if isinstance(automaton, str) else
-            {"states": automaton.n_states, "MiB": automaton.nbytes / 2**20, "build_s": build_s},
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "vocab": vocab,
+        "tokenizer": args.tokenizer_dir or "synthetic word-level",
+        "regex": args.regex,
+        "new_tokens": new_tokens,
+        "automaton": automaton
+        if isinstance(automaton, str)
+        else {"states": automaton.n_states, "MiB": automaton.nbytes / 2**20, "build_s": build_s},
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     print(json.dumps(info), flush=True)
 
-    sd = dict(target=target_lm, draft=draft_lm, prompt=prompt, n_particles=8, block_size=8,
-              max_new_tokens=new_tokens, engine="native")
+    sd = dict(
+        target=target_lm,
+        draft=draft_lm,
+        prompt=prompt,
+        n_particles=8,
+        block_size=8,
+        max_new_tokens=new_tokens,
+        engine="native",
+    )
     R = args.repeats
     rows = [
         timed("SMC-SD N=8 K=8, no guide", R, **sd),
@@ -162,11 +209,15 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "guide_speed.json"), "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
-    print(f"\n{info['device']}, vocab {vocab}, regex {args.regex!r}, {new_tokens} new tokens, median of {R}; "
-          f"automaton: {info['automaton']}")
+    print(
+        f"\n{info['device']}, vocab {vocab}, regex {args.regex!r}, {new_tokens} new tokens, median of {R}; "
+        f"automaton: {info['automaton']}"
+    )
     print("| request | engine | guide on | tok/s | answer tokens | vs unguided |\n|---|---|---|---:|---:|---:|")
     for r, where in zip(rows, ("-", "device", "host")):
-        print(f"| {r['variant']} | {r['engine']} | {where} | {r['tok_s']:.1f} | {r['tokens']} | {r['vs_unguided']:.0%} |")
+        print(
+            f"| {r['variant']} | {r['engine']} | {where} | {r['tok_s']:.1f} | {r['tokens']} | {r['vs_unguided']:.0%} |"
+        )
 
 
 if __name__ == "__main__":

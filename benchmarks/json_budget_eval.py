@@ -35,40 +35,65 @@ S = {"type": "string"}
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "weather": ("the weather in Paris", obj({"city": S, "unit": {"enum": ["celsius", "fahrenheit"]}})),
     "email": ("an email to a colleague about a delayed meeting", obj({"to": S, "subject": S, "body": S})),
-    "person": ("a fictional person", obj({"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                         "city": S})),
+    "person": (
+        "a fictional person",
+        obj({"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}, "city": S}),
+    ),
     "book": ("a book you like", obj({"title": S, "author": S, "year": {"type": "integer"}})),
     "todo": ("a to-do item", obj({"task": S, "done": {"type": "boolean"}, "priority": {"enum": ["low", "high"]}})),
-    "search": ("a web search for cheap flights", obj({"query": S, "limit": {"type": "integer", "minimum": 1,
-                                                                             "maximum": 20}})),
-    "recipe": ("a simple recipe", obj({"name": S, "ingredients": {"type": "array", "items": S, "minItems": 1},
-                                       "minutes": {"type": "integer"}})),
+    "search": (
+        "a web search for cheap flights",
+        obj({"query": S, "limit": {"type": "integer", "minimum": 1, "maximum": 20}}),
+    ),
+    "recipe": (
+        "a simple recipe",
+        obj({"name": S, "ingredients": {"type": "array", "items": S, "minItems": 1}, "minutes": {"type": "integer"}}),
+    ),
     "event": ("a calendar event", obj({"title": S, "date": S, "location": S})),
-    "product": ("a product listing", obj({"name": S, "price": {"type": "number", "minimum": 0}, "tags":
-                                          {"type": "array", "items": S}})),
-    "review": ("a short movie review", obj({"movie": S, "stars": {"type": "integer", "minimum": 1, "maximum": 5},
-                                            "text": S})),
+    "product": (
+        "a product listing",
+        obj({"name": S, "price": {"type": "number", "minimum": 0}, "tags": {"type": "array", "items": S}}),
+    ),
+    "review": (
+        "a short movie review",
+        obj({"movie": S, "stars": {"type": "integer", "minimum": 1, "maximum": 5}, "text": S}),
+    ),
     "address": ("a postal address", obj({"street": S, "city": S, "zip": S, "country": S})),
-    "translate": ("a request to translate a greeting to French", obj({"text": S, "target": {"enum": ["fr", "de",
-                                                                                                       "es"]}})),
-    "ticket": ("a bug report", obj({"title": S, "severity": {"enum": ["low", "medium", "high"]}, "steps":
-                                    {"type": "array", "items": S}})),
+    "translate": (
+        "a request to translate a greeting to French",
+        obj({"text": S, "target": {"enum": ["fr", "de", "es"]}}),
+    ),
+    "ticket": (
+        "a bug report",
+        obj({"title": S, "severity": {"enum": ["low", "medium", "high"]}, "steps": {"type": "array", "items": S}}),
+    ),
     "song": ("a song", obj({"title": S, "artist": S, "genre": S})),
     "city": ("facts about a city", obj({"name": S, "country": S, "population": {"type": "integer", "minimum": 0}})),
     "order": ("a pizza order", obj({"item": S, "size": {"enum": ["small", "large"]}, "notes": S})),
     "contact": ("a contact card", obj({"name": S, "phone": S, "email": S})),
     "summary": ("a summary of a news story", obj({"headline": S, "summary": S})),
     "pet": ("a pet", obj({"name": S, "species": S, "age": {"type": "integer", "minimum": 0}})),
-    "note": ("a note with a title and two lines", obj({"title": S, "lines": {"type": "array", "items": S,
-                                                                             "minItems": 2, "maxItems": 2}})),
+    "note": (
+        "a note with a title and two lines",
+        obj({"title": S, "lines": {"type": "array", "items": S, "minItems": 2, "maxItems": 2}}),
+    ),
 }
-METHODS = {"masking": (1, False), "smc4": (4, False), "smc4+twist": (4, True), "smc8": (8, False),
-           "smc8+twist": (8, True)}
+METHODS = {
+    "masking": (1, False),
+    "smc4": (4, False),
+    "smc4+twist": (4, True),
+    "smc8": (8, False),
+    "smc8+twist": (8, True),
+}
 
 
 def prompt_ids(lm: Any, what: str, schema: dict[str, Any]) -> list[int]:
-    messages = [{"role": "user", "content": f"Write {what} as one JSON object valid against this JSON schema:\n"
-                 + json.dumps(schema)}]
+    messages = [
+        {
+            "role": "user",
+            "content": f"Write {what} as one JSON object valid against this JSON schema:\n" + json.dumps(schema),
+        }
+    ]
     ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -113,14 +138,18 @@ def main() -> None:
             tqdm.write(f"{name} | {m} | valid {valid} | dead {dead} | {dt:.1f} s | {text[:70]!r}")
         g.finish_within = None
 
-    print(f"\nmax_new_tokens={args.max_new_tokens}, {len(tasks)} tasks, one run each, seed {args.seed}, "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(
+        f"\nmax_new_tokens={args.max_new_tokens}, {len(tasks)} tasks, one run each, seed {args.seed}, "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
     print("| method | valid | dead at the limit | seconds per run |")
     print("|---|---:|---:|---:|")
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
-        print(f"| {m} | {sum(r['valid'] for r in rs)}/{len(rs)} | {sum(r['dead'] for r in rs)}/{len(rs)} | "
-              f"{sum(r['seconds'] for r in rs) / len(rs):.1f} |")
+        print(
+            f"| {m} | {sum(r['valid'] for r in rs)}/{len(rs)} | {sum(r['dead'] for r in rs)}/{len(rs)} | "
+            f"{sum(r['seconds'] for r in rs) / len(rs):.1f} |"
+        )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "json_budget_eval.json").write_text(json.dumps(rows, indent=1))

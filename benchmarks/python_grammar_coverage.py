@@ -192,8 +192,10 @@ def main() -> None:
         for label, line in items[: args.show]:
             print(f"    {label}: {textwrap.shorten(line, 110)}")
     print()
-    print(f"| bodies | accepted | total | rate |  (feed: {summary['feed']}, Python {summary['python']}, "
-          f"{len(files)} files, depth {args.depth}, compile {compile_s:.1f} s)")
+    print(
+        f"| bodies | accepted | total | rate |  (feed: {summary['feed']}, Python {summary['python']}, "
+        f"{len(files)} files, depth {args.depth}, compile {compile_s:.1f} s)"
+    )
     print("|---|---|---|---|")
     for k, (a, n) in results.items():
         print(f"| {k} | {a} | {n} | {a / max(n, 1):.2%} |")

@@ -64,8 +64,9 @@ def main() -> None:
     where: list[tuple[float, str]] = []  # (seconds, the first row's last tokens) per step
     grammar.start([], args.rows)
     for t in tqdm(range(max(steps, 1)), desc="mask steps"):
-        seqs = torch.tensor([ids[: t + args.stagger * r] + [0] * (len(ids) - t - args.stagger * r)
-                             for r in range(args.rows)])
+        seqs = torch.tensor(
+            [ids[: t + args.stagger * r] + [0] * (len(ids) - t - args.stagger * r) for r in range(args.rows)]
+        )
         # the rows' own lengths differ: pass each row's tokens through the potential's row cache
         token_ids = [ids[: t + args.stagger * r] for r in range(args.rows)]
         for r, tk in enumerate(token_ids):
@@ -81,7 +82,10 @@ def main() -> None:
         del seqs
     per_step.sort()
     res = {
-        "vocab": grammar.vocab_size, "depth": args.depth, "rows": args.rows, "steps": len(per_step),
+        "vocab": grammar.vocab_size,
+        "depth": args.depth,
+        "rows": args.rows,
+        "steps": len(per_step),
         "compile_s": compile_s,
         "mask_ms_median": 1e3 * statistics.median(per_step),
         "mask_ms_p99": 1e3 * per_step[min(len(per_step) - 1, int(0.99 * len(per_step)))],
@@ -96,8 +100,10 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(res, indent=2))
     print("| vocab | depth | rows | compile s | mask ms/step median | p99 | max | mean |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {res['vocab']} | {args.depth} | {args.rows} | {compile_s:.1f} | {res['mask_ms_median']:.2f} | "
-          f"{res['mask_ms_p99']:.2f} | {res['mask_ms_max']:.2f} | {res['mask_ms_mean']:.2f} |")
+    print(
+        f"| {res['vocab']} | {args.depth} | {args.rows} | {compile_s:.1f} | {res['mask_ms_median']:.2f} | "
+        f"{res['mask_ms_p99']:.2f} | {res['mask_ms_max']:.2f} | {res['mask_ms_mean']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

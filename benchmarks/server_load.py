@@ -72,8 +72,13 @@ async def one_client(client: openai.AsyncOpenAI, cid: int, args, records: list[d
 
 
 async def load(base: str, args) -> tuple[list[dict], float]:
-    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=args.timeout,
-                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=args.clients)))
+    client = openai.AsyncOpenAI(
+        base_url=f"{base}/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=args.timeout,
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=args.clients)),
+    )
     records: list[dict] = []
     t0 = time.perf_counter()
     await asyncio.gather(*(one_client(client, c, args, records) for c in range(args.clients)))
@@ -99,8 +104,23 @@ def main() -> None:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "smcgen", "serve", args.model, "--port", str(port), "--engine", args.engine,
-           "--max-queue", str(args.clients * 2), "--max-batch", str(args.max_batch), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smcgen",
+        "serve",
+        args.model,
+        "--port",
+        str(port),
+        "--engine",
+        args.engine,
+        "--max-queue",
+        str(args.clients * 2),
+        "--max-batch",
+        str(args.max_batch),
+        "--log-level",
+        "warning",
+    ]
     if args.draft:
         cmd += ["--draft", args.draft]
     if args.device:
@@ -127,13 +147,25 @@ def main() -> None:
     lat = [r["latency_s"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     summary = {
-        "model": args.model, "draft": args.draft, "engine": health["engine"], "clients": args.clients,
-        "requests_sent": sent, "answered_ok": len(ok), "failed": len(records) - len(ok),
-        "lost": sent - len(records), "max_tokens": args.max_tokens, "n_particles": args.n_particles,
-        "wall_s": wall, "requests_per_s": len(ok) / wall, "answer_tokens_per_s": tokens / wall,
-        "p50_s": percentile(lat, 0.5) if lat else None, "p90_s": percentile(lat, 0.9) if lat else None,
-        "p99_s": percentile(lat, 0.99) if lat else None, "mean_s": statistics.fmean(lat) if lat else None,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+        "model": args.model,
+        "draft": args.draft,
+        "engine": health["engine"],
+        "clients": args.clients,
+        "requests_sent": sent,
+        "answered_ok": len(ok),
+        "failed": len(records) - len(ok),
+        "lost": sent - len(records),
+        "max_tokens": args.max_tokens,
+        "n_particles": args.n_particles,
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "answer_tokens_per_s": tokens / wall,
+        "p50_s": percentile(lat, 0.5) if lat else None,
+        "p90_s": percentile(lat, 0.9) if lat else None,
+        "p99_s": percentile(lat, 0.99) if lat else None,
+        "mean_s": statistics.fmean(lat) if lat else None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "server_load.json"), "w") as f:
@@ -143,15 +175,19 @@ def main() -> None:
         print("error:", e)
     print("\n".join(line for line in metrics.splitlines() if line.startswith("smcgen_") and "uptime" not in line))
     print()
-    print("| clients x requests | answered | failed | lost | p50 s | p90 s | p99 s | requests/s | answer tok/s | wall s |")
+    print(
+        "| clients x requests | answered | failed | lost | p50 s | p90 s | p99 s | requests/s | answer tok/s | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(x: float | None) -> str:
         return f"{x:.2f}" if x is not None else "-"
 
-    print(f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
-          f"{fmt(summary['p50_s'])} | {fmt(summary['p90_s'])} | {fmt(summary['p99_s'])} | "
-          f"{summary['requests_per_s']:.2f} | {summary['answer_tokens_per_s']:.1f} | {wall:.1f} |")
+    print(
+        f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
+        f"{fmt(summary['p50_s'])} | {fmt(summary['p90_s'])} | {fmt(summary['p99_s'])} | "
+        f"{summary['requests_per_s']:.2f} | {summary['answer_tokens_per_s']:.1f} | {wall:.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -76,16 +76,28 @@ def main() -> None:
         name, fields = pair[role]
         raw = build(fields, dtype, device, seed).model
         models[role] = LanguageModel.wrap(raw, tok)
-    engine = smcgen.Engine(models["target"], draft=models["draft"], n_particles=args.n_particles,
-                           block_size=args.block_size, max_new_tokens=args.max_tokens, engine=engine_name,
-                           target_temperature=0.7, draft_temperature=0.7)
+    engine = smcgen.Engine(
+        models["target"],
+        draft=models["draft"],
+        n_particles=args.n_particles,
+        block_size=args.block_size,
+        max_new_tokens=args.max_tokens,
+        engine=engine_name,
+        target_temperature=0.7,
+        draft_temperature=0.7,
+    )
     warm = engine([{"role": "user", "content": "warm up"}], seed=0)  # conversion and graph capture before the clock
     built_s = time.perf_counter() - t0
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "random-pair", max_queue=args.clients * 2,
-                                                      max_batch=args.max_batch),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, "random-pair", max_queue=args.clients * 2, max_batch=args.max_batch),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -104,31 +116,47 @@ def main() -> None:
     lat = [r["latency_s"] for r in ok]
     tokens = sum(r["tokens"] for r in ok)
     summary = {
-        "pair": [pair["target"][0], pair["draft"][0]], "device": torch.cuda.get_device_name() if device.type == "cuda"
-        else "cpu", "engine": warm.engine, "engine_stats": dict(engine.stats),
-        "clients": args.clients, "requests_sent": sent, "answered_ok": len(ok), "failed": len(records) - len(ok),
-        "lost": sent - len(records), "max_tokens": args.max_tokens, "n_particles": args.n_particles,
-        "block_size": args.block_size, "max_batch": args.max_batch, "build_s": built_s, "wall_s": wall,
-        "requests_per_s": len(ok) / wall, "answer_tokens_per_s": tokens / wall,
-        "p50_s": percentile(lat, 0.5) if lat else None, "p99_s": percentile(lat, 0.99) if lat else None,
+        "pair": [pair["target"][0], pair["draft"][0]],
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "engine": warm.engine,
+        "engine_stats": dict(engine.stats),
+        "clients": args.clients,
+        "requests_sent": sent,
+        "answered_ok": len(ok),
+        "failed": len(records) - len(ok),
+        "lost": sent - len(records),
+        "max_tokens": args.max_tokens,
+        "n_particles": args.n_particles,
+        "block_size": args.block_size,
+        "max_batch": args.max_batch,
+        "build_s": built_s,
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "answer_tokens_per_s": tokens / wall,
+        "p50_s": percentile(lat, 0.5) if lat else None,
+        "p99_s": percentile(lat, 0.99) if lat else None,
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "server_load_random.json"), "w") as f:
         json.dump({"summary": summary, "records": records, "metrics": metrics}, f, indent=1)
     for e in sorted({r["error"] for r in records if not r["ok"]})[:5]:
         print("error:", e)
-    print(f"# server load, {summary['pair'][0]} / {summary['pair'][1]} random weights, {summary['device']}, "
-          f"{warm.engine} engine, N={args.n_particles} K={args.block_size}, {args.max_tokens} tokens per answer, "
-          f"max batch {args.max_batch}")
+    print(
+        f"# server load, {summary['pair'][0]} / {summary['pair'][1]} random weights, {summary['device']}, "
+        f"{warm.engine} engine, N={args.n_particles} K={args.block_size}, {args.max_tokens} tokens per answer, "
+        f"max batch {args.max_batch}"
+    )
     print("| clients x requests | answered | failed | lost | p50 s | p99 s | requests/s | answer tok/s | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
 
     def fmt(x: float | None) -> str:
         return f"{x:.2f}" if x is not None else "-"
 
-    print(f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
-          f"{fmt(summary['p50_s'])} | {fmt(summary['p99_s'])} | {summary['requests_per_s']:.2f} | "
-          f"{summary['answer_tokens_per_s']:.1f} | {wall:.1f} |")
+    print(
+        f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
+        f"{fmt(summary['p50_s'])} | {fmt(summary['p99_s'])} | {summary['requests_per_s']:.2f} | "
+        f"{summary['answer_tokens_per_s']:.1f} | {wall:.1f} |"
+    )
 
 
 if __name__ == "__main__":

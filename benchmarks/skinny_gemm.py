@@ -49,6 +49,7 @@ def skinny(x, weight, *args, **kw):
         return fused_linear_triton(x, q, *args, weight_scale=scale, **kw)
     return fused_linear_triton(x, weight, *args, **kw)
 
+
 # hidden, q heads x head dim, qkv out, intermediate, layers, vocab
 SHAPES = {
     "llama-8b": (4096, 4096, 6144, 14336, 32, 128256),
@@ -137,8 +138,20 @@ def forward_fn(kind, ls, head, norm, x, eps=1e-5):
     }[kind]
 
 
-def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=(4,), splits=(1, 2, 4, 8),
-          stages_=(3, 4), swaps=(False, True)):
+def sweep(
+    ls,
+    head,
+    norm,
+    rows,
+    dev,
+    eps=1e-5,
+    only=None,
+    block_ns=(64,),
+    warps=(4,),
+    splits=(1, 2, 4, 8),
+    stages_=(3, 4),
+    swaps=(False, True),
+):
     """Per layer kind: cuBLAS (composed) and a grid of skinny plans, every layer's weight of that
     kind in one graph (weights stay cold); prints the best plan against the default one."""
     hidden = head.shape[1]
@@ -154,23 +167,38 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
     kinds = {  # name: (call(plan), output width, K, gated, layers)
         "qkv+norm": (
             lambda p: [linear(p, x, L["qkv"], norm_weight=L["n1"], eps=eps) for L in ls],
-            ls[0]["qkv"].shape[0], hidden, False, len(ls),
+            ls[0]["qkv"].shape[0],
+            hidden,
+            False,
+            len(ls),
         ),
         "o+res": (
             lambda p: [linear(p, att, L["o"], residual=x) for L in ls],
-            hidden, att.shape[1], False, len(ls),
+            hidden,
+            att.shape[1],
+            False,
+            len(ls),
         ),
         "gate_up+norm+silu": (
             lambda p: [linear(p, x, L["gate_up"], norm_weight=L["n2"], eps=eps, gated=True) for L in ls],
-            ls[0]["gate_up"].shape[0] // 2, hidden, True, len(ls),
+            ls[0]["gate_up"].shape[0] // 2,
+            hidden,
+            True,
+            len(ls),
         ),
         "down+res": (
             lambda p: [linear(p, a, L["down"], residual=x) for L in ls],
-            hidden, a.shape[1], False, len(ls),
+            hidden,
+            a.shape[1],
+            False,
+            len(ls),
         ),
         "head+norm": (
             lambda p: linear(p, x, head, norm_weight=norm, eps=eps),
-            head.shape[0], hidden, False, 1,
+            head.shape[0],
+            hidden,
+            False,
+            1,
         ),
     }
     out = {}
@@ -181,7 +209,12 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
         default = skinny_plan(rows, n_out, k, gated, dev, one_byte=bool(FP8_OF))
         plans = {default}
         for bk, stages, split, bn, nw, swap in itertools.product(
-            (128, 256, 512) if FP8_OF else ((64, 128) if rows > 32 else (128, 256)), stages_, (*splits, default[5]), block_ns, warps, swaps
+            (128, 256, 512) if FP8_OF else ((64, 128) if rows > 32 else (128, 256)),
+            stages_,
+            (*splits, default[5]),
+            block_ns,
+            warps,
+            swaps,
         ):
             for floor in (8, 16) if swap and rows <= 16 else (16,):  # rows padded to 8 or 16 in the swapped MMA
                 block_m = max(floor, 1 << max(rows - 1, 0).bit_length())
@@ -208,31 +241,45 @@ def sweep(ls, head, norm, rows, dev, eps=1e-5, only=None, block_ns=(64,), warps=
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES)
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["llama-8b", "llama-1b"], choices=sorted(SHAPES))
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 16, 32, 64])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-at", nargs="+", default=["llama-8b:1", "llama-1b:8"],
-                    help="shape:rows pairs to sweep (AR of the 8B, a draft step of N=8 on the 1B)")
     ap.add_argument(
-        "--out", default=os.path.join(os.environ.get("OUT", "."), "skinny_gemm.json")
+        "--sweep-at",
+        nargs="+",
+        default=["llama-8b:1", "llama-1b:8"],
+        help="shape:rows pairs to sweep (AR of the 8B, a draft step of N=8 on the 1B)",
     )
-    ap.add_argument("--kinds", nargs="+", default=None,
-                    help="layer kinds to sweep (qkv+norm, o+res, gate_up+norm+silu, down+res, head+norm); default all")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "skinny_gemm.json"))
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=None,
+        help="layer kinds to sweep (qkv+norm, o+res, gate_up+norm+silu, down+res, head+norm); default all",
+    )
     ap.add_argument("--block-n", nargs="+", type=int, default=[64], help="output columns per program to sweep")
     ap.add_argument("--warps", nargs="+", type=int, default=[4], help="warps per program to sweep")
     ap.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8], help="split-K factors to sweep")
     ap.add_argument("--stages", nargs="+", type=int, default=[3, 4], help="pipeline stages to sweep")
-    ap.add_argument("--swap", nargs="+", type=int, default=[0, 1],
-                    help="operand orders to sweep: 0 rows x weight tile, 1 weight tile x rows (SWAP_AB)")
-    ap.add_argument("--max-rows", type=int, default=None,
-                    help="raise kernels.linear.MAX_SKINNY_ROWS (the skinny kernel's row limit) for this run")
-    ap.add_argument("--fp8", action="store_true",
-                    help="the skinny kernel on weight-only fp8 copies of the weights (cuBLAS stays bf16)")
+    ap.add_argument(
+        "--swap",
+        nargs="+",
+        type=int,
+        default=[0, 1],
+        help="operand orders to sweep: 0 rows x weight tile, 1 weight tile x rows (SWAP_AB)",
+    )
+    ap.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="raise kernels.linear.MAX_SKINNY_ROWS (the skinny kernel's row limit) for this run",
+    )
+    ap.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the skinny kernel on weight-only fp8 copies of the weights (cuBLAS stays bf16)",
+    )
     ap.add_argument("--int8", action="store_true", help="as --fp8, with weight-only int8 copies")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -258,19 +305,11 @@ def main() -> None:
             quantize = quantize_int8 if args.int8 else quantize_fp8
             for w in [head] + [L[k] for L in ls for k in ("qkv", "o", "gate_up", "down")]:
                 FP8_OF[id(w)] = quantize(w)
-        n_bytes = sum(
-            t.numel() * 2
-            for L in ls
-            for k_, t in L.items()
-            if k_ in ("qkv", "o", "gate_up", "down")
-        )
+        n_bytes = sum(t.numel() * 2 for L in ls for k_, t in L.items() if k_ in ("qkv", "o", "gate_up", "down"))
         n_bytes += head.numel() * 2
         for m in args.rows:
             x = torch.randn(m, head.shape[1], device=dev, dtype=torch.bfloat16)
-            t = {
-                k: graph_ms(forward_fn(k, ls, head, norm, x))
-                for k in ("cublas", "composed", "skinny")
-            }
+            t = {k: graph_ms(forward_fn(k, ls, head, norm, x)) for k in ("cublas", "composed", "skinny")}
             linear.SWAP_AB = not linear.SWAP_AB  # the other operand order of the default plans
             t["skinny_other_order"] = graph_ms(forward_fn("skinny", ls, head, norm, x))
             linear.SWAP_AB = not linear.SWAP_AB
@@ -290,8 +329,17 @@ def main() -> None:
             for m in [int(a.split(":")[1]) for a in args.sweep_at if a.split(":")[0] == name]:
                 print(f"sweep {name} M={m}")
                 result["sweeps"][f"{name}/M={m}"] = sweep(
-                    ls, head, norm, m, dev, only=args.kinds, block_ns=tuple(args.block_n), warps=tuple(args.warps),
-                    splits=tuple(args.splits), stages_=tuple(args.stages), swaps=tuple(bool(v) for v in args.swap),
+                    ls,
+                    head,
+                    norm,
+                    m,
+                    dev,
+                    only=args.kinds,
+                    block_ns=tuple(args.block_n),
+                    warps=tuple(args.warps),
+                    splits=tuple(args.splits),
+                    stages_=tuple(args.stages),
+                    swaps=tuple(bool(v) for v in args.swap),
                 )
         del ls, head
         torch.cuda.empty_cache()

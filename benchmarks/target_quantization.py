@@ -49,15 +49,14 @@ def compare(p_model, q_model, sequences) -> dict:
     agree = count = 0
     for n_prompt, seq in sequences:
         ids = torch.tensor([seq], device=p_model.device)
-        lp_raw = _logits(p_model, ids)[n_prompt - 1: -1].float()
-        lq_raw = _logits(q_model, ids)[n_prompt - 1: -1].float()
+        lp_raw = _logits(p_model, ids)[n_prompt - 1 : -1].float()
+        lq_raw = _logits(q_model, ids)[n_prompt - 1 : -1].float()
         for temp in kl:
             logp, logq = lp_raw.div(temp).log_softmax(-1), lq_raw.div(temp).log_softmax(-1)
             kl[temp] += float((logp.exp() * (logp - logq)).sum())
         agree += int((lp_raw.argmax(-1) == lq_raw.argmax(-1)).sum())
         count += lp_raw.shape[0]
-    return {"kl_t0.7": kl[0.7] / count, "kl_t1.0": kl[1.0] / count, "top1_agreement": agree / count,
-            "positions": count}
+    return {"kl_t0.7": kl[0.7] / count, "kl_t1.0": kl[1.0] / count, "top1_agreement": agree / count, "positions": count}
 
 
 def main() -> None:
@@ -65,10 +64,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
-    ap.add_argument("--generate", action="store_true",
-                    help="score text the reference model writes for the chat prompts instead of the fixed passage")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                    help="the reference model's dtype (default: bf16 on CUDA, float32 on the CPU, where bf16 is slow)")
+    ap.add_argument(
+        "--generate",
+        action="store_true",
+        help="score text the reference model writes for the chat prompts instead of the fixed passage",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="the reference model's dtype (default: bf16 on CUDA, float32 on the CPU, where bf16 is slow)",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "target_quantization.json"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -79,8 +85,10 @@ def main() -> None:
         return NativeCausalLM.from_hf(target_hf, dtype=dtype, device=dev).eval()
 
     ref = native_copy()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-               for p in PROMPTS[: args.prompts]]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        for p in PROMPTS[: args.prompts]
+    ]
     prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
     seqs = []
     if args.generate:
@@ -92,24 +100,33 @@ def main() -> None:
         # a fixed passage of ordinary English, scored from its second token on: no generation needed
         seqs.append((1, tok.encode(PASSAGE)))
     rows = []
-    for layers, names in (("all linear + head", NativeCausalLM.FP8_NAMES),
-                          ("gate_up, down, head", NativeCausalLM.FP8_DEFAULT)):
+    for layers, names in (
+        ("all linear + head", NativeCausalLM.FP8_NAMES),
+        ("gate_up, down, head", NativeCausalLM.FP8_DEFAULT),
+    ):
         for fmt in ("int8", "fp8"):
             q = native_copy()
             q.quantize_weights(fmt, names)
             rows.append({"layers": layers, "format": fmt, **compare(ref, q, seqs)})
             del q
-    info = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
-            "model": f"SmolLM2-135M-Instruct ({dtype} reference)", "text": "generated" if args.generate else "fixed passage", "prompts": len(prompts),
-            "new_tokens": args.new_tokens}
+    info = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": f"SmolLM2-135M-Instruct ({dtype} reference)",
+        "text": "generated" if args.generate else "fixed passage",
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(json.dumps(info))
     print("| quantized layers | format | KL t=0.7 | KL t=1.0 | top-1 agreement | positions |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layers']} | {r['format']} | {r['kl_t0.7']:.4f} | {r['kl_t1.0']:.4f} | "
-              f"{100 * r['top1_agreement']:.1f}% | {r['positions']} |")
+        print(
+            f"| {r['layers']} | {r['format']} | {r['kl_t0.7']:.4f} | {r['kl_t1.0']:.4f} | "
+            f"{100 * r['top1_agreement']:.1f}% | {r['positions']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -43,34 +43,74 @@ from smcgen.runners.native.model import NativeCausalLM  # noqa: E402
 from smcgen.runners.native.parallel import TensorParallelLM, init_tensor_parallel  # noqa: E402
 from smcgen.samplers.native import NativeSMC  # noqa: E402
 
-LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                 rope_scaling={**LLAMA_ROPE, "factor": 8.0}, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False)
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
-                rope_scaling={**LLAMA_ROPE, "factor": 32.0}, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                tie_word_embeddings=True)
+LLAMA_70B = dict(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    rope_scaling={**LLAMA_ROPE, "factor": 32.0},
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 # the script's own smoke test on the CPU: same code path, tiny shapes
-TINY_T = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=301, max_position_embeddings=2048, tie_word_embeddings=False)
+TINY_T = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=301,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 TINY_D = dict(TINY_T, num_hidden_layers=1, tie_word_embeddings=True)
 
 
 def run_row(target, draft, n: int, k: int, prompt: list[int], new_tokens: int, device, cuda_graph=None) -> dict:
     """One engine run (K = 0: AR without the draft); decode tokens/s per request."""
-    cfg = SMCConfig(n_particles=n, block_size=max(k, 1), max_new_tokens=new_tokens, seed=0,
-                    draft_temperature=0.7, target_temperature=0.7)
+    cfg = SMCConfig(
+        n_particles=n,
+        block_size=max(k, 1),
+        max_new_tokens=new_tokens,
+        seed=0,
+        draft_temperature=0.7,
+        target_temperature=0.7,
+    )
     engine = NativeSMC(target, cfg, draft=draft if k > 0 else None, eos_token_ids=(), cuda_graph=cuda_graph)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out = engine.run(prompt)
     t = engine.last_timing
     assert int(out.lengths.min()) == new_tokens, "every particle must generate the full budget (EOS is off)"
-    return {"N": n, "K": k, "decode_s": t["decode_s"], "prefill_s": t["prefill_s"], "capture_s": t["capture_s"],
-            "cycles": t["cycles"], "tok_s": new_tokens / t["decode_s"],
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
-            "resample_rate": float(out.resampled.float().mean())}
+    return {
+        "N": n,
+        "K": k,
+        "decode_s": t["decode_s"],
+        "prefill_s": t["prefill_s"],
+        "capture_s": t["capture_s"],
+        "cycles": t["cycles"],
+        "tok_s": new_tokens / t["decode_s"],
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+        "resample_rate": float(out.resampled.float().mean()),
+    }
 
 
 def collective_ms_per_cycle(target, draft, k: int, prompt: list[int], device) -> dict:
@@ -93,8 +133,12 @@ def collective_ms_per_cycle(target, draft, k: int, prompt: list[int], device) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=("llama70b", "tiny"), default="llama70b")
-    ap.add_argument("--quantize", choices=("fp8", "int8", "none"), default=None,
-                    help="target weights (every linear layer and the LM head); default: int8 on one GPU, none under TP")
+    ap.add_argument(
+        "--quantize",
+        choices=("fp8", "int8", "none"),
+        default=None,
+        help="target weights (every linear layer and the LM head); default: int8 on one GPU, none under TP",
+    )
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--particles", type=int, default=8)
@@ -115,18 +159,28 @@ def main() -> None:
     max_pos = args.prompt_len + args.new_tokens + 2 * (args.block_size + 1)
 
     t0 = time.perf_counter()
-    target = random_layerwise(t_cfg, cls=TensorParallelLM if world > 1 else NativeCausalLM, dtype=dtype,
-                              device=device, quantize=None if quantize == "none" else quantize,
-                              max_positions=max_pos, progress=rank == 0)
+    target = random_layerwise(
+        t_cfg,
+        cls=TensorParallelLM if world > 1 else NativeCausalLM,
+        dtype=dtype,
+        device=device,
+        quantize=None if quantize == "none" else quantize,
+        max_positions=max_pos,
+        progress=rank == 0,
+    )
     draft = NativeCausalLM.from_config(d_cfg, dtype=dtype, device=device, max_positions=max_pos)
     build_s = time.perf_counter() - t0
-    prompt = torch.randint(0, target.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(
+        0, target.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
 
     # warm-up (Triton compiles, cuBLAS picks kernels) on a short run of each mode
     for k in (0, args.block_size):
         run_row(target, draft, 1 if k == 0 else args.particles, k, prompt, 2 * (args.block_size + 1), device)
-    rows = [run_row(target, draft, 1, 0, prompt, args.new_tokens, device),
-            run_row(target, draft, args.particles, args.block_size, prompt, args.new_tokens, device)]
+    rows = [
+        run_row(target, draft, 1, 0, prompt, args.new_tokens, device),
+        run_row(target, draft, args.particles, args.block_size, prompt, args.new_tokens, device),
+    ]
     bw = copy_bandwidth(device) if device.type == "cuda" else float("nan")
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
     for r in rows:
@@ -138,24 +192,41 @@ def main() -> None:
 
     if rank != 0:
         return
-    meta = {"arch": args.arch, "tp": world, "quantize": quantize, "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else "cpu", "bandwidth_gb_s": bw / 1e9, "target_gb_per_gpu": w_t / 1e9,
-            "draft_gb": w_d / 1e9, "build_s": build_s, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, **comm}
+    meta = {
+        "arch": args.arch,
+        "tp": world,
+        "quantize": quantize,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "bandwidth_gb_s": bw / 1e9,
+        "target_gb_per_gpu": w_t / 1e9,
+        "draft_gb": w_d / 1e9,
+        "build_s": build_s,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        **comm,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"tp_70b_tp{world}_{quantize}"
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"{meta['device']} x {world}, target {args.arch} ({quantize}), {w_t / 1e9:.1f} GB per GPU, draft "
-             f"{w_d / 1e9:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s per GPU"
-             + (f", NCCL {comm['comm_ms_per_cycle']:.2f} of {comm['kernel_ms_per_cycle']:.2f} kernel ms per cycle"
-                if comm else ""),
-             "", "| mode | N | K | tok/s | x AR | roofline tok/s | % roofline | peak GiB | resample rate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{meta['device']} x {world}, target {args.arch} ({quantize}), {w_t / 1e9:.1f} GB per GPU, draft "
+        f"{w_d / 1e9:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s per GPU"
+        + (
+            f", NCCL {comm['comm_ms_per_cycle']:.2f} of {comm['kernel_ms_per_cycle']:.2f} kernel ms per cycle"
+            if comm
+            else ""
+        ),
+        "",
+        "| mode | N | K | tok/s | x AR | roofline tok/s | % roofline | peak GiB | resample rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {'AR' if r['K'] == 0 else 'SMC-SD'} | {r['N']} | {r['K']} | {r['tok_s']:.1f} | "
-                     f"{r['vs_AR']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% | "
-                     f"{r['peak_gib']:.1f} | {r['resample_rate']:.2f} |")
+        lines.append(
+            f"| {'AR' if r['K'] == 0 else 'SMC-SD'} | {r['N']} | {r['K']} | {r['tok_s']:.1f} | "
+            f"{r['vs_AR']:.2f} | {r['roofline_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% | "
+            f"{r['peak_gib']:.1f} | {r['resample_rate']:.2f} |"
+        )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

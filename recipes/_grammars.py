@@ -30,7 +30,9 @@ def python_function_body_grammar(depth: int = 3) -> str:
                 f' | "{ind}for " target " in " expr ":\\n" {nxt}'
                 f' | "{ind}while " expr ":\\n" {nxt}'
             )
-        blocks.append(f"block{level} ::= comment{level}* stmt{level} (stmt{level} | comment{level})*\n{stmt}\n{comment}")
+        blocks.append(
+            f"block{level} ::= comment{level}* stmt{level} (stmt{level} | comment{level})*\n{stmt}\n{comment}"
+        )
     return "\n".join(
         [
             # the body starts with the newline of the previous line: a prompt that ends right after
@@ -51,14 +53,14 @@ def python_function_body_grammar(depth: int = 3) -> str:
             'expr ::= conj (" or " conj)*',
             'conj ::= neg (" and " neg)*',
             'neg ::= "not " neg | comparison',
-            'comparison ::= arith (compop arith)*',
+            "comparison ::= arith (compop arith)*",
             'compop ::= " == " | " != " | " < " | " <= " | " > " | " >= " | " in " | " not in " | " is " | " is not "',
             'arith ::= term ((" + " | " - ") term)*',
             'term ::= factor ((" * " | " / " | " // " | " % ") factor)*',
             'factor ::= "-" factor | power',
             'power ::= atom ("**" factor)?',
             'atom ::= primary trailer* | number | string | "True" | "False" | "None" | "(" expr ")" | list',
-            'primary ::= ident',
+            "primary ::= ident",
             'trailer ::= "(" (expr (", " expr)*)? ")" | "[" subscript "]" | "." ident',
             'subscript ::= expr | expr? ":" expr?',
             'call ::= primary trailer* "(" (expr (", " expr)*)? ")"',
@@ -87,7 +89,9 @@ def sql_grammar(tables: dict[str, list[str]], joins: list[tuple[str, str, str, s
         counts: dict[str, int] = {}
         for c in tables[t1] + tables[t2]:
             counts[c] = counts.get(c, 0) + 1
-        refs = [f"{t}.{c}" for t in (t1, t2) for c in tables[t]] + [c for c in tables[t1] + tables[t2] if counts[c] == 1]
+        refs = [f"{t}.{c}" for t in (t1, t2) for c in tables[t]] + [
+            c for c in tables[t1] + tables[t2] if counts[c] == 1
+        ]
         forms.append((f"j{j}", f'"FROM {t1} JOIN {t2} ON {t1}.{c1} = {t2}.{c2}"', refs))
     rules.append("query ::= " + " | ".join(f"q_{f}" for f, _, _ in forms))
     for f, source, refs in forms:
@@ -95,7 +99,7 @@ def sql_grammar(tables: dict[str, list[str]], joins: list[tuple[str, str, str, s
         rules += [
             f"{col} ::= " + " | ".join(f'"{r}"' for r in sorted(set(refs), key=lambda r: (-len(r), r))),
             f'agg_{f} ::= "COUNT(*)" | aggfn "(" {col} ")" | "COUNT(DISTINCT " {col} ")"',
-            f'item_{f} ::= {col} | agg_{f}',
+            f"item_{f} ::= {col} | agg_{f}",
             (
                 f'cond_{f} ::= {col} cmp value | {col} " IS NULL" | {col} " IS NOT NULL" | {col} " LIKE " string'
                 f' | {col} " IN (" value (", " value)* ")" | {col} " BETWEEN " value " AND " value'
@@ -116,7 +120,7 @@ def sql_grammar(tables: dict[str, list[str]], joins: list[tuple[str, str, str, s
         'cmp ::= " = " | " != " | " < " | " <= " | " > " | " >= "',
         "value ::= number | string",
         'number ::= "-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)?',
-        "string ::= \"'\" [^'\\n]* \"'\"",
+        'string ::= "\'" [^\'\\n]* "\'"',
         'limit ::= sep "LIMIT " [1-9] [0-9]{0,8}',  # SQLite rejects LIMITs beyond 64 bits
     ]
     return "\n".join(rules)

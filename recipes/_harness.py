@@ -74,8 +74,9 @@ class Sample:
 def parse_args(description: str, default_samples: int) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--samples", type=int, default=default_samples, help="samples per method")
-    ap.add_argument("--methods", default="unconstrained,masking,smc4,smc8",
-                    help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument(
+        "--methods", default="unconstrained,masking,smc4,smc8", help=f"comma-separated, from {', '.join(METHODS)}"
+    )
     ap.add_argument("--draft", action="store_true", help="also run SMC-SD N=8, K=4 with the masked draft")
     ap.add_argument("--temperature", type=float, default=0.7, help="target temperature tau")
     ap.add_argument("--max-new-tokens", type=int, default=None)
@@ -104,11 +105,25 @@ def chat_prompt(lm, task: Task) -> list[int]:
     return ids + list(lm.tokenizer(task.prefix, add_special_tokens=False)["input_ids"]) if task.prefix else ids
 
 
-def run_method(lm, draft_lm, task: Task, grammar: GrammarPotential, method: Method, ids: list[int],
-               n_samples: int, args: argparse.Namespace) -> tuple[list[Sample], float, dict]:
+def run_method(
+    lm,
+    draft_lm,
+    task: Task,
+    grammar: GrammarPotential,
+    method: Method,
+    ids: list[int],
+    n_samples: int,
+    args: argparse.Namespace,
+) -> tuple[list[Sample], float, dict]:
     """``n_samples`` answers of one method, batched as groups; returns samples, s/sample, grammar stats."""
-    cfg = SMCConfig(n_particles=method.n_particles, block_size=4, max_new_tokens=task.max_new_tokens,
-                    target_temperature=args.temperature, draft_temperature=args.temperature, seed=args.seed)
+    cfg = SMCConfig(
+        n_particles=method.n_particles,
+        block_size=4,
+        max_new_tokens=task.max_new_tokens,
+        target_temperature=args.temperature,
+        draft_temperature=args.temperature,
+        seed=args.seed,
+    )
     target = LMPotential(lm, temperature=args.temperature)
     per_batch = max(1, args.batch // method.n_particles)
     chooser = torch.Generator().manual_seed(args.seed + 1)
@@ -133,8 +148,12 @@ def run_method(lm, draft_lm, task: Task, grammar: GrammarPotential, method: Meth
             samples.append(Sample(text, toks, (not dead) and task.validate(task.prefix + text), dead, math.nan))
         done += groups
     _score(lm, ids, samples, args.temperature)
-    stats = {"mask_rows": grammar.stats.mask_rows, "mask_us": grammar.stats.mask_us_per_row,
-             "forks": grammar.stats.forks, "fork_s": grammar.stats.fork_seconds}
+    stats = {
+        "mask_rows": grammar.stats.mask_rows,
+        "mask_us": grammar.stats.mask_us_per_row,
+        "forks": grammar.stats.forks,
+        "fork_s": grammar.stats.fork_seconds,
+    }
     return samples, wall / n_samples, stats
 
 
@@ -178,9 +197,11 @@ def main(task: Task, default_samples: int, description: str) -> None:
     ids = chat_prompt(lm, task)
     methods = [METHODS[m.strip()] for m in args.methods.split(",") if m.strip()]
     print(f"# {task.title}")
-    print(f"model: SmolLM2-135M-Instruct (embedded), CPU, {torch.get_num_threads()} torch threads "
-          f"({platform.machine()}); target temperature {args.temperature}; max_new_tokens {task.max_new_tokens}; "
-          f"{args.samples} samples per method; seed {args.seed}; smcgen {smcgen.__version__}")
+    print(
+        f"model: SmolLM2-135M-Instruct (embedded), CPU, {torch.get_num_threads()} torch threads "
+        f"({platform.machine()}); target temperature {args.temperature}; max_new_tokens {task.max_new_tokens}; "
+        f"{args.samples} samples per method; seed {args.seed}; smcgen {smcgen.__version__}"
+    )
     print(f"grammar: {grammar.name}")
     rows, examples = [], []
     t_all = time.perf_counter()
@@ -191,13 +212,17 @@ def main(task: Task, default_samples: int, description: str) -> None:
         mv, _ = mean_se([s.loglik_per_token for s in samples if s.valid])
         cut = sum(s.cut for s in samples)
         mask = f"{stats['mask_us']:.0f}" if method.masked and stats["mask_rows"] else "-"
-        rows.append(f"| {method.name} | {len(samples)} | {valid / len(samples):.0%} ({valid}/{len(samples)}) | "
-                    f"{m:.3f} ± {se:.3f} | {mv:.3f} | {statistics.fmean(len(s.tokens) for s in samples):.1f} | "
-                    f"{cut} | {s_per:.2f} | {mask} |")
+        rows.append(
+            f"| {method.name} | {len(samples)} | {valid / len(samples):.0%} ({valid}/{len(samples)}) | "
+            f"{m:.3f} ± {se:.3f} | {mv:.3f} | {statistics.fmean(len(s.tokens) for s in samples):.1f} | "
+            f"{cut} | {s_per:.2f} | {mask} |"
+        )
         examples.extend((method.name, s) for s in samples[: args.show])
     print()
-    print("| method | samples | valid | per-token log p_tau (mean ± s.e., all) | ... valid only | tokens | cut | "
-          "s / sample | mask µs / particle-step |")
+    print(
+        "| method | samples | valid | per-token log p_tau (mean ± s.e., all) | ... valid only | tokens | cut | "
+        "s / sample | mask µs / particle-step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)
@@ -294,8 +319,11 @@ def reward_args(description: str, groups: int, cases: int) -> argparse.ArgumentP
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--plot", default=None, help="PNG path of the quality-vs-compute plot (default: <recipe>.png)")
     ap.add_argument("--show", type=int, default=1, help="example answers printed per method")
-    ap.add_argument("--best-particle", action="store_true",
-                    help="also report each SMC run's final particle with the highest reward (SMC used as a search)")
+    ap.add_argument(
+        "--best-particle",
+        action="store_true",
+        help="also report each SMC run's final particle with the highest reward (SMC used as a search)",
+    )
     return ap
 
 
@@ -334,9 +362,13 @@ def _fill_scores(task: RewardTask, case: Case, answers: list[Answer]) -> None:
         a.success = float(task.success(case, case.prefix + a.text)) if task.success else math.nan
 
 
-def run_reward_task(task: RewardTask, args: argparse.Namespace, lm,
-                    smc_variants: list[tuple[str, int, dict]] | None = None,
-                    select: Callable | None = None) -> list[MethodResult]:
+def run_reward_task(
+    task: RewardTask,
+    args: argparse.Namespace,
+    lm,
+    smc_variants: list[tuple[str, int, dict]] | None = None,
+    select: Callable | None = None,
+) -> list[MethodResult]:
     """Every method on every case; see the section comment. ``smc_variants``: (name, N, config
     overrides) for SMC (default: N from --particles, the task's potential); ``select(case, answers)``
     scores best-of-N candidates (default: their reward)."""
@@ -383,14 +415,17 @@ def run_reward_task(task: RewardTask, args: argparse.Namespace, lm,
         for name, n, over in variants:
             pot = task.potential(case, lm, args) if over.get("potential", True) else ()
             cfg_over = {k: v for k, v in over.items() if k != "potential"}
-            cfg = SMCConfig(**{"n_particles": n, "max_new_tokens": max_new, "target_temperature": tau, "seed": seed,
-                               **cfg_over})
+            cfg = SMCConfig(
+                **{"n_particles": n, "max_new_tokens": max_new, "target_temperature": tau, "seed": seed, **cfg_over}
+            )
             counter = TokenCounter()
             t0 = time.perf_counter()
             smc = SMC(LMPotential(lm, temperature=cfg.target_temperature, alpha=cfg.alpha), cfg, potentials=pot)
             out = smc.run(ids, n_groups=args.groups, on_dead="flag", recorder=counter)
-            picks = [0 if bool(out.dead[g]) else int(torch.multinomial(out.log_weights[g].exp(), 1, generator=chooser))
-                     for g in range(args.groups)]
+            picks = [
+                0 if bool(out.dead[g]) else int(torch.multinomial(out.log_weights[g].exp(), 1, generator=chooser))
+                for g in range(args.groups)
+            ]
             answers = _answers_of(lm, task, c, case, out, picks)
             _fill_scores(task, case, answers)
             for g, a in enumerate(answers):
@@ -401,14 +436,23 @@ def run_reward_task(task: RewardTask, args: argparse.Namespace, lm,
                 # the same run used as a search: of each group's final particles, the one with the highest reward
                 best = []
                 for g in range(args.groups):
-                    finals = [Answer(c, g, lm.tokenizer.decode(t, skip_special_tokens=True), t, math.nan, math.nan)
-                              for t in (out.tokens[g, i, : out.lengths[g, i]].tolist() for i in range(n))]
+                    finals = [
+                        Answer(c, g, lm.tokenizer.decode(t, skip_special_tokens=True), t, math.nan, math.nan)
+                        for t in (out.tokens[g, i, : out.lengths[g, i]].tolist() for i in range(n))
+                    ]
                     _fill_scores(task, case, finals)
                     pick = max(finals, key=lambda a: a.reward)
                     if bool(out.dead[g]) and task.success:
                         pick.success = 0.0
                     best.append(pick)
-                add(f"{name} (best particle)", "SMC-best", n, best, counter.tokens / args.groups, time.perf_counter() - t0)
+                add(
+                    f"{name} (best particle)",
+                    "SMC-best",
+                    n,
+                    best,
+                    counter.tokens / args.groups,
+                    time.perf_counter() - t0,
+                )
             bar.update()
         # target log-likelihood per token of every answer of this case (log p_tau, the prompt prefilled once)
         for r in results.values():
@@ -433,20 +477,26 @@ def paired_diff(a: MethodResult, b: MethodResult, attr: str) -> tuple[float, flo
     return ci95([getattr(x, attr) - bv[(x.case, x.group)] for x in a.answers if (x.case, x.group) in bv])
 
 
-def report(task: RewardTask, results: list[MethodResult], args: argparse.Namespace, plot_path: str,
-           metric: str | None = None) -> None:
+def report(
+    task: RewardTask, results: list[MethodResult], args: argparse.Namespace, plot_path: str, metric: str | None = None
+) -> None:
     """Print the table, the SMC-8 vs best-of-8 verdict and examples; save the quality-vs-compute plot."""
     metric = metric or ("success" if task.success else "reward")
     tau = args.temperature if args.temperature is not None else task.temperature
     print(f"# {task.title}")
-    print(f"model: {args.model} ({args.device}, {torch.get_num_threads()} torch threads, {platform.machine()}); "
-          f"tau {tau}; max_new_tokens {args.max_new_tokens or task.max_new_tokens}; "
-          f"{min(args.cases, len(task.cases))} prompts x {args.groups} groups = answers per method; seed {args.seed}")
+    print(
+        f"model: {args.model} ({args.device}, {torch.get_num_threads()} torch threads, {platform.machine()}); "
+        f"tau {tau}; max_new_tokens {args.max_new_tokens or task.max_new_tokens}; "
+        f"{min(args.cases, len(task.cases))} prompts x {args.groups} groups = answers per method; seed {args.seed}"
+    )
     if task.metric_note:
         print(task.metric_note)
     print()
-    cols = ["method", "answers"] + (["success (95% CI)"] if task.success else []) + [
-        "mean reward (95% CI)", "log p_tau / token", "tokens generated / answer", "tokens/s"]
+    cols = (
+        ["method", "answers"]
+        + (["success (95% CI)"] if task.success else [])
+        + ["mean reward (95% CI)", "log p_tau / token", "tokens generated / answer", "tokens/s"]
+    )
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
@@ -464,12 +514,16 @@ def report(task: RewardTask, results: list[MethodResult], args: argparse.Namespa
     for smc8 in (r for r in results if r.kind in ("SMC", "SMC-best") and r.n == 8 and "best-of-8" in by):
         d, h = paired_diff(smc8, by["best-of-8"], metric)
         verdict = "beats" if d - h > 0 else ("loses to" if d + h < 0 else "does not beat (within the 95% CI)")
-        print(f"\n{smc8.name} - best-of-8 on {metric}, paired over the same prompts and seeds: {d:+.3f} ± {h:.3f} "
-              f"(95% CI): {smc8.name} {verdict} best-of-8.")
+        print(
+            f"\n{smc8.name} - best-of-8 on {metric}, paired over the same prompts and seeds: {d:+.3f} ± {h:.3f} "
+            f"(95% CI): {smc8.name} {verdict} best-of-8."
+        )
     for r in results:
         for a in r.answers[: args.show]:
-            print(f"\n[{r.name}] reward={a.reward:.3f} success={a.success} log p/token={a.loglik_per_token:.3f}\n"
-                  f"{task.cases[a.case].prefix}{a.text}")
+            print(
+                f"\n[{r.name}] reward={a.reward:.3f} success={a.success} log p/token={a.loglik_per_token:.3f}\n"
+                f"{task.cases[a.case].prefix}{a.text}"
+            )
     plot_quality(task, results, plot_path, metric)
     print(f"\nplot: {plot_path}")
 
@@ -490,8 +544,14 @@ def plot_quality(task: RewardTask, results: list[MethodResult], path: str, metri
         rs = sorted(rs, key=lambda r: r.tokens_per_answer)
         xs = [r.tokens_per_answer for r in rs]
         stats = [ci95([getattr(a, metric) for a in r.answers]) for r in rs]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
-                    capsize=3, label=fam)
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats],
+            yerr=[0 if math.isnan(h) else h for _, h in stats],
+            marker="o",
+            capsize=3,
+            label=fam,
+        )
         for r, x, (m, _) in zip(rs, xs, stats):
             ax.annotate(f"N={r.n}", (x, m), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log", base=2)

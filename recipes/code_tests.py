@@ -23,22 +23,46 @@ from _harness import Case, RewardTask, load_for_recipe, report, reward_args, run
 from smcgen import Potential, SequenceBatch
 
 PROBLEMS = [
-    ("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"", "add",
-     [((1, 2), 3), ((-4, 4), 0), ((10, 5), 15), ((0, 0), 0)]),
-    ("def is_even(n):\n    \"\"\"Return True if the integer n is even, else False.\"\"\"", "is_even",
-     [((2,), True), ((3,), False), ((0,), True), ((-7,), False)]),
-    ("def largest(xs):\n    \"\"\"Return the largest number in the non-empty list xs.\"\"\"", "largest",
-     [(([1, 5, 3],), 5), (([-2, -9],), -2), (([7],), 7), (([0, 0, 1],), 1)]),
-    ("def reverse(s):\n    \"\"\"Return the string s reversed.\"\"\"", "reverse",
-     [(("abc",), "cba"), (("",), ""), (("racecar",), "racecar"), (("ab",), "ba")]),
-    ("def count_vowels(s):\n    \"\"\"Return how many of the characters of s are vowels (a, e, i, o, u).\"\"\"",
-     "count_vowels", [(("hello",), 2), (("xyz",), 0), (("aeiou",), 5), (("banana",), 3)]),
-    ("def factorial(n):\n    \"\"\"Return n! for a non-negative integer n.\"\"\"", "factorial",
-     [((0,), 1), ((1,), 1), ((5,), 120), ((3,), 6)]),
-    ("def square_all(xs):\n    \"\"\"Return a list of the squares of the numbers in xs.\"\"\"", "square_all",
-     [(([1, 2, 3],), [1, 4, 9]), (([],), []), (([-2],), [4]), (([0, 5],), [0, 25])]),
-    ("def is_palindrome(s):\n    \"\"\"Return True if the string s reads the same backwards.\"\"\"", "is_palindrome",
-     [(("aba",), True), (("ab",), False), (("",), True), (("level",), True)]),
+    (
+        'def add(a, b):\n    """Return the sum of a and b."""',
+        "add",
+        [((1, 2), 3), ((-4, 4), 0), ((10, 5), 15), ((0, 0), 0)],
+    ),
+    (
+        'def is_even(n):\n    """Return True if the integer n is even, else False."""',
+        "is_even",
+        [((2,), True), ((3,), False), ((0,), True), ((-7,), False)],
+    ),
+    (
+        'def largest(xs):\n    """Return the largest number in the non-empty list xs."""',
+        "largest",
+        [(([1, 5, 3],), 5), (([-2, -9],), -2), (([7],), 7), (([0, 0, 1],), 1)],
+    ),
+    (
+        'def reverse(s):\n    """Return the string s reversed."""',
+        "reverse",
+        [(("abc",), "cba"), (("",), ""), (("racecar",), "racecar"), (("ab",), "ba")],
+    ),
+    (
+        'def count_vowels(s):\n    """Return how many of the characters of s are vowels (a, e, i, o, u)."""',
+        "count_vowels",
+        [(("hello",), 2), (("xyz",), 0), (("aeiou",), 5), (("banana",), 3)],
+    ),
+    (
+        'def factorial(n):\n    """Return n! for a non-negative integer n."""',
+        "factorial",
+        [((0,), 1), ((1,), 1), ((5,), 120), ((3,), 6)],
+    ),
+    (
+        'def square_all(xs):\n    """Return a list of the squares of the numbers in xs."""',
+        "square_all",
+        [(([1, 2, 3],), [1, 4, 9]), (([],), []), (([-2],), [4]), (([0, 5],), [0, 25])],
+    ),
+    (
+        'def is_palindrome(s):\n    """Return True if the string s reads the same backwards."""',
+        "is_palindrome",
+        [(("aba",), True), (("ab",), False), (("",), True), (("level",), True)],
+    ),
 ]
 
 # runs in a fresh interpreter: each candidate exec'd alone with a one-second alarm
@@ -89,8 +113,14 @@ class TestRunner:
         if todo:
             jobs = [{"code": c, "fn": fn, "tests": [[list(a), w] for a, w in tests]} for c in todo]
             try:
-                proc = subprocess.run([sys.executable, "-I", "-c", CHILD], input=json.dumps(jobs), text=True, check=False,
-                                      capture_output=True, timeout=5 + 2 * len(jobs))
+                proc = subprocess.run(
+                    [sys.executable, "-I", "-c", CHILD],
+                    input=json.dumps(jobs),
+                    text=True,
+                    check=False,
+                    capture_output=True,
+                    timeout=5 + 2 * len(jobs),
+                )
                 scores = json.loads(proc.stdout.strip().splitlines()[-1])
             except (subprocess.TimeoutExpired, ValueError, IndexError):
                 scores = [0.0] * len(todo)
@@ -131,8 +161,10 @@ RUNNER = TestRunner()
 
 TASK = RewardTask(
     title="Recipe: code with unit tests as the reward",
-    cases=[Case("Complete this Python function. Reply with the code only.\n\n" + h + "\n", data=(h, fn, tests),
-                prefix=h) for h, fn, tests in PROBLEMS],
+    cases=[
+        Case("Complete this Python function. Reply with the code only.\n\n" + h + "\n", data=(h, fn, tests), prefix=h)
+        for h, fn, tests in PROBLEMS
+    ],
     reward=RUNNER,
     success=lambda case, text: RUNNER(case, [text])[0] == 1.0,
     potential=lambda case, lm, args: TestsPassed(case, RUNNER, args.beta),

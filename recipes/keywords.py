@@ -76,8 +76,15 @@ def main() -> None:
     report(TASK, results, args, args.plot or "keywords.png")
     if args.trace:
         case = TASK.cases[0]
-        res = smcgen.generate(lm, prompt_ids(lm, case), potentials=potential(case, lm, args), n_particles=8,
-                              max_new_tokens=args.max_new_tokens or TASK.max_new_tokens, seed=args.seed, trace=True)
+        res = smcgen.generate(
+            lm,
+            prompt_ids(lm, case),
+            potentials=potential(case, lm, args),
+            n_particles=8,
+            max_new_tokens=args.max_new_tokens or TASK.max_new_tokens,
+            seed=args.seed,
+            trace=True,
+        )
         res.trace.prompt = case.prompt
         html = res.trace.save_html(args.trace + ".html", title=f"SMC N=8 on: {case.prompt}")
         png = res.trace.plot(args.trace + ".png", title="keywords, SMC N=8: ESS and log Z_hat")

@@ -53,8 +53,9 @@ def run_method(lm, ids: list[int], method: str, args: argparse.Namespace) -> tup
     """``args.samples`` answers of one method as groups of one batch; returns samples and wall seconds."""
     n = 1 if method == "best-of-N" else args.n
     groups = args.samples * (args.n if method == "best-of-N" else 1)
-    cfg = SMCConfig(n_particles=n, max_new_tokens=args.max_new_tokens, target_temperature=args.temperature,
-                    seed=args.seed)
+    cfg = SMCConfig(
+        n_particles=n, max_new_tokens=args.max_new_tokens, target_temperature=args.temperature, seed=args.seed
+    )
     target = LMPotential(lm, temperature=args.temperature)
     if method == "AWRS-SMC":
         smc = SMC(target, cfg, constraint=NoLetterE())
@@ -134,9 +135,11 @@ def main() -> None:
     msgs = [{"role": "user", "content": PROMPT}]
     ids = list(lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
     print("# Lipogram: no letter e")
-    print(f"model: SmolLM2-135M-Instruct (embedded), CPU, {torch.get_num_threads()} torch threads ({platform.machine()}); "
-          f"N {args.n}; max_new_tokens {args.max_new_tokens}; tau {args.temperature}; {args.samples} answers per "
-          f"method; seed {args.seed}; smcgen {smcgen.__version__}\nprompt: {PROMPT!r}\n")
+    print(
+        f"model: SmolLM2-135M-Instruct (embedded), CPU, {torch.get_num_threads()} torch threads ({platform.machine()}); "
+        f"N {args.n}; max_new_tokens {args.max_new_tokens}; tau {args.temperature}; {args.samples} answers per "
+        f"method; seed {args.seed}; smcgen {smcgen.__version__}\nprompt: {PROMPT!r}\n"
+    )
     rows, examples = [], []
     for method in ("AWRS-SMC", "SMC, weight only", "best-of-N"):
         samples, wall = run_method(lm, ids, method, args)
@@ -144,15 +147,30 @@ def main() -> None:
         lo, hi = wilson(ok, len(samples))
         m, se = mean_se([s.loglik_per_token for s in samples if s.valid])
         toks = sum(len(s.tokens) for s in samples)
-        rows.append({"method": method, "rate": ok / len(samples), "lo": lo, "hi": hi, "ok": ok, "n": len(samples),
-                     "dead": sum(s.cut for s in samples), "ll": m, "ll_se": se, "tok_s": toks / wall, "wall": wall})
+        rows.append(
+            {
+                "method": method,
+                "rate": ok / len(samples),
+                "lo": lo,
+                "hi": hi,
+                "ok": ok,
+                "n": len(samples),
+                "dead": sum(s.cut for s in samples),
+                "ll": m,
+                "ll_se": se,
+                "tok_s": toks / wall,
+                "wall": wall,
+            }
+        )
         examples.append((method, next((s for s in samples if s.valid), samples[0])))
     print("| method | success (95% CI) | all particles died | log p / token (valid, mean ± s.e.) | tokens/s | wall s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         dead = f"{r['dead']}/{r['n']}" if r["method"] != "best-of-N" else "-"
-        print(f"| {r['method']} | {r['rate']:.0%} ({r['ok']}/{r['n']}; {r['lo']:.2f}-{r['hi']:.2f}) | {dead} | "
-              f"{fmt_ll(r['ll'], r['ll_se'])} | {r['tok_s']:.1f} | {r['wall']:.1f} |")
+        print(
+            f"| {r['method']} | {r['rate']:.0%} ({r['ok']}/{r['n']}; {r['lo']:.2f}-{r['hi']:.2f}) | {dead} | "
+            f"{fmt_ll(r['ll'], r['ll_se'])} | {r['tok_s']:.1f} | {r['wall']:.1f} |"
+        )
     for name, s in examples:
         print(f"\n[{name}] valid={s.valid}\n{s.text}")
     if args.plot:

@@ -74,8 +74,16 @@ class JudgePotential(Potential):
         return self.beta * torch.tensor(self.judge(batch.texts), dtype=torch.float64)
 
 
-PLACES = ["the restaurant Blue Fork", "the Hotel Marina", "the movie Night Train", "the Lakeside Park",
-          "the phone Zeta 5", "the cafe Little Bean", "the book The Long Road", "the museum of clocks"]
+PLACES = [
+    "the restaurant Blue Fork",
+    "the Hotel Marina",
+    "the movie Night Train",
+    "the Lakeside Park",
+    "the phone Zeta 5",
+    "the cafe Little Bean",
+    "the book The Long Road",
+    "the museum of clocks",
+]
 
 
 def build_task(lm) -> RewardTask:

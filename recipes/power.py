@@ -78,9 +78,11 @@ def likelihood_tracks_correctness(results) -> str:
     pts.sort()
     half = len(pts) // 2
     low, high = pts[:half], pts[half:]
-    return (f"likelihood tracks correctness (plain samples, n={len(pts)}): AUC of log p(x) for correct vs wrong = "
-            f"{auc:.2f}; accuracy of the likelier half {sum(o for _, o in high) / len(high):.0%} vs the less likely "
-            f"half {sum(o for _, o in low) / max(len(low), 1):.0%}")
+    return (
+        f"likelihood tracks correctness (plain samples, n={len(pts)}): AUC of log p(x) for correct vs wrong = "
+        f"{auc:.2f}; accuracy of the likelier half {sum(o for _, o in high) / len(high):.0%} vs the less likely "
+        f"half {sum(o for _, o in low) / max(len(low), 1):.0%}"
+    )
 
 
 def main() -> None:

@@ -46,21 +46,36 @@ class Problem:
 
 
 PROBLEMS = [
-    Problem('def is_prime(n):\n    """Return True if the integer n is a prime number, else False."""',
-            [((2,), True), ((1,), False), ((9,), False), ((13,), True), ((0,), False), ((97,), True)]),
-    Problem('def reverse_words(s):\n    """Return the words of s in reverse order, joined by single spaces."""',
-            [(("a b c",), "c b a"), (("hello world",), "world hello"), (("one",), "one")]),
-    Problem('def count_vowels(s):\n    """Return how many characters of s are vowels (a, e, i, o, u, either case)."""',
-            [(("hello",), 2), (("AEIOU",), 5), (("xyz",), 0), (("",), 0)]),
-    Problem('def running_max(xs):\n    """Return the list of the maxima of the prefixes of the list xs."""',
-            [(([1, 3, 2, 5],), [1, 3, 3, 5]), (([],), []), (([4, 1],), [4, 4])]),
-    Problem('def word_lengths(words):\n    """Return a dict mapping each word of the list words to its length."""',
-            [((["a", "bb"],), {"a": 1, "bb": 2}), (([],), {})]),
+    Problem(
+        'def is_prime(n):\n    """Return True if the integer n is a prime number, else False."""',
+        [((2,), True), ((1,), False), ((9,), False), ((13,), True), ((0,), False), ((97,), True)],
+    ),
+    Problem(
+        'def reverse_words(s):\n    """Return the words of s in reverse order, joined by single spaces."""',
+        [(("a b c",), "c b a"), (("hello world",), "world hello"), (("one",), "one")],
+    ),
+    Problem(
+        'def count_vowels(s):\n    """Return how many characters of s are vowels (a, e, i, o, u, either case)."""',
+        [(("hello",), 2), (("AEIOU",), 5), (("xyz",), 0), (("",), 0)],
+    ),
+    Problem(
+        'def running_max(xs):\n    """Return the list of the maxima of the prefixes of the list xs."""',
+        [(([1, 3, 2, 5],), [1, 3, 3, 5]), (([],), []), (([4, 1],), [4, 4])],
+    ),
+    Problem(
+        'def word_lengths(words):\n    """Return a dict mapping each word of the list words to its length."""',
+        [((["a", "bb"],), {"a": 1, "bb": 2}), (([],), {})],
+    ),
 ]
 
 
-LABELS = {"unconstrained": "unconstrained", "masking": "grammar masking", "smc": "grammar SMC N={n}",
-          "smc_names": "grammar + names SMC N={n}", "bestofn": "best-of-{n} unconstrained"}
+LABELS = {
+    "unconstrained": "unconstrained",
+    "masking": "grammar masking",
+    "smc": "grammar SMC N={n}",
+    "smc_names": "grammar + names SMC N={n}",
+    "bestofn": "best-of-{n} unconstrained",
+}
 
 
 @dataclass
@@ -144,19 +159,28 @@ def run(args: argparse.Namespace) -> None:
     seconds: dict[str, float] = {m: 0.0 for m in methods}
     mask_us: dict[str, float] = {}
     problems = PROBLEMS[: args.problems]
-    print(f"# Python function completion: {len(problems)} problems x {args.samples} samples; model {args.model}; "
-          f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads; tau {args.temperature}; "
-          f"max_new_tokens {args.max_new_tokens}; N {args.n}; seed {args.seed}; smcgen {smcgen.__version__}")
+    print(
+        f"# Python function completion: {len(problems)} problems x {args.samples} samples; model {args.model}; "
+        f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads; tau {args.temperature}; "
+        f"max_new_tokens {args.max_new_tokens}; N {args.n}; seed {args.seed}; smcgen {smcgen.__version__}"
+    )
     print(f"grammar: GrammarPotential.python(depth={args.depth}), compiled for the vocabulary in {compile_s:.1f} s")
     for pi, problem in enumerate(problems):
-        task = argparse.Namespace(system=None, prompt="Complete this Python function. Reply with the code only.\n\n"
-                                  + problem.header + "\n", prefix=problem.header)
+        task = argparse.Namespace(
+            system=None,
+            prompt="Complete this Python function. Reply with the code only.\n\n" + problem.header + "\n",
+            prefix=problem.header,
+        )
         ids = chat_prompt(lm, task)
         names = PythonNamesPotential(prefix=problem.header)
         for method in methods:
             n = 1 if method in ("unconstrained", "masking") else args.n
-            cfg = SMCConfig(n_particles=n, max_new_tokens=args.max_new_tokens, target_temperature=args.temperature,
-                            seed=args.seed + 1000 * pi)
+            cfg = SMCConfig(
+                n_particles=n,
+                max_new_tokens=args.max_new_tokens,
+                target_temperature=args.temperature,
+                seed=args.seed + 1000 * pi,
+            )
             if method == "bestofn":  # N independent samples: SMC with no resampling = N separate chains
                 cfg = cfg.model_copy(update={"ess_threshold": 0.0})
             kw: dict = {}
@@ -173,8 +197,10 @@ def run(args: argparse.Namespace) -> None:
                 mask_us[method] = grammar.stats.mask_us_per_row
             chooser = torch.Generator().manual_seed(args.seed + pi)
             for b in range(args.samples):
-                texts = [lm.tokenizer.decode(out.tokens[b, i, : out.lengths[b, i]].tolist(), skip_special_tokens=True)
-                         for i in range(n)]
+                texts = [
+                    lm.tokenizer.decode(out.tokens[b, i, : out.lengths[b, i]].tolist(), skip_special_tokens=True)
+                    for i in range(n)
+                ]
                 total = int(out.lengths[b].sum())
                 if method == "bestofn":
                     i = next((i for i, t in enumerate(texts) if static_ok(problem, t)), 0)
@@ -186,15 +212,19 @@ def run(args: argparse.Namespace) -> None:
                 if args.show and b == 0:
                     print(f"\n[{method}] {problem.name}:\n{problem.header}{texts[i]}")
     labels = {m: v.format(n=args.n) for m, v in LABELS.items()}
-    print("\n| method | answers | parse | NameError | tests passed | tokens sampled | tokens/s | mask µs / particle-step |")
+    print(
+        "\n| method | answers | parse | NameError | tests passed | tokens sampled | tokens/s | mask µs / particle-step |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for m in methods:
         rs = results[m]
         k = len(rs)
         toks = sum(r.tokens for r in rs)
         mu = f"{mask_us[m]:.0f}" if m in mask_us and not math.isnan(mask_us[m]) else "-"
-        print(f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.name_error for r in rs)}/{k} | "
-              f"{sum(r.passed for r in rs)}/{k} | {toks} | {toks / seconds[m]:.1f} | {mu} |")
+        print(
+            f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.name_error for r in rs)}/{k} | "
+            f"{sum(r.passed for r in rs)}/{k} | {toks} | {toks / seconds[m]:.1f} | {mu} |"
+        )
 
 
 def main() -> None:

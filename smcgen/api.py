@@ -27,6 +27,7 @@ logger = logging.getLogger("smcgen")
 
 ModelLike = LanguageModel | PreTrainedModel | str
 
+
 def default_device() -> torch.device:
     """CUDA when present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,10 +135,16 @@ def generate(
         if draft is not None:
             draft_lm = as_language_model(draft, tokenizer if tokenizer is not None else target_lm.tokenizer, target_lm)
             check_compatible(target_lm, draft_lm)
-        return _speculative(cfg, target_lm, draft_lm, prompt_ids(prompt, target_lm), potentials, asked,
-                            proposal is not None, progress)
+        return _speculative(
+            cfg, target_lm, draft_lm, prompt_ids(prompt, target_lm), potentials, asked, proposal is not None, progress
+        )
     engine = cached_engine(
-        target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, constraint=constraint,
+        target,
+        draft=draft,
+        potentials=potentials,
+        proposal=proposal,
+        tokenizer=tokenizer,
+        constraint=constraint,
         engine=cfg.engine,
     )
     return engine(prompt, guide=asked, on_dead=on_dead, progress=progress, trace=trace, **cfg.model_dump())
@@ -180,7 +187,12 @@ def cached_engine(
         _ENGINES.move_to_end(key)
         return hit[0]
     built = Engine(
-        target, draft=draft, potentials=potentials, proposal=proposal, tokenizer=tokenizer, constraint=constraint,
+        target,
+        draft=draft,
+        potentials=potentials,
+        proposal=proposal,
+        tokenizer=tokenizer,
+        constraint=constraint,
         engine=engine,
     )
     # the objects ride along so the ids in the key cannot be reused while the entry lives
@@ -217,9 +229,13 @@ def _speculative(
     check_speculative_request(cfg.alpha, has_potentials, guide is not None, draft_lm is not None)
     assert draft_lm is not None
     kw = {
-        "n_rows": cfg.n_particles, "block_size": cfg.block_size, "max_new_tokens": cfg.max_new_tokens,
-        "target_temperature": cfg.target_temperature, "draft_temperature": cfg.draft_temperature,
-        "seed": cfg.seed, "progress": progress,
+        "n_rows": cfg.n_particles,
+        "block_size": cfg.block_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "target_temperature": cfg.target_temperature,
+        "draft_temperature": cfg.draft_temperature,
+        "seed": cfg.seed,
+        "progress": progress,
     }
     reason = native_reason(cfg, target_lm, draft_lm, None, False)
     if reason is None:
@@ -242,7 +258,9 @@ def _speculative(
     chosen = chooser.randrange(n)  # rows are exact samples of equal weight
     decoder = target_lm.tokenizer
     text = decoder.decode(run.tokens[chosen], skip_special_tokens=True) if decoder is not None else ""
-    texts = list(decoder.batch_decode(run.tokens, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
+    texts = (
+        list(decoder.batch_decode(run.tokens, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
+    )
     return SMCResult(
         text=text,
         token_ids=run.tokens[chosen],
@@ -260,7 +278,6 @@ def _speculative(
         method="sd",
         acceptance_rate=run.acceptance_rate,
     )
-
 
 
 __all__ = ["as_language_model", "cached_engine", "clear_engine_cache", "default_device", "generate", "load_model"]

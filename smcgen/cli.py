@@ -35,16 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument(
-        "--engine", default=d.engine, help="auto (native on a GPU when supported), native or generic"
-    )
+    p.add_argument("--engine", default=d.engine, help="auto (native on a GPU when supported), native or generic")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--regex", default=None, help="constrain the output to this regular expression")
-    out.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the output to JSON under this schema")
-    out.add_argument("--grammar", metavar="FILE", default=None,
-                     help="constrain the output to this grammar: Lark syntax for a .lark file, else xgrammar EBNF")
+    out.add_argument(
+        "--json-schema", metavar="FILE", default=None, help="constrain the output to JSON under this schema"
+    )
+    out.add_argument(
+        "--grammar",
+        metavar="FILE",
+        default=None,
+        help="constrain the output to this grammar: Lark syntax for a .lark file, else xgrammar EBNF",
+    )
     return p
 
 
@@ -71,8 +75,12 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=int, default=d.reuse, help="optimiser steps each sample serves")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of each target sample")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--temperature", type=float, default=d.temperature,
-                   help="sampling temperature the draft is for (target samples and KL are tempered alike)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="sampling temperature the draft is for (target samples and KL are tempered alike)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
@@ -95,12 +103,26 @@ def distill_main(argv: list[str]) -> int:
     target = load_model(args.target, args.device)
     try:
         distill(
-            target, args.out, target_name=args.target, layers=args.layers, init=args.init, steps=args.steps,
-            minutes=args.minutes, batch_size=args.batch_size, micro_batch=args.micro_batch,
-            sample_batch=args.sample_batch, reuse=args.reuse, max_new_tokens=args.max_new_tokens, lr=args.lr,
+            target,
+            args.out,
+            target_name=args.target,
+            layers=args.layers,
+            init=args.init,
+            steps=args.steps,
+            minutes=args.minutes,
+            batch_size=args.batch_size,
+            micro_batch=args.micro_batch,
+            sample_batch=args.sample_batch,
+            reuse=args.reuse,
+            max_new_tokens=args.max_new_tokens,
+            lr=args.lr,
             temperature=args.temperature,
-            seed=args.seed, eval_sequences=args.eval_sequences, checkpoint_minutes=args.checkpoint_minutes,
-            corpus=args.corpus, resume=args.resume, progress=not args.no_progress,
+            seed=args.seed,
+            eval_sequences=args.eval_sequences,
+            checkpoint_minutes=args.checkpoint_minutes,
+            corpus=args.corpus,
+            resume=args.resume,
+            progress=not args.no_progress,
         )
     except ValueError as err:
         print(f"smcgen distill: {err}", file=sys.stderr)
@@ -124,8 +146,6 @@ def device_problem(device: str | None) -> str | None:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
     return None
-
-
 
 
 def grammar_from_args(args: argparse.Namespace):
@@ -189,19 +209,24 @@ def serve_main(argv: list[str]) -> int:
     from smcgen.engine import Engine
 
     try:
-        config = SMCConfig(n_particles=args.n_particles, block_size=args.block_size,
-                           max_new_tokens=args.max_new_tokens, engine=args.engine)
+        config = SMCConfig(
+            n_particles=args.n_particles,
+            block_size=args.block_size,
+            max_new_tokens=args.max_new_tokens,
+            engine=args.engine,
+        )
     except ValidationError as err:
         print(f"smcgen serve: invalid option: {err}", file=sys.stderr)
         return 2
     target = load_model(args.model, args.device)
     draft = load_model(args.draft, args.device) if args.draft else None
     engine = Engine(target, draft=draft, config=config)
-    app = create_app(engine, args.served_model_name or args.model, max_queue=args.max_queue,
-                     max_batch=args.max_batch)
-    print(f"smcgen serve: {args.model} ({'native' if engine.engine_reason is None else 'generic'} engine"
-          f"{'' if engine.engine_reason is None else ': ' + engine.engine_reason}) on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
+    app = create_app(engine, args.served_model_name or args.model, max_queue=args.max_queue, max_batch=args.max_batch)
+    print(
+        f"smcgen serve: {args.model} ({'native' if engine.engine_reason is None else 'generic'} engine"
+        f"{'' if engine.engine_reason is None else ': ' + engine.engine_reason}) on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -269,9 +294,7 @@ def run(args: argparse.Namespace) -> int:
         prompt: str | list[dict[str, str]] = args.prompt
     else:
         prompt = [{"role": "user", "content": args.prompt}]  # generate applies the chat template
-    result = smcgen.generate(
-        target, prompt, draft=draft, config=config, grammar=grammar, progress=not args.no_progress
-    )
+    result = smcgen.generate(target, prompt, draft=draft, config=config, grammar=grammar, progress=not args.no_progress)
 
     mode = f"SMC-SD (draft {args.draft}, K={config.block_size})" if draft is not None else "plain SMC"
     print(f"== {mode} on {args.target}, device {target.device}")

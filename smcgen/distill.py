@@ -155,8 +155,14 @@ def _lr_scale(progress: float, warmup: float) -> float:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=False,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -227,8 +233,9 @@ def distill(
             raise ValueError("corpus needs a target with a tokenizer")
         pool_prompts += corpus_prompts(lm.tokenizer, corpus)
     if not pool_prompts or any(len(p) == 0 for p in pool_prompts):
-        raise ValueError("no prompts: give prompts (non-empty id lists), a corpus, or a target whose tokenizer has a "
-                         "chat template")
+        raise ValueError(
+            "no prompts: give prompts (non-empty id lists), a corpus, or a target whose tokenizer has a chat template"
+        )
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -261,9 +268,15 @@ def distill(
 
     def save_checkpoint(plot: bool = False) -> None:
         state = {
-            "indices": indices, "draft": draft_dir.own_state(draft), "optimizer": opt.state_dict(),
-            "generator": gen.get_state(), "step": step, "elapsed": elapsed, "history": history,
-            "pool": None if pool is None else (pool.ids, pool.real, pool.scored), "pool_cursor": pool_cursor,
+            "indices": indices,
+            "draft": draft_dir.own_state(draft),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "step": step,
+            "elapsed": elapsed,
+            "history": history,
+            "pool": None if pool is None else (pool.ids, pool.real, pool.scored),
+            "pool_cursor": pool_cursor,
             "config": asdict(cfg),
         }
         torch.save(state, out / "checkpoint.pt.tmp")
@@ -285,8 +298,9 @@ def distill(
 
     while not done():
         if pool is None or pool_cursor >= per_pool:
-            pool = sample_from_target(model, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast,
-                                      cfg.temperature)
+            pool = sample_from_target(
+                model, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast, cfg.temperature
+            )
             pool_cursor = 0
         # Each step takes the next batch_size rows of the pool, wrapping for reuse passes.
         rows = [(pool_cursor * cfg.batch_size + i) % cfg.sample_batch for i in range(cfg.batch_size)]
@@ -331,8 +345,9 @@ def distill(
 
     metrics: dict[str, float] = {}
     if cfg.eval_sequences:
-        held_out = sample_from_target(model, pool_prompts, cfg.eval_sequences, cfg.max_new_tokens, eos, eval_gen,
-                                      autocast, cfg.temperature)
+        held_out = sample_from_target(
+            model, pool_prompts, cfg.eval_sequences, cfg.max_new_tokens, eos, eval_gen, autocast, cfg.temperature
+        )
         metrics = evaluate_draft(model, draft, held_out, micro, autocast, cfg.temperature)
     manifest = {
         "target": target_name,
@@ -352,7 +367,9 @@ def distill(
     draft_dir.save_draft(draft, out, manifest, getattr(torch, cfg.dtype))
     if progress:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"[smcgen distill] {step} steps in {elapsed:.0f} s; wrote {out / draft_dir.WEIGHTS_FILE}; held-out: {summary}")
+        print(
+            f"[smcgen distill] {step} steps in {elapsed:.0f} s; wrote {out / draft_dir.WEIGHTS_FILE}; held-out: {summary}"
+        )
     return manifest
 
 

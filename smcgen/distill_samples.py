@@ -85,13 +85,18 @@ INSTRUCTIONS: tuple[str, ...] = (
 def chat_prompts(tokenizer: Any, instructions: Sequence[str] = INSTRUCTIONS) -> list[list[int]]:
     """Token ids of each instruction wrapped in the tokenizer's chat template (generation prompt added)."""
     return [
-        list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False))
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         for text in instructions
     ]
 
 
-def corpus_prompts(tokenizer: Any, path: str | Path, max_prompts: int = 2000, prefix_tokens: int = 48) -> list[list[int]]:
+def corpus_prompts(
+    tokenizer: Any, path: str | Path, max_prompts: int = 2000, prefix_tokens: int = 48
+) -> list[list[int]]:
     """Prompts cut from a text file: each non-empty paragraph's first ``prefix_tokens`` tokens."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()] or [text]
@@ -143,8 +148,8 @@ def sample_from_target(
     ids = torch.full((n, width), pad, dtype=torch.long, device=device)
     real = torch.zeros((n, width), dtype=torch.bool, device=device)
     for row, p in enumerate(chosen):
-        ids[row, width - len(p):] = torch.tensor(p, device=device)
-        real[row, width - len(p):] = True
+        ids[row, width - len(p) :] = torch.tensor(p, device=device)
+        real[row, width - len(p) :] = True
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     cache = DynamicCache()
     new_ids, new_real = [], []
@@ -154,8 +159,13 @@ def sample_from_target(
     step_in, step_pos = ids, pos
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for _ in range(max_new_tokens):
-            logits = target(input_ids=step_in, attention_mask=attn, position_ids=step_pos,
-                            past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = (
+                target(
+                    input_ids=step_in, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True
+                )
+                .logits[:, -1]
+                .float()
+            )
             probs = torch.softmax(logits / temperature, -1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             tok = torch.where(done, torch.full_like(tok, pad), tok)

@@ -80,9 +80,11 @@ def _warn_weak_draft(result: SMCResult) -> None:
             "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
             "samples may look like the draft's text. Raise n_particles, lower block_size (or "
             "block_size_policy='adaptive'), use method='sd' (exact, slower) or a better draft (smcgen distill)",
-            result.n_particles, frac, WEAK_DRAFT_ESS, result.weight_variance,
+            result.n_particles,
+            frac,
+            WEAK_DRAFT_ESS,
+            result.weight_variance,
         )
-
 
 
 def _warn_fallback(reason: str) -> None:
@@ -431,7 +433,11 @@ class Engine:
             if reason is None:
                 native = self._native_engine(cfg, guide, rows=cfg.n_particles * len(requests))
                 reason = next(
-                    (r for r in (native.unsupported_reason(len(q.ids), q.config.max_new_tokens) for q in requests) if r),
+                    (
+                        r
+                        for r in (native.unsupported_reason(len(q.ids), q.config.max_new_tokens) for q in requests)
+                        if r
+                    ),
                     None,
                 )
                 if reason is not None:
@@ -451,12 +457,17 @@ class Engine:
                 if native is not None:
                     self.stats["native_requests"] += len(requests)
                     run = native.run(
-                        [q.ids for q in requests], progress=progress, on_dead=on_dead,
+                        [q.ids for q in requests],
+                        progress=progress,
+                        on_dead=on_dead,
                         seeds=[q.config.seed for q in requests],
                         max_new_tokens=[q.config.max_new_tokens for q in requests],
                         on_cycle=_native_watcher(on_step, cfg.n_particles) if on_step is not None else None,
                     )
-                    return [self.result(run, b, q.config, guide, "native", native.guide_reason) for b, q in enumerate(requests)]
+                    return [
+                        self.result(run, b, q.config, guide, "native", native.guide_reason)
+                        for b, q in enumerate(requests)
+                    ]
                 self.stats["generic_requests"] += len(requests)
                 out = []
                 for q in requests:  # a group's requests may differ in seed and limit: each its own config
@@ -514,7 +525,11 @@ class Engine:
         ess = ess[~torch.isnan(ess)]  # NaN pads the steps after a shorter batch of a merged run stopped
         decoder = self.target.tokenizer
         text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
-        texts = list(decoder.batch_decode(sequences, skip_special_tokens=True)) if decoder and cfg.return_all_particles else []
+        texts = (
+            list(decoder.batch_decode(sequences, skip_special_tokens=True))
+            if decoder and cfg.return_all_particles
+            else []
+        )
         structured = isinstance(guide, GrammarPotential)
         res = SMCResult(
             text=text,
@@ -648,4 +663,14 @@ def posterior_of(sequences: list[list[int]], log_weights: list[float], decoder: 
     return sorted(((t, w / total) for t, w in by_text.items()), key=lambda tw: -tw[1])
 
 
-__all__ = ["Engine", "Request", "TextStream", "batch_key", "chat_prompt_ids", "is_chat", "one_guide", "posterior_of", "prompt_ids"]
+__all__ = [
+    "Engine",
+    "Request",
+    "TextStream",
+    "batch_key",
+    "chat_prompt_ids",
+    "is_chat",
+    "one_guide",
+    "posterior_of",
+    "prompt_ids",
+]

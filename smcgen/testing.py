@@ -89,7 +89,10 @@ def _same(a: Tensor, b: Tensor, tol: float) -> bool:
 
 
 def check_batch_consistency(
-    potential: Potential, seqs: Seqs, prompt_ids: Sequence[int] = (), decoder: Decoder | None = None,
+    potential: Potential,
+    seqs: Seqs,
+    prompt_ids: Sequence[int] = (),
+    decoder: Decoder | None = None,
     tol: float = 1e-5,
 ) -> None:
     """Scoring the batch gives each row the score it gets alone (``tol``: relative/absolute, for batched
@@ -98,8 +101,14 @@ def check_batch_consistency(
         together = _scores(potential, which, seqs, prompt_ids, decoder)
         alone = torch.cat([_scores(potential, which, [s], prompt_ids, decoder) for s in seqs])
         if not _same(together, alone, tol):
-            i = int((~(torch.isclose(together, alone, rtol=tol, atol=tol) |
-                       (torch.isneginf(together) & torch.isneginf(alone)))).nonzero()[0])
+            i = int(
+                (
+                    ~(
+                        torch.isclose(together, alone, rtol=tol, atol=tol)
+                        | (torch.isneginf(together) & torch.isneginf(alone))
+                    )
+                ).nonzero()[0]
+            )
             raise AssertionError(
                 f"{potential.name}.{which}: row {i} {list(seqs[i])} scores {together[i].item()} in a batch of "
                 f"{len(seqs)} but {alone[i].item()} alone"
@@ -117,7 +126,10 @@ def check_determinism(
 
 
 def check_monotone(
-    potential: Potential, seqs: Seqs, prompt_ids: Sequence[int] = (), decoder: Decoder | None = None,
+    potential: Potential,
+    seqs: Seqs,
+    prompt_ids: Sequence[int] = (),
+    decoder: Decoder | None = None,
     tol: float = 1e-9,
 ) -> None:
     """For a potential that claims monotonicity: along each sequence, ``log_prefix`` never increases
@@ -179,11 +191,23 @@ def check_mask_consistency(
         ends = [v for v in check if v in eos]
         got = {}
         if body:
-            got.update(zip(body, (_scores(potential, "log_prefix", [x + [v] for v in body], prompt_ids, decoder)
-                                  > -math.inf).tolist()))
+            got.update(
+                zip(
+                    body,
+                    (
+                        _scores(potential, "log_prefix", [x + [v] for v in body], prompt_ids, decoder) > -math.inf
+                    ).tolist(),
+                )
+            )
         if ends:
-            got.update(zip(ends, (_scores(potential, "log_complete", [x + [v] for v in ends], prompt_ids, decoder)
-                                  > -math.inf).tolist()))
+            got.update(
+                zip(
+                    ends,
+                    (
+                        _scores(potential, "log_complete", [x + [v] for v in ends], prompt_ids, decoder) > -math.inf
+                    ).tolist(),
+                )
+            )
         wrong = [v for v in check if bool(row[v]) != got[v]]
         assert not wrong, (
             f"{potential.name}: after {x} the mask says token {wrong[0]} is "
@@ -287,8 +311,13 @@ class PotentialTests:
 
         phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if self.shrink else [])
 
-        @settings(max_examples=self.max_examples, deadline=None, database=None, phases=phases,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+        @settings(
+            max_examples=self.max_examples,
+            deadline=None,
+            database=None,
+            phases=phases,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+        )
         @given(st.data())
         def prop(data: Any) -> None:
             potential = self.make_potential()
@@ -318,5 +347,8 @@ class PotentialTests:
             import pytest
 
             pytest.skip("the potential offers no next_token_bitmask")
-        self._run(lambda p, seqs: check_mask_consistency(
-            p, seqs, self.vocab_size, self.eos_token_ids, self.prompt_ids, self.decoder, self.tokens))
+        self._run(
+            lambda p, seqs: check_mask_consistency(
+                p, seqs, self.vocab_size, self.eos_token_ids, self.prompt_ids, self.decoder, self.tokens
+            )
+        )

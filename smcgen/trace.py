@@ -195,22 +195,28 @@ def _lineage_svg(trace: Trace) -> str:
     n, steps = trace.n_particles, trace.steps
     dx, dy, pad = 22, 16, 12
     width, height = pad * 2 + dx * max(len(steps) - 1, 1), pad * 2 + dy * max(n - 1, 1)
-    svg_open = (f'<svg class="lineage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-                'role="img" aria-label="resampling lineage">')
+    svg_open = (
+        f'<svg class="lineage" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="resampling lineage">'
+    )
     parts = [svg_open]
     for s in range(1, len(steps)):
         anc = steps[s - 1].ancestors
         for i in range(n):
             a = anc[i] if anc is not None else i
             color = "#c0392b" if anc is not None else "#bbb"
-            parts.append(f'<line class="edge" x1="{pad + dx * (s - 1)}" y1="{pad + dy * a}" x2="{pad + dx * s}" '
-                         f'y2="{pad + dy * i}" stroke="{color}" stroke-width="1"/>')
+            parts.append(
+                f'<line class="edge" x1="{pad + dx * (s - 1)}" y1="{pad + dy * a}" x2="{pad + dx * s}" '
+                f'y2="{pad + dy * i}" stroke="{color}" stroke-width="1"/>'
+            )
     for s, st in enumerate(steps):
         for i, w in enumerate(st.weights):
             fill = f"rgba(41,128,185,{0.15 + 0.85 * w:.3f})" if w > 0 else "#fff"
-            parts.append(f'<circle class="node" cx="{pad + dx * s}" cy="{pad + dy * i}" r="4" fill="{fill}" '
-                         f'stroke="#2c3e50" stroke-width="0.5"><title>step {s + 1}, particle {i}: '
-                         f'w={w:.3f}</title></circle>')
+            parts.append(
+                f'<circle class="node" cx="{pad + dx * s}" cy="{pad + dy * i}" r="4" fill="{fill}" '
+                f'stroke="#2c3e50" stroke-width="0.5"><title>step {s + 1}, particle {i}: '
+                f"w={w:.3f}</title></circle>"
+            )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -221,7 +227,7 @@ def render_html(trace: Trace, title: str = "smcgen trace") -> str:
     n, steps = trace.n_particles, trace.steps
     head = "".join(
         f'<th title="ESS {s.ess:.2f}, log Z_hat {s.log_z:.3f}">{k + 1}'
-        f'{"<br>&#x21bb;" if s.ancestors is not None else ""}</th>'
+        f"{'<br>&#x21bb;' if s.ancestors is not None else ''}</th>"
         for k, s in enumerate(steps)
     )
     ess_row = "".join(f"<td>{s.ess:.1f}</td>" for s in steps)
@@ -243,7 +249,8 @@ def render_html(trace: Trace, title: str = "smcgen trace") -> str:
         body.append(f"<tr><th>{i}</th>{''.join(cells)}</tr>")
     final = steps[-1].weights if steps else []
     finals = "".join(
-        f"<tr><td>{i}</td><td>{w:.3f}</td><td>{esc(t)}</td></tr>" for i, (w, t) in enumerate(zip(final, trace.particle_texts()))
+        f"<tr><td>{i}</td><td>{w:.3f}</td><td>{esc(t)}</td></tr>"
+        for i, (w, t) in enumerate(zip(final, trace.particle_texts()))
     )
     log_z = steps[-1].log_z if steps else float("nan")
     return (
@@ -291,4 +298,3 @@ def plot_trace(trace: Trace, path: str | Path, title: str = "smcgen trace") -> P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-

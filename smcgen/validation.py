@@ -55,9 +55,7 @@ def as_potentials(potentials: Any) -> list[Potential]:
     if isinstance(potentials, Potential):
         return [potentials]
     if isinstance(potentials, (str, bytes)) or not isinstance(potentials, Sequence):
-        hint = (
-            "; wrap a reward function as smcgen.RewardPotential(fn)" if callable(potentials) else ""
-        )
+        hint = "; wrap a reward function as smcgen.RewardPotential(fn)" if callable(potentials) else ""
         raise TypeError(f"potentials must be a Potential or a list of Potentials, got {_kind(potentials)}{hint}")
     bad = [f"{i}: {_kind(p)}" for i, p in enumerate(potentials) if not isinstance(p, Potential)]
     if bad:
@@ -118,7 +116,9 @@ def check_proposal_output(
     and finite float log q of the same shape (float64 returned). The error names the proposal."""
     name = _kind(proposal)
     if not isinstance(tokens, Tensor) or not isinstance(log_q, Tensor):
-        raise TypeError(f"proposal {name}.propose must return (tokens, log_q) tensors, got ({_kind(tokens)}, {_kind(log_q)})")
+        raise TypeError(
+            f"proposal {name}.propose must return (tokens, log_q) tensors, got ({_kind(tokens)}, {_kind(log_q)})"
+        )
     want = (n_rows, n_tokens)
     if tuple(tokens.shape) != want or tuple(log_q.shape) != want:
         raise ValueError(
@@ -153,7 +153,9 @@ class CheckedProposal(Proposal):
     def propose(self, sequences: Tensor, n_tokens: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         out = self.inner.propose(sequences, n_tokens, generator)
         if not isinstance(out, tuple) or len(out) != 2:
-            raise TypeError(f"proposal {_kind(self.inner)}.propose must return a (tokens, log_q) tuple, got {_kind(out)}")
+            raise TypeError(
+                f"proposal {_kind(self.inner)}.propose must return a (tokens, log_q) tuple, got {_kind(out)}"
+            )
         tokens, log_q = check_proposal_output(self.inner, *out, sequences.shape[0], n_tokens, self.vocab_size)
         return tokens.to(sequences.device), log_q
 

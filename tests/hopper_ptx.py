@@ -38,7 +38,7 @@ def signature(fn, constexprs: dict, pointers: dict, floats: tuple[str, ...]) -> 
 def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
     src = ASTSource(fn, signature(fn, constexprs, pointers, floats), constexprs)
     ptx = triton.compile(src, target=HOPPER, options={"launch_pdl": True, **options}).asm["ptx"]
-    body = ptx[ptx.index(".entry"):]
+    body = ptx[ptx.index(".entry") :]
     return {
         "kernel": name,
         "wait": body.find("griddepcontrol.wait"),
@@ -52,51 +52,220 @@ def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
 
 def main() -> None:
     bf16 = "*bf16"
-    skinny = {"HAS_BIAS": False, "HAS_SCALE": True, "HAS_NORM": True, "HAS_RES": True, "GATED": True, "EVEN_N": True, "EVEN_K": True,
-                  "IEEE": False, "SPLIT": 2, "SLOT": 2 * 16 * 64 + 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SWAP": False,
-                  "PDL": True}
-    ptrs = {"x": bf16, "w": "*fp8e4nv", "w_scale": "*fp32", "b": bf16, "g": bf16, "res": bf16, "out": bf16, "ws": "*fp32", "counters": "*i32"}
-    print(json.dumps(facts("skinny_linear", linear._skinny_linear_kernel, skinny, ptrs, ("eps",),
-                           num_warps=4, num_stages=3)))
+    skinny = {
+        "HAS_BIAS": False,
+        "HAS_SCALE": True,
+        "HAS_NORM": True,
+        "HAS_RES": True,
+        "GATED": True,
+        "EVEN_N": True,
+        "EVEN_K": True,
+        "IEEE": False,
+        "SPLIT": 2,
+        "SLOT": 2 * 16 * 64 + 16,
+        "BLOCK_M": 16,
+        "BLOCK_N": 64,
+        "BLOCK_K": 128,
+        "SWAP": False,
+        "PDL": True,
+    }
+    ptrs = {
+        "x": bf16,
+        "w": "*fp8e4nv",
+        "w_scale": "*fp32",
+        "b": bf16,
+        "g": bf16,
+        "res": bf16,
+        "out": bf16,
+        "ws": "*fp32",
+        "counters": "*i32",
+    }
+    print(
+        json.dumps(
+            facts("skinny_linear", linear._skinny_linear_kernel, skinny, ptrs, ("eps",), num_warps=4, num_stages=3)
+        )
+    )
     # the default operand order (SWAP) on bf16 weights, 8 padded rows
     swapped = {**skinny, "HAS_SCALE": False, "BLOCK_M": 8, "SWAP": True}
-    print(json.dumps(facts("skinny_linear_swapped", linear._skinny_linear_kernel, swapped, {**ptrs, "w": bf16},
-                           ("eps",), num_warps=4, num_stages=3)))
-    fused = {"HAS_BIAS": True, "HAS_SCALE": False, "HAS_NORM": False, "ROW_NORM": True, "QK_NORM": True,
-             "EVEN_K": True, "IEEE": False, "SWAP": True, "BLOCK_M": 16, "D": 64, "BLOCK_K": 256, "PAGE": 16,
-             "PDL": True}
+    print(
+        json.dumps(
+            facts(
+                "skinny_linear_swapped",
+                linear._skinny_linear_kernel,
+                swapped,
+                {**ptrs, "w": bf16},
+                ("eps",),
+                num_warps=4,
+                num_stages=3,
+            )
+        )
+    )
+    fused = {
+        "HAS_BIAS": True,
+        "HAS_SCALE": False,
+        "HAS_NORM": False,
+        "ROW_NORM": True,
+        "QK_NORM": True,
+        "EVEN_K": True,
+        "IEEE": False,
+        "SWAP": True,
+        "BLOCK_M": 16,
+        "D": 64,
+        "BLOCK_K": 256,
+        "PAGE": 16,
+        "PDL": True,
+    }
     ptrs_f = {n: bf16 for n in ("x", "w", "b", "g", "cos", "sin", "q_out", "k_pool", "v_pool", "q_norm", "k_norm")}
-    print(json.dumps(facts("qkv_rope", qkv_rope._qkv_rope_kernel, fused,
-                           {**ptrs_f, "w_scale": "*fp32", "bt": "*i32", "start_pos": "*i32"}, ("eps",),
-                           num_warps=4, num_stages=4)))
-    attn = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 16, "BLOCK_N": 128, "NSPLIT": 4, "NSPLIT_P2": 4, "IEEE": False,
-            "PDL": True, "CASCADE": False, "NSLOT": 4}
-    ptrs = {"q": bf16, "k_pool": bf16, "v_pool": bf16, "bt": "*i32", "start_pos": "*i32", "out": bf16,
-            "part_o": "*fp32", "part_lse": "*fp32", "counters": "*i32", "prefix_len": "*i32"}
-    print(json.dumps(facts("paged_attention", attention._paged_attention_kernel, attn, ptrs, ("qk_scale",),
-                           num_warps=4, num_stages=2)))
+    print(
+        json.dumps(
+            facts(
+                "qkv_rope",
+                qkv_rope._qkv_rope_kernel,
+                fused,
+                {**ptrs_f, "w_scale": "*fp32", "bt": "*i32", "start_pos": "*i32"},
+                ("eps",),
+                num_warps=4,
+                num_stages=4,
+            )
+        )
+    )
+    attn = {
+        "G": 4,
+        "D": 128,
+        "PAGE": 16,
+        "BLOCK_M": 16,
+        "BLOCK_N": 128,
+        "NSPLIT": 4,
+        "NSPLIT_P2": 4,
+        "IEEE": False,
+        "PDL": True,
+        "CASCADE": False,
+        "NSLOT": 4,
+    }
+    ptrs = {
+        "q": bf16,
+        "k_pool": bf16,
+        "v_pool": bf16,
+        "bt": "*i32",
+        "start_pos": "*i32",
+        "out": bf16,
+        "part_o": "*fp32",
+        "part_lse": "*fp32",
+        "counters": "*i32",
+        "prefix_len": "*i32",
+    }
+    print(
+        json.dumps(
+            facts(
+                "paged_attention",
+                attention._paged_attention_kernel,
+                attn,
+                ptrs,
+                ("qk_scale",),
+                num_warps=4,
+                num_stages=2,
+            )
+        )
+    )
     # cascade attention: the suffix (the same kernel, CASCADE) and the prefix kernel with its merge
-    print(json.dumps(facts("paged_attention_cascade", attention._paged_attention_kernel,
-                           {**attn, "CASCADE": True, "NSLOT": 12}, ptrs, ("qk_scale",), num_warps=4, num_stages=2)))
-    prefix = {"G": 4, "D": 128, "PAGE": 16, "BLOCK_M": 128, "BLOCK_N": 32, "NSPLIT": 8, "SLOT0": 4, "NSLOT": 12,
-              "NSLOT_P2": 16, "IEEE": False, "PDL": True, "MERGE_PER_ITER": 2}
-    print(json.dumps(facts("prefix_attention", attention._prefix_attention_kernel, prefix, ptrs, ("qk_scale",),
-                           num_warps=8, num_stages=3)))
+    print(
+        json.dumps(
+            facts(
+                "paged_attention_cascade",
+                attention._paged_attention_kernel,
+                {**attn, "CASCADE": True, "NSLOT": 12},
+                ptrs,
+                ("qk_scale",),
+                num_warps=4,
+                num_stages=2,
+            )
+        )
+    )
+    prefix = {
+        "G": 4,
+        "D": 128,
+        "PAGE": 16,
+        "BLOCK_M": 128,
+        "BLOCK_N": 32,
+        "NSPLIT": 8,
+        "SLOT0": 4,
+        "NSLOT": 12,
+        "NSLOT_P2": 16,
+        "IEEE": False,
+        "PDL": True,
+        "MERGE_PER_ITER": 2,
+    }
+    print(
+        json.dumps(
+            facts(
+                "prefix_attention",
+                attention._prefix_attention_kernel,
+                prefix,
+                ptrs,
+                ("qk_scale",),
+                num_warps=8,
+                num_stages=3,
+            )
+        )
+    )
     # one prefix split (no counter election), the draft's 64-wide heads, the merge unrolled 8 slots a step
-    print(json.dumps(facts("prefix_attention_one_split", attention._prefix_attention_kernel,
-                           {**prefix, "D": 64, "BLOCK_M": 32, "BLOCK_N": 64, "NSPLIT": 1, "SLOT0": 2, "NSLOT": 3,
-                            "NSLOT_P2": 4, "MERGE_PER_ITER": 8}, ptrs, ("qk_scale",), num_warps=4, num_stages=3)))
+    print(
+        json.dumps(
+            facts(
+                "prefix_attention_one_split",
+                attention._prefix_attention_kernel,
+                {
+                    **prefix,
+                    "D": 64,
+                    "BLOCK_M": 32,
+                    "BLOCK_N": 64,
+                    "NSPLIT": 1,
+                    "SLOT0": 2,
+                    "NSLOT": 3,
+                    "NSLOT_P2": 4,
+                    "MERGE_PER_ITER": 8,
+                },
+                ptrs,
+                ("qk_scale",),
+                num_warps=4,
+                num_stages=3,
+            )
+        )
+    )
     norm = {"BLOCK": 4096, "SINGLE": True, "PDL": True}
-    print(json.dumps(facts("rms_norm", fused_ops._rms_norm_kernel, norm, {"x": bf16, "w": bf16, "out": bf16},
-                           ("eps",), num_warps=8)))
-    rope = {"D": 128, "BLOCK_D": 128, "BLOCK_HQ": 32, "BLOCK_HK": 8, "HAS_NORM": True, "ROW_NORM": True,
-            "BLOCK_X": 4096, "PAGE": 16, "PDL": True}
+    print(
+        json.dumps(
+            facts(
+                "rms_norm", fused_ops._rms_norm_kernel, norm, {"x": bf16, "w": bf16, "out": bf16}, ("eps",), num_warps=8
+            )
+        )
+    )
+    rope = {
+        "D": 128,
+        "BLOCK_D": 128,
+        "BLOCK_HQ": 32,
+        "BLOCK_HK": 8,
+        "HAS_NORM": True,
+        "ROW_NORM": True,
+        "BLOCK_X": 4096,
+        "PAGE": 16,
+        "PDL": True,
+    }
     ptrs = {n: bf16 for n in ("q", "k", "v", "q_out", "k_pool", "v_pool", "cos", "sin", "q_norm", "k_norm", "xs")}
-    print(json.dumps(facts("rope_qk_write_kv", fused_ops._rope_qk_kernel, rope,
-                           {**ptrs, "bt": "*i32", "start_pos": "*i32"}, ("eps",), num_warps=8)))
+    print(
+        json.dumps(
+            facts(
+                "rope_qk_write_kv",
+                fused_ops._rope_qk_kernel,
+                rope,
+                {**ptrs, "bt": "*i32", "start_pos": "*i32"},
+                ("eps",),
+                num_warps=8,
+            )
+        )
+    )
     silu = {"BLOCK": 1024, "PDL": True}
-    print(json.dumps(facts("silu_mul", fused_ops._silu_mul_kernel, silu, {"gate_up": bf16, "out": bf16},
-                           num_warps=4)))
+    print(json.dumps(facts("silu_mul", fused_ops._silu_mul_kernel, silu, {"gate_up": bf16, "out": bf16}, num_warps=4)))
 
 
 if __name__ == "__main__":

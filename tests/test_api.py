@@ -20,7 +20,9 @@ class NoC(Potential):
 
 
 def test_generate_smc_sd_text_prompt(target, draft, tok):
-    res = smcgen.generate(target, "ab", draft=draft, tokenizer=tok, n_particles=6, block_size=2, max_new_tokens=7, seed=3)
+    res = smcgen.generate(
+        target, "ab", draft=draft, tokenizer=tok, n_particles=6, block_size=2, max_new_tokens=7, seed=3
+    )
     assert isinstance(res, smcgen.SMCResult)
     assert res.n_particles == 6 and len(res.sequences) == 6 and len(res.log_weights) == 6
     assert math.isclose(sum(math.exp(w) for w in res.log_weights), 1.0, rel_tol=1e-9)
@@ -52,8 +54,16 @@ def test_seed_reproducible_and_varies(target, draft, tok):
 
 
 def test_custom_potential_is_enforced(target, tok):
-    res = smcgen.generate(target, "ab", tokenizer=tok, potentials=[NoC()], n_particles=16, max_new_tokens=6, seed=0,
-                          return_all_particles=True)
+    res = smcgen.generate(
+        target,
+        "ab",
+        tokenizer=tok,
+        potentials=[NoC()],
+        n_particles=16,
+        max_new_tokens=6,
+        seed=0,
+        return_all_particles=True,
+    )
     assert "c" not in res.text
     # every particle with positive weight avoids the forbidden letter; the rest have weight zero
     for text, w in zip(res.texts, res.log_weights):
@@ -79,15 +89,25 @@ def test_config_object_and_overrides(target, tok):
 
 @pytest.mark.parametrize("resampler", ["systematic", "multinomial", "stratified", "residual"])
 def test_every_resampler_runs(target, draft, tok, resampler):
-    res = smcgen.generate(target, "a", draft=draft, tokenizer=tok, n_particles=8, max_new_tokens=6,
-                          ess_threshold=1.0, resampler=resampler, seed=0)
+    res = smcgen.generate(
+        target,
+        "a",
+        draft=draft,
+        tokenizer=tok,
+        n_particles=8,
+        max_new_tokens=6,
+        ess_threshold=1.0,
+        resampler=resampler,
+        seed=0,
+    )
     # threshold 1 resamples after every step except one that leaves every particle finished
     assert res.n_resamples >= max(res.n_steps - 1, 1)
 
 
 def test_ess_threshold_zero_never_resamples(target, draft, tok):
-    res = smcgen.generate(target, "a", draft=draft, tokenizer=tok, n_particles=8, max_new_tokens=6,
-                          ess_threshold=0.0, seed=0)
+    res = smcgen.generate(
+        target, "a", draft=draft, tokenizer=tok, n_particles=8, max_new_tokens=6, ess_threshold=0.0, seed=0
+    )
     assert res.n_resamples == 0
 
 
@@ -95,7 +115,9 @@ def test_reward_potential_steers(target, tok):
     """A strong reward for the letter 'b' (rare after the prompt "b") must raise its expected count."""
     kw = dict(tokenizer=tok, n_particles=64, max_new_tokens=6, seed=0, return_all_particles=True)
     plain = smcgen.generate(target, "b", **kw)
-    steered = smcgen.generate(target, "b", potentials=RewardPotential(lambda t: t.count("b"), beta=3.0, prefix=True), **kw)
+    steered = smcgen.generate(
+        target, "b", potentials=RewardPotential(lambda t: t.count("b"), beta=3.0, prefix=True), **kw
+    )
 
     def expected_b(res):
         return sum(math.exp(w) * t.count("b") for w, t in zip(res.log_weights, res.texts))
@@ -118,4 +140,6 @@ def test_product_of_potentials_composes():
 
     p = Const(1.0) * Const(2.0) * Const(-0.5)
     assert isinstance(p, smcgen.Product) and len(p.factors) == 3
-    assert torch.allclose(p.log_prefix(SequenceBatch([[1], [2]], [0], None)), torch.tensor([2.5, 2.5], dtype=torch.float64))
+    assert torch.allclose(
+        p.log_prefix(SequenceBatch([[1], [2]], [0], None)), torch.tensor([2.5, 2.5], dtype=torch.float64)
+    )

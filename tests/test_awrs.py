@@ -169,8 +169,9 @@ def test_generate_constraint_on_embedded_model_never_writes_e():
     lm = smcgen.load_model("smollm2-135m", "cpu")
     msgs = [{"role": "user", "content": "Write a short story about a cat."}]
     ids = list(lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
-    result = smcgen.generate(lm, ids, constraint=NoLetterE(), n_particles=8, max_new_tokens=12, seed=0,
-                             return_all_particles=True)
+    result = smcgen.generate(
+        lm, ids, constraint=NoLetterE(), n_particles=8, max_new_tokens=12, seed=0, return_all_particles=True
+    )
     assert result.engine == "generic" and math.isfinite(result.log_z)
     assert len(result.token_ids) > 0 and "e" not in result.text.lower()
     live = [t for t, w in zip(result.texts, result.log_weights) if w > -math.inf]
@@ -181,12 +182,28 @@ def test_generate_with_draft_and_constraint(target, draft, tok):
     """generate(draft=..., constraint=...) drafts by AWRSProposal and draws the bonus by AWRS."""
     import smcgen
 
-    result = smcgen.generate(target, [0, 1], draft=draft, tokenizer=tok, constraint=Forbid("b"), n_particles=4,
-                             block_size=2, max_new_tokens=6, seed=0, return_all_particles=True)
+    result = smcgen.generate(
+        target,
+        [0, 1],
+        draft=draft,
+        tokenizer=tok,
+        constraint=Forbid("b"),
+        n_particles=4,
+        block_size=2,
+        max_new_tokens=6,
+        seed=0,
+        return_all_particles=True,
+    )
     live = [t for t, w in zip(result.texts, result.log_weights) if w > -math.inf]
     assert result.engine == "generic" and live and all("b" not in t for t in live)
     with pytest.raises(ValueError, match="grammar or constraint"):
-        smcgen.generate(target, [0, 1], tokenizer=tok, constraint=Forbid("b"),
-                        grammar=smcgen.GrammarPotential.regex("a+"), max_new_tokens=2)
+        smcgen.generate(
+            target,
+            [0, 1],
+            tokenizer=tok,
+            constraint=Forbid("b"),
+            grammar=smcgen.GrammarPotential.regex("a+"),
+            max_new_tokens=2,
+        )
     with pytest.raises(TypeError, match="constraint must be a Potential"):
         smcgen.generate(target, [0, 1], tokenizer=tok, constraint="no b", max_new_tokens=2)

@@ -107,8 +107,9 @@ def test_some_particles_dead_gives_no_nan(target, tok):
         def log_prefix(self, batch):
             return torch.tensor([-math.inf if "b" in t else 0.0 for t in batch.texts])
 
-    res = smcgen.generate(target, "a", tokenizer=tok, potentials=NoB(), n_particles=16, max_new_tokens=4,
-                          ess_threshold=0.0, seed=1)
+    res = smcgen.generate(
+        target, "a", tokenizer=tok, potentials=NoB(), n_particles=16, max_new_tokens=4, ess_threshold=0.0, seed=1
+    )
     assert not any(math.isnan(w) for w in res.log_weights)
     assert math.isfinite(res.log_z)
     assert "b" not in res.text
@@ -128,7 +129,9 @@ def test_tokenizer_mismatch(target, tok):
 
 def test_draft_and_proposal_together(target, tok):
     with pytest.raises(ValueError, match="either draft or proposal"):
-        smcgen.generate(target, "a", tokenizer=tok, draft=target, proposal=smcgen.LMProposal(smcgen.LanguageModel.wrap(target)))
+        smcgen.generate(
+            target, "a", tokenizer=tok, draft=target, proposal=smcgen.LMProposal(smcgen.LanguageModel.wrap(target))
+        )
 
 
 def test_unknown_model_type():

@@ -14,9 +14,9 @@ def test_each_constraint_flag_builds_its_grammar(tmp_path):
     schema = tmp_path / "city.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
     ebnf = tmp_path / "num.ebnf"
-    ebnf.write_text('root ::= [1-9] [0-9]*')
+    ebnf.write_text("root ::= [1-9] [0-9]*")
     lark = tmp_path / "num.lark"
-    lark.write_text('start: /[1-9][0-9]*/')
+    lark.write_text("start: /[1-9][0-9]*/")
     parser = build_parser()
     assert grammar_from_args(parser.parse_args([])) is None
     assert grammar_from_args(parser.parse_args(["--regex", "[a-z]+"])).kind == "regex"

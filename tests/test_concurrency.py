@@ -79,7 +79,14 @@ def test_concurrent_generate_calls_equal_sequential_ones():
 
     def one(seed: int):
         r = smcgen.generate(
-            lm, [A], draft=draft, grammar=g, seed=seed, n_particles=6, block_size=2, max_new_tokens=10,
+            lm,
+            [A],
+            draft=draft,
+            grammar=g,
+            seed=seed,
+            n_particles=6,
+            block_size=2,
+            max_new_tokens=10,
             ess_threshold=0.9,
         )
         return r.token_ids, r.sequences, r.log_weights

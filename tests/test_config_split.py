@@ -42,7 +42,8 @@ def test_as_config_takes_halves_tuples_and_old_keywords():
 
 def test_generate_with_both_halves_equals_flat_keywords():
     lm = tiny_lm(seed=1, vocab=8, eos=7, layers=1, hidden=16)
-    a = smcgen.generate(lm, [0, 1], config=(SamplingParams(n_particles=3, max_new_tokens=4, seed=2),
-                                            EngineSettings(engine="generic")))
+    a = smcgen.generate(
+        lm, [0, 1], config=(SamplingParams(n_particles=3, max_new_tokens=4, seed=2), EngineSettings(engine="generic"))
+    )
     b = smcgen.generate(lm, [0, 1], n_particles=3, max_new_tokens=4, seed=2, engine="generic")
     assert a.sequences == b.sequences and a.engine == b.engine == "generic"

@@ -85,7 +85,9 @@ def test_automaton_agrees_with_the_matcher_on_random_walks(embedded_guides, data
         if allowed and data.draw(st.integers(0, 3)) > 0:
             t = data.draw(st.sampled_from(allowed))
         else:
-            t = data.draw(st.sampled_from([*g.eos_token_ids, 0, 1, 504, 68, 32, data.draw(st.integers(0, g.vocab_size - 1))]))
+            t = data.draw(
+                st.sampled_from([*g.eos_token_ids, 0, 1, 504, 68, 32, data.draw(st.integers(0, g.vocab_size - 1))])
+            )
         tokens.append(t)
         state = dfa.step(state, torch.tensor([t]))
     host, complete = _host_mask_and_done(g, tokens)
@@ -96,9 +98,11 @@ def test_grammars_whose_callers_are_hidden_stay_on_the_host(embedded_lm, tok):
     """The matcher's item sets show neither a sub-rule's callers nor a {m,n} counter: a counted
     group, a ``+`` loop (recursive), a shared rule or a recursive grammar is not tabulated (its keys
     merged states with different masks), and the reason says so."""
-    for g in (GrammarPotential.regex(r"[A-Z][a-z]{1,8}( [a-z]{1,8}){2,5}\.", embedded_lm),
-              GrammarPotential.regex(r"(yes|no), [0-9]+\.", embedded_lm),
-              GrammarPotential.ebnf('root ::= "a" root "b" | "c"', tok)):
+    for g in (
+        GrammarPotential.regex(r"[A-Z][a-z]{1,8}( [a-z]{1,8}){2,5}\.", embedded_lm),
+        GrammarPotential.regex(r"(yes|no), [0-9]+\.", embedded_lm),
+        GrammarPotential.ebnf('root ::= "a" root "b" | "c"', tok),
+    ):
         assert "cannot be told apart" in g.token_automaton() or "start state" in g.token_automaton()
 
 
@@ -129,8 +133,15 @@ def test_device_guide_draws_what_the_host_guide_draws(block, models):
     cfg = SMCConfig(n_particles=4, block_size=max(block, 1), max_new_tokens=5, seed=7, ess_threshold=1.0)
     runs = {}
     for on_device in (True, False):
-        engine = NativeSMC(target, cfg, draft=draft if block else None, eos_token_ids=(EOS,), page_size=4,
-                           guide=grammar(DEVICE_REGEX), device_guide=on_device)
+        engine = NativeSMC(
+            target,
+            cfg,
+            draft=draft if block else None,
+            eos_token_ids=(EOS,),
+            page_size=4,
+            guide=grammar(DEVICE_REGEX),
+            device_guide=on_device,
+        )
         assert (engine.dfa is not None) == on_device
         assert (engine.guide_reason is None) == on_device
         runs[on_device] = engine.run(PROMPT, n_groups=16, on_dead="flag")
@@ -146,11 +157,28 @@ def test_generate_reports_where_the_guide_ran(target, tok):
     (a context-free grammar) runs on the host and the result says why."""
     import smcgen
 
-    regular = smcgen.generate(target, "ab", tokenizer=tok, guide=GrammarPotential.regex("[abc]{1,6}"), engine="native",
-                              n_particles=4, max_new_tokens=6, seed=0)
+    regular = smcgen.generate(
+        target,
+        "ab",
+        tokenizer=tok,
+        guide=GrammarPotential.regex("[abc]{1,6}"),
+        engine="native",
+        n_particles=4,
+        max_new_tokens=6,
+        seed=0,
+    )
     assert regular.engine == "native" and regular.engine_reason is None
     cfg = GrammarPotential.ebnf('root ::= "a" root "b" | "c"')
-    nested = smcgen.generate(target, "ab", tokenizer=tok, guide=cfg, engine="native", n_particles=4,
-                             max_new_tokens=7, seed=0, on_dead="partial")
+    nested = smcgen.generate(
+        target,
+        "ab",
+        tokenizer=tok,
+        guide=cfg,
+        engine="native",
+        n_particles=4,
+        max_new_tokens=7,
+        seed=0,
+        on_dead="partial",
+    )
     assert nested.engine == "native" and "host" in nested.engine_reason
     assert math.isfinite(regular.log_z)

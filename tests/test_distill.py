@@ -24,8 +24,18 @@ from smcgen.distill import (
 from smcgen.models import draft_dir
 
 PROMPTS = [[0, 1], [1, 2, 0], [2], [0, 0, 1, 2]]
-RECIPE = {"layers": 1, "steps": 30, "batch_size": 8, "sample_batch": 16, "reuse": 2, "max_new_tokens": 10, "lr": 3e-3,
-              "eval_sequences": 8, "warmup": 0.1, "dtype": "float32"}
+RECIPE = {
+    "layers": 1,
+    "steps": 30,
+    "batch_size": 8,
+    "sample_batch": 16,
+    "reuse": 2,
+    "max_new_tokens": 10,
+    "lr": 3e-3,
+    "eval_sequences": 8,
+    "warmup": 0.1,
+    "dtype": "float32",
+}
 
 
 def _target(layers: int = 3):
@@ -35,8 +45,16 @@ def _target(layers: int = 3):
 def _run(tmp_path, name, **kw):
     target = kw.pop("target", None) or _target()
     losses = []
-    manifest = distill(target, tmp_path / name, DistillConfig(**{**RECIPE, **kw.pop("cfg", {})}), prompts=PROMPTS,
-                       target_name="tiny", progress=False, on_step=lambda s, loss: losses.append(loss), **kw)
+    manifest = distill(
+        target,
+        tmp_path / name,
+        DistillConfig(**{**RECIPE, **kw.pop("cfg", {})}),
+        prompts=PROMPTS,
+        target_name="tiny",
+        progress=False,
+        on_step=lambda s, loss: losses.append(loss),
+        **kw,
+    )
     return target, manifest, losses
 
 
@@ -50,8 +68,10 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
     stored = load_file(str(out / "draft.safetensors"))
     assert stored and all(k.startswith(("model.layers.0.", "model.norm.")) for k in stored)  # no embedding/head
     assert manifest["steps"] == 30 and manifest["layers"] == 1
-    assert json.loads((out / "manifest.json").read_text())["target_embedding_sha256"] == manifest[
-        "target_embedding_sha256"]
+    assert (
+        json.loads((out / "manifest.json").read_text())["target_embedding_sha256"]
+        == manifest["target_embedding_sha256"]
+    )
 
     draft = draft_dir.load_draft(out, target.model)
     assert draft.get_input_embeddings() is target.model.get_input_embeddings()
@@ -63,10 +83,12 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
     assert after["kl"] < 0.3 * before["kl"] and after["overlap"] > before["overlap"] + 0.1, (before, after)
     assert after["kl"] == pytest.approx(manifest["held_out"]["kl"], rel=0.5)
 
-    res = smcgen.generate(target.model, [0, 1], draft=str(out), n_particles=4, block_size=3, max_new_tokens=8, seed=5,
-                          engine="generic")
-    res2 = smcgen.generate(target.model, [0, 1], draft=draft, n_particles=4, block_size=3, max_new_tokens=8, seed=5,
-                           engine="generic")
+    res = smcgen.generate(
+        target.model, [0, 1], draft=str(out), n_particles=4, block_size=3, max_new_tokens=8, seed=5, engine="generic"
+    )
+    res2 = smcgen.generate(
+        target.model, [0, 1], draft=draft, n_particles=4, block_size=3, max_new_tokens=8, seed=5, engine="generic"
+    )
     assert res.sequences == res2.sequences and len(res.sequences) == 4
 
     # The native engine takes the loaded draft as a plain LlamaForCausalLM and gives its logits.
@@ -100,8 +122,15 @@ def test_seeded_runs_reproduce_and_resume_is_exact(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        distill(_target(), tmp_path / "c", DistillConfig(**{**RECIPE, "steps": 6, "eval_sequences": 0, "checkpoint_minutes": 0}),
-                prompts=PROMPTS, target_name="tiny", progress=False, on_step=crash)
+        distill(
+            _target(),
+            tmp_path / "c",
+            DistillConfig(**{**RECIPE, "steps": 6, "eval_sequences": 0, "checkpoint_minutes": 0}),
+            prompts=PROMPTS,
+            target_name="tiny",
+            progress=False,
+            on_step=crash,
+        )
     _, m3, l3 = _run(tmp_path, "c", cfg={"steps": 6, "eval_sequences": 0}, resume=True)
     assert m3["steps"] == 6 and l3 == l1[4:]
     w3 = load_file(str(tmp_path / "c/draft.safetensors"))
@@ -149,8 +178,10 @@ def test_temperature_tempers_samples_and_kl():
     assert not torch.allclose(kl_terms(t, d, tau), kl_terms(t, d), atol=1e-3)
 
     target = _target()
-    cold = [sample_from_target(target.model, PROMPTS[:1], 2, 6, (), torch.Generator().manual_seed(s),
-                               temperature=0.05).ids for s in (1, 2)]
+    cold = [
+        sample_from_target(target.model, PROMPTS[:1], 2, 6, (), torch.Generator().manual_seed(s), temperature=0.05).ids
+        for s in (1, 2)
+    ]
     assert torch.equal(cold[0], cold[1])  # at tau -> 0 the seed no longer matters: the greedy path
     with pytest.raises(ValueError, match="temperature"):
         check_config(DistillConfig(steps=1, temperature=0.0), 2)

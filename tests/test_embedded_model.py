@@ -257,8 +257,9 @@ def test_shipped_draft_is_closer_to_the_target_than_the_early_exit() -> None:
     assert draft.model.lm_head.weight.data_ptr() == target.model.lm_head.weight.data_ptr()
     msgs = [{"role": "user", "content": "Explain why the sky is blue in two sentences."}]
     res = smcgen.generate(target, msgs, n_particles=1, max_new_tokens=48, seed=3, target_temperature=1.0)
-    prompt_ids = target.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False)
+    prompt_ids = target.tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     ids = torch.tensor([list(prompt_ids) + list(res.token_ids)])
     start = len(prompt_ids) - 1
     with torch.no_grad():

@@ -70,8 +70,9 @@ def test_engine_converts_once_and_reuses_its_native_engine(models, count_convers
     same(first, second)
     assert third.sequences != first.sequences or third.text != first.text
     # generate runs the same draws (its own cached Engine, the same cached native copies)
-    via_generate = smcgen.generate(target, "ab", draft=draft, engine="native", n_particles=4, block_size=2,
-                                   max_new_tokens=12, seed=3)
+    via_generate = smcgen.generate(
+        target, "ab", draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=12, seed=3
+    )
     same(first, via_generate)
     assert count_conversions["n"] == 2
 
@@ -162,7 +163,9 @@ def test_tokens_per_second_counts_answer_and_particles(models):
     target, _ = models
     res = Engine(target, n_particles=8)("ab", max_new_tokens=8, seed=0)
     assert res.particle_tokens == sum(len(s) for s in res.sequences)
-    assert res.particle_tokens_per_second == pytest.approx(res.tokens_per_second * res.particle_tokens / len(res.token_ids))
+    assert res.particle_tokens_per_second == pytest.approx(
+        res.tokens_per_second * res.particle_tokens / len(res.token_ids)
+    )
     text = res.summary()
     assert "answer:" in text and "all particles:" in text and "alive: 8 of 8" in text
     assert all(math.isfinite(w) for w in res.log_weights)

@@ -94,8 +94,14 @@ def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
     target = LMPotential(target_lm, temperature=tau, alpha=alpha)
     exact = enumerate_target(target, PROMPT, MAX_NEW, make_potentials())
     outs = {
-        n: smc_estimates(target, LMProposal(draft_lm, temperature=0.7 if case == "tempered_draft" else 1.0)
-                         if use_draft else None, make_potentials(), n, block, seed)
+        n: smc_estimates(
+            target,
+            LMProposal(draft_lm, temperature=0.7 if case == "tempered_draft" else 1.0) if use_draft else None,
+            make_potentials(),
+            n,
+            block,
+            seed,
+        )
         for n, seed in ((1, 11), (4, 12), (16, 13))
     }
     assert_matches_target(case, exact, outs)
@@ -161,8 +167,14 @@ def test_adaptive_block_size_keeps_the_target(target_lm, draft_lm):
     exact = enumerate_target(target, PROMPT, MAX_NEW, [])
     outs = {}
     for n, seed in ((1, 41), (4, 42), (16, 43)):
-        cfg = SMCConfig(n_particles=n, block_size=4, max_new_tokens=MAX_NEW, seed=seed, ess_threshold=0.5,
-                        block_size_policy="adaptive")
+        cfg = SMCConfig(
+            n_particles=n,
+            block_size=4,
+            max_new_tokens=MAX_NEW,
+            seed=seed,
+            ess_threshold=0.5,
+            block_size_policy="adaptive",
+        )
         outs[n] = SMC(target, cfg, proposal=LMProposal(draft_lm)).run(PROMPT, n_groups=RUNS)
     assert_matches_target("adaptive_block", exact, outs)
 

@@ -90,8 +90,19 @@ def _refused(prompt, temperatures, alpha, seed) -> bool:
     on_dead=st.sampled_from(["raise", "flag"]),
 )
 def test_generate_never_returns_nan_nor_an_undocumented_error(
-    prompt, n_particles, block_size, max_new_tokens, ess_threshold, resampler, target_temperature,
-    draft_temperature, alpha, use_draft, table, seed, on_dead,
+    prompt,
+    n_particles,
+    block_size,
+    max_new_tokens,
+    ess_threshold,
+    resampler,
+    target_temperature,
+    draft_temperature,
+    alpha,
+    use_draft,
+    table,
+    seed,
+    on_dead,
 ):
     try:
         out = smcgen.generate(

@@ -67,7 +67,9 @@ def run_masked(lm, g, n_groups=12, n=4, max_new=60, seed=0):
 
 
 def test_json_schema_from_pydantic_generates_valid_json(char_lm):
-    g = GrammarPotential.json_schema(Record, CHAR_TOKENS, eos_token_ids=[CHAR_EOS], any_whitespace=False, separators=(",", ":"))
+    g = GrammarPotential.json_schema(
+        Record, CHAR_TOKENS, eos_token_ids=[CHAR_EOS], any_whitespace=False, separators=(",", ":")
+    )
     out = run_masked(char_lm, g)
     schema = Record.model_json_schema()
     n_checked = 0
@@ -147,9 +149,10 @@ def test_states_follow_resampling_and_match_stateless_scores():
     assert g.stats.forks > 0 and g.stats.rebuilds == 0
     # rows asked about out of order are rebuilt, and still scored right
     swapped = seqs[1:] + seqs[:1]
-    assert g.log_prefix(SequenceBatch(swapped, [], None, rows=range(R))).tolist() == g.log_prefix(
-        SequenceBatch(swapped, [], None)
-    ).tolist()
+    assert (
+        g.log_prefix(SequenceBatch(swapped, [], None, rows=range(R))).tolist()
+        == g.log_prefix(SequenceBatch(swapped, [], None)).tolist()
+    )
     assert g.stats.rebuilds > 0
 
 
@@ -213,8 +216,17 @@ def test_masked_sampling_draws_the_renormalized_masked_distribution():
 def test_generate_with_grammar_binds_masks_and_stays_in_the_language(target, draft, tok):
     g = GrammarPotential.regex("(ab|c)+")  # unbound: generate binds it to the target's tokenizer
     for kw in ({}, {"draft": draft, "block_size": 2}):
-        res = smcgen.generate(target, "a", tokenizer=tok, grammar=g, n_particles=4, max_new_tokens=8, seed=0,
-                              return_all_particles=True, **kw)
+        res = smcgen.generate(
+            target,
+            "a",
+            tokenizer=tok,
+            grammar=g,
+            n_particles=4,
+            max_new_tokens=8,
+            seed=0,
+            return_all_particles=True,
+            **kw,
+        )
         assert re.fullmatch("(ab|c)+", res.text), res.text
         for text, lw in zip(res.texts, res.log_weights):
             if lw > -math.inf:

@@ -99,7 +99,10 @@ def test_bad_json_schema_named_with_pointer(schema, words):
 @pytest.mark.parametrize(
     "schema,words",
     [
-        ({"type": "object", "properties": {"a": {"type": "integer"}}, "requried": ["a"]}, ["#/requried", "unknown keyword 'requried'"]),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer"}}, "requried": ["a"]},
+            ["#/requried", "unknown keyword 'requried'"],
+        ),
         ({"type": "string", "format": "int32"}, ["#/format", "unknown format 'int32'", "plain string"]),
     ],
 )
@@ -124,7 +127,11 @@ def _accepts(g: GrammarPotential, text: str) -> bool:
 # every keyword the check lets through must really be enforced by the engine: (schema, good, bad)
 ENFORCED = {
     "type": ({"type": "integer"}, "3", '"s"'),
-    "properties": ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, '{"a": 1}', '{"a": "x"}'),
+    "properties": (
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        '{"a": 1}',
+        '{"a": "x"}',
+    ),
     "required": ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, '{"a": 1}', "{}"),
     "additionalProperties": ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"b": 2}', '{"b": "x"}'),
     "items": ({"type": "array", "items": {"type": "integer"}}, "[1, 2]", '["a"]'),
@@ -148,10 +155,26 @@ ENFORCED = {
     "exclusiveMinimum": ({"type": "integer", "exclusiveMinimum": 5}, "6", "5"),
     "exclusiveMaximum": ({"type": "integer", "exclusiveMaximum": 5}, "4", "5"),
     "multipleOf": ({"type": "integer", "multipleOf": 3}, "6", "4"),
-    "minProperties": ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1}, '{"b": 2}', "{}"),
-    "maxProperties": ({"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 1}, '{"b": 2}', '{"a": 1, "b": 2}'),
-    "patternProperties": ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}, '{"x": 1}', '{"x": "s"}'),
-    "propertyNames": ({"type": "object", "propertyNames": {"pattern": "^x"}, "additionalProperties": {"type": "integer"}}, '{"x": 1}', '{"y": 1}'),
+    "minProperties": (
+        {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1},
+        '{"b": 2}',
+        "{}",
+    ),
+    "maxProperties": (
+        {"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 1},
+        '{"b": 2}',
+        '{"a": 1, "b": 2}',
+    ),
+    "patternProperties": (
+        {"type": "object", "patternProperties": {"^x": {"type": "integer"}}},
+        '{"x": 1}',
+        '{"x": "s"}',
+    ),
+    "propertyNames": (
+        {"type": "object", "propertyNames": {"pattern": "^x"}, "additionalProperties": {"type": "integer"}},
+        '{"x": 1}',
+        '{"y": 1}',
+    ),
 }
 
 
@@ -222,7 +245,9 @@ def test_plain_factor_where_every_particle_leaves_the_language(lm, target, tok):
         SMC(LMPotential(lm), SMCConfig(n_particles=2, max_new_tokens=4, seed=0), potentials=[g]).run(PROMPT)
     # through generate too, on a tokenizer: the same documented error, never a crash
     with pytest.raises(AllParticlesDeadError, match="GrammarPotential"):
-        smcgen.generate(target, "a", tokenizer=tok, grammar=GrammarPotential.regex("(ab){9}"), n_particles=2, max_new_tokens=4)
+        smcgen.generate(
+            target, "a", tokenizer=tok, grammar=GrammarPotential.regex("(ab){9}"), n_particles=2, max_new_tokens=4
+        )
 
 
 def test_grammar_bind_errors(lm):

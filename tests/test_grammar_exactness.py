@@ -64,7 +64,12 @@ class RegexOracle(Potential):
 
 
 def language(regex: str, max_len: int) -> set[str]:
-    return {"".join(w) for n in range(max_len + 1) for w in itertools.product(LETTERS, repeat=n) if re.fullmatch(regex, "".join(w))}
+    return {
+        "".join(w)
+        for n in range(max_len + 1)
+        for w in itertools.product(LETTERS, repeat=n)
+        if re.fullmatch(regex, "".join(w))
+    }
 
 
 def letters(tokens) -> str:
@@ -106,7 +111,9 @@ def check_unbiased(name: str, out, exact, index) -> tuple[float, float]:
         zm, want = zm[:, :-1], want[:-1]
     est, se_x = zm.mean(0), zm.std(0) / math.sqrt(len(z))
     ok = (est - want).abs() <= 4.5 * se_x + 1e-6
-    assert bool(ok.all()), f"{name}: unnormalized estimate off at {(~ok).nonzero().squeeze(-1).tolist()}: {est} vs {want}"
+    assert bool(ok.all()), (
+        f"{name}: unnormalized estimate off at {(~ok).nonzero().squeeze(-1).tolist()}: {est} vs {want}"
+    )
     return tv_and_noise(m, pi)
 
 

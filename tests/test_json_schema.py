@@ -40,7 +40,9 @@ CHAR_EOS = len(CHARS)
 
 
 def char_grammar(schema) -> GrammarPotential:
-    return GrammarPotential.json_schema(schema, CHAR_TOKENS, eos_token_ids=[CHAR_EOS], any_whitespace=False, separators=(",", ":"))
+    return GrammarPotential.json_schema(
+        schema, CHAR_TOKENS, eos_token_ids=[CHAR_EOS], any_whitespace=False, separators=(",", ":")
+    )
 
 
 def ids_of(text: str) -> list[int]:
@@ -65,30 +67,56 @@ CHECKED_AFTER_CASES = {
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1,2]", "[1,1]"),
     "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}}, "[3]", "[1]"),
     "minContains": (
-        {"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}, "minContains": 2}, "[3,3]", "[3,1]"),
+        {"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}, "minContains": 2},
+        "[3,3]",
+        "[3,1]",
+    ),
     "maxContains": (
-        {"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}, "maxContains": 1}, "[3,1]", "[3,3]"),
+        {"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}, "maxContains": 1},
+        "[3,1]",
+        "[3,3]",
+    ),
     "dependentRequired": (
-        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-         "dependentRequired": {"a": ["b"]}}, '{"a":1,"b":2}', '{"a":1}'),
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependentRequired": {"a": ["b"]},
+        },
+        '{"a":1,"b":2}',
+        '{"a":1}',
+    ),
     "dependentSchemas": (
-        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-         "dependentSchemas": {"a": {"required": ["b"]}}}, '{"b":2}', '{"a":1}'),
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependentSchemas": {"a": {"required": ["b"]}},
+        },
+        '{"b":2}',
+        '{"a":1}',
+    ),
     "dependencies": (
-        {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
-         "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "dependencies": {"a": ["b"]}},
-        '{"a":1,"b":2}', '{"a":1}'),
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependencies": {"a": ["b"]},
+        },
+        '{"a":1,"b":2}',
+        '{"a":1}',
+    ),
     "not": ({"type": "integer", "not": {"const": 3}}, "4", "3"),
     "if/then/else": (
-        {"type": "integer", "if": {"minimum": 10}, "then": {"multipleOf": 5}, "else": {"maximum": 3}}, "15", "7"),
+        {"type": "integer", "if": {"minimum": 10}, "then": {"multipleOf": 5}, "else": {"maximum": 3}},
+        "15",
+        "7",
+    ),
     "multipleOf": ({"type": "number", "multipleOf": 0.5, "minimum": 0, "maximum": 9}, "1.5", "1.25"),
     "oneOf": ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, "1", "3"),
     "maxLength with pattern": ({"type": "string", "pattern": "^a+$", "maxLength": 2}, '"aa"', '"aaa"'),
     "minLength with format": ({"type": "string", "format": "date", "maxLength": 5}, None, '"2024-01-02"'),
     "pattern (lookahead)": ({"type": "string", "pattern": "^(?!ab)[a-c]{2}$"}, '"ba"', '"ab"'),
     "allOf (merged approximately)": ({"allOf": [{"type": "integer", "const": 1}, {"const": 2}]}, None, "1"),
-    "$ref beside keywords": (
-        {"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "minimum": 5}, "6", "2"),
+    "$ref beside keywords": ({"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "minimum": 5}, "6", "2"),
 }
 
 
@@ -110,26 +138,86 @@ def test_checked_after_keyword_never_returns_an_invalid_document(case):
     "schema,good,bad",
     [
         # draft 4: id, boolean exclusiveMinimum, tuple items + additionalItems
-        ({"$schema": "http://json-schema.org/draft-04/schema#", "id": "http://x/y", "type": "integer", "minimum": 3,
-          "exclusiveMinimum": True}, "4", "3"),
-        ({"$schema": "http://json-schema.org/draft-04/schema#", "type": "array",
-          "items": [{"type": "integer"}, {"type": "string"}], "additionalItems": {"type": "boolean"}},
-         '[1,"a",true]', '[1,"a",2]'),
+        (
+            {
+                "$schema": "http://json-schema.org/draft-04/schema#",
+                "id": "http://x/y",
+                "type": "integer",
+                "minimum": 3,
+                "exclusiveMinimum": True,
+            },
+            "4",
+            "3",
+        ),
+        (
+            {
+                "$schema": "http://json-schema.org/draft-04/schema#",
+                "type": "array",
+                "items": [{"type": "integer"}, {"type": "string"}],
+                "additionalItems": {"type": "boolean"},
+            },
+            '[1,"a",true]',
+            '[1,"a",2]',
+        ),
         # draft 6 / 7: definitions, const, exclusiveMaximum as a number
-        ({"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"n": {"type": "integer", "exclusiveMaximum": 4}},
-          "$ref": "#/definitions/n"}, "3", "4"),
+        (
+            {
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "definitions": {"n": {"type": "integer", "exclusiveMaximum": 4}},
+                "$ref": "#/definitions/n",
+            },
+            "3",
+            "4",
+        ),
         ({"$schema": "http://json-schema.org/draft-06/schema#", "const": "x"}, '"x"', '"y"'),
         # 2019-09 and 2020-12: $defs, prefixItems
-        ({"$schema": "https://json-schema.org/draft/2019-09/schema", "$defs": {"s": {"type": "string", "maxLength": 2}},
-          "$ref": "#/$defs/s"}, '"ab"', '"abc"'),
-        ({"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "array", "prefixItems": [{"type": "integer"}],
-          "items": False}, "[1]", '["a"]'),
+        (
+            {
+                "$schema": "https://json-schema.org/draft/2019-09/schema",
+                "$defs": {"s": {"type": "string", "maxLength": 2}},
+                "$ref": "#/$defs/s",
+            },
+            '"ab"',
+            '"abc"',
+        ),
+        (
+            {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "array",
+                "prefixItems": [{"type": "integer"}],
+                "items": False,
+            },
+            "[1]",
+            '["a"]',
+        ),
         # annotations and vendor keys are ignored
-        ({"type": "integer", "title": "t", "description": "d", "example": 1, "examples": [1], "x-vendor": {"a": 1},
-          "$comment": "c", "default": 0, "deprecated": False, "readOnly": True}, "1", '"s"'),
+        (
+            {
+                "type": "integer",
+                "title": "t",
+                "description": "d",
+                "example": 1,
+                "examples": [1],
+                "x-vendor": {"a": 1},
+                "$comment": "c",
+                "default": 0,
+                "deprecated": False,
+                "readOnly": True,
+            },
+            "1",
+            '"s"',
+        ),
         # allOf merged exactly into one schema
-        ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-                    {"properties": {"a": {"minimum": 2}}}]}, '{"a":3}', '{"a":1}'),
+        (
+            {
+                "allOf": [
+                    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                    {"properties": {"a": {"minimum": 2}}},
+                ]
+            },
+            '{"a":3}',
+            '{"a":1}',
+        ),
     ],
 )
 def test_drafts_and_annotations_are_accepted_and_enforced(schema, good, bad):
@@ -139,8 +227,12 @@ def test_drafts_and_annotations_are_accepted_and_enforced(schema, good, bad):
 
 
 def test_exact_merges_and_plain_schemas_are_checked_by_the_grammar_alone():
-    merged = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-                        {"properties": {"a": {"minimum": 2}}}]}
+    merged = {
+        "allOf": [
+            {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+            {"properties": {"a": {"minimum": 2}}},
+        ]
+    }
     assert lower_json_schema(merged).checked_after == ()
     g = char_grammar(merged)
     assert not mask_lets_through(g, '{"a":1}'), "an exact merge should be enforced by the mask itself"
@@ -252,19 +344,31 @@ def test_closing_need_counts_open_strings_brackets_and_eos():
 
 
 def test_closing_need_counts_missing_required_properties_of_open_objects():
-    schema = lower_json_schema({
-        "type": "object",
-        "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
-            "type": "object", "properties": {"k": {"type": "string", "minLength": 12}}, "required": ["k"]}}},
-        "required": ["name", "tags"],
-    })
+    schema = lower_json_schema(
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "tags": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"k": {"type": "string", "minLength": 12}},
+                        "required": ["k"],
+                    },
+                },
+            },
+            "required": ["name", "tags"],
+        }
+    )
     # '"tags":[]' (9 chars + comma) is missing after the name: ceil(11 / 4) = 3 tokens beyond the closers
     assert closing_need('{"name": "x', schema) == closing_need('{"name": "x') + 3
     assert closing_need('{"name": "x", "tags": [', schema) == closing_need('{"name": "x", "tags": [')
     # inside an item the item's own required "k" (12 characters at least) is missing
     assert closing_need('{"name": "x", "tags": [{', schema) > closing_need('{"name": "x", "tags": [{') + 3
     assert closing_need('{"name": "x", "tags": [{"k": "abcdefghijkl"}', schema) == closing_need(
-        '{"name": "x", "tags": [{"k": "abcdefghijkl"}')
+        '{"name": "x", "tags": [{"k": "abcdefghijkl"}'
+    )
 
 
 def test_budget_twist_leaves_the_target_unchanged(monkeypatch):
@@ -290,7 +394,7 @@ def test_budget_twist_leaves_the_target_unchanged(monkeypatch):
 def test_budget_too_small_for_the_shortest_document_is_a_clear_error():
     from tiny_models import tiny_tokenizer
 
-    tok = tiny_tokenizer("{}[]\":,ab01")
+    tok = tiny_tokenizer('{}[]":,ab01')
     schema = {"type": "object", "properties": {"a": {"type": "string", "minLength": 4}}, "required": ["a"]}
     assert shortest_document(lower_json_schema(schema).grammar_schema) == {"a": "aaaa"}
     with pytest.raises(GrammarError, match=r"max_new_tokens=5 is too small .* raise max_new_tokens to at least 13"):
@@ -313,8 +417,12 @@ def test_in_document_refs_are_left_to_the_validator(schema):
 
 
 def test_metaschema_ref_resolves_offline_and_remote_refs_are_refused():
-    g = char_grammar({"$schema": "http://json-schema.org/draft-07/schema#",
-                      "properties": {"s": {"$ref": "http://json-schema.org/draft-07/schema#"}}})
+    g = char_grammar(
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "properties": {"s": {"$ref": "http://json-schema.org/draft-07/schema#"}},
+        }
+    )
     assert accepted(g, '{"s":{"type":"integer"}}') and not accepted(g, '{"s":{"type":3}}')
     with pytest.raises(GrammarError, match="no remote refs"):
         GrammarPotential.json_schema({"$ref": "http://example.com/x.json"})
@@ -352,8 +460,12 @@ def test_min_properties_beyond_the_named_ones_allows_other_properties():
 def test_bundle_embeds_the_documents_refs_reach():
     from smcgen.potentials.json_bundle import bundle_schema
 
-    docs = {"https://example.com/defs.json": {"$id": "https://example.com/defs.json",
-                                              "definitions": {"id": {"type": "integer", "minimum": 1}}}}
+    docs = {
+        "https://example.com/defs.json": {
+            "$id": "https://example.com/defs.json",
+            "definitions": {"id": {"type": "integer", "minimum": 1}},
+        }
+    }
     schema = {"type": "object", "properties": {"id": {"$ref": "defs.json#/definitions/id"}}, "required": ["id"]}
     with pytest.raises(GrammarError, match="no remote refs"):
         char_grammar(schema)

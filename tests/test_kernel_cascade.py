@@ -72,8 +72,20 @@ def test_cascade_matches_paged_attention(
     torch.testing.assert_close(twin, ref, rtol=1e-5, atol=1e-5)
     counters = torch.zeros(64, dtype=torch.int32, device=device)
     for _ in range(2):  # the same counters twice: the kernel leaves them zeroed
-        out = cascade_attention_triton(q, k_pool, v_pool, table, start, scale, plen, group, prefix,
-                                       num_splits=splits, prefix_splits=psplits, counters=counters)
+        out = cascade_attention_triton(
+            q,
+            k_pool,
+            v_pool,
+            table,
+            start,
+            scale,
+            plen,
+            group,
+            prefix,
+            num_splits=splits,
+            prefix_splits=psplits,
+            counters=counters,
+        )
         assert out.shape == q.shape and out.dtype == q.dtype
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
         assert int(counters.abs().sum()) == 0

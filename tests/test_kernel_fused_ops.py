@@ -75,7 +75,9 @@ def test_rms_norm_strided_rows(device):
     """Last-token views (the final norm with last_only) have a row stride != hidden."""
     h = rand((3, 4, 72), torch.float32, device, 3)
     w = rand((72,), torch.float32, device, 5)
-    torch.testing.assert_close(rms_norm_triton(h[:, -1], w, EPS), rms_norm_torch(h[:, -1], w, EPS), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        rms_norm_triton(h[:, -1], w, EPS), rms_norm_torch(h[:, -1], w, EPS), atol=1e-5, rtol=1e-5
+    )
 
 
 def reference_rms_norm(x, weight, eps):

@@ -36,9 +36,7 @@ def rand(shape, dtype, device, seed, scale=1.0):
 
 
 def dtypes(device):
-    return [torch.float32, torch.float16] + (
-        [torch.bfloat16] if device.type == "cuda" else []
-    )
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
 
 
 def close(a, b, dtype):
@@ -103,9 +101,7 @@ def test_every_fusion_matches_the_twin(device, bias, norm, residual, gated):
 )
 def test_row_counts_and_ragged_blocks(device, rows, n, k, plan):
     dtype = torch.float32
-    x, w, kw = operands(
-        rows, n, k, dtype, device, bias=True, norm=True, residual=False, gated=True
-    )
+    x, w, kw = operands(rows, n, k, dtype, device, bias=True, norm=True, residual=False, gated=True)
     b = kw.pop("bias")
     if plan is not None:
         block_m = max(8 if plan[-1] else 16, 1 << (rows - 1).bit_length())
@@ -125,7 +121,9 @@ def test_split_k_counters_are_left_zeroed_for_reuse(device):
     counters = torch.zeros(8, dtype=torch.int32, device=device)
     want = fused_linear_torch(x, w, **kw)
     for _ in range(3):
-        close(fused_linear_triton(x, w, plan=(16, 16, 32, 4, 2, 4, False), counters=counters, **kw), want, torch.float32)
+        close(
+            fused_linear_triton(x, w, plan=(16, 16, 32, 4, 2, 4, False), counters=counters, **kw), want, torch.float32
+        )
         assert int(counters.abs().sum()) == 0
 
 
@@ -292,12 +290,20 @@ def test_quantized_weights_match_the_twin(device, fmt, bias, norm, residual, gat
             close(got, want, dtype)
         else:  # roundings as in close(), on outputs ~3x larger (the scaled weights): relative to the peak
             eps = torch.finfo(dtype).eps
-            torch.testing.assert_close(got.float(), want.float(), atol=8 * eps * want.float().abs().max().item(),
-                                       rtol=8 * eps)
+            torch.testing.assert_close(
+                got.float(), want.float(), atol=8 * eps * want.float().abs().max().item(), rtol=8 * eps
+            )
         # the twin is the dequantized layer
-        ref = fused_linear_torch(x.float(), (q.float() * scale[:, None]), None if b is None else b.float(),
-                                 **{**kw, "residual": None if kw["residual"] is None else kw["residual"].float(),
-                                    "norm_weight": None if kw["norm_weight"] is None else kw["norm_weight"].float()})
+        ref = fused_linear_torch(
+            x.float(),
+            (q.float() * scale[:, None]),
+            None if b is None else b.float(),
+            **{
+                **kw,
+                "residual": None if kw["residual"] is None else kw["residual"].float(),
+                "norm_weight": None if kw["norm_weight"] is None else kw["norm_weight"].float(),
+            },
+        )
         tol = 2e-5 if dtype == torch.float32 else 16 * torch.finfo(dtype).eps
         torch.testing.assert_close(want.float(), ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
 
@@ -334,8 +340,13 @@ def test_quantized_past_the_skinny_rows_runs_in_row_blocks(device, monkeypatch, 
     b = kw.pop("bias")
     want = fused_linear_torch(x, q, b, weight_scale=scale, **kw)
     res = kw["residual"].clone()
-    got = fused_linear(x.reshape(1, 37, -1), q, b, weight_scale=scale,
-                       **{**kw, "residual": res.reshape(1, 37, -1), "accumulate": accumulate})
+    got = fused_linear(
+        x.reshape(1, 37, -1),
+        q,
+        b,
+        weight_scale=scale,
+        **{**kw, "residual": res.reshape(1, 37, -1), "accumulate": accumulate},
+    )
     assert got.shape == (1, 37, 32)
     close(got.reshape(37, 32), want, torch.float32)
     if accumulate:

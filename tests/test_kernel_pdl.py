@@ -36,9 +36,18 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = {f["kernel"]: f for f in map(json.loads, done.stdout.splitlines())}
     # every kernel that takes a PDL flag
-    assert set(kernels) == {"skinny_linear", "skinny_linear_swapped", "qkv_rope", "paged_attention", "rms_norm",
-                            "rope_qk_write_kv", "silu_mul", "paged_attention_cascade", "prefix_attention",
-                            "prefix_attention_one_split"}
+    assert set(kernels) == {
+        "skinny_linear",
+        "skinny_linear_swapped",
+        "qkv_rope",
+        "paged_attention",
+        "rms_norm",
+        "rope_qk_write_kv",
+        "silu_mul",
+        "paged_attention_cascade",
+        "prefix_attention",
+        "prefix_attention_one_split",
+    }
     for name, f in kernels.items():
         assert 0 <= f["wait"] < f["launch_dependents"], name
         assert f["first_access"] > f["wait"], f"{name} touches memory before waiting on its predecessor"
@@ -120,8 +129,16 @@ def test_model_with_pdl_equals_the_model_without(device):
 
     from smcgen.runners.native import NativeCausalLM
 
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+    )
     model = NativeCausalLM.from_config(config, torch.bfloat16, device, seed=3)
     assert model.input_norm_folded
     rows, prompt, steps = 4, 600, 3  # 600 keys over 1024 slots: the attention splits 4 ways

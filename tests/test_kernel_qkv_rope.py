@@ -55,9 +55,14 @@ def pools(n_rows, dim, dtype, device, page=4, max_pages=16):
 def case(dtype, device, n_rows, n_new, dim, hidden, *, bias, norm, row_norm, qk_norm, seed=0):
     x = rand((n_rows, n_new, hidden), dtype, device, seed, scale=2.0)
     w = rand(((N_QH + 2 * N_KVH) * dim, hidden), dtype, device, seed + 1, scale=hidden**-0.5)
-    kw = {"n_heads": N_QH, "n_kv_heads": N_KVH, "eps": EPS, "row_norm": row_norm,
-          "bias": rand((w.shape[0],), dtype, device, seed + 2, 0.5) if bias else None,
-          "norm_weight": rand((hidden,), dtype, device, seed + 3, 0.3) + 1 if norm else None}
+    kw = {
+        "n_heads": N_QH,
+        "n_kv_heads": N_KVH,
+        "eps": EPS,
+        "row_norm": row_norm,
+        "bias": rand((w.shape[0],), dtype, device, seed + 2, 0.5) if bias else None,
+        "norm_weight": rand((hidden,), dtype, device, seed + 3, 0.3) + 1 if norm else None,
+    }
     if qk_norm:
         kw["q_norm"] = rand((dim,), dtype, device, seed + 4, 0.2) + 1
         kw["k_norm"] = rand((dim,), dtype, device, seed + 5, 0.2) + 1
@@ -68,8 +73,9 @@ def case(dtype, device, n_rows, n_new, dim, hidden, *, bias, norm, row_norm, qk_
 def fp32_setup(device, n_rows, n_new, dim, hidden, *, norm, max_pages=16, max_pos=64):
     """An fp32 case without bias or q/k norms (input norm unfolded if ``norm``, else folded), its
     RoPE tables and empty pools: (x, w, start, kw, cos, sin, k_pool, v_pool, table)."""
-    x, w, start, kw = case(torch.float32, device, n_rows, n_new, dim, hidden, bias=False, norm=norm,
-                           row_norm=not norm, qk_norm=False)
+    x, w, start, kw = case(
+        torch.float32, device, n_rows, n_new, dim, hidden, bias=False, norm=norm, row_norm=not norm, qk_norm=False
+    )
     cos, sin = rope_tables(max_pos, dim, torch.float32, device)
     return (x, w, start, kw, cos, sin, *pools(n_rows, dim, torch.float32, device, max_pages=max_pages))
 
@@ -100,19 +106,23 @@ def assert_same(got, want, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("n_rows,n_new", [(3, 1), (2, 5)])
-@pytest.mark.parametrize("bias,norm,row_norm,qk_norm", [
-    (False, False, True, False),   # Llama with the input norm folded (the native model's default)
-    (False, True, False, False),   # the input norm unfolded
-    (True, True, False, False),    # Qwen2: a QKV bias
-    (False, False, True, True),    # Qwen3: per-head q/k norms
-    (False, False, False, False),  # a bare projection
-])
+@pytest.mark.parametrize(
+    "bias,norm,row_norm,qk_norm",
+    [
+        (False, False, True, False),  # Llama with the input norm folded (the native model's default)
+        (False, True, False, False),  # the input norm unfolded
+        (True, True, False, False),  # Qwen2: a QKV bias
+        (False, False, True, True),  # Qwen3: per-head q/k norms
+        (False, False, False, False),  # a bare projection
+    ],
+)
 @pytest.mark.parametrize("swap", [True, False])
 def test_matches_the_two_step_twin(device, monkeypatch, n_rows, n_new, bias, norm, row_norm, qk_norm, swap):
     monkeypatch.setattr(linear, "SWAP_AB", swap)
     for dtype, dim in itertools.product(dtypes(device), (64, 32)):
-        x, w, start, kw = case(dtype, device, n_rows, n_new, dim, 96, bias=bias, norm=norm, row_norm=row_norm,
-                               qk_norm=qk_norm)
+        x, w, start, kw = case(
+            dtype, device, n_rows, n_new, dim, 96, bias=bias, norm=norm, row_norm=row_norm, qk_norm=qk_norm
+        )
         got, want = run_both(x, w, start, kw, dim, dtype, device)
         assert got[0].shape == (n_rows, n_new, N_QH, dim) and got[0].dtype == dtype
         assert_same(got, want, dtype)
@@ -125,8 +135,9 @@ def test_matches_the_two_step_twin(device, monkeypatch, n_rows, n_new, bias, nor
 def test_quantized_weights(device, quantize):
     """Weight-only fp8 / int8: the same as the twin on the same quantized weights and scales."""
     dim, hidden = 64, 80  # 80: K not a multiple of the K step (the ragged branch)
-    x, w, start, kw = case(torch.float32, device, 3, 1, dim, hidden, bias=False, norm=False, row_norm=True,
-                           qk_norm=False)
+    x, w, start, kw = case(
+        torch.float32, device, 3, 1, dim, hidden, bias=False, norm=False, row_norm=True, qk_norm=False
+    )
     q8, scale = quantize(w * 3.0)
     got, want = run_both(x, q8, start, kw, dim, torch.float32, device, weight_scale=scale)
     assert_same(got, want, torch.float32)
@@ -170,8 +181,9 @@ def test_dispatch(device, monkeypatch, dim, rows, fused):
     calls = []
     real = mod.qkv_rope_write_kv_triton
     monkeypatch.setattr(mod, "qkv_rope_write_kv_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(device, 1, rows, dim, 48, norm=True, max_pages=32,
-                                                                  max_pos=128)
+    x, w, start, kw, cos, sin, k_pool, v_pool, table = fp32_setup(
+        device, 1, rows, dim, 48, norm=True, max_pages=32, max_pos=128
+    )
     k_ref, v_ref = k_pool.clone(), v_pool.clone()
     q = qkv_rope_write_kv(x, w, cos, sin, start, k_pool, v_pool, table, **kw)
     q_ref = qkv_rope_write_kv_torch(x, w, cos, sin, start, k_ref, v_ref, table, **kw)

@@ -31,8 +31,21 @@ LAYERS: list[tuple[str, list[str]]] = [
     # the samplers drive the step over a runner; outcome turns a dead-particle error into a result
     ("samplers", ["smcgen.samplers"]),
     # what users call: the package, generate(), input checks, memory estimates, distill, CLI, server
-    ("interface", ["smcgen", "smcgen.__main__", "smcgen.api", "smcgen.validation", "smcgen.memory",
-                   "smcgen.distill", "smcgen.distill_samples", "smcgen.cli", "smcgen.engine", "smcgen.server"]),
+    (
+        "interface",
+        [
+            "smcgen",
+            "smcgen.__main__",
+            "smcgen.api",
+            "smcgen.validation",
+            "smcgen.memory",
+            "smcgen.distill",
+            "smcgen.distill_samples",
+            "smcgen.cli",
+            "smcgen.engine",
+            "smcgen.server",
+        ],
+    ),
 ]
 
 # Upward imports that are allowed, with the reason. Empty today; add (importer, imported, why).
@@ -80,17 +93,24 @@ def smcgen_imports(source: str, module: str, is_package: bool) -> set[str]:
             if target.split(".")[0] != "smcgen":
                 continue
             # `from smcgen.x import y` may name a submodule y: judge the most specific module
-            found.update(f"{target}.{a.name}" if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).exists()
-                         or (PACKAGE.parent / (f"{target}.{a.name}".replace(".", "/") + ".py")).exists()
-                         else target for a in node.names)
+            found.update(
+                f"{target}.{a.name}"
+                if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).exists()
+                or (PACKAGE.parent / (f"{target}.{a.name}".replace(".", "/") + ".py")).exists()
+                else target
+                for a in node.names
+            )
     return found
 
 
 def upward_imports(module: str, imports: set[str]) -> list[str]:
     mine = layer_of(module)
     allowed = {(a, b) for a, b, _ in ALLOWED}
-    return [f"{module} ({LAYERS[mine][0]}) imports {imp} ({LAYERS[layer_of(imp)][0]})"
-            for imp in sorted(imports) if layer_of(imp) > mine and (module, imp) not in allowed]
+    return [
+        f"{module} ({LAYERS[mine][0]}) imports {imp} ({LAYERS[layer_of(imp)][0]})"
+        for imp in sorted(imports)
+        if layer_of(imp) > mine and (module, imp) not in allowed
+    ]
 
 
 def all_modules() -> list[tuple[str, Path]]:

@@ -41,13 +41,23 @@ def models(device):
     # the draft is the target at temperature 2 (same body, flatter head): it covers every outcome with
     # bounded p/q, so the z-tests are not at the mercy of rare huge weights
     target, draft = tiny_lm(0, logit_scale=2.0, hidden=32), tiny_lm(0, logit_scale=1.0, hidden=32)
-    return target, NativeCausalLM.from_hf(target.model, device=device), NativeCausalLM.from_hf(draft.model, device=device)
+    return (
+        target,
+        NativeCausalLM.from_hf(target.model, device=device),
+        NativeCausalLM.from_hf(draft.model, device=device),
+    )
 
 
 def native_runs(native_target, native_draft, n, block, alpha, tau, seed, page_size=4, draft_tau=1.0):
     cfg = SMCConfig(
-        n_particles=n, block_size=block, max_new_tokens=MAX_NEW, seed=seed, ess_threshold=0.5,
-        alpha=alpha, target_temperature=tau, draft_temperature=draft_tau,
+        n_particles=n,
+        block_size=block,
+        max_new_tokens=MAX_NEW,
+        seed=seed,
+        ess_threshold=0.5,
+        alpha=alpha,
+        target_temperature=tau,
+        draft_temperature=draft_tau,
     )
     engine = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=page_size)
     return engine.run(PROMPT, n_groups=RUNS)
@@ -71,8 +81,10 @@ def test_native_engine_with_a_tempered_draft_matches_the_target(models):
     at any N."""
     target_lm, native_target, native_draft = models
     exact = enumerate_target(LMPotential(target_lm, temperature=0.7), PROMPT, MAX_NEW, [])
-    outs = {n: native_runs(native_target, native_draft, n, 2, 1.0, 0.7, seed, draft_tau=0.7)
-            for n, seed in ((1, 31), (4, 32), (16, 33))}
+    outs = {
+        n: native_runs(native_target, native_draft, n, 2, 1.0, 0.7, seed, draft_tau=0.7)
+        for n, seed in ((1, 31), (4, 32), (16, 33))
+    }
     assert_matches_target("tempered_draft", exact, outs)
 
 
@@ -127,10 +139,12 @@ def test_generate_runs_the_native_engine_when_asked(target, draft):
     """generate(engine='native') goes through NativeSMC (CPU twins here) and returns a normal result."""
     import smcgen
 
-    res = smcgen.generate(target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2,
-                          max_new_tokens=6, seed=0)
-    again = smcgen.generate(target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2,
-                            max_new_tokens=6, seed=0)
+    res = smcgen.generate(
+        target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=6, seed=0
+    )
+    again = smcgen.generate(
+        target, [0, 1], draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=6, seed=0
+    )
     assert res.n_particles == 4 and len(res.sequences) == 4 and len(res.log_weights) == 4
     assert res.engine == "native" and "engine: native" in res.summary()
     assert 1 <= len(res.token_ids) <= 6 and res.token_ids == again.token_ids
@@ -332,8 +346,13 @@ def test_mixed_lengths_in_one_batch_equal_each_request_alone(models, resampler):
         resampled += int(alone.resampled.sum())
     assert resampled > 0, "the check must cover resampling"
     # a seed alone equals the config's seed
-    again = NativeSMC(native_target, cfg.model_copy(update={"seed": 4, "max_new_tokens": 9}), draft=native_draft,
-                      eos_token_ids=(EOS,), page_size=4).run([prompts[2]], on_dead="flag")
+    again = NativeSMC(
+        native_target,
+        cfg.model_copy(update={"seed": 4, "max_new_tokens": 9}),
+        draft=native_draft,
+        eos_token_ids=(EOS,),
+        page_size=4,
+    ).run([prompts[2]], on_dead="flag")
     assert torch.equal(again.tokens[0], mixed.tokens[2])
 
 
@@ -361,9 +380,14 @@ def test_segments_come_back_in_the_callers_order():
 
     n = 4
     run = BatchRun(
-        tokens=torch.arange(n).view(n, 1, 1), lengths=torch.ones(n, 1, dtype=torch.long),
-        log_weights=torch.zeros(n, 1), log_z=torch.arange(n).double(), ess_history=torch.arange(n).float()[None],
-        resampled=torch.tensor([[True, False, False, True]]), elapsed_s=1.0, dead=torch.tensor([1, 0, 0, 0]).bool(),
+        tokens=torch.arange(n).view(n, 1, 1),
+        lengths=torch.ones(n, 1, dtype=torch.long),
+        log_weights=torch.zeros(n, 1),
+        log_z=torch.arange(n).double(),
+        ess_history=torch.arange(n).float()[None],
+        resampled=torch.tensor([[True, False, False, True]]),
+        elapsed_s=1.0,
+        dead=torch.tensor([1, 0, 0, 0]).bool(),
     )
     back = _reordered(run, [2, 0, 3, 1])  # batch group j is the caller's order[j]
     assert back.tokens.flatten().tolist() == [1, 3, 0, 2] and back.log_z.tolist() == [1, 3, 0, 2]

@@ -28,7 +28,11 @@ DEVICE_REGEX = "a|b|aa|ac|ab|ba|bc|bb|aab|acb|bab|bcb"
 @pytest.fixture(scope="module")
 def models(device):
     target, draft = tiny_lm(0, logit_scale=1.0), tiny_lm(1, logit_scale=0.7)
-    return target, NativeCausalLM.from_hf(target.model, device=device), NativeCausalLM.from_hf(draft.model, device=device)
+    return (
+        target,
+        NativeCausalLM.from_hf(target.model, device=device),
+        NativeCausalLM.from_hf(draft.model, device=device),
+    )
 
 
 @pytest.mark.parametrize("use_draft", [False, True], ids=["masked_target", "masked_draft_k2"])
@@ -38,10 +42,17 @@ def test_native_masked_smc_matches_the_constrained_target(use_draft, models):
     index = {s: i for i, s in enumerate(exact.sequences)}
     tvs = {}
     for n in (1, 4, 16):
-        cfg = SMCConfig(n_particles=n, block_size=2 if use_draft else 1, max_new_tokens=4, seed=200 + n,
-                        ess_threshold=1.0)
-        engine = NativeSMC(native_target, cfg, draft=native_draft if use_draft else None, eos_token_ids=(EOS,),
-                           page_size=4, mask=grammar(DEVICE_REGEX))
+        cfg = SMCConfig(
+            n_particles=n, block_size=2 if use_draft else 1, max_new_tokens=4, seed=200 + n, ess_threshold=1.0
+        )
+        engine = NativeSMC(
+            native_target,
+            cfg,
+            draft=native_draft if use_draft else None,
+            eos_token_ids=(EOS,),
+            page_size=4,
+            mask=grammar(DEVICE_REGEX),
+        )
         out = engine.run(PROMPT, n_groups=RUNS)
         assert engine.dfa is not None and engine.guide_reason is None  # a regular guide: device automaton
         tvs[n] = check_unbiased(f"native draft={use_draft} N={n}", out, exact, index)
@@ -58,8 +69,18 @@ def test_generate_with_grammar_on_the_native_engine(target, draft, tok):
 
     for kw in ({}, {"draft": draft, "block_size": 2}):
         g = GrammarPotential.regex("(ab|c)+")  # unbound: generate binds it to the target's tokenizer
-        res = smcgen.generate(target, "ab", tokenizer=tok, grammar=g, engine="native", n_particles=4,
-                              max_new_tokens=8, seed=0, return_all_particles=True, **kw)
+        res = smcgen.generate(
+            target,
+            "ab",
+            tokenizer=tok,
+            grammar=g,
+            engine="native",
+            n_particles=4,
+            max_new_tokens=8,
+            seed=0,
+            return_all_particles=True,
+            **kw,
+        )
         assert re.fullmatch("(ab|c)+", res.text), res.text
         for text, lw in zip(res.texts, res.log_weights):
             if lw > -math.inf:

@@ -358,8 +358,15 @@ def test_from_pretrained_loads_a_checkpoint_directory(tmp_path):
     from smcgen.runners.native.model import NativeCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     hf = LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
     native = NativeCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu")
@@ -383,7 +390,9 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     from smcgen.kernels._triton import HAS_TRITON
 
     if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs triton's CPU interpreter (the pair lives on the CPU; on CUDA the engine tests run this path)")
+        pytest.skip(
+            "needs triton's CPU interpreter (the pair lives on the CPU; on CUDA the engine tests run this path)"
+        )
     hf, native = pair
     import smcgen.kernels.fused_ops as fused_mod
 
@@ -399,8 +408,9 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     monkeypatch.setattr(qkv_rope_mod, "FUSED_HEAD_DIM", native.cfg.head_dim)
     fused_calls = []
     real_fused = qkv_rope_mod.qkv_rope_write_kv_triton
-    monkeypatch.setattr(qkv_rope_mod, "qkv_rope_write_kv_triton",
-                        lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k))
+    monkeypatch.setattr(
+        qkv_rope_mod, "qkv_rope_write_kv_triton", lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k)
+    )
     monkeypatch.setattr(linear_mod, "skinny_plan", lambda *a, **k: (*plan(*a, **k)[:2], 16, 4, 2, 2, swap))
     calls = []
     real = linear_mod.fused_linear_triton

@@ -96,7 +96,10 @@ CASES = {
     "user_guide_mask": (True, list, NoTwos, "systematic"),
     # a guide with host and device potentials: every cycle waits on the host, so no lag
     "guide_with_potentials": (
-        True, lambda: [RewardPotential(count_b, beta=1.0, prefix=True), CountOnes()], NoTwos, "stratified"
+        True,
+        lambda: [RewardPotential(count_b, beta=1.0, prefix=True), CountOnes()],
+        NoTwos,
+        "stratified",
     ),
     "multinomial": (True, lambda: [CountOnes()], None, "multinomial"),
     "stratified": (False, lambda: [RewardPotential(count_b, beta=1.0, prefix=True)], None, "stratified"),
@@ -113,8 +116,14 @@ def native_run(models, n, seed, use_draft, potentials, guide, resampler):
     name = resampler if isinstance(resampler, str) else "systematic"
     cfg = SMCConfig(n_particles=n, block_size=2, max_new_tokens=MAX_NEW, seed=seed, ess_threshold=0.5, resampler=name)
     engine = NativeSMC(
-        native_target, cfg, draft=native_draft if use_draft else None, eos_token_ids=(EOS,), page_size=4,
-        potentials=potentials, guide=guide, tokenizer=LetterDecoder(),
+        native_target,
+        cfg,
+        draft=native_draft if use_draft else None,
+        eos_token_ids=(EOS,),
+        page_size=4,
+        potentials=potentials,
+        guide=guide,
+        tokenizer=LetterDecoder(),
         resampler=None if isinstance(resampler, str) else resampler,
     )
     return engine.run(PROMPT, n_groups=RUNS)
@@ -186,7 +195,9 @@ class BrokenDevice(TokenPotential):
         if self.how == "raise":
             raise KeyError("lookup failed")
         bad = math.nan if self.how == "nan" else math.inf
-        return torch.where(lengths > 0, torch.full((r,), bad, device=tokens.device), torch.zeros(r, device=tokens.device))
+        return torch.where(
+            lengths > 0, torch.full((r,), bad, device=tokens.device), torch.zeros(r, device=tokens.device)
+        )
 
 
 @pytest.mark.parametrize(

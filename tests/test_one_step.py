@@ -76,8 +76,12 @@ def potentials():
 def test_both_runners_give_the_same_weights_for_the_same_tokens(target):
     cfg = SMCConfig(n_particles=12, max_new_tokens=MAX_NEW, seed=4, alpha=ALPHA, ess_threshold=0.0)
     native = NativeSMC(
-        NativeCausalLM.from_hf(target.model), cfg, eos_token_ids=(EOS,), page_size=4,
-        potentials=potentials(), tokenizer=LetterDecoder(),
+        NativeCausalLM.from_hf(target.model),
+        cfg,
+        eos_token_ids=(EOS,),
+        page_size=4,
+        potentials=potentials(),
+        tokenizer=LetterDecoder(),
     ).run(PROMPT)
     tokens = native.tokens[0]
     assert int(native.lengths.min()) < MAX_NEW  # some particle stopped on EOS: its padding is ignored
@@ -94,8 +98,14 @@ def test_both_runners_give_the_same_weights_for_the_same_tokens(target):
 def test_the_same_seed_reproduces_each_runner(target):
     cfg = SMCConfig(n_particles=4, max_new_tokens=MAX_NEW, seed=9, alpha=ALPHA)
     runs = [
-        NativeSMC(NativeCausalLM.from_hf(target.model), cfg, eos_token_ids=(EOS,), page_size=4,
-                  potentials=potentials(), tokenizer=LetterDecoder()).run(PROMPT)
+        NativeSMC(
+            NativeCausalLM.from_hf(target.model),
+            cfg,
+            eos_token_ids=(EOS,),
+            page_size=4,
+            potentials=potentials(),
+            tokenizer=LetterDecoder(),
+        ).run(PROMPT)
         for _ in range(2)
     ]
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].log_weights, runs[1].log_weights)

@@ -25,23 +25,33 @@ VALID = [
     "\n    return ' '.join(w for w in s.split()) + \"\\n\\t\\x41\\u00e9\" + r'\\d' + b'\\x00'.hex()\n",
     "\n    return f\"{a!r:>10} {b['k']} {c:{w}.{p}f} {{}}\" + f'{x=}'\n",
     "\n    for i in range(3):\n        if i:\n            break\n        else:\n            continue\n    else:\n        pass\n",
-    ("\n    try:\n        x = 1e-6\n    except (ValueError, KeyError) as e:\n        raise RuntimeError() from e\n"
-    "    except Exception:\n        pass\n    else:\n        x = 0x1F\n    finally:\n        del x\n"),
-    ("\n    @functools.wraps(f)\n    async def g(a, b=1, /, *args, c, d=2, **kw) -> int:\n"
-    "        async with lock as l, other:\n            return await f(*args, **kw)\n    return g\n"),
+    (
+        "\n    try:\n        x = 1e-6\n    except (ValueError, KeyError) as e:\n        raise RuntimeError() from e\n"
+        "    except Exception:\n        pass\n    else:\n        x = 0x1F\n    finally:\n        del x\n"
+    ),
+    (
+        "\n    @functools.wraps(f)\n    async def g(a, b=1, /, *args, c, d=2, **kw) -> int:\n"
+        "        async with lock as l, other:\n            return await f(*args, **kw)\n    return g\n"
+    ),
     "\n    class A(B, metaclass=M):\n        x: int = 1\n\n        def m(self):\n            return self.x\n",
     "\n    if (n := len(a)) > 10:\n        return n\n    while True:\n        yield from a\n",
-    ("\n    match p:\n        case [x, *rest] | (x, *rest):\n            return x\n        case {'k': v, **kw}:\n"
-    "            return v\n        case Point(x=0, y=y) if y > 0:\n            return y\n        case _:\n            return None\n"),
+    (
+        "\n    match p:\n        case [x, *rest] | (x, *rest):\n            return x\n        case {'k': v, **kw}:\n"
+        "            return v\n        case Point(x=0, y=y) if y > 0:\n            return y\n        case _:\n            return None\n"
+    ),
     "\n    x = (1 +\n         2)  # comment\n\n    # a comment line\n    y = 3; z = 4\n    return x \\\n        + y\n",
-    ("\n    global g\n    nonlocal_ = not a and b or c is not d\n    assert x in y, 'msg'\n    import os.path as p, sys\n"
-    "    from ..m import (a as b,\n        c,)\n    a, *b = c\n    d[1:2, ::3] += 1\n    return ...\n"),
+    (
+        "\n    global g\n    nonlocal_ = not a and b or c is not d\n    assert x in y, 'msg'\n    import os.path as p, sys\n"
+        "    from ..m import (a as b,\n        c,)\n    a, *b = c\n    d[1:2, ::3] += 1\n    return ...\n"
+    ),
     "\n    x=a+b*c//d**-e@f|g&h^i<<j>>k%l\n    return x<y<=z!=w==v>=u>t\n",
     # the whitespace and chained-assignment rules written for cheap masks (docs/python_grammar.md)
     "\n    a = b = yield c\n    d, *e = f[0] = g = \\\n        h\n    x = f(  # c\n        a, \\\n        b,  # d\n    )\n",
     "\n    while(x < 0):\n        del(a[1])\n        assert(len(b) > 1), 'm'\n        yield('x')\n    return('...') + 1\n",
-    ("\n    def inner():\n        def deeper():\n            if a:\n                for b in c:\n                    while d:\n"
-    "                        return e\n        return deeper\n    return inner\n```\n"),
+    (
+        "\n    def inner():\n        def deeper():\n            if a:\n                for b in c:\n                    while d:\n"
+        "                        return e\n        return deeper\n    return inner\n```\n"
+    ),
 ]
 
 INVALID = [
@@ -60,7 +70,7 @@ INVALID = [
     "\n    a = b =\n",  # a chained assignment needs a value
     "\n    x = f(a  # c)\n",  # a comment runs to the end of the line
     "\n    return b'\\xff' + 'a\\x4'\n",
-    "\n    print(\"done\")\nprint(1)\n",  # code after the function
+    '\n    print("done")\nprint(1)\n',  # code after the function
 ]
 
 

@@ -131,7 +131,9 @@ def test_prefix_score_never_rules_out_a_valid_completion(lm):
             pre = SequenceBatch([list(prefix)], PROMPT, lm.tokenizer)
             if names.log_prefix(pre).item() == 0.0:
                 continue
-            tails = [list(prefix) + list(t) for k in range(MAX_NEW - n + 1) for t in itertools.product(range(3), repeat=k)]
+            tails = [
+                list(prefix) + list(t) for k in range(MAX_NEW - n + 1) for t in itertools.product(range(3), repeat=k)
+            ]
             done = SequenceBatch([t + [EOS] for t in tails], PROMPT, lm.tokenizer)
             assert torch.isneginf(names.log_complete(done)).all(), f"prefix {prefix} was ruled out too early"
 

@@ -29,7 +29,9 @@ EOS = len(CHARS)
 CLOSERS = [CHARS.index(c) for c in "\n)]:;"]
 
 
-def random_member(g: GrammarPotential, rng: random.Random, max_len: int, p_end: float, p_close: float = 0.3) -> str | None:
+def random_member(
+    g: GrammarPotential, rng: random.Random, max_len: int, p_end: float, p_close: float = 0.3
+) -> str | None:
     """Walk the grammar's masks from the empty string; the text at EOS, or None past max_len.
 
     Closing characters (newline, brackets, colon) are favoured with probability ``p_close`` so
@@ -77,8 +79,9 @@ def test_python_subset_grammar_only_makes_valid_functions():
 
 def test_sql_grammar_only_makes_queries_that_run():
     tables = {"departments": ["id", "name", "budget"], "employees": ["id", "name", "department_id", "salary"]}
-    g = GrammarPotential.ebnf(sql_grammar(tables, [("employees", "department_id", "departments", "id")]), TOKENS,
-                              eos_token_ids=[EOS])
+    g = GrammarPotential.ebnf(
+        sql_grammar(tables, [("employees", "department_id", "departments", "id")]), TOKENS, eos_token_ids=[EOS]
+    )
     db = sqlite3.connect(":memory:")
     db.executescript(
         "CREATE TABLE departments (id INTEGER PRIMARY KEY, name TEXT, budget REAL);"

@@ -150,7 +150,9 @@ def test_batched_reward_returning_the_wrong_type(target, tok, returned, exc, wor
         return returned if not isinstance(returned, list) else returned * len(texts)
 
     with pytest.raises(exc, match=words):
-        smcgen.generate(target, [0, 1], tokenizer=tok, potentials=RewardPotential(reward, batched=True), max_new_tokens=4)
+        smcgen.generate(
+            target, [0, 1], tokenizer=tok, potentials=RewardPotential(reward, batched=True), max_new_tokens=4
+        )
 
 
 @pytest.mark.parametrize("value", [None, "high", [1.0]])
@@ -200,7 +202,9 @@ class _BadProposal(Proposal):
 )
 def test_custom_proposal_output_is_checked(target, tok, make, exc, words):
     with pytest.raises(exc, match=words) as err:
-        smcgen.generate(target, [0, 1], tokenizer=tok, proposal=_BadProposal(make), n_particles=2, block_size=2, max_new_tokens=4)
+        smcgen.generate(
+            target, [0, 1], tokenizer=tok, proposal=_BadProposal(make), n_particles=2, block_size=2, max_new_tokens=4
+        )
     assert "_BadProposal" in str(err.value)
 
 

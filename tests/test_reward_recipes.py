@@ -34,8 +34,13 @@ def test_syllables_and_meter():
 
 def test_haiku_potential_passes_the_harness_on_real_tokens():
     tok = smcgen.load_model("smollm2-135m").tokenizer
-    texts = ["An old silent pond\nA frog jumps into the pond\nsplash! Silence again", "An old silent pond is here",
-             "Leaves fall", "", "Cold wind\n\nbright"]
+    texts = [
+        "An old silent pond\nA frog jumps into the pond\nsplash! Silence again",
+        "An old silent pond is here",
+        "Leaves fall",
+        "",
+        "Cold wind\n\nbright",
+    ]
     check_potential(haiku.Haiku(), [tok.encode(t) for t in texts], decoder=tok, monotone=True)
 
 
@@ -86,6 +91,10 @@ def test_evaluation_runs_end_to_end_on_a_tiny_model():
 def test_paired_difference_and_ci():
     m, h = _harness.ci95([1.0, 0.0, 1.0, 0.0])
     assert m == 0.5 and h == pytest.approx(1.96 * math.sqrt(1 / 3) / 2)
-    a = _harness.MethodResult("a", "SMC", 2, [_harness.Answer(0, g, "", [], r, math.nan) for g, r in enumerate([1, 1, 2])], 0, 1)
-    b = _harness.MethodResult("b", "SMC", 2, [_harness.Answer(0, g, "", [], r, math.nan) for g, r in enumerate([0, 0, 1])], 0, 1)
+    a = _harness.MethodResult(
+        "a", "SMC", 2, [_harness.Answer(0, g, "", [], r, math.nan) for g, r in enumerate([1, 1, 2])], 0, 1
+    )
+    b = _harness.MethodResult(
+        "b", "SMC", 2, [_harness.Answer(0, g, "", [], r, math.nan) for g, r in enumerate([0, 0, 1])], 0, 1
+    )
     assert _harness.paired_diff(a, b, "reward") == (1.0, 0.0)  # the same +1 on every pair: no spread

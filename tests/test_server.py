@@ -130,8 +130,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(client):
     assert_works(client)
 
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
-    err = error_of(lambda: client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "a"}], response_format=bad_schema))
+    err = error_of(
+        lambda: client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "a"}], response_format=bad_schema
+        )
+    )
     assert err.status_code == 400 and err.body["param"] == "response_format" and "objekt" in err.body["message"]
     assert_works(client)
 
@@ -144,7 +147,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(client):
     err = error_of(lambda: client.completions.create(model="tiny", prompt="ab", extra_body={"n_partcles": 4}))
     assert err.status_code == 400 and err.body["param"] == "n_partcles"  # a typo is named, not ignored
     err = error_of(lambda: client.completions.create(model="tiny", prompt="ab", temperature=0))
-    assert err.status_code == 400 and err.body["param"] == "temperature" and "greater than or equal to 0.0001" in err.body["message"]
+    assert (
+        err.status_code == 400
+        and err.body["param"] == "temperature"
+        and "greater than or equal to 0.0001" in err.body["message"]
+    )
     err = error_of(lambda: client.completions.create(model="tiny", prompt="ab", n=2))
     assert err.status_code == 400 and err.body["param"] == "n"
     assert_works(client)
@@ -171,9 +178,7 @@ def test_health_and_metrics(server, client):
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny" and health["engine"] == "generic"
     text = httpx.get(f"{server}/metrics").text
-    samples = {
-        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"
-    }
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert samples['smcgen_requests_total{endpoint="completions",code="200"}'] >= 1
     assert samples["smcgen_completion_tokens_total"] >= 1
     assert samples["smcgen_particle_tokens_total"] >= samples["smcgen_completion_tokens_total"]
@@ -206,7 +211,9 @@ def test_scheduler_batches_waiting_requests_seeded_or_not():
 
     results, metrics = asyncio.run(scenario())
     assert metrics.batches == 1  # all four requests in one native run
-    assert engine.stats["native_requests"] == 4 and engine.stats["native_engines_built"] == 1  # one per setting, any seed
+    assert (
+        engine.stats["native_requests"] == 4 and engine.stats["native_engines_built"] == 1
+    )  # one per setting, any seed
     alone = engine("ab", seed=7)
     assert results[3].sequences == alone.sequences and results[3].text == alone.text
     assert all(r.engine == "native" for r in results)

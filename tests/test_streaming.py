@@ -37,8 +37,15 @@ def test_stable_prefix_follows_live_particles_and_holds_back_split_characters():
 
 @pytest.mark.parametrize("engine_name", ["native", "generic"])
 def test_stream_adds_up_to_the_answer_and_streams_before_the_end(engine_name):
-    engine = Engine(lm_with_tokenizer(0), draft=lm_with_tokenizer(1), engine=engine_name, n_particles=4,
-                    block_size=2, max_new_tokens=24, ess_threshold=1.0)
+    engine = Engine(
+        lm_with_tokenizer(0),
+        draft=lm_with_tokenizer(1),
+        engine=engine_name,
+        n_particles=4,
+        block_size=2,
+        max_new_tokens=24,
+        ess_threshold=1.0,
+    )
     seen = 0
     for seed in range(4):
         stream = engine.stream("abba", seed=seed)

@@ -19,8 +19,16 @@ VOCAB = 37  # odd: the two LM-head shards differ in size
 
 
 def _config(kind: str):
-    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return Qwen2Config(**fields) if kind == "qwen2" else LlamaConfig(**fields)
 
 
@@ -30,8 +38,11 @@ def _full(kind: str, quantize: str | None = None) -> NativeCausalLM:
         gen = torch.Generator().manual_seed(2)
         for name, p in full.named_parameters():
             if p.dim() == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen) if name.endswith("norm")
-                        else 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(
+                    1 + 0.3 * torch.randn(p.shape, generator=gen)
+                    if name.endswith("norm")
+                    else 0.1 * torch.randn(p.shape, generator=gen)
+                )
         # big logits: sampling depends on them, not on the Gumbel noise alone
         full.lm_head.mul_(20.0)
     if quantize is not None:

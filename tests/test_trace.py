@@ -49,8 +49,19 @@ class _Page(HTMLParser):
 @pytest.fixture(scope="module")
 def traced(target, draft, tok):
     # a draft and a reward twist make the weights uneven; ess_threshold 0.9 resamples on some steps, not all
-    return smcgen.generate(target, "ab", tokenizer=tok, draft=draft, block_size=2, potentials=_REWARD, n_particles=6,
-                           max_new_tokens=12, seed=5, ess_threshold=0.9, trace=True)
+    return smcgen.generate(
+        target,
+        "ab",
+        tokenizer=tok,
+        draft=draft,
+        block_size=2,
+        potentials=_REWARD,
+        n_particles=6,
+        max_new_tokens=12,
+        seed=5,
+        ess_threshold=0.9,
+        trace=True,
+    )
 
 
 _REWARD = smcgen.RewardPotential(lambda text: text.count("a") / 2, prefix=True)
@@ -73,8 +84,18 @@ def test_trace_matches_the_result(traced, tok):
 
 
 def test_untraced_run_has_no_trace_and_same_output(target, draft, tok, traced):
-    plain = smcgen.generate(target, "ab", tokenizer=tok, draft=draft, block_size=2, potentials=_REWARD, n_particles=6,
-                            max_new_tokens=12, seed=5, ess_threshold=0.9)
+    plain = smcgen.generate(
+        target,
+        "ab",
+        tokenizer=tok,
+        draft=draft,
+        block_size=2,
+        potentials=_REWARD,
+        n_particles=6,
+        max_new_tokens=12,
+        seed=5,
+        ess_threshold=0.9,
+    )
     assert plain.trace is None
     assert plain.sequences == traced.sequences and plain.log_weights == traced.log_weights
 

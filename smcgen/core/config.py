@@ -119,9 +119,7 @@ class EngineSettings(BaseModel):
             "with engine='generic' and ignored when 'auto' falls back to the generic engine."
         ),
     )
-    draft_fp8: bool = Field(
-        False, description="Shorthand for draft_quantization='fp8' (kept for earlier callers)."
-    )
+    draft_fp8: bool = Field(False, description="Shorthand for draft_quantization='fp8' (kept for earlier callers).")
 
     @model_validator(mode="after")
     def _one_draft_format(self) -> EngineSettings:

@@ -341,8 +341,7 @@ class ResidualResampler(Resampler):
 
 
 RESAMPLERS: dict[str, type[Resampler]] = {
-    cls.name: cls
-    for cls in (MultinomialResampler, SystematicResampler, StratifiedResampler, ResidualResampler)
+    cls.name: cls for cls in (MultinomialResampler, SystematicResampler, StratifiedResampler, ResidualResampler)
 }
 """Resampler classes keyed by their ``name``."""
 

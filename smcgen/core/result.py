@@ -71,6 +71,7 @@ class SMCResult:
     def argmax_text(self) -> str:
         """The text with the largest posterior mass (particles with the same text pooled)."""
         return self.posterior[0][0] if self.posterior else self.text
+
     method: str = "smc"
     acceptance_rate: float | None = None
 

@@ -15,7 +15,9 @@ def gumbel_from_uniform(u: Tensor) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
-def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+def gumbel_noise(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """Standard Gumbel noise drawn with ``generator``."""
     return gumbel_from_uniform(torch.rand(shape, generator=generator, device=device, dtype=torch.float32))
 

@@ -302,11 +302,7 @@ def _levels(depth: int, indent: str, first: int) -> list[str]:
                 "$DEEPERLOOP": f"| eol body{k + 1}L" if deeper else "",
                 "$DEEPERDEF": f"| eol body{k + 1}" if deeper else "",
                 "$DEEPER": f"| eol body{k + 1}{loop}" if deeper else "",
-                "$MATCH": (
-                    f"| matchh blank* case{k + 1}{loop} (case{k + 1}{loop} | blank)*"
-                    if k + 1 < depth
-                    else ""
-                ),
+                "$MATCH": (f"| matchh blank* case{k + 1}{loop} (case{k + 1}{loop} | blank)*" if k + 1 < depth else ""),
                 "$k": str(k),
                 "$L": loop,
                 "$I": indent * k,
@@ -317,9 +313,7 @@ def _levels(depth: int, indent: str, first: int) -> list[str]:
                 level = "\n".join(ln for ln in level.splitlines() if not ln.startswith(("loopsuite", "defsuite")))
             rules.append(level.strip())
             if k + 1 < depth:
-                rules.append(
-                    f'case{k + 1}{loop} ::= "{indent * (k + 1)}" caseh suite{k + 1}{loop}'
-                )
+                rules.append(f'case{k + 1}{loop} ::= "{indent * (k + 1)}" caseh suite{k + 1}{loop}')
     return rules
 
 
@@ -346,14 +340,29 @@ def python_grammar(depth: int = 16, indent: str = "    ", start: str = "body", f
         root = f"root ::= (blank | stmt0)*{tail}"
         first = 0
     reserved = [*keyword.kwlist, "__debug__"]
-    rules = [root, *_levels(depth, indent, first), _LEXICAL.strip(), *_expressions(), identifier_rules("name", reserved)]
+    rules = [
+        root,
+        *_levels(depth, indent, first),
+        _LEXICAL.strip(),
+        *_expressions(),
+        identifier_rules("name", reserved),
+    ]
     return _inline_whitespace("\n".join(rules))
 
 
 def _inline_whitespace(grammar: str) -> str:
     """Replace references to the whitespace rules by their bodies (see _WL) and drop their definitions."""
-    ws = {"wl": _WL, "wl1": _WL1, "wn": _WN, "wn1": _WN1, "wd": "[ \\t]*", "wd1": "[ \\t]+", "ws": "[ \\t]*",
-          "ws1": "[ \\t]+", "eol": f'{_WL} (comment | "\\n")'}
+    ws = {
+        "wl": _WL,
+        "wl1": _WL1,
+        "wn": _WN,
+        "wn1": _WN1,
+        "wd": "[ \\t]*",
+        "wd1": "[ \\t]+",
+        "ws": "[ \\t]*",
+        "ws1": "[ \\t]+",
+        "eol": f'{_WL} (comment | "\\n")',
+    }
     lines = [ln for ln in grammar.splitlines() if ln.split(" ::= ")[0] not in ws]
     pattern = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|\b(' + "|".join(ws) + r")\b")
     return "\n".join(pattern.sub(lambda m: ws[m.group(1)] if m.group(1) else m.group(0), ln) for ln in lines)

@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 
-
 _LOG2E = 1.0 / math.log(2.0)
 #: head dims the Triton attention kernel takes; others fall back to the torch twin
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -64,9 +63,7 @@ def _sms(device: torch.device) -> int:
     return sm_count(device) if device.type == "cuda" else 4
 
 
-def _num_splits(
-    n_programs: int, max_keys: int, block_m: int, device: torch.device, min_keys: int | None = None
-) -> int:
+def _num_splits(n_programs: int, max_keys: int, block_m: int, device: torch.device, min_keys: int | None = None) -> int:
     """KV splits per (row, kv head, query block), from the call's shapes only.
 
     ``max_keys`` = max_pages * page_size is the table's capacity, so a captured graph stays valid;
@@ -385,8 +382,9 @@ def cascade_attention_torch(
     lse = torch.stack([s_pre.logsumexp(-1), s_suf.logsumexp(-1)])  # [2, R, Hkv, G, T]
     total = lse.logsumexp(0)
     w = torch.exp(lse - total).nan_to_num(0.0)  # a query with no visible key gets zeros
-    o_pre = torch.einsum("rhgts,rhsd->rhgtd", torch.softmax(s_pre, -1).nan_to_num(0.0),
-                         pv.repeat_interleave(group, dim=0))
+    o_pre = torch.einsum(
+        "rhgts,rhsd->rhgtd", torch.softmax(s_pre, -1).nan_to_num(0.0), pv.repeat_interleave(group, dim=0)
+    )
     o_suf = torch.einsum("rhgts,rhsd->rhgtd", torch.softmax(s_suf, -1).nan_to_num(0.0), sv)
     out = w[0][..., None] * o_pre + w[1][..., None] * o_suf
     return out.permute(0, 3, 1, 2, 4).reshape(n_rows, n_q, n_qh, dim).to(q.dtype)
@@ -465,8 +463,20 @@ def cascade_attention_triton(
         counters = part_lse  # unread with one prefix split
     pdl = pdl_enabled(q)
     ieee = q.dtype == torch.float32
-    common = (q.stride(0), q.stride(1), q.stride(2), k_pool_l.stride(0), k_pool_l.stride(1), k_pool_l.stride(2),
-              v_pool_l.stride(0), v_pool_l.stride(1), v_pool_l.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    common = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_pool_l.stride(0),
+        k_pool_l.stride(1),
+        k_pool_l.stride(2),
+        v_pool_l.stride(0),
+        v_pool_l.stride(1),
+        v_pool_l.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
     _paged_attention_kernel[(n_rows * n_kvh, num_splits, n_qblocks)](
         q, k_pool_l, v_pool_l, block_table, start_pos, out, part_o, part_lse, counters, prefix_len,
         scale * _LOG2E, n_q, n_kvh, max_pages, group, *common,
@@ -499,8 +509,9 @@ def cascade_attention(
     """Cascade attention -> [R, T, Hq, D] (Triton on CUDA, torch otherwise); same result as
     :func:`paged_attention` when the rows of each group hold the same K/V below ``prefix_len``."""
     if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
-        return cascade_attention_triton(q, k_pool_l, v_pool_l, block_table, start_pos, scale, prefix_len, group,
-                                        min_prefix, counters=counters)
+        return cascade_attention_triton(
+            q, k_pool_l, v_pool_l, block_table, start_pos, scale, prefix_len, group, min_prefix, counters=counters
+        )
     return cascade_attention_torch(q, k_pool_l, v_pool_l, block_table, start_pos, scale, prefix_len, group)
 
 
@@ -511,8 +522,18 @@ def cascade_attention(
 if HAS_TRITON:
 
     @triton.jit
-    def _merge_partials(part_o, part_lse, row, m_ok, d, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                        NSLOT: tl.constexpr, NSLOT_P2: tl.constexpr, PER_ITER: tl.constexpr = 0):
+    def _merge_partials(
+        part_o,
+        part_lse,
+        row,
+        m_ok,
+        d,
+        BLOCK_M: tl.constexpr,
+        D: tl.constexpr,
+        NSLOT: tl.constexpr,
+        NSLOT_P2: tl.constexpr,
+        PER_ITER: tl.constexpr = 0,
+    ):
         """Merge the NSLOT partial outputs of packed rows ``row`` by their log-sum-exp (log2 units).
 
         Every slot's log-sum-exp in one load and (PER_ITER 0, for small tiles) every partial
@@ -522,9 +543,12 @@ if HAS_TRITON:
         slots, against 1.6 KB for the kernel without its merge). A row with no visible key gets zeros.
         """
         sp = tl.arange(0, NSLOT_P2)
-        lse_all = tl.load(part_lse + row[:, None] * NSLOT + sp[None, :],
-                          mask=m_ok[:, None] & (sp[None, :] < NSLOT), other=float("-inf"),
-                          cache_modifier=".cg")
+        lse_all = tl.load(
+            part_lse + row[:, None] * NSLOT + sp[None, :],
+            mask=m_ok[:, None] & (sp[None, :] < NSLOT),
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )
         m_all = tl.max(lse_all, 1)
         m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
         w_all = tl.exp2(lse_all - m_use[:, None])
@@ -533,17 +557,24 @@ if HAS_TRITON:
         if PER_ITER == 0:
             for s_i in tl.static_range(NSLOT):
                 w_s = tl.sum(tl.where(sp[None, :] == s_i, w_all, 0.0), 1)
-                o_s = tl.load(part_o + (row * NSLOT + s_i)[:, None] * D + d[None, :], mask=m_ok[:, None],
-                              other=0.0, cache_modifier=".cg")
+                o_s = tl.load(
+                    part_o + (row * NSLOT + s_i)[:, None] * D + d[None, :],
+                    mask=m_ok[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
                 acc += w_s[:, None] * o_s
         else:
             for s0 in range(0, NSLOT, PER_ITER):
                 for j in tl.static_range(PER_ITER):
                     ok = m_ok & (s0 + j < NSLOT)
-                    lse_s = tl.load(part_lse + row * NSLOT + s0 + j, mask=ok, other=float("-inf"),
-                                    cache_modifier=".cg")
-                    o_s = tl.load(part_o + (row * NSLOT + s0 + j)[:, None] * D + d[None, :], mask=ok[:, None],
-                                  other=0.0, cache_modifier=".cg")
+                    lse_s = tl.load(part_lse + row * NSLOT + s0 + j, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(
+                        part_o + (row * NSLOT + s0 + j)[:, None] * D + d[None, :],
+                        mask=ok[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
                     acc += tl.exp2(lse_s - m_use)[:, None] * o_s
         return acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
 
@@ -617,8 +648,7 @@ if HAS_TRITON:
         lo = split * chunk
         hi = tl.minimum(lo + chunk, plen)
 
-        qt = tl.load(q + r[:, None] * s_qr + t[:, None] * s_qt + head[:, None] * s_qh + d[None, :],
-                     mask=m_ok[:, None])
+        qt = tl.load(q + r[:, None] * s_qr + t[:, None] * s_qt + head[:, None] * s_qh + d[None, :], mask=m_ok[:, None])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -655,8 +685,9 @@ if HAS_TRITON:
 
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         row = (r * T + t) * (n_kvh * G) + head
-        tl.store(part_o + (row * NSLOT + SLOT0 + split)[:, None] * D + d[None, :], acc / safe_l[:, None],
-                 mask=m_ok[:, None])
+        tl.store(
+            part_o + (row * NSLOT + SLOT0 + split)[:, None] * D + d[None, :], acc / safe_l[:, None], mask=m_ok[:, None]
+        )
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(part_lse + row * NSLOT + SLOT0 + split, lse, mask=m_ok)
         tl.debug_barrier()

@@ -152,14 +152,10 @@ def _check(
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if gated and n % 2:
-        raise ValueError(
-            f"gated needs an even weight height (gate rows then up rows), got {n}"
-        )
+        raise ValueError(f"gated needs an even weight height (gate rows then up rows), got {n}")
     n_out = n // 2 if gated else n
     if residual is not None and residual.shape != (*x.shape[:-1], n_out):
-        raise ValueError(
-            f"residual must have shape {(*x.shape[:-1], n_out)}, got {tuple(residual.shape)}"
-        )
+        raise ValueError(f"residual must have shape {(*x.shape[:-1], n_out)}, got {tuple(residual.shape)}")
     return n_out
 
 
@@ -424,8 +420,14 @@ def fused_linear(
     ``max_rows`` says: the composed path would dequantize it first.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    kwargs = {"norm_weight": norm_weight, "eps": eps, "residual": residual, "gated": gated, "accumulate": accumulate,
-              "weight_scale": weight_scale}
+    kwargs = {
+        "norm_weight": norm_weight,
+        "eps": eps,
+        "residual": residual,
+        "gated": gated,
+        "accumulate": accumulate,
+        "weight_scale": weight_scale,
+    }
     quantized = weight_scale is not None  # fp8 or int8: planned alike
     if quantized and use_triton(x) and rows > MAX_SKINNY_ROWS:
         return _quantized_in_row_chunks(x, weight, bias, counters, **kwargs)
@@ -437,7 +439,9 @@ def fused_linear(
     return fused_linear_composed(x, weight, bias, **kwargs)
 
 
-def _quantized_in_row_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, counters: Tensor | None, **kwargs) -> Tensor:
+def _quantized_in_row_chunks(
+    x: Tensor, weight: Tensor, bias: Tensor | None, counters: Tensor | None, **kwargs
+) -> Tensor:
     """A quantized (fp8 / int8) layer over more rows than the skinny kernel takes: the kernel on row blocks in turn.
 
     Each block streams the weight again, one byte per element, which costs what one bf16 pass
@@ -466,9 +470,28 @@ def _quantized_in_row_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, cou
 if HAS_TRITON:
 
     @triton.jit
-    def _epilogue(acc, acc_up, sumsq, ws_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
-                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                  GATED: tl.constexpr):
+    def _epilogue(
+        acc,
+        acc_up,
+        sumsq,
+        ws_scale,
+        b,
+        res,
+        out,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        K,
+        stride_r,
+        stride_o,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        GATED: tl.constexpr,
+    ):
         m_mask = offs_m < M
         n_mask = offs_n < N
         if HAS_SCALE:  # one-byte weights: each weight row's scale, on the fp32 sums
@@ -513,10 +536,27 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _stream_weights(x_ptrs, w_ptrs, up_off, g, offs_k, m_mask, n_mask, k_lo, k_hi,
-                        HAS_NORM: tl.constexpr, SUMSQ: tl.constexpr, GATED: tl.constexpr, EVEN_N: tl.constexpr,
-                        EVEN_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _stream_weights(
+        x_ptrs,
+        w_ptrs,
+        up_off,
+        g,
+        offs_k,
+        m_mask,
+        n_mask,
+        k_lo,
+        k_hi,
+        HAS_NORM: tl.constexpr,
+        SUMSQ: tl.constexpr,
+        GATED: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        IEEE: tl.constexpr,
+        SWAP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """The skinny kernel's main loop: ``(acc, acc_up, sumsq)``, the fp32 products [BLOCK_M, BLOCK_N]
         of the rows at ``x_ptrs`` with the weight tile at ``w_ptrs`` (and, when GATED, with the one
         ``up_off`` elements further) over K in [k_lo, k_hi), and the rows' sums of squares (HAS_NORM
@@ -623,8 +663,28 @@ if HAS_TRITON:
         )  # fmt: skip
         pdl_release(PDL)  # the weight stream is done: the next kernel may launch
         if SPLIT == 1:
-            _epilogue(acc, acc_up, sumsq, w_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o, eps,
-                      HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED)
+            _epilogue(
+                acc,
+                acc_up,
+                sumsq,
+                w_scale,
+                b,
+                res,
+                out,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                K,
+                stride_r,
+                stride_o,
+                eps,
+                HAS_BIAS,
+                HAS_SCALE,
+                HAS_NORM,
+                HAS_RES,
+                GATED,
+            )
         else:
             # Park the partials in this (split, tile) slot; the tile's last program to arrive
             # (counted with an acq_rel atomic after a CTA barrier, so every thread's stores are
@@ -651,6 +711,26 @@ if HAS_TRITON:
                         acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile_m, cache_modifier=".cg")
                     if HAS_NORM:
                         sumsq += tl.load(part + (2 if GATED else 1) * BLOCK_M * BLOCK_N + offs_m, cache_modifier=".cg")
-                _epilogue(acc, acc_up, sumsq, w_scale, b, res, out, offs_m, offs_n, M, N, K, stride_r, stride_o,
-                          eps, HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED)
+                _epilogue(
+                    acc,
+                    acc_up,
+                    sumsq,
+                    w_scale,
+                    b,
+                    res,
+                    out,
+                    offs_m,
+                    offs_n,
+                    M,
+                    N,
+                    K,
+                    stride_r,
+                    stride_o,
+                    eps,
+                    HAS_BIAS,
+                    HAS_SCALE,
+                    HAS_NORM,
+                    HAS_RES,
+                    GATED,
+                )
                 tl.atomic_xchg(counters + pid_n, 0)

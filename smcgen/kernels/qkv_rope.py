@@ -55,8 +55,21 @@ def _split_heads(qkv: Tensor, n_heads: int, n_kv_heads: int, dim: int) -> tuple[
     return q.reshape(r, t, n_heads, dim), k.reshape(r, t, n_kv_heads, dim), v.reshape(r, t, n_kv_heads, dim)
 
 
-def _check(x: Tensor, weight: Tensor, k_pool_l: Tensor, v_pool_l: Tensor, cos_table: Tensor, n_heads: int,
-           n_kv_heads: int, bias, norm_weight, row_norm, q_norm, k_norm, weight_scale) -> int:
+def _check(
+    x: Tensor,
+    weight: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    cos_table: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    bias,
+    norm_weight,
+    row_norm,
+    q_norm,
+    k_norm,
+    weight_scale,
+) -> int:
     """Validate (errors name the parameter); return the head width D."""
     if x.dim() != 3:
         raise ValueError(f"x must be [rows, tokens, hidden], got {tuple(x.shape)}")
@@ -81,13 +94,46 @@ def _check(x: Tensor, weight: Tensor, k_pool_l: Tensor, v_pool_l: Tensor, cos_ta
     return dim
 
 
-def _two_step(project, rope, x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, dim,
-              n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm, k_norm, eps, weight_scale) -> Tensor:
+def _two_step(
+    project,
+    rope,
+    x,
+    weight,
+    cos_table,
+    sin_table,
+    start_pos,
+    k_pool_l,
+    v_pool_l,
+    block_table,
+    dim,
+    n_heads,
+    n_kv_heads,
+    bias,
+    norm_weight,
+    row_norm,
+    q_norm,
+    k_norm,
+    eps,
+    weight_scale,
+) -> Tensor:
     """The projection ``project`` (a fused_linear version), then ``rope`` (a rope_qk_write_kv version)."""
     qkv = project(x, weight, bias, norm_weight=norm_weight, eps=eps, weight_scale=weight_scale)
     q, k, v = _split_heads(qkv, n_heads, n_kv_heads, dim)
-    return rope(q, k, v, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table, q_norm, k_norm, eps,
-                x if row_norm else None)
+    return rope(
+        q,
+        k,
+        v,
+        cos_table,
+        sin_table,
+        start_pos,
+        k_pool_l,
+        v_pool_l,
+        block_table,
+        q_norm,
+        k_norm,
+        eps,
+        x if row_norm else None,
+    )
 
 
 def qkv_rope_write_kv_torch(
@@ -111,11 +157,43 @@ def qkv_rope_write_kv_torch(
     weight_scale: Tensor | None = None,
 ) -> Tensor:
     """Reference: the projection (``fused_linear_torch``), then ``rope_qk_write_kv_torch``."""
-    dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
-                 k_norm, weight_scale)
-    return _two_step(fused_linear_torch, rope_qk_write_kv_torch, x, weight, cos_table, sin_table, start_pos,
-                     k_pool_l, v_pool_l, block_table, dim, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
-                     k_norm, eps, weight_scale)
+    dim = _check(
+        x,
+        weight,
+        k_pool_l,
+        v_pool_l,
+        cos_table,
+        n_heads,
+        n_kv_heads,
+        bias,
+        norm_weight,
+        row_norm,
+        q_norm,
+        k_norm,
+        weight_scale,
+    )
+    return _two_step(
+        fused_linear_torch,
+        rope_qk_write_kv_torch,
+        x,
+        weight,
+        cos_table,
+        sin_table,
+        start_pos,
+        k_pool_l,
+        v_pool_l,
+        block_table,
+        dim,
+        n_heads,
+        n_kv_heads,
+        bias,
+        norm_weight,
+        row_norm,
+        q_norm,
+        k_norm,
+        eps,
+        weight_scale,
+    )
 
 
 def qkv_rope_write_kv_triton(
@@ -140,8 +218,21 @@ def qkv_rope_write_kv_triton(
 ) -> Tensor:
     """One launch: one program per head projects all rows onto it, rotates q and k heads and
     stores k and v in their page slots (a missing page is skipped, never written)."""
-    dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
-                 k_norm, weight_scale)
+    dim = _check(
+        x,
+        weight,
+        k_pool_l,
+        v_pool_l,
+        cos_table,
+        n_heads,
+        n_kv_heads,
+        bias,
+        norm_weight,
+        row_norm,
+        q_norm,
+        k_norm,
+        weight_scale,
+    )
     n_rows, n_new, hidden = x.shape
     rows = n_rows * n_new
     if rows > linear.MAX_SKINNY_ROWS:
@@ -167,8 +258,9 @@ def qkv_rope_write_kv_triton(
         x2 = x2.contiguous()
     has_qk_norm = q_norm is not None
     q_dtype = torch.promote_types(x.dtype, q_norm.dtype) if has_qk_norm else x.dtype
-    q_out = torch.empty((n_rows, n_new, n_heads, dim), dtype=torch.promote_types(q_dtype, cos_table.dtype),
-                        device=x.device)
+    q_out = torch.empty(
+        (n_rows, n_new, n_heads, dim), dtype=torch.promote_types(q_dtype, cos_table.dtype), device=x.device
+    )
     if rows == 0:
         return q_out
     # the skinny kernel's plan for this projection, less its split-K: a program must hold whole heads
@@ -251,17 +343,52 @@ def qkv_rope_write_kv(
     """The fused kernel on CUDA for ``rows <= max_rows`` (at most ``MAX_SKINNY_ROWS``) and 64-wide
     heads when ``fused``; otherwise the two-step path: ``fused_linear`` (with ``max_rows`` and
     ``counters``, see there) then ``rope_qk_write_kv``."""
-    dim = _check(x, weight, k_pool_l, v_pool_l, cos_table, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
-                 k_norm, weight_scale)
+    dim = _check(
+        x,
+        weight,
+        k_pool_l,
+        v_pool_l,
+        cos_table,
+        n_heads,
+        n_kv_heads,
+        bias,
+        norm_weight,
+        row_norm,
+        q_norm,
+        k_norm,
+        weight_scale,
+    )
     args = (x, weight, cos_table, sin_table, start_pos, k_pool_l, v_pool_l, block_table)
     rows = x.shape[0] * x.shape[1]
     if fused and use_triton(x) and rows <= min(max_rows, linear.MAX_SKINNY_ROWS) and dim == FUSED_HEAD_DIM:
-        return qkv_rope_write_kv_triton(*args, n_heads=n_heads, n_kv_heads=n_kv_heads, bias=bias,
-                                        norm_weight=norm_weight, row_norm=row_norm, q_norm=q_norm, k_norm=k_norm,
-                                        eps=eps, weight_scale=weight_scale)
+        return qkv_rope_write_kv_triton(
+            *args,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            bias=bias,
+            norm_weight=norm_weight,
+            row_norm=row_norm,
+            q_norm=q_norm,
+            k_norm=k_norm,
+            eps=eps,
+            weight_scale=weight_scale,
+        )
     project = functools.partial(fused_linear, max_rows=max_rows, counters=counters)
-    return _two_step(project, rope_qk_write_kv, *args, dim, n_heads, n_kv_heads, bias, norm_weight, row_norm, q_norm,
-                     k_norm, eps, weight_scale)
+    return _two_step(
+        project,
+        rope_qk_write_kv,
+        *args,
+        dim,
+        n_heads,
+        n_kv_heads,
+        bias,
+        norm_weight,
+        row_norm,
+        q_norm,
+        k_norm,
+        eps,
+        weight_scale,
+    )
 
 
 if HAS_TRITON:
@@ -365,8 +492,9 @@ if HAS_TRITON:
             s = tl.load(sin + pos[:, None] * s_pos + d[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
             if head < n_qh:
                 out = _rotate(y, c, s, q_norm, eps, D, QK_NORM, src, q_out.dtype.element_ty)
-                tl.store(q_out + (offs_m.to(tl.int64) * n_qh + head)[:, None] * s_oq + d[None, :], out,
-                         mask=m_mask[:, None])
+                tl.store(
+                    q_out + (offs_m.to(tl.int64) * n_qh + head)[:, None] * s_oq + d[None, :], out, mask=m_mask[:, None]
+                )
             else:
                 out = _rotate(y, c, s, k_norm, eps, D, QK_NORM, src, k_pool.dtype.element_ty)
                 tl.store(k_pool + slot + (head - n_qh) * s_ph, out, mask=ok)

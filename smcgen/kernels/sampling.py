@@ -473,11 +473,7 @@ def _plan(
     if n_chunks is None:
         # ~4 programs per SM keeps every SM busy on the Philox work; the CPU interpreter runs programs
         # one by one, so a single chunk is fastest there
-        target = (
-            4 * sm_count(device)
-            if device.type == "cuda"
-            else 1
-        )
+        target = 4 * sm_count(device) if device.type == "cuda" else 1
         n_chunks = triton.cdiv(target, max(n_rows, 1))
     n_chunks = max(1, min(n_chunks, n_blocks))
     blocks_per_chunk = triton.cdiv(n_blocks, n_chunks)

@@ -48,6 +48,7 @@ from smcgen.kernels.philox import philox_uniform
 
 __all__ = ["HAS_TRITON", "smc_weight_update", "smc_weight_update_torch", "smc_weight_update_triton"]
 
+
 def _quant_scale(n: int) -> float:
     """2**(62 - ceil(log2 N)): the integer weight of the largest particle; N of them fit in int64."""
     return float(2 ** (62 - max(0, (n - 1).bit_length())))

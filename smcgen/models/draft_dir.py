@@ -98,7 +98,9 @@ def load_draft(path: str | Path, target: PreTrainedModel, *, check_target: bool 
     from safetensors.torch import load_file
 
     if not is_draft_dir(path):
-        raise ValueError(f"draft path {str(path)!r} is not a draft directory (needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
+        raise ValueError(
+            f"draft path {str(path)!r} is not a draft directory (needs {MANIFEST_FILE} and {WEIGHTS_FILE})"
+        )
     manifest = read_manifest(path)
     config = AutoConfig.from_pretrained(str(path))
     for key in ("model_type", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
@@ -122,7 +124,9 @@ def load_draft(path: str | Path, target: PreTrainedModel, *, check_target: bool 
     expected = set(own_state(draft))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"draft {path}: weights file does not match its config (missing {missing[:4]}, extra {extra[:4]})")
+        raise ValueError(
+            f"draft {path}: weights file does not match its config (missing {missing[:4]}, extra {extra[:4]})"
+        )
     draft.load_state_dict({k: v.to(first.dtype) for k, v in state.items()}, strict=False)
     draft.eval().requires_grad_(False)
     return draft

@@ -75,6 +75,7 @@ some work: 28 layers, ~95% of the target's FLOPs (the tied 576x49152 head is
 a fixed cost).  This draft is for proposals that read like text, not for speed.
 """
 
+
 def load_smollm2(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

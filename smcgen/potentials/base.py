@@ -110,8 +110,7 @@ class Potential(abc.ABC):
         :meth:`request_bitmask`)."""
         cls = type(self)
         return (
-            cls.next_token_mask is not Potential.next_token_mask
-            or cls.request_bitmask is not Potential.request_bitmask
+            cls.next_token_mask is not Potential.next_token_mask or cls.request_bitmask is not Potential.request_bitmask
         )
 
     def for_logits(self, vocab_size: int, lm: Any = None, whose: str = "the target's") -> Potential:
@@ -180,9 +179,7 @@ class PendingMask:
             for r in self._continuations.tolist():
                 end = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
                 rows.append(r[:end])
-            batch = SequenceBatch(
-                rows, self._prompt, getattr(pot, "_guide_decoder", None), rows=list(range(len(rows)))
-            )
+            batch = SequenceBatch(rows, self._prompt, getattr(pot, "_guide_decoder", None), rows=list(range(len(rows))))
             allowed = pot.next_token_mask(batch)
             if allowed is None:
                 allowed = torch.ones(len(batch), vocab, dtype=torch.bool)
@@ -209,7 +206,9 @@ class Product(Potential):
         return _sum_scores([(f, checked_scores(f, f.log_prefix(batch), len(batch))) for f in self.factors], len(batch))
 
     def log_complete(self, batch: SequenceBatch) -> Tensor:
-        return _sum_scores([(f, checked_scores(f, f.log_complete(batch), len(batch))) for f in self.factors], len(batch))
+        return _sum_scores(
+            [(f, checked_scores(f, f.log_complete(batch), len(batch))) for f in self.factors], len(batch)
+        )
 
     def _distinct(self) -> list[Potential]:
         # a factor that appears twice keeps one state: start and reorder it once

@@ -292,8 +292,16 @@ class GrammarPotential(Potential):
         return cls._maybe_bind(cls(parsed, "lark", grammar), vocab, bind_kw)
 
     @classmethod
-    def python(cls, vocab: Any = None, *, depth: int = 8, indent: str = "    ", start: str = "body",
-               fence: bool = True, **bind_kw: Any) -> GrammarPotential:
+    def python(
+        cls,
+        vocab: Any = None,
+        *,
+        depth: int = 8,
+        indent: str = "    ",
+        start: str = "body",
+        fence: bool = True,
+        **bind_kw: Any,
+    ) -> GrammarPotential:
         """Python 3.10+ code: a function's body after its ``def`` line, or a module (:mod:`smcgen.grammars.python`)."""
         from smcgen.grammars.python import python_grammar
 
@@ -528,7 +536,12 @@ class GrammarPotential(Potential):
         hit = self._automata.get(max_bytes)
         if hit is None:
             hit = build_token_dfa(
-                self._initial, list(self._info.decoded_vocab), self.vocab_size, self.eos_token_ids, max_bytes, progress,
+                self._initial,
+                list(self._info.decoded_vocab),
+                self.vocab_size,
+                self.eos_token_ids,
+                max_bytes,
+                progress,
                 tree=sub_rules_are_a_tree(str(self._grammar)),
             )
             if isinstance(hit, TokenDFA):

@@ -50,13 +50,14 @@ def _step(matcher: Any) -> tuple[int, str]:
     steps = _STEPS.search(text)
     if at < 0 or steps is None:
         raise RuntimeError("unexpected xgrammar matcher state text; the automaton cannot be built")
-    return int(steps.group(1)) - 1, text[at + len(_LAST_STEP):]
+    return int(steps.group(1)) - 1, text[at + len(_LAST_STEP) :]
 
 
 def _canonical(items: str, here: int, history: list[str]) -> str | None:
     """The item set with each item's origin (the step its rule started at) replaced by the canonical
     key of that step: an Earley item set plus the item sets its origins point to is the whole parser
     configuration, so equal keys mean equal futures. None when an origin is unknown."""
+
     def origin(m: re.Match) -> str:
         p = int(m.group(1))
         if p < 0:
@@ -135,9 +136,7 @@ def sub_rules_are_a_tree(ebnf: str) -> bool:
     return True
 
 
-def _advance(
-    parent: Any, history: list[str], token: bytes, tree: bool
-) -> tuple[Any, list[str], str] | None:
+def _advance(parent: Any, history: list[str], token: bytes, tree: bool) -> tuple[Any, list[str], str] | None:
     """A copy of ``parent`` after ``token``'s bytes, its step keys, and its automaton state key.
 
     Fast path: one ``accept_token``-like step whose items are all of the root rule need no history

@@ -58,7 +58,9 @@ def bundle_schema(schema: Any, documents: Mapping[str, Any], base_uri: str = "")
             target = doc_uri
         if fragment and not fragment.startswith("/"):
             return ref  # an anchor: left to the validator's own resolution
-        if target not in names and target.replace("http://", "https://", 1) == root_uri.replace("http://", "https://", 1):
+        if target not in names and target.replace("http://", "https://", 1) == root_uri.replace(
+            "http://", "https://", 1
+        ):
             target = root_uri
         if target not in names:
             doc = lookup(target)

@@ -42,18 +42,61 @@ from smcgen.potentials.errors import GrammarError, engine_message
 # combinations it approximates: pattern or format with lengths, multipleOf on numbers, oneOf)
 SUPPORTED = frozenset(
     {
-        "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-        "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern",
-        "minLength", "maxLength", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-        "multipleOf", "minProperties", "maxProperties", "patternProperties", "propertyNames",
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "enum",
+        "const",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "$defs",
+        "definitions",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "format",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minProperties",
+        "maxProperties",
+        "patternProperties",
+        "propertyNames",
     }
 )
 # keywords without effect on validity (annotations and identifiers): dropped silently
 ANNOTATIONS = frozenset(
     {
-        "title", "description", "default", "examples", "example", "$schema", "$id", "id", "$comment", "$anchor",
-        "deprecated", "readOnly", "writeOnly", "discriminator", "contentMediaType", "contentEncoding",
-        "contentSchema", "$vocabulary", "$dynamicAnchor", "$recursiveAnchor", "additionalItems",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "example",
+        "$schema",
+        "$id",
+        "id",
+        "$comment",
+        "$anchor",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "discriminator",
+        "contentMediaType",
+        "contentEncoding",
+        "contentSchema",
+        "$vocabulary",
+        "$dynamicAnchor",
+        "$recursiveAnchor",
+        "additionalItems",
     }
 )
 # validation keywords xgrammar 0.2.x cannot generate: dropped from the mask, enforced by the validator
@@ -76,12 +119,29 @@ CHECKED_AFTER = {
 }
 FORMATS = frozenset(
     {
-        "date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uri-reference",
-        "uri-template", "uuid", "json-pointer", "relative-json-pointer",
+        "date",
+        "time",
+        "date-time",
+        "duration",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "uri",
+        "uri-reference",
+        "uri-template",
+        "uuid",
+        "json-pointer",
+        "relative-json-pointer",
     }
 )
 TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
-_BOUNDS = (("minimum", "maximum"), ("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"))
+_BOUNDS = (
+    ("minimum", "maximum"),
+    ("minLength", "maxLength"),
+    ("minItems", "maxItems"),
+    ("minProperties", "maxProperties"),
+)
 _MAX_INLINE_DEPTH = 16  # $ref targets inlined into an allOf merge, nested at most this deep
 
 
@@ -327,8 +387,12 @@ class _Lowering:
         n_prefix = len(out.get("prefixItems", []))
         if "items" not in out and isinstance(out.get("minItems"), int) and out["minItems"] > n_prefix:
             out["items"] = {}  # generation adds no unnamed items by default; here the schema needs some
-        if (isinstance(out.get("minProperties"), int) and out["minProperties"] > len(out.get("properties") or {})
-                and "additionalProperties" not in out and "patternProperties" not in out):
+        if (
+            isinstance(out.get("minProperties"), int)
+            and out["minProperties"] > len(out.get("properties") or {})
+            and "additionalProperties" not in out
+            and "patternProperties" not in out
+        ):
             # the schema allows other properties and needs some: strict generation would allow none
             out["additionalProperties"] = True
         for key in ("properties", "patternProperties"):
@@ -380,7 +444,9 @@ class _Lowering:
         if key == "format":
             if isinstance(value, str) and value in FORMATS:
                 return value
-            self.warnings.append(f"{at}: unknown format {value!r} generated as a plain string (format is an annotation)")
+            self.warnings.append(
+                f"{at}: unknown format {value!r} generated as a plain string (format is an annotation)"
+            )
             return _DROP
         if key == "multipleOf":
             if node.get("type") == "integer" and isinstance(value, int):
@@ -421,7 +487,9 @@ class _Lowering:
             if key == "patternProperties":
                 unparsed = [k for k in value if not _xgrammar_regex_ok(k)]
                 for k in unparsed:  # narrower, not looser: such names are simply never generated
-                    self.warnings.append(f"{at}: property names matching {k!r} are not generated (xgrammar cannot parse it)")
+                    self.warnings.append(
+                        f"{at}: property names matching {k!r} are not generated (xgrammar cannot parse it)"
+                    )
                 value = {k: v for k, v in value.items() if k not in unparsed}
             return {name: self.lower(s, path + [key, name], depth) for name, s in value.items()}
         if key in ("additionalProperties", "items", "propertyNames"):
@@ -500,6 +568,8 @@ def _xgrammar_regex_ok(pattern: str) -> bool:
         return True
     except RuntimeError:
         return False
+
+
 # keywords whose value the lowering keeps at the same place, and what stands under them
 _NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
 _ONE_SCHEMA = frozenset({"additionalProperties", "items", "propertyNames"})
@@ -550,11 +620,15 @@ def _registry_resolves(root: Any, ref: str) -> bool:
         dialect = root.get("$schema", "") if isinstance(root, dict) else ""
         spec = specification_with(dialect, default=DRAFT202012) if dialect else DRAFT202012
         resource = spec.create_resource(root)
-        registry = METASCHEMAS.with_resource(resource.id() or "", resource).crawl()  # the drafts' metaschemas are known offline too
+        registry = METASCHEMAS.with_resource(
+            resource.id() or "", resource
+        ).crawl()  # the drafts' metaschemas are known offline too
         registry.resolver(base_uri=resource.id() or "").lookup(ref)
         return True
     except Exception:  # noqa: BLE001 - any failure means: not resolvable offline
         return False
+
+
 _MIN_KEYS = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
 _MAX_KEYS = ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties")
 
@@ -620,7 +694,9 @@ def lower_json_schema(schema: Any) -> LoweredSchema:
     validator = _validator_for(python_patterns(normalized))
     if lowering.warnings:
         w = lowering.warnings
-        warnings.warn("; ".join(w[:5]) + (f"; and {len(w) - 5} more" if len(w) > 5 else ""), SchemaWarning, stacklevel=3)
+        warnings.warn(
+            "; ".join(w[:5]) + (f"; and {len(w) - 5} more" if len(w) > 5 else ""), SchemaWarning, stacklevel=3
+        )
     return LoweredSchema(
         normalized, grammar_schema, tuple(dict.fromkeys(lowering.checked)), tuple(lowering.warnings), validator
     )
@@ -684,7 +760,9 @@ def shortest_document(schema: Any, root: Any = None, depth: int = 0) -> Any:
     types = types if isinstance(types, list) else [types] if types else []
     kind = next((t for t in ("null", "boolean", "integer", "number", "string", "array", "object") if t in types), None)
     if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema or "prefixItems" in schema else "null"
+        kind = (
+            "object" if "properties" in schema else "array" if "items" in schema or "prefixItems" in schema else "null"
+        )
     if kind == "null":
         return None
     if kind == "boolean":
@@ -699,9 +777,18 @@ def shortest_document(schema: Any, root: Any = None, depth: int = 0) -> Any:
             value = int(hi) - (1 if "exclusiveMaximum" in schema and "maximum" not in schema else 0)
         return value
     if kind == "string":
-        samples = {"date": "2000-01-01", "time": "00:00:00Z", "date-time": "2000-01-01T00:00:00Z", "uuid":
-                   "00000000-0000-0000-0000-000000000000", "email": "a@b.c", "ipv4": "0.0.0.0", "ipv6": "::",
-                   "uri": "a:b", "duration": "P1D", "hostname": "a"}
+        samples = {
+            "date": "2000-01-01",
+            "time": "00:00:00Z",
+            "date-time": "2000-01-01T00:00:00Z",
+            "uuid": "00000000-0000-0000-0000-000000000000",
+            "email": "a@b.c",
+            "ipv4": "0.0.0.0",
+            "ipv6": "::",
+            "uri": "a:b",
+            "duration": "P1D",
+            "hostname": "a",
+        }
         if schema.get("format") in samples:
             return samples[schema["format"]]
         return "a" * int(schema.get("minLength", 0))

@@ -42,8 +42,18 @@ from smcgen.potentials.base import Potential, SequenceBatch
 
 __all__ = ["PythonNamesPotential", "undefined_names"]
 
-_MODULE_NAMES = {"__name__", "__doc__", "__file__", "__builtins__", "__spec__", "__loader__", "__package__",
-                 "__annotations__", "__dict__", "__path__"}
+_MODULE_NAMES = {
+    "__name__",
+    "__doc__",
+    "__file__",
+    "__builtins__",
+    "__spec__",
+    "__loader__",
+    "__package__",
+    "__annotations__",
+    "__dict__",
+    "__path__",
+}
 _BUILTINS = frozenset(dir(builtins))
 _CLASS_NAMES = {"__module__", "__qualname__", "__class__"}
 _FENCE = re.compile(r"\n?```[^\n]*\n?\s*$")
@@ -109,12 +119,16 @@ class _Scope:
     def __init__(self, node: ast.AST, parent: _Scope | None, is_open: bool):
         self.node = node
         self.parent = parent
-        self.kind = "module" if isinstance(node, ast.Module) else "class" if isinstance(node, ast.ClassDef) else "function"
+        self.kind = (
+            "module" if isinstance(node, ast.Module) else "class" if isinstance(node, ast.ClassDef) else "function"
+        )
         self.all_bound = _bound_names(node)
         self.before: set[str] = set()
         self.is_open = is_open
         self.loops: list[tuple[set[str], bool]] = []  # (names bound in the loop, loop may still grow)
-        self.wildcard = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in ast.walk(node))
+        self.wildcard = any(
+            isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in ast.walk(node)
+        )
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             self.before |= _arg_names(node.args)
             self.all_bound |= self.before
@@ -170,8 +184,11 @@ class _Checker(ast.NodeVisitor):
             outer = s.parent
             while outer is not None and outer.kind == "class":
                 outer = outer.parent
-            if outer is not None and (name in outer.before or outer.kind == "function" and (
-                    name in outer.all_bound or self._resolves_outside(name, outer))):
+            if outer is not None and (
+                name in outer.before
+                or outer.kind == "function"
+                and (name in outer.all_bound or self._resolves_outside(name, outer))
+            ):
                 return
         self.errors.append((name, lineno))
 

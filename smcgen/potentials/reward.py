@@ -55,7 +55,9 @@ class RewardPotential(Potential):
                 raise TypeError(
                     f"a batched reward must return a list of numbers (one per text), got {type(returned).__name__}"
                 )
-            values = list(returned.reshape(-1).tolist()) if isinstance(returned, (Tensor, np.ndarray)) else list(returned)
+            values = (
+                list(returned.reshape(-1).tolist()) if isinstance(returned, (Tensor, np.ndarray)) else list(returned)
+            )
         else:
             values = [self.reward(t) for t in texts]  # type: ignore[arg-type]
         if len(values) != len(texts):

@@ -60,8 +60,12 @@ class TokenDFA:
 
     def to(self, device: torch.device | str) -> TokenDFA:
         return TokenDFA(
-            self.next_state.to(device), self.bitmask.to(device), self.accepting.to(device),
-            self.eos_token_ids, self.complete_is_exact, self.start,
+            self.next_state.to(device),
+            self.bitmask.to(device),
+            self.accepting.to(device),
+            self.eos_token_ids,
+            self.complete_is_exact,
+            self.start,
         )
 
     # ---------------------------------------------------------------- tensor ops (graph-safe)
@@ -83,7 +87,9 @@ class TokenDFA:
     def log_complete(self, states: Tensor) -> Tensor:
         """float32 ``[R]``: 0 where a sequence ending in the state is in the language, else ``-inf``."""
         ok = self.accepting[states]
-        return torch.where(ok, torch.zeros(ok.shape, device=ok.device), torch.full(ok.shape, float("-inf"), device=ok.device))
+        return torch.where(
+            ok, torch.zeros(ok.shape, device=ok.device), torch.full(ok.shape, float("-inf"), device=ok.device)
+        )
 
     def initial(self, n_rows: int, device: torch.device | str) -> Tensor:
         """``[n_rows]`` int64 start states (nothing generated yet)."""

@@ -344,7 +344,10 @@ class NativeSMC:
             by_length: dict[int, list[int]] = {}
             for i, p in enumerate(prompts):
                 by_length.setdefault(len(p), []).append(i)
-            parts = [(idx, self.config.seed, stream, self.config.max_new_tokens) for stream, idx in enumerate(by_length.values())]
+            parts = [
+                (idx, self.config.seed, stream, self.config.max_new_tokens)
+                for stream, idx in enumerate(by_length.values())
+            ]
         else:
             parts = [
                 (
@@ -652,7 +655,13 @@ class NativeSMC:
         in_budget = gen_idx if s.limits is None else gen_idx[None, :]
         limit = cfg.max_new_tokens if s.limits is None else s.limits
         adv = advance(
-            block, token_w, s.done, s.lengths, s.eos, limit, self.pad_id,
+            block,
+            token_w,
+            s.done,
+            s.lengths,
+            s.eos,
+            limit,
+            self.pad_id,
             in_budget < (limit if s.limits is None else limit[:, None]),
         )
         s.history.scatter_(1, gen_idx.expand(R, T), adv.block)
@@ -734,7 +743,9 @@ class NativeSMC:
         want = resample_gate(ess, self.config.ess_threshold, self.config.n_particles, s.done[g.r0 : g.r1].all(), dead)
         # a dead group's weights would be NaN in the resampler: give it uniform ones, its result is unused;
         # the built-in schemes draw from the segment's Philox stream (graph-safe), a user one from a generator
-        source = _PhiloxUniforms(s.seed[i : i + 1], s.offset[i : i + 1]) if graph_safe(self.resampler) else s.generators[i]
+        source = (
+            _PhiloxUniforms(s.seed[i : i + 1], s.offset[i : i + 1]) if graph_safe(self.resampler) else s.generators[i]
+        )
         local = self.resampler.ancestors(torch.where(dead[:, None], torch.zeros_like(lw), lw), source)
         keep = torch.arange(lw.shape[1], device=lw.device).expand_as(local)
         anc = global_rows(torch.where(want[:, None], local.to(lw.device), keep))
@@ -782,10 +793,12 @@ class NativeSMC:
             s.device_prev[i].copy_(s0)
             start += s0
         if self.host_potential is not None:
-            s0 = torch.cat([
-                score_particles(self.host_potential, [[]], [False], prompt, self.tokenizer).expand(N)
-                for prompt in prompts
-            ])
+            s0 = torch.cat(
+                [
+                    score_particles(self.host_potential, [[]], [False], prompt, self.tokenizer).expand(N)
+                    for prompt in prompts
+                ]
+            )
             s.host_start = s0
             start += s0.to(self.device, torch.float32)
         if bool(torch.isneginf(start).any()):

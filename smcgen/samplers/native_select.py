@@ -126,4 +126,3 @@ def native_reason(
     if reason is None and draft is not None and draft.device != target.device:
         reason = f"target ({target.device}) and draft ({draft.device}) are on different devices"
     return reason
-

@@ -171,21 +171,26 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
     async def resolve(body: SMCRequest, prompts: list[Any]) -> list[Any]:
         """Validate every prompt and the settings (4xx naming the field)."""
         if body.model != state.model_name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {state.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {state.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         overrides = body.smc_overrides()
         grammar = await run_in_threadpool(state.grammar, body)
         resolved = []
         for p in prompts:
             try:
-                resolved.append(await run_in_threadpool(
-                    functools.partial(engine.resolve, p, grammar, **overrides)))
+                resolved.append(await run_in_threadpool(functools.partial(engine.resolve, p, grammar, **overrides)))
             except ValidationError as err:
                 raise _config_error(err, body) from None
             except ValueError as err:  # GrammarError too: a JSON schema's shortest document exceeds max_tokens
                 msg = str(err)
                 too_long = "max_new_tokens" in msg and ("prompt (" in msg or isinstance(err, GrammarError))
-                param = "max_tokens" if too_long else ("messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+                param = (
+                    "max_tokens" if too_long else ("messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+                )
                 raise APIError(400, msg, param=param) from None
         return resolved
 
@@ -224,8 +229,13 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
         except Exception as err:  # noqa: BLE001 - any engine failure is a 500; the server goes on
             raise APIError(500, f"the engine failed: {type(err).__name__}: {err}", code="engine_error") from None
         if any(r.dead for r in (results if isinstance(results, list) else [results])):
-            raise APIError(422, "every particle ended at weight zero (no output satisfies the constraint within "
-                           "max_tokens); raise max_tokens or n_particles", param="max_tokens", code="all_particles_dead")
+            raise APIError(
+                422,
+                "every particle ended at weight zero (no output satisfies the constraint within "
+                "max_tokens); raise max_tokens or n_particles",
+                param="max_tokens",
+                code="all_particles_dead",
+            )
         return results
 
     async def streamed(endpoint: str, body: SMCRequest, prompt: Any, chat: bool) -> StreamingResponse:
@@ -331,11 +341,20 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
                 "created": int(time.time()),
                 "model": state.model_name,
                 "choices": [
-                    {"index": i, "text": r.text, "logprobs": None, "finish_reason": _finish_reason(r, eos), "smc": _smc_info(r)}
+                    {
+                        "index": i,
+                        "text": r.text,
+                        "logprobs": None,
+                        "finish_reason": _finish_reason(r, eos),
+                        "smc": _smc_info(r),
+                    }
                     for i, r in enumerate(results)
                 ],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                          "total_tokens": n_prompt + completion},
+                "usage": {
+                    "prompt_tokens": n_prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": n_prompt + completion,
+                },
             }
 
         return await timed("completions", handle)
@@ -357,24 +376,32 @@ def create_app(engine: Engine, model_name: str, *, max_queue: int = 256, max_bat
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": state.model_name,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(result, eos),
-                    "smc": _smc_info(result),
-                }],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(result.token_ids),
-                          "total_tokens": n_prompt + len(result.token_ids)},
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "logprobs": None,
+                        "finish_reason": _finish_reason(result, eos),
+                        "smc": _smc_info(result),
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": n_prompt,
+                    "completion_tokens": len(result.token_ids),
+                    "total_tokens": n_prompt + len(result.token_ids),
+                },
             }
 
         return await timed("chat_completions", handle)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": int(state.metrics.started), "owned_by": "smcgen"}
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": state.model_name, "object": "model", "created": int(state.metrics.started), "owned_by": "smcgen"}
+            ],
+        }
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -67,31 +67,70 @@ class ServerMetrics:
                 for labels, value in samples:
                     lines.append(f"{name}{labels} {value}")
 
-            metric("smcgen_requests_total", "counter", "Requests answered, by endpoint and HTTP status.",
-                   [(f'{{endpoint="{e}",code="{c}"}}', n) for (e, c), n in sorted(self.requests.items())] or [("", 0)])
-            metric("smcgen_completion_tokens_total", "counter", "Tokens of the returned answers.",
-                   [("", self.completion_tokens)])
-            metric("smcgen_particle_tokens_total", "counter", "Tokens generated over all particles.",
-                   [("", self.particle_tokens)])
-            metric("smcgen_engine_busy_seconds_total", "counter", "Wall time the engine spent running batches.",
-                   [("", round(self.busy_s, 6))])
+            metric(
+                "smcgen_requests_total",
+                "counter",
+                "Requests answered, by endpoint and HTTP status.",
+                [(f'{{endpoint="{e}",code="{c}"}}', n) for (e, c), n in sorted(self.requests.items())] or [("", 0)],
+            )
+            metric(
+                "smcgen_completion_tokens_total",
+                "counter",
+                "Tokens of the returned answers.",
+                [("", self.completion_tokens)],
+            )
+            metric(
+                "smcgen_particle_tokens_total",
+                "counter",
+                "Tokens generated over all particles.",
+                [("", self.particle_tokens)],
+            )
+            metric(
+                "smcgen_engine_busy_seconds_total",
+                "counter",
+                "Wall time the engine spent running batches.",
+                [("", round(self.busy_s, 6))],
+            )
             metric("smcgen_batches_total", "counter", "Engine batches run.", [("", self.batches)])
             rate = self.completion_tokens / self.busy_s if self.busy_s > 0 else 0.0
             prate = self.particle_tokens / self.busy_s if self.busy_s > 0 else 0.0
-            metric("smcgen_tokens_per_second", "gauge",
-                   "Answer tokens per engine-busy second since start (kind=answer) and over all particles "
-                   "(kind=particles); kind=last_batch: answer tokens/s of the last batch.",
-                   [('{kind="answer"}', round(rate, 3)), ('{kind="particles"}', round(prate, 3)),
-                    ('{kind="last_batch"}', round(self.last_tokens_per_s, 3))])
+            metric(
+                "smcgen_tokens_per_second",
+                "gauge",
+                "Answer tokens per engine-busy second since start (kind=answer) and over all particles "
+                "(kind=particles); kind=last_batch: answer tokens/s of the last batch.",
+                [
+                    ('{kind="answer"}', round(rate, 3)),
+                    ('{kind="particles"}', round(prate, 3)),
+                    ('{kind="last_batch"}', round(self.last_tokens_per_s, 3)),
+                ],
+            )
             metric("smcgen_queue_depth", "gauge", "Requests waiting for the engine.", [("", self.queue_depth)])
-            metric("smcgen_requests_in_flight", "gauge", "Requests accepted and not yet answered.",
-                   [("", self.in_flight)])
-            metric("smcgen_request_latency_seconds", "summary", "Request latency, accepted to answered.",
-                   [("_sum", round(self.latency_sum, 6)), ("_count", self.latency_count)])
-            metric("smcgen_final_ess_fraction", "summary", "Final ESS / N of each request.",
-                   [("_sum", round(self.ess_frac_sum, 6)), ("_count", self.ess_frac_count)])
-            metric("smcgen_last_final_ess_fraction", "gauge", "Final ESS / N of the last request.",
-                   [("", self.ess_frac_last)])
-            metric("smcgen_uptime_seconds", "gauge", "Seconds since the server started.",
-                   [("", round(time.time() - self.started, 3))])
+            metric(
+                "smcgen_requests_in_flight", "gauge", "Requests accepted and not yet answered.", [("", self.in_flight)]
+            )
+            metric(
+                "smcgen_request_latency_seconds",
+                "summary",
+                "Request latency, accepted to answered.",
+                [("_sum", round(self.latency_sum, 6)), ("_count", self.latency_count)],
+            )
+            metric(
+                "smcgen_final_ess_fraction",
+                "summary",
+                "Final ESS / N of each request.",
+                [("_sum", round(self.ess_frac_sum, 6)), ("_count", self.ess_frac_count)],
+            )
+            metric(
+                "smcgen_last_final_ess_fraction",
+                "gauge",
+                "Final ESS / N of the last request.",
+                [("", self.ess_frac_last)],
+            )
+            metric(
+                "smcgen_uptime_seconds",
+                "gauge",
+                "Seconds since the server started.",
+                [("", round(time.time() - self.started, 3))],
+            )
             return "\n".join(lines) + "\n"

@@ -197,11 +197,14 @@ class PagedKVCache:
         """:meth:`share_prefix` with one length per group (requests of different prompt lengths in
         one batch); a group of length 0 shares nothing."""
         if group < 1 or self.n_rows % group or len(lengths) != self.n_rows // group:
-            raise ValueError(f"share_prefixes: need one length per group of {group} of the cache's {self.n_rows} rows, "
-                             f"got {len(lengths)} lengths")
+            raise ValueError(
+                f"share_prefixes: need one length per group of {group} of the cache's {self.n_rows} rows, "
+                f"got {len(lengths)} lengths"
+            )
         if max(lengths) > self.max_pages * self.page_size:
-            raise ValueError(f"share_prefixes: length {max(lengths)} is past a row's {self.max_pages * self.page_size} "
-                             "slots")
+            raise ValueError(
+                f"share_prefixes: length {max(lengths)} is past a row's {self.max_pages * self.page_size} slots"
+            )
         if min(lengths) <= 0 and max(lengths) <= 0:
             self.shared_prefix = None
             return

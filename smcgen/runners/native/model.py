@@ -444,8 +444,11 @@ class NativeCausalLM(nn.Module):
     def quantized_weights(self) -> dict[str, str]:
         """The weights stored quantized (see ``quantize_weights``) and their format ('fp8' / 'int8')."""
         layer = self.layers[0] if len(self.layers) else None
-        found = {n: getattr(layer, n) for n in self.FP8_NAMES[:-1]
-                 if layer is not None and getattr(layer, f"{n}_scale", None) is not None}
+        found = {
+            n: getattr(layer, n)
+            for n in self.FP8_NAMES[:-1]
+            if layer is not None and getattr(layer, f"{n}_scale", None) is not None
+        }
         if getattr(self, "lm_head_scale", None) is not None:
             found["lm_head"] = self.lm_head
         return {n: ("int8" if w.dtype == torch.int8 else "fp8") for n, w in found.items()}
@@ -554,7 +557,13 @@ class NativeCausalLM(nn.Module):
     # ------------------------------------------------------- hooks of the tensor-parallel model
 
     def _add_projection(
-        self, linear: Any, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, accumulate: bool,
+        self,
+        linear: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        residual: Tensor,
+        accumulate: bool,
         weight_scale: Tensor | None,
     ) -> Tensor:
         """``residual + x @ weight.T + bias`` (the o and down projections); the tensor-parallel
@@ -618,18 +627,42 @@ class NativeCausalLM(nn.Module):
                 fused=self.fused_qkv_rope,
             )  # fmt: skip
             if prefix is not None:
-                att = cascade_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, prefix.lengths,
-                                        prefix.group, prefix.min_length, self.attn_counters)
+                att = cascade_attention(
+                    q,
+                    k_pool,
+                    v_pool,
+                    cache.block_table,
+                    start_pos,
+                    self.scale,
+                    prefix.lengths,
+                    prefix.group,
+                    prefix.min_length,
+                    self.attn_counters,
+                )
             else:
                 att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
-            h = self._add_projection(linear, att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, h,
-                                     inplace, o_scale)
-            mlp = linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=eps, gated=True,
-                         weight_scale=gate_up_scale)
+            h = self._add_projection(
+                linear, att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, h, inplace, o_scale
+            )
+            mlp = linear(
+                h,
+                layer.gate_up,
+                layer.gate_up_bias,
+                norm_weight=layer.post_norm,
+                eps=eps,
+                gated=True,
+                weight_scale=gate_up_scale,
+            )
             h = self._add_projection(linear, mlp, layer.down, layer.down_bias, h, inplace, down_scale)
         if last_only:
             h = h[:, -1]
-        return fused_linear(h, self.lm_head, norm_weight=self.norm, eps=eps,
-                            weight_scale=getattr(self, "lm_head_scale", None),
-                            max_rows=self.skinny_max_rows if self.skinny_head else 0, counters=self.linear_counters)
+        return fused_linear(
+            h,
+            self.lm_head,
+            norm_weight=self.norm,
+            eps=eps,
+            weight_scale=getattr(self, "lm_head_scale", None),
+            max_rows=self.skinny_max_rows if self.skinny_head else 0,
+            counters=self.linear_counters,
+        )

@@ -89,8 +89,13 @@ def _free_port() -> int:
 
 def _spawned(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
     os.environ.update(
-        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
     )
     init_tensor_parallel("gloo" if not torch.cuda.is_available() else None)
     try:
@@ -117,8 +122,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_spawned, args=(world_size, _free_port(), fn, args, queue), nprocs=world_size,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _spawned, args=(world_size, _free_port(), fn, args, queue), nprocs=world_size, start_method="spawn", join=True
+    )
     return torch.load(io.BytesIO(queue.get()), weights_only=False)
 
 
@@ -136,12 +142,19 @@ def vocab_range(vocab_size: int, rank: int, world: int) -> tuple[int, int]:
 def _local_config(cfg: NativeConfig, world: int) -> NativeConfig:
     """A rank's share of the architecture: heads and MLP rows divided by ``world`` (vocabulary kept:
     the engine and the sampler count tokens globally; only the LM head's rows are split)."""
-    for name, value in (("num_attention_heads", cfg.n_heads), ("num_key_value_heads", cfg.n_kv_heads),
-                        ("intermediate_size", cfg.intermediate_size)):
+    for name, value in (
+        ("num_attention_heads", cfg.n_heads),
+        ("num_key_value_heads", cfg.n_kv_heads),
+        ("intermediate_size", cfg.intermediate_size),
+    ):
         if value % world:
             raise ValueError(f"tensor parallelism over {world} ranks needs {name} ({value}) divisible by {world}")
-    return dataclasses.replace(cfg, n_heads=cfg.n_heads // world, n_kv_heads=cfg.n_kv_heads // world,
-                               intermediate_size=cfg.intermediate_size // world)
+    return dataclasses.replace(
+        cfg,
+        n_heads=cfg.n_heads // world,
+        n_kv_heads=cfg.n_kv_heads // world,
+        intermediate_size=cfg.intermediate_size // world,
+    )
 
 
 class TensorParallelLM(NativeCausalLM):
@@ -193,23 +206,29 @@ class TensorParallelLM(NativeCausalLM):
         qkv_rows = torch.cat([q_rows, k_rows, v_rows])
         gate_up_rows = torch.cat([_block(inter, r, w), _block(inter, r, w, start=inter)])
         rules = {  # name -> (rows kept, columns kept) of the full tensor; None keeps all
-            "qkv": (qkv_rows, None), "qkv_bias": (qkv_rows, None), "qkv_scale": (qkv_rows, None),
+            "qkv": (qkv_rows, None),
+            "qkv_bias": (qkv_rows, None),
+            "qkv_scale": (qkv_rows, None),
             "o": (None, q_rows),
-            "gate_up": (gate_up_rows, None), "gate_up_bias": (gate_up_rows, None), "gate_up_scale": (gate_up_rows, None),
+            "gate_up": (gate_up_rows, None),
+            "gate_up_bias": (gate_up_rows, None),
+            "gate_up_scale": (gate_up_rows, None),
             "down": (None, _block(inter, r, w)),
         }
         for mine, theirs in zip(shard.layers, full.layers, strict=True):
-            for name, tensor in list(theirs.named_parameters(recurse=False)) + list(theirs.named_buffers(recurse=False)):
+            for name, tensor in list(theirs.named_parameters(recurse=False)) + list(
+                theirs.named_buffers(recurse=False)
+            ):
                 rows, cols = rules.get(name, (None, None))
                 t = tensor if rows is None else tensor.index_select(0, rows.to(tensor.device))
                 t = t if cols is None else t.index_select(1, cols.to(tensor.device))
                 _assign(mine, name, t.contiguous(), isinstance(tensor, nn.Parameter))
         shard.embed.copy_(full.embed)
         shard.norm.copy_(full.norm)
-        _assign(shard, "lm_head", full.lm_head[shard.vocab_lo:shard.vocab_hi].contiguous(), True)
+        _assign(shard, "lm_head", full.lm_head[shard.vocab_lo : shard.vocab_hi].contiguous(), True)
         head_scale = getattr(full, "lm_head_scale", None)
         if head_scale is not None:
-            _assign(shard, "lm_head_scale", head_scale[shard.vocab_lo:shard.vocab_hi].contiguous(), False)
+            _assign(shard, "lm_head_scale", head_scale[shard.vocab_lo : shard.vocab_hi].contiguous(), False)
         shard.input_norm_folded = full.input_norm_folded
         for knob in ("skinny_max_rows", "skinny_qkv", "skinny_head", "fused_qkv_rope", "pdl", "residual_in_place"):
             setattr(shard, knob, getattr(full, knob))
@@ -218,7 +237,13 @@ class TensorParallelLM(NativeCausalLM):
     # ------------------------------------------------------------------------------- the hooks
 
     def _add_projection(
-        self, linear: Any, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, accumulate: bool,
+        self,
+        linear: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        residual: Tensor,
+        accumulate: bool,
         weight_scale: Tensor | None,
     ) -> Tensor:
         """Row-parallel projection: rank 0 adds residual and bias in the kernel's epilogue, the sum
@@ -243,8 +268,10 @@ class TensorParallelLM(NativeCausalLM):
     def gather_logits(self, logits: Tensor) -> Tensor:
         """The full logits ``[..., V]`` from every rank's columns (for tests and inspection only:
         the engine never needs them)."""
-        parts = [torch.empty(*logits.shape[:-1], hi - lo, dtype=logits.dtype, device=logits.device)
-                 for lo, hi in (vocab_range(self.vocab_size, r, self.world) for r in range(self.world))]
+        parts = [
+            torch.empty(*logits.shape[:-1], hi - lo, dtype=logits.dtype, device=logits.device)
+            for lo, hi in (vocab_range(self.vocab_size, r, self.world) for r in range(self.world))
+        ]
         # uneven shards: all_gather takes equal sizes, so pad to the widest and cut
         width = max(p.shape[-1] for p in parts)
         padded = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]))
@@ -312,19 +339,22 @@ def sharded_sample(
     s = logits.float() * scale
     ok = s > neg_inf
     if allowed is not None:
-        ok &= allowed_from_bitmask(allowed, vocab_size, dev)[:, vocab_lo:vocab_lo + width]
+        ok &= allowed_from_bitmask(allowed, vocab_size, dev)[:, vocab_lo : vocab_lo + width]
     cols = torch.arange(vocab_lo, vocab_lo + width, device=dev, dtype=torch.int64)
     rows = torch.arange(r, device=dev, dtype=torch.int64)
     counters = offset.reshape(1, 1) + rows[:, None] * vocab_size + cols[None, :]
     key = torch.where(ok, alpha * s + gumbel_from_uniform(philox_uniform(seed.reshape(1, 1), counters)), neg_inf)
     best_key, best = key.max(dim=-1)  # first maximum: the smallest token id on ties
-    local = torch.stack([
-        torch.logsumexp(s, dim=-1),
-        torch.logsumexp(torch.where(ok, alpha * s, neg_inf), dim=-1),
-        best_key,
-        s.gather(-1, best[:, None]).squeeze(-1),
-        (best + vocab_lo).float(),  # token ids < 2**24 are exact in float32
-    ], dim=-1)
+    local = torch.stack(
+        [
+            torch.logsumexp(s, dim=-1),
+            torch.logsumexp(torch.where(ok, alpha * s, neg_inf), dim=-1),
+            best_key,
+            s.gather(-1, best[:, None]).squeeze(-1),
+            (best + vocab_lo).float(),  # token ids < 2**24 are exact in float32
+        ],
+        dim=-1,
+    )
     every = _gather_rows(local, group)  # [world, R, 5]
     lse = torch.logsumexp(every[..., 0], dim=0)
     cand = torch.logsumexp(every[..., 1], dim=0)
@@ -337,8 +367,11 @@ def sharded_sample(
     else:
         log_norm = cand - alpha * lse
     nonempty = cand > neg_inf
-    return (torch.where(nonempty, tokens, 0), torch.where(nonempty, log_p, neg_inf),
-            torch.where(nonempty, log_norm, neg_inf))
+    return (
+        torch.where(nonempty, tokens, 0),
+        torch.where(nonempty, log_p, neg_inf),
+        torch.where(nonempty, log_norm, neg_inf),
+    )
 
 
 def sharded_token_logprobs(
@@ -349,7 +382,9 @@ def sharded_token_logprobs(
     log-sum-exp and the token's scaled logit where it owns the token (0 elsewhere); one all-gather
     of ``[R, T, 2]`` and the same sum on every rank."""
     if logits.dim() != 3 or tuple(tokens.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"need logits [R, T, V_shard] and tokens [R, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+        raise ValueError(
+            f"need logits [R, T, V_shard] and tokens [R, T], got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
     s = logits.float() * scale
     local_ids = tokens.long() - vocab_lo
     mine = (local_ids >= 0) & (local_ids < s.shape[-1])
