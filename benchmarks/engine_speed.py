@@ -33,48 +33,9 @@ import subprocess
 import time
 
 import torch
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
 
-LLAMA_ROPE = {
-    "rope_type": "llama3",
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-PAIR = {
-    "target": (
-        "Llama-3.1-8B",
-        {
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "vocab_size": 128256,
-            "rope_theta": 500000.0,
-            "rope_scaling": {**LLAMA_ROPE, "factor": 8.0},
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False,
-        },
-    ),
-    "draft": (
-        "Llama-3.2-1B",
-        {
-            "hidden_size": 2048,
-            "intermediate_size": 8192,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 64,
-            "vocab_size": 128256,
-            "rope_theta": 500000.0,
-            "rope_scaling": {**LLAMA_ROPE, "factor": 32.0},
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": True,
-        },
-    ),
-}
+PAIR = {"target": ("Llama-3.1-8B", LLAMA_3_1_8B), "draft": ("Llama-3.2-1B", LLAMA_3_2_1B)}
 TINY = {
     "target": (
         "tiny-target",

@@ -32,41 +32,16 @@ import statistics
 import time
 
 import torch
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import smcgen
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.runners.transformers import LanguageModel
 
-LLAMA_ROPE = {
-    "rope_type": "llama3",
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-TARGET = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    rope_theta=500000.0,
-    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-DRAFT = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    rope_theta=500000.0,
-    rope_scaling={**LLAMA_ROPE, "factor": 32.0},
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+# the script's vocabulary replaces the architecture's own (see main)
+TARGET = {k: v for k, v in LLAMA_3_1_8B.items() if k not in ("vocab_size", "max_position_embeddings")}
+DRAFT = {k: v for k, v in LLAMA_3_2_1B.items() if k not in ("vocab_size", "max_position_embeddings")}
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 
 import torch
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
 
 from smcgen.core.config import SMCConfig
 from smcgen.kernels import attention, linear
@@ -104,48 +105,17 @@ def apply_variant(name: str, models, defaults: dict, rows: int = 1):
     return target, draft
 
 
-LLAMA_ROPE = {
-    "rope_type": "llama3",
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
 PAIRS = {
     "llama": (
         (
             "Llama-3.1-8B",
             "llama",
-            dict(
-                hidden_size=4096,
-                intermediate_size=14336,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                vocab_size=128256,
-                rope_theta=500000.0,
-                rope_scaling={**LLAMA_ROPE, "factor": 8.0},
-                max_position_embeddings=131072,
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=False,
-            ),
+            LLAMA_3_1_8B,
         ),
         (
             "Llama-3.2-1B",
             "llama",
-            dict(
-                hidden_size=2048,
-                intermediate_size=8192,
-                num_hidden_layers=16,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                head_dim=64,
-                vocab_size=128256,
-                rope_theta=500000.0,
-                rope_scaling={**LLAMA_ROPE, "factor": 32.0},
-                max_position_embeddings=131072,
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=True,
-            ),
+            LLAMA_3_2_1B,
         ),
     ),
     "qwen3": (

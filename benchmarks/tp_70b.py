@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from native_speed import LLAMA_ROPE, copy_bandwidth, hf_config  # noqa: E402
+from architectures import LLAMA_3_1_70B, LLAMA_3_2_1B  # noqa: E402
+from native_speed import copy_bandwidth, hf_config  # noqa: E402
 
 from smcgen.core.config import SMCConfig  # noqa: E402
 from smcgen.runners.native.build import random_layerwise  # noqa: E402
@@ -43,33 +44,7 @@ from smcgen.runners.native.model import NativeCausalLM  # noqa: E402
 from smcgen.runners.native.parallel import TensorParallelLM, init_tensor_parallel  # noqa: E402
 from smcgen.samplers.native import NativeSMC  # noqa: E402
 
-LLAMA_70B = dict(
-    hidden_size=8192,
-    intermediate_size=28672,
-    num_hidden_layers=80,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    rope_theta=500000.0,
-    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    rope_theta=500000.0,
-    rope_scaling={**LLAMA_ROPE, "factor": 32.0},
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+LLAMA_70B, LLAMA_1B = LLAMA_3_1_70B, LLAMA_3_2_1B
 # the script's own smoke test on the CPU: same code path, tiny shapes
 TINY_T = dict(
     hidden_size=64,

@@ -1,0 +1,43 @@
+"""The real architectures the GPU benchmarks build with random weights (speed does not depend on the
+weights): their transformers config fields, in one place. Vocabulary size and context length are
+included; scripts that pair the models with another tokenizer override ``vocab_size``."""
+
+LLAMA_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+_LLAMA_COMMON = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)
+
+LLAMA_3_1_8B = dict(
+    _LLAMA_COMMON,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+    tie_word_embeddings=False,
+)
+LLAMA_3_2_1B = dict(
+    _LLAMA_COMMON,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rope_scaling={**LLAMA_ROPE, "factor": 32.0},
+    tie_word_embeddings=True,
+)
+LLAMA_3_1_70B = dict(
+    _LLAMA_COMMON,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    rope_scaling={**LLAMA_ROPE, "factor": 8.0},
+    tie_word_embeddings=False,
+)
