@@ -471,3 +471,14 @@ def test_bundle_embeds_the_documents_refs_reach():
         char_grammar(schema)
     g = char_grammar(bundle_schema(schema, docs, "https://example.com/main.json"))
     assert accepted(g, '{"id":3}') and not accepted(g, '{"id":0}')
+
+
+def test_recursive_ref_inside_allof_is_refused_by_name():
+    """allOf is merged by expanding its members; through a recursive $ref that never ends, and the
+    user gets a GrammarError that says so, not Python's RecursionError."""
+    schema = {
+        "$defs": {"node": {"type": "object", "properties": {"child": {"allOf": [{"$ref": "#/$defs/node"}]}}}},
+        "$ref": "#/$defs/node",
+    }
+    with pytest.raises(GrammarError, match="recursive"):
+        lower_json_schema(schema)

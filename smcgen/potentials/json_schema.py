@@ -684,7 +684,14 @@ def lower_json_schema(schema: Any) -> LoweredSchema:
     """
     normalized = normalize_schema(schema)
     lowering = _Lowering(normalized)
-    grammar_schema = lowering.lower(normalized, [])
+    try:
+        grammar_schema = lowering.lower(normalized, [])
+    except RecursionError:
+        # a recursive $ref reached through allOf is expanded, not referenced: refuse it by name
+        raise GrammarError(
+            "JSON schema not supported: expanding allOf through a recursive $ref does not terminate "
+            "(write the recursive part as a plain $ref, outside allOf)"
+        ) from None
     if lowering.extra_defs and isinstance(grammar_schema, dict):
         grammar_schema = {**grammar_schema, "$defs": {**grammar_schema.get("$defs", {}), **lowering.extra_defs}}
     if lowering.problems:
