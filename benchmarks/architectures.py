@@ -41,3 +41,20 @@ LLAMA_3_1_70B = dict(
     rope_scaling={**LLAMA_ROPE, "factor": 8.0},
     tie_word_embeddings=False,
 )
+
+
+def build_llama(fields: dict, dtype, device, seed: int, **overrides):
+    """A random-weight ``LlamaForCausalLM`` of ``fields`` (plus ``overrides``), built directly on
+    ``device`` in ``dtype``: an 8B model never exists in float32 on the host."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**fields, **overrides})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)

@@ -33,7 +33,7 @@ import subprocess
 import time
 
 import torch
-from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B, build_llama
 
 PAIR = {"target": ("Llama-3.1-8B", LLAMA_3_1_8B), "draft": ("Llama-3.2-1B", LLAMA_3_2_1B)}
 TINY = {
@@ -65,21 +65,11 @@ TINY = {
 
 
 def build(fields: dict, dtype: torch.dtype, device: torch.device, seed: int):
-    """A random-weight transformers Llama on ``device`` wrapped as a LanguageModel without EOS (full lengths)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random-weight Llama on ``device`` wrapped as a LanguageModel without EOS (full lengths)."""
     from smcgen import LanguageModel
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(**fields, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in bf16 directly: an 8B model never exists in fp32
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    return LanguageModel(model, None, (), config.max_position_embeddings)
+    model = build_llama(fields, dtype, device, seed, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    return LanguageModel(model, None, (), model.config.max_position_embeddings)
 
 
 def sync(device: torch.device) -> None:

@@ -32,8 +32,7 @@ import statistics
 import time
 
 import torch
-from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
-from transformers import LlamaConfig, LlamaForCausalLM
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B, build_llama
 
 import smcgen
 from smcgen.potentials.grammar import GrammarPotential
@@ -70,20 +69,6 @@ def synthetic_tokenizer(size: int):
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="</s>")
-
-
-def build(fields: dict, vocab: int, max_pos: int, dtype, device, seed: int) -> torch.nn.Module:
-    """A random-weight Llama built directly on ``device`` in ``dtype``."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**fields, vocab_size=vocab, max_position_embeddings=max_pos, bos_token_id=0, eos_token_id=EOS)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
-    return model
 
 
 def timed(label: str, repeats: int, **kw) -> dict:
@@ -134,8 +119,26 @@ def main() -> None:
         eos = EOS
     vocab = len(tok)
     max_pos = prompt_len + new_tokens + 64
-    target = build(TINY if args.tiny else TARGET, vocab, max_pos, dtype, device, 0)
-    draft = build(TINY if args.tiny else DRAFT, vocab, max_pos, dtype, device, 1)
+    target = build_llama(
+        TINY if args.tiny else TARGET,
+        dtype,
+        device,
+        0,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        bos_token_id=0,
+        eos_token_id=EOS,
+    )
+    draft = build_llama(
+        TINY if args.tiny else DRAFT,
+        dtype,
+        device,
+        1,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        bos_token_id=0,
+        eos_token_id=EOS,
+    )
     target_lm = LanguageModel(target, tok, (eos,), max_pos)
     draft_lm = LanguageModel(draft, tok, (eos,), max_pos)
     prompt = torch.randint(2, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -34,8 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
-from transformers import LlamaConfig, LlamaForCausalLM
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B, build_llama
 
 import smcgen
 from smcgen.potentials.reward import RewardPotential
@@ -134,20 +133,6 @@ def load_tokenizer(path: str | None):
     return None
 
 
-def build(fields: dict, vocab: int, max_pos: int, dtype, device, seed: int) -> torch.nn.Module:
-    """A random-weight Llama built directly on ``device`` in ``dtype`` (no float32 copy of an 8B model)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**fields, vocab_size=vocab, max_position_embeddings=max_pos, bos_token_id=0, eos_token_id=1)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
-    return model
-
-
 def timed(label: str, repeats: int, **kw) -> dict:
     """Median tokens/s over ``repeats`` calls (after one warm-up) of smcgen.generate(**kw)."""
     smcgen.generate(**kw)
@@ -194,8 +179,26 @@ def main() -> None:
     decoder = tok if tok is not None else CharDecoder()
     vocab = len(tok) if tok is not None else (512 if tiny else 128256)
     max_pos = prompt_len + max(new_tokens, generic_tokens) + 64
-    target = build(TINY if tiny else TARGET, vocab, max_pos, dtype, device, 0)
-    draft = build(TINY if tiny else DRAFT, vocab, max_pos, dtype, device, 1)
+    target = build_llama(
+        TINY if tiny else TARGET,
+        dtype,
+        device,
+        0,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    draft = build_llama(
+        TINY if tiny else DRAFT,
+        dtype,
+        device,
+        1,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     target_lm = LanguageModel(target, decoder, (), max_pos)  # no EOS: every request runs to the budget
     draft_lm = LanguageModel(draft, decoder, (), max_pos)
     scorer = Scorer(vocab, 64 if tiny else 640, 1 if tiny else 4).to(device=device, dtype=dtype).eval()
