@@ -71,6 +71,50 @@ async def one_client(client: openai.AsyncOpenAI, cid: int, args, records: list[d
         records.append(rec)
 
 
+def outcome(records: list[dict], wall: float, args) -> dict:
+    """What the load test measured: requests answered, failed and lost, latency percentiles, throughput."""
+    sent = args.clients * args.requests
+    ok = [r for r in records if r["ok"]]
+    lat = [r["latency_s"] for r in ok]
+    return {
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "requests_sent": sent,
+        "answered_ok": len(ok),
+        "failed": len(records) - len(ok),
+        "lost": sent - len(records),
+        "max_tokens": args.max_tokens,
+        "n_particles": args.n_particles,
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "answer_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "p50_s": percentile(lat, 0.5) if lat else None,
+        "p90_s": percentile(lat, 0.9) if lat else None,
+        "p99_s": percentile(lat, 0.99) if lat else None,
+        "mean_s": statistics.fmean(lat) if lat else None,
+    }
+
+
+def print_table(records: list[dict], summary: dict) -> None:
+    """The first distinct errors, then the summary as one markdown row."""
+    for e in sorted({r["error"] for r in records if not r["ok"]})[:5]:
+        print("error:", e)
+
+    def fmt(x: float | None) -> str:
+        return f"{x:.2f}" if x is not None else "-"
+
+    print(
+        "| clients x requests | answered | failed | lost | p50 s | p90 s | p99 s | requests/s | answer tok/s | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {summary['clients']} x {summary['requests_per_client']} | {summary['answered_ok']}/{summary['requests_sent']} "
+        f"| {summary['failed']} | {summary['lost']} | {fmt(summary['p50_s'])} | {fmt(summary['p90_s'])} "
+        f"| {fmt(summary['p99_s'])} | {summary['requests_per_s']:.2f} | {summary['answer_tokens_per_s']:.1f} "
+        f"| {summary['wall_s']:.1f} |"
+    )
+
+
 async def load(base: str, args) -> tuple[list[dict], float]:
     client = openai.AsyncOpenAI(
         base_url=f"{base}/v1",
@@ -142,52 +186,15 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
-    sent = args.clients * args.requests
-    ok = [r for r in records if r["ok"]]
-    lat = [r["latency_s"] for r in ok]
-    tokens = sum(r["tokens"] for r in ok)
-    summary = {
-        "model": args.model,
-        "draft": args.draft,
-        "engine": health["engine"],
-        "clients": args.clients,
-        "requests_sent": sent,
-        "answered_ok": len(ok),
-        "failed": len(records) - len(ok),
-        "lost": sent - len(records),
-        "max_tokens": args.max_tokens,
-        "n_particles": args.n_particles,
-        "wall_s": wall,
-        "requests_per_s": len(ok) / wall,
-        "answer_tokens_per_s": tokens / wall,
-        "p50_s": percentile(lat, 0.5) if lat else None,
-        "p90_s": percentile(lat, 0.9) if lat else None,
-        "p99_s": percentile(lat, 0.99) if lat else None,
-        "mean_s": statistics.fmean(lat) if lat else None,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-    }
+    summary = outcome(records, wall, args)
+    summary.update(model=args.model, draft=args.draft, engine=health["engine"])
+    summary.update(omp_num_threads=os.environ.get("OMP_NUM_THREADS"), cpu_count=os.cpu_count())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "server_load.json"), "w") as f:
         json.dump({"summary": summary, "records": records, "metrics": metrics}, f, indent=1)
-    errors = sorted({r["error"] for r in records if not r["ok"]})
-    for e in errors[:5]:
-        print("error:", e)
     print("\n".join(line for line in metrics.splitlines() if line.startswith("smcgen_") and "uptime" not in line))
     print()
-    print(
-        "| clients x requests | answered | failed | lost | p50 s | p90 s | p99 s | requests/s | answer tok/s | wall s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-
-    def fmt(x: float | None) -> str:
-        return f"{x:.2f}" if x is not None else "-"
-
-    print(
-        f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
-        f"{fmt(summary['p50_s'])} | {fmt(summary['p90_s'])} | {fmt(summary['p99_s'])} | "
-        f"{summary['requests_per_s']:.2f} | {summary['answer_tokens_per_s']:.1f} | {wall:.1f} |"
-    )
+    print_table(records, summary)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 import httpx
 import torch
 from engine_speed import PAIR, TINY, build
-from server_load import free_port, load, percentile
+from server_load import free_port, load, outcome, print_table
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
@@ -111,52 +111,25 @@ def main() -> None:
         server.should_exit = True
         thread.join(timeout=30)
 
-    sent = args.clients * args.requests
-    ok = [r for r in records if r["ok"]]
-    lat = [r["latency_s"] for r in ok]
-    tokens = sum(r["tokens"] for r in ok)
-    summary = {
-        "pair": [pair["target"][0], pair["draft"][0]],
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "engine": warm.engine,
-        "engine_stats": dict(engine.stats),
-        "clients": args.clients,
-        "requests_sent": sent,
-        "answered_ok": len(ok),
-        "failed": len(records) - len(ok),
-        "lost": sent - len(records),
-        "max_tokens": args.max_tokens,
-        "n_particles": args.n_particles,
-        "block_size": args.block_size,
-        "max_batch": args.max_batch,
-        "build_s": built_s,
-        "wall_s": wall,
-        "requests_per_s": len(ok) / wall,
-        "answer_tokens_per_s": tokens / wall,
-        "p50_s": percentile(lat, 0.5) if lat else None,
-        "p99_s": percentile(lat, 0.99) if lat else None,
-    }
+    summary = outcome(records, wall, args)
+    summary.update(
+        pair=[pair["target"][0], pair["draft"][0]],
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        engine=warm.engine,
+        engine_stats=dict(engine.stats),
+        block_size=args.block_size,
+        max_batch=args.max_batch,
+        build_s=built_s,
+    )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "server_load_random.json"), "w") as f:
         json.dump({"summary": summary, "records": records, "metrics": metrics}, f, indent=1)
-    for e in sorted({r["error"] for r in records if not r["ok"]})[:5]:
-        print("error:", e)
     print(
         f"# server load, {summary['pair'][0]} / {summary['pair'][1]} random weights, {summary['device']}, "
         f"{warm.engine} engine, N={args.n_particles} K={args.block_size}, {args.max_tokens} tokens per answer, "
         f"max batch {args.max_batch}"
     )
-    print("| clients x requests | answered | failed | lost | p50 s | p99 s | requests/s | answer tok/s | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-
-    def fmt(x: float | None) -> str:
-        return f"{x:.2f}" if x is not None else "-"
-
-    print(
-        f"| {args.clients} x {args.requests} | {len(ok)}/{sent} | {summary['failed']} | {summary['lost']} | "
-        f"{fmt(summary['p50_s'])} | {fmt(summary['p99_s'])} | {summary['requests_per_s']:.2f} | "
-        f"{summary['answer_tokens_per_s']:.1f} | {wall:.1f} |"
-    )
+    print_table(records, summary)
 
 
 if __name__ == "__main__":
