@@ -376,7 +376,7 @@ def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):
 
 def test_segments_come_back_in_the_callers_order():
     from smcgen.samplers.generic import BatchRun
-    from smcgen.samplers.native import _reordered
+    from smcgen.samplers.native_state import _reordered
 
     n = 4
     run = BatchRun(

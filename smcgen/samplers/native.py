@@ -57,7 +57,7 @@ from smcgen.potentials.token import TokenPotential
 from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
-from smcgen.samplers.native_state import (  # noqa: F401 (_reordered: tests)
+from smcgen.samplers.native_state import (
     _as_prompts,
     _CycleState,
     _HostScorer,

@@ -205,7 +205,7 @@ class PagedKVCache:
             raise ValueError(
                 f"share_prefixes: length {max(lengths)} is past a row's {self.max_pages * self.page_size} slots"
             )
-        if min(lengths) <= 0 and max(lengths) <= 0:
+        if max(lengths) <= 0:
             self.shared_prefix = None
             return
         dev_lengths = torch.tensor([max(0, int(n)) for n in lengths], dtype=torch.int32, device=self.device)
