@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--sd-block", type=int, default=4)
     ap.add_argument("--no-early-exit", action="store_true", help="skip the early-exit draft row")
+    ap.add_argument("--no-sd", action="store_true", help="skip the standard SD row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
@@ -72,9 +73,10 @@ def main() -> None:
     eos = set(target.eos_token_ids)
 
     runs: list[tuple[str, dict]] = [("AR (target alone)", {"n_particles": 1})]
-    runs.append(
-        (f"SD K={args.sd_block}", {"draft": draft, "method": "sd", "n_particles": 1, "block_size": args.sd_block})
-    )
+    if not args.no_sd:
+        runs.append(
+            (f"SD K={args.sd_block}", {"draft": draft, "method": "sd", "n_particles": 1, "block_size": args.sd_block})
+        )
     for n, k in parse_configs(args.configs):
         runs.append((f"SMC-SD N={n} K={k}", {"draft": draft, "n_particles": n, "block_size": k}))
     if not args.no_early_exit:
@@ -111,6 +113,9 @@ def main() -> None:
                 "tokens_per_s": tokens / wall,
             }
         )
+        if args.out:  # each finished row is kept, so a run cut short by a time limit still reports
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "fidelity_sweep.partial.json").write_text(json.dumps(rows, indent=1))
 
     ar_ll, ar_se = rows[0]["loglik"]
     ar_tps = rows[0]["tokens_per_s"]
