@@ -3,7 +3,10 @@
 A draft directory (written by :mod:`smcgen.distill`) holds
 
 - ``draft.safetensors``: the draft's decoder layers and final norm only (``model.layers.*``,
-  ``model.norm.weight``); the token embedding and LM head are the target's and are not stored;
+  ``model.norm.weight``); the token embedding and LM head are the target's and are not stored.
+  Matrices may be stored as int8 with one float32 scale per output row (``<name>`` int8 beside
+  ``<name>.row_scale``, metadata ``storage: int8-rowwise``): half the bytes of bf16. The draft *is*
+  the dequantized weights, so nothing about exactness changes; only the proposal moves slightly;
 - ``config.json``: the transformers config of the draft (the target's, with fewer layers);
 - ``manifest.json``: which target it belongs to (name and a checksum of its embedding), which
   target layers initialised it, and how it was trained (steps, seed, commit).
@@ -27,6 +30,9 @@ WEIGHTS_FILE = "draft.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "smcgen-draft/1"
+#: how a weights file stores its matrices (safetensors metadata key ``storage``)
+STORAGES = ("plain", "int8-rowwise")
+_SCALE = ".row_scale"
 
 
 def is_draft_dir(path: str | Path) -> bool:
@@ -73,15 +79,51 @@ def own_state(draft: PreTrainedModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in draft.state_dict().items() if k.startswith(("model.layers.", "model.norm."))}
 
 
-def save_draft(draft: PreTrainedModel, out_dir: str | Path, manifest: dict[str, Any], dtype: torch.dtype) -> Path:
-    """Write ``draft.safetensors`` (own tensors in ``dtype``), ``config.json`` and ``manifest.json``."""
+def quantize_rowwise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 storage of every matrix (symmetric, one float32 scale per output row); vectors stay as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if v.dim() != 2:
+            out[k] = v
+            continue
+        w = v.detach().to("cpu", torch.float32)
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        out[k] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        out[k + _SCALE] = scale.contiguous()
+    return out
+
+
+def dequantize_rowwise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 matrices of :func:`quantize_rowwise`'s storage (other tensors as they are)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if k.endswith(_SCALE):
+            continue
+        scale = tensors.get(k + _SCALE)
+        out[k] = v if scale is None else v.to(torch.float32) * scale[:, None]
+    return out
+
+
+def save_draft(
+    draft: PreTrainedModel,
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    dtype: torch.dtype,
+    storage: str = "plain",
+) -> Path:
+    """Write ``draft.safetensors`` (own tensors in ``dtype``, matrices as int8 when ``storage`` is
+    ``"int8-rowwise"``), ``config.json`` and ``manifest.json``."""
     from safetensors.torch import save_file
 
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in own_state(draft).items()}
+    if storage == "int8-rowwise":
+        tensors = quantize_rowwise(tensors)
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "storage": storage})
     tmp.replace(out / WEIGHTS_FILE)  # atomic: a killed run never leaves half a weights file
     draft.config.to_json_file(str(out / CONFIG_FILE))
     (out / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **manifest}, indent=2) + "\n")
@@ -121,6 +163,8 @@ def load_draft(path: str | Path, target: PreTrainedModel, *, check_target: bool 
     draft.model.layers.to_empty(device=first.device)
     draft.model.norm.to_empty(device=first.device)
     state = load_file(str(Path(path) / WEIGHTS_FILE))
+    if any(k.endswith(_SCALE) for k in state):
+        state = dequantize_rowwise(state)
     expected = set(own_state(draft))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -132,13 +176,40 @@ def load_draft(path: str | Path, target: PreTrainedModel, *, check_target: bool 
     return draft
 
 
+def quantize_draft_dir(src: str | Path, dst: str | Path) -> Path:
+    """Copy the draft directory ``src`` to ``dst`` with its matrices stored as int8 (rowwise scales).
+
+    The manifest records the storage and the source file's SHA-256, so the shipped file can be traced
+    to the trained one."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    manifest = read_manifest(src)
+    state = load_file(str(src / WEIGHTS_FILE))
+    if any(k.endswith(_SCALE) for k in state):
+        raise ValueError(f"draft {src} is already stored as int8")
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / (WEIGHTS_FILE + ".tmp")
+    save_file(quantize_rowwise(state), str(tmp), metadata={"format": FORMAT, "storage": "int8-rowwise"})
+    tmp.replace(dst / WEIGHTS_FILE)
+    (dst / CONFIG_FILE).write_bytes((src / CONFIG_FILE).read_bytes())
+    manifest["storage"] = "int8-rowwise"
+    manifest["quantized_from_sha256"] = hashlib.sha256((src / WEIGHTS_FILE).read_bytes()).hexdigest()
+    (dst / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dst
+
+
 __all__ = [
     "CONFIG_FILE",
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
+    "STORAGES",
+    "dequantize_rowwise",
     "embedding_checksum",
     "is_draft_dir",
     "load_draft",
+    "quantize_draft_dir",
+    "quantize_rowwise",
     "read_manifest",
     "save_draft",
     "shell_draft",
