@@ -8,7 +8,8 @@ re-checks that a row's cached tokens are a prefix of the tokens it is asked abou
 the state otherwise, so results never depend on the hooks being called. The per-row states
 belong to the run, not to the shared bound grammar: they are kept per calling thread (a run's
 calls all come from the thread that runs it), so concurrent ``generate`` calls sharing one grammar
-never advance each other's matchers.
+never advance each other's matchers. The per-row states live in ``grammar_matchers``, the
+vocabulary's compiler cache in ``grammar_vocab``.
 
 Scores (log space): ``log_prefix`` is 0 while the tokens can still be completed to a member of
 the language and ``-inf`` once a token is rejected; ``log_complete`` is 0 when the sequence is a
@@ -30,7 +31,6 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -41,15 +41,14 @@ from smcgen.core.sampling import bitmask_width
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
+from smcgen.potentials.grammar_matchers import GrammarStats, MatcherRows
+from smcgen.potentials.grammar_vocab import tokenizer_info, xgr
 from smcgen.potentials.json_budget import budget_twist
 from smcgen.potentials.json_schema import LoweredSchema, lower_json_schema
 from smcgen.potentials.token_dfa import TokenDFA
-from smcgen.runners.transformers import LanguageModel
 
-try:
-    import xgrammar as xgr
-except ImportError as _err:  # pragma: no cover - xgrammar is a dependency
-    raise ImportError("grammar potentials need xgrammar: pip install 'xgrammar>=0.2.8,<0.3'") from _err
+# the old private name of tokenizer_info (benchmarks/json_schema_eval.py imports it from here)
+_tokenizer_info = tokenizer_info
 
 __all__ = ["GrammarError", "GrammarPotential", "GrammarStats", "PendingBitmask"]
 
@@ -60,48 +59,6 @@ def _parse(label: str, source: str, build: Any) -> Any:
         return build(source)
     except RuntimeError as err:
         raise GrammarError(f"invalid {label}: {with_caret(source, engine_message(err))}") from None
-
-
-@dataclass
-class GrammarStats:
-    """Where the grammar's CPU time goes, accumulated over runs (``reset()`` to clear).
-
-    ``mask_rows``: particle-steps whose next-token mask was computed, in ``mask_seconds``;
-    ``forks``: matcher forks by resampling, in ``fork_seconds``; ``tokens``: tokens advanced, in
-    ``advance_seconds``; ``rebuilds``: rows whose cached state did not match and was replayed.
-    """
-
-    mask_rows: int = 0
-    mask_seconds: float = 0.0
-    forks: int = 0
-    fork_seconds: float = 0.0
-    tokens: int = 0
-    advance_seconds: float = 0.0
-    rebuilds: int = 0
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))())
-
-    @property
-    def mask_us_per_row(self) -> float:
-        """Mean mask latency per particle-step in microseconds (advance excluded)."""
-        return 1e6 * self.mask_seconds / self.mask_rows if self.mask_rows else float("nan")
-
-
-class _Row:
-    """One particle's grammar state: a matcher that has consumed ``tokens`` (while ``alive``)."""
-
-    __slots__ = ("alive", "matcher", "reason", "tokens")
-
-    def __init__(self, matcher: Any, tokens: list[int], alive: bool, reason: str | None = None):
-        self.matcher = matcher
-        self.tokens = tokens
-        self.alive = alive
-        self.reason = reason
-
-    def fork(self) -> _Row:
-        return _Row(self.matcher.fork(), list(self.tokens), self.alive, self.reason)
 
 
 class PendingBitmask:
@@ -125,72 +82,7 @@ class PendingBitmask:
         return self._value
 
 
-# (id(tokenizer), vocab size, eos ids) -> (tokenizer kept alive, TokenizerInfo, GrammarCompiler)
-_COMPILERS: dict[tuple[int, int, tuple[int, ...]], tuple[Any, Any, Any]] = {}
-_COMPILERS_LOCK = threading.Lock()
-
-
-def _tokenizer_info(vocab: Any, vocab_size: int | None, eos_token_ids: Sequence[int] | None) -> tuple[Any, Any, int]:
-    """(TokenizerInfo, GrammarCompiler, vocab size) for a LanguageModel, HF tokenizer or token list."""
-    tokenizer = vocab
-    if isinstance(vocab, LanguageModel):
-        tokenizer = vocab.tokenizer
-        vocab_size = vocab_size if vocab_size is not None else vocab.vocab_size
-        eos_token_ids = eos_token_ids if eos_token_ids is not None else vocab.eos_token_ids
-        if tokenizer is None:
-            raise GrammarError("the model has no tokenizer; pass its token strings as a list (vocab=[...])")
-    if isinstance(tokenizer, (list, tuple)):
-        strings = ["" if t is None else t for t in tokenizer]
-        size = vocab_size if vocab_size is not None else len(strings)
-        if not eos_token_ids:
-            raise GrammarError("a token list needs eos_token_ids (the grammar ends a sequence with EOS)")
-        key_obj: Any = tuple(strings)
-        key = (hash(key_obj), size, tuple(int(e) for e in eos_token_ids))
-    else:
-        if not hasattr(tokenizer, "get_vocab"):
-            raise GrammarError(
-                f"expected a smcgen.LanguageModel, a Hugging Face tokenizer or a list of token strings, got "
-                f"{type(tokenizer).__name__}"
-            )
-        size = vocab_size if vocab_size is not None else max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-        if not eos_token_ids:
-            eos = getattr(tokenizer, "eos_token_id", None)
-            if eos is None:
-                raise GrammarError("the tokenizer has no EOS token; pass eos_token_ids")
-            eos_token_ids = [eos]
-        key_obj = tokenizer
-        key = (id(tokenizer), size, tuple(int(e) for e in eos_token_ids))
-    with _COMPILERS_LOCK:
-        hit = _COMPILERS.get(key)
-        if hit is not None and (hit[0] is key_obj or hit[0] == key_obj):
-            return hit[1], hit[2], size
-    stop = [int(e) for e in eos_token_ids]
-    if isinstance(tokenizer, (list, tuple)):
-        info = xgr.TokenizerInfo(list(key_obj), xgr.VocabType.RAW, vocab_size=size, stop_token_ids=stop)
-    else:
-        base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=size, stop_token_ids=stop)
-        # special tokens (chat markers, <|endoftext|>, ...) decode to nothing but xgrammar would read
-        # their literal spelling as text: blank them so the grammar never allows them (EOS is a stop token)
-        special = set(getattr(tokenizer, "all_special_ids", []))
-        for idx, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-            if getattr(added, "special", False):
-                special.add(int(idx))
-        encoded = [""] * size
-        for token, idx in tokenizer.get_vocab().items():
-            if idx < size and idx not in special:
-                encoded[idx] = token
-        info = xgr.TokenizerInfo(
-            encoded, base.vocab_type, vocab_size=size, stop_token_ids=stop, add_prefix_space=base.add_prefix_space
-        )
-    compiler = xgr.GrammarCompiler(info, max_threads=2)
-    with _COMPILERS_LOCK:
-        if len(_COMPILERS) >= 8:
-            _COMPILERS.pop(next(iter(_COMPILERS)))
-        _COMPILERS[key] = (key_obj, info, compiler)
-    return info, compiler, size
-
-
-class GrammarPotential(Potential):
+class GrammarPotential(MatcherRows, Potential):
     """Psi(x) = 1 if the text of x is in the language of a regex, JSON schema or grammar, else 0.
 
     Build with :meth:`regex`, :meth:`json_schema`, :meth:`ebnf` or :meth:`lark`. The source is
@@ -211,7 +103,7 @@ class GrammarPotential(Potential):
         self._compiled: Any = None
         self.vocab_size: int = 0
         self.eos_token_ids: tuple[int, ...] = ()
-        # per-run state (row matchers, the batch mask filler): one per calling thread, see _run_state
+        # per-run state (row matchers, the batch mask filler): one per calling thread, see MatcherRows
         self._local = threading.local()
         self._initial: Any = None
         # keyed by the compiled vocabulary (tokenizer, logit width, EOS ids), not by the object passed:
@@ -326,7 +218,7 @@ class GrammarPotential(Potential):
         for special tokens). ``vocab_size`` is the width of the model's logits (the bitmask covers
         it); ``eos_token_ids`` end a sequence (default: the model's / tokenizer's EOS).
         """
-        info, compiler, size = _tokenizer_info(vocab, vocab_size, eos_token_ids)
+        info, compiler, size = tokenizer_info(vocab, vocab_size, eos_token_ids)
         hit = self._bound_copies.get(id(info))
         if hit is not None and hit[0] is info:
             return hit[1]
@@ -388,102 +280,6 @@ class GrammarPotential(Potential):
                 f"{self.name} is not bound to a vocabulary; call .bind(model_or_tokenizer) or pass it to "
                 "smcgen.generate(grammar=...), which binds it to the target"
             )
-
-    # ------------------------------------------------------------------ per-row states
-    # A run's states live in the calling thread's slot: the engine calls start / reorder / scores /
-    # masks of one run from one thread, and concurrent runs (threads) sharing this bound grammar
-    # must not advance or replace each other's matchers (they did: 2-3 of 8 concurrent seeded runs
-    # drew differently from the sequential ones).
-    @property
-    def _rows(self) -> list[_Row]:
-        rows = getattr(self._local, "rows", None)
-        if rows is None:
-            rows = self._local.rows = []
-        return rows
-
-    @_rows.setter
-    def _rows(self, rows: list[_Row]) -> None:
-        self._local.rows = rows
-
-    @property
-    def _batch(self) -> Any:
-        """This thread's batched mask filler (it holds scratch state, so it is not shared either)."""
-        batch = getattr(self._local, "batch", None)
-        if batch is None:
-            batch = self._local.batch = xgr.BatchGrammarMatcher(max_threads=self._threads)
-        return batch
-
-    def _fresh(self) -> _Row:
-        return _Row(self._initial.fork(), [], True)
-
-    def _advance(self, row: _Row, tokens: list[int]) -> None:
-        """Feed ``tokens[len(row.tokens):]`` to the row's matcher (``tokens`` extends ``row.tokens``)."""
-        new = tokens[len(row.tokens) :]
-        if not new:
-            return
-        t0 = time.perf_counter()
-        if row.alive:
-            m = row.matcher
-            for j, t in enumerate(new):
-                if m.is_terminated() or not m.accept_token(t):
-                    row.alive = False
-                    pos = len(row.tokens) + j
-                    row.reason = (
-                        f"token {t} ({self._token_text(t)}) at position {pos} is not allowed by the grammar"
-                        if not m.is_terminated()
-                        else f"token {t} at position {pos} follows the end of the grammar"
-                    )
-                    break
-        row.tokens.extend(new)
-        self.stats.tokens += len(new)
-        self.stats.advance_seconds += time.perf_counter() - t0
-
-    def _synced(self, row: _Row | None, tokens: list[int]) -> _Row:
-        """A state that has consumed exactly ``tokens``: ``row`` advanced, or rebuilt from the start."""
-        n = len(row.tokens) if row is not None else 0
-        if row is None or len(tokens) < n or tokens[:n] != row.tokens:
-            if row is not None:
-                self.stats.rebuilds += 1
-            row = self._fresh()
-        self._advance(row, tokens)
-        return row
-
-    def _row(self, index: int, tokens: list[int]) -> _Row:
-        while len(self._rows) <= index:
-            self._rows.append(self._fresh())
-        row = self._synced(self._rows[index], tokens)
-        self._rows[index] = row
-        return row
-
-    def _rows_for(self, batch: SequenceBatch) -> list[_Row]:
-        self._need_bound()
-        rows = batch.rows
-        if rows is None:
-            return [self._synced(None, list(t)) for t in batch.token_ids]
-        return [self._row(int(r), list(t)) for r, t in zip(rows, batch.token_ids)]
-
-    def start(self, prompt_ids: Sequence[int], n_rows: int) -> None:
-        self._need_bound()
-        self._rows = [self._fresh() for _ in range(n_rows)]
-
-    def reorder(self, rows: Tensor) -> None:
-        t0 = time.perf_counter()
-        taken: set[int] = set()
-        new: list[_Row] = []
-        forks = 0
-        for r in rows.tolist():
-            if r >= len(self._rows):
-                new.append(self._fresh())
-                continue
-            if r in taken:
-                new.append(self._rows[r].fork())
-                forks += 1
-            else:
-                taken.add(r)
-                new.append(self._rows[r])
-        self._rows = new
-        self.stats.forks += forks
-        self.stats.fork_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ scores
     def log_prefix(self, batch: SequenceBatch) -> Tensor:
@@ -589,9 +385,3 @@ class GrammarPotential(Potential):
             self.stats.mask_seconds += time.perf_counter() - t0
             self.stats.mask_rows += len(live)
         return out
-
-    def _token_text(self, token: int) -> str:
-        try:
-            return repr(bytes(self._info.decoded_vocab[token]).decode("utf-8", errors="replace"))
-        except (IndexError, TypeError, AttributeError):
-            return "?"

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from smcgen.runners.native.model import NativeCausalLM, NativeConfig, NativeLayer, init_random
+from smcgen.runners.native.config import NativeConfig
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.runners.native.weights import NativeLayer, init_random
 
 __all__ = ["random_layerwise"]
 

@@ -13,13 +13,15 @@ Numerics follow transformers so logits match for the same weights: RMSNorm in fp
 before the weight multiply (except the folded input norm: W * g rounded once, the 1/RMS scale
 applied after the projection; ``fold_input_norms``), RoPE cos/sin computed in fp32 and cast to the
 activations' dtype, attention scale ``head_dim ** -0.5``, SiLU-gated MLP.
+
+Beside this module: ``config`` (the architecture numbers), ``weights`` (the fused layer layout,
+random init, the copy from transformers), ``weight_quantization`` (fp8 / int8 storage); their
+public names stay importable from here.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,159 +30,16 @@ from torch import Tensor, nn
 
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import cascade_attention, paged_attention
-from smcgen.kernels.linear import fused_linear, quantize_fp8, quantize_int8
+from smcgen.kernels.linear import fused_linear
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
 from smcgen.kernels.sampling import fused_sample, token_logprobs
+from smcgen.runners.native.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, NativeConfig, rope_inv_freq  # noqa: F401
 from smcgen.runners.native.kv_cache import PagedKVCache, SharedPrefix
-
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-@dataclass(frozen=True)
-class NativeConfig:
-    """The architecture numbers the native runner needs, read from a transformers config."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_positions: int
-    tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 (always), Llama / Qwen3 with attention_bias
-    o_bias: bool  # Llama / Qwen3 with attention_bias
-    mlp_bias: bool  # Llama with mlp_bias
-    qk_norm: bool  # Qwen3: RMSNorm over each head's q and k before RoPE
-    rope_theta: float
-    rope: tuple[tuple[str, Any], ...]  # the rope parameters (rope_type, factor, ...) as sorted items
-    initializer_range: float = 0.02
-
-    @classmethod
-    def from_hf(cls, config: Any) -> NativeConfig:
-        """Read a LlamaConfig / Qwen2Config / Qwen3Config; raise ValueError for anything else."""
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"NativeCausalLM supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got '{model_type}' "
-                f"({type(config).__name__}). Use the generic transformers backend for this model."
-            )
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"NativeCausalLM: {model_type} with hidden_act '{act}' is not supported (only silu)")
-        layer_types = getattr(config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
-            raise ValueError(f"NativeCausalLM: {model_type} with sliding-window layers is not supported")
-
-        n_heads = int(config.num_attention_heads)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        rope = _rope_parameters(config)
-        if rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"NativeCausalLM: rope type '{rope['rope_type']}' is not supported "
-                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError("NativeCausalLM: partial rotary embeddings are not supported")
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return cls(
-            model_type=model_type,
-            vocab_size=int(config.vocab_size),
-            hidden_size=int(config.hidden_size),
-            intermediate_size=int(config.intermediate_size),
-            n_layers=int(config.num_hidden_layers),
-            n_heads=n_heads,
-            n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(config.rms_norm_eps),
-            max_positions=int(config.max_position_embeddings),
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=attention_bias,  # Qwen2 has no attention_bias field: its o_proj never has a bias
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            rope_theta=float(rope["rope_theta"]),
-            rope=tuple(sorted((k, v) for k, v in rope.items() if k != "rope_theta")),
-            initializer_range=float(getattr(config, "initializer_range", 0.02) or 0.02),
-        )
+from smcgen.runners.native.weight_quantization import WeightQuantization
+from smcgen.runners.native.weights import NativeLayer, copy_hf_weights, empty_param, init_random
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
-    """RoPE settings from either the transformers 5 ``rope_parameters`` or the older ``rope_scaling``."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
-    if params.get("rope_theta") is None:
-        params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
-    return params
-
-
-def rope_inv_freq(cfg: NativeConfig) -> Tensor:
-    """Inverse frequencies [head_dim / 2] (fp32, CPU) computed the way transformers computes them."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
-    rope = dict(cfg.rope)
-    kind = rope["rope_type"]
-    if kind == "linear":
-        return inv_freq / float(rope["factor"])
-    if kind == "llama3":
-        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
-        factor = float(rope["factor"])
-        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-        old_len = float(rope.get("original_max_position_embeddings") or cfg.max_positions)
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    # Uninitialized: from_hf / from_config fill every tensor, so no time goes to a throwaway init.
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
-@torch.no_grad()
-def init_random(module: nn.Module, cfg: NativeConfig, gen: torch.Generator) -> None:
-    """Random weights like transformers' initializer: matrices ~ N(0, initializer_range), norms 1,
-    biases 0 (every parameter of ``module``, in ``named_parameters`` order)."""
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            p.normal_(0.0, cfg.initializer_range, generator=gen)
-        elif name.endswith("norm"):
-            p.fill_(1.0)
-        else:
-            p.zero_()
-
-
-class NativeLayer(nn.Module):
-    """One decoder layer's weights: fused ``qkv`` [(Hq + 2 Hkv) D, H] and ``gate_up`` [2 I, H]."""
-
-    def __init__(self, cfg: NativeConfig, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        hidden, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * d
-        self.input_norm = _param((hidden,), dtype, device)
-        self.qkv = _param((qkv_out, hidden), dtype, device)
-        self.qkv_bias = _param((qkv_out,), dtype, device) if cfg.qkv_bias else None
-        self.q_norm = _param((d,), dtype, device) if cfg.qk_norm else None
-        self.k_norm = _param((d,), dtype, device) if cfg.qk_norm else None
-        self.o = _param((hidden, cfg.n_heads * d), dtype, device)
-        self.o_bias = _param((hidden,), dtype, device) if cfg.o_bias else None
-        self.post_norm = _param((hidden,), dtype, device)
-        self.gate_up = _param((2 * inter, hidden), dtype, device)
-        self.gate_up_bias = _param((2 * inter,), dtype, device) if cfg.mlp_bias else None
-        self.down = _param((hidden, inter), dtype, device)
-        self.down_bias = _param((hidden,), dtype, device) if cfg.mlp_bias else None
-
-
-class NativeCausalLM(nn.Module):
+class NativeCausalLM(WeightQuantization, nn.Module):
     """Llama / Qwen2 / Qwen3 causal LM running on a ``PagedKVCache``.
 
     Build it with ``from_hf`` (copy a transformers model's weights) or ``from_config`` (random
@@ -200,12 +59,12 @@ class NativeCausalLM(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.cfg = cfg
         self.max_positions = int(max_positions or cfg.max_positions)
-        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.embed = empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         self.layers = nn.ModuleList(NativeLayer(cfg, dtype, device) for _ in range(cfg.n_layers))
-        self.norm = _param((cfg.hidden_size,), dtype, device)
+        self.norm = empty_param((cfg.hidden_size,), dtype, device)
         # Tied: one Parameter under both names (parameters() lists it once).
         self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+            self.embed if cfg.tie_word_embeddings else empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         )
         # The whole cos/sin table once, so a step only gathers rows by position (graph-safe);
         # fp32 math, then the activations' dtype, exactly like transformers' rotary embedding.
@@ -283,39 +142,7 @@ class NativeCausalLM(nn.Module):
         cfg = NativeConfig.from_hf(config)
         first = next(model.parameters())
         native = cls(cfg, dtype or first.dtype, device if device is not None else first.device, max_positions)
-        base = model.model
-        native.embed.copy_(base.embed_tokens.weight)
-        native.norm.copy_(base.norm.weight)
-        if not cfg.tie_word_embeddings:
-            native.lm_head.copy_(model.lm_head.weight)
-        q, kv = native.q_size, native.kv_size
-        inter = cfg.intermediate_size
-        for mine, theirs in zip(native.layers, base.layers, strict=True):
-            att, mlp = theirs.self_attn, theirs.mlp
-            mine.input_norm.copy_(theirs.input_layernorm.weight)
-            mine.post_norm.copy_(theirs.post_attention_layernorm.weight)
-            # Slices are filled in place: no concatenated temporary of the full weights.
-            for sl, proj in (
-                (slice(0, q), att.q_proj),
-                (slice(q, q + kv), att.k_proj),
-                (slice(q + kv, None), att.v_proj),
-            ):
-                mine.qkv[sl].copy_(proj.weight)
-                if mine.qkv_bias is not None:
-                    mine.qkv_bias[sl].copy_(proj.bias)
-            if mine.q_norm is not None:
-                mine.q_norm.copy_(att.q_norm.weight)
-                mine.k_norm.copy_(att.k_norm.weight)
-            mine.o.copy_(att.o_proj.weight)
-            if mine.o_bias is not None:
-                mine.o_bias.copy_(att.o_proj.bias)
-            mine.gate_up[:inter].copy_(mlp.gate_proj.weight)
-            mine.gate_up[inter:].copy_(mlp.up_proj.weight)
-            mine.down.copy_(mlp.down_proj.weight)
-            if mine.gate_up_bias is not None:
-                mine.gate_up_bias[:inter].copy_(mlp.gate_proj.bias)
-                mine.gate_up_bias[inter:].copy_(mlp.up_proj.bias)
-                mine.down_bias.copy_(mlp.down_proj.bias)
+        copy_hf_weights(native, model)
         native.fold_input_norms()
         return native
 
@@ -381,83 +208,6 @@ class NativeCausalLM(nn.Module):
             layer.qkv.mul_(layer.input_norm)
         self.input_norm_folded = True
 
-    #: what ``quantize_weights`` (fp8 or int8) converts by default: the layers where one-byte
-    #: weights streamed faster in the skinny kernel on an H100 at 8 rows (Llama-3.2-1B). QKV and O,
-    #: 6-13 MB a layer, are latency-bound there: in fp8 they ran slower than their bf16 GEMMs, and
-    #: with int8 QKV and O the engine's N=8 K=8 lost 2.5% (BENCHMARKS.md)
-    FP8_DEFAULT = ("gate_up", "down", "lm_head")
-    FP8_NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
-
-    @torch.no_grad()
-    def quantize_weights(self, fmt: str, names: tuple[str, ...] = FP8_DEFAULT) -> None:
-        """Store the named linear layers (of every decoder layer) and/or the LM head as weight-only
-        ``fmt`` ('fp8': e4m3, or 'int8'), one fp32 scale per weight row.
-
-        Halves the bytes a decode step streams through those layers. Meant for an SMC-SD *draft*:
-        SMC reweights its proposals by their own probabilities, so the target distribution stays
-        exact whatever the draft's precision, while a quantized target would change the
-        distribution sampled. int8 keeps 7 bits of each row's range, e4m3 3 mantissa bits: on
-        SmolLM2 the int8 copy's next-token distributions moved ~7x less (KL) from the model's own
-        (BENCHMARKS.md). The skinny kernel reads the one-byte tiles and converts them before the
-        dot (batches over its row limit, a prefill, run it on row blocks). The embedding keeps the
-        model's dtype (a tied LM head gets its own quantized copy). The scales are buffers
-        (``<name>_scale``) saved by ``state_dict``; a model that was not quantized the same way
-        refuses such a state (ValueError, before anything is copied). ``names``: from ``FP8_NAMES``; a layer already in
-        ``fmt`` is left as it is, one in the other format is refused.
-        """
-        quantizers = {"fp8": quantize_fp8, "int8": quantize_int8}
-        if fmt not in quantizers:
-            raise ValueError(f"fmt must be 'fp8' or 'int8', got {fmt!r}")
-        unknown = set(names) - set(self.FP8_NAMES)
-        if unknown:
-            raise ValueError(f"names: unknown {sorted(unknown)}; choose from {self.FP8_NAMES}")
-        held = self.quantized_weights
-        clash = sorted(n for n in names if held.get(n, fmt) != fmt)
-        if clash:
-            raise ValueError(f"{clash} are already stored in {held[clash[0]]}; cannot also quantize them to {fmt}")
-        quantize = quantizers[fmt]
-        for name in names:
-            if name == "lm_head":
-                if "lm_head" not in held:
-                    q, scale = quantize(self.lm_head)
-                    self.lm_head = nn.Parameter(q, requires_grad=False)  # unties a tied head
-                    self.register_buffer("lm_head_scale", scale)
-                continue
-            # layer by layer: a model built one quantized layer at a time (backends.native.build)
-            # quantizes only the layer it just appended
-            for layer in self.layers:
-                if getattr(layer, f"{name}_scale", None) is not None:
-                    continue
-                q, scale = quantize(getattr(layer, name))
-                setattr(layer, name, nn.Parameter(q, requires_grad=False))
-                layer.register_buffer(f"{name}_scale", scale)
-
-    def quantize_fp8(self, names: tuple[str, ...] = FP8_DEFAULT) -> None:
-        """``quantize_weights('fp8', names)``."""
-        self.quantize_weights("fp8", names)
-
-    def quantize_int8(self, names: tuple[str, ...] = FP8_DEFAULT) -> None:
-        """``quantize_weights('int8', names)``."""
-        self.quantize_weights("int8", names)
-
-    @property
-    def quantized_weights(self) -> dict[str, str]:
-        """The weights stored quantized (see ``quantize_weights``) and their format ('fp8' / 'int8')."""
-        layer = self.layers[0] if len(self.layers) else None
-        found = {
-            n: getattr(layer, n)
-            for n in self.FP8_NAMES[:-1]
-            if layer is not None and getattr(layer, f"{n}_scale", None) is not None
-        }
-        if getattr(self, "lm_head_scale", None) is not None:
-            found["lm_head"] = self.lm_head
-        return {n: ("int8" if w.dtype == torch.int8 else "fp8") for n, w in found.items()}
-
-    @property
-    def fp8_weights(self) -> tuple[str, ...]:
-        """The weights stored in fp8 (see ``quantize_fp8``); empty for a model in its own dtype."""
-        return tuple(n for n, fmt in self.quantized_weights.items() if fmt == "fp8")
-
     def get_extra_state(self) -> dict[str, Any]:
         """Saved with ``state_dict``: whether its ``qkv`` weights hold the folded input norms, and
         which weights are quantized in which format."""
@@ -466,18 +216,6 @@ class NativeCausalLM(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """``load_state_dict`` takes the weights' layout along with them (folded or not)."""
         self.input_norm_folded = bool(state["input_norm_folded"])
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        # fp8 and int8 weights share names, shapes and scale buffers: copy_ would cast one format's
-        # values into the other's without a complaint (int8 wraps fp8 values over 127), so the
-        # formats are compared before anything is copied (states saved before the record: unchecked)
-        saved = state_dict.get(prefix + "_extra_state", {}).get("quantized")
-        if saved is not None and saved != self.quantized_weights:
-            raise ValueError(
-                f"the state holds weights quantized as {saved or 'none'}, this model {self.quantized_weights or 'none'}: "
-                "quantize it the same way (quantize_weights) before loading"
-            )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------- properties
 
@@ -567,7 +305,7 @@ class NativeCausalLM(nn.Module):
         weight_scale: Tensor | None,
     ) -> Tensor:
         """``residual + x @ weight.T + bias`` (the o and down projections); the tensor-parallel
-        model (``backends.native.parallel``) sums its ranks' partial products here."""
+        model (``runners.native.parallel``) sums its ranks' partial products here."""
         return linear(x, weight, bias, residual=residual, accumulate=accumulate, weight_scale=weight_scale)
 
     def sample(
@@ -628,17 +366,9 @@ class NativeCausalLM(nn.Module):
             )  # fmt: skip
             if prefix is not None:
                 att = cascade_attention(
-                    q,
-                    k_pool,
-                    v_pool,
-                    cache.block_table,
-                    start_pos,
-                    self.scale,
-                    prefix.lengths,
-                    prefix.group,
-                    prefix.min_length,
-                    self.attn_counters,
-                )
+                    q, k_pool, v_pool, cache.block_table, start_pos, self.scale,
+                    prefix.lengths, prefix.group, prefix.min_length, self.attn_counters,
+                )  # fmt: skip
             else:
                 att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)

@@ -162,7 +162,7 @@ class TensorParallelLM(NativeCausalLM):
 
     Build it with :meth:`from_native` (slice a full model every rank holds, e.g. in tests),
     ``from_config`` (random weights drawn per rank, for benchmarks) or
-    ``backends.native.build.random_layerwise``. ``cfg`` holds the *local* head and MLP counts;
+    ``runners.native.build.random_layerwise``. ``cfg`` holds the *local* head and MLP counts;
     ``vocab_size`` stays global, and ``forward`` returns the rank's logits columns
     ``[vocab_lo, vocab_hi)``. ``group`` defaults to the whole world.
     """
