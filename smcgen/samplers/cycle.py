@@ -28,6 +28,7 @@ from smcgen.core.resampling import Resampler, effective_sample_size
 from smcgen.potentials.base import Potential, SequenceBatch, checked_scores, score_particles, scoring_error
 from smcgen.samplers.run import AllParticlesDeadError, BatchRun, dead_group_error
 from smcgen.samplers.step import (
+    BlockAdvance,
     NonFiniteError,
     advance,
     bad_values,
@@ -242,7 +243,7 @@ class Cycle:
         self._resample(p, adv)
         return adv.block
 
-    def _resample(self, p: Particles, adv: Any) -> None:
+    def _resample(self, p: Particles, adv: BlockAdvance) -> None:
         """The resample gate and, for the groups it opens, new ancestors for every part of the run."""
         B, N = p.log_w.shape
         ess = effective_sample_size(p.log_w)  # 0 for dead groups
