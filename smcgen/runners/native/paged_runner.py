@@ -59,7 +59,8 @@ class PagedLMRunner:
 
     @torch.inference_mode()
     def forward_new(self, sequences: Tensor) -> Tensor:
-        """Feed ``sequences[:, fed:]``; return logits ``[R, T - fed, V]``, row j predicting token fed+j+1."""
+        """Feed ``sequences[:, fed:]``; return logits ``[R, T - fed, V]``, row j predicting token fed+j+1
+        (on ``sequences``' device, as the cycle's other tensors)."""
         assert self.cache is not None, "call start() first"
         new = sequences[:, self.fed :].to(self.model.device)
         if new.shape[1] == 0:
@@ -69,7 +70,7 @@ class PagedLMRunner:
         logits = self.model(new, start, self.cache)
         self.cache.check_status()
         self.fed = sequences.shape[1]
-        return logits
+        return logits.to(sequences.device)
 
     def reorder(self, rows: Tensor) -> None:
         """Make row i a copy of row ``rows[i]`` (resampling): block tables copied, the partial page too."""
