@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # the factors of the target and the proposals; exact enumeration and the property checks are
     # built on the factors alone
     ("potentials, proposals", ["smcgen.potentials", "smcgen.proposals", "smcgen.exact", "smcgen.testing"]),
-    ("step", ["smcgen.samplers.step", "smcgen.samplers.run"]),
+    ("step", ["smcgen.samplers.step", "smcgen.samplers.run", "smcgen.samplers.cycle"]),
     # the samplers drive the step over a runner; outcome turns a dead-particle error into a result
     ("samplers", ["smcgen.samplers"]),
     # what users call: the package, generate(), input checks, memory estimates, distill, CLI, server

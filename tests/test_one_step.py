@@ -1,12 +1,17 @@
-"""One SMC step, two runners: the generic (transformers) and native (paged) engines agree.
+"""One SMC step, two runners: the transformers runner and the native paged model agree.
 
-The two engines draw from different random streams (torch's generator against the native
-Philox counters), so the same seed gives different tokens. What must agree is the step: given
-the same tokens, the same weights. The native run's tokens are replayed through the generic
-engine by a proposal that proposes exactly them with the target's own powered probabilities,
-which makes the generic weights alpha log p - log q = log sum_v p(v)^alpha, the native
-engine's weight of a target-drawn token; potentials (host, lagged on the native engine, and
-device) must then give identical final weights.
+The shared cycle (smcgen.samplers.cycle) over the transformers runner and over the native model's
+paged runner (PagedLMRunner) draws from the same torch generator, so one seed gives the same
+tokens, ancestors and weights on both, resampling, potentials and draft included.
+
+The native *engine* (its captured cycle) draws from Philox counters instead, so there the same
+seed gives different tokens: the documented difference. What must agree is the step: given the
+same tokens, the same weights. The native run's tokens are replayed through the generic engine by a
+proposal that proposes exactly them with the target's own powered probabilities, which makes the
+generic weights alpha log p - log q = log sum_v p(v)^alpha, the native engine's weight of a
+target-drawn token; potentials (host, lagged on the native engine, and device) must then give
+identical final weights. That replay needs one generic step to cover the whole run (a generic
+step always ends with a bonus drawn from its own generator), so it runs without resampling.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import TokenPotential
 from smcgen.proposals.base import Proposal
 from smcgen.runners.native.model import NativeCausalLM
+from smcgen.runners.native.paged_runner import PagedLMRunner
 from smcgen.runners.transformers import CausalLMRunner
 from smcgen.samplers.native import NativeSMC
 
@@ -93,6 +99,63 @@ def test_both_runners_give_the_same_weights_for_the_same_tokens(target):
     assert torch.equal(generic.lengths, native.lengths)
     assert torch.allclose(generic.log_weights, native.log_weights.double(), atol=1e-4)
     assert torch.allclose(generic.log_z, native.log_z.double(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("resampler", "use_draft", "guided", "stops"),
+    [
+        ("multinomial", True, False, False),
+        ("stratified", False, False, True),
+        ("residual", True, True, False),
+        ("systematic", True, False, True),
+    ],
+)
+def test_the_shared_cycle_gives_the_same_run_over_both_runners(target, resampler, use_draft, guided, stops):
+    from test_native_potentials import NoTwos
+
+    from smcgen import LMProposal
+    from smcgen.runners.transformers import LanguageModel
+
+    draft = tiny_lm(1, logit_scale=1.0, hidden=32)
+    # without EOS every particle runs to the end, so resampled rows keep being fed (the caches matter)
+    lm = target if stops else LanguageModel(target.model, target.tokenizer, (), target.context_length)
+    cfg = SMCConfig(
+        n_particles=6, block_size=1, max_new_tokens=10, seed=5, alpha=ALPHA, ess_threshold=0.8, resampler=resampler
+    )
+    native = NativeCausalLM.from_hf(target.model)
+    runs = [
+        SMC(
+            LMPotential(lm, alpha=ALPHA),
+            cfg,
+            proposal=LMProposal(draft) if use_draft else None,
+            potentials=potentials(),
+            guide=NoTwos() if guided else None,
+            target_runner=make,
+        ).run(PROMPT, n_groups=2, on_dead="flag")
+        for make in (None, lambda: PagedLMRunner(native, cfg.max_new_tokens, page_size=4))
+    ]
+    hf, paged = runs
+    assert bool(hf.resampled[:-1].any())  # the resampler ran with steps after it, on the same steps for both
+    assert torch.equal(hf.resampled, paged.resampled)
+    assert torch.equal(hf.tokens, paged.tokens) and torch.equal(hf.lengths, paged.lengths)
+    assert torch.allclose(hf.log_weights, paged.log_weights, atol=1e-4)
+    assert torch.allclose(hf.log_z, paged.log_z, atol=1e-4)
+    assert torch.allclose(hf.ess_history, paged.ess_history, atol=1e-3)
+    assert bool((hf.lengths < cfg.max_new_tokens).any()) == stops
+    if guided:  # the guide masks the bonus draws; a drafted 2 makes its particle's weight zero
+        positions = torch.arange(hf.tokens.shape[-1])
+        has_two = ((hf.tokens == 2) & (positions < hf.lengths[..., None])).any(-1)
+        assert bool(torch.isneginf(hf.log_weights[has_two]).all())
+
+
+def test_the_paged_runner_checks_its_sizes(target):
+    native = NativeCausalLM.from_hf(target.model)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        PagedLMRunner(native, 0)
+    with pytest.raises(ValueError, match="page_size must be >= 1"):
+        PagedLMRunner(native, 4, page_size=0)
+    with pytest.raises(ValueError, match="exceeds the native model's"):
+        PagedLMRunner(native, native.max_positions).start(torch.tensor([PROMPT]), 2)
 
 
 def test_the_same_seed_reproduces_each_runner(target):

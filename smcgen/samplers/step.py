@@ -2,8 +2,8 @@
 
 Every engine runs the same cycle: propose a block of tokens, weight it, update lengths and the
 done flags, add the potentials' increments, and resample the groups whose ESS fell. The math of
-that cycle lives here once; the engines differ only in how they get logits (the transformers
-runner in :mod:`smcgen.samplers.generic`, the paged native runner in :mod:`smcgen.samplers.native`).
+that cycle lives here once; :class:`smcgen.samplers.cycle.Cycle` drives it over any runner (the
+generic engine), and the native engine's captured cycle (:mod:`smcgen.samplers.native`) calls it too.
 
 Every function here is device-side and shape-static: no ``.item()``, no ``nonzero``, no boolean
 indexing, so the native engine can record them inside its CUDA graph.
