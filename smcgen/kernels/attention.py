@@ -11,6 +11,9 @@ G = Hq // Hkv (transformers' ``repeat_kv`` grouping).
 Pages of -1 (only after the pool ran out, when ``status`` is set and the run fails anyway) are
 never dereferenced out of bounds: the Triton kernels mask them, the torch twins clamp them to
 page 0 (contents are then undefined, no crash).
+
+Why one long module: the Triton kernels, their torch twin and the dispatcher of one op stay
+together, so each kernel is read beside the reference its tests compare it with.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Triton launch plans: rms_norm runs one program per row holding the whole row in 
 (hidden <= 8192, up to 16 warps), or two passes over BLOCK-wide chunks beyond that. rope_qk_write_kv
 runs one program per token, rotating all its q and k heads as [heads, D] tiles (cos/sin loaded once).
 silu_mul runs a (row, chunk of I) grid.
+
+Why one long module: the Triton kernels, their torch twin and the dispatcher of one op stay
+together, so each kernel is read beside the reference its tests compare it with.
 """
 
 from __future__ import annotations

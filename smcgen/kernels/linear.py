@@ -40,6 +40,9 @@ Three versions with one signature:
 ``fused_linear`` dispatches: the skinny kernel on CUDA for ``rows <= max_rows`` when its grid
 has at least ``MIN_GRID_FRACTION`` of the SMs' count of programs (0 by default), the composed path
 otherwise (whose ops fall back to their torch twins on the CPU).
+
+Why one long module: the Triton kernels, their torch twin and the dispatcher of one op stay
+together, so each kernel is read beside the reference its tests compare it with.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ refcount 0, each once on the stack.
 Both ops have a torch twin and a Triton version that produce bit-identical state: they pop and push
 pages in the same deterministic order (documented on each function). Nothing syncs with the host
 and no shape depends on data, so both run inside a CUDA graph.
+
+Why one long module: the Triton kernels, their torch twin and the dispatcher of one op stay
+together, so each kernel is read beside the reference its tests compare it with.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ programs and stream slower (H100 sweep, BENCHMARKS.md).
 Two versions with one signature: ``qkv_rope_write_kv_torch`` (the two-step path on the torch
 twins) and ``qkv_rope_write_kv_triton``; ``qkv_rope_write_kv`` dispatches (Triton on CUDA up to
 ``MAX_SKINNY_ROWS`` rows with a 64-wide head, the two-step path otherwise).
+
+Why one long module: the Triton kernels, their torch twin and the dispatcher of one op stay
+together, so each kernel is read beside the reference its tests compare it with.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ token_logprobs is memory-bound and uses the same split with BLOCK 4096 (576 rows
 Token choice does not depend on the plan (keys are computed per element); only the rounding of
 ``lse``/``log_norm`` does (last-ulp level). The chunk loops are ``while`` loops because Triton's CPU
 interpreter (with numpy >= 2.4) cannot take tensor bounds in ``range()``.
+
+Why one long module: the Triton kernels, their torch twin and the dispatcher of one op stay
+together, so each kernel is read beside the reference its tests compare it with.
 """
 
 from __future__ import annotations
