@@ -17,12 +17,14 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, as_completed
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from smcgen.core.config import SMCConfig
 from smcgen.core.result import SMCResult
@@ -180,9 +182,13 @@ class Engine:
         guide: Any = None,
         grammar: Any = None,
         constraint: Potential | None = None,
+        slots: int = 8,
+        kv_pages: int | None = None,
+        continuous: bool = True,
         **config_overrides: Any,
     ):
         from smcgen.api import as_language_model
+        from smcgen.continuous import ContinuousBatcher
 
         # the checks that need no model first, so a bad argument fails before anything loads
         self.config = as_config(config, config_overrides)
@@ -216,6 +222,9 @@ class Engine:
         self._native: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"native_engines_built": 0, "requests": 0, "native_requests": 0, "generic_requests": 0}
+        #: continuous batching (:meth:`submit`; :meth:`batch` on the native engine when ``continuous``)
+        self.batcher = ContinuousBatcher(self, n_slots=slots, kv_pages=kv_pages)
+        self.continuous = bool(continuous)
         # decided before any conversion: the native engine only when it can run these models and options
         self.engine_reason = self._static_reason(self.config)
         if self.engine_reason is None:
@@ -342,6 +351,19 @@ class Engine:
         request = self.resolve(prompt, grammar, guide=guide, **overrides)
         return TextStream(self, request, policy)
 
+    def submit(self, prompt: PromptLike, *, guide: Any = None, grammar: Any = None, **overrides: Any) -> Future:
+        """Queue one request for continuous batching; returns a ``concurrent.futures.Future`` of its
+        :class:`SMCResult` (``result.dead`` flagged, not raised).
+
+        On the native engine the request joins the running batch between two SMC cycles, in a free
+        request slot, when its worst-case KV pages fit beside the running requests' (else it waits;
+        one that can never fit fails with a ``ValueError`` naming the page counts), and leaves it
+        when its particles have all finished, so it never waits for a longer request. It draws the
+        same tokens as the same request run alone with its seed. Requests the slots cannot run
+        (the generic engine, host potentials, a guide computed on the host) run one at a time.
+        The request is validated here (errors raise now, as :meth:`resolve` says)."""
+        return self.batcher.submit(self.resolve(prompt, grammar, guide=guide, **overrides))
+
     def batch(
         self,
         prompts: Sequence[PromptLike],
@@ -387,7 +409,19 @@ class Engine:
             if m is not None:
                 extra["max_new_tokens"] = m
             requests.append(self.resolve(p, g, **extra))
-        return self.run_requests(requests, progress=progress)
+        if not self.continuous or self.engine_reason is not None:
+            return self.run_requests(requests, progress=progress)
+        # continuous batching: requests join and leave the native batch between cycles; the rest
+        # (host guides or potentials) run grouped as before
+        out: list[SMCResult | None] = [None] * n
+        futures = {self.batcher.submit(r): i for i, r in enumerate(requests) if self.batcher.can_run(r)}
+        rest = [i for i in range(n) if i not in futures.values()]
+        if rest:
+            for i, res in zip(rest, self.run_requests([requests[i] for i in rest], progress=progress)):
+                out[i] = res
+        for f in tqdm(as_completed(futures), total=len(futures), disable=not progress, desc="requests", leave=False):
+            out[futures[f]] = f.result()
+        return out  # type: ignore[return-value]
 
     def run_requests(
         self,

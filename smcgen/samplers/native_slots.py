@@ -204,7 +204,11 @@ class NativeSlots:
         if s.guide_state is not None:
             s.guide_state[rows].copy_(e.dfa.initial(N, e.device))
         s.generators[slot].manual_seed(key + 1)
-        e._prefill_segment(s, slot, [list(prompt)])
+        try:
+            e._prefill_segment(s, slot, [list(prompt)])
+        except BaseException:
+            self._idle(slot)  # the slot stays free and its rows finished: the running requests are untouched
+            raise
         self.occupants[slot] = _Occupant(int(limit), self.request_pages(len(prompt), limit), time.perf_counter())
         self.admitted += 1
         return slot
@@ -264,6 +268,11 @@ class NativeSlots:
 
     def retire(self, slot: int) -> None:
         """Free ``slot``: its pages go back to the pool; its rows idle (finished) until the next admission."""
+        self._idle(slot)
+        self.occupants[slot] = None
+
+    def _idle(self, slot: int) -> None:
+        """``slot``'s pages back to the pool, its rows finished: they compute a dummy block until admitted."""
         s = self.state
         g = s.segments[slot]
         for cache in self.caches:
@@ -272,7 +281,6 @@ class NativeSlots:
         s.log_w[slot].zero_()
         s.pos[slot] = 1
         s.cycle[slot] = self.n_cycles
-        self.occupants[slot] = None
 
     def reset(self) -> None:
         """Drop every request (after an error): all slots idle, every page free, flags cleared."""

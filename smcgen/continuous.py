@@ -1,0 +1,258 @@
+"""Continuous batching: an :class:`~smcgen.engine.Engine`'s requests join and leave a running
+native batch between SMC cycles, so a long request does not hold the short ones beside it.
+
+:class:`ContinuousBatcher` owns one thread and a FIFO queue. Its loop, between two cycles:
+
+1. admits waiting requests into free request slots (:class:`~smcgen.samplers.native_slots.NativeSlots`)
+   while their worst-case KV pages fit beside the running requests' (a request that can never fit
+   gets a ``ValueError`` naming the page counts; one that fits later waits at the head of the queue,
+   which keeps the order first come, first served);
+2. runs one cycle of every slot;
+3. hands each request whose particles have all finished back through its future, releasing its
+   slot and pages.
+
+Requests share the slots when their settings agree up to seed and token limit (as
+:func:`~smcgen.engine.batch_key` says); a request with other settings waits until the running
+ones have left, and the slots are rebuilt for it. A request the slots cannot run (the generic
+engine, host potentials, a guide whose masks come from the host) runs on its own, through the
+engine's whole-batch path, once nothing runs in the slots. The slots' engine lock is held for
+one cycle at a time, so other calls on the Engine interleave between cycles.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from smcgen.core.result import SMCResult
+from smcgen.samplers.native_slots import NativeSlots, slots_reason
+
+if TYPE_CHECKING:
+    from smcgen.engine import Engine, Request
+
+logger = logging.getLogger("smcgen")
+
+#: the longest prompt a default slot pool is sized for (longer ones are admitted when they fit)
+DEFAULT_PROMPT_BUDGET = 1024
+
+#: seconds the loop's thread waits for work before it ends (a later submit starts another)
+IDLE_EXIT_S = 30.0
+
+
+@dataclass
+class _Job:
+    request: Request
+    future: Future = field(repr=False)
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class ContinuousBatcher:
+    """Runs submitted requests of ``engine`` with continuous batching (see the module docstring).
+
+    ``n_slots``: requests that run at once (the batch is ``n_slots x n_particles`` rows every
+    cycle); ``kv_pages``: pages of each model's KV pool (default: ``n_slots`` requests of
+    ``DEFAULT_PROMPT_BUDGET`` prompt tokens at the largest limit asked, within the engine's GPU
+    memory fraction). ``stats`` counts admissions, cycles, finished requests, the times the head
+    of the queue waited for pages and the slot rebuilds.
+    """
+
+    def __init__(self, engine: Engine, n_slots: int = 8, kv_pages: int | None = None):
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        if kv_pages is not None and kv_pages < 1:
+            raise ValueError(f"kv_pages must be >= 1 or None, got {kv_pages}")
+        self.engine = engine
+        self.n_slots = n_slots
+        self.kv_pages = kv_pages
+        self._cv = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._running: dict[int, _Job] = {}
+        self.slots: NativeSlots | None = None
+        self._slots_key: Any = None
+        self._thread: threading.Thread | None = None
+        self.stats = {"admitted": 0, "cycles": 0, "finished": 0, "waited_for_pages": 0, "slot_builds": 0}
+        #: the order in which requests finished (their futures' ids; for tests and metrics)
+        self.finished_order: list[int] = []
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet in a slot)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Requests in a slot now."""
+        return len(self._running)
+
+    def submit(self, request: Request) -> Future:
+        """Queue a resolved request; the future resolves to its :class:`SMCResult` (``dead`` flagged,
+        never raised) or to the error that stopped it. Cancel the future to drop a waiting request."""
+        job = _Job(request, Future())
+        with self._cv:
+            self._queue.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="smcgen-continuous", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return job.future
+
+    # ---------------------------------------------------------------------------------- loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if not self._queue and not self._running:
+                    self._cv.wait(IDLE_EXIT_S)
+                    if not self._queue and not self._running:
+                        self._thread = None
+                        return
+            try:
+                alone = self._admit()
+                if alone is not None:
+                    self._run_alone(alone)
+                elif self._running:
+                    self._cycle()
+            except BaseException as err:  # noqa: BLE001 - the running requests get the error; the loop goes on
+                self._fail_running(err)
+
+    def _plan(self, request: Request) -> tuple[Any, Any] | None:
+        """(slot key, native engine) for a request the slots can run, None for one that runs alone."""
+        from smcgen.engine import batch_key
+
+        e, cfg = self.engine, request.config
+        with e._lock:
+            if e._static_reason(cfg) is not None:
+                return None
+            native = e._native_engine(cfg, request.grammar, rows=cfg.n_particles * self.n_slots)
+            if slots_reason(native) is not None or native.unsupported_reason(len(request.ids), cfg.max_new_tokens):
+                return None
+        return batch_key(request), native
+
+    def can_run(self, request: Request) -> bool:
+        """Whether ``request`` runs in the request slots (else :meth:`submit` runs it on its own)."""
+        return self._plan(request) is not None
+
+    def _fits_key(self, key: Any, limit: int) -> bool:
+        return self.slots is not None and key == self._slots_key and limit <= self.slots.max_new_tokens
+
+    def _admit(self) -> _Job | None:
+        """Admit queued requests into free slots while they fit; returns a job to run on its own
+        (the head of the queue, once the slots are empty) or None."""
+        while True:
+            with self._cv:
+                if not self._queue:
+                    return None
+                job = self._queue[0]
+            if job.future.cancelled():
+                self._pop(job)
+                continue
+            q = job.request
+            limit = q.config.max_new_tokens
+            plan = self._plan(q)
+            if plan is None:
+                if self._running:
+                    return None  # first come, first served: it waits for the slots to empty
+                self._pop(job)
+                return job if job.future.set_running_or_notify_cancel() else None
+            key, native = plan
+            if not self._fits_key(key, limit):
+                if self._running:
+                    return None
+                self._build(key, native, q)
+            assert self.slots is not None
+            problem = self.slots.problem(len(q.ids), limit)
+            if problem is not None:
+                self._pop(job)
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(ValueError(problem))
+                continue
+            if not self.slots.fits(len(q.ids), limit):
+                self.stats["waited_for_pages"] += 1
+                return None
+            self._pop(job)
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                with self.engine._lock:
+                    slot = self.slots.admit(q.ids, q.config.seed, limit)
+            except Exception as err:  # noqa: BLE001 - this request's prefill failed; the slots stay as they were
+                job.future.set_exception(err)
+                continue
+            self._running[slot] = job
+            self.stats["admitted"] += 1
+
+    def _build(self, key: Any, native: Any, request: Request) -> None:
+        """New slots for ``key`` (the old ones, empty, are dropped first to give back their pools)."""
+        self.slots = None
+        cap = max(request.config.max_new_tokens, self.engine.config.max_new_tokens)
+        native.config = request.config
+        with self.engine._lock:
+            self.slots = NativeSlots(
+                native, self.n_slots, cap, kv_pages=self.kv_pages, max_prompt_len=DEFAULT_PROMPT_BUDGET
+            )
+        self._slots_key = key
+        self.stats["slot_builds"] += 1
+
+    def _pop(self, job: _Job) -> None:
+        with self._cv:
+            if self._queue and self._queue[0] is job:
+                self._queue.popleft()
+
+    def _cycle(self) -> None:
+        """One cycle of every slot; finished requests' results go to their futures."""
+        assert self.slots is not None
+        e = self.engine
+        with e._lock:
+            finished = self.slots.step()
+            self.stats["cycles"] += 1
+            done = []
+            for slot in finished:
+                job = self._running.pop(slot)
+                try:
+                    run = self.slots.collect(slot)
+                finally:
+                    self.slots.retire(slot)
+                done.append((job, run))
+            e.stats["requests"] += len(done)
+            e.stats["native_requests"] += len(done)
+        native = self.slots.engine
+        for job, run in done:
+            q = job.request
+            try:
+                res: SMCResult = e.result(run, 0, q.config, q.grammar, "native", native.guide_reason)
+            except Exception as err:  # noqa: BLE001 - e.g. a decoding error: this request's only
+                job.future.set_exception(err)
+                continue
+            self.stats["finished"] += 1
+            self.finished_order.append(id(job.future))
+            job.future.set_result(res)
+
+    def _run_alone(self, job: _Job) -> None:
+        """A request the slots cannot run: the engine's whole-batch path, on its own."""
+        try:
+            res = self.engine._run_group([job.request], progress=False, on_dead="flag")[0]
+        except Exception as err:  # noqa: BLE001 - handed to the caller through its future
+            job.future.set_exception(err)
+            return
+        self.stats["finished"] += 1
+        self.finished_order.append(id(job.future))
+        job.future.set_result(res)
+
+    def _fail_running(self, err: BaseException) -> None:
+        """An error in a cycle: every running request gets it, the slots start empty again."""
+        logger.error("smcgen: a continuous-batching cycle failed, its %d running request(s) fail: %s", self.running, err)
+        for job in self._running.values():
+            if not job.future.done():
+                job.future.set_exception(err)
+        self._running.clear()
+        if self.slots is not None:
+            with self.engine._lock:
+                self.slots.reset()
+
+
+__all__ = ["ContinuousBatcher"]
