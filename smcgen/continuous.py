@@ -128,8 +128,11 @@ class ContinuousBatcher:
         with e._lock:
             if e._static_reason(cfg) is not None:
                 return None
+            if request.grammar is None:  # one native engine serves every limit (the slots hold one per request)
+                cfg = cfg.model_copy(update={"max_new_tokens": e.config.max_new_tokens})
             native = e._native_engine(cfg, request.grammar, rows=cfg.n_particles * self.n_slots)
-            if slots_reason(native) is not None or native.unsupported_reason(len(request.ids), cfg.max_new_tokens):
+            limit = request.config.max_new_tokens
+            if slots_reason(native) is not None or native.unsupported_reason(len(request.ids), limit):
                 return None
         return batch_key(request), native
 
