@@ -58,7 +58,7 @@ class ContinuousBatcher:
     cycle); ``kv_pages``: pages of each model's KV pool (default: ``n_slots`` requests of
     ``DEFAULT_PROMPT_BUDGET`` prompt tokens at the largest limit asked, within the engine's GPU
     memory fraction). ``stats`` counts admissions, cycles, finished requests, the times the head
-    of the queue waited for pages and the slot rebuilds.
+    of the queue waited for pages, the slot rebuilds and the seconds the loop worked (busy_s).
     """
 
     def __init__(self, engine: Engine, n_slots: int = 8, kv_pages: int | None = None):
@@ -75,7 +75,14 @@ class ContinuousBatcher:
         self.slots: NativeSlots | None = None
         self._slots_key: Any = None
         self._thread: threading.Thread | None = None
-        self.stats = {"admitted": 0, "cycles": 0, "finished": 0, "waited_for_pages": 0, "slot_builds": 0}
+        self.stats = {
+            "admitted": 0,
+            "cycles": 0,
+            "finished": 0,
+            "waited_for_pages": 0,
+            "slot_builds": 0,
+            "busy_s": 0.0,
+        }
         #: the order in which requests finished (their futures' ids; for tests and metrics)
         self.finished_order: list[int] = []
 
@@ -112,11 +119,13 @@ class ContinuousBatcher:
                         self._thread = None
                         return
             try:
+                t0 = time.perf_counter()
                 alone = self._admit()
-                if alone is not None:
+                if alone:
                     self._run_alone(alone)
                 elif self._running:
                     self._cycle()
+                self.stats["busy_s"] += time.perf_counter() - t0
             except BaseException as err:  # noqa: BLE001 - the running requests get the error; the loop goes on
                 self._fail_running(err)
 
@@ -143,9 +152,10 @@ class ContinuousBatcher:
     def _fits_key(self, key: Any, limit: int) -> bool:
         return self.slots is not None and key == self._slots_key and limit <= self.slots.max_new_tokens
 
-    def _admit(self) -> _Job | None:
-        """Admit queued requests into free slots while they fit; returns a job to run on its own
-        (the head of the queue, once the slots are empty) or None."""
+    def _admit(self) -> list[_Job] | None:
+        """Admit queued requests into free slots while they fit; returns jobs to run without the
+        slots (the head of the queue and the queued requests right behind it with its settings, up
+        to ``n_slots``: one whole-batch run, once the slots are empty) or None."""
         while True:
             with self._cv:
                 if not self._queue:
@@ -160,8 +170,7 @@ class ContinuousBatcher:
             if plan is None:
                 if self._running:
                     return None  # first come, first served: it waits for the slots to empty
-                self._pop(job)
-                return job if job.future.set_running_or_notify_cancel() else None
+                return self._take_group(job)
             key, native = plan
             if not self._fits_key(key, limit):
                 if self._running:
@@ -188,6 +197,24 @@ class ContinuousBatcher:
                 continue
             self._running[slot] = job
             self.stats["admitted"] += 1
+
+    def _take_group(self, head: _Job) -> list[_Job]:
+        """Pop ``head`` and the queued jobs right behind it that share its settings and cannot run
+        in the slots either (at most ``n_slots`` in all): they run as one whole batch."""
+        from smcgen.engine import batch_key
+
+        self._pop(head)
+        group = [head] if head.future.set_running_or_notify_cancel() else []
+        key = batch_key(head.request)
+        while len(group) < self.n_slots:
+            with self._cv:
+                nxt = self._queue[0] if self._queue else None
+            if nxt is None or batch_key(nxt.request) != key or self._plan(nxt.request) is not None:
+                break
+            self._pop(nxt)
+            if nxt.future.set_running_or_notify_cancel():
+                group.append(nxt)
+        return group
 
     def _build(self, key: Any, native: Any, request: Request) -> None:
         """New slots for ``key`` (the old ones, empty, are dropped first to give back their pools)."""
@@ -235,20 +262,24 @@ class ContinuousBatcher:
             self.finished_order.append(id(job.future))
             job.future.set_result(res)
 
-    def _run_alone(self, job: _Job) -> None:
-        """A request the slots cannot run: the engine's whole-batch path, on its own."""
+    def _run_alone(self, jobs: list[_Job]) -> None:
+        """Requests the slots cannot run (one setting): the engine's whole-batch path."""
         try:
-            res = self.engine._run_group([job.request], progress=False, on_dead="flag")[0]
-        except Exception as err:  # noqa: BLE001 - handed to the caller through its future
-            job.future.set_exception(err)
+            results = self.engine._run_group([j.request for j in jobs], progress=False, on_dead="flag")
+        except Exception as err:  # noqa: BLE001 - handed to the callers through their futures
+            for job in jobs:
+                job.future.set_exception(err)
             return
-        self.stats["finished"] += 1
-        self.finished_order.append(id(job.future))
-        job.future.set_result(res)
+        for job, res in zip(jobs, results):
+            self.stats["finished"] += 1
+            self.finished_order.append(id(job.future))
+            job.future.set_result(res)
 
     def _fail_running(self, err: BaseException) -> None:
         """An error in a cycle: every running request gets it, the slots start empty again."""
-        logger.error("smcgen: a continuous-batching cycle failed, its %d running request(s) fail: %s", self.running, err)
+        logger.error(
+            "smcgen: a continuous-batching cycle failed, its %d running request(s) fail: %s", self.running, err
+        )
         for job in self._running.values():
             if not job.future.done():
                 job.future.set_exception(err)
