@@ -17,8 +17,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, as_completed
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from typing import Any
 

@@ -662,7 +662,6 @@ class NativeSMC:
         """
         cfg = self.config
         K, T = self.block, self.block + 1
-        R = s.R
         block = torch.cat([y, bonus[:, None]], dim=1)
 
         # [R, T] positions of this block in each row's continuation (one cycle counter per run, or
