@@ -183,8 +183,10 @@ class ContinuousBatcher:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(ValueError(problem))
                 continue
+            if not self.slots.free_slots():
+                return None
             if not self.slots.fits(len(q.ids), limit):
-                self.stats["waited_for_pages"] += 1
+                self.stats["waited_for_pages"] += 1  # a free slot, but not the pages for this request's worst case
                 return None
             self._pop(job)
             if not job.future.set_running_or_notify_cancel():

@@ -138,3 +138,13 @@ def test_slot_arguments_are_checked(native_pair, models):
         slots.admit([0, 1], 1, 8)
     with pytest.raises(ValueError, match="slots must be >= 1"):
         Engine(models[0], engine="native", slots=0)
+
+
+def test_a_finished_request_of_a_whole_batch_takes_no_more_pages(native_pair):
+    """A request of a whole-batch run that reached its limit stops taking pages while a longer one
+    goes on (the pool is sized for each request's own worst case: before, this ran out of pages)."""
+    target, draft = native_pair
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=40, seed=0)
+    engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(), page_size=4)
+    run = engine.run([[0, 1], [1, 0]], seeds=[1, 2], max_new_tokens=[3, 40])
+    assert run.lengths[0].tolist() == [3] * 4 and run.lengths[1].tolist() == [40] * 4

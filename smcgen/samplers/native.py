@@ -680,8 +680,6 @@ class NativeSMC:
             p_inc, prev = potential_increment(new, s.device_prev[i], ~s.done)
             s.device_prev[i].copy_(prev)
             inc = inc + p_inc
-        # request slots whose particles had all finished before this cycle (idle ones too) keep their position
-        live = ~s.done.view(s.B, -1).all(dim=1) if s.slot_mode else None
         s.done.copy_(adv.done)
         if self.host_potential is not None:
             # host potentials' increments of an earlier cycle, consumed once
@@ -734,13 +732,14 @@ class NativeSMC:
                 s.dviews[i].resample(local, s.pos[i : i + 1] + K)
         s.all_done.copy_(s.done.all().reshape(1))
         s.done_history.index_put_(at, s.done.view(s.B, -1).all(dim=1))
-        if live is None:
-            s.pos.add_(T)
-            s.cycle.add_(1)
-        else:
-            # a finished or idle slot neither takes pages nor moves past its histories' spare last row
-            s.pos.add_(live.to(s.pos.dtype) * T)
-            s.cycle.add_(1).clamp_(max=s.max_cycle)
+        # a segment whose particles have all finished keeps its position: its rows take no more pages
+        # and stay inside the context while longer requests of the batch go on (its worst case, which
+        # sized the pool, ends with its own limit)
+        live = torch.zeros_like(s.pos).index_add_(0, s.seg_of_row, (~s.done).to(s.pos.dtype)) > 0
+        s.pos.add_(live.to(s.pos.dtype) * T)
+        s.cycle.add_(1)
+        if s.slot_mode:  # an idle slot's counter stops at the histories' spare last row
+            s.cycle.clamp_(max=s.max_cycle)
         return anc
 
     def _torch_resample(self, s: _CycleState, i: int, inc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
