@@ -230,11 +230,16 @@ class NativeSlots:
             self._graph.replay()
         else:
             e._cycle(s)
-        finished = s.done.view(self.n_slots, -1).all(dim=1).cpu()  # the cycle's one sync
+        # the cycle's one sync: each slot finished?, each pool ran out?, a NaN / +inf anywhere?
+        flags = torch.cat(
+            [s.done.view(self.n_slots, -1).all(dim=1)] + [c.status.bool() for c in self.caches] + [s.bad.any()[None]]
+        ).cpu()
         self.cycles += 1
-        for cache in self.caches:
-            cache.check_status()
-        e._check_flags(s)
+        finished = flags[: self.n_slots]
+        if bool(flags[self.n_slots :].any()):
+            for cache in self.caches:
+                cache.check_status()
+            e._check_flags(s)
         out = []
         for i, occ in enumerate(self.occupants):
             if occ is not None:
