@@ -148,3 +148,21 @@ def test_a_finished_request_of_a_whole_batch_takes_no_more_pages(native_pair):
     engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(), page_size=4)
     run = engine.run([[0, 1], [1, 0]], seeds=[1, 2], max_new_tokens=[3, 40])
     assert run.lengths[0].tolist() == [3] * 4 and run.lengths[1].tolist() == [40] * 4
+
+
+def test_a_device_guide_runs_in_the_slots_and_a_host_guide_as_a_whole_batch(models):
+    from smcgen import GrammarPotential
+
+    target, draft = models
+    engine = Engine(target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=8, slots=2)
+    regex = GrammarPotential.regex("a[ab]{1,5}")
+    prompts, seeds = ["ab", "abba", "ba"], [1, 2, 3]
+    guided = engine.batch(prompts, seed=seeds, guide=regex)
+    assert engine.batcher.stats["admitted"] == 3  # the automaton's states are per row: slots can run it
+    for prompt, seed, res in zip(prompts, seeds, guided):
+        assert res.text.startswith("a") and set(res.text) <= {"a", "b"}
+        same(res, engine(prompt, seed=seed, guide=regex))
+    nested = GrammarPotential.ebnf('root ::= "a" root "b" | "b"')  # no automaton: masks from the host
+    host = engine.batch(prompts, seed=seeds, guide=nested)
+    assert engine.batcher.stats["admitted"] == 3  # they ran grouped, outside the slots
+    assert all(r.engine == "native" and "host" in r.engine_reason for r in host)
