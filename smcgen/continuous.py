@@ -49,6 +49,8 @@ class _Job:
     request: Request
     future: Future = field(repr=False)
     queued: float = field(default_factory=time.perf_counter)
+    #: (slot key, native engine), None (runs without the slots), or not yet decided
+    plan: Any = field(default=False, repr=False)
 
 
 class ContinuousBatcher:
@@ -166,7 +168,9 @@ class ContinuousBatcher:
                 continue
             q = job.request
             limit = q.config.max_new_tokens
-            plan = self._plan(q)
+            if job.plan is False:  # decided once: the head may wait many cycles
+                job.plan = self._plan(q)
+            plan = job.plan
             if plan is None:
                 if self._running:
                     return None  # first come, first served: it waits for the slots to empty
@@ -211,7 +215,11 @@ class ContinuousBatcher:
         while len(group) < self.n_slots:
             with self._cv:
                 nxt = self._queue[0] if self._queue else None
-            if nxt is None or batch_key(nxt.request) != key or self._plan(nxt.request) is not None:
+            if nxt is None or batch_key(nxt.request) != key:
+                break
+            if nxt.plan is False:
+                nxt.plan = self._plan(nxt.request)
+            if nxt.plan is not None:
                 break
             self._pop(nxt)
             if nxt.future.set_running_or_notify_cancel():

@@ -93,7 +93,7 @@ class NativeSlots:
                 f"kv_pages={kv_pages} is smaller than the {self.idle_pages * n_slots} pages {n_slots} idle slots hold"
             )
         self.kv_pages = int(kv_pages)
-        max_pages = -(-(context + T) // ps)
+        max_pages = min(-(-(context + T) // ps), self.kv_pages)  # a row never holds more than the pool
         R = n_slots * N
         tcache = engine.target.make_cache(self.kv_pages, R, max_pages, ps)
         dcache = engine.draft.make_cache(self.kv_pages, R, max_pages, ps) if engine.draft is not None else None
