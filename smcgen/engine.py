@@ -164,10 +164,15 @@ class Engine:
     ``next_token_mask``. ``constraint`` (a :class:`Potential` without a cheap mask) steers every draw
     by adaptive weighted rejection sampling and runs on the generic engine.
 
-    Calls are serialized (a lock): one engine runs one batch at a time. ``stats`` counts the native
-    engines built and the requests run, ``engine_reason`` says why the generic engine runs (None
-    when the native one can); a request that falls back under ``engine='auto'`` logs its reason
-    once per distinct reason.
+    ``engine.submit(prompt, ...)`` queues a request for continuous batching and returns a future of
+    its result: on the native engine requests join and leave a running batch between SMC cycles
+    (``slots`` requests at once over one KV pool of ``kv_pages`` pages per model; see
+    :mod:`smcgen.continuous`); ``engine.batch`` uses it there unless ``continuous=False``.
+
+    Calls are serialized (a lock): one engine runs one batch (or one cycle of its slots) at a time.
+    ``stats`` counts the native engines built and the requests run, ``engine_reason`` says why the
+    generic engine runs (None when the native one can); a request that falls back under
+    ``engine='auto'`` logs its reason once per distinct reason.
     """
 
     def __init__(
