@@ -64,10 +64,10 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: Engine, n_slots: int = 8, kv_pages: int | None = None):
-        if n_slots < 1:
-            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
-        if kv_pages is not None and kv_pages < 1:
-            raise ValueError(f"kv_pages must be >= 1 or None, got {kv_pages}")
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
+            raise ValueError(f"slots must be an integer >= 1, got {n_slots!r}")
+        if kv_pages is not None and (isinstance(kv_pages, bool) or not isinstance(kv_pages, int) or kv_pages < 1):
+            raise ValueError(f"kv_pages must be an integer >= 1 or None, got {kv_pages!r}")
         self.engine = engine
         self.n_slots = n_slots
         self.kv_pages = kv_pages

@@ -197,6 +197,9 @@ class Engine:
 
         # the checks that need no model first, so a bad argument fails before anything loads
         self.config = as_config(config, config_overrides)
+        #: continuous batching (:meth:`submit`; :meth:`batch` on the native engine when ``continuous``)
+        self.batcher = ContinuousBatcher(self, n_slots=slots, kv_pages=kv_pages)
+        self.continuous = bool(continuous)
         self.potentials = as_potentials(potentials)
         if proposal is not None and not isinstance(proposal, Proposal):
             raise TypeError(f"proposal must be a smcgen.Proposal or None, got {type(proposal).__name__}")
@@ -227,9 +230,6 @@ class Engine:
         self._native: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"native_engines_built": 0, "requests": 0, "native_requests": 0, "generic_requests": 0}
-        #: continuous batching (:meth:`submit`; :meth:`batch` on the native engine when ``continuous``)
-        self.batcher = ContinuousBatcher(self, n_slots=slots, kv_pages=kv_pages)
-        self.continuous = bool(continuous)
         # decided before any conversion: the native engine only when it can run these models and options
         self.engine_reason = self._static_reason(self.config)
         if self.engine_reason is None:

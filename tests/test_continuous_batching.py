@@ -136,8 +136,10 @@ def test_slot_arguments_are_checked(native_pair, models):
     slots.admit([0, 1], 0, 8)
     with pytest.raises(RuntimeError, match="no free slot"):
         slots.admit([0, 1], 1, 8)
-    with pytest.raises(ValueError, match="slots must be >= 1"):
+    with pytest.raises(ValueError, match="slots must be an integer >= 1, got 0"):
         Engine(models[0], engine="native", slots=0)
+    with pytest.raises(ValueError, match="kv_pages must be an integer >= 1 or None, got 0.5"):
+        Engine(models[0], engine="native", kv_pages=0.5)
 
 
 def test_a_finished_request_of_a_whole_batch_takes_no_more_pages(native_pair):
