@@ -168,24 +168,27 @@ class ContinuousBatcher:
                 continue
             q = job.request
             limit = q.config.max_new_tokens
-            if job.plan is False:  # decided once: the head may wait many cycles
-                job.plan = self._plan(q)
-            plan = job.plan
-            if plan is None:
-                if self._running:
-                    return None  # first come, first served: it waits for the slots to empty
-                return self._take_group(job)
-            key, native = plan
-            if not self._fits_key(key, limit):
-                if self._running:
-                    return None
-                self._build(key, native, q)
-            assert self.slots is not None
-            problem = self.slots.problem(len(q.ids), limit)
-            if problem is not None:
+            try:
+                if job.plan is False:  # decided once: the head may wait many cycles
+                    job.plan = self._plan(q)
+                plan = job.plan
+                if plan is None:
+                    if self._running:
+                        return None  # first come, first served: it waits for the slots to empty
+                    return self._take_group(job)
+                key, native = plan
+                if not self._fits_key(key, limit):
+                    if self._running:
+                        return None
+                    self._build(key, native, q)
+                assert self.slots is not None
+                problem = self.slots.problem(len(q.ids), limit)
+                if problem is not None:
+                    raise ValueError(problem)
+            except Exception as err:  # noqa: BLE001 - this request cannot run (engine, slots): it fails alone
                 self._pop(job)
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(ValueError(problem))
+                    job.future.set_exception(err)
                 continue
             if not self.slots.free_slots():
                 return None
@@ -228,7 +231,7 @@ class ContinuousBatcher:
 
     def _build(self, key: Any, native: Any, request: Request) -> None:
         """New slots for ``key`` (the old ones, empty, are dropped first to give back their pools)."""
-        self.slots = None
+        self.slots, self._slots_key = None, None
         cap = max(request.config.max_new_tokens, self.engine.config.max_new_tokens)
         native.config = request.config
         with self.engine._lock:

@@ -168,3 +168,12 @@ def test_a_device_guide_runs_in_the_slots_and_a_host_guide_as_a_whole_batch(mode
     host = engine.batch(prompts, seed=seeds, guide=nested)
     assert engine.batcher.stats["admitted"] == 3  # they ran grouped, outside the slots
     assert all(r.engine == "native" and "host" in r.engine_reason for r in host)
+
+
+def test_slots_that_cannot_be_built_fail_the_request_and_the_next_one_runs(models):
+    target, draft = models
+    engine = Engine(target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=8, kv_pages=3)
+    with pytest.raises(ValueError, match="kv_pages=3 is smaller than"):
+        engine.submit("ab", seed=1).result(timeout=120)
+    engine.batcher.kv_pages = None  # the default pool: the next request runs
+    same(engine.submit("ab", seed=1).result(timeout=120), engine("ab", seed=1))

@@ -173,6 +173,7 @@ class NativeSlots:
         need = self.request_pages(prompt_len, limit)
         return self.budget_in_use() - self.idle_pages + need <= self.kv_pages
 
+    @torch.no_grad()
     def admit(self, prompt: list[int], seed: int | None, limit: int) -> int:
         """Prefill ``prompt`` into a free slot (between cycles); returns the slot. Raises ValueError
         for a request :meth:`problem` refuses and RuntimeError when it does not :meth:`fit` now."""
