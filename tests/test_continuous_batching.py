@@ -177,3 +177,32 @@ def test_slots_that_cannot_be_built_fail_the_request_and_the_next_one_runs(model
         engine.submit("ab", seed=1).result(timeout=120)
     engine.batcher.kv_pages = None  # the default pool: the next request runs
     same(engine.submit("ab", seed=1).result(timeout=120), engine("ab", seed=1))
+
+
+def test_the_server_worker_joins_requests_and_streams_beside_them(models):
+    import asyncio
+
+    from smcgen.server.metrics import ServerMetrics
+    from smcgen.server.scheduler import Scheduler
+
+    target, draft = models
+    engine = Engine(target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=8, slots=2)
+    plain = [engine.resolve(p, seed=s) for p, s in (("ab", 1), ("abab", 2), ("ba", 3))]
+    streamed = engine.resolve("bb", seed=4)
+    steps = []
+
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics(), max_queue=8, max_batch=8)
+        assert scheduler.continuous
+        scheduler.start()
+        futures = [scheduler.submit(r) for r in plain] + [
+            scheduler.submit(streamed, on_step=lambda s, a: steps.append(s))
+        ]
+        results = await asyncio.gather(*futures)
+        await scheduler.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert engine.batcher.stats["admitted"] == 3 and steps  # three joined the slots, one streamed on its own
+    for res, (prompt, seed) in zip(results, [("ab", 1), ("abab", 2), ("ba", 3), ("bb", 4)]):
+        same(res, engine(prompt, seed=seed))

@@ -64,6 +64,7 @@ class Scheduler:
         #: requests join and leave the native batch between cycles (the engine's batcher)
         self.continuous = engine.engine_reason is None and engine.continuous
         self._busy_seen = 0.0
+        self._streams: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -124,7 +125,9 @@ class Scheduler:
                     if job.on_step is None:
                         self._join(job)
                     else:  # a streamed request is watched step by step: a whole run of its own
-                        loop.create_task(self._run_jobs([job]))
+                        task = loop.create_task(self._run_jobs([job]))
+                        self._streams.add(task)  # the loop holds tasks weakly
+                        task.add_done_callback(self._streams.discard)
                 continue
             groups: dict[Any, list[_Job]] = {}
             for job in jobs:
