@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ class _Job:
     queued: float = field(default_factory=time.perf_counter)
     #: (slot key, native engine), None (runs without the slots), or not yet decided
     plan: Any = field(default=False, repr=False)
+    #: a streamed request's watcher: ``on_step(sequences, alive)`` after each of its cycles
+    on_step: Callable[[list[list[int]], list[bool]], None] | None = field(default=None, repr=False)
 
 
 class ContinuousBatcher:
@@ -98,10 +101,13 @@ class ContinuousBatcher:
         """Requests in a slot now."""
         return len(self._running)
 
-    def submit(self, request: Request) -> Future:
+    def submit(self, request: Request, on_step: Callable[[list[list[int]], list[bool]], None] | None = None) -> Future:
         """Queue a resolved request; the future resolves to its :class:`SMCResult` (``dead`` flagged,
-        never raised) or to the error that stopped it. Cancel the future to drop a waiting request."""
-        job = _Job(request, Future())
+        never raised) or to the error that stopped it. Cancel the future to drop a waiting request.
+
+        ``on_step(sequences, alive)`` (streaming) is called from the batcher's thread after each
+        cycle of the request: its particles' tokens so far and whether each has weight above zero."""
+        job = _Job(request, Future(), on_step=on_step)
         with self._cv:
             self._queue.append(job)
             if self._thread is None or not self._thread.is_alive():
@@ -215,10 +221,10 @@ class ContinuousBatcher:
         self._pop(head)
         group = [head] if head.future.set_running_or_notify_cancel() else []
         key = batch_key(head.request)
-        while len(group) < self.n_slots:
+        while len(group) < self.n_slots and head.on_step is None:  # a watched request runs alone
             with self._cv:
                 nxt = self._queue[0] if self._queue else None
-            if nxt is None or batch_key(nxt.request) != key:
+            if nxt is None or nxt.on_step is not None or batch_key(nxt.request) != key:
                 break
             if nxt.plan is False:
                 nxt.plan = self._plan(nxt.request)
@@ -253,6 +259,7 @@ class ContinuousBatcher:
         with e._lock:
             finished = self.slots.step()
             self.stats["cycles"] += 1
+            watched = [(j.on_step, self.slots.watch(i)) for i, j in self._running.items() if j.on_step is not None]
             done = []
             for slot in finished:
                 job = self._running.pop(slot)
@@ -263,6 +270,11 @@ class ContinuousBatcher:
                 done.append((job, run))
             e.stats["requests"] += len(done)
             e.stats["native_requests"] += len(done)
+        for on_step, (sequences, alive) in watched:
+            try:
+                on_step(sequences, alive)
+            except Exception as err:  # noqa: BLE001 - a failing watcher is logged; its request goes on
+                logger.warning("smcgen: a streamed request's watcher failed: %s", err)
         native = self.slots.engine
         for job, run in done:
             q = job.request
@@ -278,7 +290,9 @@ class ContinuousBatcher:
     def _run_alone(self, jobs: list[_Job]) -> None:
         """Requests the slots cannot run (one setting): the engine's whole-batch path."""
         try:
-            results = self.engine._run_group([j.request for j in jobs], progress=False, on_dead="flag")
+            results = self.engine._run_group(
+                [j.request for j in jobs], progress=False, on_dead="flag", on_step=jobs[0].on_step
+            )
         except Exception as err:  # noqa: BLE001 - handed to the callers through their futures
             for job in jobs:
                 job.future.set_exception(err)

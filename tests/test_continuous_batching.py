@@ -203,6 +203,9 @@ def test_the_server_worker_joins_requests_and_streams_beside_them(models):
         return results
 
     results = asyncio.run(scenario())
-    assert engine.batcher.stats["admitted"] == 3 and steps  # three joined the slots, one streamed on its own
+    assert engine.batcher.stats["admitted"] == 4  # the streamed one joined the slots too
+    # its watcher saw its particles grow cycle by cycle, ending with the answer's tokens
+    assert [max(len(x) for x in seqs) for seqs in steps] == sorted(max(len(x) for x in seqs) for seqs in steps)
+    assert results[3].token_ids in steps[-1]
     for res, (prompt, seed) in zip(results, [("ab", 1), ("abab", 2), ("ba", 3), ("bb", 4)]):
         same(res, engine(prompt, seed=seed))

@@ -249,6 +249,19 @@ class NativeSlots:
                     out.append(i)
         return out
 
+    def watch(self, slot: int) -> tuple[list[list[int]], list[bool]]:
+        """The particles of ``slot`` so far (streaming): each one's tokens and whether its weight is
+        above zero (one small copy to the host)."""
+        occ = self.occupants[slot]
+        if occ is None:
+            raise ValueError(f"slot {slot} holds no request")
+        g = self.state.segments[slot]
+        width = min(occ.cycles * (self.engine.block + 1), occ.limit)
+        rows = self.state.history[g.r0 : g.r1, :width].cpu().tolist()
+        lengths = self.state.lengths[g.r0 : g.r1].cpu().tolist()
+        alive = (self.state.log_w[slot] > float("-inf")).cpu().tolist()
+        return [r[:n] for r, n in zip(rows, lengths)], alive
+
     def collect(self, slot: int) -> BatchRun:
         """The finished request of ``slot`` as a run of one group (call before :meth:`retire`)."""
         occ = self.occupants[slot]

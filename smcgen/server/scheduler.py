@@ -64,7 +64,6 @@ class Scheduler:
         #: requests join and leave the native batch between cycles (the engine's batcher)
         self.continuous = engine.engine_reason is None and engine.continuous
         self._busy_seen = 0.0
-        self._streams: set[asyncio.Task] = set()
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -112,7 +111,6 @@ class Scheduler:
 
     async def _worker(self) -> None:
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
             while len(jobs) < self.max_batch and not self._queue.empty():
@@ -122,12 +120,7 @@ class Scheduler:
                 for job in jobs:
                     if job.future.done():
                         continue
-                    if job.on_step is None:
-                        self._join(job)
-                    else:  # a streamed request is watched step by step: a whole run of its own
-                        task = loop.create_task(self._run_jobs([job]))
-                        self._streams.add(task)  # the loop holds tasks weakly
-                        task.add_done_callback(self._streams.discard)
+                    self._join(job)  # a streamed one too: the batcher calls its watcher after each cycle
                 continue
             groups: dict[Any, list[_Job]] = {}
             for job in jobs:
@@ -161,7 +154,7 @@ class Scheduler:
         the event loop, and cancelling the job (its client left) cancels it if it has not joined yet."""
         loop = asyncio.get_running_loop()
         batcher = self.engine.batcher
-        cf = batcher.submit(job.request)
+        cf = batcher.submit(job.request, on_step=job.on_step)
 
         def settle(_: Any) -> None:  # on the event loop
             if job.future.done():
