@@ -1,7 +1,9 @@
-"""Continuous batching on the native engine (CPU, the kernels' torch twins): requests join and
-leave a running batch between cycles, each drawing what it draws alone with its seed; a short
-request beside a long one finishes first; finished requests' pages return to the pool; a request
-that does not fit the pool waits (or, if it never can, is refused) without touching the others."""
+"""Continuous batching on the native engine: requests join and leave a running batch between
+cycles, each drawing what it draws alone with its seed; a short request beside a long one finishes
+first; finished requests' pages return to the pool; a request that does not fit the pool waits (or,
+if it never can, is refused) without touching the others. On the CPU with the kernels' torch twins;
+the NativeSlots tests also run on CUDA (``SMCGEN_TEST_DEVICE=cuda``: one CUDA graph, captured with
+every slot idle, replayed for every mix of requests)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from smcgen.samplers.native_slots import NativeSlots
 
 
 @pytest.fixture(scope="module")
-def native_pair():
+def native_pair(device):
+    # head_dim 16 for the Triton kernels: with SMCGEN_TEST_DEVICE=cuda the slots run on the GPU, the
+    # cycle captured as a CUDA graph once and replayed for every mix of requests
     target, draft = tiny_lm(0, logit_scale=2.0, hidden=32), tiny_lm(0, logit_scale=1.0, hidden=32)
-    return NativeCausalLM.from_hf(target.model), NativeCausalLM.from_hf(draft.model)
+    return NativeCausalLM.from_hf(target.model, device=device), NativeCausalLM.from_hf(draft.model, device=device)
 
 
 @pytest.fixture(scope="module")
