@@ -227,7 +227,10 @@ class ContinuousBatcher:
             if nxt is None or nxt.on_step is not None or batch_key(nxt.request) != key:
                 break
             if nxt.plan is False:
-                nxt.plan = self._plan(nxt.request)
+                try:
+                    nxt.plan = self._plan(nxt.request)
+                except Exception:  # noqa: BLE001 - it fails when it reaches the head, alone
+                    break
             if nxt.plan is not None:
                 break
             self._pop(nxt)
@@ -264,10 +267,11 @@ class ContinuousBatcher:
             for slot in finished:
                 job = self._running.pop(slot)
                 try:
-                    run = self.slots.collect(slot)
+                    done.append((job, self.slots.collect(slot)))
+                except Exception as err:  # noqa: BLE001 - this request's copy-out failed: its error alone
+                    job.future.set_exception(err)
                 finally:
                     self.slots.retire(slot)
-                done.append((job, run))
             e.stats["requests"] += len(done)
             e.stats["native_requests"] += len(done)
         for on_step, (sequences, alive) in watched:
