@@ -213,3 +213,22 @@ def test_the_server_worker_joins_requests_and_streams_beside_them(models):
     assert results[3].token_ids in steps[-1]
     for res, (prompt, seed) in zip(results, [("ab", 1), ("abab", 2), ("ba", 3), ("bb", 4)]):
         same(res, engine(prompt, seed=seed))
+
+
+def test_a_failing_cycle_fails_the_running_requests_and_the_loop_goes_on(models, monkeypatch):
+    target, draft = models
+    engine = Engine(target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=8)
+    original, calls = NativeSlots.step, {"n": 0}
+
+    def failing_once(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("KV page pool ran out (injected)")
+        return original(self)
+
+    monkeypatch.setattr(NativeSlots, "step", failing_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.submit("ab", seed=1).result(timeout=120)
+    slots = engine.batcher.slots
+    assert slots is not None and slots.active() == 0 and slots.pages_free() == slots.kv_pages  # emptied
+    same(engine.submit("ab", seed=1).result(timeout=120), engine("ab", seed=1))
