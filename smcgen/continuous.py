@@ -311,13 +311,16 @@ class ContinuousBatcher:
         logger.error(
             "smcgen: a continuous-batching cycle failed, its %d running request(s) fail: %s", self.running, err
         )
-        for job in self._running.values():
-            if not job.future.done():
-                job.future.set_exception(err)
+        jobs = list(self._running.values())
         self._running.clear()
-        if self.slots is not None:
-            with self.engine._lock:
-                self.slots.reset()
+        try:
+            if self.slots is not None:
+                with self.engine._lock:
+                    self.slots.reset()
+        finally:  # the slots are empty before anyone hears of the failure
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
 
 
 __all__ = ["ContinuousBatcher"]

@@ -81,8 +81,9 @@ def test_a_short_request_beside_a_long_one_finishes_first(models):
     # no EOS: every request runs to its own limit
     target, draft = (LanguageModel(m.model, m.tokenizer, (), m.context_length) for m in models)
     engine = Engine(target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=40, slots=4)
-    long = engine.submit("ab", seed=1, max_new_tokens=40)
-    short = engine.submit("ba", seed=2, max_new_tokens=4)
+    with engine._lock:  # the batcher waits: both are queued before the first cycle
+        long = engine.submit("ab", seed=1, max_new_tokens=40)
+        short = engine.submit("ba", seed=2, max_new_tokens=4)
     assert [len(x) for x in short.result(timeout=120).sequences] == [4] * 4
     assert [len(x) for x in long.result(timeout=120).sequences] == [40] * 4
     order = engine.batcher.finished_order
@@ -99,10 +100,11 @@ def test_a_request_waits_for_pages_and_one_that_never_fits_is_refused(models):
     engine = Engine(
         target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=40, slots=2, kv_pages=24
     )
-    first = engine.submit("ab", seed=1)
-    second = engine.submit("abab", seed=2)
-    too_big = engine.submit([0, 1] * 10, seed=3)  # a 20-token prompt: 17 pages, more than one slot may hold
-    after = engine.submit("ba", seed=4)
+    with engine._lock:  # the batcher waits: all four are queued before the first cycle
+        first = engine.submit("ab", seed=1)
+        second = engine.submit("abab", seed=2)
+        too_big = engine.submit([0, 1] * 10, seed=3)  # a 20-token prompt: 17 pages, more than one slot may hold
+        after = engine.submit("ba", seed=4)
     with pytest.raises(ValueError, match="KV cache too small: the request needs 17 pages"):
         too_big.result(timeout=120)
     results = [f.result(timeout=120) for f in (first, second, after)]
