@@ -140,7 +140,9 @@ def main() -> None:
         print(f"{name}: {tokens / wall:.1f} tok/s ({wall:.2f} s)", flush=True)
 
     # the Engine first: it converts the models (timed apart: a one-off cost)
-    (engine, build_s) = timed(lambda: Engine(target, draft=draft, **settings), device)
+    # continuous=False: engine.batch runs one whole native batch (benchmarks/continuous_batching.py
+    # measures the request slots)
+    (engine, build_s) = timed(lambda: Engine(target, draft=draft, continuous=False, **settings), device)
     print(
         f"Engine built in {build_s:.1f} s (conversions included); engine: "
         f"{'native' if engine.engine_reason is None else 'generic: ' + engine.engine_reason}",

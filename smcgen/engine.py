@@ -18,11 +18,13 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from smcgen.core.config import SMCConfig
 from smcgen.core.result import SMCResult
@@ -162,10 +164,15 @@ class Engine:
     ``next_token_mask``. ``constraint`` (a :class:`Potential` without a cheap mask) steers every draw
     by adaptive weighted rejection sampling and runs on the generic engine.
 
-    Calls are serialized (a lock): one engine runs one batch at a time. ``stats`` counts the native
-    engines built and the requests run, ``engine_reason`` says why the generic engine runs (None
-    when the native one can); a request that falls back under ``engine='auto'`` logs its reason
-    once per distinct reason.
+    ``engine.submit(prompt, ...)`` queues a request for continuous batching and returns a future of
+    its result: on the native engine requests join and leave a running batch between SMC cycles
+    (``slots`` requests at once over one KV pool of ``kv_pages`` pages per model; see
+    :mod:`smcgen.continuous`); ``engine.batch`` uses it there unless ``continuous=False``.
+
+    Calls are serialized (a lock): one engine runs one batch (or one cycle of its slots) at a time.
+    ``stats`` counts the native engines built and the requests run, ``engine_reason`` says why the
+    generic engine runs (None when the native one can); a request that falls back under
+    ``engine='auto'`` logs its reason once per distinct reason.
     """
 
     def __init__(
@@ -180,12 +187,19 @@ class Engine:
         guide: Any = None,
         grammar: Any = None,
         constraint: Potential | None = None,
+        slots: int = 8,
+        kv_pages: int | None = None,
+        continuous: bool = True,
         **config_overrides: Any,
     ):
         from smcgen.api import as_language_model
+        from smcgen.continuous import ContinuousBatcher
 
         # the checks that need no model first, so a bad argument fails before anything loads
         self.config = as_config(config, config_overrides)
+        #: continuous batching (:meth:`submit`; :meth:`batch` on the native engine when ``continuous``)
+        self.batcher = ContinuousBatcher(self, n_slots=slots, kv_pages=kv_pages)
+        self.continuous = bool(continuous)
         self.potentials = as_potentials(potentials)
         if proposal is not None and not isinstance(proposal, Proposal):
             raise TypeError(f"proposal must be a smcgen.Proposal or None, got {type(proposal).__name__}")
@@ -342,6 +356,19 @@ class Engine:
         request = self.resolve(prompt, grammar, guide=guide, **overrides)
         return TextStream(self, request, policy)
 
+    def submit(self, prompt: PromptLike, *, guide: Any = None, grammar: Any = None, **overrides: Any) -> Future:
+        """Queue one request for continuous batching; returns a ``concurrent.futures.Future`` of its
+        :class:`SMCResult` (``result.dead`` flagged, not raised).
+
+        On the native engine the request joins the running batch between two SMC cycles, in a free
+        request slot, when its worst-case KV pages fit beside the running requests' (else it waits;
+        one that can never fit fails with a ``ValueError`` naming the page counts), and leaves it
+        when its particles have all finished, so it never waits for a longer request. It draws the
+        same tokens as the same request run alone with its seed. Requests the slots cannot run
+        (the generic engine, host potentials, a guide computed on the host) run one at a time.
+        The request is validated here (errors raise now, as :meth:`resolve` says)."""
+        return self.batcher.submit(self.resolve(prompt, grammar, guide=guide, **overrides))
+
     def batch(
         self,
         prompts: Sequence[PromptLike],
@@ -387,7 +414,19 @@ class Engine:
             if m is not None:
                 extra["max_new_tokens"] = m
             requests.append(self.resolve(p, g, **extra))
-        return self.run_requests(requests, progress=progress)
+        if not self.continuous or self.engine_reason is not None:
+            return self.run_requests(requests, progress=progress)
+        # continuous batching: requests join and leave the native batch between cycles; the rest
+        # (host guides or potentials) run grouped as before
+        out: list[SMCResult | None] = [None] * n
+        futures = {self.batcher.submit(r): i for i, r in enumerate(requests) if self.batcher.can_run(r)}
+        rest = [i for i in range(n) if i not in futures.values()]
+        if rest:
+            for i, res in zip(rest, self.run_requests([requests[i] for i in rest], progress=progress)):
+                out[i] = res
+        for f in tqdm(as_completed(futures), total=len(futures), disable=not progress, desc="requests", leave=False):
+            out[futures[f]] = f.result()
+        return out  # type: ignore[return-value]
 
     def run_requests(
         self,

@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "smcgen.distill_samples",
             "smcgen.cli",
             "smcgen.engine",
+            "smcgen.continuous",
             "smcgen.server",
         ],
     ),

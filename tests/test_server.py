@@ -189,15 +189,19 @@ def test_health_and_metrics(server, client):
     assert [m.id for m in models.data] == ["tiny"]
 
 
-def test_scheduler_batches_waiting_requests_seeded_or_not():
-    """Requests waiting together go to the engine in one call and share one native batch, whatever
-    their prompt lengths; a seeded one keeps its own stream (its output does not depend on other traffic)."""
+@pytest.mark.parametrize("continuous", [False, True])
+def test_scheduler_batches_waiting_requests_seeded_or_not(continuous):
+    """Requests waiting together share one native batch, whatever their prompt lengths: one engine
+    call (``continuous=False``) or the engine's request slots, joining between cycles; a seeded one
+    keeps its own stream (its output does not depend on other traffic)."""
     import asyncio
 
     from smcgen.server.metrics import ServerMetrics
     from smcgen.server.scheduler import Scheduler
 
-    engine = Engine(lm_with_tokenizer(0), engine="native", n_particles=4, block_size=1, max_new_tokens=6)
+    engine = Engine(
+        lm_with_tokenizer(0), engine="native", n_particles=4, block_size=1, max_new_tokens=6, continuous=continuous
+    )
     requests = [engine.resolve(p) for p in ("ab", "ba", "abab")] + [engine.resolve("ab", seed=7)]
 
     async def scenario():
@@ -210,7 +214,10 @@ def test_scheduler_batches_waiting_requests_seeded_or_not():
         return results, metrics
 
     results, metrics = asyncio.run(scenario())
-    assert metrics.batches == 1  # all four requests in one native run
+    if continuous:  # each answer reported as it left its slot
+        assert metrics.batches == 4 and engine.batcher.stats["admitted"] == 4
+    else:
+        assert metrics.batches == 1  # all four requests in one native run
     assert (
         engine.stats["native_requests"] == 4 and engine.stats["native_engines_built"] == 1
     )  # one per setting, any seed

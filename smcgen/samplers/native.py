@@ -520,26 +520,33 @@ class NativeSMC:
         last page copied.
         """
         N = self.config.n_particles
-        dev = self.device
-        tail = 2 if self.draft is not None else 1
         for i, g in enumerate(s.segments):
-            P = g.prompt_len
-            ids = torch.tensor(prompts[g.g0 : g.g1], dtype=torch.long, device=dev)
-            owner = torch.arange(g.n_groups, device=dev).repeat_interleave(N)
-            for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
-                if model is None or cache is None or n_fed == 0:
-                    continue
-                view = cache.rows(g.r0, g.r0 + g.n_groups)
-                view.reserve(n_fed)
-                model(ids[:, :n_fed], torch.zeros(g.n_groups, dtype=torch.int32, device=dev), view, last_only=True)
-                cache.rows(g.r0, g.r1).resample(owner, n_fed)
-            s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
-            s.pos[i : i + 1].fill_(P - 1)
+            self._prefill_segment(s, i, prompts[g.g0 : g.g1])
         # each group's rows now hold the same prompt K/V (resampling stays inside a group): cascade
         # attention may read it once per request (NativeCausalLM.cascade), each at its own length
         for cache, unfed in ((s.tcache, 1), (s.dcache, 2)):
             if cache is not None:
                 cache.share_prefixes(N, [g.prompt_len - unfed for g in s.segments for _ in range(g.n_groups)])
+
+    def _prefill_segment(self, s: _CycleState, i: int, prompts: list[list[int]]) -> None:
+        """Prefill segment ``i``'s prompts (all of one length) into its first rows' own pages, share
+        them with each group's rows and set the segment's pending tokens and position."""
+        N = self.config.n_particles
+        dev = self.device
+        g = s.segments[i]
+        P = len(prompts[0])
+        tail = 2 if self.draft is not None else 1
+        ids = torch.tensor(prompts, dtype=torch.long, device=dev)
+        owner = torch.arange(g.n_groups, device=dev).repeat_interleave(N)
+        for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
+            if model is None or cache is None or n_fed == 0:
+                continue
+            view = cache.rows(g.r0, g.r0 + g.n_groups)
+            view.reserve(n_fed)
+            model(ids[:, :n_fed], torch.zeros(g.n_groups, dtype=torch.int32, device=dev), view, last_only=True)
+            cache.rows(g.r0, g.r1).resample(owner, n_fed)
+        s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
+        s.pos[i : i + 1].fill_(P - 1)
 
     # ------------------------------------------------------------------------------ cycle
 
@@ -655,23 +662,15 @@ class NativeSMC:
         """
         cfg = self.config
         K, T = self.block, self.block + 1
-        R = s.R
         block = torch.cat([y, bonus[:, None]], dim=1)
 
-        gen_idx = s.cycle * T + s.arange_t  # [T] positions of this block in the continuation
-        in_budget = gen_idx if s.limits is None else gen_idx[None, :]
+        # [R, T] positions of this block in each row's continuation (one cycle counter per run, or
+        # per request slot when requests join between cycles: NativeSlots)
+        gen_idx = s.cycle[s.cycle_of_row][:, None] * T + s.arange_t
         limit = cfg.max_new_tokens if s.limits is None else s.limits
-        adv = advance(
-            block,
-            token_w,
-            s.done,
-            s.lengths,
-            s.eos,
-            limit,
-            self.pad_id,
-            in_budget < (limit if s.limits is None else limit[:, None]),
-        )
-        s.history.scatter_(1, gen_idx.expand(R, T), adv.block)
+        in_budget = gen_idx < (limit if s.limits is None else limit[:, None])
+        adv = advance(block, token_w, s.done, s.lengths, s.eos, limit, self.pad_id, in_budget)
+        s.history.scatter_(1, gen_idx, adv.block)
         s.lengths.copy_(adv.lengths)
         inc = adv.inc
         # device potentials see the block: complete scores for rows that just finished
@@ -707,8 +706,9 @@ class NativeSMC:
                 anc, ess, resampled = self._torch_resample(s, i, inc[groups])
             parts.append((anc + g.r0 if g.r0 else anc, ess, resampled))
         anc, ess, resampled = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
-        s.ess_history.index_copy_(0, s.cycle, ess[None])
-        s.resampled_history.index_copy_(0, s.cycle, resampled[None])
+        at = (s.cycle[s.cycle_of_group], s.group_ids)  # each group's row of the histories
+        s.ess_history.index_put_(at, ess)
+        s.resampled_history.index_put_(at, resampled)
 
         if s.guide_state is not None:
             # the kept block (pads, i.e. EOS, where a position does not count) moves the automaton
@@ -731,9 +731,15 @@ class NativeSMC:
             if self.draft is not None:
                 s.dviews[i].resample(local, s.pos[i : i + 1] + K)
         s.all_done.copy_(s.done.all().reshape(1))
-        s.done_history.index_copy_(0, s.cycle, s.done.view(s.B, -1).all(dim=1)[None])
-        s.pos.add_(T)
+        s.done_history.index_put_(at, s.done.view(s.B, -1).all(dim=1))
+        # a segment whose particles have all finished keeps its position: its rows take no more pages
+        # and stay inside the context while longer requests of the batch go on (its worst case, which
+        # sized the pool, ends with its own limit)
+        live = torch.zeros_like(s.pos).index_add_(0, s.seg_of_row, (~s.done).to(s.pos.dtype)) > 0
+        s.pos.add_(live.to(s.pos.dtype) * T)
         s.cycle.add_(1)
+        if s.slot_mode:  # an idle slot's counter stops at the histories' spare last row
+            s.cycle.clamp_(max=s.max_cycle)
         return anc
 
     def _torch_resample(self, s: _CycleState, i: int, inc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -765,7 +771,7 @@ class NativeSMC:
         bad = bad.reshape(-1)
         end = source + bad.numel()
         first = s.bad_step[source:end]
-        first.copy_(torch.where(bad & (first < 0), s.cycle, first))
+        first.copy_(torch.where(bad & (first < 0), s.cycle.amax(), first))  # request slots: the furthest slot's
         s.bad[source:end].logical_or_(bad)
 
     def _check_flags(self, s: _CycleState) -> None:

@@ -94,6 +94,13 @@ class _CycleState:
         self.log_w = torch.zeros(self.B, cfg.n_particles, dtype=torch.float32, device=dev)
         self.pos = torch.zeros(len(segments), dtype=torch.int32, device=dev)
         self.cycle = torch.zeros(1, **i64)
+        # which cycle counter each row and group reads: one for the run (NativeSlots: one per slot)
+        self.cycle_of_row = torch.zeros(self.R, **i64)
+        self.cycle_of_group = torch.zeros(self.B, **i64)
+        self.group_ids = torch.arange(self.B, **i64)
+        #: request slots (NativeSlots): finished slots keep their position, counters stop at max_cycle
+        self.slot_mode = False
+        self.max_cycle = n_cycles
         self.arange_t = torch.arange(T, **i64)
         self.eos = torch.tensor(engine.eos_ids, **i64).reshape(-1)
         # each segment's Philox key and offset

@@ -238,6 +238,30 @@ class PagedKVCache:
         self.high_water.zero_()
         self.shared_prefix = None
 
+    def release(self, start: int, stop: int) -> None:
+        """Give back the pages of rows ``start:stop`` and clear their block-table entries (between
+        runs or cycles, when those rows' request has left: continuous batching).
+
+        Each page's refcount drops by the number of these rows that held it; pages no row holds any
+        more go back on the free stack (in ascending order), pages other rows still share stay.
+        Reads the number of freed pages back to the host."""
+        if not 0 <= start < stop <= self.block_table.shape[0]:
+            raise ValueError(f"release({start}, {stop}) outside the cache's {self.block_table.shape[0]} rows")
+        rows = self.block_table[start:stop]
+        held = rows[rows >= 0].long()
+        if held.numel():
+            drop = torch.bincount(held, minlength=self.n_pages).to(self.refcount.dtype)
+            self.refcount.sub_(drop)
+            freed = ((drop > 0) & (self.refcount == 0)).nonzero().squeeze(-1).to(self.free_stack.dtype)
+            top = int(self.free_top.item())
+            self.free_stack[top : top + freed.numel()] = freed
+            self.free_top.add_(freed.numel())
+        rows.fill_(-1)
+
+    def free_pages(self) -> int:
+        """Pages on the free stack (host read)."""
+        return int(self.free_top.item())
+
     # ----------------------------------------------------------------------- host checks
 
     def pages_in_use(self) -> int:
