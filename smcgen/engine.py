@@ -13,39 +13,45 @@ random stream; the generic engine runs them one after another.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import queue
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, as_completed
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from smcgen.core.config import SMCConfig
 from smcgen.core.result import SMCResult
+from smcgen.engine_build import NativeEngines, generic_engine
+from smcgen.engine_requests import (  # noqa: F401 (re-exported: callers import them from here)
+    PromptLike,
+    Request,
+    batch_key,
+    chat_prompt_ids,
+    is_chat,
+    one_guide,
+    prompt_ids,
+)
+from smcgen.engine_results import (  # noqa: F401 (re-exported)
+    _WARNED,
+    WEAK_DRAFT_ESS,
+    _warn_fallback,
+    group_result,
+    posterior_of,
+)
+from smcgen.engine_stream import TextStream, _native_watcher, _StepWatcher
 from smcgen.memory import check_request_memory
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
-from smcgen.potentials.lm import LMPotential
 from smcgen.potentials.output import as_grammar
-from smcgen.proposals.awrs import AWRSProposal
 from smcgen.proposals.base import Proposal
-from smcgen.proposals.lm import LMProposal
-from smcgen.proposals.masked import MaskedLMProposal
 from smcgen.runners.transformers import (
     LanguageModel,
     check_compatible,
-    encode_prompt,
 )
 from smcgen.samplers.generic import SMC
-from smcgen.samplers.outcome import choose_answer, explained_dead_end
+from smcgen.samplers.outcome import explained_dead_end
 from smcgen.samplers.run import AllParticlesDeadError, BatchRun, length_problem
-from smcgen.streaming import StablePrefix
 from smcgen.trace import TraceRecorder
 from smcgen.validation import (
     as_config,
@@ -55,94 +61,11 @@ from smcgen.validation import (
     checked_proposal,
 )
 
-#: a prompt: text, token ids, a [T] / [1, T] tensor, or chat messages ({"role", "content"} dicts)
-PromptLike = str | Sequence[int] | Tensor | Sequence[Mapping[str, Any]]
-
 #: native engines kept per Engine (one per distinct setting: config without the seed, guide)
 NATIVE_ENGINES_KEPT = 16
 
 #: why the generic engine runs a request with a constraint (AWRS draws have no native kernel yet)
 AWRS_REASON = "a constraint steered by AWRS runs on the generic engine"
-
-logger = logging.getLogger("smcgen")
-_WARNED: set[str] = set()
-
-
-# mean ESS/N below this means the draft's blocks are mostly corrected by a few particles: at this N the
-# weighted particles then carry visibly more of the draft's text than the target's
-WEAK_DRAFT_ESS = 0.5
-
-
-def _warn_weak_draft(result: SMCResult) -> None:
-    """Warn (once per process) when the draft is far from the target at this N (mean ESS/N low)."""
-    frac = result.mean_ess_fraction
-    if result.n_particles > 1 and frac is not None and frac < WEAK_DRAFT_ESS and "weak-draft" not in _WARNED:
-        _WARNED.add("weak-draft")
-        logger.warning(
-            "smcgen: the draft limits fidelity at N=%d: mean ESS/N %.2f (< %.2f), weight variance %.2f; "
-            "samples may look like the draft's text. Raise n_particles, lower block_size (or "
-            "block_size_policy='adaptive'), use method='sd' (exact, slower) or a better draft (smcgen distill)",
-            result.n_particles,
-            frac,
-            WEAK_DRAFT_ESS,
-            result.weight_variance,
-        )
-
-
-def _warn_fallback(reason: str) -> None:
-    """Log (once per distinct reason) that engine='auto' fell back to the generic engine."""
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        logger.warning("smcgen: running on the generic engine, not the native one: %s", reason)
-
-
-def is_chat(prompt: Any) -> bool:
-    """Whether ``prompt`` is a list of chat messages (mappings with a role)."""
-    return (
-        isinstance(prompt, Sequence)
-        and not isinstance(prompt, (str, bytes))
-        and len(prompt) > 0
-        and all(isinstance(m, Mapping) for m in prompt)
-    )
-
-
-def chat_prompt_ids(messages: Sequence[Mapping[str, Any]], lm: LanguageModel) -> list[int]:
-    """Token ids of ``messages`` under the model's chat template, ending with the assistant's turn."""
-    tok = lm.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise ValueError("chat messages need a tokenizer with a chat template; pass text or token ids instead")
-    for i, m in enumerate(messages):
-        if "role" not in m or "content" not in m:
-            raise ValueError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
-    ids = tok.apply_chat_template(
-        [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    return [int(t) for t in ids]
-
-
-def prompt_ids(prompt: PromptLike, lm: LanguageModel) -> list[int]:
-    """Token ids of a prompt: chat messages get the chat template, the rest is :func:`encode_prompt`."""
-    if is_chat(prompt):
-        return chat_prompt_ids(prompt, lm)  # type: ignore[arg-type]
-    return encode_prompt(prompt, lm)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One validated request (from :meth:`Engine.resolve`): its token ids, config and guide (a bound
-    grammar, any potential with a next-token mask, or None)."""
-
-    ids: list[int]
-    config: SMCConfig
-    grammar: Potential | None
-
-
-def batch_key(request: Request) -> tuple:
-    """Requests with equal keys can share one native batch: the same config up to the seed and the
-    token limit (each request keeps its own in the batch) and the same guide (a JSON schema's
-    budget counts down from the limit, so guided requests also share the limit)."""
-    free = {"seed": None} if request.grammar is not None else {"seed": None, "max_new_tokens": 1}
-    return (request.config.model_copy(update=free).model_dump_json(), id(request.grammar))
 
 
 class Engine:
@@ -227,7 +150,7 @@ class Engine:
             check_compatible(self.target, draft_lm)
             self.draft = draft_lm
         self.grammar = self.bind_grammar(guide, self.config.max_new_tokens)
-        self._native: OrderedDict[tuple, Any] = OrderedDict()
+        self._native = NativeEngines(NATIVE_ENGINES_KEPT)
         self._lock = threading.Lock()
         self.stats = {"native_engines_built": 0, "requests": 0, "native_requests": 0, "generic_requests": 0}
         # decided before any conversion: the native engine only when it can run these models and options
@@ -268,38 +191,15 @@ class Engine:
         return target, draft
 
     def _native_engine(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any:
-        """The cached :class:`NativeSMC` for this setting (built on first use).
-
-        Keyed by the config without its seed (the seed is set per run) and by the guide object,
-        so every request with the same settings reuses one engine and whatever it keeps per shape.
-        """
-        from smcgen.samplers.native import NativeSMC
-
+        """The cached :class:`NativeSMC` for this setting (see :class:`~smcgen.engine_build.NativeEngines`)."""
         target, draft = self._convert(cfg, rows)
-        key = (cfg.model_copy(update={"seed": None}), id(guide), id(draft))
-        hit = self._native.get(key)
-        if hit is not None and hit[1] is guide:
-            self._native.move_to_end(key)
-            engine = hit[0]
-        else:
-            with torch.no_grad():
-                engine = NativeSMC(
-                    target,
-                    cfg,
-                    draft=draft,
-                    eos_token_ids=self.target.eos_token_ids,
-                    guide=guide,
-                    potentials=self.potentials,
-                    tokenizer=self.target.tokenizer,
-                )
-            self.stats["native_engines_built"] += 1
-            # the guide is held with its engine so its id cannot be reused by another object
-            self._native[key] = (engine, guide)
-            while len(self._native) > NATIVE_ENGINES_KEPT:
-                self._native.popitem(last=False)
-        # the seed is read at run time: one engine serves every seed
-        engine.config = cfg
+        engine, built = self._native.get(cfg, guide, target, draft, self.target, self.potentials)
+        self.stats["native_engines_built"] += int(built)
         return engine
+
+    def _generic(self, cfg: SMCConfig, guide: Potential | None) -> SMC:
+        """The generic engine for one setting (cheap to build: it holds no per-run state)."""
+        return generic_engine(self.target, self.draft, self.proposal, self.constraint, self.potentials, cfg, guide)
 
     def resolve(self, prompt: PromptLike, grammar: Any = None, *, guide: Any = None, **overrides: Any) -> Request:
         """Validate one request: its token ids, its config (base config + overrides), its guide.
@@ -521,25 +421,6 @@ class Engine:
             except AllParticlesDeadError as err:
                 raise explained_dead_end(err, self.target.tokenizer, masked=guide is not None) from None
 
-    def _generic(self, cfg: SMCConfig, guide: Potential | None) -> SMC:
-        """The generic engine for one setting (cheap to build: it holds no per-run state)."""
-        proposal = self.proposal
-        if self.draft is not None:
-            if self.constraint is not None:
-                proposal = AWRSProposal(self.draft, self.constraint, temperature=cfg.draft_temperature)
-            elif guide is not None:
-                proposal = MaskedLMProposal(self.draft, guide, temperature=cfg.draft_temperature)
-            else:
-                proposal = LMProposal(self.draft, temperature=cfg.draft_temperature)
-        return SMC(
-            LMPotential(self.target, temperature=cfg.target_temperature, alpha=cfg.alpha),
-            cfg,
-            proposal=proposal,
-            potentials=self.potentials,
-            guide=guide,
-            constraint=self.constraint,
-        )
-
     def result(
         self,
         run: BatchRun,
@@ -549,157 +430,10 @@ class Engine:
         engine: str,
         engine_reason: str | None = None,
     ) -> SMCResult:
-        """The :class:`SMCResult` of group ``b`` of a run: the answer is one particle drawn by final
-        weight (for a dead group, the longest partial output).
-
-        ``engine_reason``: why the generic engine ran, or why a native run's guide ran on the host
-        (None when the native engine ran it all on the device)."""
-        lengths = run.lengths[b].tolist()
-        sequences = [row[:n] for row, n in zip(run.tokens[b].tolist(), lengths)]
-        log_w = run.log_weights[b]
-        alive = [bool(w > float("-inf")) for w in log_w.tolist()]
-        dead = (bool(run.dead[b]) if run.dead is not None else False) or not any(alive)
-        chosen = choose_answer(log_w, lengths, cfg.seed, dead)
-        ess = run.ess_history[:, b]
-        ess = ess[~torch.isnan(ess)]  # NaN pads the steps after a shorter batch of a merged run stopped
+        """The :class:`SMCResult` of group ``b`` of a run (see :func:`smcgen.engine_results.group_result`)."""
+        with_draft = self.draft is not None or self.proposal is not None
         decoder = self.target.tokenizer
-        text = decoder.decode(sequences[chosen], skip_special_tokens=True) if decoder is not None else ""
-        texts = (
-            list(decoder.batch_decode(sequences, skip_special_tokens=True))
-            if decoder and cfg.return_all_particles
-            else []
-        )
-        structured = isinstance(guide, GrammarPotential)
-        res = SMCResult(
-            text=text,
-            token_ids=sequences[chosen],
-            sequences=sequences,
-            log_weights=[float(x) for x in log_w],
-            log_z=float(run.log_z[b]),
-            ess_history=[float(x) for x in ess],
-            n_resamples=int(run.resampled[:, b].sum()),
-            n_steps=len(ess),
-            elapsed_s=run.elapsed_s,
-            n_particles=cfg.n_particles,
-            texts=texts,
-            engine=engine,
-            engine_reason=engine_reason,
-            dead=dead,
-            parsed=guide.parse(text) if structured and not dead else None,
-            alive=alive,
-            posterior=posterior_of(sequences, log_w.tolist(), decoder),
-            output_format="json" if structured and guide.kind == "json_schema" else None,
-        )
-        if self.draft is not None or self.proposal is not None:
-            _warn_weak_draft(res)  # every caller (generate, Engine, the server) hears of a weak draft
-        return res
-
-
-class TextStream:
-    """Iterator of text deltas of one running request (from :meth:`Engine.stream`).
-
-    The request runs in a thread of its own; each step's newly stable text (the live particles'
-    common prefix) is queued and handed out by ``next()``; the last delta is the rest of the final
-    answer. An error of the run is raised by ``next()``. ``result`` is the :class:`SMCResult` once
-    the iteration has ended (None before).
-    """
-
-    def __init__(self, engine: Engine, request: Request, on_dead: str):
-        self.result: SMCResult | None = None
-        self._prefix = StablePrefix(engine.target.tokenizer)
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._ended = False
-
-        def on_step(sequences: list[list[int]], alive: list[bool]) -> None:
-            delta = self._prefix.update(sequences, alive)
-            if delta:
-                self._queue.put(("text", delta))
-
-        def work() -> None:
-            try:
-                res = engine._run_group([request], progress=False, on_dead=on_dead, on_step=on_step)[0]
-                self._queue.put(("done", res))
-            except BaseException as err:  # noqa: BLE001 - handed to the reader, raised by next()
-                self._queue.put(("error", err))
-
-        self._thread = threading.Thread(target=work, name="smcgen-stream", daemon=True)
-        self._thread.start()
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        if self._ended:
-            raise StopIteration
-        kind, value = self._queue.get()
-        if kind == "text":
-            return value
-        self._ended = True
-        self._thread.join()
-        if kind == "error":
-            raise value
-        self.result = value
-        rest = self._prefix.finish(value.text)
-        if rest:
-            return rest
-        raise StopIteration
-
-
-def _native_watcher(on_step: Callable[[list[list[int]], list[bool]], None], n: int) -> Callable[..., None]:
-    """``NativeSMC.run``'s per-cycle hook for :meth:`Engine._run_group`'s ``on_step`` (request 0)."""
-
-    def watch(tokens: Tensor, lengths: Tensor, log_w: Tensor) -> None:
-        rows = [row[:k] for row, k in zip(tokens[:n].tolist(), lengths[:n].tolist())]
-        on_step(rows, [bool(w > float("-inf")) for w in log_w[0].tolist()])
-
-    return watch
-
-
-class _StepWatcher:
-    """A recorder for the generic engine's step loop (as :class:`TraceRecorder`) that keeps request
-    0's particles' tokens through resampling and calls ``on_step(sequences, alive)`` every step."""
-
-    def __init__(self, on_step: Callable[[list[list[int]], list[bool]], None], n: int):
-        self.on_step, self.n = on_step, n
-        self.rows: list[list[int]] = [[] for _ in range(n)]
-
-    def record(self, block: Tensor, valid: Tensor, log_weights: Tensor, ess: Tensor, ancestors: Tensor | None) -> None:
-        n = self.n
-        for r, (toks, ok) in enumerate(zip(block[:n].tolist(), valid[:n].tolist())):
-            self.rows[r] += [t for t, v in zip(toks, ok) if v]
-        alive = [bool(w > float("-inf")) for w in log_weights[0].tolist()]
-        if ancestors is not None:
-            anc = ancestors[0].tolist()  # group 0's rows are 0..n-1: local ids are row ids
-            self.rows = [list(self.rows[a]) for a in anc]
-            alive = [alive[a] for a in anc]
-        self.on_step(self.rows, alive)
-
-
-def one_guide(guide: Any, grammar: Any) -> Any:
-    """The guide asked for: ``guide=`` or its older name ``grammar=`` (both only when the same object)."""
-    if guide is not None and grammar is not None and guide is not grammar:
-        raise ValueError("give guide= or grammar= (its older name), not both")
-    return guide if guide is not None else grammar
-
-
-def posterior_of(sequences: list[list[int]], log_weights: list[float], decoder: Any) -> list[tuple[str, float]]:
-    """Distinct decoded texts of the live particles with their merged normalized weights, largest first
-    (particles that decode to the same text pool their weight, as genlm-control's decoded posterior)."""
-    if decoder is None:
-        return []
-    mass: dict[tuple[int, ...], float] = {}
-    for seq, lw in zip(sequences, log_weights):
-        if lw > float("-inf"):
-            key = tuple(seq)
-            mass[key] = mass.get(key, 0.0) + float(torch.tensor(lw).exp())
-    by_text: dict[str, float] = {}
-    for seq, w in mass.items():
-        t = decoder.decode(list(seq), skip_special_tokens=True)
-        by_text[t] = by_text.get(t, 0.0) + w
-    total = sum(by_text.values())
-    if total <= 0:
-        return []
-    return sorted(((t, w / total) for t, w in by_text.items()), key=lambda tw: -tw[1])
+        return group_result(run, b, cfg, guide, decoder, engine, engine_reason, with_draft=with_draft)
 
 
 __all__ = [
