@@ -1,0 +1,121 @@
+"""The native engine's host-guided cycle in pieces (smcgen/samplers/native_host_guide.py).
+
+A guide without a device automaton runs its cycle as pieces with the host's masks between them (a
+GPU replays the pieces as CUDA graphs; the CPU runs the same code eagerly). It must draw what the
+engine's eager host-guided cycle draws for a seed (same masks, same Philox stream, same order of
+operations) and stay exact: E[Z_hat] = Z and unbiased outcome masses on the enumerated target.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_grammar_exactness import MASKED_REGEX, TOKENS, check_unbiased, grammar
+from tiny_models import EOS, PROMPT, tiny_lm
+
+from smcgen import LMPotential, SMCConfig
+from smcgen.exact import enumerate_target
+from smcgen.potentials.grammar import GrammarPotential
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native import NativeSMC
+from smcgen.samplers.native_host_guide import HostGuidedCycle
+
+# a regex whose strings run past one cycle of K+1 tokens (a group loop: kept on the host anyway)
+LONG_REGEX = "(a|b)(a|c)(a|b)(a|c)(a|b)(a|c)*b?"
+# a recursive grammar (balanced a..b around c): no token automaton, always on the host
+RECURSIVE = 'root ::= "a" root "b" | "aacbb" | "ab"'
+
+
+@pytest.fixture(scope="module")
+def models(device):
+    target, draft = tiny_lm(0, logit_scale=1.0), tiny_lm(1, logit_scale=0.7)
+    return (
+        target,
+        NativeCausalLM.from_hf(target.model, device=device),
+        NativeCausalLM.from_hf(draft.model, device=device),
+    )
+
+
+def _engine(models, guide, block: int, n: int, max_new: int, seed: int, **kw) -> NativeSMC:
+    """A native engine with the guide on the host (``device_guide=False``: a regex has an automaton)."""
+    _, target, draft = models
+    cfg = SMCConfig(n_particles=n, block_size=max(block, 1), max_new_tokens=max_new, seed=seed, **kw)
+    return NativeSMC(
+        target,
+        cfg,
+        draft=draft if block else None,
+        eos_token_ids=(EOS,),
+        page_size=4,
+        guide=guide,
+        device_guide=False,
+    )
+
+
+@pytest.mark.parametrize("block", [0, 1, 3], ids=["plain", "sd_k1", "sd_k3"])
+@pytest.mark.parametrize("source", ["regex", "recursive"])
+def test_pieces_draw_what_the_eager_cycle_draws(models, block, source):
+    """Same seed: identical tokens, lengths and weights from the pieces and from the eager cycle,
+    resampling at every cycle (ess_threshold=1) so the guide's matchers are reordered too."""
+    runs = {}
+    for pieces in (True, False):
+        if source == "regex":
+            guide = grammar(LONG_REGEX)
+        else:
+            guide = GrammarPotential.ebnf(RECURSIVE, TOKENS, eos_token_ids=[EOS])
+        engine = _engine(models, guide, block, 4, 8, seed=11, ess_threshold=1.0)
+        assert engine.dfa is None and "between the cycle's pieces" in engine.guide_reason
+        engine.host_guide_pieces = pieces
+        runs[pieces] = engine.run(PROMPT, n_groups=6, on_dead="flag")
+    a, b = runs[True], runs[False]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.dead, b.dead)
+    assert torch.allclose(a.log_weights, b.log_weights, atol=1e-6, equal_nan=True)
+    assert bool(a.resampled.any())  # the runs did resample (the reorder path ran)
+
+
+def test_recursive_guide_takes_the_pieces_and_says_so(models):
+    guide = GrammarPotential.ebnf(RECURSIVE, TOKENS, eos_token_ids=[EOS])
+    engine = _engine(models, guide, 2, 4, 6, seed=3)
+    assert engine.dfa is None and engine.host_guide_pieces
+    assert "host between the cycle's pieces" in engine.guide_reason
+    out = engine.run(PROMPT, n_groups=4, on_dead="flag")
+
+    def in_language(text: str) -> bool:  # a^n (ab | aacbb) b^n
+        n = len(text) - len(text.lstrip("a"))
+        return any(text == "a" * m + mid + "b" * m for m in range(n + 1) for mid in ("ab", "aacbb"))
+
+    kept = 0
+    for g in range(4):
+        for row, n, w in zip(out.tokens[g].tolist(), out.lengths[g].tolist(), out.log_weights[g].tolist()):
+            text = "".join(TOKENS[t] for t in row[:n] if t != EOS)
+            assert w == float("-inf") or in_language(text), text
+            kept += w > float("-inf")
+    assert kept > 0
+
+
+def test_pieces_are_made_once_per_run(models, monkeypatch):
+    made = []
+    init = HostGuidedCycle.__init__
+
+    def counting(self, *a, **k):
+        made.append(1)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(HostGuidedCycle, "__init__", counting)
+    guide = GrammarPotential.ebnf(RECURSIVE, TOKENS, eos_token_ids=[EOS])
+    engine = _engine(models, guide, 1, 2, 6, seed=5)
+    engine.run(PROMPT, n_groups=2, on_dead="flag")
+    engine.run(PROMPT, n_groups=2, on_dead="flag")
+    assert len(made) == 2  # one per run, reused by every cycle of it
+
+
+@pytest.mark.parametrize("block", [0, 2], ids=["masked_target", "masked_draft_k2"])
+def test_host_pieces_are_exact(models, block):
+    """The host path (pieces) on the enumerated grammar target: z-tests of E[Z_hat] and the
+    outcome masses (tests/test_grammar_exactness.py's checks)."""
+    target_lm = models[0]
+    exact = enumerate_target(LMPotential(target_lm), PROMPT, 4, [grammar(MASKED_REGEX)])
+    index = {s: i for i, s in enumerate(exact.sequences)}
+    engine = _engine(models, grammar(MASKED_REGEX), block, 4, 4, seed=31 + block, ess_threshold=1.0)
+    out = engine.run(PROMPT, n_groups=1500)
+    check_unbiased(f"host pieces K={block}", out, exact, index)
