@@ -110,6 +110,8 @@ def path_of(out, guided: bool, forced_eager: bool) -> str:
         return "device automaton"
     if forced_eager:
         return "host eager"
+    if "capturing the cycle's pieces failed" in out.engine_reason:
+        return "host pieces, eager (capture failed: see engine_reason)"
     return "host pieces" if "pieces" in out.engine_reason else f"host ({out.engine_reason})"
 
 

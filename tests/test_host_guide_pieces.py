@@ -8,6 +8,8 @@ operations) and stay exact: E[Z_hat] = Z and unbiased outcome masses on the enum
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_grammar_exactness import MASKED_REGEX, TOKENS, check_unbiased, grammar
@@ -119,3 +121,82 @@ def test_host_pieces_are_exact(models, block):
     engine = _engine(models, grammar(MASKED_REGEX), block, 4, 4, seed=31 + block, ess_threshold=1.0)
     out = engine.run(PROMPT, n_groups=1500)
     check_unbiased(f"host pieces K={block}", out, exact, index)
+
+
+class _NoStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _GraphLike:
+    """A piece replayed the way a CUDA graph replays it: its outputs land in the tensors the
+    recording made (static addresses), whatever tensors the eager call returns."""
+
+    def __init__(self, cycle: HostGuidedCycle, piece, args, statics: dict[str, torch.Tensor]):
+        self.cycle, self.piece, self.args, self.statics = cycle, piece, args, statics
+
+    def replay(self) -> None:
+        self.piece(*self.args)
+        for name, static in self.statics.items():
+            static.copy_(_outputs(self.cycle)[name])
+        _put_back(self.cycle, self.statics)
+
+
+def _outputs(c: HostGuidedCycle) -> dict[str, torch.Tensor]:
+    out = {"pos": c.pos, "verify_logits": c.verify_logits, "anc": c.anc}
+    for k in range(c.K):
+        out |= {f"logits{k}": c.logits[k], f"drafted{k}": c.drafted[k], f"log_q{k}": c.log_q[k]}
+    if c.K == 0:
+        out["logits0"] = c.logits[0]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _put_back(c: HostGuidedCycle, statics: dict[str, torch.Tensor]) -> None:
+    for name, t in statics.items():
+        if name[-1].isdigit():
+            getattr(c, name.rstrip("0123456789"))[int(name[len(name.rstrip("0123456789")) :])] = t
+        else:
+            setattr(c, name, t)
+
+
+def _record_graph_like(self: HostGuidedCycle) -> None:
+    """Record every piece, keeping each one's outputs as its statics; like a CUDA graph capture, the
+    recording leaves no trace (state, KV pools and host history restored)."""
+    snapshot, history = self.s.snapshot(), self.s.host_history
+    caches = [c for c in (self.s.tcache, self.s.dcache) if c is not None]
+    pools = [(c.k_pool.clone(), c.v_pool.clone()) for c in caches]
+    graphs, seen = {}, {}
+    for name, piece, args in self._pieces():
+        piece(*args)
+        now = _outputs(self)
+        new = {k: v for k, v in now.items() if k not in seen or seen[k] is not v}
+        seen.update(now)
+        graphs[name] = _GraphLike(self, piece, args, new)
+    self.s.restore(snapshot)
+    self.s.host_history = history
+    for c, (k, v) in zip(caches, pools):
+        c.k_pool.copy_(k)
+        c.v_pool.copy_(v)
+    self.graphs = graphs
+
+
+@pytest.mark.parametrize("block", [0, 3], ids=["plain", "sd_k3"])
+def test_replayed_pieces_read_static_outputs(models, block, monkeypatch):
+    """The pieces' data flow as CUDA graphs see it (emulated on the CPU: each replay writes into
+    the recorded output tensors, and the next cycle's first draft forward is launched ahead):
+    the same draws as the eager cycle."""
+    monkeypatch.setattr(HostGuidedCycle, "captures", staticmethod(lambda engine: True))
+    monkeypatch.setattr(HostGuidedCycle, "_record", _record_graph_like)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _NoStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    runs = {}
+    for pieces in (True, False):
+        engine = _engine(models, grammar(LONG_REGEX), block, 4, 8, seed=13, ess_threshold=1.0)
+        engine.host_guide_pieces = pieces
+        runs[pieces] = engine.run(PROMPT, n_groups=5, on_dead="flag")
+    a, b = runs[True], runs[False]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.allclose(a.log_weights, b.log_weights, atol=1e-6, equal_nan=True)
+    assert bool(a.resampled.any())

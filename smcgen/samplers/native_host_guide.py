@@ -13,13 +13,15 @@ the cycle where the host must take part and captures the device work between the
 The host's work overlaps the device's: a token is copied out as soon as ``pick[k]`` is enqueued and
 ``draft[k+1]`` (or ``verify``) is launched before the host waits for it, so the next mask is
 computed while the forward runs; the next cycle's first draft forward is launched before the host
-reorders the guide's matchers after resampling. The operations and their order are those of the
+reorders the guide's matchers after resampling. On a GPU the run's first cycle runs eagerly (the
+warm-up) and the pieces are recorded after it, once per run. The operations and their order are those of the
 engine's eager host-guided cycle (``NativeSMC._cycle``), so a seed draws the same tokens and
 weights (tests/test_host_guide_pieces.py). On the CPU the pieces run eagerly, one after the other.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ from torch import Tensor
 from smcgen.core.resampling import graph_safe
 from smcgen.core.sampling import bitmask_width
 from smcgen.samplers.step import token_weights
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from smcgen.samplers.native import NativeSMC
@@ -64,8 +68,10 @@ class HostGuidedCycle:
         self.cycles, self.n_cycles = 0, s.history.shape[1] // (self.K + 1)
         # the next cycle's first draft forward was launched before the host's reorder
         self._launched_ahead = False
-        if graphs:
-            self._capture()
+        # on a GPU the first cycle runs eagerly (the warm-up: Triton compiles, cuBLAS picks kernels),
+        # then the pieces are recorded; a warm-up on a restored snapshot would leave its own draws'
+        # keys and values in KV slots the run reads (measured: different weights)
+        self._to_capture = graphs
 
     # ------------------------------------------------------------------ device pieces
     def _draft(self, k: int) -> None:
@@ -144,7 +150,32 @@ class HostGuidedCycle:
             self.copied.synchronize()
 
     def cycle(self) -> None:
-        """One cycle: device pieces in order, the guide's masks computed on the host between them."""
+        """One cycle: device pieces in order, the guide's masks computed on the host between them
+        (the first one on a GPU runs eagerly on a side stream, and the pieces are recorded after it)."""
+        if not self._to_capture:
+            self._cycle()
+            return
+        self._to_capture = False
+        dev = self.engine.device
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self._cycle()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.synchronize(dev)
+        if self.cycles >= self.n_cycles:
+            return
+        try:
+            self._record()
+        except RuntimeError as err:
+            # capturing runs nothing: the state is the first cycle's; run the pieces eagerly, and say so
+            self.graphs = None
+            why = f"capturing the cycle's pieces failed ({type(err).__name__}: {err}); they run eagerly"
+            logger.warning("%s", why)
+            if why not in (self.engine.guide_reason or ""):
+                self.engine.guide_reason = f"{self.engine.guide_reason}; {why}"
+
+    def _cycle(self) -> None:
         s = self.s
         host_tokens = [s.host_history]
         if not self._launched_ahead:
@@ -183,6 +214,13 @@ class HostGuidedCycle:
         s.host_history = torch.cat([s.host_history[anc], self.block_host.clone()], dim=1)
 
     # ------------------------------------------------------------------ capture
+    @staticmethod
+    def captures(engine: NativeSMC) -> bool:
+        """The engine's pieces are captured as CUDA graphs: on a GPU with graphs on, unless a user
+        resampler draws from a torch generator (not capturable, as for the whole cycle)."""
+        safe = engine.resampler is None or graph_safe(engine.resampler)
+        return engine.device.type == "cuda" and engine.host_guide_graphs and safe
+
     def _pieces(self) -> list[tuple[str, Any, tuple[int, ...]]]:
         out: list[tuple[str, Any, tuple[int, ...]]] = [("draft0", self._draft, (0,))]
         for k in range(self.K):
@@ -193,28 +231,16 @@ class HostGuidedCycle:
         out.append(("finish", self._finish, ()))
         return out
 
-    def _capture(self) -> None:
-        """Warm up every piece once (all-ones masks) on a snapshot that is restored, then record each
-        piece into one shared memory pool, in replay order (a piece's outputs stay referenced, so a
-        later piece never reuses their memory)."""
-        e, s = self.engine, self.s
-        dev = e.device
-        snapshot = s.snapshot()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _, piece, args in self._pieces():
-                piece(*args)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        s.restore(snapshot)
-        torch.cuda.synchronize(dev)
+    def _record(self) -> None:
+        """Record each piece into one shared memory pool, in replay order (a piece's outputs stay
+        referenced, so a later piece never reuses their memory). Recording runs nothing."""
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[str, torch.cuda.CUDAGraph] = {}
         for name, piece, args in self._pieces():
             graphs[name] = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graphs[name], pool=pool):
                 piece(*args)
-        self.graphs = graphs  # capturing runs nothing: the state is still the restored one
+        self.graphs = graphs
 
 
 def host_guided_cycle(engine: NativeSMC, s: _CycleState) -> None:
@@ -222,10 +248,7 @@ def host_guided_cycle(engine: NativeSMC, s: _CycleState) -> None:
     uses CUDA graphs for host guides)."""
     pieces = getattr(s, "host_guided", None)
     if pieces is None:
-        # a user resampler drawing from a torch generator cannot be captured (as for the whole cycle)
-        safe = engine.resampler is None or graph_safe(engine.resampler)
-        graphs = engine.device.type == "cuda" and engine.host_guide_graphs and safe
-        pieces = s.host_guided = HostGuidedCycle(engine, s, graphs)
+        pieces = s.host_guided = HostGuidedCycle(engine, s, HostGuidedCycle.captures(engine))
     pieces.cycle()
 
 
