@@ -9,8 +9,8 @@ One run, through ``smcgen.generate``: random-weight Llama-3.1-8B target and Llam
   the cycle's captured pieces (samplers/native_host_guide.py), and once more with the old eager
   cycle (``NativeSMC.host_guide_pieces = False``);
 - a JSON schema from a pydantic model (str with max_length, int, enum, list of str with
-  max_length) and a context-free grammar (the SQL recipe's EBNF, recipes/_grammars.py), each on
-  whatever path the engine picks for it.
+  max_length), one without strings (enums, int, bool) and a context-free grammar (the SQL
+  recipe's EBNF, recipes/_grammars.py), each on whatever path the engine picks for it.
 
 Each row says which path ran (device automaton / host pieces / host eager, from
 ``result.engine_reason``), tokens/s of the answer and of all particles, and the ratio to the
@@ -87,6 +87,14 @@ class Person(BaseModel):
     age: int
     role: Literal["admin", "user", "guest"]
     tags: list[str] = Field(max_length=3)
+
+
+class Order(BaseModel):
+    """A JSON schema without strings or counted lists (enums, int, bool): its grammar tabulates."""
+
+    item: Literal["apple", "pear", "fig"]
+    quantity: int
+    gift: bool
 
 
 def sql_grammar_text() -> str:
@@ -204,6 +212,7 @@ def main() -> None:
     guides = {
         "regex": GrammarPotential.regex(args.regex).bind(target_lm),
         "json": GrammarPotential.json_schema(Person).bind(target_lm),
+        "json_no_strings": GrammarPotential.json_schema(Order).bind(target_lm),
         "cfg": GrammarPotential.ebnf(sql_grammar_text()).bind(target_lm),
     }
     host_regex = GrammarPotential.regex(args.regex).bind(target_lm)
@@ -217,6 +226,7 @@ def main() -> None:
         "tokenizer": args.tokenizer_dir or "synthetic word-level",
         "regex": args.regex,
         "json_schema": Person.model_json_schema(),
+        "json_schema_no_strings": Order.model_json_schema(),
         "cfg": "recipes/_grammars.py sql_grammar (recipes/sql_query.py schema)",
         "new_tokens": new_tokens,
         "automata": {name: automaton_info(g) for name, g in guides.items()},
@@ -244,6 +254,7 @@ def main() -> None:
         timed("+ regex on the host (automaton hidden)", R, **sd, guide=host_regex),
         timed("+ regex on the host, eager cycle", R, forced_eager=True, **sd, guide=host_regex),
         timed("+ JSON schema (pydantic Person)", R, **sd, guide=guides["json"]),
+        timed("+ JSON schema without strings (pydantic Order)", R, **sd, guide=guides["json_no_strings"]),
         timed("+ CFG (SQL recipe grammar)", R, **sd, guide=guides["cfg"]),
     ]
     base = rows[0]["tok_s"]
