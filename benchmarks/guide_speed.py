@@ -167,6 +167,30 @@ def automaton_info(guide: GrammarPotential) -> dict:
     return {"automaton": {"states": a.n_states, "MiB": round(a.nbytes / 2**20, 1), "build_s": round(s, 2)}}
 
 
+def host_mask_ms(guide: GrammarPotential, rows: int = 8, steps: int = 64) -> dict:
+    """What one host step costs the CPU: milliseconds to compute the next-token masks of ``rows``
+    particles from their tokens (as the engine asks for them), over ``steps`` steps of random
+    allowed tokens (seeded); median and 90th percentile."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    guide.start([], rows)
+    history = torch.zeros(rows, 0, dtype=torch.long)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        mask = guide.request_bitmask(history, 0).result()
+        times.append(1e3 * (time.perf_counter() - t0))
+        bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : guide.vocab_size]
+        nxt = []
+        for r in range(rows):
+            ok = np.flatnonzero(bits[r])
+            ok = ok[~np.isin(ok, guide.eos_token_ids)] if len(ok) > 1 else ok
+            nxt.append(int(rng.choice(ok)))
+        history = torch.cat([history, torch.tensor(nxt)[:, None]], dim=1)
+    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test, no speed claim)")
@@ -230,6 +254,8 @@ def main() -> None:
         "cfg": "recipes/_grammars.py sql_grammar (recipes/sql_query.py schema)",
         "new_tokens": new_tokens,
         "automata": {name: automaton_info(g) for name, g in guides.items()},
+        # the CPU side of a host-guided step, N=8 rows (what the pieces must hide under a draft forward)
+        "host_mask_ms_8_rows": {name: host_mask_ms(g) for name, g in guides.items()},
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
     }
@@ -267,7 +293,7 @@ def main() -> None:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     print(f"\n{info['device']}, vocab {vocab}, {new_tokens} new tokens, median of {R}; automata:")
     for name, a in info["automata"].items():
-        print(f"  {name}: {a}")
+        print(f"  {name}: {a}; host masks of 8 rows: {info['host_mask_ms_8_rows'][name]}")
     print(
         "| request | path | tok/s (answer) | answer tokens | vs unguided | particle tok/s | vs unguided | dead |\n"
         "|---|---|---:|---:|---:|---:|---:|---|"
