@@ -135,7 +135,10 @@ class _GraphLike:
     def __init__(self, cycle: HostGuidedCycle, piece, args, statics: dict[str, torch.Tensor]):
         self.cycle, self.piece, self.args, self.statics = cycle, piece, args, statics
 
+    replays = 0
+
     def replay(self) -> None:
+        _GraphLike.replays += 1
         self.piece(*self.args)
         for name, static in self.statics.items():
             static.copy_(_outputs(self.cycle)[name])
@@ -191,12 +194,30 @@ def test_replayed_pieces_read_static_outputs(models, block, monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _NoStream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    for batch in ({"prompt_ids": PROMPT, "n_groups": 5}, {"prompt_ids": [PROMPT, [*PROMPT, 2]], "seeds": [3, 4]}):
+        runs = {}
+        for pieces in (True, False):
+            engine = _engine(models, grammar(LONG_REGEX), block, 4, 8, seed=13, ess_threshold=1.0)
+            engine.host_guide_pieces = pieces
+            before = _GraphLike.replays
+            runs[pieces] = engine.run(**batch, on_dead="flag")
+            assert (_GraphLike.replays > before) == pieces  # the pieces ran as recorded replays
+        a, b = runs[True], runs[False]
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        assert torch.allclose(a.log_weights, b.log_weights, atol=1e-6, equal_nan=True)
+        assert bool(a.resampled.any())
+
+
+def test_pieces_follow_each_request_segment(models):
+    """Requests with their own seeds and limits run as segments of one batch (each its own Philox
+    stream and position): the pieces draw what the eager cycle draws for every request."""
+    prompts = [PROMPT, [*PROMPT, 2], PROMPT]
     runs = {}
     for pieces in (True, False):
-        engine = _engine(models, grammar(LONG_REGEX), block, 4, 8, seed=13, ess_threshold=1.0)
+        engine = _engine(models, grammar(LONG_REGEX), 2, 4, 9, seed=0, ess_threshold=1.0)
         engine.host_guide_pieces = pieces
-        runs[pieces] = engine.run(PROMPT, n_groups=5, on_dead="flag")
+        runs[pieces] = engine.run(prompts, seeds=[5, 6, 7], max_new_tokens=[9, 6, 3], on_dead="flag")
     a, b = runs[True], runs[False]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
     assert torch.allclose(a.log_weights, b.log_weights, atol=1e-6, equal_nan=True)
-    assert bool(a.resampled.any())
+    assert not torch.equal(a.tokens[0], a.tokens[2])  # distinct seeds, distinct draws
