@@ -1,18 +1,24 @@
-"""Regex-guided SMC-SD on the native engine: the device automaton against the host masks (GPU host).
+"""Grammar-guided SMC-SD on the native engine: which path each guide takes and what it costs (GPU host).
 
 One run, through ``smcgen.generate``: random-weight Llama-3.1-8B target and Llama-3.2-1B draft
 (built from their configs), SMC-SD N=8 K=8, 512 new tokens, with
 
 - no guide (the baseline);
-- a one-line regex guide on the device path (the guide's token automaton, inside the captured
-  cycle: ``result.engine_reason`` is None);
-- the same regex on the host path (xgrammar masks computed on the CPU at every drafted token,
-  eager cycles; forced here by hiding the automaton).
+- a one-line regex on the device path (its token automaton inside the captured cycle);
+- the same regex forced onto the host (automaton hidden): masks from xgrammar on the CPU between
+  the cycle's captured pieces (samplers/native_host_guide.py), and once more with the old eager
+  cycle (``NativeSMC.host_guide_pieces = False``);
+- a JSON schema from a pydantic model (str with max_length, int, enum, list of str with
+  max_length), one without strings (enums, int, bool) and a context-free grammar (the SQL
+  recipe's EBNF, recipes/_grammars.py), each on whatever path the engine picks for it.
 
-Grammars need a real tokenizer: ``--tokenizer-dir`` (any Hugging Face tokenizer directory), else a
-synthetic word-level tokenizer of 128256 tokens (printable characters and random multi-character
-pieces, so masks cost what a real vocabulary's do) is built in memory. The regex is a sentence
-(``[A-Z][a-z ,]*`` by default: no full stop, so particles use the whole budget as unguided ones do).
+Each row says which path ran (device automaton / host pieces / host eager, from
+``result.engine_reason``), tokens/s of the answer and of all particles, and the ratio to the
+unguided baseline. Grammars need a real tokenizer: ``--tokenizer-dir`` (any Hugging Face tokenizer
+directory), else a synthetic word-level tokenizer of 128256 tokens (printable characters and
+random multi-character pieces, so masks cost what a real vocabulary's do) is built in memory. The
+regex is a sentence (``[A-Z][a-z ,]*`` by default: no full stop, so particles use the whole budget
+as unguided ones do). Needs only torch, transformers, xgrammar and pydantic.
 
     python benchmarks/guide_speed.py --out $OUT            # H100: the table
     python benchmarks/guide_speed.py --tiny                # CPU smoke test (tiny configs, no speed claim)
@@ -30,13 +36,16 @@ import os
 import random
 import statistics
 import time
+from typing import Literal
 
 import torch
 from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B, build_llama
+from pydantic import BaseModel, Field
 
 import smcgen
 from smcgen.potentials.grammar import GrammarPotential
 from smcgen.runners.transformers import LanguageModel
+from smcgen.samplers.native import NativeSMC
 
 # the script's vocabulary replaces the architecture's own (see main)
 TARGET = {k: v for k, v in LLAMA_3_1_8B.items() if k not in ("vocab_size", "max_position_embeddings")}
@@ -71,34 +80,127 @@ def synthetic_tokenizer(size: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="</s>")
 
 
-def timed(label: str, repeats: int, **kw) -> dict:
-    """Median tokens/s (the answer's tokens over wall time) of ``repeats`` calls after one warm-up."""
-    smcgen.generate(**kw)
-    speeds, out = [], None
-    for i in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = smcgen.generate(**{**kw, "seed": i + 1})
-        speeds.append(len(out.token_ids) / (time.perf_counter() - t0))
+class Person(BaseModel):
+    """The JSON row's schema: a few bounded fields of the common kinds."""
+
+    name: str = Field(max_length=20)
+    age: int
+    role: Literal["admin", "user", "guest"]
+    tags: list[str] = Field(max_length=3)
+
+
+class Order(BaseModel):
+    """A JSON schema without strings or counted lists (enums, int, bool): its grammar tabulates."""
+
+    item: Literal["apple", "pear", "fig"]
+    quantity: int
+    gift: bool
+
+
+def sql_grammar_text() -> str:
+    """The SQL recipe's grammar for its schema (recipes/sql_query.py): a recursive CFG."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
+    from _grammars import sql_grammar
+    from sql_query import JOINS, TABLES
+
+    return sql_grammar(TABLES, JOINS)
+
+
+def path_of(out, guided: bool, forced_eager: bool) -> str:
+    """Which path ran the guide, from the result (``engine_reason`` is the native engine's guide_reason)."""
+    if out.engine != "native":
+        return f"generic engine: {out.engine_reason}"
+    if not guided:
+        return "-"
+    if out.engine_reason is None:
+        return "device automaton"
+    if forced_eager:
+        return "host eager"
+    if "capturing the cycle's pieces failed" in out.engine_reason:
+        return "host pieces, eager (capture failed: see engine_reason)"
+    return "host pieces" if "pieces" in out.engine_reason else f"host ({out.engine_reason})"
+
+
+def timed(label: str, repeats: int, forced_eager: bool = False, **kw) -> dict:
+    """Median tokens/s (the answer's and all particles', over wall time) of ``repeats`` calls after
+    one warm-up. ``forced_eager``: run host guides with the eager cycle instead of the pieces."""
+    NativeSMC.host_guide_pieces = not forced_eager
+    try:
+        smcgen.generate(**kw)
+        speeds, particle_speeds, out = [], [], None
+        for i in range(repeats):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = smcgen.generate(**{**kw, "seed": i + 1})
+            wall = time.perf_counter() - t0
+            speeds.append(len(out.token_ids) / wall)
+            particle_speeds.append(out.particle_tokens / wall)
+    finally:
+        NativeSMC.host_guide_pieces = True
     assert out is not None
     row = {
         "variant": label,
         "engine": out.engine,
+        "path": path_of(out, kw.get("guide") is not None, forced_eager),
         "engine_reason": out.engine_reason,
         "tok_s": statistics.median(speeds),
+        "particle_tok_s": statistics.median(particle_speeds),
         "tokens": len(out.token_ids),
         "resamples": out.n_resamples,
+        "dead": bool(out.dead),
         "answer_head": out.text[:60],
+        # the last repeat's answer and weight estimate: the same seed and masks draw the same tokens
+        # on every path (the regex rows check the captured pieces against the eager cycle)
+        "answer_ids": out.token_ids,
+        "log_z": out.log_z,
     }
-    print(json.dumps(row), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k != "answer_ids"}), flush=True)
     return row
+
+
+def automaton_info(guide: GrammarPotential) -> dict:
+    """The guide's token automaton: states, MiB and build time, or why it has none (and how long that took)."""
+    t0 = time.perf_counter()
+    a = guide.token_automaton()
+    s = time.perf_counter() - t0
+    if isinstance(a, str):
+        return {"automaton": None, "why_not": a, "tried_s": round(s, 2)}
+    return {"automaton": {"states": a.n_states, "MiB": round(a.nbytes / 2**20, 1), "build_s": round(s, 2)}}
+
+
+def host_mask_ms(guide: GrammarPotential, rows: int = 8, steps: int = 64) -> dict:
+    """What one host step costs the CPU: milliseconds to compute the next-token masks of ``rows``
+    particles from their tokens (as the engine asks for them), over ``steps`` steps of random
+    allowed tokens (seeded); median and 90th percentile."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    guide.start([], rows)
+    history = torch.zeros(rows, 0, dtype=torch.long)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        mask = guide.request_bitmask(history, 0).result()
+        times.append(1e3 * (time.perf_counter() - t0))
+        bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : guide.vocab_size]
+        nxt = []
+        for r in range(rows):
+            ok = np.flatnonzero(bits[r])
+            ok = ok[~np.isin(ok, guide.eos_token_ids)] if len(ok) > 1 else ok
+            nxt.append(int(rng.choice(ok)))
+        history = torch.cat([history, torch.tensor(nxt)[:, None]], dim=1)
+    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (a smoke test, no speed claim)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per request (512; --tiny: 16)")
+    ap.add_argument(
+        "--new-tokens", type=int, default=None, help="tokens per request (512; --tiny: 63, room for the JSON schema)"
+    )
     ap.add_argument("--regex", default=r"[A-Z][a-z ,]*")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokenizer-dir", default=None)
@@ -106,7 +208,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    new_tokens = args.new_tokens or (16 if args.tiny else 512)
+    new_tokens = args.new_tokens or (63 if args.tiny else 512)
     prompt_len = 8 if args.tiny else 64
 
     if args.tokenizer_dir:
@@ -119,48 +221,45 @@ def main() -> None:
         eos = EOS
     vocab = len(tok)
     max_pos = prompt_len + new_tokens + 64
-    target = build_llama(
-        TINY if args.tiny else TARGET,
-        dtype,
-        device,
-        0,
-        vocab_size=vocab,
-        max_position_embeddings=max_pos,
-        bos_token_id=0,
-        eos_token_id=EOS,
-    )
-    draft = build_llama(
-        TINY if args.tiny else DRAFT,
-        dtype,
-        device,
-        1,
-        vocab_size=vocab,
-        max_position_embeddings=max_pos,
-        bos_token_id=0,
-        eos_token_id=EOS,
-    )
-    target_lm = LanguageModel(target, tok, (eos,), max_pos)
-    draft_lm = LanguageModel(draft, tok, (eos,), max_pos)
+    models = []
+    for config, seed in ((TINY if args.tiny else TARGET, 0), (TINY if args.tiny else DRAFT, 1)):
+        model = build_llama(
+            config,
+            dtype,
+            device,
+            seed,
+            vocab_size=vocab,
+            max_position_embeddings=max_pos,
+            bos_token_id=0,
+            eos_token_id=EOS,
+        )
+        models.append(LanguageModel(model, tok, (eos,), max_pos))
+    target_lm, draft_lm = models
     prompt = torch.randint(2, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    device_guide = GrammarPotential.regex(args.regex).bind(target_lm)
-    t0 = time.perf_counter()
-    automaton = device_guide.token_automaton()
-    build_s = time.perf_counter() - t0
-    host_guide = GrammarPotential.regex(args.regex).bind(target_lm)
-    if host_guide is device_guide:
+    guides = {
+        "regex": GrammarPotential.regex(args.regex).bind(target_lm),
+        "json": GrammarPotential.json_schema(Person).bind(target_lm),
+        "json_no_strings": GrammarPotential.json_schema(Order).bind(target_lm),
+        "cfg": GrammarPotential.ebnf(sql_grammar_text()).bind(target_lm),
+    }
+    host_regex = GrammarPotential.regex(args.regex).bind(target_lm)
+    if host_regex is guides["regex"]:
         raise RuntimeError("the host row needs its own bound grammar")
-    # the host row: the same grammar with its automaton hidden, so the engine computes masks on the CPU
-    host_guide.token_automaton = lambda *a, **k: "hidden by the benchmark (host path)"
+    # the host rows: the same regex with its automaton hidden, so the engine computes masks on the CPU
+    host_regex.token_automaton = lambda *a, **k: "hidden by the benchmark (host path)"
     info = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "vocab": vocab,
         "tokenizer": args.tokenizer_dir or "synthetic word-level",
         "regex": args.regex,
+        "json_schema": Person.model_json_schema(),
+        "json_schema_no_strings": Order.model_json_schema(),
+        "cfg": "recipes/_grammars.py sql_grammar (recipes/sql_query.py schema)",
         "new_tokens": new_tokens,
-        "automaton": automaton
-        if isinstance(automaton, str)
-        else {"states": automaton.n_states, "MiB": automaton.nbytes / 2**20, "build_s": build_s},
+        "automata": {name: automaton_info(g) for name, g in guides.items()},
+        # the CPU side of a host-guided step, N=8 rows (what the pieces must hide under a draft forward)
+        "host_mask_ms_8_rows": {name: host_mask_ms(g) for name, g in guides.items()},
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
     }
@@ -174,27 +273,45 @@ def main() -> None:
         block_size=8,
         max_new_tokens=new_tokens,
         engine="native",
+        # a random model may leave a JSON document or a query unfinished at the budget: the speed
+        # still counts (the row says so); flag it instead of raising
+        on_dead="flag",
     )
     R = args.repeats
     rows = [
         timed("SMC-SD N=8 K=8, no guide", R, **sd),
-        timed("+ regex guide, device automaton", R, **sd, guide=device_guide),
-        timed("+ regex guide, host masks", R, **sd, guide=host_guide),
+        timed("+ regex (its automaton)", R, **sd, guide=guides["regex"]),
+        timed("+ regex on the host (automaton hidden)", R, **sd, guide=host_regex),
+        timed("+ regex on the host, eager cycle", R, forced_eager=True, **sd, guide=host_regex),
+        timed("+ JSON schema (pydantic Person)", R, **sd, guide=guides["json"]),
+        timed("+ JSON schema without strings (pydantic Order)", R, **sd, guide=guides["json_no_strings"]),
+        timed("+ CFG (SQL recipe grammar)", R, **sd, guide=guides["cfg"]),
     ]
+    regex_rows = rows[1:4]
+    info["regex_paths_agree"] = all(r["answer_ids"] == regex_rows[0]["answer_ids"] for r in regex_rows)
     base = rows[0]["tok_s"]
+    base_p = rows[0]["particle_tok_s"]
     for r in rows:
         r["vs_unguided"] = r["tok_s"] / base
+        r["particle_vs_unguided"] = r["particle_tok_s"] / base_p
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "guide_speed.json"), "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     print(
-        f"\n{info['device']}, vocab {vocab}, regex {args.regex!r}, {new_tokens} new tokens, median of {R}; "
-        f"automaton: {info['automaton']}"
+        "regex rows (device automaton, host pieces, host eager) drew the same answer for the same seed: "
+        f"{info['regex_paths_agree']}; log Z: {[r['log_z'] for r in regex_rows]}"
     )
-    print("| request | engine | guide on | tok/s | answer tokens | vs unguided |\n|---|---|---|---:|---:|---:|")
-    for r, where in zip(rows, ("-", "device", "host")):
+    print(f"\n{info['device']}, vocab {vocab}, {new_tokens} new tokens, median of {R}; automata:")
+    for name, a in info["automata"].items():
+        print(f"  {name}: {a}; host masks of 8 rows: {info['host_mask_ms_8_rows'][name]}")
+    print(
+        "| request | path | tok/s (answer) | answer tokens | vs unguided | particle tok/s | vs unguided | dead |\n"
+        "|---|---|---:|---:|---:|---:|---:|---|"
+    )
+    for r in rows:
         print(
-            f"| {r['variant']} | {r['engine']} | {where} | {r['tok_s']:.1f} | {r['tokens']} | {r['vs_unguided']:.0%} |"
+            f"| {r['variant']} | {r['path']} | {r['tok_s']:.1f} | {r['tokens']} | {r['vs_unguided']:.0%} "
+            f"| {r['particle_tok_s']:.1f} | {r['particle_vs_unguided']:.0%} | {'yes' if r['dead'] else ''} |"
         )
 
 

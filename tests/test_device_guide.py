@@ -10,11 +10,13 @@ guides now take the device path, asserted there).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field
 from test_grammar_exactness import MASKED_REGEX, grammar
 from test_native_grammar import DEVICE_REGEX
 from tiny_models import EOS, PROMPT, tiny_lm
@@ -24,6 +26,23 @@ from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native import NativeSMC
+
+
+class Order(BaseModel):
+    """A JSON object of bounded fields without strings: its grammar tabulates."""
+
+    item: Literal["apple", "pear", "fig"]
+    quantity: int
+    gift: bool
+
+
+class Person(BaseModel):
+    """Strings (a tail-recursive rule in xgrammar), max_length ({m,n} counts) and a shared string rule."""
+
+    name: str = Field(max_length=20)
+    age: int
+    role: Literal["admin", "user", "guest"]
+    tags: list[str] = Field(max_length=3)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +55,9 @@ def embedded_lm():
 @pytest.fixture(scope="module")
 def embedded_guides(embedded_lm):
     """Guides over the embedded 49152-token vocabulary, each with its automaton: a regex in one rule,
-    one with groups (sub-rules whose items point back into the history), and a Literal choice
-    (lowered to a JSON Schema enum)."""
+    one with groups (sub-rules whose items point back into the history), a Literal choice
+    (lowered to a JSON Schema enum) and a JSON schema from a pydantic model without strings
+    (xgrammar prints its unused, recursive value rules too: they are ignored)."""
     from typing import Literal
 
     from smcgen.potentials.output import as_grammar
@@ -46,13 +66,15 @@ def embedded_guides(embedded_lm):
         GrammarPotential.regex(r"The answer is [ABCD]\.", embedded_lm),
         GrammarPotential.regex(r"(yes|no), [0-9]*( kg)?\.", embedded_lm),
         as_grammar(Literal["red", "green", "blue"], embedded_lm),
+        GrammarPotential.json_schema(Order, embedded_lm),
     ]
     out = []
     for g in guides:
         dfa = g.token_automaton()
         assert isinstance(dfa, TokenDFA), (g.name, dfa)
         out.append((g, dfa))
-    assert out[2][1].complete_is_exact is False  # a JSON Schema's validator also decides the end
+    for _, dfa in out[2:]:
+        assert dfa.complete_is_exact is False  # a JSON Schema's validator also decides the end
     return out
 
 
@@ -94,6 +116,32 @@ def test_automaton_agrees_with_the_matcher_on_random_walks(embedded_guides, data
     assert torch.equal(dfa.masks(state)[0], host)
 
 
+def test_json_automaton_agrees_with_the_matcher_to_the_end(embedded_guides):
+    """Walks that write whole JSON documents (whitespace-only tokens avoided, so they finish): the
+    automaton's mask equals the host matcher's at every step, through EOS."""
+    import random
+
+    g, dfa = embedded_guides[3]
+    vocab = [bytes(b) for b in g._info.decoded_vocab]
+    rng = random.Random(0)
+    finished = 0
+    for _ in range(4):
+        g.start([], 1)
+        tokens: list[int] = []
+        state = dfa.initial(1, "cpu")
+        while int(state) != dfa.terminated and len(tokens) < 60:
+            host, complete = _host_mask_and_done(g, tokens)
+            assert torch.equal(dfa.masks(state)[0], host)
+            assert bool(dfa.accepting[state][0]) or not complete
+            allowed = torch.nonzero(dfa.next_state[state[0]] >= 0).squeeze(-1).tolist()
+            solid = [v for v in allowed if v < len(vocab) and vocab[v].strip()] or allowed
+            t = rng.choice(solid)
+            tokens.append(t)
+            state = dfa.step(state, torch.tensor([t]))
+        finished += int(state) == dfa.terminated
+    assert finished == 4  # every walk ended its document with EOS
+
+
 def test_grammars_whose_callers_are_hidden_stay_on_the_host(embedded_lm, tok):
     """The matcher's item sets show neither a sub-rule's callers nor a {m,n} counter: a counted
     group, a ``+`` loop (recursive), a shared rule or a recursive grammar is not tabulated (its keys
@@ -102,6 +150,7 @@ def test_grammars_whose_callers_are_hidden_stay_on_the_host(embedded_lm, tok):
         GrammarPotential.regex(r"[A-Z][a-z]{1,8}( [a-z]{1,8}){2,5}\.", embedded_lm),
         GrammarPotential.regex(r"(yes|no), [0-9]+\.", embedded_lm),
         GrammarPotential.ebnf('root ::= "a" root "b" | "c"', tok),
+        GrammarPotential.json_schema(Person, embedded_lm),
     ):
         assert "cannot be told apart" in g.token_automaton() or "start state" in g.token_automaton()
 

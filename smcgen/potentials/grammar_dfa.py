@@ -99,23 +99,39 @@ _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
 
 
 def has_counted_repetition(ebnf: str) -> bool:
-    """The grammar text (xgrammar's printed EBNF) repeats something ``{m,n}`` times."""
-    return re.search(r"\{\s*\d+\s*,?\s*\d*\s*\}", _QUOTED.sub("", ebnf)) is not None
+    """The grammar text (xgrammar's printed EBNF) repeats something ``{m,n}`` times (``n`` may be
+    -1, unbounded: the count up to ``m`` is hidden too)."""
+    return re.search(r"\{\s*\d+\s*,?\s*-?\d*\s*\}", _QUOTED.sub("", ebnf)) is not None
 
 
-def sub_rules_are_a_tree(ebnf: str) -> bool:
-    """Every rule of the grammar text is referenced at most once and none reaches itself, and nothing
-    repeats ``{m,n}`` times. Then a sub-rule item's hidden parents (the matcher prints only the top
-    of its stacks) are fixed by the item's rule, and its item set with the steps it points to is
-    the whole parser configuration; otherwise only states whose items are all of the root rule are
-    keyed (measured: ``root ::= "a" root "b" | "c"`` merged depths that differ)."""
-    if has_counted_repetition(ebnf):
-        return False
+def _reachable_rules(ebnf: str) -> dict[str, str]:
+    """The rules of the grammar text that the root reaches (name -> body with literals removed):
+    xgrammar prints a JSON Schema's whole library of value rules, used or not."""
     rules: dict[str, str] = {}
     for line in ebnf.splitlines():
         name, sep, body = line.partition("::=")
         if sep:
             rules[name.strip()] = _QUOTED.sub("", body)
+    seen, todo = set(), ["root"]
+    while todo:
+        r = todo.pop()
+        if r in seen or r not in rules:
+            continue
+        seen.add(r)
+        todo.extend(x for x in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rules[r]) if x in rules)
+    return {n: b for n, b in rules.items() if n in seen}
+
+
+def sub_rules_are_a_tree(ebnf: str) -> bool:
+    """Every rule the root reaches is referenced at most once and none reaches itself, and nothing
+    repeats ``{m,n}`` times. Then a sub-rule item's hidden parents (the matcher prints only the top
+    of its stacks) are fixed by the item's rule, and its item set with the steps it points to is
+    the whole parser configuration; otherwise only states whose items are all of the root rule are
+    keyed (measured: ``root ::= "a" root "b" | "c"`` merged depths that differ). Rules the root
+    never reaches (a JSON Schema's unused value rules) cannot appear in a parse and are ignored."""
+    rules = _reachable_rules(ebnf)
+    if has_counted_repetition("\n".join(rules.values())):
+        return False
     refs = {n: [r for r in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", b) if r in rules] for n, b in rules.items()}
     counts: dict[str, int] = {}
     for rs in refs.values():

@@ -57,6 +57,7 @@ from smcgen.potentials.token import TokenPotential
 from smcgen.potentials.token_dfa import TokenDFA
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native_host_guide import host_guided_cycle
 from smcgen.samplers.native_state import (
     _as_prompts,
     _CycleState,
@@ -108,8 +109,14 @@ class NativeSMC:
     literals) whose tables fit ``guide_table_bytes`` runs on the device: each particle's automaton
     state is a device tensor, masks and state updates are gathers, and the guided cycle is captured
     like any other. Other guides (or ``device_guide=False``) compute their masks on the CPU from
-    each step's tokens, so those runs are not graphed; :attr:`guide_reason` says why.
+    each step's tokens, between the cycle's pieces (captured one by one; see
+    samplers/native_host_guide.py); :attr:`guide_reason` says why.
     """
+
+    #: a host guide's cycle runs in pieces (samplers/native_host_guide.py); False: the eager cycle
+    host_guide_pieces: bool = True
+    #: those pieces are replayed as CUDA graphs (set from ``cuda_graph`` when the guide is on the host)
+    host_guide_graphs: bool = False
 
     def __init__(
         self,
@@ -173,8 +180,12 @@ class NativeSMC:
             if isinstance(automaton, TokenDFA):
                 self.dfa = automaton.to(self.device)
             else:
-                self.guide_reason = f"the guide's masks are computed on the host, cycles run eagerly: {automaton}"
-                # the masks depend on the tokens just drawn: the host takes part in every step
+                # the masks depend on the tokens just drawn: the host takes part in every step, between
+                # the cycle's pieces (samplers/native_host_guide.py), which a GPU replays as graphs
+                self.guide_reason = (
+                    f"the guide's masks are computed on the host between the cycle's pieces: {automaton}"
+                )
+                self.host_guide_graphs = self.cuda_graph
                 self.cuda_graph = False
         self.mask = mask
         self._host_guide = mask is not None and self.dfa is None
@@ -563,6 +574,8 @@ class NativeSMC:
         pos = s.pos[s.seg_of_row]  # [R] int32: tokens in each row's target cache (per segment)
         masked = self.mask is not None
         host_masked = self._host_guide
+        if host_masked and self.host_guide_pieces:
+            return host_guided_cycle(self, s)
         # a device guide: each row's automaton state after the tokens drawn so far (no host sync)
         state = s.guide_state
 
