@@ -1,0 +1,159 @@
+"""Setting up a :class:`~smcgen.samplers.native.NativeSMC` run: cutting the batch into segments, sizing
+and building the paged KV caches, and prefilling the prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from smcgen.runners.native.kv_cache import PagedKVCache
+from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native_state import (
+    _CycleState,
+    _Segment,
+)
+
+
+class RunSetup:
+    """Run set-up of :class:`~smcgen.samplers.native.NativeSMC` (a mixin)."""
+
+    def _positions_written(self, prompt_len: int, max_new_tokens: int | None = None) -> int:
+        """Positions a row's cache holds at the end: the target all but the last token (the draft
+        all but two) of the prompt and of every whole cycle of K+1 tokens."""
+        T = self.block + 1
+        limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return prompt_len - 1 + -(-limit // T) * T
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _make_cache(self, model: NativeCausalLM, segments: list[_Segment], lag: int, share: float) -> PagedKVCache:
+        """A cache sized for the worst case of these segments (their needs add up); on CUDA checked
+        against free memory. ``lag``: how many fewer prompt tokens this model's cache holds (the
+        target 1, the draft 2)."""
+        lengths = [self._positions_written(g.prompt_len, g.limit) for g in segments]
+        max_pages = -(-max(lengths) // self.page_size)
+        available, where = 1 << 62, "in the pool"
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # memory torch's allocator holds but no tensor uses (an earlier batch's pools) is free too
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            per_page = PagedKVCache.bytes_per_page(
+                model.n_layers, model.n_kv_heads, model.head_dim, self.page_size, model.dtype
+            )
+            available = int(free * self.kv_memory_fraction * share // per_page)
+            who = "the draft" if model is self.draft else "the target"
+            where = f"for {who} in {share * self.kv_memory_fraction:.0%} of {free / 2**30:.1f} GiB free GPU memory"
+        N = self.config.n_particles
+        if len(segments) == 1:
+            g = segments[0]
+            needed = PagedKVCache.check_budget(
+                g.n_rows, g.n_groups, max(g.prompt_len - lag, 1), lengths[0], self.page_size, available, where
+            )
+        else:
+            # each segment's worst case, summed (a segment's prompt pages are shared only inside it)
+            needed = sum(
+                PagedKVCache.pages_needed(g.n_rows, g.n_groups, max(g.prompt_len - lag, 1), n, self.page_size)
+                for g, n in zip(segments, lengths)
+            )
+            if needed > available:
+                raise ValueError(
+                    f"KV cache too small: {needed} pages of {self.page_size} tokens needed in the worst case "
+                    f"({sum(g.n_groups for g in segments)} request(s) x {N} particles, prompts of "
+                    f"{min(g.prompt_len for g in segments)}..{max(g.prompt_len for g in segments)} tokens, "
+                    f"up to {max(lengths)} tokens per row), {available} available {where}; give the cache more "
+                    f"memory or run fewer requests at once"
+                )
+        n_rows = sum(g.n_rows for g in segments)
+        return model.make_cache(needed, n_rows, max_pages, self.page_size)
+
+    # -------------------------------------------------------------------------------- run
+
+    @torch.inference_mode()
+    def _segments(
+        self,
+        prompts: list[list[int]],
+        seeds: Sequence[int | None] | None,
+        limits: Sequence[int] | None,
+    ) -> tuple[list[int], list[_Segment]]:
+        """The batch order of the prompts (segments contiguous) and the segments."""
+        n, N = len(prompts), self.config.n_particles
+        for name, values in (("seeds", seeds), ("max_new_tokens", limits)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
+        if limits is not None:
+            for m in limits:
+                if not isinstance(m, int) or m < 1:
+                    raise ValueError(f"max_new_tokens must be integers >= 1, got {m!r}")
+        if seeds is None and limits is None:
+            by_length: dict[int, list[int]] = {}
+            for i, p in enumerate(prompts):
+                by_length.setdefault(len(p), []).append(i)
+            parts = [
+                (idx, self.config.seed, stream, self.config.max_new_tokens)
+                for stream, idx in enumerate(by_length.values())
+            ]
+        else:
+            parts = [
+                (
+                    [i],
+                    seeds[i] if seeds is not None else self.config.seed,
+                    0,
+                    limits[i] if limits is not None else self.config.max_new_tokens,
+                )
+                for i in range(n)
+            ]
+        order, segments, g0 = [], [], 0
+        for idx, seed, stream, limit in parts:
+            if seed is None:
+                seed = random.SystemRandom().getrandbits(62)
+            # another segment of the same seed: a key far from it (Philox streams of distinct keys are independent)
+            key = (int(seed) + stream * 0x9E3779B97F4A7C15) % (2**62)
+            segments.append(_Segment(g0, g0 + len(idx), N, len(prompts[idx[0]]), int(limit), key))
+            order += idx
+            g0 += len(idx)
+        return order, segments
+
+    def _prefill(self, s: _CycleState, prompts: list[list[int]]) -> None:
+        """Prefill every segment's prompts (one batched forward per segment, each prompt into its
+        own pages) and share each prompt's pages with its group.
+
+        A segment's B prompts go into its first B rows (a ``rows`` view of the cache); one resample
+        of the segment's rows then makes row b*N + i a copy of row b: full pages shared, partial
+        last page copied.
+        """
+        N = self.config.n_particles
+        for i, g in enumerate(s.segments):
+            self._prefill_segment(s, i, prompts[g.g0 : g.g1])
+        # each group's rows now hold the same prompt K/V (resampling stays inside a group): cascade
+        # attention may read it once per request (NativeCausalLM.cascade), each at its own length
+        for cache, unfed in ((s.tcache, 1), (s.dcache, 2)):
+            if cache is not None:
+                cache.share_prefixes(N, [g.prompt_len - unfed for g in s.segments for _ in range(g.n_groups)])
+
+    def _prefill_segment(self, s: _CycleState, i: int, prompts: list[list[int]]) -> None:
+        """Prefill segment ``i``'s prompts (all of one length) into its first rows' own pages, share
+        them with each group's rows and set the segment's pending tokens and position."""
+        N = self.config.n_particles
+        dev = self.device
+        g = s.segments[i]
+        P = len(prompts[0])
+        tail = 2 if self.draft is not None else 1
+        ids = torch.tensor(prompts, dtype=torch.long, device=dev)
+        owner = torch.arange(g.n_groups, device=dev).repeat_interleave(N)
+        for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
+            if model is None or cache is None or n_fed == 0:
+                continue
+            view = cache.rows(g.r0, g.r0 + g.n_groups)
+            view.reserve(n_fed)
+            model(ids[:, :n_fed], torch.zeros(g.n_groups, dtype=torch.int32, device=dev), view, last_only=True)
+            cache.rows(g.r0, g.r1).resample(owner, n_fed)
+        s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
+        s.pos[i : i + 1].fill_(P - 1)
+
+    # ------------------------------------------------------------------------------ cycle
+
+
+__all__ = ["RunSetup"]
