@@ -23,11 +23,13 @@ import argparse
 import ast
 import contextlib
 import io
+import json
 import math
 import platform
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from _harness import chat_prompt, strip_fence
@@ -87,6 +89,7 @@ class Outcome:
     name_error: bool
     passed: bool
     tokens: int
+    cut: bool = False  # the answer reached max_new_tokens without an EOS
 
 
 class _Timeout(Exception):
@@ -163,6 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
     seconds: dict[str, float] = {m: 0.0 for m in methods}
     mask_us: dict[str, float] = {}
     problems = PROBLEMS[: args.problems]
+    eos = set(lm.eos_token_ids)
+    answers: list[dict] = []  # every answer, written to --out
     print(
         f"# Python function completion: {len(problems)} problems x {args.samples} samples; model {args.model}; "
         f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads; tau {args.temperature}; "
@@ -215,23 +220,35 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
                     i = 0
                 else:
                     i = int(torch.multinomial(out.log_weights[b].exp(), 1, generator=chooser))
-                results[method].append(evaluate(problem, texts[i], total))
+                outcome = evaluate(problem, texts[i], total)
+                length = int(out.lengths[b, i])
+                outcome.cut = length >= args.max_new_tokens and int(out.tokens[b, i, length - 1]) not in eos
+                results[method].append(outcome)
+                answers.append(
+                    {"method": method, "problem": problem.name, "sample": b, "text": texts[i], **vars(outcome)}
+                )
                 if args.show and b == 0:
                     print(f"\n[{method}] {problem.name}:\n{problem.header}{texts[i]}")
     labels = {m: v.format(n=args.n) for m, v in LABELS.items()}
     print(
-        "\n| method | answers | parse | NameError | tests passed | tokens sampled | tokens/s | mask µs / particle-step |"
+        "\n| method | answers | parse | cut at the limit | NameError | tests passed | tokens sampled | tokens/s "
+        "| mask µs / particle-step |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         rs = results[m]
         k = len(rs)
         toks = sum(r.tokens for r in rs)
         mu = f"{mask_us[m]:.0f}" if m in mask_us and not math.isnan(mask_us[m]) else "-"
         print(
-            f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.name_error for r in rs)}/{k} | "
+            f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.cut for r in rs)}/{k} | "
+            f"{sum(r.name_error for r in rs)}/{k} | "
             f"{sum(r.passed for r in rs)}/{k} | {toks} | {toks / seconds[m]:.1f} | {mu} |"
         )
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "answers.json").write_text(json.dumps(answers, indent=1))
     return results
 
 
@@ -249,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Outcome]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--show", action="store_true", help="print each method's first answer per problem")
+    ap.add_argument("--out", default=None, help="directory for answers.json (every answer and its outcome)")
     args = ap.parse_args(argv)
     if not 1 <= args.problems <= len(PROBLEMS):
         ap.error(f"--problems must be in [1, {len(PROBLEMS)}]")

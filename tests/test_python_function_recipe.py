@@ -4,6 +4,7 @@ embedded model (the eager compile alone would take minutes)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,13 +23,17 @@ def test_evaluate_tells_parse_name_errors_and_tests_apart():
     assert pf.evaluate(is_prime, "\n    return n > 1\n", 4) == pf.Outcome(True, False, False, 4)  # 9 is not prime
 
 
-def test_recipe_runs_masking_and_grammar_names_smc_end_to_end(capsys):
+def test_recipe_runs_masking_and_grammar_names_smc_end_to_end(capsys, tmp_path):
     t0 = time.perf_counter()
-    out = pf.main(["--problems", "1", "--n", "2", "--max-new-tokens", "24", "--methods", "masking,smc_names"])
+    argv = ["--problems", "1", "--n", "2", "--max-new-tokens", "24", "--methods", "masking,smc_names"]
+    out = pf.main([*argv, "--out", str(tmp_path)])
     assert time.perf_counter() - t0 < 120  # an eager compile of the grammar alone takes minutes
     assert sorted(out) == ["masking", "smc_names"]
     assert [len(v) for v in out.values()] == [1, 1]
-    assert out["masking"][0].tokens == 24 or out["masking"][0].parses  # cut at the limit, or a finished body
+    assert out["masking"][0].cut == (out["masking"][0].tokens == 24)  # one particle: its tokens are the answer's
     assert out["smc_names"][0].tokens > 0 and not out["smc_names"][0].name_error
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert [(a["method"], a["problem"]) for a in answers] == [("masking", "is_prime"), ("smc_names", "is_prime")]
+    assert answers[1]["text"] and answers[1]["name_error"] is False
     printed = capsys.readouterr().out
     assert "compiled lazily" in printed and "| grammar + names SMC N=2 | 1 |" in printed
