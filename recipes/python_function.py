@@ -90,6 +90,7 @@ class Outcome:
     passed: bool
     tokens: int
     cut: bool = False  # the answer reached max_new_tokens without an EOS
+    dead: bool = False  # every particle of the sample had weight zero: the answer is particle 0's text
 
 
 class _Timeout(Exception):
@@ -223,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
                 outcome = evaluate(problem, texts[i], total)
                 length = int(out.lengths[b, i])
                 outcome.cut = length >= args.max_new_tokens and int(out.tokens[b, i, length - 1]) not in eos
+                outcome.dead = method != "bestofn" and bool(out.dead[b])
                 results[method].append(outcome)
                 answers.append(
                     {"method": method, "problem": problem.name, "sample": b, "text": texts[i], **vars(outcome)}
@@ -231,10 +233,10 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
                     print(f"\n[{method}] {problem.name}:\n{problem.header}{texts[i]}")
     labels = {m: v.format(n=args.n) for m, v in LABELS.items()}
     print(
-        "\n| method | answers | parse | cut at the limit | NameError | tests passed | tokens sampled | tokens/s "
-        "| mask µs / particle-step |"
+        "\n| method | answers | parse | cut at the limit | all particles dead | NameError | tests passed | "
+        "tokens sampled | tokens/s | mask µs / particle-step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         rs = results[m]
         k = len(rs)
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
         mu = f"{mask_us[m]:.0f}" if m in mask_us and not math.isnan(mask_us[m]) else "-"
         print(
             f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.cut for r in rs)}/{k} | "
-            f"{sum(r.name_error for r in rs)}/{k} | "
+            f"{sum(r.dead for r in rs)}/{k} | {sum(r.name_error for r in rs)}/{k} | "
             f"{sum(r.passed for r in rs)}/{k} | {toks} | {toks / seconds[m]:.1f} | {mu} |"
         )
     if args.out:

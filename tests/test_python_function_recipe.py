@@ -35,5 +35,7 @@ def test_recipe_runs_masking_and_grammar_names_smc_end_to_end(capsys, tmp_path):
     answers = json.loads((tmp_path / "answers.json").read_text())
     assert [(a["method"], a["problem"]) for a in answers] == [("masking", "is_prime"), ("smc_names", "is_prime")]
     assert answers[1]["text"] and answers[1]["name_error"] is False
+    # a sample with a particle of positive weight returns a member of the grammar: it parses
+    assert all(a["dead"] or a["parses"] for a in answers if a["method"] == "smc_names")
     printed = capsys.readouterr().out
     assert "compiled lazily" in printed and "| grammar + names SMC N=2 | 1 |" in printed
