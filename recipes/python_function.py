@@ -6,11 +6,13 @@ answer per problem and sample:
 - unconstrained: ancestral sampling from p_tau (one particle);
 - grammar masking: one particle, every token drawn from p_tau masked to the grammar;
 - grammar SMC: N particles, masked target, weights log sum_{allowed} p (the grammar as a factor);
-- grammar + names SMC: the same with ``GrammarPotential.python() * PythonNamesPotential(...)``;
+- grammar + names SMC: the same with ``PythonGrammarPotential.build() * PythonNamesPotential(...)``;
 - best-of-N: N unconstrained samples, the first that parses and has no undefined name (the same
   checks, done after the fact; same number of sampled tokens as SMC up to resampling).
 Reported per method: parse rate (``ast.parse`` + ``compile``), NameError rate (a NameError or
 UnboundLocalError while running the unit tests), problems whose unit tests all pass, tokens/s.
+The grammar is compiled lazily (``PythonGrammarPotential``): a mask position's token classes are
+built the first time a mask is asked there, which the constrained methods' tokens/s include.
 
     python recipes/python_function.py [--model smollm2-135m] [--problems 2] [--samples 1] [--n 4] [--show]
 """
@@ -21,18 +23,21 @@ import argparse
 import ast
 import contextlib
 import io
+import json
 import math
 import platform
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from _harness import chat_prompt, strip_fence
 
 import smcgen
-from smcgen import SMC, GrammarPotential, LMPotential, PythonNamesPotential, SMCConfig
+from smcgen import SMC, LMPotential, PythonNamesPotential, SMCConfig
 from smcgen.api import load_model
+from smcgen.potentials.python_grammar import PythonGrammarPotential
 
 
 @dataclass
@@ -84,6 +89,8 @@ class Outcome:
     name_error: bool
     passed: bool
     tokens: int
+    cut: bool = False  # the answer reached max_new_tokens without an EOS
+    dead: bool = False  # every particle of the sample had weight zero: the answer is particle 0's text
 
 
 class _Timeout(Exception):
@@ -143,14 +150,15 @@ def static_ok(problem: Problem, body: str) -> bool:
     return errors is not None and not errors
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
+    """Run every method on the problems, print the table, and return each method's outcomes."""
     lm = load_model(args.model, "cpu")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(LABELS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(LABELS)}")
     t0 = time.perf_counter()
-    grammar = GrammarPotential.python(depth=args.depth)
+    grammar = PythonGrammarPotential.build(depth=args.depth, lazy=not args.eager)
     if set(methods) & {"masking", "smc", "smc_names"}:
         grammar = grammar.bind(lm)
     compile_s = time.perf_counter() - t0
@@ -159,12 +167,17 @@ def run(args: argparse.Namespace) -> None:
     seconds: dict[str, float] = {m: 0.0 for m in methods}
     mask_us: dict[str, float] = {}
     problems = PROBLEMS[: args.problems]
+    eos = set(lm.eos_token_ids)
+    answers: list[dict] = []  # every answer, written to --out
     print(
         f"# Python function completion: {len(problems)} problems x {args.samples} samples; model {args.model}; "
         f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads; tau {args.temperature}; "
         f"max_new_tokens {args.max_new_tokens}; N {args.n}; seed {args.seed}; smcgen {smcgen.__version__}"
     )
-    print(f"grammar: GrammarPotential.python(depth={args.depth}), compiled for the vocabulary in {compile_s:.1f} s")
+    how = "eagerly" if args.eager else "lazily"
+    print(
+        f"grammar: PythonGrammarPotential(depth={args.depth}), compiled {how} for the vocabulary in {compile_s:.3f} s"
+    )
     for pi, problem in enumerate(problems):
         task = argparse.Namespace(
             system=None,
@@ -208,26 +221,40 @@ def run(args: argparse.Namespace) -> None:
                     i = 0
                 else:
                     i = int(torch.multinomial(out.log_weights[b].exp(), 1, generator=chooser))
-                results[method].append(evaluate(problem, texts[i], total))
+                outcome = evaluate(problem, texts[i], total)
+                length = int(out.lengths[b, i])
+                outcome.cut = length >= args.max_new_tokens and int(out.tokens[b, i, length - 1]) not in eos
+                outcome.dead = method != "bestofn" and bool(out.dead[b])
+                results[method].append(outcome)
+                answers.append(
+                    {"method": method, "problem": problem.name, "sample": b, "text": texts[i], **vars(outcome)}
+                )
                 if args.show and b == 0:
                     print(f"\n[{method}] {problem.name}:\n{problem.header}{texts[i]}")
     labels = {m: v.format(n=args.n) for m, v in LABELS.items()}
     print(
-        "\n| method | answers | parse | NameError | tests passed | tokens sampled | tokens/s | mask µs / particle-step |"
+        "\n| method | answers | parse | cut at the limit | all particles dead | NameError | tests passed | "
+        "tokens sampled | tokens/s | mask µs / particle-step |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in methods:
         rs = results[m]
         k = len(rs)
         toks = sum(r.tokens for r in rs)
         mu = f"{mask_us[m]:.0f}" if m in mask_us and not math.isnan(mask_us[m]) else "-"
         print(
-            f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.name_error for r in rs)}/{k} | "
+            f"| {labels[m]} | {k} | {sum(r.parses for r in rs)}/{k} | {sum(r.cut for r in rs)}/{k} | "
+            f"{sum(r.dead for r in rs)}/{k} | {sum(r.name_error for r in rs)}/{k} | "
             f"{sum(r.passed for r in rs)}/{k} | {toks} | {toks / seconds[m]:.1f} | {mu} |"
         )
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "answers.json").write_text(json.dumps(answers, indent=1))
+    return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[Outcome]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="any name smcgen.load_model accepts")
     ap.add_argument("--problems", type=int, default=2, help=f"how many of the {len(PROBLEMS)} problems")
@@ -237,16 +264,18 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--depth", type=int, default=6, help="indentation levels of the grammar")
+    ap.add_argument("--eager", action="store_true", help="precompile every mask entry (minutes) instead of lazily")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--show", action="store_true", help="print each method's first answer per problem")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="directory for answers.json (every answer and its outcome)")
+    args = ap.parse_args(argv)
     if not 1 <= args.problems <= len(PROBLEMS):
         ap.error(f"--problems must be in [1, {len(PROBLEMS)}]")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    run(args)
+    return run(args)
 
 
 if __name__ == "__main__":

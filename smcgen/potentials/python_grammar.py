@@ -1,0 +1,104 @@
+"""The Python grammar as a potential, compiled lazily against a vocabulary.
+
+xgrammar's eager compile computes, for every position of every rule of a grammar, which tokens of
+the vocabulary are accepted, rejected or uncertain there. The Python grammar
+(:mod:`smcgen.grammars.python`) has about 2,400 normalised rules, so against a 49,152-token
+vocabulary that precomputation took 3 to 9 minutes on a 2-core CPU, while a run visits only a few
+hundred of those positions. With xgrammar's dynamic compilation the compile only parses and
+normalises the grammar (milliseconds); each position's token classes are computed the first
+time a mask is asked there and kept in the compiled grammar for every later mask, every row and
+every run that shares the bound potential. The masks are the same as the eager compile's
+(``tests/test_python_grammar_lazy.py`` compares them); the first mask at a new position costs
+that position's share of the eager compile (BENCHMARKS.md, "Python grammar: lazy compile").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import xgrammar as xgr
+
+from smcgen.grammars.python import python_grammar
+from smcgen.potentials.errors import GrammarError, engine_message
+from smcgen.potentials.grammar import GrammarPotential, _tokenizer_info
+
+__all__ = ["PythonGrammarPotential", "lazy_compiler"]
+
+# id(TokenizerInfo) -> (the info kept alive, its lazy GrammarCompiler)
+_LAZY_COMPILERS: dict[int, tuple[Any, Any]] = {}
+_LAZY_LOCK = threading.Lock()
+
+
+def lazy_compiler(info: Any) -> Any:
+    """The one xgrammar compiler with dynamic (on-first-use) mask caches for ``info`` (cached per vocabulary)."""
+    with _LAZY_LOCK:
+        hit = _LAZY_COMPILERS.get(id(info))
+        if hit is not None and hit[0] is info:
+            return hit[1]
+        compiler = xgr.GrammarCompiler(info, max_threads=2, enable_dynamic_compilation=True)
+        if len(_LAZY_COMPILERS) >= 8:
+            _LAZY_COMPILERS.pop(next(iter(_LAZY_COMPILERS)))
+        _LAZY_COMPILERS[id(info)] = (info, compiler)
+        return compiler
+
+
+class PythonGrammarPotential(GrammarPotential):
+    """:meth:`GrammarPotential.python`, compiled lazily: binding to a vocabulary takes milliseconds.
+
+    Build with :meth:`build` (or :meth:`GrammarPotential.python` on this class). Everything but
+    :meth:`bind` is :class:`GrammarPotential`'s: the same language, scores, masks and per-row
+    states. ``lazy=False`` compiles every mask entry up front, as ``GrammarPotential.python`` does.
+    """
+
+    def __init__(self, grammar: Any, kind: str, source: str, *, threads: int | str = "auto", lazy: bool = True):
+        super().__init__(grammar, kind, source, threads=threads)
+        self.lazy = lazy
+
+    @classmethod
+    def build(
+        cls,
+        vocab: Any = None,
+        *,
+        depth: int = 8,
+        indent: str = "    ",
+        start: str = "body",
+        fence: bool = True,
+        lazy: bool = True,
+        **bind_kw: Any,
+    ) -> PythonGrammarPotential:
+        """Python 3.10+ source (``start="body"``: a function body after its ``def`` line; ``"module"``).
+
+        ``depth``, ``indent``, ``fence``: as in :func:`smcgen.grammars.python.python_grammar`.
+        ``vocab`` (a model, tokenizer or token list, with ``vocab_size``/``eos_token_ids`` in
+        ``bind_kw``) binds it at once; ``lazy`` chooses the dynamic compile (default) or the eager one.
+        """
+        if not isinstance(lazy, bool):
+            raise ValueError(f"lazy must be True or False, got {lazy!r}")
+        g = cls.ebnf(python_grammar(depth, indent, start, fence))
+        g.lazy = lazy
+        return cls._maybe_bind(g, vocab, bind_kw)
+
+    def bind(
+        self, vocab: Any, *, vocab_size: int | None = None, eos_token_ids: Sequence[int] | None = None
+    ) -> GrammarPotential:
+        """A copy compiled against ``vocab`` (see :meth:`GrammarPotential.bind`); cached per vocabulary."""
+        if not self.lazy:
+            return super().bind(vocab, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+        info, _, size = _tokenizer_info(vocab, vocab_size, eos_token_ids)
+        if info is self._info:  # already bound to this vocabulary
+            return self
+        hit = self._bound_copies.get(id(info))
+        if hit is not None and hit[0] is info:
+            return hit[1]
+        try:
+            compiled = lazy_compiler(info).compile_grammar(self._grammar)
+        except RuntimeError as err:
+            raise GrammarError(f"cannot compile the {self.kind} grammar: {engine_message(err)}") from None
+        g = type(self)(self._grammar, self.kind, self.source, threads=self._threads, lazy=True)
+        g._info, g._compiled, g.vocab_size = info, compiled, size
+        g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
+        g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
+        self._bound_copies[id(info)] = (info, g)
+        return g
