@@ -473,12 +473,27 @@ def test_bundle_embeds_the_documents_refs_reach():
     assert accepted(g, '{"id":3}') and not accepted(g, '{"id":0}')
 
 
-def test_recursive_ref_inside_allof_is_refused_by_name():
-    """allOf is merged by expanding its members; through a recursive $ref that never ends, and the
-    user gets a GrammarError that says so, not Python's RecursionError."""
+def test_recursive_ref_inside_allof_is_a_finite_exact_grammar():
+    """allOf through a recursive $ref (as in asyncapi 2.4.0: a schema that is the metaschema allOf
+    its own extensions): each allOf node is merged once into $defs and recursive occurrences point
+    back to it, so the grammar is finite and exact at every depth, nothing left to the validator."""
     schema = {
-        "$defs": {"node": {"type": "object", "properties": {"child": {"allOf": [{"$ref": "#/$defs/node"}]}}}},
+        "$defs": {
+            "base": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}}},
+            "node": {
+                "allOf": [
+                    {"$ref": "#/$defs/base"},
+                    {"properties": {"child": {"allOf": [{"$ref": "#/$defs/node"}]}, "n": {"minimum": 1}}},
+                ]
+            },
+        },
         "$ref": "#/$defs/node",
     }
-    with pytest.raises(GrammarError, match="recursive"):
-        lower_json_schema(schema)
+    lowered = lower_json_schema(schema)
+    assert lowered.exact, lowered.checked_after
+    g = char_grammar(schema)
+    deep = '{"n":3,"child":{"n":1,"child":{"child":{"child":{"n":5}}}}}'
+    assert accepted(g, deep)
+    # the merged bounds hold at depth 4 too, in the mask itself
+    for bad in ('{"child":{"child":{"child":{"child":{"n":0}}}}}', '{"child":{"child":{"child":{"n":6}}}}'):
+        assert not mask_lets_through(g, bad) and not accepted(g, bad)

@@ -21,7 +21,9 @@ import json
 import math
 from typing import Any
 
-from smcgen.potentials.json_schema import LoweredSchema, _resolve, shortest_document
+from smcgen.potentials.json_schema_check import LoweredSchema
+from smcgen.potentials.json_schema_refs import resolve_local as _resolve
+from smcgen.potentials.json_schema_shortest import shortest_document
 
 TWIST_NATS_PER_TOKEN = 2.0  # how hard a particle that cannot close in time is pushed down, per missing token
 TWIST_MARGIN = 8  # tokens of slack asked for beyond the estimate, so particles turn back before it is too late
