@@ -497,3 +497,15 @@ def test_recursive_ref_inside_allof_is_a_finite_exact_grammar():
     # the merged bounds hold at depth 4 too, in the mask itself
     for bad in ('{"child":{"child":{"child":{"child":{"n":0}}}}}', '{"child":{"child":{"child":{"n":6}}}}'):
         assert not mask_lets_through(g, bad) and not accepted(g, bad)
+
+
+def test_ecma_patterns_re_cannot_run_are_checked_with_the_regex_package():
+    """A variable-length lookbehind (ECMA-262 2018; Python's re refuses it) was a refused schema: the
+    metaschema check and the validator now run it with the regex package, and it is enforced."""
+    schema = {"type": "string", "pattern": r"(?<=^v?|\sv?)(?:(?:0|[1-9][0-9]*)\.){2}(?:0|[1-9][0-9]*)\b"}
+    g = char_grammar(schema)
+    assert any("pattern" in part for part in g.checked_after)
+    assert accepted(g, '"v1.2.3"') and accepted(g, '"1.2.3"')
+    assert mask_lets_through(g, '"x1.2.3"') and not accepted(g, '"x1.2.3"')
+    with pytest.raises(GrammarError, match="invalid"):
+        char_grammar({"type": "string", "pattern": "(unclosed"})

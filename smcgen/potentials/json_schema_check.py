@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from smcgen.potentials.errors import GrammarError
+from smcgen.potentials.json_schema_patterns import pattern_compiles, pattern_search
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,22 @@ def validator_for(schema: dict[str, Any] | bool) -> Any:
     except ImportError as err:  # pragma: no cover - jsonschema is a dependency
         raise ImportError("JSON-schema grammars need the jsonschema package: pip install 'jsonschema>=4.18'") from err
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    # patterns run with re, or the regex package where re lacks an ECMA construct: in the metaschema
+    # check (format "regex") and in the validator's own pattern keyword
+    checker = copy.copy(cls.FORMAT_CHECKER)
+    checker.checkers = {**checker.checkers, "regex": (pattern_compiles, ())}
+    cls = jsonschema.validators.extend(cls, {"pattern": _pattern})
     try:
-        cls.check_schema(schema)
+        cls.check_schema(schema, format_checker=checker)
     except SchemaError as err:
         where = "#" + "".join(f"/{p}" for p in err.absolute_path)
         raise GrammarError(f"JSON schema not supported: {where}: the schema is invalid ({err.message[:200]})") from None
     return cls(schema)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    """The ``pattern`` keyword, as jsonschema's, with :func:`pattern_search` (re, else regex)."""
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string") and not pattern_search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")

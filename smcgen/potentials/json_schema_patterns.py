@@ -84,3 +84,31 @@ def python_patterns(schema: Any) -> Any:
         else:
             out[key] = python_patterns(value)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> Any:
+    """``pattern`` compiled by ``re``, or by the ``regex`` package where ``re`` rejects it: ECMA-262
+    constructs ``re`` lacks, such as a variable-length lookbehind ``(?<=^v?|\\sv?)``, run there."""
+    try:
+        return re.compile(pattern)
+    except re.error:
+        import regex  # a dependency of transformers, listed in ours too
+
+        return regex.compile(pattern)
+
+
+def pattern_compiles(pattern: Any) -> bool:
+    """Whether a ``pattern`` value can be run (the metaschema's ``regex`` format check)."""
+    if not isinstance(pattern, str):
+        return True
+    try:
+        _compiled(pattern)
+        return True
+    except Exception:  # noqa: BLE001 - re.error or regex.error: not a pattern either engine runs
+        return False
+
+
+def pattern_search(pattern: str, text: str) -> bool:
+    """Whether ``pattern`` matches somewhere in ``text`` (JSON Schema patterns are not anchored)."""
+    return _compiled(pattern).search(text) is not None
