@@ -361,8 +361,9 @@ def test_closing_need_counts_missing_required_properties_of_open_objects():
             "required": ["name", "tags"],
         }
     )
-    # '"tags":[]' (9 chars + comma) is missing after the name: ceil(11 / 4) = 3 tokens beyond the closers
-    assert closing_need('{"name": "x', schema) == closing_need('{"name": "x') + 3
+    # '"tags":[]' (9 chars + comma) is missing after the name: ceil(11 / 4) = 3 tokens beyond the
+    # closers, and VALUE_TOKENS (3) for the value a model writes
+    assert closing_need('{"name": "x', schema) == closing_need('{"name": "x') + 6
     assert closing_need('{"name": "x", "tags": [', schema) == closing_need('{"name": "x", "tags": [')
     # inside an item the item's own required "k" (12 characters at least) is missing
     assert closing_need('{"name": "x", "tags": [{', schema) > closing_need('{"name": "x", "tags": [{') + 3
@@ -389,6 +390,85 @@ def test_budget_twist_leaves_the_target_unchanged(monkeypatch):
     cfg = SMCConfig(n_particles=4, max_new_tokens=MAX_NEW, seed=5, ess_threshold=1.0)
     out = SMC(LMPotential(lm), cfg, mask=g).run(PROMPT, n_groups=1500, on_dead="flag")
     check_unbiased("budget twist N=4", out, exact, index)
+
+
+def test_budget_mask_and_infinite_twist_keep_the_target_exact():
+    """With 4 tokens of budget, after "[1," no document can end in time ("[1,2]" takes 5): the budget
+    mask drops every next token there, and the twist is -inf on prefixes that cannot end. Both are exact: SMC
+    still targets exactly the enumerated documents that end within the budget (z-tests)."""
+    budget = 4
+    lm = tiny_lm(1, vocab=6, eos=EOS6, logit_scale=0.5)
+    g = GrammarPotential.json_schema(UNIQUE, TOKENS, eos_token_ids=[EOS6], any_whitespace=False, separators=(",", ":"))
+    g.finish_within = budget
+    prefix = torch.tensor([PROMPT + [0, 1, 4]])
+    assert g.next_token_bitmask(prefix, len(PROMPT)).eq(0).all(), "nothing fits after '[1,' in 4 tokens"
+    # "[1,2" at the limit still needs its "]": the twist is -inf there, finite on "[1]" (one token left)
+    assert g.log_prefix(SequenceBatch([[0, 1, 4, 2]], [], None))[0] == -math.inf
+    assert g.log_prefix(SequenceBatch([[0, 1, 3]], [], None))[0] > -math.inf
+    g.finish_within = None
+    assert g.next_token_bitmask(prefix, len(PROMPT)).ne(0).any(), "without a budget the grammar allows '2'"
+    g.finish_within = budget
+    exact = enumerate_target(LMPotential(lm), PROMPT, budget, [SchemaOracle(UNIQUE)])
+    index = {s: i for i, s in enumerate(exact.sequences)}
+    cfg = SMCConfig(n_particles=4, max_new_tokens=budget, seed=3, ess_threshold=1.0)
+    out = SMC(LMPotential(lm), cfg, mask=g).run(PROMPT, n_groups=1500, on_dead="flag")
+    check_unbiased("budget mask N=4", out, exact, index)
+
+
+def _segmentations(text: str, vocab: list[str], limit: int = 200) -> list[list[str]]:
+    """Up to ``limit`` ways to write ``text`` as a sequence of vocabulary tokens."""
+    out: list[list[str]] = []
+
+    def walk(rest: str, acc: list[str]) -> None:
+        if len(out) >= limit:
+            return
+        if not rest:
+            out.append(acc)
+            return
+        for tok in vocab:
+            if rest.startswith(tok):
+                walk(rest[len(tok) :], acc + [tok])
+
+    walk(text, [])
+    return out
+
+
+def test_min_tokens_is_a_lower_bound_on_every_tokenization_of_valid_documents():
+    """The bound the mask and the -inf twist rest on: for every valid document, every way to write it
+    in tokens, and every prefix, min_tokens(prefix) <= the tokens that follow. A vocabulary with
+    multi-character tokens (closing several brackets at once, whole keys) makes the bound tight."""
+    from smcgen.potentials.json_budget import JsonPrefix, TokenCapacity, min_tokens
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "ab": {"type": "string"},
+            "n": {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]},
+            "t": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["ab", "n", "t"],
+    }
+    lowered = lower_json_schema(schema)
+    vocab = ['"', "{", "}", "[", "]", ":", ",", "a", "b", "k", "n", "t", "x", "y", "1", " ", '"}', '"}}', '":"',
+             '{"', '"ab"', '","', '"]', "]}", '":{"', '"},"', '":[', "\\", '\\"']  # fmt: skip
+    capacity = TokenCapacity.of([v.encode() for v in vocab])
+    docs = [
+        '{"ab":"a","n":{"k":"x"},"t":[]}',
+        '{"ab":"\\"b","n":{"k":"y"},"t":[1,1]}',
+        '{ "ab" : "" , "n":{"k":"x"},"t":[1]}',
+    ]
+    checked = 0
+    for doc in docs:
+        assert jsonschema.Draft202012Validator(schema).is_valid(json.loads(doc))
+        for tokens in _segmentations(doc, vocab):
+            for cut in range(len(tokens) + 1):
+                state = JsonPrefix(lowered.grammar_schema).feed("".join(tokens[:cut]))
+                assert min_tokens(state, capacity) <= len(tokens) - cut, (doc, tokens[:cut])
+                checked += 1
+    assert checked > 500
+    # and it is not vacuous: inside the first key, the rest needs several tokens
+    state = JsonPrefix(lowered.grammar_schema).feed('{"a')
+    assert min_tokens(state, capacity) >= 3
 
 
 def test_budget_too_small_for_the_shortest_document_is_a_clear_error():
