@@ -405,6 +405,11 @@ def test_budget_mask_and_infinite_twist_keep_the_target_exact():
     # "[1,2" at the limit still needs its "]": the twist is -inf there, finite on "[1]" (one token left)
     assert g.log_prefix(SequenceBatch([[0, 1, 4, 2]], [], None))[0] == -math.inf
     assert g.log_prefix(SequenceBatch([[0, 1, 3]], [], None))[0] > -math.inf
+    # the mask allows a token exactly where the score after it is finite, at every prefix
+    from smcgen.testing import check_mask_consistency
+
+    seqs = [[], [0], [0, 1], [0, 1, 4], [0, 2, 4], [0, 1, 4, 2], [0, 3]]
+    check_mask_consistency(g, seqs, len(TOKENS), [EOS6], PROMPT)
     g.finish_within = None
     assert g.next_token_bitmask(prefix, len(PROMPT)).ne(0).any(), "without a budget the grammar allows '2'"
     g.finish_within = budget

@@ -38,7 +38,6 @@ TWIST_MARGIN = 8  # tokens of slack asked for beyond the estimate, so particles 
 CHARS_PER_TOKEN = 4  # characters of a missing property (name, colon, value) per token, for the estimate
 VALUE_TOKENS = 3  # tokens a model typically spends on a missing property's value beyond its shortest form
 MASK_HORIZON = 4  # the budget mask is computed for rows with at most this many tokens left after the next
-MASK_MAX_CANDIDATES = 4096  # more allowed tokens than this outside a string: the row is left unmasked (sound)
 _MAX_REF_HOPS = 16
 # the characters min_tokens counts, by kind: every completion must contain them
 _KINDS = {'"': 0, "{": 1, "}": 1, "[": 2, "]": 2, ":": 3}
@@ -297,11 +296,14 @@ def budget_twist(
     text: str, tokens_left: int, schema: LoweredSchema | None = None, capacity: TokenCapacity | None = None
 ) -> float:
     """Log-twist of a JSON prefix with ``tokens_left`` tokens of budget: ``-inf`` when ``capacity`` is
-    given and :func:`min_tokens` exceeds ``tokens_left`` (no completion fits: zero target mass); else
+    given, ``tokens_left <= MASK_HORIZON`` and :func:`min_tokens` exceeds ``tokens_left`` (no
+    completion fits: zero target mass); else
     0 while :func:`closing_need` fits with ``TWIST_MARGIN`` tokens to spare and
     ``-TWIST_NATS_PER_TOKEN`` per token short of that. Finite wherever the target is not zero, so it
     telescopes out of the weights: the target does not change, only which particles resampling keeps."""
-    if capacity is not None:
+    if capacity is not None and tokens_left <= MASK_HORIZON:
+        # only where budget_forbidden also looks, so the mask allows a token exactly when the score
+        # after it is finite (a prefix that cannot end further from the limit dies at the limit)
         root = schema.grammar_schema if schema is not None else None
         if min_tokens(JsonPrefix(root).feed(text), capacity) > tokens_left:
             return -math.inf
@@ -320,8 +322,7 @@ def budget_forbidden(
     ``tokens_after`` more tokens (by :func:`min_tokens`): dropping them from the mask is exact.
 
     Inside a string, a token without a quote or backslash leaves the state as it is, so those are
-    decided together; other tokens are fed one by one. Past ``MASK_MAX_CANDIDATES`` such tokens
-    nothing is forbidden (allowing more than needed is always sound).
+    decided together; other tokens are fed one by one.
     """
     root = schema.grammar_schema if schema is not None else None
     state = JsonPrefix(root).feed(text)
@@ -333,8 +334,6 @@ def budget_forbidden(
             specials = set(special)
             out = [t for t in candidates if t not in specials]
         candidates = special
-    if len(candidates) > MASK_MAX_CANDIDATES:
-        return out
     for t in candidates:
         after = state.copy().feed(vocab[t].decode("utf-8", "replace"))
         if min_tokens(after, capacity) > tokens_after:
