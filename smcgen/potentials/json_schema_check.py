@@ -50,6 +50,8 @@ class LoweredSchema:
 
 
 def validator_for(schema: dict[str, Any] | bool) -> Any:
+    """The ``jsonschema`` validator of ``schema``'s own draft (2020-12 when it names none), patterns
+    run by :func:`pattern_search`; :class:`GrammarError` when the metaschema rejects the schema."""
     try:
         import jsonschema
         from jsonschema.exceptions import SchemaError

@@ -7,8 +7,9 @@ generates; the warning class for what the specification says to ignore.
 
 from __future__ import annotations
 
-# keywords that shape the generated language and that xgrammar enforces (alone; see _lower for the
-# combinations it approximates: pattern or format with lengths, multipleOf on numbers, oneOf)
+# keywords that shape the generated language and that xgrammar enforces (alone; see
+# _Lowering._approximations for the combinations it approximates: pattern or format with lengths,
+# multipleOf on numbers, oneOf)
 SUPPORTED = frozenset(
     {
         "type",

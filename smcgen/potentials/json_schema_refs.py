@@ -6,6 +6,7 @@ from typing import Any
 
 
 def json_pointer(path: list[str]) -> str:
+    """``path`` (keys from the root) as a JSON pointer fragment, ``#/a/b~1c``."""
     return "#" + "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in path)
 
 
@@ -54,6 +55,7 @@ def kept_in_place(root: Any, ref: str) -> bool:
 
 
 def all_refs(node: Any) -> list[str]:
+    """Every ``$ref`` string anywhere in ``node``."""
     if isinstance(node, dict):
         refs = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
         for v in node.values():
