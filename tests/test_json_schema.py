@@ -361,8 +361,9 @@ def test_closing_need_counts_missing_required_properties_of_open_objects():
             "required": ["name", "tags"],
         }
     )
-    # '"tags":[]' (9 chars + comma) is missing after the name: ceil(11 / 4) = 3 tokens beyond the closers
-    assert closing_need('{"name": "x', schema) == closing_need('{"name": "x') + 3
+    # '"tags":[]' (9 chars + comma) is missing after the name: ceil(11 / 4) = 3 tokens beyond the
+    # closers, and VALUE_TOKENS (3) for the value a model writes
+    assert closing_need('{"name": "x', schema) == closing_need('{"name": "x') + 6
     assert closing_need('{"name": "x", "tags": [', schema) == closing_need('{"name": "x", "tags": [')
     # inside an item the item's own required "k" (12 characters at least) is missing
     assert closing_need('{"name": "x", "tags": [{', schema) > closing_need('{"name": "x", "tags": [{') + 3
@@ -389,6 +390,90 @@ def test_budget_twist_leaves_the_target_unchanged(monkeypatch):
     cfg = SMCConfig(n_particles=4, max_new_tokens=MAX_NEW, seed=5, ess_threshold=1.0)
     out = SMC(LMPotential(lm), cfg, mask=g).run(PROMPT, n_groups=1500, on_dead="flag")
     check_unbiased("budget twist N=4", out, exact, index)
+
+
+def test_budget_mask_and_infinite_twist_keep_the_target_exact():
+    """With 4 tokens of budget, after "[1," no document can end in time ("[1,2]" takes 5): the budget
+    mask drops every next token there, and the twist is -inf on prefixes that cannot end. Both are exact: SMC
+    still targets exactly the enumerated documents that end within the budget (z-tests)."""
+    budget = 4
+    lm = tiny_lm(1, vocab=6, eos=EOS6, logit_scale=0.5)
+    g = GrammarPotential.json_schema(UNIQUE, TOKENS, eos_token_ids=[EOS6], any_whitespace=False, separators=(",", ":"))
+    g.finish_within = budget
+    prefix = torch.tensor([PROMPT + [0, 1, 4]])
+    assert g.next_token_bitmask(prefix, len(PROMPT)).eq(0).all(), "nothing fits after '[1,' in 4 tokens"
+    # "[1,2" at the limit still needs its "]": the twist is -inf there, finite on "[1]" (one token left)
+    assert g.log_prefix(SequenceBatch([[0, 1, 4, 2]], [], None))[0] == -math.inf
+    assert g.log_prefix(SequenceBatch([[0, 1, 3]], [], None))[0] > -math.inf
+    # the mask allows a token exactly where the score after it is finite, at every prefix
+    from smcgen.testing import check_mask_consistency
+
+    seqs = [[], [0], [0, 1], [0, 1, 4], [0, 2, 4], [0, 1, 4, 2], [0, 3]]
+    check_mask_consistency(g, seqs, len(TOKENS), [EOS6], PROMPT)
+    g.finish_within = None
+    assert g.next_token_bitmask(prefix, len(PROMPT)).ne(0).any(), "without a budget the grammar allows '2'"
+    g.finish_within = budget
+    exact = enumerate_target(LMPotential(lm), PROMPT, budget, [SchemaOracle(UNIQUE)])
+    index = {s: i for i, s in enumerate(exact.sequences)}
+    cfg = SMCConfig(n_particles=4, max_new_tokens=budget, seed=3, ess_threshold=1.0)
+    out = SMC(LMPotential(lm), cfg, mask=g).run(PROMPT, n_groups=1500, on_dead="flag")
+    check_unbiased("budget mask N=4", out, exact, index)
+
+
+def _segmentations(text: str, vocab: list[str], limit: int = 200) -> list[list[str]]:
+    """Up to ``limit`` ways to write ``text`` as a sequence of vocabulary tokens."""
+    out: list[list[str]] = []
+
+    def walk(rest: str, acc: list[str]) -> None:
+        if len(out) >= limit:
+            return
+        if not rest:
+            out.append(acc)
+            return
+        for tok in vocab:
+            if rest.startswith(tok):
+                walk(rest[len(tok) :], acc + [tok])
+
+    walk(text, [])
+    return out
+
+
+def test_min_tokens_is_a_lower_bound_on_every_tokenization_of_valid_documents():
+    """The bound the mask and the -inf twist rest on: for every valid document, every way to write it
+    in tokens, and every prefix, min_tokens(prefix) <= the tokens that follow. A vocabulary with
+    multi-character tokens (closing several brackets at once, whole keys) makes the bound tight."""
+    from smcgen.potentials.json_budget import JsonPrefix, TokenCapacity, min_tokens
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "ab": {"type": "string"},
+            "n": {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]},
+            "t": {"type": "array", "items": {"type": "integer"}},
+        },
+        "required": ["ab", "n", "t"],
+    }
+    lowered = lower_json_schema(schema)
+    vocab = ['"', "{", "}", "[", "]", ":", ",", "a", "b", "k", "n", "t", "x", "y", "1", " ", '"}', '"}}', '":"',
+             '{"', '"ab"', '","', '"]', "]}", '":{"', '"},"', '":[', "\\", '\\"']  # fmt: skip
+    capacity = TokenCapacity.of([v.encode() for v in vocab])
+    docs = [
+        '{"ab":"a","n":{"k":"x"},"t":[]}',
+        '{"ab":"\\"b","n":{"k":"y"},"t":[1,1]}',
+        '{ "ab" : "" , "n":{"k":"x"},"t":[1]}',
+    ]
+    checked = 0
+    for doc in docs:
+        assert jsonschema.Draft202012Validator(schema).is_valid(json.loads(doc))
+        for tokens in _segmentations(doc, vocab):
+            for cut in range(len(tokens) + 1):
+                state = JsonPrefix(lowered.grammar_schema).feed("".join(tokens[:cut]))
+                assert min_tokens(state, capacity) <= len(tokens) - cut, (doc, tokens[:cut])
+                checked += 1
+    assert checked > 500
+    # and it is not vacuous: inside the first key, the rest needs several tokens
+    state = JsonPrefix(lowered.grammar_schema).feed('{"a')
+    assert min_tokens(state, capacity) >= 3
 
 
 def test_budget_too_small_for_the_shortest_document_is_a_clear_error():
@@ -473,12 +558,39 @@ def test_bundle_embeds_the_documents_refs_reach():
     assert accepted(g, '{"id":3}') and not accepted(g, '{"id":0}')
 
 
-def test_recursive_ref_inside_allof_is_refused_by_name():
-    """allOf is merged by expanding its members; through a recursive $ref that never ends, and the
-    user gets a GrammarError that says so, not Python's RecursionError."""
+def test_recursive_ref_inside_allof_is_a_finite_exact_grammar():
+    """allOf through a recursive $ref (as in asyncapi 2.4.0: a schema that is the metaschema allOf
+    its own extensions): each allOf node is merged once into $defs and recursive occurrences point
+    back to it, so the grammar is finite and exact at every depth, nothing left to the validator."""
     schema = {
-        "$defs": {"node": {"type": "object", "properties": {"child": {"allOf": [{"$ref": "#/$defs/node"}]}}}},
+        "$defs": {
+            "base": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 5}}},
+            "node": {
+                "allOf": [
+                    {"$ref": "#/$defs/base"},
+                    {"properties": {"child": {"allOf": [{"$ref": "#/$defs/node"}]}, "n": {"minimum": 1}}},
+                ]
+            },
+        },
         "$ref": "#/$defs/node",
     }
-    with pytest.raises(GrammarError, match="recursive"):
-        lower_json_schema(schema)
+    lowered = lower_json_schema(schema)
+    assert lowered.exact, lowered.checked_after
+    g = char_grammar(schema)
+    deep = '{"n":3,"child":{"n":1,"child":{"child":{"child":{"n":5}}}}}'
+    assert accepted(g, deep)
+    # the merged bounds hold at depth 4 too, in the mask itself
+    for bad in ('{"child":{"child":{"child":{"child":{"n":0}}}}}', '{"child":{"child":{"child":{"n":6}}}}'):
+        assert not mask_lets_through(g, bad) and not accepted(g, bad)
+
+
+def test_ecma_patterns_re_cannot_run_are_checked_with_the_regex_package():
+    """A variable-length lookbehind (ECMA-262 2018; Python's re refuses it) was a refused schema: the
+    metaschema check and the validator now run it with the regex package, and it is enforced."""
+    schema = {"type": "string", "pattern": r"(?<=^v?|\sv?)(?:(?:0|[1-9][0-9]*)\.){2}(?:0|[1-9][0-9]*)\b"}
+    g = char_grammar(schema)
+    assert any("pattern" in part for part in g.checked_after)
+    assert accepted(g, '"v1.2.3"') and accepted(g, '"1.2.3"')
+    assert mask_lets_through(g, '"x1.2.3"') and not accepted(g, '"x1.2.3"')
+    with pytest.raises(GrammarError, match="invalid"):
+        char_grammar({"type": "string", "pattern": "(unclosed"})

@@ -43,7 +43,7 @@ from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
 from smcgen.potentials.grammar_matchers import GrammarStats, MatcherRows
 from smcgen.potentials.grammar_vocab import tokenizer_info, xgr
-from smcgen.potentials.json_budget import budget_twist
+from smcgen.potentials.json_budget import MASK_HORIZON, TokenCapacity, budget_forbidden, budget_twist
 from smcgen.potentials.json_schema import LoweredSchema, lower_json_schema
 from smcgen.potentials.token_dfa import TokenDFA
 
@@ -117,6 +117,7 @@ class GrammarPotential(MatcherRows, Potential):
         self._vocab_bytes: list[bytes] | None = None
         # max_new_tokens of the run, for the budget twist of JSON schemas (None: no twist)
         self.finish_within: int | None = None
+        self._token_capacity: TokenCapacity | None = None
         # token automata built by token_automaton, per memory budget (an automaton or why there is none)
         self._automata: dict[int, TokenDFA | str] = {}
 
@@ -288,9 +289,11 @@ class GrammarPotential(MatcherRows, Potential):
         if self.finish_within is not None and self.kind == "json_schema":
             # the budget twist: a finite score on prefixes only, so it telescopes out of the weights and
             # leaves the target unchanged, but resampling favours particles that can still close in time
+            capacity = self._capacity()
             for i, tokens in enumerate(batch.token_ids):
                 if rows[i].alive:
-                    scores[i] = budget_twist(self._text(tokens), self.finish_within - len(tokens), self.schema)
+                    left = self.finish_within - len(tokens)
+                    scores[i] = budget_twist(self._text(tokens), left, self.schema, capacity)
         return torch.tensor(scores, dtype=torch.float64)
 
     def log_complete(self, batch: SequenceBatch) -> Tensor:
@@ -301,6 +304,32 @@ class GrammarPotential(MatcherRows, Potential):
             ok = ok and (self.schema is None or self.schema.violation(self._text(tokens)) is None)
             out.append(0.0 if ok else -math.inf)
         return torch.tensor(out, dtype=torch.float64)
+
+    def _capacity(self) -> TokenCapacity:
+        """What one token of the bound vocabulary holds, for the budget's lower bound (computed once)."""
+        if self._token_capacity is None:
+            self._text([])
+            self._token_capacity = TokenCapacity.of(self._vocab_bytes or [])
+        return self._token_capacity
+
+    def _budget_mask(self, out: Tensor, row: int, tokens: list[int]) -> None:
+        """Clear the bits of row ``row`` for tokens after which the document cannot end within the
+        budget (exact: those continuations have zero target mass; see json_budget.budget_forbidden)."""
+        after = self.finish_within - len(tokens) - 1
+        if after > MASK_HORIZON or after < 0:
+            return
+        words = out[row].numpy()
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        eos = set(self.eos_token_ids)
+        capacity = self._capacity()  # also reads the vocabulary's bytes
+        n = len(self._vocab_bytes or [])
+        candidates = [t for t in np.flatnonzero(bits).tolist() if t < n and t not in eos]
+        forbidden = budget_forbidden(self._text(tokens), candidates, self._vocab_bytes, after, self.schema, capacity)
+        if forbidden:
+            bits[forbidden] = False
+            packed = np.packbits(bits, bitorder="little")
+            packed = np.pad(packed, (0, words.size * 4 - packed.size))
+            words[:] = packed.view(np.int32)
 
     def _text(self, tokens: Sequence[int]) -> str:
         """The text of generated token ids (EOS and special tokens contribute nothing)."""
@@ -382,6 +411,9 @@ class GrammarPotential(MatcherRows, Potential):
         if live:
             t0 = time.perf_counter()
             self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
+            if self.finish_within is not None and self.kind == "json_schema":
+                for i in live:
+                    self._budget_mask(out, i, token_ids[i])
             self.stats.mask_seconds += time.perf_counter() - t0
             self.stats.mask_rows += len(live)
         return out
