@@ -146,11 +146,20 @@ def _need_cache(schema: LoweredSchema) -> dict[int, int]:
     return entry[1]
 
 
+def shortfall_twist(need: int, tokens_left: int, margin: int | None = None, nats_per_token: float | None = None) -> float:
+    """The budget twist's one formula: 0 while a prefix that needs ``need`` more tokens has ``margin``
+    to spare, ``-nats_per_token`` per token short of that (defaults: :data:`TWIST_MARGIN`,
+    :data:`TWIST_NATS_PER_TOKEN`, read at call time). Finite, so it telescopes out of the weights."""
+    margin = TWIST_MARGIN if margin is None else margin
+    nats = TWIST_NATS_PER_TOKEN if nats_per_token is None else nats_per_token
+    return -nats * max(0, need + margin - tokens_left)
+
+
 def budget_twist(text: str, tokens_left: int, schema: LoweredSchema | None = None) -> float:
     """Log-twist of a JSON prefix with ``tokens_left`` tokens of budget: 0 while it can close with
     ``TWIST_MARGIN`` tokens to spare, ``-TWIST_NATS_PER_TOKEN`` per token short of that. Finite, so it
     telescopes out of the weights: the target does not change, only which particles resampling keeps."""
-    return -TWIST_NATS_PER_TOKEN * max(0, closing_need(text, schema) + TWIST_MARGIN - tokens_left)
+    return shortfall_twist(closing_need(text, schema), tokens_left)
 
 
-__all__ = ["budget_twist", "closing_need"]
+__all__ = ["budget_twist", "closing_need", "shortfall_twist"]
