@@ -64,31 +64,59 @@ def test_bad_settings_are_clear_errors(kw, match):
 
 
 # ---------------------------------------------------------------------------------------- exactness
-# three Python pieces and EOS: the bodies are a statement, comment lines and that statement again
-PIECES = ["\n    x = (1", ")\n", "\n    # c"]
-EOS4 = 3
+# four Python pieces and EOS for the mask: a statement, a comment line, a blank line
+PIECES = ["\n    x = (1", ")\n", "\n    # c", "\n"]
+EOS5 = 4
 MAX_NEW = 4
+
+
+# the exactness runs: a statement and blank lines (two tokens may end a finished body: "\n" and EOS)
+RUN_PIECES = ["\n    x = (1", ")\n", "\n"]
+EOS4 = 3
 
 
 class PieceDecoder:
     def batch_decode(self, sequences, skip_special_tokens: bool = True) -> list[str]:
-        return ["".join(PIECES[t] for t in s if t != EOS4) for s in sequences]
+        return ["".join(RUN_PIECES[t] for t in s if t != EOS4) for s in sequences]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.batch_decode([ids])[0]
 
 
-def test_smc_with_the_budget_twist_targets_the_same_bodies():
+def allowed(grammar, tokens: list[int]) -> list[int]:
+    mask = grammar.next_token_bitmask(torch.tensor([PROMPT + tokens]), len(PROMPT))[0]
+    return [v for v in range(5) if (int(mask[v // 32]) >> (v % 32)) & 1]
+
+
+def test_last_token_mask_keeps_only_the_tokens_that_end_the_body():
+    grammar = PythonGrammarPotential.build([*PIECES, None], eos_token_ids=[EOS5])
+    grammar.start(PROMPT, 1)
+    body_then_comment = [0, 1, 2]  # "\n    x = (1)\n\n    # c"
+    assert allowed(grammar, body_then_comment) == [0, 1, 2, 3]  # a statement, ")" + newline, ...
+    grammar.finish_within = 4
+    assert allowed(grammar, body_then_comment) == [1, 3]  # the last token: those that end the comment's line
+    assert allowed(grammar, [0, 1]) == [0, 2, 3, EOS5]  # not the last token: the mask is unchanged
+    grammar.finish_within = 3
+    assert allowed(grammar, [0, 1]) == [3, EOS5]  # a finished body: a blank line or EOS (not a comment)
+    grammar.finish_within = 2
+    assert allowed(grammar, [2]) == [0, 1, 2, 3]  # a comment alone is no body: nothing ends it, mask unchanged
+
+
+@pytest.mark.parametrize("finish", [False, True])
+def test_smc_with_the_budget_twist_targets_the_same_bodies(finish):
     """Grammar SMC with the twist on (margin 1, 1 nat per token: active on most prefixes of this
-    4-token budget) against the enumerated grammar-conditioned target, which has no twist."""
+    4-token budget), and with the last-token mask, against the enumerated grammar-conditioned
+    target, which has neither."""
     base = tiny_lm(3, vocab=4, eos=EOS4, logit_scale=0.5)
     lm = LanguageModel(base.model, PieceDecoder(), (EOS4,), base.context_length)
-    grammar = PythonGrammarPotential.build([*PIECES, None], eos_token_ids=[EOS4])
-    twist = PythonBudgetTwist(MAX_NEW, margin=1, nats_per_token=1.0)
-    assert twist.log_prefix(SequenceBatch([[2]], PROMPT, lm.tokenizer))[0] < 0, "the twist should be active"
+    grammar = PythonGrammarPotential.build([*RUN_PIECES, None], eos_token_ids=[EOS4])
     exact = enumerate_target(LMPotential(lm), PROMPT, MAX_NEW, [grammar])
+    if finish:
+        grammar.finish_within = MAX_NEW
+    twist = PythonBudgetTwist(MAX_NEW, margin=1, nats_per_token=1.0)
+    assert twist.log_prefix(SequenceBatch([[0]], PROMPT, lm.tokenizer))[0] < 0, "the twist should be active"
     assert sum(math.isfinite(w) for w in exact.log_weights.tolist()) >= 4  # several bodies to tell apart
     index = {s: i for i, s in enumerate(exact.sequences)}
     cfg = SMCConfig(n_particles=4, max_new_tokens=MAX_NEW, seed=11, ess_threshold=1.0)
     out = SMC(LMPotential(lm), cfg, mask=grammar, potentials=grammar * twist).run(PROMPT, n_groups=1500, on_dead="flag")
-    check_unbiased("python budget twist N=4", out, exact, index)
+    check_unbiased(f"python budget twist N=4 finish={finish}", out, exact, index)

@@ -115,7 +115,7 @@ class GrammarPotential(MatcherRows, Potential):
         # what a finished text is parsed into (smcgen.potentials.output.as_grammar sets it)
         self.output_type: Any = None
         self._vocab_bytes: list[bytes] | None = None
-        # max_new_tokens of the run, for the budget twist of JSON schemas (None: no twist)
+        # max_new_tokens of the run: the budget twist of JSON schemas, the last-token mask of Python (None: off)
         self.finish_within: int | None = None
         # token automata built by token_automaton, per memory budget (an automaton or why there is none)
         self._automata: dict[int, TokenDFA | str] = {}
