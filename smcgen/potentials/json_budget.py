@@ -146,7 +146,9 @@ def _need_cache(schema: LoweredSchema) -> dict[int, int]:
     return entry[1]
 
 
-def shortfall_twist(need: int, tokens_left: int, margin: int | None = None, nats_per_token: float | None = None) -> float:
+def shortfall_twist(
+    need: int, tokens_left: int, margin: int | None = None, nats_per_token: float | None = None
+) -> float:
     """The budget twist's one formula: 0 while a prefix that needs ``need`` more tokens has ``margin``
     to spare, ``-nats_per_token`` per token short of that (defaults: :data:`TWIST_MARGIN`,
     :data:`TWIST_NATS_PER_TOKEN`, read at call time). Finite, so it telescopes out of the weights."""
