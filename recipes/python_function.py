@@ -6,7 +6,10 @@ answer per problem and sample:
 - unconstrained: ancestral sampling from p_tau (one particle);
 - grammar masking: one particle, every token drawn from p_tau masked to the grammar;
 - grammar SMC: N particles, masked target, weights log sum_{allowed} p (the grammar as a factor);
-- grammar + names SMC: the same with ``PythonGrammarPotential.build() * PythonNamesPotential(...)``;
+- grammar + names SMC: the same with ``PythonGrammarPotential.build() * PythonNamesPotential(...)``,
+  and the budget pieces (off with ``--no-budget``): ``PythonBudgetTwist(max_new_tokens)`` favours
+  particles that can end in the tokens left, and the grammar's ``finish_within`` restricts each
+  particle's last token to the tokens that end the body (both leave the target unchanged);
 - best-of-N: N unconstrained samples, the first that parses and has no undefined name (the same
   checks, done after the fact; same number of sampled tokens as SMC up to resampling).
 Reported per method: parse rate (``ast.parse`` + ``compile``), NameError rate (a NameError or
@@ -37,7 +40,7 @@ from _harness import chat_prompt, strip_fence
 import smcgen
 from smcgen import SMC, LMPotential, PythonNamesPotential, SMCConfig
 from smcgen.api import load_model
-from smcgen.potentials.python_grammar import PythonGrammarPotential
+from smcgen.potentials import PythonBudgetTwist, PythonGrammarPotential
 
 
 @dataclass
@@ -176,7 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
     )
     how = "eagerly" if args.eager else "lazily"
     print(
-        f"grammar: PythonGrammarPotential(depth={args.depth}), compiled {how} for the vocabulary in {compile_s:.3f} s"
+        f"grammar: PythonGrammarPotential(depth={args.depth}), compiled {how} for the vocabulary in {compile_s:.3f} s; "
+        f"grammar + names SMC budget twist and last-token mask {'off' if args.no_budget else 'on'}"
     )
     for pi, problem in enumerate(problems):
         task = argparse.Namespace(
@@ -200,7 +204,12 @@ def run(args: argparse.Namespace) -> dict[str, list[Outcome]]:
             if method in ("masking", "smc"):
                 kw = {"mask": grammar}
             elif method == "smc_names":
-                kw = {"mask": grammar, "potentials": grammar * names}
+                factors = grammar * names
+                if not args.no_budget:
+                    factors = factors * PythonBudgetTwist(args.max_new_tokens)
+                kw = {"mask": grammar, "potentials": factors}
+            # the last-token mask is part of the budget pieces: on for grammar + names SMC only
+            grammar.finish_within = args.max_new_tokens if method == "smc_names" and not args.no_budget else None
             smc = SMC(target, cfg, **kw)
             grammar.stats.reset()
             t = time.perf_counter()
@@ -266,6 +275,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[Outcome]]:
     ap.add_argument("--depth", type=int, default=6, help="indentation levels of the grammar")
     ap.add_argument("--eager", action="store_true", help="precompile every mask entry (minutes) instead of lazily")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-budget", action="store_true", help="grammar + names SMC without the budget twist and last-token mask"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--show", action="store_true", help="print each method's first answer per problem")
     ap.add_argument("--out", default=None, help="directory for answers.json (every answer and its outcome)")

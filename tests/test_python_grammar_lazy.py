@@ -107,6 +107,18 @@ def test_lazy_bind_to_the_whole_vocabulary_is_fast(tokenizer):
     assert g.bind(tokenizer, eos_token_ids=eos) is g
 
 
+def test_grammar_potential_python_binds_lazily_by_default(tokenizer):
+    eos = [tokenizer.eos_token_id]
+    GrammarPotential.regex("a", tokenizer, eos_token_ids=eos)  # build the vocabulary's TokenizerInfo first
+    t0 = time.perf_counter()
+    g = GrammarPotential.python(tokenizer, eos_token_ids=eos, depth=5)
+    assert time.perf_counter() - t0 < 5.0  # eagerly this bind takes minutes
+    assert isinstance(g, PythonGrammarPotential) and g.lazy and g.bound
+    assert not GrammarPotential.python(lazy=False).lazy
+    with pytest.raises(ValueError, match="lazy"):
+        GrammarPotential.python(lazy=1)
+
+
 def test_lazy_must_be_a_bool():
     with pytest.raises(ValueError, match="lazy"):
         PythonGrammarPotential.build(lazy="yes")

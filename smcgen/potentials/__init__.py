@@ -6,6 +6,8 @@ from smcgen.potentials.grammar import GrammarPotential
 from smcgen.potentials.json_schema import SchemaWarning
 from smcgen.potentials.lm import LMPotential
 from smcgen.potentials.output import as_grammar
+from smcgen.potentials.python_budget import PythonBudgetTwist
+from smcgen.potentials.python_grammar import PythonGrammarPotential
 from smcgen.potentials.python_names import PythonNamesPotential
 from smcgen.potentials.reward import RewardPotential
 from smcgen.potentials.token import LearnedReward, TokenPotential
@@ -18,6 +20,8 @@ __all__ = [
     "Potential",
     "PotentialError",
     "Product",
+    "PythonBudgetTwist",
+    "PythonGrammarPotential",
     "PythonNamesPotential",
     "RewardPotential",
     "SchemaWarning",

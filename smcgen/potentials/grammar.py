@@ -115,7 +115,7 @@ class GrammarPotential(MatcherRows, Potential):
         # what a finished text is parsed into (smcgen.potentials.output.as_grammar sets it)
         self.output_type: Any = None
         self._vocab_bytes: list[bytes] | None = None
-        # max_new_tokens of the run, for the budget twist of JSON schemas (None: no twist)
+        # max_new_tokens of the run: the budget twist of JSON schemas, the last-token mask of Python (None: off)
         self.finish_within: int | None = None
         self._token_capacity: TokenCapacity | None = None
         # token automata built by token_automaton, per memory budget (an automaton or why there is none)
@@ -193,12 +193,20 @@ class GrammarPotential(MatcherRows, Potential):
         indent: str = "    ",
         start: str = "body",
         fence: bool = True,
+        lazy: bool = True,
         **bind_kw: Any,
     ) -> GrammarPotential:
-        """Python 3.10+ code: a function's body after its ``def`` line, or a module (:mod:`smcgen.grammars.python`)."""
-        from smcgen.grammars.python import python_grammar
+        """Python 3.10+ code: a function's body after its ``def`` line, or a module (:mod:`smcgen.grammars.python`).
 
-        return cls.ebnf(python_grammar(depth, indent, start, fence), vocab, **bind_kw)
+        Returns a :class:`~smcgen.potentials.python_grammar.PythonGrammarPotential`: compiled lazily
+        when bound (milliseconds; each mask position is built on first use), or eagerly with
+        ``lazy=False`` (minutes against a 49k-token vocabulary). The masks are the same.
+        """
+        from smcgen.potentials.python_grammar import PythonGrammarPotential  # it subclasses this class
+
+        return PythonGrammarPotential.build(
+            vocab, depth=depth, indent=indent, start=start, fence=fence, lazy=lazy, **bind_kw
+        )
 
     @staticmethod
     def _maybe_bind(g: GrammarPotential, vocab: Any, bind_kw: dict[str, Any]) -> GrammarPotential:

@@ -292,6 +292,17 @@ def _need_cache(schema: LoweredSchema) -> dict[int, int]:
     return entry[1]
 
 
+def shortfall_twist(
+    need: int, tokens_left: int, margin: int | None = None, nats_per_token: float | None = None
+) -> float:
+    """The budget twist's one formula: 0 while a prefix that needs ``need`` more tokens has ``margin``
+    to spare, ``-nats_per_token`` per token short of that (defaults: :data:`TWIST_MARGIN`,
+    :data:`TWIST_NATS_PER_TOKEN`, read at call time). Finite, so it telescopes out of the weights."""
+    margin = TWIST_MARGIN if margin is None else margin
+    nats = TWIST_NATS_PER_TOKEN if nats_per_token is None else nats_per_token
+    return -nats * max(0, need + margin - tokens_left)
+
+
 def budget_twist(
     text: str, tokens_left: int, schema: LoweredSchema | None = None, capacity: TokenCapacity | None = None
 ) -> float:
@@ -307,7 +318,7 @@ def budget_twist(
         root = schema.grammar_schema if schema is not None else None
         if min_tokens(JsonPrefix(root).feed(text), capacity) > tokens_left:
             return -math.inf
-    return -TWIST_NATS_PER_TOKEN * max(0, closing_need(text, schema) + TWIST_MARGIN - tokens_left)
+    return shortfall_twist(closing_need(text, schema), tokens_left)
 
 
 def budget_forbidden(
@@ -341,4 +352,12 @@ def budget_forbidden(
     return out
 
 
-__all__ = ["JsonPrefix", "TokenCapacity", "budget_forbidden", "budget_twist", "closing_need", "min_tokens"]
+__all__ = [
+    "JsonPrefix",
+    "TokenCapacity",
+    "budget_forbidden",
+    "budget_twist",
+    "closing_need",
+    "min_tokens",
+    "shortfall_twist",
+]

@@ -10,6 +10,13 @@ time a mask is asked there and kept in the compiled grammar for every later mask
 every run that shares the bound potential. The masks are the same as the eager compile's
 (``tests/test_python_grammar_lazy.py`` compares them); the first mask at a new position costs
 that position's share of the eager compile (BENCHMARKS.md, "Python grammar: lazy compile").
+
+With ``finish_within`` set to the run's ``max_new_tokens``, the mask of a particle's last token
+keeps only the tokens that end the text as a member of the language (a newline that closes a
+comment or a statement, a closing fence, EOS). Every other token there leads to a text that is cut
+unfinished and scores zero at the end, so restricting the proposal to the ending tokens leaves the
+target unchanged (the weight is the mass of the tokens kept, as for any mask) and turns particles
+that would die at the limit into members.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
 import xgrammar as xgr
+from torch import Tensor
 
 from smcgen.grammars.python import python_grammar
 from smcgen.potentials.errors import GrammarError, engine_message
@@ -55,6 +65,7 @@ class PythonGrammarPotential(GrammarPotential):
     def __init__(self, grammar: Any, kind: str, source: str, *, threads: int | str = "auto", lazy: bool = True):
         super().__init__(grammar, kind, source, threads=threads)
         self.lazy = lazy
+        self._ending_tokens: np.ndarray | None = None  # ids whose text can end a body (see _ending)
 
     @classmethod
     def build(
@@ -102,3 +113,41 @@ class PythonGrammarPotential(GrammarPotential):
         g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
         self._bound_copies[id(info)] = (info, g)
         return g
+
+    def _ending(self) -> np.ndarray:
+        """Token ids that can end a text of this grammar: every statement, comment and blank line ends
+        with a newline and the closing fence with backticks, so only tokens ending in either can
+        complete it (or EOS after a complete text). A filter only: each one is still tried."""
+        if self._ending_tokens is None:
+            vocab = self._info.decoded_vocab
+            ids = [i for i, b in enumerate(vocab) if bytes(b).endswith((b"\n", b"`"))]
+            ids += [e for e in self.eos_token_ids if e < self.vocab_size]
+            self._ending_tokens = np.array(sorted(set(ids)), dtype=np.int64)
+        return self._ending_tokens
+
+    def _bitmask_for(self, token_ids: list[list[int]]) -> Tensor:
+        out = super()._bitmask_for(token_ids)
+        if self.finish_within is None:
+            return out
+        for i, tokens in enumerate(token_ids):
+            if len(tokens) != self.finish_within - 1:
+                continue
+            row = self._row(i, tokens)
+            if not row.alive or row.matcher.is_terminated():
+                continue
+            words = out[i].numpy().view(np.uint32)
+            cand = self._ending()
+            cand = cand[(words[cand >> 5] >> (cand & 31).astype(np.uint32)) & 1 == 1]
+            keep = []
+            for t in cand.tolist():
+                if row.matcher.accept_token(t):
+                    if row.matcher.is_completed() or row.matcher.is_terminated():
+                        keep.append(t)
+                    row.matcher.rollback(1)
+            if not keep:  # no token ends it here: the particle is cut unfinished and scores zero anyway
+                continue
+            ids = np.array(keep, dtype=np.int64)
+            new = np.zeros_like(words)
+            np.bitwise_or.at(new, ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
+            out[i] = torch.from_numpy(new.view(np.int32))
+        return out
