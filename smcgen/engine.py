@@ -388,9 +388,10 @@ class Engine:
                     _warn_fallback(reason)
                 for q in requests:  # the native engine checks its own cache; the generic one is checked here
                     check_request_memory(q.config, self.target, self.draft, len(q.ids))
-            if isinstance(guide, GrammarPotential) and guide.schema is not None:
-                # the JSON budget twist counts down from this request's limit (the guide object is
-                # shared by requests with other limits: set it under the lock, right before the run)
+            if getattr(guide, "counts_down_budget", False):
+                # the JSON budget twist and the Python grammar's last-token mask count down from this
+                # request's limit (the guide object is shared by requests with other limits: set it
+                # under the lock, right before the run)
                 guide.finish_within = cfg.max_new_tokens
             try:
                 if native is not None:

@@ -120,3 +120,20 @@ def test_smc_with_the_budget_twist_targets_the_same_bodies(finish):
     cfg = SMCConfig(n_particles=4, max_new_tokens=MAX_NEW, seed=11, ess_threshold=1.0)
     out = SMC(LMPotential(lm), cfg, mask=grammar, potentials=grammar * twist).run(PROMPT, n_groups=1500, on_dead="flag")
     check_unbiased(f"python budget twist N=4 finish={finish}", out, exact, index)
+
+
+def test_the_engine_sets_the_last_token_mask_from_the_requests_limit():
+    """Through ``smcgen.Engine`` a Python grammar guide gets ``finish_within`` from each request's
+    ``max_new_tokens`` (as a JSON schema's budget does), so users need not set it by hand."""
+    import smcgen
+
+    base = tiny_lm(3, vocab=4, eos=EOS4, logit_scale=0.5)
+    lm = LanguageModel(base.model, PieceDecoder(), (EOS4,), base.context_length)
+    grammar = PythonGrammarPotential.build([*RUN_PIECES, None], eos_token_ids=[EOS4])
+    assert grammar.counts_down_budget and grammar.finish_within is None
+    engine = smcgen.Engine(lm, guide=grammar, n_particles=4, engine="generic")
+    for limit in (3, MAX_NEW):
+        res = engine(PROMPT, max_new_tokens=limit, seed=1, on_dead="flag")
+        assert grammar.finish_within == limit
+        if not res.dead:  # a live answer ends as a finished body within the limit
+            assert len(res.token_ids) <= limit

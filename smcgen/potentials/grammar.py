@@ -313,6 +313,12 @@ class GrammarPotential(MatcherRows, Potential):
             out.append(0.0 if ok else -math.inf)
         return torch.tensor(out, dtype=torch.float64)
 
+    @property
+    def counts_down_budget(self) -> bool:
+        """Whether the guide reads ``finish_within`` (the run's ``max_new_tokens``), which the engine
+        sets before each run: JSON schemas do (their budget twist and mask)."""
+        return self.schema is not None
+
     def _capacity(self) -> TokenCapacity:
         """What one token of the bound vocabulary holds, for the budget's lower bound (computed once)."""
         if self._token_capacity is None:

@@ -91,6 +91,11 @@ class PythonGrammarPotential(GrammarPotential):
         g.lazy = lazy
         return cls._maybe_bind(g, vocab, bind_kw)
 
+    @property
+    def counts_down_budget(self) -> bool:
+        """The last-token mask reads ``finish_within``: the engine sets it before each run."""
+        return True
+
     def bind(
         self, vocab: Any, *, vocab_size: int | None = None, eos_token_ids: Sequence[int] | None = None
     ) -> GrammarPotential:
