@@ -3,7 +3,10 @@
 Every particle of a run has the same length (finished particles keep being fed padding that
 their frozen weights ignore), so rows need no attention mask and the cache needs no ragged
 bookkeeping: a resampling step is one ``index_select`` of every layer's keys and values.
-This path is the exact reference the fast GPU engine is tested against; it favors clarity.
+This path is the exact reference the fast GPU engine is tested against; it favors clarity, but
+keeps the cache copies off the hot path (:mod:`smcgen.runners.row_cache`: buffers written in
+place, reorders that copy only the rows that change; :mod:`smcgen.runners.gqa_attention`: no
+copied key/value heads on a CPU), which leaves the logits unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
+
+from smcgen.runners.gqa_attention import gqa_attention
+from smcgen.runners.row_cache import row_cache
 
 # transformers 5.x announces a rename of `past_key_values` to `cache`, but in 5.17 a cache
 # passed as `cache=` is silently not filled; keep the working name and hide the notice.
@@ -75,11 +81,12 @@ class CausalLMRunner:
     def start(self, prompt_ids: Tensor, n_rows: int) -> None:
         """Prefill all but the last prompt token (shared by every row), then repeat to ``n_rows``."""
         model = self.lm.model
-        self.cache = DynamicCache(config=model.config)
+        self.cache = row_cache(model.config)
         self.fed = 0
         if prompt_ids.shape[-1] > 1:
             head = prompt_ids[..., :-1].reshape(1, -1).to(self.lm.device)
-            model(input_ids=head, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            with gqa_attention(model):
+                model(input_ids=head, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             self.fed = head.shape[1]
             self.cache.batch_repeat_interleave(n_rows)
 
@@ -90,7 +97,8 @@ class CausalLMRunner:
         new = sequences[:, self.fed :]
         if new.shape[1] == 0:
             raise RuntimeError("forward_new called with no unseen tokens")
-        out = self.lm.model(input_ids=new, past_key_values=self.cache, use_cache=True)
+        with gqa_attention(self.lm.model):
+            out = self.lm.model(input_ids=new, past_key_values=self.cache, use_cache=True)
         self.fed = sequences.shape[1]
         return out.logits
 
@@ -103,7 +111,7 @@ class CausalLMRunner:
             self.fed = length
 
     def reorder(self, rows: Tensor) -> None:
-        """Make row i a copy of row ``rows[i]`` (resampling)."""
+        """Make row i a copy of row ``rows[i]`` (resampling; rows that keep their own history are not copied)."""
         if self.cache is not None and self.cache.get_seq_length() > 0:
             self.cache.reorder_cache(rows.to(self.lm.device))
 
