@@ -88,3 +88,23 @@ def test_gqa_attention_switches_only_sdpa_models_and_restores():
             assert config._attn_implementation == "eager"
     finally:
         config._attn_implementation = "sdpa"
+
+
+def test_to_dtype_copies_a_draft_and_leaves_shared_weights_alone():
+    from smcgen.models.smollm2 import derive_draft
+    from smcgen.runners.transformers import LanguageModel
+
+    target = tiny_lm(2, vocab=11)
+    draft = LanguageModel(derive_draft(target.model, 1), target.tokenizer, target.eos_token_ids)
+    assert draft.model.lm_head.weight is target.model.lm_head.weight  # shared, as a trained draft's head is
+    low = draft.to_dtype("bfloat16")
+    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in target.model.parameters()} == {torch.float32}
+    assert low.eos_token_ids == draft.eos_token_ids and low.vocab_size == draft.vocab_size
+    for bad in ("int8", "no_such_dtype"):
+        try:
+            draft.to_dtype(bad)
+        except ValueError as err:
+            assert "dtype" in str(err)
+        else:
+            raise AssertionError(f"to_dtype({bad!r}) did not raise")
