@@ -67,10 +67,11 @@ def main() -> None:
     )
     print(f"draft: {args.draft} ({args.draft_dtype or 'as loaded'})")
     print(
-        "| configuration | new tokens (last run) | wall s (last run) | tokens/s (median) | vs AR | steps | resamples | mean ESS/N |"
+        "| configuration | new tokens (last run) | wall s (last run) | tokens/s (median) | vs AR | best tokens/s | best vs AR "
+        "| steps | resamples | mean ESS/N |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    ar_tps = None
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ar_tps = ar_best = None
     for name, d, kw in cases:
         # a short warm-up builds the cached engine, so the timed runs measure decoding only
         smcgen.generate(target, prompt, draft=d, seed=0, **{**common, "max_new_tokens": 4}, **kw)
@@ -82,12 +83,14 @@ def main() -> None:
             rates.append(len(res.token_ids) / wall)
             if res.mean_ess_fraction is not None:
                 ess.append(res.mean_ess_fraction)
-        tps = statistics.median(rates)
+        tps, best = statistics.median(rates), max(rates)
+        # on a shared CPU other jobs stall runs at random: the best run is the least disturbed one
         ar_tps = ar_tps or tps
+        ar_best = ar_best or best
         ess_cell = f"{statistics.mean(ess):.2f}" if ess else "–"
         print(
             f"| {name} | {len(res.token_ids)} | {wall:.2f} | {tps:.1f} | {tps / ar_tps:.2f}x "
-            f"| {res.n_steps} | {res.n_resamples} | {ess_cell} |",
+            f"| {best:.1f} | {best / ar_best:.2f}x | {res.n_steps} | {res.n_resamples} | {ess_cell} |",
             flush=True,
         )
 
