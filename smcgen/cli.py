@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
     p.add_argument("--target", default="smollm2-135m", help="target model name or path")
     p.add_argument("--draft", default="smollm2-135m-draft", help="draft model name or path; 'none' for plain SMC")
+    p.add_argument(
+        "--draft-dtype", default=None, help="run a copy of the draft in this dtype, e.g. bfloat16 (faster on a CPU)"
+    )
     p.add_argument("-n", "--n-particles", type=int, default=d.n_particles)
     p.add_argument("-k", "--block-size", type=int, default=d.block_size)
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -288,6 +291,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     target = load_model(args.target, args.device)
     draft = None if args.draft.lower() == "none" else load_model(args.draft, args.device)
+    if draft is not None and args.draft_dtype:
+        try:
+            draft = draft.to_dtype(args.draft_dtype)
+        except ValueError as err:
+            print(f"smcgen: invalid option --draft-dtype: {err}", file=sys.stderr)
+            return 2
     load_s = time.perf_counter() - t0
 
     if args.raw or target.tokenizer is None or not getattr(target.tokenizer, "chat_template", None):

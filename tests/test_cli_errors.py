@@ -47,3 +47,9 @@ def test_debug_shows_the_original_error(capsys):
 def test_invalid_option_still_status_2(capsys):
     code, err = _run(capsys, [*FAST, "--target-temperature", "1e-40"])
     assert code == 2 and "target_temperature" in err
+
+
+def test_bad_draft_dtype_names_the_option(capsys):
+    argv = [a for a in FAST if a not in ("--draft", "none")] + ["--draft-dtype", "int8"]
+    code, err = _run(capsys, argv)
+    assert code == 2 and "--draft-dtype" in err and "Traceback" not in err

@@ -82,6 +82,7 @@ CASES = {
     "power_with_draft": (True, 1, 2.0, 1.0, list),
     "target_temperature": (True, 1, 1.0, 0.7, list),
     "tempered_draft": (True, 2, 1.0, 0.7, list),  # the draft at 0.7 too: LMProposal(temperature=0.7)
+    "bf16_draft": (True, 2, 1.0, 1.0, list),  # a bf16 copy of the draft (LanguageModel.to_dtype)
     "reward_end": (False, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0)]),
     "reward_prefix_draft": (True, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0, prefix=True)]),
     "product_user": (True, 1, 1.0, 1.0, lambda: [NoRepeats() * RewardPotential(count_b, beta=-0.5)]),
@@ -93,10 +94,11 @@ def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
     use_draft, block, alpha, tau, make_potentials = CASES[case]
     target = LMPotential(target_lm, temperature=tau, alpha=alpha)
     exact = enumerate_target(target, PROMPT, MAX_NEW, make_potentials())
+    draft = draft_lm.to_dtype("bfloat16") if case == "bf16_draft" else draft_lm
     outs = {
         n: smc_estimates(
             target,
-            LMProposal(draft_lm, temperature=0.7 if case == "tempered_draft" else 1.0) if use_draft else None,
+            LMProposal(draft, temperature=0.7 if case == "tempered_draft" else 1.0) if use_draft else None,
             make_potentials(),
             n,
             block,

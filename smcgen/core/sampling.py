@@ -9,17 +9,34 @@ import torch
 from torch import Tensor
 
 
+def _gumbel_in_place(u: Tensor) -> Tensor:
+    """Turn float32 uniforms into standard Gumbel noise in place: -log(-log(u)), u kept away from 0
+    and 1 so the log never overflows (in place: a full-vocabulary row costs no new buffers)."""
+    return (
+        u.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
+        .log_()
+        .neg_()
+        .log_()
+        .neg_()
+    )
+
+
 def gumbel_from_uniform(u: Tensor) -> Tensor:
     """Standard Gumbel noise from float32 uniforms, kept away from 0 and 1 so the log never overflows."""
-    u = u.clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
-    return -torch.log(-torch.log(u))
+    return _gumbel_in_place(u.clone())
 
 
 def gumbel_noise(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
     """Standard Gumbel noise drawn with ``generator``."""
-    return gumbel_from_uniform(torch.rand(shape, generator=generator, device=device, dtype=torch.float32))
+    return _gumbel_in_place(torch.rand(shape, generator=generator, device=device, dtype=torch.float32))
+
+
+def _scaled(logits: Tensor, scale: float) -> Tensor:
+    """``logits`` as float32 times ``scale``, a new tensor (one pass when the logits need a cast)."""
+    keys = logits.float()
+    return keys * scale if keys is logits else keys.mul_(scale)
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -68,8 +85,9 @@ def sample_tokens(
     a row with no allowed token draws token 0 with ``log_q = 0`` (its particle must be ruled out
     by the potential that supplied the mask).
     """
-    keys, empty = _restrict(logits.float() * scale, allowed)
-    tokens = torch.argmax(keys + gumbel_noise(keys.shape, generator, keys.device), dim=-1)
+    keys, empty = _restrict(_scaled(logits, scale), allowed)
+    # Gumbel-max; the noise buffer takes the sum (x + g is the same float as g + x)
+    tokens = torch.argmax(gumbel_noise(keys.shape, generator, keys.device).add_(keys), dim=-1)
     log_q = keys.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(keys, dim=-1)
     if empty is not None:
         tokens = torch.where(empty, torch.zeros_like(tokens), tokens)
@@ -101,7 +119,7 @@ def sample_powered(
     """
     powered = alpha * log_probs(logits, temperature)
     keys, empty = _restrict(powered, allowed)
-    tokens = torch.argmax(keys + gumbel_noise(powered.shape, generator, powered.device), dim=-1)
+    tokens = torch.argmax(gumbel_noise(powered.shape, generator, powered.device).add_(keys), dim=-1)
     log_target = powered.gather(-1, tokens[:, None]).squeeze(-1).double()
     if empty is not None:
         log_norm = torch.logsumexp(keys, dim=-1).double()
