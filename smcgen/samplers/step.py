@@ -36,6 +36,15 @@ def is_eos(block: Tensor, eos: Tensor) -> Tensor:
     return (block[..., None] == eos).any(dim=-1)
 
 
+def masked_log_q(log_prob: Tensor, log_norm: Tensor) -> Tensor:
+    """Log-probability ``log_prob - log_norm`` of a drafted token under the masked proposal.
+
+    A row whose mask allows no token (``log_norm`` is ``-inf``) is a dead end: ``+inf`` here gives
+    it weight zero in :func:`token_weights`, where ``-inf - -inf`` would be NaN.
+    """
+    return torch.where(torch.isneginf(log_norm), torch.full_like(log_norm, math.inf), log_prob - log_norm)
+
+
 def token_weights(log_p: Tensor, log_q: Tensor, bonus_log_norm: Tensor | None) -> Tensor:
     """Per-position log-weights ``[R, k (+1)]`` of a block (docs/math.md, "Particles and weights").
 
@@ -168,6 +177,7 @@ __all__ = [
     "bad_values",
     "global_rows",
     "is_eos",
+    "masked_log_q",
     "potential_increment",
     "resample_gate",
     "reset_weights",
