@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from smcgen.core.resampling import log_mean_weight
+
 
 class BlockAdvance(NamedTuple):
     """What one block does to the particles: see :func:`advance`."""
@@ -146,8 +148,7 @@ def bad_values(x: Tensor) -> Tensor:
 def reset_weights(log_w: Tensor, resampled: Tensor) -> Tensor:
     """Log-weights after resampling: each resampled group's particles all get the group's mean weight
     (so log Z_hat keeps the group's estimate); other groups keep theirs."""
-    n = log_w.shape[1]
-    mean = torch.logsumexp(log_w, dim=1, keepdim=True) - math.log(n)
+    mean = log_mean_weight(log_w, keepdim=True)
     return torch.where(resampled[:, None], mean.expand_as(log_w), log_w)
 
 
