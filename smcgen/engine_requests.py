@@ -50,7 +50,7 @@ def prompt_ids(prompt: PromptLike, lm: LanguageModel) -> list[int]:
 
 @dataclass(frozen=True)
 class Request:
-    """One validated request (from :meth:`Engine.resolve`): its token ids, config and guide (a bound
+    """One validated request (from :meth:`~smcgen.engine.Engine.resolve`): its token ids, config and guide (a bound
     grammar, any potential with a next-token mask, or None)."""
 
     ids: list[int]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from smcgen.core.config import SMCConfig
+from smcgen.core.resampling import normalized_log_weights
 from smcgen.core.result import SMCResult
 from smcgen.potentials.base import Potential
 from smcgen.potentials.grammar import GrammarPotential
@@ -50,13 +51,16 @@ def _warn_fallback(reason: str) -> None:
 def posterior_of(sequences: list[list[int]], log_weights: list[float], decoder: Any) -> list[tuple[str, float]]:
     """Distinct decoded texts of the live particles with their merged normalized weights, largest first
     (particles that decode to the same text pool their weight, as genlm-control's decoded posterior)."""
-    if decoder is None:
+    if decoder is None or not log_weights:
         return []
+    # normalize in log space first: exponentiating raw log-weights underflows to an empty posterior
+    # once every particle sits below about -745 (or overflows above 709)
+    weights = normalized_log_weights(torch.tensor(log_weights, dtype=torch.float64)).exp().tolist()
     mass: dict[tuple[int, ...], float] = {}
-    for seq, lw in zip(sequences, log_weights):
-        if lw > float("-inf"):
+    for seq, w in zip(sequences, weights):
+        if w > 0.0:
             key = tuple(seq)
-            mass[key] = mass.get(key, 0.0) + float(torch.tensor(lw).exp())
+            mass[key] = mass.get(key, 0.0) + w
     by_text: dict[str, float] = {}
     for seq, w in mass.items():
         t = decoder.decode(list(seq), skip_special_tokens=True)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class TextStream:
-    """Iterator of text deltas of one running request (from :meth:`Engine.stream`).
+    """Iterator of text deltas of one running request (from :meth:`~smcgen.engine.Engine.stream`).
 
     The request runs in a thread of its own; each step's newly stable text (the live particles'
     common prefix) is queued and handed out by ``next()``; the last delta is the rest of the final
@@ -69,7 +69,7 @@ class TextStream:
 
 
 def _native_watcher(on_step: Callable[[list[list[int]], list[bool]], None], n: int) -> Callable[..., None]:
-    """``NativeSMC.run``'s per-cycle hook for :meth:`Engine._run_group`'s ``on_step`` (request 0)."""
+    """``NativeSMC.run``'s per-cycle hook for :meth:`~smcgen.engine.Engine._run_group`'s ``on_step`` (request 0)."""
 
     def watch(tokens: Tensor, lengths: Tensor, log_w: Tensor) -> None:
         rows = [row[:k] for row, k in zip(tokens[:n].tolist(), lengths[:n].tolist())]
@@ -79,7 +79,7 @@ def _native_watcher(on_step: Callable[[list[list[int]], list[bool]], None], n: i
 
 
 class _StepWatcher:
-    """A recorder for the generic engine's step loop (as :class:`TraceRecorder`) that keeps request
+    """A recorder for the generic engine's step loop (as :class:`~smcgen.trace.TraceRecorder`) that keeps request
     0's particles' tokens through resampling and calls ``on_step(sequences, alive)`` every step."""
 
     def __init__(self, on_step: Callable[[list[list[int]], list[bool]], None], n: int):

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smcgen.core.resampling import log_mean_weight
+
 
 @dataclass(frozen=True)
 class TraceStep:
@@ -150,7 +152,7 @@ class TraceRecorder:
         for block, valid, lw, ess, anc in self._steps:
             toks = [[int(t) for t, v in zip(b, m) if v] for b, m in zip(block[rows].tolist(), valid[rows].tolist())]
             g_lw = lw[group]
-            log_z = float(torch.logsumexp(g_lw, 0) - math.log(n))
+            log_z = float(log_mean_weight(g_lw))
             g_anc = None
             if anc is not None and not torch.equal(anc[group], torch.arange(n)):
                 g_anc = [int(a) for a in anc[group]]

@@ -210,3 +210,13 @@ def test_int8_storage_halves_the_file_and_loads_back_close(tmp_path):
         draft_dir.quantize_draft_dir(dst, tmp_path / "qq")
     with pytest.raises(ValueError, match="storage must be one of"):
         draft_dir.save_draft(plain, tmp_path / "bad", {}, torch.float32, storage="int4")
+
+
+def test_int8_storage_in_place_records_the_source_checksum(tmp_path):
+    import hashlib
+
+    _run(tmp_path, "a", cfg={"steps": 2, "eval_sequences": 0})
+    src = tmp_path / "a"
+    before = hashlib.sha256((src / draft_dir.WEIGHTS_FILE).read_bytes()).hexdigest()
+    draft_dir.quantize_draft_dir(src, src)  # dst == src: the trained file is replaced
+    assert draft_dir.read_manifest(src)["quantized_from_sha256"] == before

@@ -27,6 +27,7 @@ from smcgen.core.resampling import (
     ancestors_from_counts,
     effective_sample_size,
     get_resampler,
+    log_mean_weight,
     normalized_log_weights,
     offspring_counts,
 )
@@ -377,3 +378,12 @@ def test_variance_not_above_multinomial(name: str, sampled_counts: dict[str, Ten
     # (~6.4) has an SE of ~1%, so 0.8 is a margin of many SEs that still fails
     # a scheme that is merely multinomial in disguise.
     assert var_s.sum().item() < 0.8 * var_m.sum().item()
+
+
+def test_log_mean_weight_is_the_log_of_the_mean_weight_and_never_nan():
+    lw = torch.tensor([[0.0, math.log(3.0)], [-1000.0, -1000.0], [-math.inf, -math.inf]], dtype=torch.float64)
+    out = log_mean_weight(lw)
+    assert out[0].item() == pytest.approx(math.log(2.0))
+    assert out[1].item() == pytest.approx(-1000.0)  # no underflow far below exp's range
+    assert out[2].item() == -math.inf
+    assert log_mean_weight(lw, keepdim=True).shape == (3, 1)

@@ -30,6 +30,7 @@ __all__ = [
     "effective_sample_size",
     "get_resampler",
     "graph_safe",
+    "log_mean_weight",
     "normalized_log_weights",
     "offspring_counts",
 ]
@@ -76,6 +77,16 @@ def normalized_log_weights(log_weights: Tensor) -> Tensor:
     if log_weights.is_floating_point():
         out = out.to(log_weights.dtype)
     return out
+
+
+def log_mean_weight(log_weights: Tensor, keepdim: bool = False) -> Tensor:
+    """``log((1/N) sum_i exp(log_weights_i))`` over the last dimension: a group's factor of the
+    evidence estimate log Z_hat, and the weight every particle of a resampled group takes.
+
+    A row whose entries are all ``-inf`` gives ``-inf`` (never NaN).
+    """
+    n = log_weights.shape[-1]
+    return torch.logsumexp(log_weights, dim=-1, keepdim=keepdim) - math.log(n)
 
 
 def effective_sample_size(log_weights: Tensor) -> Tensor:

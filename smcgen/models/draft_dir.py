@@ -188,13 +188,15 @@ def quantize_draft_dir(src: str | Path, dst: str | Path) -> Path:
     state = load_file(str(src / WEIGHTS_FILE))
     if any(k.endswith(_SCALE) for k in state):
         raise ValueError(f"draft {src} is already stored as int8")
+    # hashed before writing: with dst == src the trained file is about to be replaced
+    source_sha = hashlib.sha256((src / WEIGHTS_FILE).read_bytes()).hexdigest()
     dst.mkdir(parents=True, exist_ok=True)
     tmp = dst / (WEIGHTS_FILE + ".tmp")
     save_file(quantize_rowwise(state), str(tmp), metadata={"format": FORMAT, "storage": "int8-rowwise"})
     tmp.replace(dst / WEIGHTS_FILE)
     (dst / CONFIG_FILE).write_bytes((src / CONFIG_FILE).read_bytes())
     manifest["storage"] = "int8-rowwise"
-    manifest["quantized_from_sha256"] = hashlib.sha256((src / WEIGHTS_FILE).read_bytes()).hexdigest()
+    manifest["quantized_from_sha256"] = source_sha
     (dst / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return dst
 

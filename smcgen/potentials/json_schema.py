@@ -15,9 +15,9 @@ A real schema goes through :func:`lower_json_schema`, which returns two things:
   grammar generates) even where the mask is looser; ``checked_after`` names, by JSON pointer, the
   parts that only the validator enforces.
 
-A schema is refused (:class:`GrammarError`) only when it cannot be generated or checked: a remote
-``$ref`` (no network), an unknown ``type``, contradictory bounds, a schema the validator's
-metaschema rejects, or one xgrammar cannot compile.
+A schema is refused (:class:`~smcgen.potentials.errors.GrammarError`) only when it cannot be
+generated or checked: a remote ``$ref`` (no network), an unknown ``type``, contradictory bounds, a
+schema the validator's metaschema rejects, or one xgrammar cannot compile.
 
 This module is the public entry point; the work is done in ``json_schema_lowering`` (the walk),
 ``json_schema_keywords`` (what each keyword becomes), ``json_schema_refs`` (local ``$ref``s),

@@ -2,7 +2,7 @@
 
 Every particle of a run has the same length (finished particles keep being fed padding that
 their frozen weights ignore), so rows need no attention mask and the cache needs no ragged
-bookkeeping: a resampling step is one ``index_select`` of every layer's keys and values.
+bookkeeping: a resampling step copies, in every layer, the rows whose ancestor is another row.
 This path is the exact reference the fast GPU engine is tested against; it favors clarity, but
 keeps the cache copies off the hot path (:mod:`smcgen.runners.row_cache`: buffers written in
 place, reorders that copy only the rows that change; :mod:`smcgen.runners.gqa_attention`: no

@@ -22,7 +22,6 @@ weights (tests/test_host_guide_pieces.py). On the CPU the pieces run eagerly, on
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from smcgen.core.resampling import graph_safe
 from smcgen.core.sampling import bitmask_width
-from smcgen.samplers.step import token_weights
+from smcgen.samplers.step import masked_log_q, token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +93,7 @@ class HostGuidedCycle:
         scale = 1.0 / e.config.draft_temperature
         tok, lp, ln = e._sample(s, self.logits[k], scale, 1.0, self.mask_dev, e.draft)
         self.drafted[k] = tok
-        # a row with no allowed token is a dead end: weight zero, never NaN (as the eager cycle)
-        self.log_q[k] = torch.where(torch.isneginf(ln), torch.full_like(ln, math.inf), lp - ln)
+        self.log_q[k] = masked_log_q(lp, ln)  # a dead end (nothing allowed) weighs zero, never NaN
 
     def _verify(self) -> None:
         e, s = self.engine, self.s

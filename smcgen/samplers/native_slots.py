@@ -140,9 +140,11 @@ class NativeSlots:
         return int(free * e.kv_memory_fraction // per_page)
 
     def free_slots(self) -> list[int]:
+        """Indices of the slots that hold no request, lowest first (admission fills the first)."""
         return [i for i, o in enumerate(self.occupants) if o is None]
 
     def active(self) -> int:
+        """Slots that hold a request (running, or finished and not yet retired)."""
         return self.n_slots - len(self.free_slots())
 
     def budget_in_use(self) -> int:
@@ -176,7 +178,7 @@ class NativeSlots:
     @torch.no_grad()
     def admit(self, prompt: list[int], seed: int | None, limit: int) -> int:
         """Prefill ``prompt`` into a free slot (between cycles); returns the slot. Raises ValueError
-        for a request :meth:`problem` refuses and RuntimeError when it does not :meth:`fit` now."""
+        for a request :meth:`problem` refuses and RuntimeError when it does not :meth:`fits` now."""
         problem = self.problem(len(prompt), limit)
         if problem is not None:
             raise ValueError(problem)

@@ -7,15 +7,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from smcgen.core.resampling import normalized_log_weights
+from smcgen.core.resampling import log_mean_weight, normalized_log_weights
 
 
 class AllParticlesDeadError(RuntimeError):
@@ -73,12 +71,11 @@ class BatchRun:
         dead: Tensor,
     ) -> BatchRun:
         """Assemble a run from unnormalized ``log_w [B, N]``: normalized weights, log Z_hat, all on the CPU."""
-        n = log_w.shape[1]
         return cls(
             tokens=tokens.cpu(),
             lengths=lengths.cpu(),
             log_weights=normalized_log_weights(log_w).cpu(),
-            log_z=(torch.logsumexp(log_w, dim=1) - math.log(n)).cpu(),
+            log_z=log_mean_weight(log_w).cpu(),
             ess_history=ess_history.cpu(),
             resampled=resampled.cpu(),
             elapsed_s=elapsed_s,

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from smcgen.core.resampling import log_mean_weight
+
 
 class BlockAdvance(NamedTuple):
     """What one block does to the particles: see :func:`advance`."""
@@ -34,6 +36,15 @@ def is_eos(block: Tensor, eos: Tensor) -> Tensor:
     A broadcast compare, not ``torch.isin``: isin sorts (and syncs) for many ids, breaking capture.
     """
     return (block[..., None] == eos).any(dim=-1)
+
+
+def masked_log_q(log_prob: Tensor, log_norm: Tensor) -> Tensor:
+    """Log-probability ``log_prob - log_norm`` of a drafted token under the masked proposal.
+
+    A row whose mask allows no token (``log_norm`` is ``-inf``) is a dead end: ``+inf`` here gives
+    it weight zero in :func:`token_weights`, where ``-inf - -inf`` would be NaN.
+    """
+    return torch.where(torch.isneginf(log_norm), torch.full_like(log_norm, math.inf), log_prob - log_norm)
 
 
 def token_weights(log_p: Tensor, log_q: Tensor, bonus_log_norm: Tensor | None) -> Tensor:
@@ -137,8 +148,7 @@ def bad_values(x: Tensor) -> Tensor:
 def reset_weights(log_w: Tensor, resampled: Tensor) -> Tensor:
     """Log-weights after resampling: each resampled group's particles all get the group's mean weight
     (so log Z_hat keeps the group's estimate); other groups keep theirs."""
-    n = log_w.shape[1]
-    mean = torch.logsumexp(log_w, dim=1, keepdim=True) - math.log(n)
+    mean = log_mean_weight(log_w, keepdim=True)
     return torch.where(resampled[:, None], mean.expand_as(log_w), log_w)
 
 
@@ -168,6 +178,7 @@ __all__ = [
     "bad_values",
     "global_rows",
     "is_eos",
+    "masked_log_q",
     "potential_increment",
     "resample_gate",
     "reset_weights",
