@@ -52,7 +52,6 @@ from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native_cycle import CycleSteps
 from smcgen.samplers.native_scores import PotentialSteps
 from smcgen.samplers.native_setup import RunSetup
-from smcgen.samplers.native_trace import TraceFeed
 from smcgen.samplers.native_state import (
     _as_prompts,
     _CycleState,
@@ -61,6 +60,7 @@ from smcgen.samplers.native_state import (
     _Segment,
     _sync,
 )
+from smcgen.samplers.native_trace import TraceFeed
 from smcgen.samplers.run import BatchRun, dead_group_error, length_problem
 
 
