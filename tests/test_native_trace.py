@@ -124,3 +124,21 @@ def test_native_run_records_groups_in_the_callers_order(per_request):
             # BatchRun's log-weights are normalized
             assert torch.allclose(final.log_softmax(0), run.log_weights[b].double(), atol=1e-5)
     assert sum(rec.trace(b).n_resamples for b in range(3)) >= 1
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_native_trace_of_a_guided_run(target, draft, tok, where):
+    # a regex runs as a device automaton, a context-free grammar masks on the host between the
+    # cycle's pieces: both go through the traced _finish; the grammar's completion factor, applied
+    # after the last cycle, shows in the last step
+    guide = (
+        smcgen.GrammarPotential.regex("[ab]{1,5}")
+        if where == "device"
+        else smcgen.GrammarPotential.ebnf('root ::= "a" root "b" | "c"')
+    )
+    kw = _settings(draft=draft, guide=guide, on_dead="partial", seed=3)
+    traced = smcgen.generate(target, "ab", tokenizer=tok, trace=True, **kw)
+    plain = smcgen.generate(target, "ab", tokenizer=tok, **kw)
+    assert (traced.engine_reason is None) == (where == "device")
+    assert traced.sequences == plain.sequences and traced.log_weights == plain.log_weights
+    _check_consistent(traced, traced.trace)
