@@ -96,12 +96,13 @@ def test_native_trace_with_a_host_potential_keeps_the_lagged_run(target, draft, 
 
 
 @pytest.mark.parametrize("per_request", [False, True])
-def test_native_run_records_groups_in_the_callers_order(per_request):
+def test_native_run_records_groups_in_the_callers_order(per_request, device):
     # without seeds, groups are sorted into one segment per prompt length (batch order 0, 2, 1 here);
     # with them each request is its own segment: the recorder must see group b as the caller's b
     lm, dlm = tiny_lm(0, logit_scale=2.0, hidden=32), tiny_lm(0, logit_scale=1.0, hidden=32)
-    target = NativeCausalLM.from_hf(lm.model, device=torch.device("cpu"))
-    draft = NativeCausalLM.from_hf(dlm.model, device=torch.device("cpu"))
+    # on CUDA (SMCGEN_TEST_DEVICE=cuda) the cycle is a captured graph with the lookahead on
+    target = NativeCausalLM.from_hf(lm.model, device=device)
+    draft = NativeCausalLM.from_hf(dlm.model, device=device)
     cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=3, ess_threshold=0.9)
     engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(EOS,), page_size=4)
     prompts = [[1, 2, 0], [0, 1], [2, 2, 1]]
@@ -122,7 +123,7 @@ def test_native_run_records_groups_in_the_callers_order(per_request):
         final = torch.tensor(tr.steps[-1].log_weights, dtype=torch.float64)
         if not bool(run.resampled[-1, b]):
             # BatchRun's log-weights are normalized
-            assert torch.allclose(final.log_softmax(0), run.log_weights[b].double(), atol=1e-5)
+            assert torch.allclose(final.log_softmax(0), run.log_weights[b].double().cpu(), atol=1e-5)
     assert sum(rec.trace(b).n_resamples for b in range(3)) >= 1
 
 
