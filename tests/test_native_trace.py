@@ -95,8 +95,9 @@ def test_native_trace_with_a_host_potential_keeps_the_lagged_run(target, draft, 
     _check_consistent(traced, traced.trace, lagged=True)
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("per_request", [False, True])
-def test_native_run_records_groups_in_the_callers_order(per_request, device):
+def test_native_run_records_groups_in_the_callers_order(per_request, lookahead, device):
     # without seeds, groups are sorted into one segment per prompt length (batch order 0, 2, 1 here);
     # with them each request is its own segment: the recorder must see group b as the caller's b
     lm, dlm = tiny_lm(0, logit_scale=2.0, hidden=32), tiny_lm(0, logit_scale=1.0, hidden=32)
@@ -105,6 +106,7 @@ def test_native_run_records_groups_in_the_callers_order(per_request, device):
     draft = NativeCausalLM.from_hf(dlm.model, device=device)
     cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=3, ess_threshold=0.9)
     engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(EOS,), page_size=4)
+    engine.lookahead = lookahead  # True: cycle c + 1 is enqueued before cycle c is read (also on the CPU)
     prompts = [[1, 2, 0], [0, 1], [2, 2, 1]]
     kw = {"seeds": [7, 8, 9], "max_new_tokens": [9, 6, 9]} if per_request else {}
     rec = TraceRecorder()
