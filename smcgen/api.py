@@ -119,7 +119,7 @@ def generate(
     ``on_dead``: when every particle reaches weight zero, ``"raise"`` :class:`AllParticlesDeadError`
     (with the dead prefixes' text), or ``"flag"`` / ``"partial"``: return the longest partial output
     with ``SMCResult.dead`` set. ``trace=True`` records the run step by step into ``result.trace``
-    (a :class:`smcgen.trace.Trace`; generic engine only).
+    (a :class:`smcgen.trace.Trace`; either engine, one step per native cycle).
 
     A thin wrapper over :class:`smcgen.Engine`, cached per (engine family, target, draft, potentials,
     proposal, tokenizer, constraint): repeated calls with the same models reuse its converted models

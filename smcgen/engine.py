@@ -235,7 +235,7 @@ class Engine:
         """Run one request. When every particle ends at weight zero, ``on_dead="raise"`` raises
         :class:`AllParticlesDeadError` (with the dead prefixes' text); ``"flag"`` / ``"partial"``
         return the longest partial output with ``result.dead`` set. ``trace=True`` records the run
-        step by step into ``result.trace`` (:class:`smcgen.trace.Trace`; the generic engine records)."""
+        step by step into ``result.trace`` (:class:`smcgen.trace.Trace`; on either engine)."""
         policy = check_on_dead(on_dead)
         request = self.resolve(prompt, grammar, guide=guide, **overrides)
         return self._run_group([request], progress=progress, on_dead=policy, trace=trace)[0]
@@ -367,7 +367,7 @@ class Engine:
         cfg, guide = requests[0].config, requests[0].grammar
         with self._lock:
             self.stats["requests"] += len(requests)
-            reason = "trace=True records on the generic engine only" if trace else self._static_reason(cfg)
+            reason = self._static_reason(cfg)
             native = None
             if reason is None:
                 native = self._native_engine(cfg, guide, rows=cfg.n_particles * len(requests))
@@ -396,6 +396,7 @@ class Engine:
             try:
                 if native is not None:
                     self.stats["native_requests"] += len(requests)
+                    recorder = TraceRecorder(self.target.tokenizer) if trace else None
                     run = native.run(
                         [q.ids for q in requests],
                         progress=progress,
@@ -403,11 +404,15 @@ class Engine:
                         seeds=[q.config.seed for q in requests],
                         max_new_tokens=[q.config.max_new_tokens for q in requests],
                         on_cycle=_native_watcher(on_step, cfg.n_particles) if on_step is not None else None,
+                        recorder=recorder,
                     )
-                    return [
+                    results = [
                         self.result(run, b, q.config, guide, "native", native.guide_reason)
                         for b, q in enumerate(requests)
                     ]
+                    if recorder is None:
+                        return results
+                    return [dataclasses.replace(r, trace=recorder.trace(b)) for b, r in enumerate(results)]
                 self.stats["generic_requests"] += len(requests)
                 out = []
                 for q in requests:  # a group's requests may differ in seed and limit: each its own config

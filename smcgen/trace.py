@@ -1,9 +1,10 @@
 """A record of one SMC run, step by step, and its renderings: an HTML page and a PNG plot.
 
 The step loop calls :meth:`TraceRecorder.record` once per step (when a recorder is passed to
-``SMC.run``; ``generate(..., trace=True)`` does it) with the block each particle just gained, the
-log-weights before resampling, the ESS and, when the step resampled, the ancestors. The recorder
-keeps CPU copies and builds a :class:`Trace` per group: what ``SMCResult.trace`` holds.
+``SMC.run``, or to ``NativeSMC.run``, whose step is a cycle; ``generate(..., trace=True)`` does it)
+with the block each particle just gained, the log-weights before resampling, the ESS and, when the
+step resampled, the ancestors. The recorder keeps CPU copies and builds a :class:`Trace` per group:
+what ``SMCResult.trace`` holds.
 
 ``Trace.to_html()`` is one self-contained page (inline CSS and SVG, no script, no external
 file): particles as rows, steps as columns, each cell the text that particle added at that step,

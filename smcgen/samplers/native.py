@@ -60,6 +60,7 @@ from smcgen.samplers.native_state import (
     _Segment,
     _sync,
 )
+from smcgen.samplers.native_trace import TraceFeed
 from smcgen.samplers.run import BatchRun, dead_group_error, length_problem
 
 
@@ -233,6 +234,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         seeds: Sequence[int | None] | None = None,
         max_new_tokens: Sequence[int] | None = None,
         on_cycle: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+        recorder: Any | None = None,
     ) -> BatchRun:
         """Run SMC on one prompt (``n_groups`` independent groups of it) or on a list of prompts,
         all in one batch: prompts of different lengths run together, each row at its own position
@@ -251,6 +253,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         stopped early. ``on_cycle(tokens [R, W], lengths [R], log_weights [B, N])`` (host tensors, rows
         in the callers' order when ``seeds`` or ``max_new_tokens`` are given) is called after every
         cycle, the cycle after it not yet enqueued (streaming; it costs a device sync per cycle).
+        ``recorder`` (e.g. :class:`smcgen.trace.TraceRecorder`) records every cycle as the generic
+        engine records its steps (samplers/native_trace.py: copies per cycle, no extra sync).
         """
         if on_dead not in ("raise", "flag"):
             raise ValueError(f"on_dead must be 'raise' or 'flag', got {on_dead!r}")
@@ -260,7 +264,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             reason = self.unsupported_reason(g.prompt_len, g.limit)
             if reason is not None:
                 raise ValueError(reason)
-        run, self.last_timing = self._run_segments([prompts[i] for i in order], segments, progress, on_cycle)
+        feed = TraceFeed(recorder, order) if recorder is not None else None
+        run, self.last_timing = self._run_segments([prompts[i] for i in order], segments, progress, on_cycle, feed)
         out = _reordered(run, order)
         if on_dead == "raise" and bool(out.dead.any()):
             groups = out.dead.nonzero().squeeze(-1).tolist()
@@ -280,6 +285,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         segments: list[_Segment],
         progress: bool,
         on_cycle: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+        feed: TraceFeed | None = None,
     ) -> tuple[BatchRun, dict[str, float]]:
         """One batch of segments: prefill, capture, cycles; dead groups flagged, not raised.
 
@@ -303,6 +309,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         dcache = self._make_cache(self.draft, segments, 2, 1.0 - share_t) if self.draft is not None else None
 
         state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
+        if feed is not None:
+            feed.attach(state, T)
         if self.potential is not None:
             self.potential.start(prompts[0], state.R)
         self._start_potentials(state, prompts)
@@ -343,6 +351,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             done_host[c % 2 : c % 2 + 1].copy_(state.all_done, non_blocking=True)
             if host is not None:
                 host.snapshot(c)
+            if feed is not None:
+                feed.snapshot(c)
             if flag_ready is not None:
                 flag_ready[c % 2].record(torch.cuda.current_stream(dev))  # the models' device, not the current one
             bar.update(min(T, limit - bar.n))
@@ -355,6 +365,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                 host.score(seen)
             if on_cycle is not None:
                 on_cycle(state.history[:, : (seen + 1) * T].cpu(), state.lengths.cpu(), state.log_w.cpu())
+            if feed is not None:
+                feed.after_cycle(seen)
             if bool(done_host[seen % 2]):
                 # a cycle enqueued after every particle finished changes nothing (no valid token, no
                 # weight, no resampling) and is not counted
@@ -383,6 +395,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             self._apply_final_factor(state, prompts[0])
         for p in self.end_potentials:
             self._apply_end_potential(state, p)
+        if feed is not None:
+            feed.finish(n_cycles, state.log_w)
         # dead during the run (the weight update leaves a dead group's -inf weights as they are), or
         # (with a grammar) no particle ended inside the language
         dead = torch.isneginf(state.log_w).all(dim=1).cpu()

@@ -180,6 +180,8 @@ class CycleSteps:
         # row reaches max_new_tokens): it would only add noise to the final weights; decided on
         # the device, so graphs keep it
         inc = inc.view(s.B, -1).float()
+        if s.tap is not None:  # a traced run: the block and the weights before the resample decision
+            s.tap.take(adv.block, adv.valid, s.log_w, inc)
         parts = []
         for i, g in enumerate(s.segments):
             groups = slice(g.g0, g.g1)
@@ -195,6 +197,8 @@ class CycleSteps:
         anc, ess, resampled = parts[0] if len(parts) == 1 else (torch.cat(x) for x in zip(*parts))
         at = (s.cycle[s.cycle_of_group], s.group_ids)  # each group's row of the histories
         s.ess_history.index_put_(at, ess)
+        if s.tap is not None:
+            s.tap.anc.copy_(anc)
         s.resampled_history.index_put_(at, resampled)
 
         if s.guide_state is not None:

@@ -118,6 +118,8 @@ class _CycleState:
         self.last_anc = torch.arange(self.R, **i64)
         # a device guide's automaton state per row (after the kept history)
         self.guide_state = engine.dfa.initial(self.R, dev) if engine.dfa is not None else None
+        #: a traced run's per-cycle copies (samplers/native_trace.py CycleTap); None: not traced
+        self.tap: Any = None
         # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
         self.bad = torch.zeros(len(engine._sources), dtype=torch.bool, device=dev)
         self.bad_step = torch.full((len(engine._sources),), -1, **i64)
