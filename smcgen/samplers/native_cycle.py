@@ -25,6 +25,7 @@ from smcgen.samplers.step import (
     advance,
     bad_values,
     global_rows,
+    masked_log_q,
     potential_increment,
     resample_gate,
     reset_weights,
@@ -79,7 +80,7 @@ class CycleSteps:
                     host_tokens.append(tok[:, None].cpu())
                 if masked:
                     # a row with no allowed token is a dead end: weight zero, never NaN
-                    log_q.append(torch.where(torch.isneginf(ln), torch.full_like(ln, math.inf), lp - ln))
+                    log_q.append(masked_log_q(lp, ln))
                 else:
                     log_q.append(lp - ln)
                 feed = tok[:, None]
