@@ -21,8 +21,9 @@ class RunSetup:
     """Run set-up of :class:`~smcgen.samplers.native.NativeSMC` (a mixin)."""
 
     def _positions_written(self, prompt_len: int, max_new_tokens: int | None = None) -> int:
-        """Positions a row's cache holds at the end: the target all but the last token (the draft
-        all but two) of the prompt and of every whole cycle of K+1 tokens."""
+        """Positions the target's cache of a row holds at the end: all but the last token of the
+        prompt and of every whole cycle of K+1 tokens (the draft's cache, one behind, is sized
+        from this through ``_make_cache``'s ``lag``)."""
         T = self.block + 1
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         return prompt_len - 1 + -(-limit // T) * T
