@@ -42,6 +42,22 @@ LLAMA_3_1_70B = dict(
     tie_word_embeddings=False,
 )
 
+# a two-layer toy of the same family, for the scripts' --tiny runs on the CPU
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+
+
+def without_vocab(fields: dict) -> dict:
+    """``fields`` less the vocabulary size and context length, for scripts that pair the model with
+    a tokenizer of their own."""
+    return {k: v for k, v in fields.items() if k not in ("vocab_size", "max_position_embeddings")}
+
 
 def build_llama(fields: dict, dtype, device, seed: int, **overrides):
     """A random-weight ``LlamaForCausalLM`` of ``fields`` (plus ``overrides``), built directly on

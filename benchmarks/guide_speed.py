@@ -39,7 +39,7 @@ import time
 from typing import Literal
 
 import torch
-from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B, build_llama
+from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B, TINY_LLAMA, build_llama, without_vocab
 from pydantic import BaseModel, Field
 
 import smcgen
@@ -48,16 +48,9 @@ from smcgen.runners.transformers import LanguageModel
 from smcgen.samplers.native import NativeSMC
 
 # the script's vocabulary replaces the architecture's own (see main)
-TARGET = {k: v for k, v in LLAMA_3_1_8B.items() if k not in ("vocab_size", "max_position_embeddings")}
-DRAFT = {k: v for k, v in LLAMA_3_2_1B.items() if k not in ("vocab_size", "max_position_embeddings")}
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=False,
-)
+TARGET = without_vocab(LLAMA_3_1_8B)
+DRAFT = without_vocab(LLAMA_3_2_1B)
+TINY = TINY_LLAMA
 EOS = 1
 
 
