@@ -46,8 +46,10 @@ class _Page(HTMLParser):
             self._cell = None
 
 
-@pytest.fixture(scope="module")
-def traced(target, draft, tok):
+_REWARD = smcgen.RewardPotential(lambda text: text.count("a") / 2, prefix=True)
+
+
+def _run(target, draft, tok, **kw):
     # a draft and a reward twist make the weights uneven; ess_threshold 0.9 resamples on some steps, not all
     return smcgen.generate(
         target,
@@ -61,11 +63,13 @@ def traced(target, draft, tok):
         seed=5,
         ess_threshold=0.9,
         engine="generic",  # the native engine's traces: tests/test_native_trace.py
-        trace=True,
+        **kw,
     )
 
 
-_REWARD = smcgen.RewardPotential(lambda text: text.count("a") / 2, prefix=True)
+@pytest.fixture(scope="module")
+def traced(target, draft, tok):
+    return _run(target, draft, tok, trace=True)
 
 
 def test_trace_matches_the_result(traced, tok):
@@ -85,19 +89,7 @@ def test_trace_matches_the_result(traced, tok):
 
 
 def test_untraced_run_has_no_trace_and_same_output(target, draft, tok, traced):
-    plain = smcgen.generate(
-        target,
-        "ab",
-        tokenizer=tok,
-        draft=draft,
-        block_size=2,
-        potentials=_REWARD,
-        n_particles=6,
-        max_new_tokens=12,
-        seed=5,
-        ess_threshold=0.9,
-        engine="generic",
-    )
+    plain = _run(target, draft, tok)
     assert plain.trace is None
     assert plain.sequences == traced.sequences and plain.log_weights == traced.log_weights
 
