@@ -39,3 +39,17 @@ def draft():
 def tok():
     """Word-level tokenizer over the letters a, b, c plus </s>."""
     return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def native_models(device):
+    """(a tiny target's LanguageModel, that target and a flatter draft as native models on ``device``):
+    the native engine's grammar tests."""
+    from smcgen.runners.native.model import NativeCausalLM
+
+    target, draft = tiny_lm(0, logit_scale=1.0), tiny_lm(1, logit_scale=0.7)
+    return (
+        target,
+        NativeCausalLM.from_hf(target.model, device=device),
+        NativeCausalLM.from_hf(draft.model, device=device),
+    )

@@ -13,12 +13,11 @@ import contextlib
 import pytest
 import torch
 from test_grammar_exactness import MASKED_REGEX, TOKENS, check_unbiased, grammar
-from tiny_models import EOS, PROMPT, tiny_lm
+from tiny_models import EOS, PROMPT
 
 from smcgen import LMPotential, SMCConfig
 from smcgen.exact import enumerate_target
 from smcgen.potentials.grammar import GrammarPotential
-from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native import NativeSMC
 from smcgen.samplers.native_host_guide import HostGuidedCycle
 
@@ -28,19 +27,9 @@ LONG_REGEX = "(a|b)(a|c)(a|b)(a|c)(a|b)(a|c)*b?"
 RECURSIVE = 'root ::= "a" root "b" | "aacbb" | "ab"'
 
 
-@pytest.fixture(scope="module")
-def models(device):
-    target, draft = tiny_lm(0, logit_scale=1.0), tiny_lm(1, logit_scale=0.7)
-    return (
-        target,
-        NativeCausalLM.from_hf(target.model, device=device),
-        NativeCausalLM.from_hf(draft.model, device=device),
-    )
-
-
-def _engine(models, guide, block: int, n: int, max_new: int, seed: int, **kw) -> NativeSMC:
+def _engine(native_models, guide, block: int, n: int, max_new: int, seed: int, **kw) -> NativeSMC:
     """A native engine with the guide on the host (``device_guide=False``: a regex has an automaton)."""
-    _, target, draft = models
+    _, target, draft = native_models
     cfg = SMCConfig(n_particles=n, block_size=max(block, 1), max_new_tokens=max_new, seed=seed, **kw)
     return NativeSMC(
         target,
@@ -55,7 +44,7 @@ def _engine(models, guide, block: int, n: int, max_new: int, seed: int, **kw) ->
 
 @pytest.mark.parametrize("block", [0, 1, 3], ids=["plain", "sd_k1", "sd_k3"])
 @pytest.mark.parametrize("source", ["regex", "recursive"])
-def test_pieces_draw_what_the_eager_cycle_draws(models, block, source):
+def test_pieces_draw_what_the_eager_cycle_draws(native_models, block, source):
     """Same seed: identical tokens, lengths and weights from the pieces and from the eager cycle,
     resampling at every cycle (ess_threshold=1) so the guide's matchers are reordered too."""
     runs = {}
@@ -64,7 +53,7 @@ def test_pieces_draw_what_the_eager_cycle_draws(models, block, source):
             guide = grammar(LONG_REGEX)
         else:
             guide = GrammarPotential.ebnf(RECURSIVE, TOKENS, eos_token_ids=[EOS])
-        engine = _engine(models, guide, block, 4, 8, seed=11, ess_threshold=1.0)
+        engine = _engine(native_models, guide, block, 4, 8, seed=11, ess_threshold=1.0)
         assert engine.dfa is None and "between the cycle's pieces" in engine.guide_reason
         engine.host_guide_pieces = pieces
         runs[pieces] = engine.run(PROMPT, n_groups=6, on_dead="flag")
@@ -75,9 +64,9 @@ def test_pieces_draw_what_the_eager_cycle_draws(models, block, source):
     assert bool(a.resampled.any())  # the runs did resample (the reorder path ran)
 
 
-def test_recursive_guide_takes_the_pieces_and_says_so(models):
+def test_recursive_guide_takes_the_pieces_and_says_so(native_models):
     guide = GrammarPotential.ebnf(RECURSIVE, TOKENS, eos_token_ids=[EOS])
-    engine = _engine(models, guide, 2, 4, 6, seed=3)
+    engine = _engine(native_models, guide, 2, 4, 6, seed=3)
     assert engine.dfa is None and engine.host_guide_pieces
     assert "host between the cycle's pieces" in engine.guide_reason
     out = engine.run(PROMPT, n_groups=4, on_dead="flag")
@@ -95,7 +84,7 @@ def test_recursive_guide_takes_the_pieces_and_says_so(models):
     assert kept > 0
 
 
-def test_pieces_are_made_once_per_run(models, monkeypatch):
+def test_pieces_are_made_once_per_run(native_models, monkeypatch):
     made = []
     init = HostGuidedCycle.__init__
 
@@ -105,20 +94,20 @@ def test_pieces_are_made_once_per_run(models, monkeypatch):
 
     monkeypatch.setattr(HostGuidedCycle, "__init__", counting)
     guide = GrammarPotential.ebnf(RECURSIVE, TOKENS, eos_token_ids=[EOS])
-    engine = _engine(models, guide, 1, 2, 6, seed=5)
+    engine = _engine(native_models, guide, 1, 2, 6, seed=5)
     engine.run(PROMPT, n_groups=2, on_dead="flag")
     engine.run(PROMPT, n_groups=2, on_dead="flag")
     assert len(made) == 2  # one per run, reused by every cycle of it
 
 
 @pytest.mark.parametrize("block", [0, 2], ids=["masked_target", "masked_draft_k2"])
-def test_host_pieces_are_exact(models, block):
+def test_host_pieces_are_exact(native_models, block):
     """The host path (pieces) on the enumerated grammar target: z-tests of E[Z_hat] and the
     outcome masses (tests/test_grammar_exactness.py's checks)."""
-    target_lm = models[0]
+    target_lm = native_models[0]
     exact = enumerate_target(LMPotential(target_lm), PROMPT, 4, [grammar(MASKED_REGEX)])
     index = {s: i for i, s in enumerate(exact.sequences)}
-    engine = _engine(models, grammar(MASKED_REGEX), block, 4, 4, seed=31 + block, ess_threshold=1.0)
+    engine = _engine(native_models, grammar(MASKED_REGEX), block, 4, 4, seed=31 + block, ess_threshold=1.0)
     out = engine.run(PROMPT, n_groups=1500)
     check_unbiased(f"host pieces K={block}", out, exact, index)
 
@@ -184,7 +173,7 @@ def _record_graph_like(self: HostGuidedCycle) -> None:
 
 
 @pytest.mark.parametrize("block", [0, 3], ids=["plain", "sd_k3"])
-def test_replayed_pieces_read_static_outputs(models, block, monkeypatch):
+def test_replayed_pieces_read_static_outputs(native_models, block, monkeypatch):
     """The pieces' data flow as CUDA graphs see it (emulated on the CPU: each replay writes into
     the recorded output tensors, and the next cycle's first draft forward is launched ahead):
     the same draws as the eager cycle."""
@@ -197,7 +186,7 @@ def test_replayed_pieces_read_static_outputs(models, block, monkeypatch):
     for batch in ({"prompt_ids": PROMPT, "n_groups": 5}, {"prompt_ids": [PROMPT, [*PROMPT, 2]], "seeds": [3, 4]}):
         runs = {}
         for pieces in (True, False):
-            engine = _engine(models, grammar(LONG_REGEX), block, 4, 8, seed=13, ess_threshold=1.0)
+            engine = _engine(native_models, grammar(LONG_REGEX), block, 4, 8, seed=13, ess_threshold=1.0)
             engine.host_guide_pieces = pieces
             before = _GraphLike.replays
             runs[pieces] = engine.run(**batch, on_dead="flag")
@@ -208,13 +197,13 @@ def test_replayed_pieces_read_static_outputs(models, block, monkeypatch):
         assert bool(a.resampled.any())
 
 
-def test_pieces_follow_each_request_segment(models):
+def test_pieces_follow_each_request_segment(native_models):
     """Requests with their own seeds and limits run as segments of one batch (each its own Philox
     stream and position): the pieces draw what the eager cycle draws for every request."""
     prompts = [PROMPT, [*PROMPT, 2], PROMPT]
     runs = {}
     for pieces in (True, False):
-        engine = _engine(models, grammar(LONG_REGEX), 2, 4, 9, seed=0, ess_threshold=1.0)
+        engine = _engine(native_models, grammar(LONG_REGEX), 2, 4, 9, seed=0, ess_threshold=1.0)
         engine.host_guide_pieces = pieces
         runs[pieces] = engine.run(prompts, seeds=[5, 6, 7], max_new_tokens=[9, 6, 3], on_dead="flag")
     a, b = runs[True], runs[False]

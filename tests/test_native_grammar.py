@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 from test_exactness import assert_tv_shrinks
 from test_grammar_exactness import MASKED_REGEX, check_unbiased, grammar
-from tiny_models import EOS, PROMPT, tiny_lm
+from tiny_models import EOS, PROMPT
 
 from smcgen import LMPotential, SMCConfig
 from smcgen.exact import enumerate_target
-from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native import NativeSMC
 
 RUNS = 3000
@@ -25,19 +24,9 @@ RUNS = 3000
 DEVICE_REGEX = "a|b|aa|ac|ab|ba|bc|bb|aab|acb|bab|bcb"
 
 
-@pytest.fixture(scope="module")
-def models(device):
-    target, draft = tiny_lm(0, logit_scale=1.0), tiny_lm(1, logit_scale=0.7)
-    return (
-        target,
-        NativeCausalLM.from_hf(target.model, device=device),
-        NativeCausalLM.from_hf(draft.model, device=device),
-    )
-
-
 @pytest.mark.parametrize("use_draft", [False, True], ids=["masked_target", "masked_draft_k2"])
-def test_native_masked_smc_matches_the_constrained_target(use_draft, models):
-    target_lm, native_target, native_draft = models
+def test_native_masked_smc_matches_the_constrained_target(use_draft, native_models):
+    target_lm, native_target, native_draft = native_models
     exact = enumerate_target(LMPotential(target_lm), PROMPT, 4, [grammar(MASKED_REGEX)])
     index = {s: i for i, s in enumerate(exact.sequences)}
     tvs = {}
@@ -87,11 +76,11 @@ def test_generate_with_grammar_on_the_native_engine(target, draft, tok):
                 assert re.fullmatch("(ab|c)+", text), text
 
 
-def test_native_grammar_dead_end_is_a_clear_error(models):
+def test_native_grammar_dead_end_is_a_clear_error(native_models):
     """A language no particle can finish inside max_new_tokens: AllParticlesDeadError with partial outputs."""
     from smcgen import AllParticlesDeadError
 
-    _, native_target, _ = models
+    _, native_target, _ = native_models
     cfg = SMCConfig(n_particles=4, block_size=1, max_new_tokens=2, seed=0)
     engine = NativeSMC(native_target, cfg, eos_token_ids=(EOS,), page_size=4, mask=grammar("aaaa(b|c)"))
     with pytest.raises(AllParticlesDeadError, match="language") as err:
@@ -104,18 +93,18 @@ def test_native_grammar_dead_end_is_a_clear_error(models):
     assert err.value.groups == [0, 1, 2]
 
 
-def test_grammar_eos_must_be_an_engine_eos(models):
-    _, native_target, _ = models
+def test_grammar_eos_must_be_an_engine_eos(native_models):
+    _, native_target, _ = native_models
     with pytest.raises(ValueError, match="EOS ids"):
         NativeSMC(native_target, SMCConfig(), eos_token_ids=(), mask=grammar("a+"))
 
 
-def test_native_on_dead_flag_keeps_the_living_groups(models):
+def test_native_on_dead_flag_keeps_the_living_groups(native_models):
     """on_dead="flag": groups whose one particle took the branch it cannot finish are flagged dead
     (log-weights and log Z -inf); the others come back with finite weights, inside the language."""
     import torch
 
-    _, native_target, _ = models
+    _, native_target, _ = native_models
     cfg = SMCConfig(n_particles=1, block_size=1, max_new_tokens=2, seed=3)
     # after "a" the language needs 4 more tokens: dead within 2; after "b" it may end at once
     engine = NativeSMC(native_target, cfg, eos_token_ids=(EOS,), page_size=4, mask=grammar("aaaa(b|c)|b"))
