@@ -30,8 +30,6 @@ WEIGHTS_FILE = "draft.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "smcgen-draft/1"
-#: how a weights file stores its matrices (safetensors metadata key ``storage``)
-STORAGES = ("plain", "int8-rowwise")
 _SCALE = ".row_scale"
 
 
@@ -104,26 +102,16 @@ def dequantize_rowwise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def save_draft(
-    draft: PreTrainedModel,
-    out_dir: str | Path,
-    manifest: dict[str, Any],
-    dtype: torch.dtype,
-    storage: str = "plain",
-) -> Path:
-    """Write ``draft.safetensors`` (own tensors in ``dtype``, matrices as int8 when ``storage`` is
-    ``"int8-rowwise"``), ``config.json`` and ``manifest.json``."""
+def save_draft(draft: PreTrainedModel, out_dir: str | Path, manifest: dict[str, Any], dtype: torch.dtype) -> Path:
+    """Write ``draft.safetensors`` (own tensors in ``dtype``), ``config.json`` and ``manifest.json``
+    (:func:`quantize_draft_dir` turns a written directory into int8 storage)."""
     from safetensors.torch import save_file
 
-    if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in own_state(draft).items()}
-    if storage == "int8-rowwise":
-        tensors = quantize_rowwise(tensors)
     tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "storage": storage})
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(out / WEIGHTS_FILE)  # atomic: a killed run never leaves half a weights file
     draft.config.to_json_file(str(out / CONFIG_FILE))
     (out / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, **manifest}, indent=2) + "\n")
@@ -205,7 +193,6 @@ __all__ = [
     "CONFIG_FILE",
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
-    "STORAGES",
     "dequantize_rowwise",
     "embedding_checksum",
     "is_draft_dir",
