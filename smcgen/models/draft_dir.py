@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from smcgen.kernels.linear import quantize_int8
+
 WEIGHTS_FILE = "draft.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -84,9 +86,8 @@ def quantize_rowwise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if v.dim() != 2:
             out[k] = v
             continue
-        w = v.detach().to("cpu", torch.float32)
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        out[k] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        q, scale = quantize_int8(v.detach().to("cpu"))  # the native engine's own int8 weight format
+        out[k] = q.contiguous()
         out[k + _SCALE] = scale.contiguous()
     return out
 
