@@ -82,8 +82,9 @@ class NativeSlots:
         self.n_particles = N
         self.n_cycles = -(-max_new_tokens // T)
         context = min(m.max_positions for m in (engine.target, engine.draft) if m is not None)
-        # an idle (or finished) slot's rows keep computing a dummy block at positions 0..T: their own pages
-        self.idle_pages = N * -(-(T + 1) // ps) + N
+        # an idle (or finished) slot's rows keep computing a dummy block at positions 0..T: their own
+        # pages, no prompt shared (the pool's worst-case bound with an empty prompt)
+        self.idle_pages = PagedKVCache.pages_needed(N, 1, 0, T + 1, ps)
         if kv_pages is None:
             prompt = max_prompt_len if max_prompt_len is not None else max(2, context - max_new_tokens)
             kv_pages = n_slots * self.request_pages(min(prompt, context), max_new_tokens)
