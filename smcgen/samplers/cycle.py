@@ -247,9 +247,9 @@ class Cycle:
         """The resample gate and, for the groups it opens, new ancestors for every part of the run."""
         B, N = p.log_w.shape
         ess = effective_sample_size(p.log_w)  # 0 for dead groups
-        self.ess_history.append(ess.cpu())
+        self.ess_history.append(ess)  # kept on the device: stacked and copied once at the end
         want = resample_gate(ess, self.settings.ess_threshold, N, p.done.all(), p.dead)
-        self.resampled_history.append(want.cpu())
+        self.resampled_history.append(want)
         ancestors, seen = None, (p.log_w.clone() if self.recorder is not None else None)
         if bool(want.any()):
             groups = want.nonzero().squeeze(-1)

@@ -45,7 +45,6 @@ class CycleSteps:
         """
         cfg = self.config
         K, T = self.block, self.block + 1
-        R = s.R
         pos = s.pos[s.seg_of_row]  # [R] int32: tokens in each row's target cache (per segment)
         masked = self.mask is not None
         host_masked = self._host_guide
@@ -54,8 +53,7 @@ class CycleSteps:
         # a device guide: each row's automaton state after the tokens drawn so far (no host sync)
         state = s.guide_state
 
-        for i, view in enumerate(s.tviews):
-            view.reserve(s.pos[i : i + 1] + T)
+        self._reserve(s)
         drafted: list[Tensor] = []
         log_q: list[Tensor] = []
         if host_masked:
@@ -63,8 +61,6 @@ class CycleSteps:
             # drafted token (eager path: syncs)
             host_tokens = [s.host_history]
         if self.draft is not None:
-            for i, view in enumerate(s.dviews):
-                view.reserve(s.pos[i : i + 1] + K)
             feed, start = s.pending, pos - 1
             for k in range(K):
                 # the mask is requested (token ids read) before the forward and computed after its
@@ -96,26 +92,43 @@ class CycleSteps:
         scale = 1.0 / cfg.target_temperature
         allowed = self._allowed(pending, state)
         bonus, _, bonus_norm = self._sample(s, logits[:, K], scale, cfg.alpha, allowed, self.target)
-        # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
-        # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
-        if K > 0:
-            log_p = self.target.token_logprobs(logits[:, :K], y, scale, cfg.alpha)
-            q = torch.stack(log_q, dim=1)
-            # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error);
-            # one flag update for both models keeps the captured cycle's extra kernels few
-            nan_t = torch.isnan(torch.cat([log_p, bonus_norm[:, None]], dim=1)).any()
-            self._flag(s, 0, torch.stack([nan_t, torch.isnan(q).any()]))
-        else:
-            log_p = q = bonus_norm.new_zeros(R, 0)
-            self._flag(s, 0, torch.isnan(bonus_norm).any())
-        token_w = token_weights(log_p, q, bonus_norm)
-        anc = self._finish(s, y, bonus, token_w)
+        anc = self._weigh(s, logits, y, log_q, bonus, bonus_norm)
         if host_masked:
             anc_host = anc.cpu()
             self.mask.reorder(anc_host)
             # the device history after the cycle is (history, block)[anc]: copy only this cycle's block
             done_w = s.host_history.shape[1]
             s.host_history = torch.cat([s.host_history[anc_host], s.history[:, done_w : done_w + T].cpu()], dim=1)
+
+    def _reserve(self, s: _CycleState) -> None:
+        """This cycle's KV pages: T positions past each segment's in the target, K in the draft."""
+        K = self.block
+        for i, view in enumerate(s.tviews):
+            view.reserve(s.pos[i : i + 1] + K + 1)
+        if self.draft is not None:
+            for i, view in enumerate(s.dviews):
+                view.reserve(s.pos[i : i + 1] + K)
+
+    def _weigh(
+        self, s: _CycleState, logits: Tensor, y: Tensor, log_q: list[Tensor], bonus: Tensor, bonus_norm: Tensor
+    ) -> Tensor:
+        """The drafted tokens ``y``' target log-probabilities from the verify ``logits``, the NaN
+        flags, the importance weights and :meth:`_finish`; returns the ancestors."""
+        K = self.block
+        # bonus_norm is exactly 0 unmasked at alpha = 1 (fused_sample's contract), so Z_hat does not
+        # drift; a masked bonus weighs in with log sum_{allowed v} p(v)^alpha
+        if K > 0:
+            cfg = self.config
+            log_p = self.target.token_logprobs(logits[:, :K], y, 1.0 / cfg.target_temperature, cfg.alpha)
+            q = torch.stack(log_q, dim=1)
+            # NaN logits show as NaN log-probabilities (+inf log q is a masked dead end, not an error);
+            # one flag update for both models keeps the captured cycle's extra kernels few
+            nan_t = torch.isnan(torch.cat([log_p, bonus_norm[:, None]], dim=1)).any()
+            self._flag(s, 0, torch.stack([nan_t, torch.isnan(q).any()]))
+        else:
+            log_p = q = bonus_norm.new_zeros(s.R, 0)
+            self._flag(s, 0, torch.isnan(bonus_norm).any())
+        return self._finish(s, y, bonus, token_weights(log_p, q, bonus_norm))
 
     def _sample(
         self, s: _CycleState, logits: Tensor, scale: float, alpha: float, allowed: Tensor | None, model: Any

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from smcgen.core.resampling import graph_safe
 from smcgen.core.sampling import bitmask_width
-from smcgen.samplers.step import masked_log_q, token_weights
+from smcgen.samplers.step import masked_log_q
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +77,9 @@ class HostGuidedCycle:
         e, s = self.engine, self.s
         if k == 0:
             self.pos = s.pos[s.seg_of_row]
-            for i, view in enumerate(s.tviews):
-                view.reserve(s.pos[i : i + 1] + e.block + 1)
+            e._reserve(s)
             if e.draft is None:
                 return
-            for i, view in enumerate(s.dviews):
-                view.reserve(s.pos[i : i + 1] + self.K)
             # step 0 feeds the deferred bonus too: two tokens at pos - 1 and pos
             self.logits[0] = e.draft(s.pending, self.pos - 1, s.dcache, last_only=True)
         else:
@@ -111,17 +108,8 @@ class HostGuidedCycle:
         assert logits is not None
         scale = 1.0 / cfg.target_temperature
         bonus, _, bonus_norm = e._sample(s, logits[:, K], scale, cfg.alpha, self.mask_dev, e.target)
-        if K > 0:
-            y = torch.stack(self.drafted, dim=1)
-            log_p = e.target.token_logprobs(logits[:, :K], y, scale, cfg.alpha)
-            q = torch.stack(self.log_q, dim=1)
-            nan_t = torch.isnan(torch.cat([log_p, bonus_norm[:, None]], dim=1)).any()
-            e._flag(s, 0, torch.stack([nan_t, torch.isnan(q).any()]))
-        else:
-            y = s.pending[:, :0]
-            log_p = q = bonus_norm.new_zeros(s.R, 0)
-            e._flag(s, 0, torch.isnan(bonus_norm).any())
-        self.anc = e._finish(s, y, bonus, token_weights(log_p, q, bonus_norm))
+        y = torch.stack(self.drafted, dim=1) if K > 0 else s.pending[:, :0]
+        self.anc = e._weigh(s, logits, y, self.log_q, bonus, bonus_norm)
 
     # ------------------------------------------------------------------ host side
     def _run(self, name: str, piece: Any, *args: int) -> None:

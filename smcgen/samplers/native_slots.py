@@ -82,8 +82,9 @@ class NativeSlots:
         self.n_particles = N
         self.n_cycles = -(-max_new_tokens // T)
         context = min(m.max_positions for m in (engine.target, engine.draft) if m is not None)
-        # an idle (or finished) slot's rows keep computing a dummy block at positions 0..T: their own pages
-        self.idle_pages = N * -(-(T + 1) // ps) + N
+        # an idle (or finished) slot's rows keep computing a dummy block at positions 0..T: their own
+        # pages, no prompt shared (the pool's worst-case bound with an empty prompt)
+        self.idle_pages = PagedKVCache.pages_needed(N, 1, 0, T + 1, ps)
         if kv_pages is None:
             prompt = max_prompt_len if max_prompt_len is not None else max(2, context - max_new_tokens)
             kv_pages = n_slots * self.request_pages(min(prompt, context), max_new_tokens)
@@ -257,12 +258,14 @@ class NativeSlots:
         occ = self.occupants[slot]
         if occ is None:
             raise ValueError(f"slot {slot} holds no request")
-        g = self.state.segments[slot]
+        s = self.state
+        g = s.segments[slot]
         width = min(occ.cycles * (self.engine.block + 1), occ.limit)
-        rows = self.state.history[g.r0 : g.r1, :width].cpu().tolist()
-        lengths = self.state.lengths[g.r0 : g.r1].cpu().tolist()
-        alive = (self.state.log_w[slot] > float("-inf")).cpu().tolist()
-        return [r[:n] for r, n in zip(rows, lengths)], alive
+        alive = s.log_w[slot] > float("-inf")
+        # one copy: each row's tokens so far, then its length and whether it is alive
+        packed = torch.cat([s.history[g.r0 : g.r1, :width], s.lengths[g.r0 : g.r1, None], alive[:, None]], dim=1)
+        rows = packed.tolist()
+        return [r[: r[width]] for r in rows], [bool(r[width + 1]) for r in rows]
 
     def collect(self, slot: int) -> BatchRun:
         """The finished request of ``slot`` as a run of one group (call before :meth:`retire`)."""
