@@ -185,28 +185,18 @@ class GrammarPotential(MatcherRows, Potential):
         return cls._maybe_bind(cls(parsed, "lark", grammar), vocab, bind_kw)
 
     @classmethod
-    def python(
-        cls,
-        vocab: Any = None,
-        *,
-        depth: int = 8,
-        indent: str = "    ",
-        start: str = "body",
-        fence: bool = True,
-        lazy: bool = True,
-        **bind_kw: Any,
-    ) -> GrammarPotential:
+    def python(cls, vocab: Any = None, **kwargs: Any) -> GrammarPotential:
         """Python 3.10+ code: a function's body after its ``def`` line, or a module (:mod:`smcgen.grammars.python`).
 
-        Returns a :class:`~smcgen.potentials.python_grammar.PythonGrammarPotential`: compiled lazily
-        when bound (milliseconds; each mask position is built on first use), or eagerly with
-        ``lazy=False`` (minutes against a 49k-token vocabulary). The masks are the same.
+        Returns a :class:`~smcgen.potentials.python_grammar.PythonGrammarPotential`; the keywords
+        (``depth``, ``indent``, ``start``, ``fence``, ``lazy`` and the binding ones) are those of
+        :meth:`PythonGrammarPotential.build <smcgen.potentials.python_grammar.PythonGrammarPotential.build>`.
+        Compiled lazily when bound (milliseconds; each mask position is built on first use), or
+        eagerly with ``lazy=False`` (minutes against a 49k-token vocabulary). The masks are the same.
         """
         from smcgen.potentials.python_grammar import PythonGrammarPotential  # it subclasses this class
 
-        return PythonGrammarPotential.build(
-            vocab, depth=depth, indent=indent, start=start, fence=fence, lazy=lazy, **bind_kw
-        )
+        return PythonGrammarPotential.build(vocab, **kwargs)
 
     @staticmethod
     def _maybe_bind(g: GrammarPotential, vocab: Any, bind_kw: dict[str, Any]) -> GrammarPotential:
