@@ -323,17 +323,15 @@ class GrammarPotential(MatcherRows, Potential):
         if after > MASK_HORIZON or after < 0:
             return
         words = out[row].numpy()
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size]
         eos = set(self.eos_token_ids)
         capacity = self._capacity()  # also reads the vocabulary's bytes
         n = len(self._vocab_bytes or [])
         candidates = [t for t in np.flatnonzero(bits).tolist() if t < n and t not in eos]
         forbidden = budget_forbidden(self._text(tokens), candidates, self._vocab_bytes, after, self.schema, capacity)
-        if forbidden:
-            bits[forbidden] = False
-            packed = np.packbits(bits, bitorder="little")
-            packed = np.pad(packed, (0, words.size * 4 - packed.size))
-            words[:] = packed.view(np.int32)
+        if forbidden:  # clear their bits in place (no repacking of the whole row)
+            ids = np.asarray(forbidden, dtype=np.uint32)
+            np.bitwise_and.at(words.view(np.uint32), ids >> 5, ~(np.uint32(1) << (ids & 31)))
 
     def _text(self, tokens: Sequence[int]) -> str:
         """The text of generated token ids (EOS and special tokens contribute nothing)."""
