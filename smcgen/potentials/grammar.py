@@ -222,15 +222,24 @@ class GrammarPotential(MatcherRows, Potential):
         if hit is not None and hit[0] is info:
             return hit[1]
         try:
-            compiled = compiler.compile_grammar(self._grammar)
+            compiled = self._compiler_for(info, compiler).compile_grammar(self._grammar)
         except RuntimeError as err:
             raise GrammarError(f"cannot compile the {self.kind} grammar: {engine_message(err)}") from None
-        g = GrammarPotential(self._grammar, self.kind, self.source, threads=self._threads)
-        g.schema, g.output_type = self.schema, self.output_type
+        g = self._unbound_copy()
         g._info, g._compiled, g.vocab_size = info, compiled, size
         g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
         g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
         self._bound_copies[id(info)] = (info, g)
+        return g
+
+    def _compiler_for(self, info: Any, compiler: Any) -> Any:
+        """The xgrammar compiler :meth:`bind` uses for ``info`` (``compiler``: the shared eager one)."""
+        return compiler
+
+    def _unbound_copy(self) -> GrammarPotential:
+        """A fresh, unbound potential of the same grammar, which :meth:`bind` compiles."""
+        g = GrammarPotential(self._grammar, self.kind, self.source, threads=self._threads)
+        g.schema, g.output_type = self.schema, self.output_type
         return g
 
     @property
