@@ -25,6 +25,7 @@ type) and divides each kind by the most a single token of the vocabulary holds
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -279,8 +280,6 @@ def _closing_need_of(state: JsonPrefix, schema: LoweredSchema | None) -> int:
 
 
 def _compact(value: Any) -> str:
-    import json
-
     return json.dumps(value, separators=(",", ":"))
 
 
