@@ -293,7 +293,7 @@ class GrammarPotential(MatcherRows, Potential):
     def log_prefix(self, batch: SequenceBatch) -> Tensor:
         rows = self._rows_for(batch)
         scores = [0.0 if r.alive else -math.inf for r in rows]
-        if self.finish_within is not None and self.kind == "json_schema":
+        if self.finish_within is not None and self.schema is not None:
             # the budget twist: a finite score on prefixes only, so it telescopes out of the weights and
             # leaves the target unchanged, but resampling favours particles that can still close in time
             capacity = self._capacity()
@@ -422,7 +422,7 @@ class GrammarPotential(MatcherRows, Potential):
         if live:
             t0 = time.perf_counter()
             self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
-            if self.finish_within is not None and self.kind == "json_schema":
+            if self.finish_within is not None and self.schema is not None:
                 for i in live:
                     self._budget_mask(out, i, token_ids[i])
             self.stats.mask_seconds += time.perf_counter() - t0
