@@ -185,28 +185,18 @@ class GrammarPotential(MatcherRows, Potential):
         return cls._maybe_bind(cls(parsed, "lark", grammar), vocab, bind_kw)
 
     @classmethod
-    def python(
-        cls,
-        vocab: Any = None,
-        *,
-        depth: int = 8,
-        indent: str = "    ",
-        start: str = "body",
-        fence: bool = True,
-        lazy: bool = True,
-        **bind_kw: Any,
-    ) -> GrammarPotential:
+    def python(cls, vocab: Any = None, **kwargs: Any) -> GrammarPotential:
         """Python 3.10+ code: a function's body after its ``def`` line, or a module (:mod:`smcgen.grammars.python`).
 
-        Returns a :class:`~smcgen.potentials.python_grammar.PythonGrammarPotential`: compiled lazily
-        when bound (milliseconds; each mask position is built on first use), or eagerly with
-        ``lazy=False`` (minutes against a 49k-token vocabulary). The masks are the same.
+        Returns a :class:`~smcgen.potentials.python_grammar.PythonGrammarPotential`; the keywords
+        (``depth``, ``indent``, ``start``, ``fence``, ``lazy`` and the binding ones) are those of
+        :meth:`PythonGrammarPotential.build <smcgen.potentials.python_grammar.PythonGrammarPotential.build>`.
+        Compiled lazily when bound (milliseconds; each mask position is built on first use), or
+        eagerly with ``lazy=False`` (minutes against a 49k-token vocabulary). The masks are the same.
         """
         from smcgen.potentials.python_grammar import PythonGrammarPotential  # it subclasses this class
 
-        return PythonGrammarPotential.build(
-            vocab, depth=depth, indent=indent, start=start, fence=fence, lazy=lazy, **bind_kw
-        )
+        return PythonGrammarPotential.build(vocab, **kwargs)
 
     @staticmethod
     def _maybe_bind(g: GrammarPotential, vocab: Any, bind_kw: dict[str, Any]) -> GrammarPotential:
@@ -232,15 +222,24 @@ class GrammarPotential(MatcherRows, Potential):
         if hit is not None and hit[0] is info:
             return hit[1]
         try:
-            compiled = compiler.compile_grammar(self._grammar)
+            compiled = self._compiler_for(info, compiler).compile_grammar(self._grammar)
         except RuntimeError as err:
             raise GrammarError(f"cannot compile the {self.kind} grammar: {engine_message(err)}") from None
-        g = GrammarPotential(self._grammar, self.kind, self.source, threads=self._threads)
-        g.schema, g.output_type = self.schema, self.output_type
+        g = self._unbound_copy()
         g._info, g._compiled, g.vocab_size = info, compiled, size
         g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
         g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
         self._bound_copies[id(info)] = (info, g)
+        return g
+
+    def _compiler_for(self, info: Any, compiler: Any) -> Any:
+        """The xgrammar compiler :meth:`bind` uses for ``info`` (``compiler``: the shared eager one)."""
+        return compiler
+
+    def _unbound_copy(self) -> GrammarPotential:
+        """A fresh, unbound potential of the same grammar, which :meth:`bind` compiles."""
+        g = GrammarPotential(self._grammar, self.kind, self.source, threads=self._threads)
+        g.schema, g.output_type = self.schema, self.output_type
         return g
 
     @property
@@ -294,7 +293,7 @@ class GrammarPotential(MatcherRows, Potential):
     def log_prefix(self, batch: SequenceBatch) -> Tensor:
         rows = self._rows_for(batch)
         scores = [0.0 if r.alive else -math.inf for r in rows]
-        if self.finish_within is not None and self.kind == "json_schema":
+        if self.finish_within is not None and self.schema is not None:
             # the budget twist: a finite score on prefixes only, so it telescopes out of the weights and
             # leaves the target unchanged, but resampling favours particles that can still close in time
             capacity = self._capacity()
@@ -333,17 +332,15 @@ class GrammarPotential(MatcherRows, Potential):
         if after > MASK_HORIZON or after < 0:
             return
         words = out[row].numpy()
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size]
         eos = set(self.eos_token_ids)
         capacity = self._capacity()  # also reads the vocabulary's bytes
         n = len(self._vocab_bytes or [])
         candidates = [t for t in np.flatnonzero(bits).tolist() if t < n and t not in eos]
         forbidden = budget_forbidden(self._text(tokens), candidates, self._vocab_bytes, after, self.schema, capacity)
-        if forbidden:
-            bits[forbidden] = False
-            packed = np.packbits(bits, bitorder="little")
-            packed = np.pad(packed, (0, words.size * 4 - packed.size))
-            words[:] = packed.view(np.int32)
+        if forbidden:  # clear their bits in place (no repacking of the whole row)
+            ids = np.asarray(forbidden, dtype=np.uint32)
+            np.bitwise_and.at(words.view(np.uint32), ids >> 5, ~(np.uint32(1) << (ids & 31)))
 
     def _text(self, tokens: Sequence[int]) -> str:
         """The text of generated token ids (EOS and special tokens contribute nothing)."""
@@ -425,7 +422,7 @@ class GrammarPotential(MatcherRows, Potential):
         if live:
             t0 = time.perf_counter()
             self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
-            if self.finish_within is not None and self.kind == "json_schema":
+            if self.finish_within is not None and self.schema is not None:
                 for i in live:
                     self._budget_mask(out, i, token_ids[i])
             self.stats.mask_seconds += time.perf_counter() - t0

@@ -25,6 +25,7 @@ type) and divides each kind by the most a single token of the vocabulary holds
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -254,9 +255,15 @@ def closing_need(text: str, schema: LoweredSchema | None = None) -> int:
     every open object too.
     """
     root = schema.grammar_schema if schema is not None else None
-    state = JsonPrefix(root).feed(text)
+    return _closing_need_of(JsonPrefix(root).feed(text), schema)
+
+
+def _closing_need_of(state: JsonPrefix, schema: LoweredSchema | None) -> int:
+    """:func:`closing_need` of a prefix already read into ``state`` (built with ``schema``'s root)."""
+    root = state.root
     need = state.closers()
     if root is not None:
+        assert schema is not None
         cache = _need_cache(schema)
         chars = tokens = 0
         for frame in state.frames:
@@ -273,8 +280,6 @@ def closing_need(text: str, schema: LoweredSchema | None = None) -> int:
 
 
 def _compact(value: Any) -> str:
-    import json
-
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -312,13 +317,13 @@ def budget_twist(
     0 while :func:`closing_need` fits with ``TWIST_MARGIN`` tokens to spare and
     ``-TWIST_NATS_PER_TOKEN`` per token short of that. Finite wherever the target is not zero, so it
     telescopes out of the weights: the target does not change, only which particles resampling keeps."""
-    if capacity is not None and tokens_left <= MASK_HORIZON:
-        # only where budget_forbidden also looks, so the mask allows a token exactly when the score
-        # after it is finite (a prefix that cannot end further from the limit dies at the limit)
-        root = schema.grammar_schema if schema is not None else None
-        if min_tokens(JsonPrefix(root).feed(text), capacity) > tokens_left:
-            return -math.inf
-    return shortfall_twist(closing_need(text, schema), tokens_left)
+    root = schema.grammar_schema if schema is not None else None
+    state = JsonPrefix(root).feed(text)  # read once for both estimates
+    # only where budget_forbidden also looks, so the mask allows a token exactly when the score
+    # after it is finite (a prefix that cannot end further from the limit dies at the limit)
+    if capacity is not None and tokens_left <= MASK_HORIZON and min_tokens(state, capacity) > tokens_left:
+        return -math.inf
+    return shortfall_twist(_closing_need_of(state, schema), tokens_left)
 
 
 def budget_forbidden(

@@ -31,8 +31,8 @@ import xgrammar as xgr
 from torch import Tensor
 
 from smcgen.grammars.python import python_grammar
-from smcgen.potentials.errors import GrammarError, engine_message
-from smcgen.potentials.grammar import GrammarPotential, _tokenizer_info
+from smcgen.potentials.grammar import GrammarPotential
+from smcgen.potentials.grammar_vocab import tokenizer_info
 
 __all__ = ["PythonGrammarPotential", "lazy_compiler"]
 
@@ -100,24 +100,19 @@ class PythonGrammarPotential(GrammarPotential):
         self, vocab: Any, *, vocab_size: int | None = None, eos_token_ids: Sequence[int] | None = None
     ) -> GrammarPotential:
         """A copy compiled against ``vocab`` (see :meth:`GrammarPotential.bind`); cached per vocabulary."""
-        if not self.lazy:
-            return super().bind(vocab, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
-        info, _, size = _tokenizer_info(vocab, vocab_size, eos_token_ids)
-        if info is self._info:  # already bound to this vocabulary
-            return self
-        hit = self._bound_copies.get(id(info))
-        if hit is not None and hit[0] is info:
-            return hit[1]
-        try:
-            compiled = lazy_compiler(info).compile_grammar(self._grammar)
-        except RuntimeError as err:
-            raise GrammarError(f"cannot compile the {self.kind} grammar: {engine_message(err)}") from None
-        g = type(self)(self._grammar, self.kind, self.source, threads=self._threads, lazy=True)
-        g._info, g._compiled, g.vocab_size = info, compiled, size
-        g.eos_token_ids = tuple(int(e) for e in info.stop_token_ids)
-        g._initial = xgr.GrammarMatcher(compiled, override_stop_tokens=list(g.eos_token_ids))
-        self._bound_copies[id(info)] = (info, g)
-        return g
+        if self.lazy and self._info is not None:
+            info, _, _ = tokenizer_info(vocab, vocab_size, eos_token_ids)
+            if info is self._info:  # already bound to this vocabulary
+                return self
+        return super().bind(vocab, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+
+    def _compiler_for(self, info: Any, compiler: Any) -> Any:
+        return lazy_compiler(info) if self.lazy else compiler
+
+    def _unbound_copy(self) -> GrammarPotential:
+        if not self.lazy:  # the eager compile binds a plain GrammarPotential, as before
+            return super()._unbound_copy()
+        return type(self)(self._grammar, self.kind, self.source, threads=self._threads, lazy=True)
 
     def _ending(self) -> np.ndarray:
         """Token ids that can end a text of this grammar: every statement, comment and blank line ends
