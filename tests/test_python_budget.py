@@ -88,8 +88,10 @@ def allowed(grammar, tokens: list[int]) -> list[int]:
     return [v for v in range(5) if (int(mask[v // 32]) >> (v % 32)) & 1]
 
 
-def test_last_token_mask_keeps_only_the_tokens_that_end_the_body():
-    grammar = PythonGrammarPotential.build([*PIECES, None], eos_token_ids=[EOS5])
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_last_token_mask_keeps_only_the_tokens_that_end_the_body(lazy):
+    grammar = PythonGrammarPotential.build([*PIECES, None], eos_token_ids=[EOS5], lazy=lazy)
+    assert isinstance(grammar, PythonGrammarPotential) and grammar.counts_down_budget
     grammar.start(PROMPT, 1)
     body_then_comment = [0, 1, 2]  # "\n    x = (1)\n\n    # c"
     assert allowed(grammar, body_then_comment) == [0, 1, 2, 3]  # a statement, ")" + newline, ...

@@ -66,7 +66,7 @@ def test_lazy_masks_equal_eager_masks(subset_vocab):
     eos = len(subset_vocab) - 1
     lazy = PythonGrammarPotential.build(subset_vocab, eos_token_ids=[eos], depth=4)
     eager = PythonGrammarPotential.build(subset_vocab, eos_token_ids=[eos], depth=4, lazy=False)
-    assert lazy.lazy and not isinstance(eager, PythonGrammarPotential)
+    assert lazy.lazy and isinstance(eager, PythonGrammarPotential) and not eager.lazy  # eager keeps the class
     steps = 0
     for text in TEXTS:  # along real code: every prefix
         ids = greedy_tokens(text, subset_vocab)

@@ -110,9 +110,8 @@ class PythonGrammarPotential(GrammarPotential):
         return lazy_compiler(info) if self.lazy else compiler
 
     def _unbound_copy(self) -> GrammarPotential:
-        if not self.lazy:  # the eager compile binds a plain GrammarPotential, as before
-            return super()._unbound_copy()
-        return type(self)(self._grammar, self.kind, self.source, threads=self._threads, lazy=True)
+        # lazy or eager, the bound copy keeps this class: its last-token mask and budget flag
+        return type(self)(self._grammar, self.kind, self.source, threads=self._threads, lazy=self.lazy)
 
     def _ending(self) -> np.ndarray:
         """Token ids that can end a text of this grammar: every statement, comment and blank line ends
