@@ -197,7 +197,7 @@ def main() -> None:
     for name, prompts in cases:
         for i in range(2):
             _, wall = timed(lambda prompts=prompts: engine.batch(prompts, seed=0), device)
-            timing = next(reversed(engine._native.values()))[0].last_timing  # the NativeSMC that ran it
+            timing = engine._native.most_recent().last_timing  # the NativeSMC that ran it
             record(
                 f"{name}, call {i + 1}",
                 wall,

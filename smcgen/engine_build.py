@@ -61,6 +61,10 @@ class NativeEngines:
     def __len__(self) -> int:
         return len(self._engines)
 
+    def most_recent(self) -> Any:
+        """The engine used last (benchmarks read its ``last_timing``), or None."""
+        return next(reversed(self._engines.values()))[0] if self._engines else None
+
     def get(
         self,
         cfg: SMCConfig,
