@@ -63,7 +63,9 @@ class ContinuousBatcher:
     cycle); ``kv_pages``: pages of each model's KV pool (default: ``n_slots`` requests of
     ``DEFAULT_PROMPT_BUDGET`` prompt tokens at the largest limit asked, within the engine's GPU
     memory fraction). ``stats`` counts admissions, cycles, finished requests, the times the head
-    of the queue waited for pages, the slot rebuilds and the seconds the loop worked (busy_s).
+    of the queue waited for pages, the slot rebuilds, the seconds the loop worked (busy_s) and of
+    those the seconds in prefills (prefill_s, launch time: the next cycle's sync waits for them) and in
+    cycles (cycle_s).
     """
 
     def __init__(self, engine: Engine, n_slots: int = 8, kv_pages: int | None = None):
@@ -87,6 +89,8 @@ class ContinuousBatcher:
             "waited_for_pages": 0,
             "slot_builds": 0,
             "busy_s": 0.0,
+            "prefill_s": 0.0,
+            "cycle_s": 0.0,
         }
         #: the order in which requests finished (their futures' ids; for tests and metrics)
         self.finished_order: list[int] = []
@@ -205,8 +209,10 @@ class ContinuousBatcher:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
+                t0 = time.perf_counter()
                 with self.engine._lock:
                     slot = self.slots.admit(q.ids, q.config.seed, limit)
+                self.stats["prefill_s"] += time.perf_counter() - t0
             except Exception as err:  # noqa: BLE001 - this request's prefill failed; the slots stay as they were
                 job.future.set_exception(err)
                 continue
@@ -260,7 +266,9 @@ class ContinuousBatcher:
         assert self.slots is not None
         e = self.engine
         with e._lock:
-            finished = self.slots.step()
+            t0 = time.perf_counter()
+            finished = self.slots.step()  # ends with the cycle's one sync: its time is the cycle's
+            self.stats["cycle_s"] += time.perf_counter() - t0
             self.stats["cycles"] += 1
             watched = [(j.on_step, self.slots.watch(i)) for i, j in self._running.items() if j.on_step is not None]
             done = []
