@@ -117,6 +117,23 @@ def test_paged_attention_prefill_query_blocks(device):
     torch.testing.assert_close(out, twin, rtol=1e-5, atol=2e-5)
 
 
+def test_a_prefill_key_bound_sizes_the_splits_not_the_table(device, monkeypatch):
+    """A prefill from position 0 passes its length as ``max_keys``: the split count (a compile-time
+    constant) then follows the prompt, whatever the page table's capacity, and the output is the same."""
+    n_q, ps, max_pages = 40, 16, 64  # a table for 1,024 keys, a 40-token prompt
+    k_pool, v_pool, table = make_cache(1, max_pages, ps, 1, 64, device, seed=8, shared=0)
+    start = torch.zeros(1, dtype=torch.int32, device=device)
+    q = torch.randn(1, n_q, 2, 64, generator=torch.Generator().manual_seed(8)).to(device)
+    splits = []
+    real = attention._num_splits
+    monkeypatch.setattr(attention, "_num_splits", lambda *a, **kw: splits.append(real(*a, **kw)) or splits[-1])
+    twin = paged_attention_torch(q, k_pool, v_pool, table, start, 0.125)
+    for bound in (None, n_q):
+        out = paged_attention_triton(q, k_pool, v_pool, table, start, 0.125, max_keys=bound)
+        torch.testing.assert_close(out, twin, rtol=1e-5, atol=2e-5)
+    assert splits[0] > 1 and splits[1] == 1  # 1,024 keys split; 40 keys are fewer than one split's share
+
+
 def test_paged_attention_ignores_unwritten_garbage_and_missing_pages(device):
     """NaN/inf in slots past the last query never leak; a row without pages returns zeros."""
     n_rows, n_q, ps, max_pages = 3, 5, 16, 3

@@ -190,6 +190,7 @@ def paged_attention_triton(
     *,
     num_splits: int | None = None,
     counters: torch.Tensor | None = None,
+    max_keys: int | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`paged_attention_torch` (GQA-packed, split-KV, fp32 online softmax).
 
@@ -201,7 +202,10 @@ def paged_attention_triton(
     an int32 buffer of zeros with a slot per (row, kv head, query block) that the kernel leaves
     zeroed, so a caller (the native model) keeps one across calls instead of paying a memset per
     call (one is allocated when it is missing or too small). ``num_splits`` (keyword, for tests and
-    tuning) overrides :func:`_num_splits`.
+    tuning) overrides :func:`_num_splits`. ``max_keys``: a bound on any row's visible keys that the
+    caller knows (a prefill from position 0), so the split count follows the prompt, not the page
+    table's capacity (the count is a compile-time constant: an uncaptured call per prompt length
+    would otherwise compile a kernel variant each).
     """
     n_rows, n_q, n_qh, dim = q.shape
     _, page_size, n_kvh, _ = k_pool_l.shape
@@ -219,7 +223,8 @@ def paged_attention_triton(
     if block_m <= 16:
         block_n, min_keys = _decode_tile(n_programs, q.device)
     if num_splits is None:
-        num_splits = _num_splits(n_programs, max_pages * page_size, block_m, q.device, min_keys)
+        capacity = max_pages * page_size if max_keys is None else min(max_pages * page_size, max_keys)
+        num_splits = _num_splits(n_programs, capacity, block_m, q.device, min_keys)
     out = torch.empty_like(q)
     split = num_splits > 1
     pdl = pdl_enabled(q)
@@ -283,15 +288,18 @@ def paged_attention(
     start_pos: torch.Tensor,
     scale: float,
     counters: torch.Tensor | None = None,
+    max_keys: int | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention over paged K/V -> [R, T, Hq, D] (Triton on CUDA, torch otherwise).
 
     Head dims the Triton kernel does not take (below 16: its dot products need 16-wide tiles, or
     not a power of two) run the torch twin, on CUDA too: it is graph-safe, only slower.
-    ``counters``: see :func:`paged_attention_triton` (unused by the twin).
+    ``counters``, ``max_keys``: see :func:`paged_attention_triton` (unused by the twin).
     """
     if use_triton(q) and q.shape[-1] in TRITON_HEAD_DIMS:
-        return paged_attention_triton(q, k_pool_l, v_pool_l, block_table, start_pos, scale, counters=counters)
+        return paged_attention_triton(
+            q, k_pool_l, v_pool_l, block_table, start_pos, scale, counters=counters, max_keys=max_keys
+        )
     return paged_attention_torch(q, k_pool_l, v_pool_l, block_table, start_pos, scale)
 
 

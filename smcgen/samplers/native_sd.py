@@ -76,7 +76,7 @@ def _prefill(model: NativeCausalLM, cache: PagedKVCache, prompt: Tensor, n_fed: 
     head = cache.rows(0, 1)
     head.reserve(n_fed)
     zero = torch.zeros(1, dtype=torch.int32, device=cache.device)
-    model(prompt[None, :n_fed], zero, head, last_only=True)
+    model(prompt[None, :n_fed], zero, head, last_only=True, max_keys=n_fed)
     cache.resample(torch.zeros(n_rows, dtype=torch.long, device=cache.device), n_fed)
 
 

@@ -149,7 +149,10 @@ class RunSetup:
                 continue
             view = cache.rows(g.r0, g.r0 + g.n_groups)
             view.reserve(n_fed)
-            model(ids[:, :n_fed], torch.zeros(g.n_groups, dtype=torch.int32, device=dev), view, last_only=True)
+            zero = torch.zeros(g.n_groups, dtype=torch.int32, device=dev)
+            # max_keys: the prompt's length, not the page table's capacity, sizes the KV splits (request
+            # slots size their tables for the whole context; each prompt length would compile a variant)
+            model(ids[:, :n_fed], zero, view, last_only=True, max_keys=n_fed)
             cache.rows(g.r0, g.r1).resample(owner, n_fed)
         s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
         s.pos[i : i + 1].fill_(P - 1)

@@ -322,16 +322,27 @@ class NativeCausalLM(WeightQuantization, nn.Module):
     # ---------------------------------------------------------------------------- forward
 
     @torch.no_grad()
-    def forward(self, tokens: Tensor, start_pos: Tensor, cache: PagedKVCache, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        start_pos: Tensor,
+        cache: PagedKVCache,
+        last_only: bool = False,
+        max_keys: int | None = None,
+    ) -> Tensor:
         """Logits [R, T, V] (or [R, V] with ``last_only``) for ``tokens`` [R, T] at ``start_pos`` [R] + t.
 
         Writes the tokens' K/V into ``cache`` (pages for positions < start_pos + T must be
         reserved) and attends causally to everything the rows hold up to each query's position.
+        ``max_keys``: a bound on start_pos + T that the caller knows without a sync (a prefill from
+        position 0 passes T); it sizes the attention's KV splits.
         """
         with pdl_scope(self.pdl):
-            return self._forward(tokens, start_pos, cache, last_only)
+            return self._forward(tokens, start_pos, cache, last_only, max_keys)
 
-    def _forward(self, tokens: Tensor, start_pos: Tensor, cache: PagedKVCache, last_only: bool) -> Tensor:
+    def _forward(
+        self, tokens: Tensor, start_pos: Tensor, cache: PagedKVCache, last_only: bool, max_keys: int | None = None
+    ) -> Tensor:
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         n_rows, n_new = tokens.shape
@@ -370,7 +381,9 @@ class NativeCausalLM(WeightQuantization, nn.Module):
                     prefix.lengths, prefix.group, prefix.min_length, self.attn_counters,
                 )  # fmt: skip
             else:
-                att = paged_attention(q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters)
+                att = paged_attention(
+                    q, k_pool, v_pool, cache.block_table, start_pos, self.scale, self.attn_counters, max_keys
+                )
             inplace = self.residual_in_place  # h is this forward's own buffer (the embedding's output)
             h = self._add_projection(
                 linear, att.reshape(n_rows, n_new, self.q_size), layer.o, layer.o_bias, h, inplace, o_scale

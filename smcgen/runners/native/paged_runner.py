@@ -51,9 +51,8 @@ class PagedLMRunner:
         if n_fed > 0:
             first = self.cache.rows(0, 1)
             first.reserve(n_fed)
-            self.model(
-                prompt[:, :n_fed], torch.zeros(1, dtype=torch.int32, device=prompt.device), first, last_only=True
-            )
+            zero = torch.zeros(1, dtype=torch.int32, device=prompt.device)
+            self.model(prompt[:, :n_fed], zero, first, last_only=True, max_keys=n_fed)
             self.cache.resample(torch.zeros(n_rows, dtype=torch.long, device=prompt.device), n_fed)
             self.fed = n_fed
 
