@@ -5,7 +5,8 @@ particle (the target samples every token itself), (2) the main job's SMC-SD conf
 (3) standard speculative decoding with the same draft and K (``method='sd'``), (4) plain SMC with
 the same N. Reports tokens/s, the speed-up over AR and mean ESS/N (the issue's target: SMC-SD
 >= 1.5x AR with mean ESS/N >= 0.5). ``--draft`` takes a name or a trained draft directory;
-``--draft-dtype bfloat16`` runs a bf16 copy of the draft (the target stays as loaded);
+``--draft-dtype`` (default ``auto``, as the CLI: bf16 on a CPU with native bf16) picks the draft's
+dtype (the target stays as loaded);
 ``--particles`` / ``--block-sizes`` sweep SMC-SD over every (N, K) pair.
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_main_job.py [--draft DIR] [--draft-dtype bfloat16]
@@ -24,6 +25,7 @@ import torch
 import smcgen
 from smcgen.api import load_model
 from smcgen.cli import DEFAULT_PROMPT
+from smcgen.runners.transformers import auto_draft_dtype
 
 
 def main() -> None:
@@ -35,7 +37,12 @@ def main() -> None:
         default="smollm2-135m-draft",
         help="draft name or trained draft directory",
     )
-    ap.add_argument("--draft-dtype", default=None, help="run a copy of the draft in this dtype, e.g. bfloat16")
+    ap.add_argument(
+        "--draft-dtype",
+        default="auto",
+        help="run a copy of the draft in this dtype, e.g. bfloat16; 'auto' (the CLI's default): bfloat16 on a "
+        "CPU with native bf16; 'none': as loaded",
+    )
     ap.add_argument("--particles", type=int, nargs="+", default=[8], help="SMC-SD particle counts N")
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[4], help="SMC-SD block sizes K")
     ap.add_argument("--no-sd", action="store_true", help="skip standard speculative decoding")
@@ -44,8 +51,9 @@ def main() -> None:
 
     target = load_model("smollm2-135m", "cpu")
     draft = load_model(args.draft, "cpu")
-    if args.draft_dtype:
-        draft = draft.to_dtype(args.draft_dtype)
+    dtype = auto_draft_dtype("cpu") if args.draft_dtype == "auto" else args.draft_dtype
+    if dtype and dtype.lower() != "none":
+        draft = draft.to_dtype(dtype)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template
     common = {
         "max_new_tokens": args.max_new_tokens,
@@ -65,7 +73,7 @@ def main() -> None:
     print(
         f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print(f"draft: {args.draft} ({args.draft_dtype or 'as loaded'})")
+    print(f"draft: {args.draft} ({dtype or 'as loaded'})")
     print(
         "| configuration | new tokens (last run) | wall s (last run) | tokens/s (median) | vs AR | best tokens/s | best vs AR "
         "| steps | resamples | mean ESS/N |"

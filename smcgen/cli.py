@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="smollm2-135m", help="target model name or path")
     p.add_argument("--draft", default="smollm2-135m-draft", help="draft model name or path; 'none' for plain SMC")
     p.add_argument(
-        "--draft-dtype", default=None, help="run a copy of the draft in this dtype, e.g. bfloat16 (faster on a CPU)"
+        "--draft-dtype",
+        default="auto",
+        help="run a copy of the draft in this dtype, e.g. bfloat16; 'auto' (default): bfloat16 on a CPU with "
+        "native bf16 (AVX512-BF16 or AMX), else as loaded; 'none': as loaded",
     )
     p.add_argument("-n", "--n-particles", type=int, default=d.n_particles)
     p.add_argument("-k", "--block-size", type=int, default=d.block_size)
@@ -261,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
     import smcgen
     from smcgen.api import load_model
+    from smcgen.runners.transformers import auto_draft_dtype
 
     problem = device_problem(args.device)
     if problem is not None:
@@ -291,9 +295,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     target = load_model(args.target, args.device)
     draft = None if args.draft.lower() == "none" else load_model(args.draft, args.device)
-    if draft is not None and args.draft_dtype:
+    draft_dtype = args.draft_dtype
+    if draft_dtype == "auto":
+        draft_dtype = auto_draft_dtype(next(draft.model.parameters()).device) if draft is not None else None
+    if draft is not None and draft_dtype and draft_dtype.lower() != "none":
         try:
-            draft = draft.to_dtype(args.draft_dtype)
+            draft = draft.to_dtype(draft_dtype)
         except ValueError as err:
             print(f"smcgen: invalid option --draft-dtype: {err}", file=sys.stderr)
             return 2

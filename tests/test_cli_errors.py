@@ -53,3 +53,20 @@ def test_bad_draft_dtype_names_the_option(capsys):
     argv = [a for a in FAST if a not in ("--draft", "none")] + ["--draft-dtype", "int8"]
     code, err = _run(capsys, argv)
     assert code == 2 and "--draft-dtype" in err and "Traceback" not in err
+
+
+def test_draft_dtype_auto_follows_the_cpu(capsys, monkeypatch):
+    """The default --draft-dtype auto runs the draft in bf16 where the CPU does bf16 natively, as
+    loaded elsewhere; 'none' keeps it as loaded."""
+    import smcgen.runners.transformers as tr
+
+    asked = []
+    real = tr.LanguageModel.to_dtype
+    monkeypatch.setattr(tr.LanguageModel, "to_dtype", lambda self, d: asked.append(d) or real(self, d))
+    argv = [a for a in FAST if a not in ("--draft", "none")]
+    for native, extra, want in ((True, [], ["bfloat16"]), (False, [], []), (True, ["--draft-dtype", "none"], [])):
+        asked.clear()
+        monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda native=native: native)
+        assert main([*argv, *extra]) == 0
+        assert asked == want
+    capsys.readouterr()
