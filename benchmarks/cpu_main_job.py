@@ -23,7 +23,7 @@ import time
 import torch
 
 import smcgen
-from smcgen.api import load_model
+from smcgen.api import load_draft, load_model
 from smcgen.cli import DEFAULT_PROMPT
 from smcgen.runners.transformers import auto_draft_dtype
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument(
         "--draft",
         default="smollm2-135m-draft",
-        help="draft name or trained draft directory",
+        help="draft name, trained draft directory, or self-int8 (the target with int8 linear layers)",
     )
     ap.add_argument(
         "--draft-dtype",
@@ -50,8 +50,10 @@ def main() -> None:
     args = ap.parse_args()
 
     target = load_model("smollm2-135m", "cpu")
-    draft = load_model(args.draft, "cpu")
-    dtype = auto_draft_dtype("cpu") if args.draft_dtype == "auto" else args.draft_dtype
+    draft = load_draft(args.draft, target, "cpu")
+    # auto: as the CLI, bf16 for a float32 draft on a CPU with native bf16 (self-int8 is bf16 already)
+    fp32 = next(draft.model.parameters()).dtype == torch.float32
+    dtype = (auto_draft_dtype("cpu") if fp32 else None) if args.draft_dtype == "auto" else args.draft_dtype
     if dtype and dtype.lower() != "none":
         draft = draft.to_dtype(dtype)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import smcgen
 from smcgen import LMPotential, LMProposal, SMCConfig
-from smcgen.api import load_model
+from smcgen.api import load_draft, load_model
 from smcgen.samplers.generic import SMC
 from smcgen.samplers.speculative import speculative_decode
 
@@ -154,7 +154,7 @@ def main() -> None:
     questions = questions[: args.prompts]
     t0 = time.perf_counter()
     target = load_model("smollm2-135m", args.device)
-    draft = load_model(args.draft, args.device)
+    draft = load_draft(args.draft, target, args.device)
     tok = target.tokenizer
     tau = args.temperature
     N, K, T = args.n_particles, args.block_size, args.max_new_tokens

@@ -18,6 +18,7 @@ from smcgen.core.config import SMCConfig
 from smcgen.core.result import SMCResult
 from smcgen.engine import _WARNED, WEAK_DRAFT_ESS, _warn_fallback, one_guide, prompt_ids  # noqa: F401 (read here)
 from smcgen.models import draft_dir
+from smcgen.models.self_draft import SELF_INT8_DRAFT, int8_self_draft
 from smcgen.potentials.base import Potential
 from smcgen.proposals.base import Proposal
 from smcgen.runners.transformers import LanguageModel, check_compatible
@@ -58,18 +59,33 @@ def load_model(name: str, device: str | None = None) -> LanguageModel:
     return LanguageModel.wrap(model, tokenizer)
 
 
+def load_draft(name: str, target: LanguageModel, device: str | None = None) -> LanguageModel | None:
+    """The draft named ``name`` for ``target``: None for ``"none"``, the int8 copy of the target for
+    ``"self-int8"``, else :func:`load_model` (a trained draft directory finds its target itself)."""
+    if name.lower() == "none":
+        return None
+    if name == SELF_INT8_DRAFT:
+        return int8_self_draft(target)
+    return load_model(name, device)
+
+
 def as_language_model(
     model: ModelLike, tokenizer: Any | None = None, target: LanguageModel | None = None
 ) -> LanguageModel:
     """Accept a :class:`LanguageModel`, a transformers model (plus optional tokenizer) or a name.
 
-    A trained draft directory given with ``target`` is tied to that target's embedding and head."""
+    A trained draft directory given with ``target`` is tied to that target's embedding and head;
+    ``"self-int8"`` with ``target`` is the target with int8 linear layers (CPU, models/self_draft.py)."""
     if isinstance(model, LanguageModel):
         return model
     if isinstance(model, PreTrainedModel):
         return LanguageModel.wrap(model.eval(), tokenizer)
     if isinstance(model, str) and target is not None and draft_dir.is_draft_dir(model):
         return LanguageModel.wrap(draft_dir.load_draft(model, target.model), target.tokenizer)
+    if model == SELF_INT8_DRAFT:
+        if target is None:
+            raise ValueError(f"draft={SELF_INT8_DRAFT!r} is built from the target: give the target too")
+        return int8_self_draft(target)
     if isinstance(model, str):
         return load_model(model)
     raise TypeError(f"expected a model name, a transformers model or a LanguageModel, got {type(model).__name__}")

@@ -211,7 +211,7 @@ def serve_main(argv: list[str]) -> int:
     except ImportError as err:
         print(f"smcgen serve needs the server extra: pip install 'smcgen[server]' ({err})", file=sys.stderr)
         return 2
-    from smcgen.api import load_model
+    from smcgen.api import load_draft, load_model
     from smcgen.engine import Engine
 
     try:
@@ -225,7 +225,7 @@ def serve_main(argv: list[str]) -> int:
         print(f"smcgen serve: invalid option: {err}", file=sys.stderr)
         return 2
     target = load_model(args.model, args.device)
-    draft = load_model(args.draft, args.device) if args.draft else None
+    draft = load_draft(args.draft, target, args.device) if args.draft else None
     engine = Engine(target, draft=draft, config=config)
     app = create_app(engine, args.served_model_name or args.model, max_queue=args.max_queue, max_batch=args.max_batch)
     print(
@@ -260,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The main job for parsed options: print the text, particle count, ESS summary and timing."""
+    import torch
     from pydantic import ValidationError
 
     import smcgen
-    from smcgen.api import load_model
+    from smcgen.api import load_draft, load_model
     from smcgen.runners.transformers import auto_draft_dtype
 
     problem = device_problem(args.device)
@@ -294,10 +295,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     target = load_model(args.target, args.device)
-    draft = None if args.draft.lower() == "none" else load_model(args.draft, args.device)
+    draft = load_draft(args.draft, target, args.device)
     draft_dtype = args.draft_dtype
-    if draft_dtype == "auto":
-        draft_dtype = auto_draft_dtype(next(draft.model.parameters()).device) if draft is not None else None
+    if draft_dtype == "auto":  # a draft already in a narrower dtype (self-int8) stays as it is
+        first = next(draft.model.parameters()) if draft is not None else None
+        draft_dtype = auto_draft_dtype(first.device) if first is not None and first.dtype == torch.float32 else None
     if draft is not None and draft_dtype and draft_dtype.lower() != "none":
         try:
             draft = draft.to_dtype(draft_dtype)

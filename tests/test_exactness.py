@@ -18,6 +18,7 @@ from tiny_models import PROMPT, tiny_lm
 
 from smcgen import SMC, LMPotential, LMProposal, Potential, RewardPotential, SMCConfig
 from smcgen.exact import enumerate_target
+from smcgen.models.self_draft import int8_self_draft
 from smcgen.potentials.base import SequenceBatch
 
 MAX_NEW = 4
@@ -83,6 +84,7 @@ CASES = {
     "target_temperature": (True, 1, 1.0, 0.7, list),
     "tempered_draft": (True, 2, 1.0, 0.7, list),  # the draft at 0.7 too: LMProposal(temperature=0.7)
     "bf16_draft": (True, 2, 1.0, 1.0, list),  # a bf16 copy of the draft (LanguageModel.to_dtype)
+    "int8_self_draft": (True, 2, 1.0, 1.0, list),  # the target itself in int8 (models/self_draft.py)
     "reward_end": (False, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0)]),
     "reward_prefix_draft": (True, 1, 1.0, 1.0, lambda: [RewardPotential(count_b, beta=1.0, prefix=True)]),
     "product_user": (True, 1, 1.0, 1.0, lambda: [NoRepeats() * RewardPotential(count_b, beta=-0.5)]),
@@ -95,6 +97,8 @@ def test_smc_matches_enumerated_target(case, target_lm, draft_lm):
     target = LMPotential(target_lm, temperature=tau, alpha=alpha)
     exact = enumerate_target(target, PROMPT, MAX_NEW, make_potentials())
     draft = draft_lm.to_dtype("bfloat16") if case == "bf16_draft" else draft_lm
+    if case == "int8_self_draft":
+        draft = int8_self_draft(target_lm)
     outs = {
         n: smc_estimates(
             target,

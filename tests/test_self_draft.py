@@ -1,0 +1,68 @@
+"""The int8 copy of the target as a draft (smcgen/models/self_draft.py): close to the target, found
+by name everywhere a draft is named, and exact in SMC (tests/test_exactness.py, int8_self_draft)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import PROMPT, tiny_lm
+
+import smcgen
+from smcgen.api import load_draft
+from smcgen.models.self_draft import SELF_INT8_DRAFT, Int8RowwiseLinear, int8_self_draft
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_lm(0, logit_scale=2.0, hidden=32)
+
+
+def test_every_linear_layer_is_int8_and_the_target_is_untouched(target):
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+    draft = int8_self_draft(target)
+    linears = [m for m in draft.model.modules() if isinstance(m, Int8RowwiseLinear)]
+    assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the head
+    assert all(m.weight.dtype == torch.int8 for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in draft.model.modules())
+    after = target.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert int8_self_draft(target) is draft  # built once per target
+
+
+def test_the_draft_is_close_to_the_target(target):
+    ids = torch.tensor([PROMPT + [1, 2, 0, 1]])
+    with torch.no_grad():
+        p = torch.log_softmax(target.model(ids).logits.float(), -1)
+        q = torch.log_softmax(int8_self_draft(target).model(ids).logits.float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).max()
+    assert float(kl) < 0.01  # rowwise int8 with bf16 activations: a small perturbation of the target
+    assert float(kl) > 0  # and not the target itself
+
+
+def test_named_as_a_draft(target):
+    res = smcgen.generate(target, PROMPT, draft=SELF_INT8_DRAFT, n_particles=2, block_size=3, max_new_tokens=6, seed=0)
+    assert res.engine == "generic" and len(res.token_ids) >= 1
+    assert load_draft(SELF_INT8_DRAFT, target) is int8_self_draft(target)
+    assert load_draft("none", target) is None
+    with pytest.raises(ValueError, match="built from the target"):
+        smcgen.api.as_language_model(SELF_INT8_DRAFT)
+
+
+def test_the_cli_runs_the_main_job_with_it(capsys):
+    from smcgen.cli import main
+
+    argv = [
+        "--draft",
+        SELF_INT8_DRAFT,
+        "-n",
+        "2",
+        "-k",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    assert "particles: 2" in capsys.readouterr().out
