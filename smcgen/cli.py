@@ -12,6 +12,25 @@ from smcgen.core.config import SMCConfig
 DEFAULT_PROMPT = "Write a short poem about the sea."
 
 
+#: (particles, block size) of the main job with the self-int8 draft: on the 2-core CPU the fastest
+#: setting whose mean ESS/N stayed above 0.5 (BENCHMARKS.md, "CPU main job")
+CPU_MAIN_JOB = (4, 8)
+
+
+def main_job_draft(draft: str, device: str | None) -> str:
+    """The draft ``--draft auto`` stands for: the int8 copy of the target on a CPU (close to the target
+    and cheap there), the shipped distilled draft on a GPU (where a 2-layer draft is what pays)."""
+    if draft != "auto":
+        return draft
+    import torch
+
+    from smcgen.api import default_device
+    from smcgen.models.self_draft import SELF_INT8_DRAFT
+
+    on = torch.device(device) if device else default_device()
+    return SELF_INT8_DRAFT if on.type == "cpu" else "smollm2-135m-draft"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Options of the main job; defaults come from :class:`SMCConfig` where they exist."""
     d = SMCConfig()
@@ -19,20 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smcgen",
         description="SMC speculative decoding: a draft proposes blocks, the target weights them, "
         "particles resample when the ESS drops. Defaults run the embedded SmolLM2-135M-Instruct "
-        "with its shipped distilled draft, offline after the first run.",
+        "(on a CPU with an int8 copy of itself as the draft, elsewhere with its shipped distilled draft), "
+        "offline after the first run.",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (the chat template is applied)")
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
     p.add_argument("--target", default="smollm2-135m", help="target model name or path")
-    p.add_argument("--draft", default="smollm2-135m-draft", help="draft model name or path; 'none' for plain SMC")
+    p.add_argument(
+        "--draft",
+        default="auto",
+        help="draft model name or path; 'none' for plain SMC; 'self-int8': the target with int8 weights; 'auto' "
+        "(default): self-int8 on a CPU, the shipped distilled draft elsewhere",
+    )
     p.add_argument(
         "--draft-dtype",
         default="auto",
         help="run a copy of the draft in this dtype, e.g. bfloat16; 'auto' (default): bfloat16 on a CPU with "
         "native bf16 (AVX512-BF16 or AMX), else as loaded; 'none': as loaded",
     )
-    p.add_argument("-n", "--n-particles", type=int, default=d.n_particles)
-    p.add_argument("-k", "--block-size", type=int, default=d.block_size)
+    p.add_argument(
+        "-n",
+        "--n-particles",
+        type=int,
+        default=None,
+        help=f"particles (default: {CPU_MAIN_JOB[0]} with the self-int8 draft, else {d.n_particles})",
+    )
+    p.add_argument(
+        "-k",
+        "--block-size",
+        type=int,
+        default=None,
+        help=f"drafted tokens per block (default: {CPU_MAIN_JOB[1]} with the self-int8 draft, else {d.block_size})",
+    )
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--ess-threshold", type=float, default=d.ess_threshold)
     p.add_argument("--resampler", default=d.resampler)
@@ -276,10 +313,13 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"smcgen: invalid output constraint: {err}", file=sys.stderr)
         return 2
+    draft_name = main_job_draft(args.draft, args.device)
+    d = SMCConfig()
+    n, k = CPU_MAIN_JOB if draft_name == "self-int8" else (d.n_particles, d.block_size)
     try:
         config = SMCConfig(
-            n_particles=args.n_particles,
-            block_size=args.block_size,
+            n_particles=n if args.n_particles is None else args.n_particles,
+            block_size=k if args.block_size is None else args.block_size,
             max_new_tokens=args.max_new_tokens,
             ess_threshold=args.ess_threshold,
             resampler=args.resampler,
@@ -295,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     target = load_model(args.target, args.device)
-    draft = load_draft(args.draft, target, args.device)
+    draft = load_draft(draft_name, target, args.device)
     draft_dtype = args.draft_dtype
     if draft_dtype == "auto":  # a draft already in a narrower dtype (self-int8) stays as it is
         first = next(draft.model.parameters()) if draft is not None else None
@@ -314,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = [{"role": "user", "content": args.prompt}]  # generate applies the chat template
     result = smcgen.generate(target, prompt, draft=draft, config=config, grammar=grammar, progress=not args.no_progress)
 
-    mode = f"SMC-SD (draft {args.draft}, K={config.block_size})" if draft is not None else "plain SMC"
+    mode = f"SMC-SD (draft {draft_name}, K={config.block_size})" if draft is not None else "plain SMC"
     print(f"== {mode} on {args.target}, device {target.device}")
     print(f"prompt: {args.prompt}")
     print("-- generated text " + "-" * 40)

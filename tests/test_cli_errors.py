@@ -63,7 +63,7 @@ def test_draft_dtype_auto_follows_the_cpu(capsys, monkeypatch):
     asked = []
     real = tr.LanguageModel.to_dtype
     monkeypatch.setattr(tr.LanguageModel, "to_dtype", lambda self, d: asked.append(d) or real(self, d))
-    argv = [a for a in FAST if a not in ("--draft", "none")]
+    argv = [*(a for a in FAST if a not in ("--draft", "none")), "--draft", "smollm2-135m-draft"]
     for native, extra, want in ((True, [], ["bfloat16"]), (False, [], []), (True, ["--draft-dtype", "none"], [])):
         asked.clear()
         monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda native=native: native)

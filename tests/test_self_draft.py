@@ -66,3 +66,12 @@ def test_the_cli_runs_the_main_job_with_it(capsys):
     ]
     assert main(argv) == 0
     assert "particles: 2" in capsys.readouterr().out
+
+
+def test_the_main_job_picks_the_self_draft_on_a_cpu_only():
+    from smcgen.cli import CPU_MAIN_JOB, main_job_draft
+
+    assert main_job_draft("auto", "cpu") == SELF_INT8_DRAFT
+    assert main_job_draft("auto", "cuda") == "smollm2-135m-draft"
+    assert main_job_draft("none", "cpu") == "none"
+    assert CPU_MAIN_JOB[0] >= 2  # SMC: more than one particle
