@@ -14,7 +14,7 @@ DEFAULT_PROMPT = "Write a short poem about the sea."
 
 #: (particles, block size) of the main job with the self-int8 draft: on the 2-core CPU the fastest
 #: setting whose mean ESS/N stayed above 0.5 (BENCHMARKS.md, "CPU main job")
-CPU_MAIN_JOB = (4, 8)
+CPU_MAIN_JOB = (2, 8)
 
 
 def main_job_draft(draft: str, device: str | None) -> str:
