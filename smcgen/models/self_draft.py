@@ -20,6 +20,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from smcgen.kernels.linear import quantize_int8
 from smcgen.runners.transformers import LanguageModel
 
 #: the draft name that asks for :func:`int8_self_draft` of the target
@@ -36,10 +37,8 @@ class Int8RowwiseLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-        self.register_buffer("weight", q)
+        q, scale = quantize_int8(linear.weight.detach())  # the native engine's int8 format
+        self.register_buffer("weight", q.contiguous())
         self.register_buffer("scale", scale.to(torch.bfloat16))
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
@@ -70,14 +69,15 @@ def int8_self_draft(target: LanguageModel) -> LanguageModel:
     hit = _built.get(target.model)
     if hit is not None:
         return hit
-    model = copy.deepcopy(target.model).to(torch.bfloat16).eval()
-    # the head is replaced by its own int8 copy; a tied embedding stays bf16 for the input side
+    model = copy.deepcopy(target.model).eval()
+    # the head is replaced by its own int8 copy; a tied embedding stays (in bf16) for the input side
     model.config.tie_word_embeddings = False
+    # quantized from the target's own weights (before the cast), then the rest goes to bf16
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8RowwiseLinear(child))
-    model.requires_grad_(False)
+    model.to(torch.bfloat16).requires_grad_(False)
     draft = LanguageModel(model, target.tokenizer, target.eos_token_ids, target.context_length)
     _built[target.model] = draft
     return draft
