@@ -51,9 +51,7 @@ def main() -> None:
 
     target = load_model("smollm2-135m", "cpu")
     draft = load_draft(args.draft, target, "cpu")
-    # auto: as the CLI, bf16 for a float32 draft on a CPU with native bf16 (self-int8 is bf16 already)
-    fp32 = next(draft.model.parameters()).dtype == torch.float32
-    dtype = (auto_draft_dtype("cpu") if fp32 else None) if args.draft_dtype == "auto" else args.draft_dtype
+    dtype = auto_draft_dtype(draft) if args.draft_dtype == "auto" else args.draft_dtype  # as the CLI
     if dtype and dtype.lower() != "none":
         draft = draft.to_dtype(dtype)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template

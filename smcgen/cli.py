@@ -297,11 +297,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The main job for parsed options: print the text, particle count, ESS summary and timing."""
-    import torch
     from pydantic import ValidationError
 
     import smcgen
     from smcgen.api import load_draft, load_model
+    from smcgen.models.self_draft import SELF_INT8_DRAFT
     from smcgen.runners.transformers import auto_draft_dtype
 
     problem = device_problem(args.device)
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     draft_name = main_job_draft(args.draft, args.device)
     d = SMCConfig()
-    n, k = CPU_MAIN_JOB if draft_name == "self-int8" else (d.n_particles, d.block_size)
+    n, k = CPU_MAIN_JOB if draft_name == SELF_INT8_DRAFT else (d.n_particles, d.block_size)
     try:
         config = SMCConfig(
             n_particles=n if args.n_particles is None else args.n_particles,
@@ -337,9 +337,8 @@ def run(args: argparse.Namespace) -> int:
     target = load_model(args.target, args.device)
     draft = load_draft(draft_name, target, args.device)
     draft_dtype = args.draft_dtype
-    if draft_dtype == "auto":  # a draft already in a narrower dtype (self-int8) stays as it is
-        first = next(draft.model.parameters()) if draft is not None else None
-        draft_dtype = auto_draft_dtype(first.device) if first is not None and first.dtype == torch.float32 else None
+    if draft is not None and draft_dtype == "auto":
+        draft_dtype = auto_draft_dtype(draft)
     if draft is not None and draft_dtype and draft_dtype.lower() != "none":
         try:
             draft = draft.to_dtype(draft_dtype)

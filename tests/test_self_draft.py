@@ -75,3 +75,11 @@ def test_the_main_job_picks_the_self_draft_on_a_cpu_only():
     assert main_job_draft("auto", "cuda") == "smollm2-135m-draft"
     assert main_job_draft("none", "cpu") == "none"
     assert CPU_MAIN_JOB[0] >= 2  # SMC: more than one particle
+
+
+def test_auto_dtype_leaves_the_self_draft_as_it_is(target, monkeypatch):
+    import smcgen.runners.transformers as tr
+
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
+    assert tr.auto_draft_dtype(target) == "bfloat16"  # a float32 draft on a bf16 CPU
+    assert tr.auto_draft_dtype(int8_self_draft(target)) is None  # already bf16 / int8
