@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import LLAMA_3_1_70B, LLAMA_3_2_1B  # noqa: E402
+from architectures import LLAMA_3_1_70B, LLAMA_3_2_1B, TINY_LLAMA  # noqa: E402
 from native_speed import copy_bandwidth, hf_config  # noqa: E402
 
 from smcgen.core.config import SMCConfig  # noqa: E402
@@ -46,16 +46,7 @@ from smcgen.samplers.native import NativeSMC  # noqa: E402
 
 LLAMA_70B, LLAMA_1B = LLAMA_3_1_70B, LLAMA_3_2_1B
 # the script's own smoke test on the CPU: same code path, tiny shapes
-TINY_T = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=301,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
+TINY_T = dict(TINY_LLAMA, vocab_size=301, max_position_embeddings=2048)
 TINY_D = dict(TINY_T, num_hidden_layers=1, tie_word_embeddings=True)
 
 
