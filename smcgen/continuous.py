@@ -28,13 +28,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from smcgen.core.config import SMCConfig
 from smcgen.core.result import SMCResult
+from smcgen.engine_requests import Request, batch_key
+from smcgen.potentials.base import Potential
 from smcgen.samplers.native_slots import NativeSlots, slots_reason
-
-if TYPE_CHECKING:
-    from smcgen.engine import Engine, Request
+from smcgen.samplers.run import BatchRun
 
 logger = logging.getLogger("smcgen")
 
@@ -56,6 +57,24 @@ class _Job:
     on_step: Callable[[list[list[int]], list[bool]], None] | None = field(default=None, repr=False)
 
 
+class SlotHost(Protocol):
+    """What the batcher needs from its owner (an :class:`~smcgen.engine.Engine`): the models'
+    lock, the base config, the request counters, the native engine of a setting, the whole-batch
+    path and the result of a finished request. The batcher calls only these."""
+
+    config: SMCConfig
+    stats: dict[str, int]
+    lock: threading.Lock
+
+    def native_for(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any | None: ...
+
+    def run_group(self, requests: list[Request], progress: bool, on_dead: str, **kw: Any) -> list[SMCResult]: ...
+
+    def result(
+        self, run: BatchRun, b: int, cfg: SMCConfig, guide: Potential | None, engine: str, reason: str | None = None
+    ) -> SMCResult: ...
+
+
 class ContinuousBatcher:
     """Runs submitted requests of ``engine`` with continuous batching (see the module docstring).
 
@@ -68,7 +87,7 @@ class ContinuousBatcher:
     cycles (cycle_s).
     """
 
-    def __init__(self, engine: Engine, n_slots: int = 8, kv_pages: int | None = None):
+    def __init__(self, engine: SlotHost, n_slots: int = 8, kv_pages: int | None = None):
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {n_slots!r}")
         if kv_pages is not None and (isinstance(kv_pages, bool) or not isinstance(kv_pages, int) or kv_pages < 1):
@@ -143,15 +162,13 @@ class ContinuousBatcher:
 
     def _plan(self, request: Request) -> tuple[Any, Any] | None:
         """(slot key, native engine) for a request the slots can run, None for one that runs alone."""
-        from smcgen.engine import batch_key
-
         e, cfg = self.engine, request.config
-        with e._lock:
-            if e._static_reason(cfg) is not None:
-                return None
+        with e.lock:
             if request.grammar is None:  # one native engine serves every limit (the slots hold one per request)
                 cfg = cfg.model_copy(update={"max_new_tokens": e.config.max_new_tokens})
-            native = e._native_engine(cfg, request.grammar, rows=cfg.n_particles * self.n_slots)
+            native = e.native_for(cfg, request.grammar, rows=cfg.n_particles * self.n_slots)
+            if native is None:
+                return None
             limit = request.config.max_new_tokens
             if slots_reason(native) is not None or native.unsupported_reason(len(request.ids), limit):
                 return None
@@ -210,7 +227,7 @@ class ContinuousBatcher:
                 continue
             try:
                 t0 = time.perf_counter()
-                with self.engine._lock:
+                with self.engine.lock:
                     slot = self.slots.admit(q.ids, q.config.seed, limit)
                 self.stats["prefill_s"] += time.perf_counter() - t0
             except Exception as err:  # noqa: BLE001 - this request's prefill failed; the slots stay as they were
@@ -222,8 +239,6 @@ class ContinuousBatcher:
     def _take_group(self, head: _Job) -> list[_Job]:
         """Pop ``head`` and the queued jobs right behind it that share its settings and cannot run
         in the slots either (at most ``n_slots`` in all): they run as one whole batch."""
-        from smcgen.engine import batch_key
-
         self._pop(head)
         group = [head] if head.future.set_running_or_notify_cancel() else []
         key = batch_key(head.request)
@@ -249,7 +264,7 @@ class ContinuousBatcher:
         self.slots, self._slots_key = None, None
         cap = max(request.config.max_new_tokens, self.engine.config.max_new_tokens)
         native.config = request.config
-        with self.engine._lock:
+        with self.engine.lock:
             self.slots = NativeSlots(
                 native, self.n_slots, cap, kv_pages=self.kv_pages, max_prompt_len=DEFAULT_PROMPT_BUDGET
             )
@@ -265,7 +280,7 @@ class ContinuousBatcher:
         """One cycle of every slot; finished requests' results go to their futures."""
         assert self.slots is not None
         e = self.engine
-        with e._lock:
+        with e.lock:
             t0 = time.perf_counter()
             finished = self.slots.step()  # ends with the cycle's one sync: its time is the cycle's
             self.stats["cycle_s"] += time.perf_counter() - t0
@@ -302,7 +317,7 @@ class ContinuousBatcher:
     def _run_alone(self, jobs: list[_Job]) -> None:
         """Requests the slots cannot run (one setting): the engine's whole-batch path."""
         try:
-            results = self.engine._run_group(
+            results = self.engine.run_group(
                 [j.request for j in jobs], progress=False, on_dead="flag", on_step=jobs[0].on_step
             )
         except Exception as err:  # noqa: BLE001 - handed to the callers through their futures
@@ -323,7 +338,7 @@ class ContinuousBatcher:
         self._running.clear()
         try:
             if self.slots is not None:
-                with self.engine._lock:
+                with self.engine.lock:
                     self.slots.reset()
         finally:  # the slots are empty before anyone hears of the failure
             for job in jobs:

@@ -151,7 +151,8 @@ class Engine:
             self.draft = draft_lm
         self.grammar = self.bind_grammar(guide, self.config.max_new_tokens)
         self._native = NativeEngines(NATIVE_ENGINES_KEPT)
-        self._lock = threading.Lock()
+        #: held for one batch or one cycle of the slots: hold it to keep other calls out
+        self.lock = threading.Lock()
         self.stats = {"native_engines_built": 0, "requests": 0, "native_requests": 0, "generic_requests": 0}
         # decided before any conversion: the native engine only when it can run these models and options
         self.engine_reason = self._static_reason(self.config)
@@ -197,6 +198,11 @@ class Engine:
         self.stats["native_engines_built"] += int(built)
         return engine
 
+    def native_for(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any | None:
+        """The cached :class:`NativeSMC` for requests with ``cfg`` and ``guide`` over ``rows`` draft
+        rows, or None when the native engine cannot run them on these models. Hold :attr:`lock`."""
+        return None if self._static_reason(cfg) is not None else self._native_engine(cfg, guide, rows)
+
     def _generic(self, cfg: SMCConfig, guide: Potential | None) -> SMC:
         """The generic engine for one setting (cheap to build: it holds no per-run state)."""
         return generic_engine(self.target, self.draft, self.proposal, self.constraint, self.potentials, cfg, guide)
@@ -238,7 +244,7 @@ class Engine:
         step by step into ``result.trace`` (:class:`smcgen.trace.Trace`; on either engine)."""
         policy = check_on_dead(on_dead)
         request = self.resolve(prompt, grammar, guide=guide, **overrides)
-        return self._run_group([request], progress=progress, on_dead=policy, trace=trace)[0]
+        return self.run_group([request], progress=progress, on_dead=policy, trace=trace)[0]
 
     def stream(
         self, prompt: PromptLike, *, guide: Any = None, grammar: Any = None, on_dead: str = "raise", **overrides: Any
@@ -341,18 +347,18 @@ class Engine:
         particles' tokens so far and whether each has weight above zero); that request then runs
         in a batch of its own."""
         if on_step is not None:
-            first = self._run_group([requests[0]], progress=progress, on_dead="flag", on_step=on_step)
+            first = self.run_group([requests[0]], progress=progress, on_dead="flag", on_step=on_step)
             return first + (self.run_requests(requests[1:], progress) if len(requests) > 1 else [])
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(batch_key(r), []).append(i)
         out: list[SMCResult | None] = [None] * len(requests)
         for idx in groups.values():
-            for i, res in zip(idx, self._run_group([requests[i] for i in idx], progress=progress, on_dead="flag")):
+            for i, res in zip(idx, self.run_group([requests[i] for i in idx], progress=progress, on_dead="flag")):
                 out[i] = res
         return out  # type: ignore[return-value]
 
-    def _run_group(
+    def run_group(
         self,
         requests: list[Request],
         progress: bool,
@@ -360,12 +366,13 @@ class Engine:
         trace: bool = False,
         on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
     ) -> list[SMCResult]:
-        """Requests sharing one config and guide: one native run, or generic runs one by one.
+        """Requests sharing one config and guide (as :func:`batch_key` groups them): one native run,
+        or generic runs one by one; results in the order of ``requests``. Takes :attr:`lock`.
 
         ``on_step(sequences, alive)``: after every step (cycle), the first request's particles'
         tokens so far and whether each has weight above zero (streaming)."""
         cfg, guide = requests[0].config, requests[0].grammar
-        with self._lock:
+        with self.lock:
             self.stats["requests"] += len(requests)
             reason = self._static_reason(cfg)
             native = None

@@ -40,7 +40,7 @@ class TextStream:
 
         def work() -> None:
             try:
-                res = engine._run_group([request], progress=False, on_dead=on_dead, on_step=on_step)[0]
+                res = engine.run_group([request], progress=False, on_dead=on_dead, on_step=on_step)[0]
                 self._queue.put(("done", res))
             except BaseException as err:  # noqa: BLE001 - handed to the reader, raised by next()
                 self._queue.put(("error", err))
@@ -69,7 +69,7 @@ class TextStream:
 
 
 def _native_watcher(on_step: Callable[[list[list[int]], list[bool]], None], n: int) -> Callable[..., None]:
-    """``NativeSMC.run``'s per-cycle hook for :meth:`~smcgen.engine.Engine._run_group`'s ``on_step`` (request 0)."""
+    """``NativeSMC.run``'s per-cycle hook for :meth:`~smcgen.engine.Engine.run_group`'s ``on_step`` (request 0)."""
 
     def watch(tokens: Tensor, lengths: Tensor, log_w: Tensor) -> None:
         rows = [row[:k] for row, k in zip(tokens[:n].tolist(), lengths[:n].tolist())]

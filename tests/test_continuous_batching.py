@@ -81,7 +81,7 @@ def test_a_short_request_beside_a_long_one_finishes_first(models):
     # no EOS: every request runs to its own limit
     target, draft = (LanguageModel(m.model, m.tokenizer, (), m.context_length) for m in models)
     engine = Engine(target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=40, slots=4)
-    with engine._lock:  # the batcher waits: both are queued before the first cycle
+    with engine.lock:  # the batcher waits: both are queued before the first cycle
         long = engine.submit("ab", seed=1, max_new_tokens=40)
         short = engine.submit("ba", seed=2, max_new_tokens=4)
     assert [len(x) for x in short.result(timeout=120).sequences] == [4] * 4
@@ -100,7 +100,7 @@ def test_a_request_waits_for_pages_and_one_that_never_fits_is_refused(models):
     engine = Engine(
         target, draft=draft, engine="native", n_particles=4, block_size=2, max_new_tokens=40, slots=2, kv_pages=24
     )
-    with engine._lock:  # the batcher waits: all four are queued before the first cycle
+    with engine.lock:  # the batcher waits: all four are queued before the first cycle
         first = engine.submit("ab", seed=1)
         second = engine.submit("abab", seed=2)
         too_big = engine.submit([0, 1] * 10, seed=3)  # a 20-token prompt: 17 pages, more than one slot may hold
