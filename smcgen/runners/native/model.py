@@ -104,11 +104,14 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         #: a prompt prefix (PagedKVCache.share_prefix, set by the engine after its prefill): each
         #: prefix K/V tile is read once for all the group's queries instead of once per row. True /
         #: False: always / never; None: on CUDA when at least ``cascade_min_groups`` requests share
-        #: prefixes of ``cascade_min_prefix`` tokens or more, the only shape where it was measured to
-        #: win on an H100 (8 x 8 at 4,096 tokens: 1.09x; 1 x 8: 0.89-0.95x; BENCHMARKS.md)
+        #: prefixes of ``cascade_min_prefix`` tokens or more, or when any number share prefixes of
+        #: ``cascade_long_prefix`` tokens or more (16,000): the shapes where it was measured to win on an H100
+        #: (8 x 8 at 4,096 tokens: 1.09x; 1 x 8 at 16,384: 1.20x, at 4,096: 0.95x; BENCHMARKS.md)
         self.cascade: bool | None = None
         self.cascade_min_prefix = 1024
         self.cascade_min_groups = 8
+        #: (the measured 16,384-token prompt declares prefixes of 16,383 and 16,382 tokens)
+        self.cascade_long_prefix = 16_000
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
         self.register_buffer("linear_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
@@ -278,6 +281,12 @@ class NativeCausalLM(WeightQuantization, nn.Module):
             self.device,
         )
 
+    def cascade_pays(self, n_groups: int, min_prefix: int) -> bool:
+        """The automatic choice (``cascade`` None) on CUDA: ``n_groups`` requests share prefixes of
+        at least ``min_prefix`` tokens, and that shape was measured to run faster with cascade."""
+        wide = n_groups >= self.cascade_min_groups and min_prefix >= self.cascade_min_prefix
+        return wide or min_prefix >= self.cascade_long_prefix
+
     def cascade_prefix(self, cache: PagedKVCache) -> SharedPrefix | None:
         """The shared prefix a forward over ``cache`` attends to with cascade attention, or None
         for plain paged attention (see ``cascade``; a group of one row has nothing to share)."""
@@ -285,9 +294,7 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         if prefix is None or prefix.group < 2 or self.cascade is False:
             return None
         if self.cascade is None and (
-            self.device.type != "cuda"
-            or prefix.min_length < self.cascade_min_prefix
-            or cache.n_rows // prefix.group < self.cascade_min_groups
+            self.device.type != "cuda" or not self.cascade_pays(cache.n_rows // prefix.group, prefix.min_length)
         ):
             return None
         return prefix
