@@ -356,6 +356,35 @@ def test_mixed_lengths_in_one_batch_equal_each_request_alone(models, resampler):
     assert torch.equal(again.tokens[0], mixed.tokens[2])
 
 
+@pytest.mark.parametrize("resampler", ["multinomial", "stratified"])
+def test_the_graph_warm_up_leaves_the_run_as_it_was(models, monkeypatch, resampler):
+    """The cycle that warms up a CUDA graph's capture runs on a restored snapshot and must change
+    nothing the run reads. Its resampling used to free a row's partial KV page and copy another
+    row's into the page popped next, the freed one, live again after the restore (the KV pools are
+    not in the snapshot): a request of a mixed batch then drew differently than alone. The warm-up
+    runs here without the graph (CPU twins), where the torch resamplers showed it."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=0, ess_threshold=0.9, resampler=resampler)
+    prompts = [_prompt(n, i) for i, n in enumerate([5, 2, 13, 7, 2])]
+    seeds, limits = [3, 1, 4, 1, 5], [9, 6, 9, 3, 8]
+    plain = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4, cuda_graph=False)
+    expected = plain.run(prompts, on_dead="flag", seeds=seeds, max_new_tokens=limits)
+    warmed = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4, cuda_graph=False)
+    calls = []
+
+    def warm_up_only(s):  # _capture without the graph: the warm-up, then the eager cycles
+        calls.append(1)
+        warmed._warm_up(s)
+
+    monkeypatch.setattr(warmed, "cuda_graph", True)
+    monkeypatch.setattr(warmed, "_capture", warm_up_only)
+    got = warmed.run(prompts, on_dead="flag", seeds=seeds, max_new_tokens=limits)
+    assert calls == [1]
+    assert torch.equal(got.tokens, expected.tokens)
+    assert torch.equal(got.resampled, expected.resampled)
+    torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=0)
+
+
 def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):
     """Without per-request seeds the groups of one length share the config's stream (the i-th
     length another key), in the order given; reproducible."""

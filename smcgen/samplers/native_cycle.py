@@ -270,19 +270,29 @@ class CycleSteps:
         log_w.copy_(reset_weights(lw, want).float())
         return anc, ess, want
 
-    def _capture(self, s: _CycleState) -> torch.cuda.CUDAGraph:
-        """Warm up (Triton compiles, cuBLAS picks kernels) on a side stream, then record one cycle.
+    def _warm_up(self, s: _CycleState) -> None:
+        """One cycle that leaves the run as it was: Triton compiles, cuBLAS picks its kernels.
 
-        The warm-up cycle runs on a snapshot that is restored afterwards, so the run itself is
-        unchanged by it.
+        It runs on a snapshot of the state, restored afterwards, with every row marked finished,
+        so it resamples nothing. The KV pools are not in the snapshot: a resampling would free a
+        row's partial page and copy another row's into a page popped from the free list, possibly
+        the one just freed, which after the restore is live again with the other row's keys and
+        values in it (another request's prompt tail; measured on an H100 and reproduced on the
+        CPU: a request in a mixed batch drew differently than alone). Without resampling the
+        warm-up writes only slots the run's first cycle writes again before reading them.
         """
         snapshot = s.snapshot()
+        s.done.fill_(True)
+        self._cycle(s)
+        s.restore(snapshot)
+
+    def _capture(self, s: _CycleState) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (:meth:`_warm_up`), then record one cycle."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._cycle(s)
+            self._warm_up(s)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        s.restore(snapshot)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._cycle(s)
