@@ -270,7 +270,8 @@ class Engine:
         request slot, when its worst-case KV pages fit beside the running requests' (else it waits;
         one that can never fit fails with a ``ValueError`` naming the page counts), and leaves it
         when its particles have all finished, so it never waits for a longer request. It draws the
-        same tokens as the same request run alone with its seed. Requests the slots cannot run
+        same tokens as the same request run alone with its seed, up to float rounding (which, on a
+        GPU in bf16, now and then flips a draw: docs/serving.md). Requests the slots cannot run
         (the generic engine, host potentials, a guide computed on the host) run one at a time.
         The request is validated here (errors raise now, as :meth:`resolve` says)."""
         return self.batcher.submit(self.resolve(prompt, grammar, guide=guide, **overrides))
