@@ -68,10 +68,23 @@ class SlotHost(Protocol):
 
     def native_for(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any | None: ...
 
-    def run_group(self, requests: list[Request], progress: bool, on_dead: str, **kw: Any) -> list[SMCResult]: ...
+    def run_group(
+        self,
+        requests: list[Request],
+        progress: bool,
+        on_dead: str,
+        trace: bool = False,
+        on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
+    ) -> list[SMCResult]: ...
 
     def result(
-        self, run: BatchRun, b: int, cfg: SMCConfig, guide: Potential | None, engine: str, reason: str | None = None
+        self,
+        run: BatchRun,
+        b: int,
+        cfg: SMCConfig,
+        guide: Potential | None,
+        engine: str,
+        engine_reason: str | None = None,
     ) -> SMCResult: ...
 
 
