@@ -110,9 +110,10 @@ def trace(nt, nd, prompts, seeds, limits, b: int, dev: torch.device, out: str | 
     uniform, resample = native_state._PhiloxUniforms.uniform, native_cycle.CycleSteps._torch_resample
 
     def traced_uniform(self, shape):
+        start = self.offset.clone()  # the counter the uniforms are drawn from (uniform advances it)
         u = uniform(self, shape)
         if current[0] == key:
-            seen.update(u=u, offset=self.offset)
+            seen.update(u=u, offset=start)
         return u
 
     def traced_resample(self, s, i, inc):
