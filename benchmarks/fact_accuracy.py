@@ -14,8 +14,10 @@ the comparison between methods is fair even where the absolute figure is generou
 
 Methods, each sampling ``--samples`` answers per question at the main job's temperature:
   (a) the target alone (AR)   (b) SMC-SD with ``--draft``, N particles, K drafted tokens   (d) SD, K drafts
-Accuracy with Wilson 95% intervals per method, and the paired difference (b) - (a) and (d) - (a)
-with a 95% interval over questions (the same questions and seeds for every method).
+Accuracy per method with a 95% interval over questions (a question's samples are correlated, so
+the question is the unit), and the paired difference (b) - (a) and (d) - (a) with a 95% interval
+over questions (the same questions and seeds for every method). ``--from-json`` re-renders the
+tables of a saved run.
 
     OMP_NUM_THREADS=2 python benchmarks/fact_accuracy.py --out benchmarks/results/DIR   # CPU main job's pair
     python benchmarks/fact_accuracy.py --device cuda --draft smollm2-135m-draft -n 8 -k 4 --samples 4
@@ -35,7 +37,7 @@ import unicodedata
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity import chat_ids, freshqa_rows, wilson  # noqa: E402
+from fidelity import chat_ids, freshqa_rows  # noqa: E402
 
 import smcgen  # noqa: E402
 from smcgen.api import load_draft, load_model  # noqa: E402
@@ -70,14 +72,52 @@ def is_right(answer: str, accepted: list[str]) -> bool:
     return any(f" {a} " in padded for a in map(normalize, accepted) if a)
 
 
-def paired_diff(x: list[float], y: list[float]) -> tuple[float, float, float]:
-    """Mean of y - x over questions and its normal 95% interval."""
-    d = [b - a for a, b in zip(x, y, strict=True)]
-    n = len(d)
-    m = sum(d) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
+def mean_ci(xs: list[float]) -> tuple[float, float, float]:
+    """Mean of per-question values and its normal 95% interval over questions (the samples of one
+    question are correlated, so the question, not the sample, is the unit)."""
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in xs) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n)
     return m, m - half, m + half
+
+
+def paired_diff(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Mean of y - x over questions and its normal 95% interval."""
+    return mean_ci([b - a for a, b in zip(x, y, strict=True)])
+
+
+def summarize(names: dict[str, str], score: dict[str, list[float]], samples: int, seconds: dict[str, float]):
+    """(rows, paired differences) of per-question scores: accuracy with its 95% interval over
+    questions, and (b) - (a), (d) - (a) paired by question."""
+    rows = {}
+    for m, name in names.items():
+        acc, lo, hi = mean_ci(score[m])
+        right = round(sum(score[m]) * samples)
+        n = len(score[m]) * samples
+        rows[m] = {"method": name, "right": right, "answers": n, "accuracy": acc, "ci95": [lo, hi]}
+        rows[m]["seconds"] = seconds[m]
+    diffs = {f"{m}-a": paired_diff(score["a"], score[m]) for m in names if m != "a"}
+    return rows, diffs
+
+
+def render(title: str, rows: dict, diffs: dict) -> str:
+    lines = [
+        title,
+        "",
+        "| method | right / answers | accuracy | 95% interval (over questions) | seconds |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for m, r in rows.items():
+        lo, hi = r["ci95"]
+        lines.append(
+            f"| ({m}) {r['method']} | {r['right']} / {r['answers']} | {100 * r['accuracy']:.1f}% "
+            f"| {100 * lo:.1f}-{100 * hi:.1f}% | {r['seconds']:.0f} |"
+        )
+    lines += ["", "| paired difference over questions | points | 95% interval |", "|---|---:|---|"]
+    for key, (mean, lo, hi) in diffs.items():
+        lines.append(f"| ({key[0]}) - (a) | {100 * mean:+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -92,7 +132,15 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7, help="target and draft temperature (main job: 0.7)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--from-json", default=None, help="re-render the tables of a saved fact_accuracy.json")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.load(open(args.from_json))
+        names = {m: r["method"] for m, r in saved["rows"].items()}
+        seconds = {m: r["seconds"] for m, r in saved["rows"].items()}
+        rows, diffs = summarize(names, saved["per_question"], saved["args"]["samples"], seconds)
+        print(render(f"# FreshQA stable facts, re-rendered from {args.from_json}", rows, diffs))
+        return
     if args.samples < 1:
         raise SystemExit(f"--samples must be >= 1, got {args.samples}")
 
@@ -134,31 +182,13 @@ def main() -> None:
             score[m].append(right / args.samples)
 
     n_q, S = len(facts), args.samples
-    rows = {}
-    for m, (name, _) in methods.items():
-        k = round(sum(score[m]) * S)
-        lo, hi = wilson(k, n_q * S)
-        rows[m] = {"method": name, "right": k, "answers": n_q * S, "accuracy": k / (n_q * S), "wilson95": [lo, hi]}
-        rows[m]["seconds"] = timing[m]
-    diffs = {f"{m}-a": paired_diff(score["a"], score[m]) for m in ("b", "d")}
+    rows, diffs = summarize({m: name for m, (name, _) in methods.items()}, score, S, timing)
     elapsed = time.perf_counter() - t0
-    lines = [
+    title = (
         f"# FreshQA stable facts: {n_q} questions x {S} samples, {args.max_new_tokens} new tokens, "
-        f"tau={args.temperature}, device={args.device}, {elapsed:.0f} s",
-        "",
-        "| method | right / answers | accuracy | Wilson 95% | seconds |",
-        "|---|---:|---:|---|---:|",
-    ]
-    for m, r in rows.items():
-        lo, hi = r["wilson95"]
-        lines.append(
-            f"| ({m}) {r['method']} | {r['right']} / {r['answers']} | {100 * r['accuracy']:.1f}% "
-            f"| {100 * lo:.1f}-{100 * hi:.1f}% | {r['seconds']:.0f} |"
-        )
-    lines += ["", "| paired difference over questions | points | 95% interval |", "|---|---:|---|"]
-    for key, (mean, lo, hi) in diffs.items():
-        lines.append(f"| ({key[0]}) - (a) | {100 * mean:+.1f} | {100 * lo:+.1f} to {100 * hi:+.1f} |")
-    report = "\n".join(lines)
+        f"tau={args.temperature}, device={args.device}, {elapsed:.0f} s"
+    )
+    report = render(title, rows, diffs)
     print(report)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
