@@ -28,14 +28,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from smcgen.core.config import SMCConfig
 from smcgen.core.result import SMCResult
 from smcgen.engine_requests import Request, batch_key
-from smcgen.potentials.base import Potential
 from smcgen.samplers.native_slots import NativeSlots, slots_reason
-from smcgen.samplers.run import BatchRun
+
+if TYPE_CHECKING:
+    from smcgen.engine import Engine
 
 logger = logging.getLogger("smcgen")
 
@@ -57,39 +57,11 @@ class _Job:
     on_step: Callable[[list[list[int]], list[bool]], None] | None = field(default=None, repr=False)
 
 
-class SlotHost(Protocol):
-    """What the batcher needs from its owner (an :class:`~smcgen.engine.Engine`): the models'
-    lock, the base config, the request counters, the native engine of a setting, the whole-batch
-    path and the result of a finished request. The batcher calls only these."""
-
-    config: SMCConfig
-    stats: dict[str, int]
-    lock: threading.Lock
-
-    def native_for(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any | None: ...
-
-    def run_group(
-        self,
-        requests: list[Request],
-        progress: bool,
-        on_dead: str,
-        trace: bool = False,
-        on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
-    ) -> list[SMCResult]: ...
-
-    def result(
-        self,
-        run: BatchRun,
-        b: int,
-        cfg: SMCConfig,
-        guide: Potential | None,
-        engine: str,
-        engine_reason: str | None = None,
-    ) -> SMCResult: ...
-
-
 class ContinuousBatcher:
     """Runs submitted requests of ``engine`` with continuous batching (see the module docstring).
+
+    It calls only the Engine's public members: ``lock``, ``config``, ``stats``, ``native_for``,
+    ``run_group`` and ``result``.
 
     ``n_slots``: requests that run at once (the batch is ``n_slots x n_particles`` rows every
     cycle); ``kv_pages``: pages of each model's KV pool (default: ``n_slots`` requests of
@@ -100,7 +72,7 @@ class ContinuousBatcher:
     cycles (cycle_s).
     """
 
-    def __init__(self, engine: SlotHost, n_slots: int = 8, kv_pages: int | None = None):
+    def __init__(self, engine: Engine, n_slots: int = 8, kv_pages: int | None = None):
         if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {n_slots!r}")
         if kv_pages is not None and (isinstance(kv_pages, bool) or not isinstance(kv_pages, int) or kv_pages < 1):
