@@ -31,6 +31,15 @@ def main_job_draft(draft: str, device: str | None) -> str:
     return SELF_INT8_DRAFT if on.type == "cpu" else "smollm2-135m-draft"
 
 
+def main_job_setting(draft_name: str) -> tuple[int, int]:
+    """(particles, block size) the main job runs with this draft: ``CPU_MAIN_JOB`` with the
+    self-int8 draft, else :class:`SMCConfig`'s defaults."""
+    from smcgen.models.self_draft import SELF_INT8_DRAFT
+
+    d = SMCConfig()
+    return CPU_MAIN_JOB if draft_name == SELF_INT8_DRAFT else (d.n_particles, d.block_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Options of the main job; defaults come from :class:`SMCConfig` where they exist."""
     d = SMCConfig()
@@ -301,7 +310,6 @@ def run(args: argparse.Namespace) -> int:
 
     import smcgen
     from smcgen.api import load_draft, load_model
-    from smcgen.models.self_draft import SELF_INT8_DRAFT
     from smcgen.runners.transformers import auto_draft_dtype
 
     problem = device_problem(args.device)
@@ -314,8 +322,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"smcgen: invalid output constraint: {err}", file=sys.stderr)
         return 2
     draft_name = main_job_draft(args.draft, args.device)
-    d = SMCConfig()
-    n, k = CPU_MAIN_JOB if draft_name == SELF_INT8_DRAFT else (d.n_particles, d.block_size)
+    n, k = main_job_setting(draft_name)
     try:
         config = SMCConfig(
             n_particles=n if args.n_particles is None else args.n_particles,

@@ -69,12 +69,15 @@ def test_the_cli_runs_the_main_job_with_it(capsys):
 
 
 def test_the_main_job_picks_the_self_draft_on_a_cpu_only():
-    from smcgen.cli import CPU_MAIN_JOB, main_job_draft
+    from smcgen.cli import CPU_MAIN_JOB, main_job_draft, main_job_setting
 
     assert main_job_draft("auto", "cpu") == SELF_INT8_DRAFT
     assert main_job_draft("auto", "cuda") == "smollm2-135m-draft"
     assert main_job_draft("none", "cpu") == "none"
     assert CPU_MAIN_JOB[0] >= 2  # SMC: more than one particle
+    assert main_job_setting(SELF_INT8_DRAFT) == CPU_MAIN_JOB
+    d = smcgen.SMCConfig()
+    assert main_job_setting("smollm2-135m-draft") == (d.n_particles, d.block_size)
 
 
 def test_auto_dtype_leaves_the_self_draft_as_it_is(target, monkeypatch):
