@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -37,12 +36,11 @@ import unicodedata
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fidelity import chat_ids, freshqa_rows  # noqa: E402
+from fidelity import chat_ids, freshqa_rows, mean_se  # noqa: E402
 
 import smcgen  # noqa: E402
 from smcgen.api import load_draft, load_model  # noqa: E402
-from smcgen.cli import CPU_MAIN_JOB, main_job_draft  # noqa: E402
-from smcgen.models.self_draft import SELF_INT8_DRAFT  # noqa: E402
+from smcgen.cli import main_job_draft, main_job_setting  # noqa: E402
 
 #: appended to each question so that answers are short enough to check
 INSTRUCTION = " Answer in a few words."
@@ -75,11 +73,8 @@ def is_right(answer: str, accepted: list[str]) -> bool:
 def mean_ci(xs: list[float]) -> tuple[float, float, float]:
     """Mean of per-question values and its normal 95% interval over questions (the samples of one
     question are correlated, so the question, not the sample, is the unit)."""
-    n = len(xs)
-    m = sum(xs) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in xs) / (n - 1)) if n > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(n)
-    return m, m - half, m + half
+    m, se = mean_se(xs)
+    return m, m - 1.96 * se, m + 1.96 * se
 
 
 def paired_diff(x: list[float], y: list[float]) -> tuple[float, float, float]:
@@ -145,7 +140,7 @@ def main() -> None:
         raise SystemExit(f"--samples must be >= 1, got {args.samples}")
 
     draft_name = args.draft or main_job_draft("auto", args.device)
-    main_job = CPU_MAIN_JOB if draft_name == SELF_INT8_DRAFT else (smcgen.SMCConfig().n_particles, 4)
+    main_job = main_job_setting(draft_name)
     N = args.n_particles or main_job[0]
     K = args.block_size or main_job[1]
     facts = stable_facts()[: args.questions]
