@@ -53,3 +53,34 @@ def native_models(device):
         NativeCausalLM.from_hf(target.model, device=device),
         NativeCausalLM.from_hf(draft.model, device=device),
     )
+
+
+class _ReplayedEagerly:
+    """A stand-in for a captured CUDA graph: each replay runs the cycle eagerly."""
+
+    def __init__(self, engine, state):
+        self.engine, self.state = engine, state
+
+    def replay(self) -> None:
+        self.engine._cycle(self.state)
+
+
+@pytest.fixture
+def warm_up_capture(monkeypatch):
+    """``warm_up_capture(engine)``: the engine takes its CUDA-graph path on any device, with the
+    real warm-up (``_warm_up``) and a stand-in graph whose replays run the cycle eagerly, so the
+    graph path's bookkeeping is tested on the CPU too. Returns the list of captured states."""
+
+    def patch(engine) -> list:
+        captured: list = []
+
+        def capture(s):
+            captured.append(s)
+            engine._warm_up(s)
+            return _ReplayedEagerly(engine, s)
+
+        monkeypatch.setattr(engine, "cuda_graph", True)
+        monkeypatch.setattr(engine, "_capture", capture)
+        return captured
+
+    return patch

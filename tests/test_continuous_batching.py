@@ -41,19 +41,9 @@ def drain(slots: NativeSlots) -> dict:
     return out
 
 
-class _ReplayedEagerly:
-    """A stand-in for a captured CUDA graph: each replay runs the cycle eagerly."""
-
-    def __init__(self, engine: NativeSMC, state):
-        self.engine, self.state = engine, state
-
-    def replay(self) -> None:
-        self.engine._cycle(self.state)
-
-
 @pytest.mark.parametrize("capture", ["none", "warm-up"])
 @pytest.mark.parametrize("resampler", ["systematic", "multinomial"])
-def test_a_request_joining_mid_run_draws_what_it_draws_alone(native_pair, resampler, capture, monkeypatch):
+def test_a_request_joining_mid_run_draws_what_it_draws_alone(native_pair, resampler, capture, warm_up_capture):
     """Each request draws in its slot what it draws alone (a separate engine, eager cycles).
 
     With ``capture='warm-up'`` the slots go through the graph path's warm-up (on the CPU too: a
@@ -64,14 +54,7 @@ def test_a_request_joining_mid_run_draws_what_it_draws_alone(native_pair, resamp
     cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=20, seed=0, ess_threshold=0.9, resampler=resampler)
     engine = NativeSMC(target, cfg, draft=draft, eos_token_ids=(), page_size=4)
     reference = NativeSMC(target, cfg, draft=draft, eos_token_ids=(), page_size=4)
-    if capture == "warm-up":
-
-        def warm_up_then_replay(s):
-            engine._warm_up(s)
-            return _ReplayedEagerly(engine, s)
-
-        monkeypatch.setattr(engine, "cuda_graph", True)
-        monkeypatch.setattr(engine, "_capture", warm_up_then_replay)
+    captured = warm_up_capture(engine) if capture == "warm-up" else []
     slots = NativeSlots(engine, n_slots=3, max_new_tokens=20)
     requests = {"long": ([0, 1, 2, 0, 1], 3, 20), "joins": ([1, 2], 7, 6), "later": ([2, 2, 1, 0, 0, 1, 2], 9, 11)}
     slot_of = {}
@@ -87,6 +70,7 @@ def test_a_request_joining_mid_run_draws_what_it_draws_alone(native_pair, resamp
     slots.step()
     slot_of["later"] = slots.admit(*requests["later"])
     runs = drain(slots)
+    assert len(captured) == (1 if capture == "warm-up" else 0)  # the slots captured once
     resampled = 0
     for name, (prompt, seed, limit) in requests.items():
         run, _ = runs[slot_of[name]]

@@ -357,7 +357,7 @@ def test_mixed_lengths_in_one_batch_equal_each_request_alone(models, resampler):
 
 
 @pytest.mark.parametrize("resampler", ["multinomial", "stratified"])
-def test_the_graph_warm_up_leaves_the_run_as_it_was(models, monkeypatch, resampler):
+def test_the_graph_warm_up_leaves_the_run_as_it_was(models, warm_up_capture, resampler):
     """The cycle that warms up a CUDA graph's capture runs on a restored snapshot and must change
     nothing the run reads. Its resampling used to free a row's partial KV page and copy another
     row's into the page popped next, the freed one, live again after the restore (the KV pools are
@@ -370,16 +370,9 @@ def test_the_graph_warm_up_leaves_the_run_as_it_was(models, monkeypatch, resampl
     plain = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4, cuda_graph=False)
     expected = plain.run(prompts, on_dead="flag", seeds=seeds, max_new_tokens=limits)
     warmed = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4, cuda_graph=False)
-    calls = []
-
-    def warm_up_only(s):  # _capture without the graph: the warm-up, then the eager cycles
-        calls.append(1)
-        warmed._warm_up(s)
-
-    monkeypatch.setattr(warmed, "cuda_graph", True)
-    monkeypatch.setattr(warmed, "_capture", warm_up_only)
+    captured = warm_up_capture(warmed)  # the warm-up, then replays that run the cycle eagerly
     got = warmed.run(prompts, on_dead="flag", seeds=seeds, max_new_tokens=limits)
-    assert calls == [1]
+    assert len(captured) == 1
     assert torch.equal(got.tokens, expected.tokens)
     assert torch.equal(got.resampled, expected.resampled)
     torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=0)
