@@ -420,6 +420,31 @@ def test_budget_mask_and_infinite_twist_keep_the_target_exact():
     check_unbiased("budget mask N=4", out, exact, index)
 
 
+def test_budget_mask_inside_strings_drops_exactly_the_tokens_that_cannot_end_in_time():
+    """Inside a string the mask decides the tokens without a quote or backslash together (one array
+    operation) and feeds the rest one by one: at every prefix and budget it must still allow a token
+    exactly where the score after it is finite. Tokens that close the string and the object at once,
+    escapes, and plain letters, from 0 to 4 tokens of budget left."""
+    from smcgen.testing import check_mask_consistency
+
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string"}, "t": {"type": "string"}},
+        "required": ["s", "t"],
+    }
+    tokens = ['{"s":"', "a", "b", "ab", '"', '",', '","t":"', '"}', "\\", '\\"', "x", None]  # fmt: skip
+    eos = len(tokens) - 1
+    g = GrammarPotential.json_schema(schema, tokens, eos_token_ids=[eos], any_whitespace=False, separators=(",", ":"))
+    prefixes = [[0], [0, 1], [0, 3, 8], [0, 1, 6], [0, 1, 6, 2], [0, 9, 1]]
+    for prefix in prefixes:
+        for left in range(0, 5):
+            g.finish_within = len(prefix) + 1 + left
+            check_mask_consistency(g, [prefix], len(tokens), [eos])
+    g.finish_within = 4  # after '{"s":"a' two tokens remain: only '","t":"' then '"}' can end in time
+    allowed = g.next_token_bitmask(torch.tensor([[0, 1]]), 0)[0]
+    assert [v for v in range(len(tokens)) if allowed >> v & 1] == [6]
+
+
 def _segmentations(text: str, vocab: list[str], limit: int = 200) -> list[list[str]]:
     """Up to ``limit`` ways to write ``text`` as a sequence of vocabulary tokens."""
     out: list[list[str]] = []

@@ -43,7 +43,13 @@ from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
 from smcgen.potentials.grammar_matchers import GrammarStats, MatcherRows
 from smcgen.potentials.grammar_vocab import tokenizer_info, xgr
-from smcgen.potentials.json_budget import MASK_HORIZON, TokenCapacity, budget_forbidden, budget_twist
+from smcgen.potentials.json_budget import (
+    MASK_HORIZON,
+    TokenCapacity,
+    budget_forbidden,
+    budget_twist,
+    string_specials,
+)
 from smcgen.potentials.json_schema import LoweredSchema, lower_json_schema
 from smcgen.potentials.token_dfa import TokenDFA
 
@@ -117,7 +123,7 @@ class GrammarPotential(MatcherRows, Potential):
         self._vocab_bytes: list[bytes] | None = None
         # max_new_tokens of the run: the budget twist of JSON schemas, the last-token mask of Python (None: off)
         self.finish_within: int | None = None
-        self._token_capacity: TokenCapacity | None = None
+        self._token_capacity: tuple[TokenCapacity, np.ndarray, np.ndarray] | None = None
         # token automata built by token_automaton, per memory budget (an automaton or why there is none)
         self._automata: dict[int, TokenDFA | str] = {}
 
@@ -296,7 +302,7 @@ class GrammarPotential(MatcherRows, Potential):
         if self.finish_within is not None and self.schema is not None:
             # the budget twist: a finite score on prefixes only, so it telescopes out of the weights and
             # leaves the target unchanged, but resampling favours particles that can still close in time
-            capacity = self._capacity()
+            capacity = self._capacity()[0]
             for i, tokens in enumerate(batch.token_ids):
                 if rows[i].alive:
                     left = self.finish_within - len(tokens)
@@ -318,11 +324,17 @@ class GrammarPotential(MatcherRows, Potential):
         sets before each run: JSON schemas do (their budget twist and mask)."""
         return self.schema is not None
 
-    def _capacity(self) -> TokenCapacity:
-        """What one token of the bound vocabulary holds, for the budget's lower bound (computed once)."""
+    def _capacity(self) -> tuple[TokenCapacity, np.ndarray, np.ndarray]:
+        """What the budget mask needs of the bound vocabulary (computed once): what one token holds
+        (the lower bound's divisors), which tokens hold a quote or backslash, and which ids may be
+        dropped at all (tokens with text, not EOS)."""
         if self._token_capacity is None:
             self._text([])
-            self._token_capacity = TokenCapacity.of(self._vocab_bytes or [])
+            vocab = self._vocab_bytes or []
+            usable = np.zeros(self.vocab_size, dtype=bool)
+            usable[: len(vocab)] = True
+            usable[[e for e in self.eos_token_ids if 0 <= e < self.vocab_size]] = False
+            self._token_capacity = (TokenCapacity.of(vocab), string_specials(vocab), usable)
         return self._token_capacity
 
     def _budget_mask(self, out: Tensor, row: int, tokens: list[int]) -> None:
@@ -332,15 +344,16 @@ class GrammarPotential(MatcherRows, Potential):
         if after > MASK_HORIZON or after < 0:
             return
         words = out[row].numpy()
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size]
-        eos = set(self.eos_token_ids)
-        capacity = self._capacity()  # also reads the vocabulary's bytes
-        n = len(self._vocab_bytes or [])
-        candidates = [t for t in np.flatnonzero(bits).tolist() if t < n and t not in eos]
-        forbidden = budget_forbidden(self._text(tokens), candidates, self._vocab_bytes, after, self.schema, capacity)
-        if forbidden:  # clear their bits in place (no repacking of the whole row)
-            ids = np.asarray(forbidden, dtype=np.uint32)
-            np.bitwise_and.at(words.view(np.uint32), ids >> 5, ~(np.uint32(1) << (ids & 31)))
+        capacity, specials, usable = self._capacity()  # also reads the vocabulary's bytes
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
+        candidates = np.flatnonzero(bits & usable)
+        forbidden = budget_forbidden(
+            self._text(tokens), candidates, self._vocab_bytes or [], after, self.schema, capacity, specials
+        )
+        if forbidden.size:  # clear their bits in place, one packed AND over the row
+            drop = np.zeros(words.size * 32, dtype=bool)
+            drop[forbidden] = True
+            words &= ~np.packbits(drop, bitorder="little").view(words.dtype)
 
     def _text(self, tokens: Sequence[int]) -> str:
         """The text of generated token ids (EOS and special tokens contribute nothing)."""

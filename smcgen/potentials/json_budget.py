@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from smcgen.potentials.json_schema_check import LoweredSchema
 from smcgen.potentials.json_schema_refs import resolve_local
 from smcgen.potentials.json_schema_shortest import shortest_document
@@ -326,41 +328,50 @@ def budget_twist(
     return shortfall_twist(_closing_need_of(state, schema), tokens_left)
 
 
+def string_specials(vocab: list[bytes]) -> np.ndarray:
+    """bool per token id of ``vocab``: the token holds a quote or a backslash (the only tokens that
+    can change a JSON prefix's state inside a string; see :func:`budget_forbidden`)."""
+    return np.fromiter((b'"' in raw or b"\\" in raw for raw in vocab), dtype=bool, count=len(vocab))
+
+
 def budget_forbidden(
     text: str,
-    candidates: list[int],
+    candidates: np.ndarray,
     vocab: list[bytes],
     tokens_after: int,
     schema: LoweredSchema | None,
     capacity: TokenCapacity,
-) -> list[int]:
+    specials: np.ndarray,
+) -> np.ndarray:
     """The ``candidates`` (token ids the grammar allows next) after which no completion fits in
     ``tokens_after`` more tokens (by :func:`min_tokens`): dropping them from the mask is exact.
 
-    Inside a string, a token without a quote or backslash leaves the state as it is, so those are
-    decided together; other tokens are fed one by one.
+    Inside a string, a token without a quote or backslash (``specials``, from
+    :func:`string_specials`) leaves the state as it is, so those are decided together, as one
+    array operation over the vocabulary; the others are fed one by one.
     """
     root = schema.grammar_schema if schema is not None else None
     state = JsonPrefix(root).feed(text)
-    out: list[int] = []
+    out = np.empty(0, dtype=np.int64)
+    candidates = np.asarray(candidates, dtype=np.int64)
     if state.in_string:
-        plain_ok = min_tokens(state, capacity) <= tokens_after
-        special = [t for t in candidates if b'"' in vocab[t] or b"\\" in vocab[t]]
-        if not plain_ok:
-            specials = set(special)
-            out = [t for t in candidates if t not in specials]
-        candidates = special
-    for t in candidates:
-        after = state.copy().feed(vocab[t].decode("utf-8", "replace"))
-        if min_tokens(after, capacity) > tokens_after:
-            out.append(t)
-    return out
+        special = specials[candidates]
+        if min_tokens(state, capacity) > tokens_after:
+            out = candidates[~special]
+        candidates = candidates[special]
+    fed = [
+        t
+        for t in candidates.tolist()
+        if min_tokens(state.copy().feed(vocab[t].decode("utf-8", "replace")), capacity) > tokens_after
+    ]
+    return np.concatenate([out, np.asarray(fed, dtype=np.int64)]) if fed else out
 
 
 __all__ = [
     "JsonPrefix",
     "TokenCapacity",
     "budget_forbidden",
+    "string_specials",
     "budget_twist",
     "closing_need",
     "min_tokens",
