@@ -42,6 +42,19 @@ def _engine(native_models, guide, block: int, n: int, max_new: int, seed: int, *
     )
 
 
+def _count_extended(guide: GrammarPotential) -> list[bool]:
+    """Record whether each ``extend_bitmask`` call took the incremental path."""
+    calls: list[bool] = []
+    extend = guide.extend_bitmask
+
+    def spy(*args):
+        calls.append(extend(*args))
+        return calls[-1]
+
+    guide.extend_bitmask = spy
+    return calls
+
+
 @pytest.mark.parametrize("block", [0, 1, 3], ids=["plain", "sd_k1", "sd_k3"])
 @pytest.mark.parametrize("source", ["regex", "recursive"])
 def test_pieces_draw_what_the_eager_cycle_draws(native_models, block, source):
@@ -56,7 +69,11 @@ def test_pieces_draw_what_the_eager_cycle_draws(native_models, block, source):
         engine = _engine(native_models, guide, block, 4, 8, seed=11, ess_threshold=1.0)
         assert engine.dfa is None and "between the cycle's pieces" in engine.guide_reason
         engine.host_guide_pieces = pieces
+        fed = _count_extended(guide)
         runs[pieces] = engine.run(PROMPT, n_groups=6, on_dead="flag")
+        if pieces:
+            # every mask after the run's first came from one new token per row, none from whole rows
+            assert fed and all(fed), fed
     a, b = runs[True], runs[False]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
     assert torch.equal(a.dead, b.dead)

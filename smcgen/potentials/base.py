@@ -145,6 +145,18 @@ class Potential(abc.ABC):
         """
         return PendingMask(self, sequences[:, n_prompt:].to("cpu", copy=True), list(sequences[0, :n_prompt].tolist()))
 
+    def extend_bitmask(self, tokens: Tensor, length: int, out: Tensor) -> bool:
+        """Optional fast path of :meth:`request_bitmask` for an engine that feeds every drawn token.
+
+        Each row has consumed ``length - 1`` tokens (fewer when it ended at an EOS) through
+        :meth:`start`, the masks asked before and :meth:`reorder`; ``tokens`` (int64 ``[R]``, CPU)
+        is every row's next one. Write the next-token bitmasks after them into ``out`` (int32
+        ``[R, ceil(V/32)]``, CPU) and return True, or return False without writing (the default,
+        or rows that are not where the engine says): the engine then asks :meth:`request_bitmask`
+        with the rows' whole tokens. It saves re-reading every row's history at every step.
+        """
+        return False
+
     def __mul__(self, other: Potential) -> Potential:
         if not isinstance(other, Potential):
             return NotImplemented

@@ -41,7 +41,7 @@ from smcgen.core.sampling import bitmask_width
 from smcgen.potentials.base import Potential, SequenceBatch
 from smcgen.potentials.errors import GrammarError, engine_message, with_caret
 from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES, build_token_dfa, sub_rules_are_a_tree
-from smcgen.potentials.grammar_matchers import GrammarStats, MatcherRows
+from smcgen.potentials.grammar_matchers import GrammarStats, MatcherRow, MatcherRows
 from smcgen.potentials.grammar_vocab import tokenizer_info, xgr
 from smcgen.potentials.json_budget import (
     MASK_HORIZON,
@@ -426,18 +426,35 @@ class GrammarPotential(MatcherRows, Potential):
         """
         return self.request_bitmask(sequences, n_prompt).result()
 
+    def extend_bitmask(self, tokens: Tensor, length: int, out: Tensor) -> bool:
+        self._need_bound()
+        rows = self._extended(tokens.tolist(), length)
+        if rows is None:
+            return False
+        self._fill(rows, out)
+        return True
+
     def _bitmask_for(self, token_ids: list[list[int]]) -> Tensor:
         states = [self._row(i, t) for i, t in enumerate(token_ids)]
         # numpy fills it on this thread: torch.full goes parallel above 32k elements (R >= 22 rows of a
         # 49k vocabulary) and waking its OpenMP pool cost 30-60 ms per step on a loaded 2-core host
         out = torch.from_numpy(np.full((len(states), bitmask_width(self.vocab_size)), -1, dtype=np.int32))
+        self._fill(states, out, cleared=True)
+        return out
+
+    def _fill(self, states: list[MatcherRow], out: Tensor, cleared: bool = False) -> None:
+        """Write each row's next-token bitmask into ``out``: the grammar's (and the JSON budget's)
+        for live rows, all ones for rows that ended or left the language (their draws are ignored;
+        ``cleared``: ``out`` is all ones already)."""
         live = [i for i, s in enumerate(states) if s.alive and not s.matcher.is_terminated()]
+        if not cleared and len(live) < len(states):
+            alive = set(live)
+            out[[i for i in range(len(states)) if i not in alive]] = -1
         if live:
             t0 = time.perf_counter()
             self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
             if self.finish_within is not None and self.schema is not None:
                 for i in live:
-                    self._budget_mask(out, i, token_ids[i])
+                    self._budget_mask(out, i, states[i].tokens)
             self.stats.mask_seconds += time.perf_counter() - t0
             self.stats.mask_rows += len(live)
-        return out

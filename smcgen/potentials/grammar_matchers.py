@@ -77,6 +77,7 @@ class MatcherRows:
     _initial: Any
     _info: Any
     stats: GrammarStats
+    eos_token_ids: tuple[int, ...]
     _need_bound: Callable[[], None]
 
     # A run's states live in the calling thread's slot: the engine calls start / reorder / scores /
@@ -126,6 +127,38 @@ class MatcherRows:
         row.tokens.extend(new)
         self.stats.tokens += len(new)
         self.stats.advance_seconds += time.perf_counter() - t0
+
+    def _extended(self, tokens: list[int], length: int) -> list[MatcherRow] | None:
+        """The rows after each consumed one more token (``tokens[r]`` for row r), or None (nothing
+        fed) when a row has not consumed ``length - 1`` tokens: the caller rebuilds from whole rows.
+        A row that ended at an EOS stays as it is (what follows an EOS is padding)."""
+        rows = self._rows
+        eos = self.eos_token_ids
+        if len(rows) != len(tokens):
+            return None
+        for r in rows:
+            n = len(r.tokens)
+            if n != length - 1 and not (n < length and n and r.tokens[-1] in eos):
+                return None
+        t0 = time.perf_counter()
+        fed = 0
+        for r, t in zip(rows, tokens):
+            if r.tokens and r.tokens[-1] in eos:
+                continue
+            if r.alive:
+                m = r.matcher
+                if m.is_terminated() or not m.accept_token(t):
+                    r.alive = False
+                    r.reason = (
+                        f"token {t} ({self._token_text(t)}) at position {len(r.tokens)} is not allowed by the grammar"
+                        if not m.is_terminated()
+                        else f"token {t} at position {len(r.tokens)} follows the end of the grammar"
+                    )
+            r.tokens.append(t)
+            fed += 1
+        self.stats.tokens += fed
+        self.stats.advance_seconds += time.perf_counter() - t0
+        return rows
 
     def _synced(self, row: MatcherRow | None, tokens: list[int]) -> MatcherRow:
         """A state that has consumed exactly ``tokens``: ``row`` advanced, or rebuilt from the start."""

@@ -65,6 +65,8 @@ class HostGuidedCycle:
         self.graphs: dict[str, torch.cuda.CUDAGraph] | None = None
         # cycles run, and how many the run has at most (no first draft forward is launched past them)
         self.cycles, self.n_cycles = 0, s.history.shape[1] // (self.K + 1)
+        # masks computed from one new token per row (extend_bitmask), not the rows' whole tokens
+        self.stats_extended = 0
         # the next cycle's first draft forward was launched before the host's reorder
         self._launched_ahead = False
         # on a GPU the first cycle runs eagerly (the warm-up: Triton compiles, cuBLAS picks kernels),
@@ -119,9 +121,18 @@ class HostGuidedCycle:
             piece(*args)
 
     def _host_mask(self, host_tokens: list[Tensor]) -> None:
-        """The guide's masks of every row after ``host_tokens``, onto the device before the next pick."""
-        mask = self.engine.mask.request_bitmask(torch.cat(host_tokens, dim=1), 0).result()
-        self.mask_host.copy_(mask)
+        """The guide's masks of every row after ``host_tokens``, onto the device before the next pick.
+
+        The guide's rows have consumed all but the last token (the masks asked before, reordered
+        with the particles), so it is fed that one column (``extend_bitmask``); a guide without
+        that path, or whose rows are elsewhere, reads the rows' whole tokens."""
+        guide = self.engine.mask
+        length = sum(t.shape[1] for t in host_tokens)
+        last = host_tokens[-1]
+        if length and last.shape[1] and guide.extend_bitmask(last[:, -1], length, self.mask_host):
+            self.stats_extended += 1
+        else:
+            self.mask_host.copy_(guide.request_bitmask(torch.cat(host_tokens, dim=1), 0).result())
         self.mask_dev.copy_(self.mask_host, non_blocking=True)
 
     def _to_host(self, src: Tensor, dst: Tensor) -> Tensor:
