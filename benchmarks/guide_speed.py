@@ -14,7 +14,9 @@ One run, through ``smcgen.generate``: random-weight Llama-3.1-8B target and Llam
 
 Each row says which path ran (device automaton / host pieces / host eager, from
 ``result.engine_reason``), tokens/s of the answer and of all particles, and the ratio to the
-unguided baseline. Grammars need a real tokenizer: ``--tokenizer-dir`` (any Hugging Face tokenizer
+unguided baseline; and the steady milliseconds per cycle (decode time after the first cycle, which
+a host guide runs eagerly while its pieces are recorded) with its ratio to unguided, the speed a
+long answer sees whatever length this one had. Grammars need a real tokenizer: ``--tokenizer-dir`` (any Hugging Face tokenizer
 directory), else a synthetic word-level tokenizer of 128256 tokens (printable characters and
 random multi-character pieces, so masks cost what a real vocabulary's do) is built in memory. The
 regex is a sentence (``[A-Z][a-z ,]*`` by default: no full stop, so particles use the whole budget
@@ -122,7 +124,7 @@ def timed(label: str, repeats: int, forced_eager: bool = False, **kw) -> dict:
     NativeSMC.host_guide_pieces = not forced_eager
     try:
         smcgen.generate(**kw)
-        speeds, particle_speeds, out = [], [], None
+        speeds, particle_speeds, cycle_ms, out = [], [], [], None
         for i in range(repeats):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -131,6 +133,9 @@ def timed(label: str, repeats: int, forced_eager: bool = False, **kw) -> dict:
             wall = time.perf_counter() - t0
             speeds.append(len(out.token_ids) / wall)
             particle_speeds.append(out.particle_tokens / wall)
+            timing = smcgen.api.cached_engine(kw["target"], draft=kw["draft"], engine=kw["engine"])._native
+            timing = timing.most_recent().last_timing
+            cycle_ms.append(steady_cycle_ms(timing))
     finally:
         NativeSMC.host_guide_pieces = True
     assert out is not None
@@ -141,6 +146,7 @@ def timed(label: str, repeats: int, forced_eager: bool = False, **kw) -> dict:
         "engine_reason": out.engine_reason,
         "tok_s": statistics.median(speeds),
         "particle_tok_s": statistics.median(particle_speeds),
+        "cycle_ms": statistics.median(cycle_ms),
         "tokens": len(out.token_ids),
         "resamples": out.n_resamples,
         "dead": bool(out.dead),
@@ -152,6 +158,16 @@ def timed(label: str, repeats: int, forced_eager: bool = False, **kw) -> dict:
     }
     print(json.dumps({k: v for k, v in row.items() if k != "answer_ids"}), flush=True)
     return row
+
+
+def steady_cycle_ms(timing: dict) -> float:
+    """Milliseconds per decode cycle after the first: what a long answer pays per cycle. A host
+    guide's pieces run their first cycle eagerly and record their graphs inside the decode time,
+    which a short answer (a finished SQL query) would otherwise spread over few cycles; the
+    whole-cycle graph is captured before decoding."""
+    warm = timing.get("pieces_warm_up_s", 0.0)
+    cycles = timing["cycles"] - (1 if warm else 0)
+    return 1e3 * (timing["decode_s"] - warm) / max(cycles, 1)
 
 
 def automaton_info(guide: GrammarPotential) -> dict:
@@ -287,6 +303,8 @@ def main() -> None:
     for r in rows:
         r["vs_unguided"] = r["tok_s"] / base
         r["particle_vs_unguided"] = r["particle_tok_s"] / base_p
+        # every cycle adds K+1 tokens to each live particle: the cycle time ratio is the steady speed ratio
+        r["cycle_vs_unguided"] = rows[0]["cycle_ms"] / r["cycle_ms"]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "guide_speed.json"), "w") as f:
         json.dump({"info": info, "rows": rows}, f, indent=1)
@@ -298,13 +316,15 @@ def main() -> None:
     for name, a in info["automata"].items():
         print(f"  {name}: {a}; host masks of 8 rows: {info['host_mask_ms_8_rows'][name]}")
     print(
-        "| request | path | tok/s (answer) | answer tokens | vs unguided | particle tok/s | vs unguided | dead |\n"
-        "|---|---|---:|---:|---:|---:|---:|---|"
+        "| request | path | tok/s (answer) | answer tokens | vs unguided | particle tok/s | vs unguided "
+        "| ms per cycle (after the first) | vs unguided | dead |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     for r in rows:
         print(
             f"| {r['variant']} | {r['path']} | {r['tok_s']:.1f} | {r['tokens']} | {r['vs_unguided']:.0%} "
-            f"| {r['particle_tok_s']:.1f} | {r['particle_vs_unguided']:.0%} | {'yes' if r['dead'] else ''} |"
+            f"| {r['particle_tok_s']:.1f} | {r['particle_vs_unguided']:.0%} | {r['cycle_ms']:.2f} "
+            f"| {r['cycle_vs_unguided']:.0%} | {'yes' if r['dead'] else ''} |"
         )
 
 

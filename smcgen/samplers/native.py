@@ -195,7 +195,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         #: runs without effect. None (default): on CUDA only (on the CPU a cycle runs as it is
         #: issued, so there is nothing to overlap); True / False: always / never
         self.lookahead: bool | None = None
-        #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run
+        #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run, and
+        #: the part of decode a host guide's pieces spent on their eager first cycle and recording
         self.last_timing: dict[str, float] = {}
 
     def unsupported_reason(self, prompt_len: int, max_new_tokens: int | None = None) -> str | None:
@@ -383,6 +384,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             "capture_s": t_decode - t_prefill,
             "decode_s": t_end - t_decode,
             "cycles": n_cycles,
+            # a host guide's pieces run their first cycle eagerly and are recorded inside decode_s
+            "pieces_warm_up_s": getattr(getattr(state, "host_guided", None), "warm_up_s", 0.0),
         }
         tcache.check_status()
         if dcache is not None:

@@ -22,6 +22,7 @@ weights (tests/test_host_guide_pieces.py). On the CPU the pieces run eagerly, on
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,6 +68,8 @@ class HostGuidedCycle:
         self.cycles, self.n_cycles = 0, s.history.shape[1] // (self.K + 1)
         # masks computed from one new token per row (extend_bitmask), not the rows' whole tokens
         self.stats_extended = 0
+        #: seconds of the first cycle, eager, and of recording the pieces (0: not captured)
+        self.warm_up_s = 0.0
         # the next cycle's first draft forward was launched before the host's reorder
         self._launched_ahead = False
         # on a GPU the first cycle runs eagerly (the warm-up: Triton compiles, cuBLAS picks kernels),
@@ -153,6 +156,7 @@ class HostGuidedCycle:
             self._cycle()
             return
         self._to_capture = False
+        t0 = time.perf_counter()
         dev = self.engine.device
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -160,6 +164,7 @@ class HostGuidedCycle:
             self._cycle()
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.synchronize(dev)
+        self.warm_up_s = time.perf_counter() - t0
         if self.cycles >= self.n_cycles:
             return
         try:
@@ -171,6 +176,7 @@ class HostGuidedCycle:
             logger.warning("%s", why)
             if why not in (self.engine.guide_reason or ""):
                 self.engine.guide_reason = f"{self.engine.guide_reason}; {why}"
+        self.warm_up_s = time.perf_counter() - t0
 
     def _cycle(self) -> None:
         s = self.s
