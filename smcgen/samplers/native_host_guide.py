@@ -66,8 +66,6 @@ class HostGuidedCycle:
         self.graphs: dict[str, torch.cuda.CUDAGraph] | None = None
         # cycles run, and how many the run has at most (no first draft forward is launched past them)
         self.cycles, self.n_cycles = 0, s.history.shape[1] // (self.K + 1)
-        # masks computed from one new token per row (extend_bitmask), not the rows' whole tokens
-        self.stats_extended = 0
         #: seconds of the first cycle, eager, and of recording the pieces (0: not captured)
         self.warm_up_s = 0.0
         # the next cycle's first draft forward was launched before the host's reorder
@@ -132,9 +130,7 @@ class HostGuidedCycle:
         guide = self.engine.mask
         length = sum(t.shape[1] for t in host_tokens)
         last = host_tokens[-1]
-        if length and last.shape[1] and guide.extend_bitmask(last[:, -1], length, self.mask_host):
-            self.stats_extended += 1
-        else:
+        if not (length and last.shape[1] and guide.extend_bitmask(last[:, -1], length, self.mask_host)):
             self.mask_host.copy_(guide.request_bitmask(torch.cat(host_tokens, dim=1), 0).result())
         self.mask_dev.copy_(self.mask_host, non_blocking=True)
 
