@@ -101,6 +101,56 @@ def test_recursive_guide_takes_the_pieces_and_says_so(native_models):
     assert kept > 0
 
 
+@pytest.mark.parametrize("max_new", [4, 5, 6])
+def test_pieces_apply_the_python_grammars_last_token_mask(max_new):
+    """The Python grammar narrows its mask at the budget's last token to tokens that complete the
+    text; the pieces, fed one new token per row, must do it as the eager cycle does (they once
+    skipped it: 1 of 200 particles finished where the eager cycle had 20)."""
+    from tiny_models import tiny_lm
+
+    from smcgen.potentials import PythonGrammarPotential
+    from smcgen.runners.native.model import NativeCausalLM
+
+    pieces, eos = ["\n    x = (1", ")\n", "\n    # c", "\n"], 4
+    target = NativeCausalLM.from_hf(tiny_lm(3, vocab=5, eos=eos, logit_scale=0.5).model, device=torch.device("cpu"))
+    runs = {}
+    for in_pieces in (True, False):
+        g = PythonGrammarPotential.build([*pieces, None], eos_token_ids=[eos])
+        g.finish_within = max_new
+        cfg = SMCConfig(n_particles=4, block_size=1, max_new_tokens=max_new, seed=11, ess_threshold=1.0)
+        engine = NativeSMC(target, cfg, eos_token_ids=(eos,), page_size=4, guide=g, device_guide=False)
+        engine.host_guide_pieces = in_pieces
+        runs[in_pieces] = engine.run([0, 1], n_groups=200, on_dead="flag")
+    a, b = runs[True], runs[False]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.equal(torch.isfinite(a.log_weights), torch.isfinite(b.log_weights))
+    assert int(torch.isfinite(b.log_weights).sum()) > 10  # the mask lets many particles finish
+
+
+def test_extend_bitmask_equals_whole_rows_and_refuses_rows_elsewhere():
+    """One new token per row gives the masks the rows' whole tokens give (an EOS-ended row stays
+    ended); a length the rows are not at is refused (False, nothing fed), so the engine reads whole
+    rows instead."""
+    from smcgen.core.sampling import bitmask_width
+
+    g = grammar(LONG_REGEX)
+    # ids of TOKENS: row 1 ends at EOS, row 2 leaves the language at "ab"
+    rows = torch.tensor([[0, 0, 1], [1, 0, EOS], [0, 1, 0]])
+    g.start(PROMPT, 3)
+    out = torch.zeros(3, bitmask_width(g.vocab_size), dtype=torch.int32)
+    assert not g.extend_bitmask(rows[:, 1], 2, out), "the rows have consumed nothing yet"
+    assert g.extend_bitmask(rows[:, 0], 1, out)
+    for k in (1, 2):
+        assert not g.extend_bitmask(rows[:, k], k + 2, out), "a length the rows are not at"
+        assert g.extend_bitmask(rows[:, k], k + 1, out)
+        whole = grammar(LONG_REGEX)
+        whole.start(PROMPT, 3)
+        expect = whole.next_token_bitmask(rows[:, : k + 1], 0)
+        assert torch.equal(out, expect), k
+    assert torch.equal(out[2], torch.full_like(out[2], -1)), "a row out of the language draws unmasked (ignored)"
+    assert not torch.equal(out[0], out[2])
+
+
 def test_pieces_are_made_once_per_run(native_models, monkeypatch):
     made = []
     init = HostGuidedCycle.__init__

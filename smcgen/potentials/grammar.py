@@ -453,8 +453,14 @@ class GrammarPotential(MatcherRows, Potential):
         if live:
             t0 = time.perf_counter()
             self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in live], out, live)
-            if self.finish_within is not None and self.schema is not None:
+            if self.finish_within is not None:
                 for i in live:
-                    self._budget_mask(out, i, states[i].tokens)
+                    self._narrow_to_budget(out, i, states[i])
             self.stats.mask_seconds += time.perf_counter() - t0
             self.stats.mask_rows += len(live)
+
+    def _narrow_to_budget(self, out: Tensor, i: int, row: MatcherRow) -> None:
+        """Clear from live row ``i``'s grammar mask the tokens after which no text can end within
+        ``finish_within`` tokens (exact: they have zero target mass): a JSON schema's budget mask."""
+        if self.schema is not None:
+            self._budget_mask(out, i, row.tokens)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from smcgen.grammars.python import python_grammar
 from smcgen.potentials.grammar import GrammarPotential
+from smcgen.potentials.grammar_matchers import MatcherRow
 from smcgen.potentials.grammar_vocab import tokenizer_info
 
 __all__ = ["PythonGrammarPotential", "lazy_compiler"]
@@ -124,29 +125,23 @@ class PythonGrammarPotential(GrammarPotential):
             self._ending_tokens = np.array(sorted(set(ids)), dtype=np.int64)
         return self._ending_tokens
 
-    def _bitmask_for(self, token_ids: list[list[int]]) -> Tensor:
-        out = super()._bitmask_for(token_ids)
-        if self.finish_within is None:
-            return out
-        for i, tokens in enumerate(token_ids):
-            if len(tokens) != self.finish_within - 1:
-                continue
-            row = self._row(i, tokens)
-            if not row.alive or row.matcher.is_terminated():
-                continue
-            words = out[i].numpy().view(np.uint32)
-            cand = self._ending()
-            cand = cand[(words[cand >> 5] >> (cand & 31).astype(np.uint32)) & 1 == 1]
-            keep = []
-            for t in cand.tolist():
-                if row.matcher.accept_token(t):
-                    if row.matcher.is_completed() or row.matcher.is_terminated():
-                        keep.append(t)
-                    row.matcher.rollback(1)
-            if not keep:  # no token ends it here: the particle is cut unfinished and scores zero anyway
-                continue
-            ids = np.array(keep, dtype=np.int64)
-            new = np.zeros_like(words)
-            np.bitwise_or.at(new, ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
-            out[i] = torch.from_numpy(new.view(np.int32))
-        return out
+    def _narrow_to_budget(self, out: Tensor, i: int, row: MatcherRow) -> None:
+        """At the last token of the budget, keep only the tokens that complete the text (the
+        last-token mask); ``row`` is live and has consumed ``row.tokens``."""
+        if len(row.tokens) != self.finish_within - 1:
+            return
+        words = out[i].numpy().view(np.uint32)
+        cand = self._ending()
+        cand = cand[(words[cand >> 5] >> (cand & 31).astype(np.uint32)) & 1 == 1]
+        keep = []
+        for t in cand.tolist():
+            if row.matcher.accept_token(t):
+                if row.matcher.is_completed() or row.matcher.is_terminated():
+                    keep.append(t)
+                row.matcher.rollback(1)
+        if not keep:  # no token ends it here: the particle is cut unfinished and scores zero anyway
+            return
+        ids = np.array(keep, dtype=np.int64)
+        new = np.zeros_like(words)
+        np.bitwise_or.at(new, ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
+        out[i] = torch.from_numpy(new.view(np.int32))
