@@ -108,7 +108,11 @@ class MatcherRows:
 
     def _advance(self, row: MatcherRow, tokens: list[int]) -> None:
         """Feed ``tokens[len(row.tokens):]`` to the row's matcher (``tokens`` extends ``row.tokens``)."""
-        new = tokens[len(row.tokens) :]
+        self._feed(row, tokens[len(row.tokens) :])
+
+    def _feed(self, row: MatcherRow, new: list[int]) -> None:
+        """Feed ``new`` tokens after ``row.tokens``; the row leaves the language (with the reason) at
+        the first one its matcher rejects, and records every token either way."""
         if not new:
             return
         t0 = time.perf_counter()
@@ -140,24 +144,9 @@ class MatcherRows:
             n = len(r.tokens)
             if n != length - 1 and not (n < length and n and r.tokens[-1] in eos):
                 return None
-        t0 = time.perf_counter()
-        fed = 0
         for r, t in zip(rows, tokens):
-            if r.tokens and r.tokens[-1] in eos:
-                continue
-            if r.alive:
-                m = r.matcher
-                if m.is_terminated() or not m.accept_token(t):
-                    r.alive = False
-                    r.reason = (
-                        f"token {t} ({self._token_text(t)}) at position {len(r.tokens)} is not allowed by the grammar"
-                        if not m.is_terminated()
-                        else f"token {t} at position {len(r.tokens)} follows the end of the grammar"
-                    )
-            r.tokens.append(t)
-            fed += 1
-        self.stats.tokens += fed
-        self.stats.advance_seconds += time.perf_counter() - t0
+            if not (r.tokens and r.tokens[-1] in eos):
+                self._feed(r, [t])
         return rows
 
     def _synced(self, row: MatcherRow | None, tokens: list[int]) -> MatcherRow:
