@@ -160,9 +160,11 @@ class HostGuidedCycle:
             self._cycle()
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.synchronize(dev)
+        if self.cycles < self.n_cycles:
+            self._record_or_run_eagerly()
         self.warm_up_s = time.perf_counter() - t0
-        if self.cycles >= self.n_cycles:
-            return
+
+    def _record_or_run_eagerly(self) -> None:
         try:
             self._record()
         except RuntimeError as err:
@@ -172,7 +174,6 @@ class HostGuidedCycle:
             logger.warning("%s", why)
             if why not in (self.engine.guide_reason or ""):
                 self.engine.guide_reason = f"{self.engine.guide_reason}; {why}"
-        self.warm_up_s = time.perf_counter() - t0
 
     def _cycle(self) -> None:
         s = self.s
