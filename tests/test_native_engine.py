@@ -378,6 +378,42 @@ def test_the_graph_warm_up_leaves_the_run_as_it_was(models, warm_up_capture, res
     torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("resampler", ["systematic", "multinomial"])
+def test_a_run_of_the_same_shape_replays_the_kept_capture(models, warm_up_capture, resampler):
+    """A run with the last run's prompt lengths and limits (other prompts, other seeds) reuses its
+    state, KV caches and captured cycle: no second capture, the draws of a fresh engine, and the
+    earlier result left as it was. Another shape, or another engine's run in between, captures anew."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=0, ess_threshold=0.9, resampler=resampler)
+
+    def engine() -> NativeSMC:
+        return NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4, cuda_graph=False)
+
+    lengths, limits = [5, 2, 13], [9, 6, 9]
+    first_prompts = [_prompt(n, i) for i, n in enumerate(lengths)]
+    second_prompts = [_prompt(n, i + 10) for i, n in enumerate(lengths)]
+    kept = engine()
+    captured = warm_up_capture(kept)
+    first = kept.run(first_prompts, on_dead="flag", seeds=[3, 1, 4], max_new_tokens=limits)
+    first_tokens, first_w, first_ess = first.tokens.clone(), first.log_weights.clone(), first.ess_history.clone()
+    second = kept.run(second_prompts, on_dead="flag", seeds=[2, 7, 1], max_new_tokens=limits)
+    assert len(captured) == 1 and captured[0] is NativeSMC._kept[2]
+    assert kept.last_timing["capture_s"] < 0.05
+    expected = engine().run(second_prompts, on_dead="flag", seeds=[2, 7, 1], max_new_tokens=limits)
+    assert torch.equal(second.tokens, expected.tokens) and torch.equal(second.lengths, expected.lengths)
+    assert torch.equal(second.resampled, expected.resampled)
+    torch.testing.assert_close(second.log_weights, expected.log_weights, rtol=0, atol=0)
+    # the first result is the caller's, not a view of the kept state
+    assert torch.equal(first.tokens, first_tokens) and torch.equal(first.log_weights, first_w)
+    assert torch.equal(first.ess_history.isnan(), first_ess.isnan())
+    # another engine's run drops the kept one; then the same shape captures again
+    engine().run(second_prompts, on_dead="flag", seeds=[2, 7, 1], max_new_tokens=limits)
+    kept.run(second_prompts, on_dead="flag", seeds=[2, 7, 1], max_new_tokens=limits)
+    assert len(captured) == 2
+    kept.run(second_prompts[:2], on_dead="flag", seeds=[2, 7], max_new_tokens=limits[:2])
+    assert len(captured) == 3
+
+
 def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):
     """Without per-request seeds the groups of one length share the config's stream (the i-th
     length another key), in the order given; reproducible."""

@@ -101,6 +101,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
     host_guide_pieces: bool = True
     #: those pieces are replayed as CUDA graphs (set from ``cuda_graph`` when the guide is on the host)
     host_guide_graphs: bool = False
+    #: the last captured run of any engine: (engine, shape, state with its KV caches, graph); the
+    #: engine's next run of that shape replays it (``_run_segments``), any other run drops it first
+    _kept: tuple[Any, tuple, _CycleState, Any] | None = None
 
     def __init__(
         self,
@@ -301,15 +304,29 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         dev = self.device
         t_start = time.perf_counter()
 
-        share_t = 1.0
-        if self.draft is not None:
-            kv_t = self.target.kv_bytes_per_token()
-            kv_d = self.draft.kv_bytes_per_token()
-            share_t = kv_t / (kv_t + kv_d)
-        tcache = self._make_cache(self.target, segments, 1, share_t)
-        dcache = self._make_cache(self.draft, segments, 2, 1.0 - share_t) if self.draft is not None else None
-
-        state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
+        # the last run's state, caches and captured cycle serve a run of the same shape (prompt
+        # lengths, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture
+        shape = self._run_shape(segments) if feed is None else None
+        # one kept run across all engines (its pools hold GPU memory): released before sizing new
+        # pools, unless reused
+        kept, NativeSMC._kept = NativeSMC._kept, None
+        if kept is not None and kept[0] is self and kept[1] == shape:
+            _, _, state, graph = kept
+            tcache, dcache = state.tcache, state.dcache
+            for cache in (tcache, dcache):
+                if cache is not None:
+                    cache.reset()
+            state.start(self, segments)
+        else:
+            graph = None
+            share_t = 1.0
+            if self.draft is not None:
+                kv_t = self.target.kv_bytes_per_token()
+                kv_d = self.draft.kv_bytes_per_token()
+                share_t = kv_t / (kv_t + kv_d)
+            tcache = self._make_cache(self.target, segments, 1, share_t)
+            dcache = self._make_cache(self.draft, segments, 2, 1.0 - share_t) if self.draft is not None else None
+            state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
         if feed is not None:
             feed.attach(state, T)
         if self.potential is not None:
@@ -319,9 +336,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         _sync(dev)
         t_prefill = time.perf_counter()
 
-        graph = None
         self._step = 1  # the step a device potential's error names (the capture runs cycle 1)
-        if self.cuda_graph:
+        if self.cuda_graph and graph is None:
             graph = self._capture(state)
         _sync(dev)
         t_decode = time.perf_counter()
@@ -385,7 +401,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             "decode_s": t_end - t_decode,
             "cycles": n_cycles,
             # a host guide's pieces run their first cycle eagerly and are recorded inside decode_s
-            "pieces_warm_up_s": getattr(getattr(state, "host_guided", None), "warm_up_s", 0.0),
+            "pieces_warm_up_s": state.host_guided.warm_up_s if state.host_guided is not None else 0.0,
         }
         tcache.check_status()
         if dcache is not None:
@@ -403,8 +419,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         # dead during the run (the weight update leaves a dead group's -inf weights as they are), or
         # (with a grammar) no particle ended inside the language
         dead = torch.isneginf(state.log_w).all(dim=1).cpu()
-        ess = state.ess_history[:n_cycles].cpu()
-        resampled = state.resampled_history[:n_cycles].cpu()
+        # copies on every device: the state is kept for the next run (on the CPU ``.cpu()`` aliases it)
+        ess = state.ess_history[:n_cycles].to("cpu", copy=True)
+        resampled = state.resampled_history[:n_cycles].to("cpu", copy=True)
         finished = state.done_history[:n_cycles].cpu()
         for g in segments:
             # a segment's cycles after all its particles finished: the run alone would have stopped
@@ -414,14 +431,21 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                 ess[after:, g.g0 : g.g1] = math.nan
                 resampled[after:, g.g0 : g.g1] = False
         run = BatchRun.from_log_weights(
-            state.history[:, :limit].reshape(B, N, limit),
-            state.lengths.view(B, N),
+            state.history[:, :limit].reshape(B, N, limit).to("cpu", copy=True),
+            state.lengths.view(B, N).to("cpu", copy=True),
             state.log_w.double(),
             ess,
             resampled,
             elapsed,
             dead,
         )
+        if graph is not None and shape is not None:
+            NativeSMC._kept = (self, shape, state, graph)
         return run, timing
+
+    def _run_shape(self, segments: list[_Segment]) -> tuple:
+        """What a captured cycle fixes of a run: the batch layout, each segment's prompt length and
+        limit (the pools' sizes, the shared prefixes), not the seeds."""
+        return tuple((g.g0, g.g1, g.n_particles, g.prompt_len, g.limit) for g in segments)
 
     # ---------------------------------------------------------------------------- prefill

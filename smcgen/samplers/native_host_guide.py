@@ -246,7 +246,7 @@ class HostGuidedCycle:
 def host_guided_cycle(engine: NativeSMC, s: _CycleState) -> None:
     """Run one host-guided cycle of ``s`` in pieces (captured on the first cycle when the engine
     uses CUDA graphs for host guides)."""
-    pieces = getattr(s, "host_guided", None)
+    pieces = s.host_guided
     if pieces is None:
         pieces = s.host_guided = HostGuidedCycle(engine, s, HostGuidedCycle.captures(engine))
     pieces.cycle()

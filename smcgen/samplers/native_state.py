@@ -84,47 +84,77 @@ class _CycleState:
         limits = [g.limit for g in segments for _ in range(g.n_rows)]
         same = all(m == cfg.max_new_tokens for m in limits)
         self.limits = None if same else torch.tensor(limits, **i64)
-        self.history = torch.full((self.R, n_cycles * T), engine.pad_id, **i64)
-        # guided runs: the history's filled columns on the host, updated a block per cycle
-        self.host_history = torch.zeros(self.R, 0, dtype=torch.long)
-        self.lengths = torch.zeros(self.R, **i64)
-        self.done = torch.zeros(self.R, dtype=torch.bool, device=dev)
-        self.all_done = torch.zeros(1, dtype=torch.bool, device=dev)
+        self.history = torch.empty((self.R, n_cycles * T), **i64)
+        self.lengths = torch.empty(self.R, **i64)
+        self.done = torch.empty(self.R, dtype=torch.bool, device=dev)
+        self.all_done = torch.empty(1, dtype=torch.bool, device=dev)
         self.pending = torch.zeros(self.R, 2 if engine.draft is not None else 1, **i64)
-        self.log_w = torch.zeros(self.B, cfg.n_particles, dtype=torch.float32, device=dev)
+        self.log_w = torch.empty(self.B, cfg.n_particles, dtype=torch.float32, device=dev)
         self.pos = torch.zeros(len(segments), dtype=torch.int32, device=dev)
-        self.cycle = torch.zeros(1, **i64)
+        self.cycle = torch.empty(1, **i64)
         # which cycle counter each row and group reads: one for the run (NativeSlots: one per slot)
         self.cycle_of_row = torch.zeros(self.R, **i64)
         self.cycle_of_group = torch.zeros(self.B, **i64)
         self.group_ids = torch.arange(self.B, **i64)
-        #: request slots (NativeSlots): finished slots keep their position, counters stop at max_cycle
-        self.slot_mode = False
         self.max_cycle = n_cycles
         self.arange_t = torch.arange(T, **i64)
         self.eos = torch.tensor(engine.eos_ids, **i64).reshape(-1)
         # each segment's Philox key and offset
-        self.seed = torch.tensor([g.seed for g in segments], **i64)
-        self.offset = torch.zeros(len(segments), **i64)
-        self.ess_history = torch.zeros(n_cycles, self.B, dtype=torch.float32, device=dev)
-        self.resampled_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
+        self.seed = torch.empty(len(segments), **i64)
+        self.offset = torch.empty(len(segments), **i64)
+        self.ess_history = torch.empty(n_cycles, self.B, dtype=torch.float32, device=dev)
+        self.resampled_history = torch.empty(n_cycles, self.B, dtype=torch.bool, device=dev)
         # whether each group's particles had all finished after each cycle
-        self.done_history = torch.zeros(n_cycles, self.B, dtype=torch.bool, device=dev)
+        self.done_history = torch.empty(n_cycles, self.B, dtype=torch.bool, device=dev)
         # potentials: each device potential's last score per row, the host potentials' pending
         # increment (added by the next cycle), the last cycle's ancestors
-        self.device_prev = torch.zeros(len(engine.device_potentials), self.R, dtype=torch.float32, device=dev)
-        self.host_inc = torch.zeros(self.R, dtype=torch.float64, device=dev)
-        self.host_start: Tensor | None = None
-        self.last_anc = torch.arange(self.R, **i64)
+        self.device_prev = torch.empty(len(engine.device_potentials), self.R, dtype=torch.float32, device=dev)
+        self.host_inc = torch.empty(self.R, dtype=torch.float64, device=dev)
+        self.last_anc = torch.empty(self.R, **i64)
         # a device guide's automaton state per row (after the kept history)
         self.guide_state = engine.dfa.initial(self.R, dev) if engine.dfa is not None else None
+        # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
+        self.bad = torch.empty(len(engine._sources), dtype=torch.bool, device=dev)
+        self.bad_step = torch.empty(len(engine._sources), **i64)
+        self.start(engine, segments)
+
+    def start(self, engine: NativeSMC, segments: list[_Segment]) -> None:
+        """Set every tensor to a run's start, in place (their addresses stay: a captured cycle of an
+        earlier run of the same shape replays over them). ``segments`` may differ from the last
+        run's only in their seeds; the prefill then writes the prompts, positions and pending tokens."""
+        assert [(g.g0, g.g1, g.limit) for g in segments] == [(g.g0, g.g1, g.limit) for g in self.segments]
+        self.segments = segments
+        #: guided runs: the history's filled columns on the host, updated a block per cycle
+        self.host_history = torch.zeros(self.R, 0, dtype=torch.long)
+        self.history.fill_(engine.pad_id)
+        self.lengths.zero_()
+        self.done.zero_()
+        self.all_done.zero_()
+        self.log_w.zero_()
+        self.cycle.zero_()
+        self.cycle_of_row.zero_()
+        self.cycle_of_group.zero_()
+        #: request slots (NativeSlots): finished slots keep their position, counters stop at max_cycle
+        self.slot_mode = False
+        self.seed.copy_(torch.tensor([g.seed for g in segments], dtype=torch.long))
+        self.offset.zero_()
+        self.ess_history.zero_()
+        self.resampled_history.zero_()
+        self.done_history.zero_()
+        self.device_prev.zero_()
+        self.host_inc.zero_()
+        self.host_start: Tensor | None = None
+        torch.arange(self.R, out=self.last_anc)
+        if self.guide_state is not None:
+            self.guide_state.copy_(engine.dfa.initial(self.R, self.guide_state.device))
         #: a traced run's per-cycle copies (samplers/native_trace.py CycleTap); None: not traced
         self.tap: Any = None
-        # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
-        self.bad = torch.zeros(len(engine._sources), dtype=torch.bool, device=dev)
-        self.bad_step = torch.full((len(engine._sources),), -1, **i64)
+        #: a host-guided run's pieces (samplers/native_host_guide.py), made by its first cycle
+        self.host_guided: Any = None
+        self.bad.zero_()
+        self.bad_step.fill_(-1)
         # a torch resampler's randomness (eager runs only), one per segment
-        self.generators = [torch.Generator(device=dev) for _ in segments]
+        self.generators = [torch.Generator(device=self.history.device) for _ in segments]
         for gen, g in zip(self.generators, segments):
             gen.manual_seed(g.seed + 1)
 

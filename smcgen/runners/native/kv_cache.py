@@ -74,6 +74,7 @@ class PagedKVCache:
     high_water: Tensor = field(init=False, repr=False)
     #: the prompt prefix each group of rows holds in common (``share_prefix``), or None
     shared_prefix: SharedPrefix | None = field(init=False, repr=False, default=None)
+    _prefix_lengths: Tensor | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_kv_heads", "head_dim", "page_size", "n_pages", "n_rows", "max_pages"):
@@ -208,8 +209,13 @@ class PagedKVCache:
         if max(lengths) <= 0:
             self.shared_prefix = None
             return
-        dev_lengths = torch.tensor([max(0, int(n)) for n in lengths], dtype=torch.int32, device=self.device)
-        self.shared_prefix = SharedPrefix(group, dev_lengths, max(0, min(int(n) for n in lengths)))
+        host = torch.tensor([max(0, int(n)) for n in lengths], dtype=torch.int32)
+        # one lengths tensor per cache, written in place: a cycle captured over an earlier run of
+        # the same shape reads it where it lies (a new tensor would leave the graph a freed one)
+        if self._prefix_lengths is None or self._prefix_lengths.shape != host.shape:
+            self._prefix_lengths = torch.empty_like(host, device=self.device)
+        self._prefix_lengths.copy_(host)
+        self.shared_prefix = SharedPrefix(group, self._prefix_lengths, max(0, min(int(n) for n in lengths)))
 
     def rows(self, start: int, stop: int) -> PagedKVCache:
         """A view of rows ``start:stop`` that shares the pool and bookkeeping with this cache.
