@@ -239,6 +239,24 @@ def _record_graph_like(self: HostGuidedCycle) -> None:
     self.graphs = graphs
 
 
+def _emulate_graphs(monkeypatch) -> list[int]:
+    """Pieces recorded and replayed as :class:`_GraphLike` on the CPU; returns a list that grows by
+    one per recording."""
+    records: list[int] = []
+
+    def record(self: HostGuidedCycle) -> None:
+        records.append(1)
+        _record_graph_like(self)
+
+    monkeypatch.setattr(HostGuidedCycle, "captures", staticmethod(lambda engine: True))
+    monkeypatch.setattr(HostGuidedCycle, "_record", record)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _NoStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    return records
+
+
 @pytest.mark.parametrize("block", [0, 3], ids=["plain", "sd_k3"])
 def test_replayed_pieces_read_static_outputs(native_models, block, monkeypatch):
     """The pieces' data flow as CUDA graphs see it (emulated on the CPU: each replay writes into
@@ -247,12 +265,7 @@ def test_replayed_pieces_read_static_outputs(native_models, block, monkeypatch):
     test_pieces_draw_what_the_eager_cycle_draws checks them."""
     if native_models[1].device.type == "cuda":
         pytest.skip("emulates CUDA graphs on the CPU; on a GPU the real ones run in the test above")
-    monkeypatch.setattr(HostGuidedCycle, "captures", staticmethod(lambda engine: True))
-    monkeypatch.setattr(HostGuidedCycle, "_record", _record_graph_like)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _NoStream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _NoStream())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    _emulate_graphs(monkeypatch)
     for batch in ({"prompt_ids": PROMPT, "n_groups": 5}, {"prompt_ids": [PROMPT, [*PROMPT, 2]], "seeds": [3, 4]}):
         runs = {}
         for pieces in (True, False):
@@ -265,6 +278,29 @@ def test_replayed_pieces_read_static_outputs(native_models, block, monkeypatch):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
         assert torch.allclose(a.log_weights, b.log_weights, atol=1e-6, equal_nan=True)
         assert bool(a.resampled.any())
+
+
+def test_recorded_pieces_serve_the_next_run_of_the_same_shape(native_models, monkeypatch):
+    """A run with the last run's prompt lengths and limits (other seeds) replays the pieces that
+    run recorded, with no eager first cycle and no recording, and draws what the eager cycle draws."""
+    if native_models[1].device.type == "cuda":
+        pytest.skip("emulates CUDA graphs on the CPU")
+    records = _emulate_graphs(monkeypatch)
+    prompts = [PROMPT, [*PROMPT, 2]]
+    engine = _engine(native_models, grammar(LONG_REGEX), 3, 4, 8, seed=13, ess_threshold=1.0)
+    engine.run(prompts, seeds=[3, 4], on_dead="flag")
+    replays = _GraphLike.replays
+    again = engine.run(prompts, seeds=[5, 6], on_dead="flag")
+    assert len(records) == 1 and engine.last_timing["pieces_warm_up_s"] == 0.0
+    assert _GraphLike.replays > replays
+    eager = _engine(native_models, grammar(LONG_REGEX), 3, 4, 8, seed=13, ess_threshold=1.0)
+    eager.host_guide_pieces = False
+    expected = eager.run(prompts, seeds=[5, 6], on_dead="flag")
+    assert torch.equal(again.tokens, expected.tokens) and torch.equal(again.lengths, expected.lengths)
+    assert torch.allclose(again.log_weights, expected.log_weights, atol=1e-6, equal_nan=True)
+    assert bool(again.resampled.any())
+    engine.run([PROMPT, PROMPT], seeds=[5, 6], on_dead="flag")  # another shape records anew
+    assert len(records) == 2
 
 
 def test_pieces_follow_each_request_segment(native_models):

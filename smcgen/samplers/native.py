@@ -101,8 +101,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
     host_guide_pieces: bool = True
     #: those pieces are replayed as CUDA graphs (set from ``cuda_graph`` when the guide is on the host)
     host_guide_graphs: bool = False
-    #: the last captured run of any engine: (engine, shape, state with its KV caches, graph); the
-    #: engine's next run of that shape replays it (``_run_segments``), any other run drops it first
+    #: the last captured run of any engine: (engine, shape, state with its KV caches and a host
+    #: guide's recorded pieces, whole-cycle graph or None); the engine's next run of that shape
+    #: replays it (``_run_segments``), any other run drops it first
     _kept: tuple[Any, tuple, _CycleState, Any] | None = None
 
     def __init__(
@@ -439,7 +440,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             elapsed,
             dead,
         )
-        if graph is not None and shape is not None:
+        pieces = state.host_guided
+        if shape is not None and (graph is not None or (pieces is not None and pieces.graphs is not None)):
             NativeSMC._kept = (self, shape, state, graph)
         return run, timing
 

@@ -75,6 +75,14 @@ class HostGuidedCycle:
         # keys and values in KV slots the run reads (measured: different weights)
         self._to_capture = graphs
 
+    def restart(self) -> bool:
+        """Make the recorded pieces serve a new run over the same state (reset in place by
+        ``_CycleState.start``); False when nothing was recorded (the caller makes new pieces)."""
+        if self.graphs is None:
+            return False
+        self.cycles, self._launched_ahead, self.warm_up_s = 0, False, 0.0
+        return True
+
     # ------------------------------------------------------------------ device pieces
     def _draft(self, k: int) -> None:
         e, s = self.engine, self.s

@@ -149,8 +149,10 @@ class _CycleState:
             self.guide_state.copy_(engine.dfa.initial(self.R, self.guide_state.device))
         #: a traced run's per-cycle copies (samplers/native_trace.py CycleTap); None: not traced
         self.tap: Any = None
-        #: a host-guided run's pieces (samplers/native_host_guide.py), made by its first cycle
-        self.host_guided: Any = None
+        #: a host-guided run's pieces (samplers/native_host_guide.py), made by its first cycle; the
+        #: recorded ones of an earlier run of this state are replayed again
+        pieces = getattr(self, "host_guided", None)
+        self.host_guided: Any = pieces if pieces is not None and pieces.restart() else None
         self.bad.zero_()
         self.bad_step.fill_(-1)
         # a torch resampler's randomness (eager runs only), one per segment
