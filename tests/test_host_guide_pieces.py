@@ -9,6 +9,8 @@ operations) and stay exact: E[Z_hat] = Z and unbiased outcome masses on the enum
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -301,6 +303,20 @@ def test_recorded_pieces_serve_the_next_run_of_the_same_shape(native_models, mon
     assert bool(again.resampled.any())
     engine.run([PROMPT, PROMPT], seeds=[5, 6], on_dead="flag")  # another shape records anew
     assert len(records) == 2
+
+
+def test_the_kept_run_goes_with_its_engine(native_models, monkeypatch):
+    """The run an engine keeps for its next one (state, KV pools, pieces) is freed with the engine:
+    nothing global holds it (its GPU memory would outlive the user's engine)."""
+    if native_models[1].device.type == "cuda":
+        pytest.skip("emulates CUDA graphs on the CPU")
+    _emulate_graphs(monkeypatch)
+    engine = _engine(native_models, grammar(LONG_REGEX), 3, 4, 8, seed=13, ess_threshold=1.0)
+    engine.run(PROMPT, on_dead="flag")
+    state = weakref.ref(engine._kept[1])
+    del engine
+    gc.collect()
+    assert state() is None
 
 
 def test_pieces_follow_each_request_segment(native_models):

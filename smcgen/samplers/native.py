@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,10 +102,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
     host_guide_pieces: bool = True
     #: those pieces are replayed as CUDA graphs (set from ``cuda_graph`` when the guide is on the host)
     host_guide_graphs: bool = False
-    #: the last captured run of any engine: (engine, shape, state with its KV caches and a host
-    #: guide's recorded pieces, whole-cycle graph or None); the engine's next run of that shape
-    #: replays it (``_run_segments``), any other run drops it first
-    _kept: tuple[Any, tuple, _CycleState, Any] | None = None
+    #: the engine that holds the kept run (``_kept``): one across all engines, since its pools
+    #: hold GPU memory (a weak reference: the kept run dies with its engine)
+    _kept_by: weakref.ref | None = None
 
     def __init__(
         self,
@@ -199,6 +199,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         #: runs without effect. None (default): on CUDA only (on the CPU a cycle runs as it is
         #: issued, so there is nothing to overlap); True / False: always / never
         self.lookahead: bool | None = None
+        #: the last captured run's shape, state (with its KV caches and a host guide's recorded
+        #: pieces) and whole-cycle graph (None for pieces): the next run of that shape replays it
+        self._kept: tuple[tuple, _CycleState, Any] | None = None
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run, and
         #: the part of decode a host guide's pieces spent on their eager first cycle and recording
         self.last_timing: dict[str, float] = {}
@@ -310,9 +313,13 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         shape = self._run_shape(segments) if feed is None else None
         # one kept run across all engines (its pools hold GPU memory): released before sizing new
         # pools, unless reused
-        kept, NativeSMC._kept = NativeSMC._kept, None
-        if kept is not None and kept[0] is self and kept[1] == shape:
-            _, _, state, graph = kept
+        kept, self._kept = self._kept, None
+        holder = NativeSMC._kept_by() if NativeSMC._kept_by is not None else None
+        if holder is not None and holder is not self:
+            holder._kept = None
+        NativeSMC._kept_by = None
+        if kept is not None and kept[0] == shape:
+            _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
             for cache in (tcache, dcache):
                 if cache is not None:
@@ -442,7 +449,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         )
         pieces = state.host_guided
         if shape is not None and (graph is not None or (pieces is not None and pieces.graphs is not None)):
-            NativeSMC._kept = (self, shape, state, graph)
+            self._kept = (shape, state, graph)
+            NativeSMC._kept_by = weakref.ref(self)
         return run, timing
 
     def _run_shape(self, segments: list[_Segment]) -> tuple:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +45,8 @@ class HostGuidedCycle:
     on a GPU (``graphs=True``), run eagerly otherwise. Made per run state by :func:`host_guided_cycle`."""
 
     def __init__(self, engine: NativeSMC, s: _CycleState, graphs: bool):
-        self.engine, self.s = engine, s
+        # a proxy: the engine keeps its last run's state (and these pieces) for the next run
+        self.engine, self.s = weakref.proxy(engine), s
         self.K = engine.block
         dev = engine.device
         width = bitmask_width(engine.target.vocab_size)
