@@ -412,6 +412,12 @@ def test_a_run_of_the_same_shape_replays_the_kept_capture(models, warm_up_captur
     assert len(captured) == 2
     kept.run(second_prompts[:2], on_dead="flag", seeds=[2, 7], max_new_tokens=limits[:2])
     assert len(captured) == 3
+    # request slots size their own pools from free memory: the kept run goes first
+    from smcgen.samplers.native_slots import NativeSlots
+
+    assert kept._kept is not None
+    NativeSlots(engine(), n_slots=2, max_new_tokens=9)
+    assert kept._kept is None
 
 
 def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):

@@ -314,10 +314,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         # one kept run across all engines (its pools hold GPU memory): released before sizing new
         # pools, unless reused
         kept, self._kept = self._kept, None
-        holder = NativeSMC._kept_by() if NativeSMC._kept_by is not None else None
-        if holder is not None and holder is not self:
-            holder._kept = None
-        NativeSMC._kept_by = None
+        NativeSMC.drop_kept_run()
         if kept is not None and kept[0] == shape:
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
@@ -326,7 +323,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                     cache.reset()
             state.start(self, segments)
         else:
-            graph = None
+            kept = graph = None  # the old pools are freed before the new ones are sized
             share_t = 1.0
             if self.draft is not None:
                 kv_t = self.target.kv_bytes_per_token()
@@ -452,6 +449,15 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             self._kept = (shape, state, graph)
             NativeSMC._kept_by = weakref.ref(self)
         return run, timing
+
+    @staticmethod
+    def drop_kept_run() -> None:
+        """Free the run an engine keeps for its next run of the same shape (its KV pools and
+        graphs), whichever engine holds it: before other pools are sized from free GPU memory."""
+        holder = NativeSMC._kept_by() if NativeSMC._kept_by is not None else None
+        if holder is not None:
+            holder._kept = None
+        NativeSMC._kept_by = None
 
     def _run_shape(self, segments: list[_Segment]) -> tuple:
         """What a captured cycle fixes of a run: the batch layout, each segment's prompt length and

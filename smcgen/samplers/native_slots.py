@@ -74,6 +74,7 @@ class NativeSlots:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        NativeSMC.drop_kept_run()  # a kept run's pools would count against this pool's memory
         self.engine = engine
         self.config = engine.config
         self.n_slots = n_slots
