@@ -166,7 +166,9 @@ def test_pieces_are_made_once_per_run(native_models, monkeypatch):
     engine = _engine(native_models, guide, 1, 2, 6, seed=5)
     engine.run(PROMPT, n_groups=2, on_dead="flag")
     engine.run(PROMPT, n_groups=2, on_dead="flag")
-    assert len(made) == 2  # one per run, reused by every cycle of it
+    # one per run, reused by every cycle of it; recorded ones (a GPU) also serve the next run of
+    # the same shape (test_recorded_pieces_serve_the_next_run_of_the_same_shape)
+    assert len(made) == (1 if HostGuidedCycle.captures(engine) else 2)
 
 
 @pytest.mark.parametrize("block", [0, 2], ids=["masked_target", "masked_draft_k2"])
