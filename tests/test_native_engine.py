@@ -412,6 +412,13 @@ def test_a_run_of_the_same_shape_replays_the_kept_capture(models, warm_up_captur
     assert len(captured) == 2
     kept.run(second_prompts[:2], on_dead="flag", seeds=[2, 7], max_new_tokens=limits[:2])
     assert len(captured) == 3
+    # the config (but its seed) is part of the shape: a temperature is a constant of the graph
+    kept.config = cfg.model_copy(update={"seed": 9})
+    kept.run(second_prompts[:2], on_dead="flag", seeds=[2, 7], max_new_tokens=limits[:2])
+    assert len(captured) == 3
+    kept.config = cfg.model_copy(update={"target_temperature": 0.5})
+    kept.run(second_prompts[:2], on_dead="flag", seeds=[2, 7], max_new_tokens=limits[:2])
+    assert len(captured) == 4
     # request slots size their own pools from free memory: the kept run goes first
     from smcgen.samplers.native_slots import NativeSlots
 

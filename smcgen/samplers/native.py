@@ -25,6 +25,7 @@ the particle finished, or past ``max_new_tokens`` add nothing.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -63,6 +64,9 @@ from smcgen.samplers.native_state import (
 )
 from smcgen.samplers.native_trace import TraceFeed
 from smcgen.samplers.run import BatchRun, dead_group_error, length_problem
+
+#: guards the one kept run across engines (NativeSMC._kept_by and the holder's _kept)
+_KEPT_LOCK = threading.RLock()
 
 
 class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
@@ -313,8 +317,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         shape = self._run_shape(segments) if feed is None else None
         # one kept run across all engines (its pools hold GPU memory): released before sizing new
         # pools, unless reused
-        kept, self._kept = self._kept, None
-        NativeSMC.drop_kept_run()
+        with _KEPT_LOCK:
+            kept, self._kept = self._kept, None
+            NativeSMC.drop_kept_run()
         if kept is not None and kept[0] == shape:
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
@@ -446,22 +451,36 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         )
         pieces = state.host_guided
         if shape is not None and (graph is not None or (pieces is not None and pieces.graphs is not None)):
-            self._kept = (shape, state, graph)
-            NativeSMC._kept_by = weakref.ref(self)
+            with _KEPT_LOCK:
+                NativeSMC.drop_kept_run()  # another engine's, kept while this one ran
+                self._kept = (shape, state, graph)
+                NativeSMC._kept_by = weakref.ref(self)
         return run, timing
 
     @staticmethod
     def drop_kept_run() -> None:
         """Free the run an engine keeps for its next run of the same shape (its KV pools and
         graphs), whichever engine holds it: before other pools are sized from free GPU memory."""
-        holder = NativeSMC._kept_by() if NativeSMC._kept_by is not None else None
-        if holder is not None:
-            holder._kept = None
-        NativeSMC._kept_by = None
+        with _KEPT_LOCK:
+            ref, NativeSMC._kept_by = NativeSMC._kept_by, None
+            holder = ref() if ref is not None else None
+            if holder is not None:
+                holder._kept = None
 
-    def _run_shape(self, segments: list[_Segment]) -> tuple:
+    def _run_shape(self, segments: list[_Segment]) -> tuple | None:
         """What a captured cycle fixes of a run: the batch layout, each segment's prompt length and
-        limit (the pools' sizes, the shared prefixes), not the seeds."""
-        return tuple((g.g0, g.g1, g.n_particles, g.prompt_len, g.limit) for g in segments)
+        limit (the pools' sizes, the shared prefixes), the config but its seed (temperatures, alpha,
+        the resampling threshold are constants of the graph) and the models' kernel choices; not the
+        seeds. None: not kept (a device potential's ``start`` may make new tensors every run)."""
+        if self.device_potentials or self.end_potentials:
+            return None
+        models = tuple((m.cascade, m.skinny_max_rows) for m in (self.target, self.draft) if m is not None)
+        config = self.config.model_dump(exclude={"seed"})
+        return (
+            tuple((g.g0, g.g1, g.n_particles, g.prompt_len, g.limit) for g in segments),
+            tuple(sorted((k, repr(v)) for k, v in config.items())),
+            self.cuda_graph,
+            models,
+        )
 
     # ---------------------------------------------------------------------------- prefill

@@ -45,8 +45,9 @@ class HostGuidedCycle:
     on a GPU (``graphs=True``), run eagerly otherwise. Made per run state by :func:`host_guided_cycle`."""
 
     def __init__(self, engine: NativeSMC, s: _CycleState, graphs: bool):
-        # a proxy: the engine keeps its last run's state (and these pieces) for the next run
-        self.engine, self.s = weakref.proxy(engine), s
+        # proxies: the engine keeps its last run's state, which holds these pieces; no reference
+        # cycle, so dropping the kept run frees its pools at once
+        self.engine, self.s = weakref.proxy(engine), weakref.proxy(s)
         self.K = engine.block
         dev = engine.device
         width = bitmask_width(engine.target.vocab_size)

@@ -229,6 +229,7 @@ class PagedKVCache:
         view.block_table = self.block_table[start:stop]
         view.n_rows = stop - start
         view.shared_prefix = None  # the groups need not line up with the view's rows
+        view._prefix_lengths = None  # nor write the whole cache's lengths in place
         return view
 
     def reset(self) -> None:
