@@ -394,10 +394,6 @@ class Engine:
             if native is None:
                 if cfg.engine == "auto" and reason is not None:
                     _warn_fallback(reason)
-                # a native engine's kept run holds GPU memory the generic engine may need
-                from smcgen.samplers.native import NativeSMC
-
-                NativeSMC.drop_kept_run()
                 for q in requests:  # the native engine checks its own cache; the generic one is checked here
                     check_request_memory(q.config, self.target, self.draft, len(q.ids))
             if getattr(guide, "counts_down_budget", False):

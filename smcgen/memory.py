@@ -13,7 +13,10 @@ The native engine sizes its paged KV pool itself and is not estimated here.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,8 +70,43 @@ def estimate_request(cfg: SMCConfig, target, draft, prompt_len: int, vocab_size:
     return MemoryEstimate(vocab_bytes=vocab_bytes, kv_bytes=n * positions * kv)
 
 
+# One owner at a time may hold device memory for reuse (a native engine's last run: its KV pools
+# and CUDA graphs); whoever sizes something from free memory releases it first.
+_HELD_LOCK = threading.RLock()
+_holder: weakref.ref | None = None
+
+
+def hold(owner: Any) -> None:
+    """Record ``owner`` (with a ``release_held()`` method) as the one holder of reusable device
+    memory, releasing the previous holder's. A weak reference: the memory goes with its owner."""
+    global _holder
+    with _HELD_LOCK:
+        release_held()
+        _holder = weakref.ref(owner)
+
+
+def release_held() -> None:
+    """Free the memory the current holder keeps for reuse (call before sizing from free memory)."""
+    global _holder
+    with _HELD_LOCK:
+        ref, _holder = _holder, None
+        owner = ref() if ref is not None else None
+        if owner is not None:
+            owner.release_held()
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Free memory on the CUDA ``device`` once held memory is released, counting what torch's
+    allocator caches but no tensor uses (an earlier run's pools)."""
+    release_held()
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), None when unknown."""
+    """Free memory on ``device`` (CUDA: free device memory, held memory released; CPU:
+    MemAvailable), None when unknown."""
+    release_held()
     override = os.environ.get("SMCGEN_MEMORY_LIMIT_BYTES")
     if override:
         return int(float(override))

@@ -25,9 +25,7 @@ the particle finished, or past ``max_new_tokens`` add nothing.
 from __future__ import annotations
 
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +40,7 @@ from smcgen.core.resampling import (
     get_resampler,
     graph_safe,
 )
+from smcgen.memory import hold, release_held
 from smcgen.potentials.base import (
     Potential,
     Product,
@@ -64,9 +63,6 @@ from smcgen.samplers.native_state import (
 )
 from smcgen.samplers.native_trace import TraceFeed
 from smcgen.samplers.run import BatchRun, dead_group_error, length_problem
-
-#: guards the one kept run across engines (NativeSMC._kept_by and the holder's _kept)
-_KEPT_LOCK = threading.RLock()
 
 
 class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
@@ -106,9 +102,6 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
     host_guide_pieces: bool = True
     #: those pieces are replayed as CUDA graphs (set from ``cuda_graph`` when the guide is on the host)
     host_guide_graphs: bool = False
-    #: the engine that holds the kept run (``_kept``): one across all engines, since its pools
-    #: hold GPU memory (a weak reference: the kept run dies with its engine)
-    _kept_by: weakref.ref | None = None
 
     def __init__(
         self,
@@ -315,11 +308,10 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         # the last run's state, caches and captured cycle serve a run of the same shape (prompt
         # lengths, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture
         shape = self._run_shape(segments) if feed is None else None
-        # one kept run across all engines (its pools hold GPU memory): released before sizing new
-        # pools, unless reused
-        with _KEPT_LOCK:
-            kept, self._kept = self._kept, None
-            NativeSMC.drop_kept_run()
+        # one kept run across all engines (its pools hold GPU memory, smcgen.memory.hold): released
+        # before sizing new pools, unless reused
+        kept, self._kept = self._kept, None
+        release_held()
         if kept is not None and kept[0] == shape:
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
@@ -451,21 +443,13 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         )
         pieces = state.host_guided
         if shape is not None and (graph is not None or (pieces is not None and pieces.graphs is not None)):
-            with _KEPT_LOCK:
-                NativeSMC.drop_kept_run()  # another engine's, kept while this one ran
-                self._kept = (shape, state, graph)
-                NativeSMC._kept_by = weakref.ref(self)
+            self._kept = (shape, state, graph)
+            hold(self)  # releases another engine's kept run
         return run, timing
 
-    @staticmethod
-    def drop_kept_run() -> None:
-        """Free the run an engine keeps for its next run of the same shape (its KV pools and
-        graphs), whichever engine holds it: before other pools are sized from free GPU memory."""
-        with _KEPT_LOCK:
-            ref, NativeSMC._kept_by = NativeSMC._kept_by, None
-            holder = ref() if ref is not None else None
-            if holder is not None:
-                holder._kept = None
+    def release_held(self) -> None:
+        """Free the kept run (:func:`smcgen.memory.release_held` calls it before free memory is read)."""
+        self._kept = None
 
     def _run_shape(self, segments: list[_Segment]) -> tuple | None:
         """What a captured cycle fixes of a run: the batch layout, each segment's prompt length and

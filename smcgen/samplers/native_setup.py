@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from smcgen.memory import free_gpu_bytes
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native_state import (
@@ -38,9 +39,7 @@ class RunSetup:
         max_pages = -(-max(lengths) // self.page_size)
         available, where = 1 << 62, "in the pool"
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # memory torch's allocator holds but no tensor uses (an earlier batch's pools) is free too
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            free = free_gpu_bytes(self.device)
             per_page = PagedKVCache.bytes_per_page(
                 model.n_layers, model.n_kv_heads, model.head_dim, self.page_size, model.dtype
             )

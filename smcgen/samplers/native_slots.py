@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smcgen.memory import free_gpu_bytes, release_held
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.samplers.native import NativeSMC
 from smcgen.samplers.native_state import _CycleState, _Segment, _sync
@@ -74,7 +75,6 @@ class NativeSlots:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        NativeSMC.drop_kept_run()  # a kept run's pools would count against this pool's memory
         self.engine = engine
         self.config = engine.config
         self.n_slots = n_slots
@@ -130,10 +130,10 @@ class NativeSlots:
     def _pages_in_memory(self) -> int:
         """Pages one pool may take on CUDA (the target's share of the memory fraction); unbounded elsewhere."""
         e = self.engine
+        release_held()  # a kept run's pools would count against this pool's memory (any device)
         if e.device.type != "cuda":
             return 1 << 40
-        free, _ = torch.cuda.mem_get_info(e.device)
-        free += torch.cuda.memory_reserved(e.device) - torch.cuda.memory_allocated(e.device)
+        free = free_gpu_bytes(e.device)
         per_page = sum(
             PagedKVCache.bytes_per_page(m.n_layers, m.n_kv_heads, m.head_dim, e.page_size, m.dtype)
             for m in (e.target, e.draft)

@@ -116,6 +116,9 @@ class _CycleState:
         # NaN / +inf flags per source (the models, each device potential) and the first cycle of each
         self.bad = torch.empty(len(engine._sources), dtype=torch.bool, device=dev)
         self.bad_step = torch.empty(len(engine._sources), **i64)
+        #: a host-guided run's pieces (samplers/native_host_guide.py), made by its first cycle; the
+        #: recorded ones of an earlier run of this state are replayed again (``start``)
+        self.host_guided: Any = None
         self.start(engine, segments)
 
     def start(self, engine: NativeSMC, segments: list[_Segment]) -> None:
@@ -149,10 +152,8 @@ class _CycleState:
             self.guide_state.copy_(engine.dfa.initial(self.R, self.guide_state.device))
         #: a traced run's per-cycle copies (samplers/native_trace.py CycleTap); None: not traced
         self.tap: Any = None
-        #: a host-guided run's pieces (samplers/native_host_guide.py), made by its first cycle; the
-        #: recorded ones of an earlier run of this state are replayed again
-        pieces = getattr(self, "host_guided", None)
-        self.host_guided: Any = pieces if pieces is not None and pieces.restart() else None
+        if self.host_guided is not None and not self.host_guided.restart():
+            self.host_guided = None
         self.bad.zero_()
         self.bad_step.fill_(-1)
         # a torch resampler's randomness (eager runs only), one per segment
