@@ -30,10 +30,10 @@ from collections import defaultdict
 
 import torch
 from architectures import TINY_LLAMA, build_llama
-from guide_speed import DRAFT, EOS, TARGET, Person, sql_grammar_text, synthetic_tokenizer
+from guide_speed import DRAFT, EOS, TARGET, synthetic_tokenizer
+from host_mask_step import guide
 
 import smcgen
-from smcgen.potentials.grammar import GrammarPotential
 from smcgen.runners.transformers import LanguageModel
 from smcgen.samplers.native_host_guide import HostGuidedCycle
 
@@ -147,15 +147,6 @@ def main() -> None:
     sd = dict(target=target_lm, draft=draft_lm, prompt=prompt, n_particles=8, block_size=8,
               max_new_tokens=new_tokens, engine="native", on_dead="flag")  # fmt: skip
 
-    def guide(name: str) -> GrammarPotential:
-        if name == "regex":
-            g = GrammarPotential.regex(r"[A-Z][a-z ,]*").bind(target_lm)
-            g.token_automaton = lambda *a, **k: "hidden by the benchmark (host path)"
-            return g
-        if name == "json":
-            return GrammarPotential.json_schema(Person).bind(target_lm)
-        return GrammarPotential.ebnf(sql_grammar_text()).bind(target_lm)
-
     report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "date": time.strftime("%Y-%m-%d")}
     smcgen.generate(**sd, seed=1)  # the unguided baseline's capture
     t0 = time.perf_counter()
@@ -167,7 +158,7 @@ def main() -> None:
     }
     print(json.dumps(report), flush=True)
     for name in args.guides.split(","):
-        g = guide(name)
+        g = guide(name, target_lm)
         smcgen.generate(**sd, guide=g, seed=1)  # warm: compiles, first captures
         with Probe(cuda) as probe:
             out = smcgen.generate(**sd, guide=g, seed=1)
@@ -180,7 +171,7 @@ def main() -> None:
     if args.trace and cuda:
         from torch.profiler import ProfilerActivity, profile
 
-        g = guide("regex")
+        g = guide("regex", target_lm)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             smcgen.generate(**{**sd, "max_new_tokens": 27}, guide=g, seed=1)
         prof.export_chrome_trace(os.path.join(args.out, "host_guide_trace.json"))
