@@ -161,10 +161,11 @@ def timed(label: str, repeats: int, forced_eager: bool = False, **kw) -> dict:
 
 
 def steady_cycle_ms(timing: dict) -> float:
-    """Milliseconds per decode cycle after the first: what a long answer pays per cycle. A host
-    guide's pieces run their first cycle eagerly and record their graphs inside the decode time,
-    which a short answer (a finished SQL query) would otherwise spread over few cycles; the
-    whole-cycle graph is captured before decoding."""
+    """Milliseconds per decode cycle, less a host guide's warm-up: what a long answer pays per
+    cycle. Pieces recorded in this call run their first cycle eagerly and record their graphs inside
+    the decode time, which a short answer (a finished SQL query) would otherwise spread over few
+    cycles; that cycle is left out. Pieces kept from a call of the same shape have no warm-up, and
+    every cycle counts; the whole-cycle graph is captured before decoding."""
     warm = timing.get("pieces_warm_up_s", 0.0)
     cycles = timing["cycles"] - (1 if warm else 0)
     return 1e3 * (timing["decode_s"] - warm) / max(cycles, 1)
