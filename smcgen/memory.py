@@ -13,14 +13,12 @@ The native engine sizes its paged KV pool itself and is not estimated here.
 from __future__ import annotations
 
 import os
-import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from smcgen.core.config import SMCConfig
+from smcgen.core.device_memory import release_held
 
 # full-vocabulary float32 copies the step makes beside the logits themselves (see the module docstring)
 _VOCAB_COPIES_PER_ROW = 5
@@ -68,39 +66,6 @@ def estimate_request(cfg: SMCConfig, target, draft, prompt_len: int, vocab_size:
     positions = prompt_len + cfg.max_new_tokens + k + 1
     kv = _kv_bytes_per_token(target.model) + (_kv_bytes_per_token(draft.model) if draft is not None else 0)
     return MemoryEstimate(vocab_bytes=vocab_bytes, kv_bytes=n * positions * kv)
-
-
-# One owner at a time may hold device memory for reuse (a native engine's last run: its KV pools
-# and CUDA graphs); whoever sizes something from free memory releases it first.
-_HELD_LOCK = threading.RLock()
-_holder: weakref.ref | None = None
-
-
-def hold(owner: Any) -> None:
-    """Record ``owner`` (with a ``release_held()`` method) as the one holder of reusable device
-    memory, releasing the previous holder's. A weak reference: the memory goes with its owner."""
-    global _holder
-    with _HELD_LOCK:
-        release_held()
-        _holder = weakref.ref(owner)
-
-
-def release_held() -> None:
-    """Free the memory the current holder keeps for reuse (call before sizing from free memory)."""
-    global _holder
-    with _HELD_LOCK:
-        ref, _holder = _holder, None
-        owner = ref() if ref is not None else None
-        if owner is not None:
-            owner.release_held()
-
-
-def free_gpu_bytes(device: torch.device) -> int:
-    """Free memory on the CUDA ``device`` once held memory is released, counting what torch's
-    allocator caches but no tensor uses (an earlier run's pools)."""
-    release_held()
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -34,13 +34,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from smcgen.core.config import SMCConfig
+from smcgen.core.device_memory import hold, release_held
 from smcgen.core.resampling import (
     Resampler,
     SystematicResampler,
     get_resampler,
     graph_safe,
 )
-from smcgen.memory import hold, release_held
 from smcgen.potentials.base import (
     Potential,
     Product,
@@ -308,7 +308,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         # the last run's state, caches and captured cycle serve a run of the same shape (prompt
         # lengths, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture
         shape = self._run_shape(segments) if feed is None else None
-        # one kept run across all engines (its pools hold GPU memory, smcgen.memory.hold): released
+        # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold): released
         # before sizing new pools, unless reused
         kept, self._kept = self._kept, None
         release_held()
@@ -448,7 +448,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         return run, timing
 
     def release_held(self) -> None:
-        """Free the kept run (:func:`smcgen.memory.release_held` calls it before free memory is read)."""
+        """Free the kept run (:func:`smcgen.core.device_memory.release_held` calls it before free memory is read)."""
         self._kept = None
 
     def _run_shape(self, segments: list[_Segment]) -> tuple | None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from smcgen.memory import free_gpu_bytes
+from smcgen.core.device_memory import free_gpu_bytes
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native_state import (

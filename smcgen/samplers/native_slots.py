@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smcgen.memory import free_gpu_bytes, release_held
+from smcgen.core.device_memory import free_gpu_bytes, release_held
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.samplers.native import NativeSMC
 from smcgen.samplers.native_state import _CycleState, _Segment, _sync
