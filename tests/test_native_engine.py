@@ -425,6 +425,11 @@ def test_a_run_of_the_same_shape_replays_the_kept_capture(models, warm_up_captur
     assert kept._kept is not None
     NativeSlots(engine(), n_slots=2, max_new_tokens=9)
     assert kept._kept is None
+    # so does any other pool (standard SD's caches, the paged runner's): all are made by make_cache
+    kept.run(second_prompts[:2], on_dead="flag", seeds=[2, 7], max_new_tokens=limits[:2])
+    assert kept._kept is not None
+    native_draft.make_cache(n_pages=4, n_rows=1, max_pages=4, page_size=4)
+    assert kept._kept is None
 
 
 def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smcgen.core.device_memory import release_held
 from smcgen.kernels._triton import pdl_scope
 from smcgen.kernels.attention import cascade_attention, paged_attention
 from smcgen.kernels.linear import fused_linear
@@ -268,7 +269,11 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.embed.element_size()
 
     def make_cache(self, n_pages: int, n_rows: int, max_pages: int, page_size: int = 16) -> PagedKVCache:
-        """An empty ``PagedKVCache`` shaped for this model, in its dtype and on its device."""
+        """An empty ``PagedKVCache`` shaped for this model, in its dtype and on its device.
+
+        Every paged pool is made here, so this is where an engine's kept run (held for the next run
+        of its shape) gives its memory back first: a new pool must not sit beside an idle one."""
+        release_held()
         return PagedKVCache(
             self.n_layers,
             self.n_kv_heads,
