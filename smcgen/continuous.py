@@ -248,8 +248,8 @@ class ContinuousBatcher:
         """New slots for ``key`` (the old ones, empty, are dropped first to give back their pools)."""
         self.slots, self._slots_key = None, None
         cap = max(request.config.max_new_tokens, self.engine.config.max_new_tokens)
-        native.config = request.config
-        with self.engine.lock:
+        with self.engine.lock:  # the native engine is shared with the Engine's own calls
+            native.config = request.config
             self.slots = NativeSlots(
                 native, self.n_slots, cap, kv_pages=self.kv_pages, max_prompt_len=DEFAULT_PROMPT_BUDGET
             )
