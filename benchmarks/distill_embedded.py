@@ -194,7 +194,8 @@ def main() -> None:
     lines = [
         (
             f"Held-out target samples: {n_eval} sequences, {results['held_out_positions']} positions; "
-            f"device {results['device']}; training {results['train_wall_s']} s, {results['steps']} steps; "
+            f"device {results['device']}; training {results['train_wall_s']} s ({manifest['sample_seconds']} s of it "
+            f"sampling the target), {results['steps']} steps; "
             f"draft file {results['draft_file_bytes'] / 2**20:.1f} MiB"
         ),
         "",

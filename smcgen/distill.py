@@ -251,6 +251,7 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     step, elapsed, history, skipped = 0, 0.0, [], 0
+    sample_s = 0.0  # of elapsed: the target sampling its training sequences (the rest is optimiser steps)
     pool: SampleBatch | None = None
     pool_cursor = 0
     if resume and ckpt_path.is_file():
@@ -261,6 +262,7 @@ def distill(
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"].cpu())  # generator states are CPU byte tensors whatever the device
         step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
+        sample_s = ck.get("sample_s", 0.0)
         pool = SampleBatch(*(t.to(device) for t in ck["pool"])) if ck["pool"] is not None else None
         pool_cursor = ck["pool_cursor"]
     elif resume and progress:
@@ -274,6 +276,7 @@ def distill(
             "generator": gen.get_state(),
             "step": step,
             "elapsed": elapsed,
+            "sample_s": sample_s,
             "history": history,
             "pool": None if pool is None else (pool.ids, pool.real, pool.scored),
             "pool_cursor": pool_cursor,
@@ -298,9 +301,13 @@ def distill(
 
     while not done():
         if pool is None or pool_cursor >= per_pool:
+            t_sample = time.perf_counter()
             pool = sample_from_target(
                 model, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast, cfg.temperature
             )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so the sampling time is the sampling's, not the next step's
+            sample_s += time.perf_counter() - t_sample
             pool_cursor = 0
         # Each step takes the next batch_size rows of the pool, wrapping for reuse passes.
         rows = [(pool_cursor * cfg.batch_size + i) % cfg.sample_batch for i in range(cfg.batch_size)]
@@ -358,6 +365,7 @@ def distill(
         "skipped_nonfinite_steps": skipped,
         "seed": cfg.seed,
         "train_seconds": round(elapsed, 1),
+        "sample_seconds": round(sample_s, 1),
         "device": str(device),
         "commit": _git_commit(),
         "recipe": asdict(cfg),

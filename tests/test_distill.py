@@ -68,6 +68,7 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
     stored = load_file(str(out / "draft.safetensors"))
     assert stored and all(k.startswith(("model.layers.0.", "model.norm.")) for k in stored)  # no embedding/head
     assert manifest["steps"] == 30 and manifest["layers"] == 1
+    assert 0 < manifest["sample_seconds"] <= manifest["train_seconds"]  # the split of the time is reported
     assert (
         json.loads((out / "manifest.json").read_text())["target_embedding_sha256"]
         == manifest["target_embedding_sha256"]
