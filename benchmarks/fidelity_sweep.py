@@ -15,6 +15,7 @@ one warm-up call; on the GPU the native engine runs SMC-SD). The gap column is t
 difference to AR in units of its standard error.
 
     python benchmarks/fidelity_sweep.py --device cuda --prompts 48 --configs 8x4,32x4,64x2,128x2 --out $OUT
+    python benchmarks/fidelity_sweep.py --device cuda --draft DIR_A,DIR_B --configs 8x4 --no-sd --out $OUT
     OMP_NUM_THREADS=2 python benchmarks/fidelity_sweep.py --prompts 8 --max-new-tokens 32 --configs 8x1,32x1
 """
 
@@ -44,10 +45,25 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def draft_label(spec: str) -> str:
+    """A row label for a draft: its manifest's layer count and directory for a trained draft, else its name."""
+    path = Path(spec)
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        layers = json.loads(manifest.read_text()).get("layers")
+        where = path.parent.name if path.name == "draft" else path.name
+        return f"{layers}-layer draft ({where})"
+    return spec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--draft", default=EMBEDDED_DRAFT, help="draft name or trained draft directory")
+    ap.add_argument(
+        "--draft",
+        default=EMBEDDED_DRAFT,
+        help="draft name or trained draft directory; several, comma separated, each get the SMC-SD rows (SD: the first)",
+    )
     ap.add_argument("--configs", default="8x4,32x4,64x2", help="SMC-SD settings N x K, comma separated")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--prompts-file", default=None, help="one JSON string per line (instead of inspect-evals)")
@@ -66,7 +82,9 @@ def main() -> None:
         questions = freshqa_questions()
     questions = questions[: args.prompts]
     target = load_model("smollm2-135m", args.device)
-    draft = load_model(args.draft, args.device)
+    specs = [d for d in args.draft.split(",") if d]
+    drafts = [(draft_label(d) if len(specs) > 1 else "", load_model(d, args.device)) for d in specs]
+    draft = drafts[0][1]
     prompts = [chat_ids(target.tokenizer, q) for q in questions]
     tau, T = args.temperature, args.max_new_tokens
     common = {"max_new_tokens": T, "target_temperature": tau, "draft_temperature": tau}
@@ -77,8 +95,10 @@ def main() -> None:
         runs.append(
             (f"SD K={args.sd_block}", {"draft": draft, "method": "sd", "n_particles": 1, "block_size": args.sd_block})
         )
-    for n, k in parse_configs(args.configs):
-        runs.append((f"SMC-SD N={n} K={k}", {"draft": draft, "n_particles": n, "block_size": k}))
+    for label, d in drafts:
+        for n, k in parse_configs(args.configs):
+            name = f"SMC-SD N={n} K={k}" + (f", {label}" if label else "")
+            runs.append((name, {"draft": d, "n_particles": n, "block_size": k}))
     if not args.no_early_exit:
         early = load_model(EARLY_EXIT_DRAFT, args.device)
         runs.append(("SMC-SD N=8 K=4, early-exit draft", {"draft": early, "n_particles": 8, "block_size": 4}))
