@@ -1,0 +1,54 @@
+"""Where a cascade attention call's time goes: the kernels of one layer's call, for a profiler.
+
+Builds the shapes of ``cascade_speed.py`` (Llama-3.1-8B verify: 8 rows x 9 queries, 32 query / 8 KV
+heads of 128; Llama-3.2-1B draft step: 8 rows x 1 query, heads of 64), random bf16 K/V, one request
+of 8 rows sharing a ``--prompt``-token prefix, and calls plain and cascade attention ``--iters``
+times each inside NVTX ranges, after a warm-up (compiles). Run it under Nsight Compute to read each
+kernel's duration, memory and compute throughput, occupancy and stall reasons:
+
+    ncu --set full --kernel-name regex:attention_kernel --launch-skip 12 --launch-count 6 \\
+        -o cascade python benchmarks/cascade_kernel_profile.py --prompt 4096
+    ncu --import cascade.ncu-rep --page details --csv > cascade_details.csv
+
+Alone it prints each call's median time (CUDA events), as cascade_speed.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cascade_speed import layer_calls, time_call  # noqa: E402
+
+SHAPES = {"verify": (9, 32, 8, 128), "draft": (1, 32, 8, 64)}  # (queries per row, query heads, kv heads, head dim)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", type=int, default=4096, help="shared prefix length (tokens)")
+    ap.add_argument("--calls", default="verify,draft", help=f"from {', '.join(SHAPES)}")
+    ap.add_argument("--iters", type=int, default=3, help="calls of each kind inside its NVTX range")
+    args = ap.parse_args()
+    out = {"device": torch.cuda.get_device_name(), "prompt": args.prompt}
+    for name in [c for c in args.calls.split(",") if c]:
+        plain, cascade = layer_calls(args.prompt, 1, 8, *SHAPES[name])
+        for fn in (plain, cascade):  # compile outside the ranges a profiler filters on
+            fn()
+        torch.cuda.synchronize()
+        for label, fn in (("plain", plain), ("cascade", cascade)):
+            torch.cuda.nvtx.range_push(f"{name} {label}")
+            for _ in range(args.iters):
+                fn()
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_pop()
+        out[name] = {"plain_us": time_call(plain, 20), "cascade_us": time_call(cascade, 20)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
