@@ -10,7 +10,9 @@ kernel's duration, memory and compute throughput, occupancy and stall reasons:
         -o cascade python benchmarks/cascade_kernel_profile.py --prompt 4096
     ncu --import cascade.ncu-rep --page details --csv > cascade_details.csv
 
-Alone it prints each call's median time (CUDA events), as cascade_speed.py does.
+Alone it prints each call's median time (CUDA events), as cascade_speed.py does, and with
+``--kernels`` each kernel's mean device time per call from the PyTorch profiler (where Nsight
+Compute cannot read counters).
 """
 
 from __future__ import annotations
@@ -28,11 +30,27 @@ from cascade_speed import layer_calls, time_call  # noqa: E402
 SHAPES = {"verify": (9, 32, 8, 128), "draft": (1, 32, 8, 64)}  # (queries per row, query heads, kv heads, head dim)
 
 
+def kernel_times(fn, reps: int = 20) -> dict[str, float]:
+    """Mean device microseconds per call of each kernel ``fn`` launches (PyTorch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        e.key[:60]: e.device_time_total / reps
+        for e in prof.key_averages()
+        if e.device_time_total > 0 and "Memcpy" not in e.key
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=4096, help="shared prefix length (tokens)")
     ap.add_argument("--calls", default="verify,draft", help=f"from {', '.join(SHAPES)}")
     ap.add_argument("--iters", type=int, default=3, help="calls of each kind inside its NVTX range")
+    ap.add_argument("--kernels", action="store_true", help="also each kernel's mean time (PyTorch profiler)")
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(), "prompt": args.prompt}
     for name in [c for c in args.calls.split(",") if c]:
@@ -47,6 +65,10 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.nvtx.range_pop()
         out[name] = {"plain_us": time_call(plain, 20), "cascade_us": time_call(cascade, 20)}
+        if args.kernels:
+            out[name]["kernels_us"] = {
+                label: kernel_times(fn) for label, fn in (("plain", plain), ("cascade", cascade))
+            }
     print(json.dumps(out))
 
 
