@@ -97,6 +97,8 @@ def main() -> None:
         default=1.0,
         help="sampling temperature the draft is trained and evaluated for (the main job samples at 0.7)",
     )
+    p.add_argument("--divergence", default="forward", choices=["forward", "reverse", "symmetric"])
+    p.add_argument("--on-policy", type=float, default=0.0, help="share of sampling rounds the draft samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", type=int, default=None)
     args = p.parse_args()
@@ -163,6 +165,8 @@ def main() -> None:
         checkpoint_minutes=3.0,
         dtype="bfloat16",
         temperature=args.temperature,
+        divergence=args.divergence,
+        on_policy=args.on_policy,
     )
     draft_out = out / "draft"
     t_train = time.perf_counter()
@@ -199,10 +203,13 @@ def main() -> None:
             f"draft file {results['draft_file_bytes'] / 2**20:.1f} MiB"
         ),
         "",
-        "| draft | KL(target‖draft) nats/token | top-1 agreement | Σ min(p, q) |",
-        "|---|---:|---:|---:|",
+        "| draft | KL(target‖draft) nats/token | KL(draft‖target) | top-1 agreement | Σ min(p, q) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {k} | {v['kl']:.3f} | {v['top1_agreement']:.3f} | {v['overlap']:.3f} |" for k, v in rows.items()]
+    lines += [
+        f"| {k} | {v['kl']:.3f} | {v['reverse_kl']:.3f} | {v['top1_agreement']:.3f} | {v['overlap']:.3f} |"
+        for k, v in rows.items()
+    ]
     lines.append("")
     candidates = ", ".join(f"{k} {v['kl']:.2f}" for k, v in inits.items())
     lines.append(f"init candidates (KL): {candidates}")

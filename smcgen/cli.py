@@ -133,6 +133,18 @@ def build_distill_parser() -> argparse.ArgumentParser:
         default=d.temperature,
         help="sampling temperature the draft is for (target samples and KL are tempered alike)",
     )
+    p.add_argument(
+        "--divergence",
+        default=d.divergence,
+        choices=["forward", "reverse", "symmetric"],
+        help="what the draft minimises at each position: KL(target || draft), KL(draft || target) or their mean",
+    )
+    p.add_argument(
+        "--on-policy",
+        type=float,
+        default=d.on_policy,
+        help="share (0..1) of sampling rounds the draft samples itself, so it learns on its own continuations",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
@@ -169,6 +181,8 @@ def distill_main(argv: list[str]) -> int:
             max_new_tokens=args.max_new_tokens,
             lr=args.lr,
             temperature=args.temperature,
+            divergence=args.divergence,
+            on_policy=args.on_policy,
             seed=args.seed,
             eval_sequences=args.eval_sequences,
             checkpoint_minutes=args.checkpoint_minutes,

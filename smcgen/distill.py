@@ -9,7 +9,9 @@ the sampling temperature (``temperature``, 1 by default), and the draft minimise
 of the full next-token distributions, both tempered the same way, at every generated position: a
 draft meant for SMC-SD at temperature 0.7 is best trained at 0.7, since the importance weights
 compare the tempered distributions. Because the samples come from the target, not the draft, a pool of them
-can serve several optimiser steps.
+can serve several optimiser steps. Two options change what is learnt from: ``on_policy`` lets the
+draft sample a share of the rounds (its own continuations, which SMC-SD's particles condition on),
+and ``divergence`` picks the reverse KL(draft || target) or the mean of both directions instead.
 
 Outputs (in ``out_dir``): ``draft.safetensors`` + ``config.json`` + ``manifest.json`` (see
 :mod:`smcgen.models.draft_dir`), ``loss.png`` and ``checkpoint.pt`` for ``resume=True``.
@@ -31,11 +33,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from smcgen.distill_samples import (
+    DIVERGENCES,
     INSTRUCTIONS,
     SampleBatch,
     _logits,
     chat_prompts,
     corpus_prompts,
+    divergence_terms,
     evaluate_draft,
     kl_terms,
     sample_from_target,
@@ -58,6 +62,8 @@ class DistillConfig:
     reuse: int = 1  # optimiser steps each sampled sequence serves (passes over a pool)
     max_new_tokens: int = 64  # length of each target sample
     temperature: float = 1.0  # sampling temperature the draft is trained for (samples and KL both tempered)
+    divergence: str = "forward"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
+    on_policy: float = 0.0  # share of sampling rounds whose sequences the draft samples (its own continuations)
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
     weight_decay: float = 0.0
@@ -92,6 +98,10 @@ def check_config(cfg: DistillConfig, n_target_layers: int) -> None:
         raise ValueError(f"warmup must be in [0, 1), got {cfg.warmup}")
     if not (isinstance(cfg.temperature, (int, float)) and 0.05 <= cfg.temperature <= 10):
         raise ValueError(f"temperature must be in [0.05, 10], got {cfg.temperature!r}")
+    if cfg.divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {cfg.divergence!r}")
+    if not (isinstance(cfg.on_policy, (int, float)) and 0 <= cfg.on_policy <= 1):
+        raise ValueError(f"on_policy must be in [0, 1], got {cfg.on_policy!r}")
     if cfg.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
 
@@ -168,7 +178,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _plot(history: list[tuple[int, float]], path: Path, title: str) -> None:
+def _plot(history: list[tuple[int, float]], path: Path, title: str, ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +189,7 @@ def _plot(history: list[tuple[int, float]], path: Path, title: str) -> None:
         steps, losses = zip(*history)
         ax.plot(steps, losses, lw=1)
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("KL(target || draft), nats/token")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -251,7 +261,8 @@ def distill(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     step, elapsed, history, skipped = 0, 0.0, [], 0
-    sample_s = 0.0  # of elapsed: the target sampling its training sequences (the rest is optimiser steps)
+    sample_s = 0.0  # of elapsed: sampling the training sequences (the rest is optimiser steps)
+    rounds = 0  # sampling rounds so far (which model samples a round follows from it and on_policy)
     pool: SampleBatch | None = None
     pool_cursor = 0
     if resume and ckpt_path.is_file():
@@ -262,7 +273,7 @@ def distill(
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"].cpu())  # generator states are CPU byte tensors whatever the device
         step, elapsed, history = ck["step"], ck["elapsed"], ck["history"]
-        sample_s = ck.get("sample_s", 0.0)
+        sample_s, rounds = ck.get("sample_s", 0.0), ck.get("rounds", 0)
         pool = SampleBatch(*(t.to(device) for t in ck["pool"])) if ck["pool"] is not None else None
         pool_cursor = ck["pool_cursor"]
     elif resume and progress:
@@ -277,6 +288,7 @@ def distill(
             "step": step,
             "elapsed": elapsed,
             "sample_s": sample_s,
+            "rounds": rounds,
             "history": history,
             "pool": None if pool is None else (pool.ids, pool.real, pool.scored),
             "pool_cursor": pool_cursor,
@@ -285,7 +297,15 @@ def distill(
         torch.save(state, out / "checkpoint.pt.tmp")
         (out / "checkpoint.pt.tmp").replace(ckpt_path)
         if plot:  # matplotlib costs a second or two: only at the end and on timed checkpoints
-            _plot(history, out / "loss.png", f"smcgen distill: {layers}-layer draft of {target_name}")
+            ylabel = {"forward": "KL(target || draft)", "reverse": "KL(draft || target)"}.get(
+                cfg.divergence, "mean of both KL directions"
+            )
+            _plot(
+                history,
+                out / "loss.png",
+                f"smcgen distill: {layers}-layer draft of {target_name}",
+                ylabel + ", nats/token",
+            )
 
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     total_steps = cfg.steps if cfg.steps is not None else None
@@ -302,9 +322,15 @@ def distill(
     while not done():
         if pool is None or pool_cursor >= per_pool:
             t_sample = time.perf_counter()
+            # on-policy rounds train on the draft's own continuations: the prefixes SMC-SD's particles
+            # condition on are the draft's, and target samples alone never show it its own mistakes
+            by_draft = math.floor((rounds + 1) * cfg.on_policy) > math.floor(rounds * cfg.on_policy)
+            sampler = draft.eval() if by_draft else model
             pool = sample_from_target(
-                model, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast, cfg.temperature
+                sampler, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast, cfg.temperature
             )
+            draft.train()
+            rounds += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # so the sampling time is the sampling's, not the next step's
             sample_s += time.perf_counter() - t_sample
@@ -326,7 +352,7 @@ def distill(
                 with torch.no_grad():
                     t_logits = _logits(model, part)[part.scored]
                 d_logits = _logits(draft, part)[part.scored]
-            loss = kl_terms(t_logits, d_logits, cfg.temperature).sum() / n_scored
+            loss = divergence_terms(t_logits, d_logits, cfg.temperature, cfg.divergence).sum() / n_scored
             loss.backward()
             loss_sum += float(loss.detach())
         if math.isfinite(loss_sum):
@@ -338,7 +364,7 @@ def distill(
         step += 1
         history.append((step, loss_sum))
         bar.update(1)
-        bar.set_postfix(kl=f"{loss_sum:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
         elapsed = time.perf_counter() - started
         if time.perf_counter() - last_ckpt >= cfg.checkpoint_minutes * 60:
             save_checkpoint(plot=cfg.checkpoint_minutes >= 1)
@@ -383,6 +409,7 @@ def distill(
 
 __all__ = [
     "INSTRUCTIONS",
+    "DIVERGENCES",
     "DistillConfig",
     "SampleBatch",
     "build_draft",
@@ -390,6 +417,7 @@ __all__ = [
     "check_config",
     "corpus_prompts",
     "default_layers",
+    "divergence_terms",
     "distill",
     "evaluate_draft",
     "init_layer_indices",

@@ -197,6 +197,30 @@ def kl_terms(target_logits: Tensor, draft_logits: Tensor, temperature: float = 1
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+#: what ``smcgen distill`` can minimise at each position (see :func:`divergence_terms`)
+DIVERGENCES = ("forward", "reverse", "symmetric")
+
+
+def divergence_terms(
+    target_logits: Tensor, draft_logits: Tensor, temperature: float = 1.0, kind: str = "forward"
+) -> Tensor:
+    """Per-position divergence between the tempered target p and draft q, over the full vocabulary.
+
+    ``forward``: KL(p || q), which punishes the draft for missing mass the target has (unbounded
+    importance weights). ``reverse``: KL(q || p), which punishes the draft for putting mass where the
+    target has little: the proposals SMC-SD's few particles cannot resample away. ``symmetric``:
+    their mean, which asks for both."""
+    if kind == "forward":
+        return kl_terms(target_logits, draft_logits, temperature)
+    if kind == "reverse":
+        return kl_terms(draft_logits, target_logits, temperature)
+    if kind == "symmetric":
+        return 0.5 * (
+            kl_terms(target_logits, draft_logits, temperature) + kl_terms(draft_logits, target_logits, temperature)
+        )
+    raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
+
+
 @torch.no_grad()
 def evaluate_draft(
     target: PreTrainedModel,
@@ -206,9 +230,10 @@ def evaluate_draft(
     autocast: bool = False,
     temperature: float = 1.0,
 ) -> dict[str, float]:
-    """Mean over scored positions of KL(target || draft), top-1 agreement and sum_v min(p, q) (the
-    expected acceptance of one drafted token; a per-token proxy of ESS/N), all at ``temperature``."""
-    kl = agree = overlap = count = 0.0
+    """Mean over scored positions of KL(target || draft), KL(draft || target) (``reverse_kl``), top-1
+    agreement and sum_v min(p, q) (the expected acceptance of one drafted token; a per-token proxy of
+    ESS/N), all at ``temperature``."""
+    kl = reverse = agree = overlap = count = 0.0
     device = batch.ids.device
     for start in range(0, batch.ids.shape[0], micro_batch):
         part = batch.slice(slice(start, start + micro_batch))
@@ -217,8 +242,15 @@ def evaluate_draft(
         m = part.scored
         t, d = t[m].float() / temperature, d[m].float() / temperature
         kl += float(kl_terms(t, d).sum())
+        reverse += float(kl_terms(d, t).sum())
         agree += float((t.argmax(-1) == d.argmax(-1)).sum())
         overlap += float(torch.minimum(t.softmax(-1), d.softmax(-1)).sum())
         count += float(m.sum())
     count = max(count, 1.0)
-    return {"kl": kl / count, "top1_agreement": agree / count, "overlap": overlap / count, "positions": count}
+    return {
+        "kl": kl / count,
+        "reverse_kl": reverse / count,
+        "top1_agreement": agree / count,
+        "overlap": overlap / count,
+        "positions": count,
+    }

@@ -16,6 +16,7 @@ from smcgen.distill import (
     build_draft,
     check_config,
     distill,
+    divergence_terms,
     evaluate_draft,
     init_layer_indices,
     kl_terms,
@@ -219,3 +220,46 @@ def test_int8_storage_in_place_records_the_source_checksum(tmp_path):
     before = hashlib.sha256((src / draft_dir.WEIGHTS_FILE).read_bytes()).hexdigest()
     draft_dir.quantize_draft_dir(src, src)  # dst == src: the trained file is replaced
     assert draft_dir.read_manifest(src)["quantized_from_sha256"] == before
+
+
+def test_divergences_are_the_two_kl_directions_and_their_mean():
+    torch.manual_seed(1)
+    t, d = torch.randn(6, 9), torch.randn(6, 9)
+    forward, reverse = kl_terms(t, d, 0.7), kl_terms(d, t, 0.7)
+    assert torch.equal(divergence_terms(t, d, 0.7, "forward"), forward)
+    assert torch.equal(divergence_terms(t, d, 0.7, "reverse"), reverse)
+    assert torch.allclose(divergence_terms(t, d, 0.7, "symmetric"), (forward + reverse) / 2)
+    assert (forward > 0).all() and not torch.allclose(forward, reverse)  # the directions differ
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        divergence_terms(t, d, 0.7, "jsd")
+    for bad, match in (
+        ({"divergence": "kl"}, "divergence must be one of"),
+        ({"on_policy": 1.5}, r"on_policy must be in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            check_config(DistillConfig(steps=1, **bad), 3)
+
+
+def test_on_policy_rounds_train_on_the_drafts_own_samples(tmp_path, monkeypatch):
+    """With on_policy=0.5 every other sampling round is the draft's: the sampler gets the draft, its
+    samples are scored, and the reverse KL it is trained on falls like the forward one did."""
+    import importlib
+
+    distill_module = importlib.import_module("smcgen.distill")  # the package's `distill` is the function
+
+    samplers = []
+    real_sampler = distill_module.sample_from_target
+
+    def recording(model, *args, **kwargs):
+        samplers.append(model)
+        return real_sampler(model, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "sample_from_target", recording)
+    target, manifest, losses = _run(tmp_path, "onp", cfg={"on_policy": 0.5, "divergence": "reverse", "reuse": 1})
+    training = samplers[:-1]  # the last call samples the held-out set, from the target
+    assert len(training) == 15 and samplers[-1] is target.model  # 30 steps, 2 per pool of 16
+    assert [m is target.model for m in training] == [i % 2 == 0 for i in range(15)]
+    assert all(m is not target.model and m.config.num_hidden_layers == 1 for m in training[1::2])
+    assert manifest["recipe"]["on_policy"] == 0.5 and manifest["recipe"]["divergence"] == "reverse"
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert manifest["held_out"]["reverse_kl"] < sum(losses[:5]) / 5
