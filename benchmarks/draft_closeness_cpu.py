@@ -12,7 +12,8 @@ measured here, not speed. For each draft:
   p per token of the answers against AR's on the same prompts (gap in standard errors, unpaired as in
   ``fidelity_sweep.py``, and the per-prompt paired difference with its SE), and mean ESS/N.
 
-Rows for the shipped 2-layer draft and the self-int8 draft are added for reference.
+``--drafts`` adds rows for named drafts or draft directories (by default the self-int8 draft and the
+shipped 2-layer one, for reference).
 
     OMP_NUM_THREADS=2 python benchmarks/draft_closeness_cpu.py --prompts 24 --out OUT
 """
@@ -50,7 +51,8 @@ def noisy_copy(target: LanguageModel, sigma: float, seed: int = 0) -> LanguageMo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sigmas", default="0.015,0.03,0.05,0.08,0.12")
+    ap.add_argument("--sigmas", default="0.015,0.03,0.05,0.08,0.12", help="noise levels ('' for none)")
+    ap.add_argument("--drafts", default="self-int8,smollm2-135m-draft", help="named drafts or draft directories")
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--n-particles", type=int, default=8)
@@ -89,10 +91,7 @@ def main() -> None:
     ar, _ = answers(n_particles=1)
     ar_m, ar_se = mean_se([x for x in ar if not math.isnan(x)])
     drafts: list[tuple[str, object]] = [(f"noise sigma={s}", float(s)) for s in args.sigmas.split(",") if s]
-    drafts += [
-        ("self-int8 (the CPU main job's)", "self-int8"),
-        ("shipped 2-layer (smollm2-135m-draft)", "smollm2-135m-draft"),
-    ]
+    drafts += [(spec, spec) for spec in args.drafts.split(",") if spec]
     rows = []
     for name, spec in drafts:
         draft = (
@@ -106,7 +105,7 @@ def main() -> None:
         rows.append(
             {
                 "draft": name,
-                **{k: closeness[k] for k in ("kl", "top1_agreement", "overlap")},
+                **{k: closeness[k] for k in ("kl", "reverse_kl", "top1_agreement", "overlap")},
                 "loglik": [m, se],
                 "gap_se": (m - ar_m) / math.sqrt(se * se + ar_se * ar_se),
                 "paired_diff": [diff_m, diff_se],
@@ -121,14 +120,15 @@ def main() -> None:
         "",
         f"AR (target alone): log p/token {ar_m:.3f} ± {ar_se:.3f}",
         "",
-        "| draft | KL(target‖draft) | top-1 agreement | Σ min(p, q) | log p/token | gap to AR (SE) "
-        "| paired diff to AR | mean ESS/N |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| draft | KL(target‖draft) | KL(draft‖target) | top-1 agreement | Σ min(p, q) | log p/token "
+        "| gap to AR (SE) | paired diff to AR | mean ESS/N |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "-"
         lines.append(
-            f"| {r['draft']} | {r['kl']:.3f} | {r['top1_agreement']:.2f} | {r['overlap']:.2f} "
+            f"| {r['draft']} | {r['kl']:.3f} | {r['reverse_kl']:.3f} | {r['top1_agreement']:.2f} "
+            f"| {r['overlap']:.2f} "
             f"| {r['loglik'][0]:.3f} ± {r['loglik'][1]:.3f} | {r['gap_se']:+.1f} "
             f"| {r['paired_diff'][0]:+.3f} ± {r['paired_diff'][1]:.3f} | {ess} |"
         )

@@ -145,6 +145,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
         default=d.on_policy,
         help="share (0..1) of sampling rounds the draft samples itself, so it learns on its own continuations",
     )
+    p.add_argument("--init-from", default=None, help="a trained draft directory to start from (its layers)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
@@ -183,6 +184,7 @@ def distill_main(argv: list[str]) -> int:
             temperature=args.temperature,
             divergence=args.divergence,
             on_policy=args.on_policy,
+            init_from=args.init_from,
             seed=args.seed,
             eval_sequences=args.eval_sequences,
             checkpoint_minutes=args.checkpoint_minutes,

@@ -64,6 +64,7 @@ class DistillConfig:
     temperature: float = 1.0  # sampling temperature the draft is trained for (samples and KL both tempered)
     divergence: str = "forward"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
     on_policy: float = 0.0  # share of sampling rounds whose sequences the draft samples (its own continuations)
+    init_from: str | None = None  # a trained draft directory whose weights start the run (instead of target layers)
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
     weight_decay: float = 0.0
@@ -231,7 +232,15 @@ def distill(
     model.requires_grad_(False)
     n_target = int(model.config.num_hidden_layers)
     check_config(cfg, n_target)
-    layers = cfg.layers or default_layers(model.config)
+    start_from = None
+    if cfg.init_from is not None:  # continue a trained draft, e.g. with another divergence or on-policy rounds
+        if not draft_dir.is_draft_dir(cfg.init_from):
+            raise ValueError(f"init_from must be a draft directory (smcgen distill's output), got {cfg.init_from!r}")
+        start_from = draft_dir.load_draft(cfg.init_from, model)  # checks it was trained for this target
+        n_start = int(start_from.config.num_hidden_layers)
+        if cfg.layers is not None and cfg.layers != n_start:
+            raise ValueError(f"layers ({cfg.layers}) must match init_from's {n_start} layers, or be left out")
+    layers = cfg.layers or (n_start if start_from is not None else default_layers(model.config))
     device = model.get_input_embeddings().weight.device
     autocast = device.type == "cuda"
 
@@ -251,6 +260,12 @@ def distill(
     random.seed(cfg.seed)
     indices = init_layer_indices(n_target, layers, cfg.init)
     draft = build_draft(model, indices)
+    if start_from is not None:
+        with torch.no_grad():
+            mine = draft.state_dict()
+            for name, tensor in draft_dir.own_state(start_from).items():
+                mine[name].copy_(tensor)
+        del start_from
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -263,3 +263,40 @@ def test_on_policy_rounds_train_on_the_drafts_own_samples(tmp_path, monkeypatch)
     assert manifest["recipe"]["on_policy"] == 0.5 and manifest["recipe"]["divergence"] == "reverse"
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     assert manifest["held_out"]["reverse_kl"] < sum(losses[:5]) / 5
+
+
+def test_a_run_can_start_from_a_trained_draft(tmp_path):
+    """init_from loads a draft directory's layers as the starting point: with no steps the result is
+    that draft; a layer count that disagrees, or a path that is no draft, is refused by name."""
+    target, _, _ = _run(tmp_path, "first", cfg={"steps": 10, "eval_sequences": 0})
+    distill(
+        target,
+        tmp_path / "again",
+        DistillConfig(**{**RECIPE, "steps": 0, "eval_sequences": 0, "init_from": str(tmp_path / "first")}),
+        prompts=PROMPTS,
+        target_name="tiny",
+        progress=False,
+    )
+    from safetensors.torch import load_file
+
+    before, after = (
+        load_file(str(tmp_path / "first" / "draft.safetensors")),
+        load_file(str(tmp_path / "again" / "draft.safetensors")),
+    )
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="must match init_from's 1 layers"):
+        distill(
+            target,
+            tmp_path / "x",
+            DistillConfig(**{**RECIPE, "layers": 2, "init_from": str(tmp_path / "first")}),
+            prompts=PROMPTS,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="init_from must be a draft directory"):
+        distill(
+            target,
+            tmp_path / "y",
+            DistillConfig(**{**RECIPE, "init_from": str(tmp_path)}),
+            prompts=PROMPTS,
+            progress=False,
+        )
