@@ -97,8 +97,9 @@ def main() -> None:
         default=1.0,
         help="sampling temperature the draft is trained and evaluated for (the main job samples at 0.7)",
     )
-    p.add_argument("--divergence", default="forward", choices=["forward", "reverse", "symmetric"])
-    p.add_argument("--on-policy", type=float, default=0.0, help="share of sampling rounds the draft samples")
+    d = DistillConfig()
+    p.add_argument("--divergence", default=d.divergence, choices=["forward", "reverse", "symmetric"])
+    p.add_argument("--on-policy", type=float, default=d.on_policy, help="share of sampling rounds the draft samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", type=int, default=None)
     args = p.parse_args()

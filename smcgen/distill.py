@@ -2,16 +2,17 @@
 
 The draft is the target's architecture with a few decoder layers (initialised from chosen target
 layers) on top of the target's own embedding and LM head, which stay frozen and shared, so the
-draft file holds only the new layers and final norm. Training is sequence-level distillation on
-the target's own samples: each round the target samples continuations of prompts (chat-template
-prompts from a built-in list of varied instructions, plus optional corpus text, or given ids) at
-the sampling temperature (``temperature``, 1 by default), and the draft minimises KL(target || draft)
-of the full next-token distributions, both tempered the same way, at every generated position: a
-draft meant for SMC-SD at temperature 0.7 is best trained at 0.7, since the importance weights
-compare the tempered distributions. Because the samples come from the target, not the draft, a pool of them
-can serve several optimiser steps. Two options change what is learnt from: ``on_policy`` lets the
-draft sample a share of the rounds (its own continuations, which SMC-SD's particles condition on),
-and ``divergence`` picks the reverse KL(draft || target) or the mean of both directions instead.
+draft file holds only the new layers and final norm. Training is sequence-level distillation:
+each round the target (or, in a share ``on_policy`` of the rounds, the draft itself) samples
+continuations of prompts (chat-template prompts from a built-in list of varied instructions, plus
+optional corpus text, or given ids) at the sampling temperature (``temperature``, 1 by default),
+and the draft minimises a divergence from the target's full next-token distributions, both
+tempered the same way, at every generated position: a draft meant for SMC-SD at temperature 0.7 is
+best trained at 0.7, since the importance weights compare the tempered distributions.
+``divergence`` is the forward KL(target || draft), the reverse KL(draft || target) or their mean
+(the default, with half the rounds on-policy: SMC-SD's few particles cannot resample away mass the
+draft puts where the target has little, which the forward KL on target samples never penalises).
+A pool of samples serves ``reuse`` optimiser steps.
 
 Outputs (in ``out_dir``): ``draft.safetensors`` + ``config.json`` + ``manifest.json`` (see
 :mod:`smcgen.models.draft_dir`), ``loss.png`` and ``checkpoint.pt`` for ``resume=True``.
@@ -62,8 +63,10 @@ class DistillConfig:
     reuse: int = 1  # optimiser steps each sampled sequence serves (passes over a pool)
     max_new_tokens: int = 64  # length of each target sample
     temperature: float = 1.0  # sampling temperature the draft is trained for (samples and KL both tempered)
-    divergence: str = "forward"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
-    on_policy: float = 0.0  # share of sampling rounds whose sequences the draft samples (its own continuations)
+    # symmetric + half the rounds on-policy: at equal budget, SMC-SD's answers came out 0.8 nats/token
+    # closer to the target's than with the forward KL on target samples (docs/distill.md)
+    divergence: str = "symmetric"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
+    on_policy: float = 0.5  # share of sampling rounds whose sequences the draft samples (its own continuations)
     init_from: str | None = None  # a trained draft directory whose weights start the run (instead of target layers)
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
