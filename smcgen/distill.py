@@ -241,6 +241,8 @@ def distill(
             raise ValueError(f"init_from must be a draft directory (smcgen distill's output), got {cfg.init_from!r}")
         start_from = draft_dir.load_draft(cfg.init_from, model)  # checks it was trained for this target
         n_start = int(start_from.config.num_hidden_layers)
+        if n_start > n_target:
+            raise ValueError(f"init_from has {n_start} layers, more than the target's {n_target}")
         if cfg.layers is not None and cfg.layers != n_start:
             raise ValueError(f"layers ({cfg.layers}) must match init_from's {n_start} layers, or be left out")
     layers = cfg.layers or (n_start if start_from is not None else default_layers(model.config))
@@ -285,6 +287,15 @@ def distill(
     pool_cursor = 0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # a checkpoint of another objective would switch it mid-run (older checkpoints: forward, no on-policy)
+        old = {"divergence": "forward", "on_policy": 0.0, **ck.get("config", {})}
+        changed = [k for k in ("divergence", "on_policy", "temperature") if old.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(
+                f"checkpoint {ckpt_path} was trained with "
+                + ", ".join(f"{k}={old.get(k)!r}" for k in changed)
+                + "; resume with the same settings or start a new out_dir"
+            )
         if ck["indices"] != indices:
             raise ValueError(f"checkpoint {ckpt_path} is for draft layers {ck['indices']}, this run builds {indices}")
         draft.load_state_dict(ck["draft"], strict=False)
@@ -404,12 +415,13 @@ def distill(
         "target": target_name,
         "target_embedding_sha256": draft_dir.embedding_checksum(model),
         "layers": layers,
-        "init_layers": indices,
+        # a continued draft keeps the record of the target layers it first came from
+        "init_layers": draft_dir.read_manifest(cfg.init_from).get("init_layers") if cfg.init_from else indices,
         "steps": step,
         "skipped_nonfinite_steps": skipped,
         "seed": cfg.seed,
         "train_seconds": round(elapsed, 1),
-        "sample_seconds": round(sample_s, 1),
+        "sample_seconds": round(sample_s, 3),
         "device": str(device),
         "commit": _git_commit(),
         "recipe": asdict(cfg),

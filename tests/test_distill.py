@@ -300,3 +300,16 @@ def test_a_run_can_start_from_a_trained_draft(tmp_path):
             prompts=PROMPTS,
             progress=False,
         )
+
+
+def test_the_training_loss_is_the_chosen_divergence(tmp_path):
+    """The first step's loss (the untrained draft, the same target batch) is the forward KL, the reverse
+    KL or their mean as configured; a checkpoint of one objective does not resume under another."""
+    first = {}
+    for kind in ("forward", "reverse", "symmetric"):
+        _, _, losses = _run(tmp_path, kind, cfg={"steps": 1, "eval_sequences": 0, "divergence": kind, "on_policy": 0.0})
+        first[kind] = losses[0]
+    assert abs(first["forward"] - first["reverse"]) > 1e-3
+    assert first["symmetric"] == pytest.approx((first["forward"] + first["reverse"]) / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="was trained with divergence='forward'"):
+        _run(tmp_path, "forward", cfg={"steps": 2, "divergence": "reverse", "on_policy": 0.0}, resume=True)
