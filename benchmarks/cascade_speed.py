@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -230,7 +231,7 @@ def main() -> None:
                 cells.append(f"{r['aggregate_tok_s']:.1f}")
         mean = {m: sum(v) / len(v) for m, v in speeds.items()}  # the repeats' mean per mode
         best = max((v for m, v in mean.items() if m != "off"), default=float("nan"))
-        gain = f"{best / mean['off']:.2f}x" if "off" in mean else "-"
+        gain = f"{best / mean['off']:.2f}x" if "off" in mean and math.isfinite(best) else "-"
         draft_kind = next(iter(mine.values()))[0]["draft"]
         md.append(f"| {p} | {reqs} x {n} | {draft_kind} | " + " | ".join(cells) + f" | {gain} |")
     # the issue's yardstick: a long prompt's speed as a fraction of the shortest prompt's, per mode
@@ -239,7 +240,7 @@ def main() -> None:
         if p == base:
             continue
         fracs = []
-        for m in modes:
+        for m in dict.fromkeys(modes):  # a repeated mode once (its first run)
             long_ = next((r for r in rows if (r["requests"], r["prompt"], r["mode"]) == (1, p, m)), {})
             short = next((r for r in rows if (r["requests"], r["prompt"], r["mode"]) == (1, base, m)), {})
             if "aggregate_tok_s" in long_ and "aggregate_tok_s" in short:
