@@ -12,7 +12,11 @@ kernel's duration, memory and compute throughput, occupancy and stall reasons:
 
 Alone it prints each call's median time (CUDA events), as cascade_speed.py does, and with
 ``--kernels`` each kernel's mean device time per call from the PyTorch profiler (where Nsight
-Compute cannot read counters).
+Compute cannot read counters). ``--sweep`` times the cascade call's kernels for every prefix split
+count and prefix query tile in ``--prefix-splits`` x ``--prefix-tiles`` (0: the automatic choice),
+with each one's largest difference from plain attention:
+
+    python benchmarks/cascade_kernel_profile.py --prompt 4096 --sweep --prefix-splits 0,2,4,5,8 --prefix-tiles 0,64
 """
 
 from __future__ import annotations
@@ -45,12 +49,30 @@ def kernel_times(fn, reps: int = 20) -> dict[str, float]:
     }
 
 
+def sweep(name: str, args) -> list[dict]:
+    """Kernel device time (us) of the cascade call for each prefix split count x prefix tile."""
+    rows = []
+    for splits in [int(x) for x in args.prefix_splits.split(",") if x]:
+        for tile in [int(x) for x in args.prefix_tiles.split(",") if x]:
+            kw = {"prefix_splits": splits or None, "prefix_block_m": tile or None}
+            plain, cascade = layer_calls(args.prompt, 1, 8, *SHAPES[name], cascade_kw=kw)
+            diff = float((plain().float() - cascade().float()).abs().max())
+            times = kernel_times(cascade)
+            row = {"prefix_splits": splits, "prefix_tile": tile, "kernels_us": times}
+            rows.append({**row, "total_us": sum(times.values()), "max_abs_diff": diff})
+            print(json.dumps({"call": name, **rows[-1]}), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=4096, help="shared prefix length (tokens)")
     ap.add_argument("--calls", default="verify,draft", help=f"from {', '.join(SHAPES)}")
     ap.add_argument("--iters", type=int, default=3, help="calls of each kind inside its NVTX range")
     ap.add_argument("--kernels", action="store_true", help="also each kernel's mean time (PyTorch profiler)")
+    ap.add_argument("--sweep", action="store_true", help="time the cascade kernels over the settings below")
+    ap.add_argument("--prefix-splits", default="0,2,4,5,8", help="prefix split counts to sweep (0: automatic)")
+    ap.add_argument("--prefix-tiles", default="0,64", help="prefix query tiles to sweep (0: automatic)")
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(), "prompt": args.prompt}
     for name in [c for c in args.calls.split(",") if c]:
@@ -69,6 +91,8 @@ def main() -> None:
             out[name]["kernels_us"] = {
                 label: kernel_times(fn) for label, fn in (("plain", plain), ("cascade", cascade))
             }
+        if args.sweep:
+            out[name]["sweep"] = sweep(name, args)
     print(json.dumps(out))
 
 

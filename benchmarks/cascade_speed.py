@@ -66,18 +66,31 @@ def time_call(fn, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def layer_calls(prompt: int, groups: int, group: int, n_q: int, n_qh: int, n_kvh: int, dim: int, new: int = 512):
+def layer_calls(
+    prompt: int,
+    groups: int,
+    group: int,
+    n_q: int,
+    n_qh: int,
+    n_kvh: int,
+    dim: int,
+    new: int = 512,
+    cascade_kw: dict | None = None,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+):
     """(plain, cascade): one layer's paged and cascade attention as argument-free calls on random
-    bf16 K/V: ``groups`` requests of ``group`` rows, each request's rows sharing the pages of its
-    ``prompt`` tokens, every row 256 tokens past its prompt."""
-    dev, ps = torch.device("cuda"), 16
+    K/V (bf16 on the GPU by default; float32 on the CPU under TRITON_INTERPRET for a smoke test): ``groups`` requests of ``group`` rows, each request's rows sharing the pages of its
+    ``prompt`` tokens, every row 256 tokens past its prompt. ``cascade_kw`` (tuning: split counts,
+    the prefix tile) goes to the Triton cascade kernel directly."""
+    dev, ps = torch.device(device), 16
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = groups * group
     max_pages = -(-(prompt + new + n_q) // ps)
     shared, own = prompt // ps, max_pages - prompt // ps
     n_pages = groups * shared + rows * own
-    k_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(torch.bfloat16)
-    v_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(torch.bfloat16)
+    k_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(dtype)
+    v_pool = torch.randn(n_pages, ps, n_kvh, dim, generator=gen, device=dev).to(dtype)
     table = torch.empty(rows, max_pages, dtype=torch.int32, device=dev)
     i32 = {"dtype": torch.int32, "device": dev}
     table[:, :shared] = (
@@ -88,7 +101,7 @@ def layer_calls(prompt: int, groups: int, group: int, n_q: int, n_qh: int, n_kvh
     start = torch.full((rows,), prompt + 256, **i32)
     shared_len = shared * ps  # only the shared pages are one copy here
     plen = torch.full((groups,), shared_len, **i32)
-    q = torch.randn(rows, n_q, n_qh, dim, generator=gen, device=dev).to(torch.bfloat16)
+    q = torch.randn(rows, n_q, n_qh, dim, generator=gen, device=dev).to(dtype)
     counters = torch.zeros(16384, **i32)
     scale = dim**-0.5
 
@@ -96,6 +109,10 @@ def layer_calls(prompt: int, groups: int, group: int, n_q: int, n_qh: int, n_kvh
         return attention.paged_attention(q, k_pool, v_pool, table, start, scale, counters)
 
     def cascade():
+        if cascade_kw:
+            return attention.cascade_attention_triton(
+                q, k_pool, v_pool, table, start, scale, plen, group, shared_len, counters=counters, **cascade_kw
+            )
         return attention.cascade_attention(q, k_pool, v_pool, table, start, scale, plen, group, shared_len, counters)
 
     return plain, cascade

@@ -91,6 +91,26 @@ def test_cascade_matches_paged_attention(
         assert int(counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("prefix_block_m", [32, 64])
+def test_smaller_prefix_tiles_agree(device, prefix_block_m):
+    """The prefix kernel's query tile is a tuning knob (fewer registers, more programs): the verify's
+    144 packed queries per kv head in 5 or 3 tiles give the same attention; a tile that is not a
+    power of two in 16..128 is refused by name."""
+    n_groups, group, n_q, n_qh, n_kvh, dim, ps, max_pages, prefix = 1, 4, 9, 32, 8, 128, 16, 4, 37
+    k_pool, v_pool, table = shared_cache(n_groups, group, prefix, max_pages, ps, n_kvh, dim, device, seed=5)
+    gen = torch.Generator().manual_seed(11)
+    start = torch.tensor([prefix, prefix + 3, prefix + 9, prefix + 1], dtype=torch.int32).to(device)
+    q = torch.randn(n_groups * group, n_q, n_qh, dim, generator=gen).to(device)
+    plen = torch.full((n_groups,), prefix, dtype=torch.int32, device=device)
+    ref = paged_attention_torch(q, k_pool, v_pool, table, start, dim**-0.5)
+    out = cascade_attention_triton(
+        q, k_pool, v_pool, table, start, dim**-0.5, plen, group, prefix, prefix_splits=2, prefix_block_m=prefix_block_m
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="prefix_block_m must be 16, 32, 64 or 128"):
+        cascade_attention_triton(q, k_pool, v_pool, table, start, 0.1, plen, group, prefix, prefix_block_m=48)
+
+
 def test_queries_inside_the_prefix_stay_causal(device):
     """A query at a position below the prefix length sees only the keys up to it (never the engine's
     case, but the kernels must not leak later prefix keys into it)."""

@@ -414,6 +414,7 @@ def cascade_attention_triton(
     *,
     num_splits: int | None = None,
     prefix_splits: int | None = None,
+    prefix_block_m: int | None = None,
     counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of :func:`cascade_attention_torch`: two kernels, no extra memset.
@@ -425,7 +426,8 @@ def cascade_attention_triton(
     split programs to finish merges every slot into ``out``. ``min_prefix`` (the shortest prefix,
     a host int) sizes the splits; ``prefix_len`` [groups] int32 on the device holds the lengths
     (a captured graph reads them where they lie). ``num_splits`` / ``prefix_splits`` (tests and
-    tuning) override the suffix's and the prefix's split counts; ``counters``: see
+    tuning) override the suffix's and the prefix's split counts, ``prefix_block_m`` (a power of two
+    in 16..128) the prefix kernel's packed query rows per program; ``counters``: see
     :func:`paged_attention_triton` (a slot per group x kv head x prefix query block).
     """
     n_rows, n_q, n_qh, dim = q.shape
@@ -452,7 +454,9 @@ def cascade_attention_triton(
     if num_splits is None:
         num_splits = min(_num_splits(n_programs, suffix_keys, block_m, dev, min_keys), SUFFIX_MAX_SPLITS)
     # prefix: the group's packed queries in one tile (up to 128 rows), split to fill the GPU
-    pm, pn, p_warps, p_stages = _launch_config(group * hg * n_q, dim)
+    if prefix_block_m is not None and (prefix_block_m not in (16, 32, 64, 128)):
+        raise ValueError(f"prefix_block_m must be 16, 32, 64 or 128, got {prefix_block_m!r}")
+    pm, pn, p_warps, p_stages = _launch_config(prefix_block_m or group * hg * n_q, dim)
     big = pm * dim >= BIG_TILE
     if big:  # 128 x 128 fp32 accumulators on 4 warps spilled 6 KB a thread, 1 KB on 8 (ptxas, sm_90)
         p_warps = 8
