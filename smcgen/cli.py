@@ -111,8 +111,8 @@ def build_distill_parser() -> argparse.ArgumentParser:
     d = DistillConfig()
     p = argparse.ArgumentParser(
         prog="smcgen distill",
-        description="Train a small draft for a target on its own and the target's samples (by default the mean "
-        "of both KL directions to the target's next-token distributions); the draft shares the target's "
+        description="Train a small draft for a target on the target's samples (optionally its own too; by "
+        "default the mean of both KL directions to the target's next-token distributions); the draft shares the target's "
         "embedding and head. Writes draft.safetensors, "
         "config.json and manifest.json that `smcgen --draft OUT` and generate(draft=OUT) load.",
     )

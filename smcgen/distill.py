@@ -3,15 +3,15 @@
 The draft is the target's architecture with a few decoder layers (initialised from chosen target
 layers) on top of the target's own embedding and LM head, which stay frozen and shared, so the
 draft file holds only the new layers and final norm. Training is sequence-level distillation:
-each round the target (or, in a share ``on_policy`` of the rounds, the draft itself) samples
+each round the target (or, in a share ``on_policy`` of the rounds, none by default, the draft) samples
 continuations of prompts (chat-template prompts from a built-in list of varied instructions, plus
 optional corpus text, or given ids) at the sampling temperature (``temperature``, 1 by default),
 and the draft minimises a divergence from the target's full next-token distributions, both
 tempered the same way, at every generated position: a draft meant for SMC-SD at temperature 0.7 is
 best trained at 0.7, since the importance weights compare the tempered distributions.
 ``divergence`` is the forward KL(target || draft), the reverse KL(draft || target) or their mean
-(the default, with half the rounds on-policy: SMC-SD's few particles cannot resample away mass the
-draft puts where the target has little, which the forward KL on target samples never penalises).
+(the default: SMC-SD's few particles cannot resample away mass the draft puts where the target has
+little, which the forward KL never penalises).
 A pool of samples serves ``reuse`` optimiser steps.
 
 Outputs (in ``out_dir``): ``draft.safetensors`` + ``config.json`` + ``manifest.json`` (see
@@ -63,10 +63,10 @@ class DistillConfig:
     reuse: int = 1  # optimiser steps each sampled sequence serves (passes over a pool)
     max_new_tokens: int = 64  # length of each target sample
     temperature: float = 1.0  # sampling temperature the draft is trained for (samples and KL both tempered)
-    # symmetric + half the rounds on-policy: at equal budget, SMC-SD's answers came out 0.8 nats/token
-    # closer to the target's than with the forward KL on target samples (docs/distill.md)
+    # symmetric: at equal budget, SMC-SD's answers came out 1.0 nats/token closer to the target's than
+    # with the forward KL; on-policy rounds changed little beside it (docs/distill.md)
     divergence: str = "symmetric"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
-    on_policy: float = 0.5  # share of sampling rounds whose sequences the draft samples (its own continuations)
+    on_policy: float = 0.0  # share of sampling rounds whose sequences the draft samples (its own continuations)
     init_from: str | None = None  # a trained draft directory whose weights start the run (instead of target layers)
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
