@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from smcgen.core.config import SMCConfig
-from smcgen.core.device_memory import release_held
+from smcgen.core.device_memory import free_gpu_bytes
 
 # full-vocabulary float32 copies the step makes beside the logits themselves (see the module docstring)
 _VOCAB_COPIES_PER_ROW = 5
@@ -69,15 +69,13 @@ def estimate_request(cfg: SMCConfig, target, draft, prompt_len: int, vocab_size:
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: free device memory, held memory released; CPU:
-    MemAvailable), None when unknown."""
-    release_held()
+    """Free memory on ``device`` (CUDA: :func:`~smcgen.core.device_memory.free_gpu_bytes`, held
+    memory released and the allocator's unused cache counted; CPU: MemAvailable), None when unknown."""
     override = os.environ.get("SMCGEN_MEMORY_LIMIT_BYTES")
     if override:
         return int(float(override))
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return free_gpu_bytes(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

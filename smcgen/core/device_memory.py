@@ -1,8 +1,9 @@
 """Device memory one owner keeps for reuse, and free memory read with it released.
 
 A native engine keeps its last run's KV pools and CUDA graphs for the next run of the same shape
-(smcgen/samplers/native.py). One owner at a time may hold such memory; whoever sizes something
-from free memory (KV pools, request slots, the generic engine's memory check) releases it first.
+(smcgen/samplers/native.py). One owner at a time may hold such memory. It is released in two
+places only: where free GPU memory is read (:func:`free_gpu_bytes`, which every sizing from free
+memory goes through) and where a paged pool is made (``NativeCausalLM.make_cache``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ _holder: weakref.ref | None = None
 
 def hold(owner: Any) -> None:
     """Record ``owner`` (with a ``release_held()`` method) as the one holder of reusable device
-    memory, releasing the previous holder's. A weak reference: the memory goes with its owner."""
+    memory, releasing another holder's. A weak reference: the memory goes with its owner."""
     global _holder
     with _HELD_LOCK:
-        release_held()
+        if _holder is None or _holder() is not owner:  # an owner keeping a new run keeps it
+            release_held()
         _holder = weakref.ref(owner)
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from smcgen.core.config import SMCConfig
-from smcgen.core.device_memory import hold, release_held
+from smcgen.core.device_memory import hold
 from smcgen.core.resampling import (
     Resampler,
     SystematicResampler,
@@ -308,10 +308,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         # the last run's state, caches and captured cycle serve a run of the same shape (prompt
         # lengths, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture
         shape = self._run_shape(segments) if feed is None else None
-        # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold): released
-        # before sizing new pools, unless reused
+        # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold);
+        # another engine's goes where the new pools are sized and made (free_gpu_bytes, make_cache)
         kept, self._kept = self._kept, None
-        release_held()
         if kept is not None and kept[0] == shape:
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
@@ -444,7 +443,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         pieces = state.host_guided
         if shape is not None and (graph is not None or (pieces is not None and pieces.graphs is not None)):
             self._kept = (shape, state, graph)
-            hold(self)  # releases another engine's kept run
+            hold(self)  # releases another engine's kept run, if one is still kept
         return run, timing
 
     def release_held(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smcgen.core.device_memory import free_gpu_bytes, release_held
+from smcgen.core.device_memory import free_gpu_bytes
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.samplers.native import NativeSMC
 from smcgen.samplers.native_state import _CycleState, _Segment, _sync
@@ -130,7 +130,6 @@ class NativeSlots:
     def _pages_in_memory(self) -> int:
         """Pages one pool may take on CUDA (the target's share of the memory fraction); unbounded elsewhere."""
         e = self.engine
-        release_held()  # a kept run's pools would count against this pool's memory (any device)
         if e.device.type != "cuda":
             return 1 << 40
         free = free_gpu_bytes(e.device)
