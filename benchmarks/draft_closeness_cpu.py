@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import time
-from pathlib import Path
 
 import torch
-from fidelity import chat_ids, freshqa_questions, mean_se, target_logprobs
+from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, write_report
 
 import smcgen
 from smcgen.distill_samples import chat_prompts, evaluate_draft, sample_from_target
@@ -77,19 +75,8 @@ def main() -> None:
     prompts = [chat_ids(target.tokenizer, q) for q in freshqa_questions()[: args.prompts]]
     common = {"max_new_tokens": T, "target_temperature": tau, "draft_temperature": tau}
 
-    def answers(**kw) -> tuple[list[float], list[float]]:
-        """Per prompt: the answer's mean log p per token under the tempered target; mean ESS/N."""
-        lls, ess = [], []
-        for i, prompt in enumerate(prompts):
-            res = smcgen.generate(target, prompt, seed=i, **common, **kw)
-            lp = target_logprobs(target, prompt, [list(res.token_ids)], tau)[0]
-            lls.append(sum(lp) / len(lp) if lp else float("nan"))
-            if res.mean_ess_fraction is not None and kw.get("n_particles", 1) > 1:
-                ess.append(res.mean_ess_fraction)
-        return lls, ess
-
-    ar, _ = answers(n_particles=1)
-    ar_m, ar_se = mean_se([x for x in ar if not math.isnan(x)])
+    ar = [a["loglik"] for a in answer_each(target, prompts, tau, 0, n_particles=1, **common)]
+    ar_m, ar_se = mean_se([x for x in ar if x is not None])
     drafts: list[tuple[str, object]] = [(f"noise sigma={s}", float(s)) for s in args.sigmas.split(",") if s]
     drafts += [(spec, spec) for spec in args.drafts.split(",") if spec]
     rows = []
@@ -98,8 +85,11 @@ def main() -> None:
             noisy_copy(target, spec) if isinstance(spec, float) else smcgen.api.as_language_model(spec, target=target)
         )
         closeness = evaluate_draft(target.model, draft.model, held, 4, False, tau)
-        lls, ess = answers(draft=draft, n_particles=args.n_particles, block_size=args.block_size)
-        ok = [(a, b) for a, b in zip(lls, ar) if not (math.isnan(a) or math.isnan(b))]
+        each = answer_each(
+            target, prompts, tau, 0, draft=draft, n_particles=args.n_particles, block_size=args.block_size, **common
+        )
+        ess = [a["ess"] for a in each if a["ess"] is not None]
+        ok = [(a["loglik"], b) for a, b in zip(each, ar) if a["loglik"] is not None and b is not None]
         m, se = mean_se([a for a, _ in ok])
         diff_m, diff_se = mean_se([a - b for a, b in ok])
         rows.append(
@@ -107,7 +97,7 @@ def main() -> None:
                 "draft": name,
                 **{k: closeness[k] for k in ("kl", "reverse_kl", "top1_agreement", "overlap")},
                 "loglik": [m, se],
-                "gap_se": (m - ar_m) / math.sqrt(se * se + ar_se * ar_se),
+                "gap_se": gap_se(m, se, ar_m, ar_se),
                 "paired_diff": [diff_m, diff_se],
                 "mean_ess_over_n": sum(ess) / len(ess) if ess else None,
             }
@@ -133,11 +123,7 @@ def main() -> None:
             f"| {r['paired_diff'][0]:+.3f} ± {r['paired_diff'][1]:.3f} | {ess} |"
         )
     report = "\n".join(lines)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "draft_closeness.md").write_text(report + "\n")
-        (out / "draft_closeness.json").write_text(json.dumps({"ar": [ar_m, ar_se], "rows": rows}, indent=1) + "\n")
+    write_report(args.out, "draft_closeness", report, {"ar": [ar_m, ar_se], "rows": rows})
     print(report)
 
 

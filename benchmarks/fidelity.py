@@ -114,6 +114,53 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return m, sd / math.sqrt(n)
 
 
+def gap_se(mean: float, se: float, ref_mean: float, ref_se: float) -> float:
+    """(mean - ref_mean) in units of the two independent standard errors combined (0 when both are 0)."""
+    both = math.sqrt(se * se + ref_se * ref_se)
+    return (mean - ref_mean) / both if both else 0.0
+
+
+def answer_each(
+    target, prompts: list[list[int]], tau: float, seed0: int, progress: str | None = None, **kw
+) -> list[dict]:
+    """One answer per prompt through ``smcgen.generate(target, prompt, seed=seed0 + i, **kw)``.
+
+    Per prompt: ``loglik``, the answer's mean log p per token under the target at ``tau`` (None for
+    an empty answer); ``length``; ``stopped`` (ended on EOS); ``repeated_3grams``; ``ess``, the mean
+    ESS/N (None without particles); the ``engine`` and the call's ``wall_s``."""
+    eos = set(target.eos_token_ids)
+    rows = []
+    for i, prompt in enumerate(tqdm(prompts, desc=progress, disable=progress is None)):
+        t0 = time.perf_counter()
+        res = smcgen.generate(target, prompt, seed=seed0 + i, **kw)
+        wall = time.perf_counter() - t0
+        ids = list(res.token_ids)
+        lp = target_logprobs(target, prompt, [ids], tau)[0]
+        particles = kw.get("n_particles", 1) > 1
+        rows.append(
+            {
+                "loglik": sum(lp) / len(lp) if lp else None,
+                "length": len(ids),
+                "stopped": bool(ids) and ids[-1] in eos,
+                "repeated_3grams": repeated_3grams(ids),
+                "ess": res.mean_ess_fraction if particles else None,
+                "engine": res.engine,
+                "wall_s": wall,
+            }
+        )
+    return rows
+
+
+def write_report(out: str | os.PathLike | None, stem: str, report: str, data) -> None:
+    """``out/stem.md`` (the markdown report) and ``out/stem.json`` (``data``); nothing without ``out``."""
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(report + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -270,11 +317,7 @@ def main() -> None:
         lo, hi = wilson(sum(hits), len(hits))
         lines.append(f"| ({m}) {names[m]} | {sum(hits) / max(len(hits), 1):.3f} | [{lo:.3f}, {hi:.3f}] |")
     report = "\n".join(lines)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fidelity.md").write_text(report + "\n")
-        (out / "fidelity.json").write_text(json.dumps({"stats": stats, "tv": tv, "accuracy": acc}, indent=1))
+    write_report(args.out, "fidelity", report, {"stats": stats, "tv": tv, "accuracy": acc})
     print(report)
 
 

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
-import time
 from pathlib import Path
 
-from fidelity import chat_ids, freshqa_questions, mean_se, repeated_3grams, target_logprobs
-from tqdm.auto import tqdm
+from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, write_report
 
 import smcgen
 from smcgen.api import load_model
@@ -88,7 +85,6 @@ def main() -> None:
     prompts = [chat_ids(target.tokenizer, q) for q in questions]
     tau, T = args.temperature, args.max_new_tokens
     common = {"max_new_tokens": T, "target_temperature": tau, "draft_temperature": tau}
-    eos = set(target.eos_token_ids)
 
     runs: list[tuple[str, dict]] = [("AR (target alone)", {"n_particles": 1})]
     if not args.no_sd:
@@ -106,31 +102,18 @@ def main() -> None:
     rows = []
     for name, kw in runs:
         smcgen.generate(target, prompts[0], seed=10_000, **common, **kw)  # warm-up: engine build, graph capture
-        lls, lengths, stops, reps, ess, tokens, wall = [], [], [], [], [], 0, 0.0
-        for i, prompt in enumerate(tqdm(prompts, desc=name)):
-            t0 = time.perf_counter()
-            res = smcgen.generate(target, prompt, seed=args.seed + i, **common, **kw)
-            wall += time.perf_counter() - t0
-            ids = list(res.token_ids)
-            tokens += len(ids)
-            lp = target_logprobs(target, prompt, [ids], tau)[0]
-            if lp:
-                lls.append(sum(lp) / len(lp))
-            lengths.append(float(len(ids)))
-            stops.append(float(bool(ids) and ids[-1] in eos))
-            reps.append(repeated_3grams(ids))
-            if res.mean_ess_fraction is not None and kw.get("n_particles", 1) > 1:
-                ess.append(res.mean_ess_fraction)
+        each = answer_each(target, prompts, tau, args.seed, progress=name, **common, **kw)
+        ess = [a["ess"] for a in each if a["ess"] is not None]
         rows.append(
             {
                 "name": name,
-                "engine": res.engine,
-                "loglik": mean_se(lls),
-                "length": mean_se(lengths),
-                "stop_rate": mean_se(stops),
-                "repeated_3grams": mean_se(reps),
+                "engine": each[-1]["engine"],
+                "loglik": mean_se([a["loglik"] for a in each if a["loglik"] is not None]),
+                "length": mean_se([float(a["length"]) for a in each]),
+                "stop_rate": mean_se([float(a["stopped"]) for a in each]),
+                "repeated_3grams": mean_se([a["repeated_3grams"] for a in each]),
                 "mean_ess_over_n": statistics.mean(ess) if ess else None,
-                "tokens_per_s": tokens / wall,
+                "tokens_per_s": sum(a["length"] for a in each) / sum(a["wall_s"] for a in each),
             }
         )
         if args.out:  # each finished row is kept, so a run cut short by a time limit still reports
@@ -149,7 +132,7 @@ def main() -> None:
     ]
     for r in rows:
         ll, se = r["loglik"]
-        gap = (ll - ar_ll) / math.sqrt(se * se + ar_se * ar_se) if r is not rows[0] and (se or ar_se) else 0.0
+        gap = gap_se(ll, se, ar_ll, ar_se) if r is not rows[0] else 0.0
         r["gap_se"] = gap
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "–"
         lines.append(
@@ -158,11 +141,7 @@ def main() -> None:
             f"| {r['tokens_per_s'] / ar_tps:.2f}x |"
         )
     report = "\n".join(lines)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fidelity_sweep.md").write_text(report + "\n")
-        (out / "fidelity_sweep.json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, "fidelity_sweep", report, rows)
     print(report)
 
 
