@@ -214,10 +214,10 @@ def divergence_terms(
         return kl_terms(target_logits, draft_logits, temperature)
     if kind == "reverse":
         return kl_terms(draft_logits, target_logits, temperature)
-    if kind == "symmetric":
-        return 0.5 * (
-            kl_terms(target_logits, draft_logits, temperature) + kl_terms(draft_logits, target_logits, temperature)
-        )
+    if kind == "symmetric":  # both directions from one pair of log-softmaxes (full-vocabulary rows)
+        log_p = torch.log_softmax(target_logits.float() / temperature, -1)
+        log_q = torch.log_softmax(draft_logits.float() / temperature, -1)
+        return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
     raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
 
 
@@ -240,11 +240,13 @@ def evaluate_draft(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             t, d = _logits(target, part), _logits(draft, part)
         m = part.scored
-        t, d = t[m].float() / temperature, d[m].float() / temperature
-        kl += float(kl_terms(t, d).sum())
-        reverse += float(kl_terms(d, t).sum())
-        agree += float((t.argmax(-1) == d.argmax(-1)).sum())
-        overlap += float(torch.minimum(t.softmax(-1), d.softmax(-1)).sum())
+        log_p = torch.log_softmax(t[m].float() / temperature, -1)
+        log_q = torch.log_softmax(d[m].float() / temperature, -1)
+        p, q = log_p.exp(), log_q.exp()
+        kl += float((p * (log_p - log_q)).sum())
+        reverse += float((q * (log_q - log_p)).sum())
+        agree += float((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+        overlap += float(torch.minimum(p, q).sum())
         count += float(m.sum())
     count = max(count, 1.0)
     return {
