@@ -6,8 +6,9 @@ of 8 rows sharing a ``--prompt``-token prefix, and calls plain and cascade atten
 times each inside NVTX ranges, after a warm-up (compiles). Run it under Nsight Compute to read each
 kernel's duration, memory and compute throughput, occupancy and stall reasons:
 
-    ncu --set full --kernel-name regex:attention_kernel --launch-skip 12 --launch-count 6 \\
-        -o cascade python benchmarks/cascade_kernel_profile.py --prompt 4096
+    ncu --set full --nvtx --nvtx-include "verify plain/" --nvtx-include "verify cascade/" \\
+        --nvtx-include "draft plain/" --nvtx-include "draft cascade/" \\
+        -o cascade python benchmarks/cascade_kernel_profile.py --prompt 4096 --iters 2
     ncu --import cascade.ncu-rep --page details --csv > cascade_details.csv
 
 Alone it prints each call's median time (CUDA events), as cascade_speed.py does, and with
