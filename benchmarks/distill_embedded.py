@@ -204,11 +204,12 @@ def main() -> None:
             f"draft file {results['draft_file_bytes'] / 2**20:.1f} MiB"
         ),
         "",
-        "| draft | KL(target‖draft) nats/token | KL(draft‖target) | top-1 agreement | Σ min(p, q) |",
-        "|---|---:|---:|---:|---:|",
+        "| draft | KL(target‖draft) nats/token | KL(draft‖target) | Rényi-2 | top-1 agreement | Σ min(p, q) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {k} | {v['kl']:.3f} | {v['reverse_kl']:.3f} | {v['top1_agreement']:.3f} | {v['overlap']:.3f} |"
+        f"| {k} | {v['kl']:.3f} | {v['reverse_kl']:.3f} | {v['renyi2']:.3f} | {v['top1_agreement']:.3f} "
+        f"| {v['overlap']:.3f} |"
         for k, v in rows.items()
     ]
     lines.append("")

@@ -95,7 +95,7 @@ def main() -> None:
         rows.append(
             {
                 "draft": name,
-                **{k: closeness[k] for k in ("kl", "reverse_kl", "top1_agreement", "overlap")},
+                **{k: closeness[k] for k in ("kl", "reverse_kl", "renyi2", "top1_agreement", "overlap")},
                 "loglik": [m, se],
                 "gap_se": gap_se(m, se, ar_m, ar_se),
                 "paired_diff": [diff_m, diff_se],
@@ -110,14 +110,14 @@ def main() -> None:
         "",
         f"AR (target alone): log p/token {ar_m:.3f} ± {ar_se:.3f}",
         "",
-        "| draft | KL(target‖draft) | KL(draft‖target) | top-1 agreement | Σ min(p, q) | log p/token "
+        "| draft | KL(target‖draft) | KL(draft‖target) | Rényi-2 | top-1 agreement | Σ min(p, q) | log p/token "
         "| gap to AR (SE) | paired diff to AR | mean ESS/N |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "-"
         lines.append(
-            f"| {r['draft']} | {r['kl']:.3f} | {r['reverse_kl']:.3f} | {r['top1_agreement']:.2f} "
+            f"| {r['draft']} | {r['kl']:.3f} | {r['reverse_kl']:.3f} | {r['renyi2']:.3f} | {r['top1_agreement']:.2f} "
             f"| {r['overlap']:.2f} "
             f"| {r['loglik'][0]:.3f} ± {r['loglik'][1]:.3f} | {r['gap_se']:+.1f} "
             f"| {r['paired_diff'][0]:+.3f} ± {r['paired_diff'][1]:.3f} | {ess} |"

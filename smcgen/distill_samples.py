@@ -231,9 +231,13 @@ def evaluate_draft(
     temperature: float = 1.0,
 ) -> dict[str, float]:
     """Mean over scored positions of KL(target || draft), KL(draft || target) (``reverse_kl``), top-1
-    agreement and sum_v min(p, q) (the expected acceptance of one drafted token; a per-token proxy of
-    ESS/N), all at ``temperature``."""
-    kl = reverse = agree = overlap = count = 0.0
+    agreement, sum_v min(p, q) (the expected acceptance of one drafted token) and the Renyi divergence
+    of order 2, log sum_v p^2 / q (``renyi2``), all at ``temperature``.
+
+    ``renyi2`` is the log of the importance weight's second moment E_q[(p/q)^2] for one drafted token,
+    so exp(-renyi2) is that token's ESS fraction: the figure importance sampling's variance depends on,
+    where the KL is only a lower bound of it."""
+    kl = reverse = agree = overlap = renyi2 = count = 0.0
     device = batch.ids.device
     for start in range(0, batch.ids.shape[0], micro_batch):
         part = batch.slice(slice(start, start + micro_batch))
@@ -247,6 +251,7 @@ def evaluate_draft(
         reverse += float((q * (log_q - log_p)).sum())
         agree += float((log_p.argmax(-1) == log_q.argmax(-1)).sum())
         overlap += float(torch.minimum(p, q).sum())
+        renyi2 += float(torch.logsumexp(2 * log_p - log_q, -1).sum())
         count += float(m.sum())
     count = max(count, 1.0)
     return {
@@ -254,5 +259,6 @@ def evaluate_draft(
         "reverse_kl": reverse / count,
         "top1_agreement": agree / count,
         "overlap": overlap / count,
+        "renyi2": renyi2 / count,
         "positions": count,
     }

@@ -240,6 +240,32 @@ def test_divergences_are_the_two_kl_directions_and_their_mean():
             check_config(DistillConfig(steps=1, **bad), 3)
 
 
+def test_held_out_figures_match_their_formulas():
+    """evaluate_draft's figures are the per-position formulas averaged over scored positions; the Renyi-2
+    divergence (log E_q[(p/q)^2]) is zero for the target itself and at least the KL for another draft."""
+    target, other = _target(), tiny_lm(seed=8, vocab=12, eos=11, layers=1, hidden=32)
+    held = sample_from_target(target.model, PROMPTS, 6, 5, (11,), torch.Generator().manual_seed(4), temperature=0.7)
+    same = evaluate_draft(target.model, target.model, held, temperature=0.7)
+    assert abs(same["kl"]) < 1e-5 and abs(same["renyi2"]) < 1e-5 and same["overlap"] == pytest.approx(1.0)
+
+    got = evaluate_draft(target.model, other.model, held, micro_batch=4, temperature=0.7)
+    kw = {"attention_mask": held.real.long(), "position_ids": (held.real.long().cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():  # left-padded rows: the mask and positions the samples were drawn with
+        t = target.model(held.ids, **kw).logits[held.scored].float()
+        d = other.model(held.ids, **kw).logits[held.scored].float()
+    log_p, log_q = torch.log_softmax(t / 0.7, -1), torch.log_softmax(d / 0.7, -1)
+    p, q = log_p.exp(), log_q.exp()
+    expected = {
+        "kl": (p * (log_p - log_q)).sum(-1).mean(),
+        "reverse_kl": (q * (log_q - log_p)).sum(-1).mean(),
+        "overlap": torch.minimum(p, q).sum(-1).mean(),
+        "renyi2": (p.pow(2) / q).sum(-1).log().mean(),
+    }
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
+    assert got["renyi2"] >= got["kl"] > 0.01  # the order-2 divergence bounds the KL from above
+
+
 def test_on_policy_rounds_train_on_the_drafts_own_samples(tmp_path, monkeypatch):
     """With on_policy=0.5 every other sampling round is the draft's: the sampler gets the draft, its
     samples are scored, and the reverse KL it is trained on falls like the forward one did."""
