@@ -5,7 +5,9 @@ answers each prompt once per configuration, through ``smcgen.generate``:
 
 - AR: the target alone (the reference: its samples *are* the target distribution);
 - SD: standard speculative decoding with the same draft (``method="sd"``; exact per sample);
-- SMC-SD for every ``NxK`` in ``--configs``, with the draft under test;
+- SMC-SD for every ``NxK`` in ``--configs``, with the draft under test (and, with
+  ``--draft-temperatures``, each proposal temperature: the target stays at ``--temperature`` and the
+  importance weights use the tempered draft's probabilities, so every choice is exact);
 - SMC-SD N=8 K=4 with the untrained early-exit draft (the old default) for comparison.
 
 Per configuration: mean per-token log-likelihood under the tempered target (a sampler that matches
@@ -16,6 +18,7 @@ difference to AR in units of its standard error.
 
     python benchmarks/fidelity_sweep.py --device cuda --prompts 48 --configs 8x4,32x4,64x2,128x2 --out $OUT
     python benchmarks/fidelity_sweep.py --device cuda --draft DIR_A,DIR_B --configs 8x4 --no-sd --out $OUT
+    python benchmarks/fidelity_sweep.py --configs 8x4 --draft-temperatures 0.7,0.5,0.35 --no-sd --no-early-exit
     OMP_NUM_THREADS=2 python benchmarks/fidelity_sweep.py --prompts 8 --max-new-tokens 32 --configs 8x1,32x1
 """
 
@@ -66,6 +69,11 @@ def main() -> None:
     ap.add_argument("--prompts-file", default=None, help="one JSON string per line (instead of inspect-evals)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument(
+        "--draft-temperatures",
+        default="",
+        help="SMC-SD proposal temperatures to try, comma separated (default: --temperature); the target's stays",
+    )
     ap.add_argument("--sd-block", type=int, default=4)
     ap.add_argument("--no-early-exit", action="store_true", help="skip the early-exit draft row")
     ap.add_argument("--no-sd", action="store_true", help="skip the standard SD row")
@@ -91,18 +99,23 @@ def main() -> None:
         runs.append(
             (f"SD K={args.sd_block}", {"draft": draft, "method": "sd", "n_particles": 1, "block_size": args.sd_block})
         )
+    draft_taus = [float(x) for x in args.draft_temperatures.split(",") if x] or [tau]
     for label, d in drafts:
         for n, k in parse_configs(args.configs):
-            name = f"SMC-SD N={n} K={k}" + (f", {label}" if label else "")
-            runs.append((name, {"draft": d, "n_particles": n, "block_size": k}))
+            for tau_q in draft_taus:
+                name = f"SMC-SD N={n} K={k}" + (f", {label}" if label else "")
+                name += f", draft tau={tau_q:g}" if draft_taus != [tau] else ""
+                kw = {"draft": d, "n_particles": n, "block_size": k, "draft_temperature": tau_q}
+                runs.append((name, kw))
     if not args.no_early_exit:
         early = load_model(EARLY_EXIT_DRAFT, args.device)
         runs.append(("SMC-SD N=8 K=4, early-exit draft", {"draft": early, "n_particles": 8, "block_size": 4}))
 
     rows = []
     for name, kw in runs:
-        smcgen.generate(target, prompts[0], seed=10_000, **common, **kw)  # warm-up: engine build, graph capture
-        each = answer_each(target, prompts, tau, args.seed, progress=name, **common, **kw)
+        kw = {**common, **kw}  # a row's own draft temperature wins over the shared one
+        smcgen.generate(target, prompts[0], seed=10_000, **kw)  # warm-up: engine build, graph capture
+        each = answer_each(target, prompts, tau, args.seed, progress=name, **kw)
         ess = [a["ess"] for a in each if a["ess"] is not None]
         rows.append(
             {
