@@ -17,6 +17,7 @@ from smcgen.kernels.attention import (
     cascade_attention_torch,
     cascade_attention_triton,
     paged_attention_torch,
+    prefix_tile,
 )
 
 
@@ -109,6 +110,15 @@ def test_smaller_prefix_tiles_agree(device, prefix_block_m):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
     with pytest.raises(ValueError, match="prefix_block_m must be 16, 32, 64 or 128"):
         cascade_attention_triton(q, k_pool, v_pool, table, start, 0.1, plen, group, prefix, prefix_block_m=48)
+
+
+def test_prefix_tiles_split_every_group_in_two_or_more():
+    """The default prefix query tile (measured on an H100: lighter programs win on the small prefix
+    grid) is a power of two in 16..64 that leaves every (group, kv head) at least two query tiles."""
+    assert (prefix_tile(288), prefix_tile(32), prefix_tile(16), prefix_tile(8)) == (64, 16, 16, 16)
+    for packed in range(17, 2049):
+        tile = prefix_tile(packed)
+        assert tile in (16, 32, 64) and -(-packed // tile) >= 2, packed
 
 
 def test_queries_inside_the_prefix_stay_causal(device):

@@ -88,6 +88,16 @@ def _decode_tile(n_programs: int, device: torch.device) -> tuple[int, int]:
     return DECODE_BLOCK_N, MIN_KEYS_PER_SPLIT
 
 
+def prefix_tile(packed: int) -> int:
+    """The prefix kernel's query tile for ``packed`` = group * G * T queries per kv head: half of
+    next_power_of_2(packed), in 16..64, so every (group, kv head) gets at least two query tiles.
+
+    The prefix grid is small (requests x kv heads) and latency-bound, so more, lighter programs win:
+    on an H100 at a 4,096-token prefix, 64-row tiles took the 8B verify's prefix kernel from 72.7 to
+    55.4 us (288 packed queries) and 16-row tiles the 1B draft step's from 15.7 to 12.7 us (32)."""
+    return min(max(16, triton.next_power_of_2(packed) // 2), 64)
+
+
 def _launch_config(packed: int, dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head."""
     block_m = min(max(16, triton.next_power_of_2(packed)), 128)
@@ -453,10 +463,10 @@ def cascade_attention_triton(
     suffix_keys = max(max_pages * page_size - max(min_prefix, 0), 1)
     if num_splits is None:
         num_splits = min(_num_splits(n_programs, suffix_keys, block_m, dev, min_keys), SUFFIX_MAX_SPLITS)
-    # prefix: the group's packed queries in one tile (up to 128 rows), split to fill the GPU
+    # prefix: the group's packed queries in tiles of prefix_tile() rows (two or more), split to fill the GPU
     if prefix_block_m is not None and (prefix_block_m not in (16, 32, 64, 128)):
         raise ValueError(f"prefix_block_m must be 16, 32, 64 or 128, got {prefix_block_m!r}")
-    pm, pn, p_warps, p_stages = _launch_config(prefix_block_m or group * hg * n_q, dim)
+    pm, pn, p_warps, p_stages = _launch_config(prefix_block_m or prefix_tile(group * hg * n_q), dim)
     big = pm * dim >= BIG_TILE
     if big:  # 128 x 128 fp32 accumulators on 4 warps spilled 6 KB a thread, 1 KB on 8 (ptxas, sm_90)
         p_warps = 8
