@@ -90,7 +90,13 @@ def test_automatic_choice_is_off_on_the_cpu_and_for_short_prefixes(models):
     assert model.cascade_prefix(cache) is None  # 4 requests: below cascade_min_groups, where it lost
     # the measured shapes: 8 requests from 1,024 tokens, any number from 16,384 (1 x 8 included)
     assert model.cascade_pays(8, model.cascade_min_prefix) and not model.cascade_pays(7, model.cascade_min_prefix)
-    assert model.cascade_pays(1, model.cascade_long_prefix) and not model.cascade_pays(1, model.cascade_long_prefix - 1)
+    assert model.cascade_pays(1, model.cascade_long_prefix) and model.cascade_pays(1, model.cascade_decode_prefix)
+    assert not model.cascade_pays(1, model.cascade_decode_prefix - 1)
+    # a verify (9 queries a row) only from the long prefixes, whatever the number of requests
+    assert model.cascade_pays(1, model.cascade_long_prefix, 9) and not model.cascade_pays(16, 15_999, 9)
+    cache.share_prefix(2, model.cascade_min_prefix)
+    if model.device.type == "cuda":
+        assert model.cascade_prefix(cache, 1) is not None and model.cascade_prefix(cache, 9) is None
     # one length per group (requests of different prompt lengths in one batch); the smallest decides
     cache.share_prefixes(4, [1100, 1150, 1024, 1200])
     assert cache.shared_prefix.lengths.tolist() == [1100, 1150, 1024, 1200] and cache.shared_prefix.min_length == 1024

@@ -104,14 +104,17 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         #: cascade attention (kernels.attention.cascade_attention) for caches whose row groups share
         #: a prompt prefix (PagedKVCache.share_prefix, set by the engine after its prefill): each
         #: prefix K/V tile is read once for all the group's queries instead of once per row. True /
-        #: False: always / never; None: on CUDA when at least ``cascade_min_groups`` requests share
-        #: prefixes of ``cascade_min_prefix`` tokens or more, or when any number share prefixes of
-        #: ``cascade_long_prefix`` tokens or more (16,000): the shapes where it was measured to win on an H100
-        #: (8 x 8 at 4,096 tokens: 1.09x; 1 x 8 at 16,384: 1.20x, at 4,096: 0.95x; BENCHMARKS.md)
+        #: False: always / never; None: on CUDA where ``cascade_pays`` says the shape was measured to
+        #: win on an H100 (BENCHMARKS.md, "Cascade by call"): one-query (draft) steps from
+        #: ``cascade_decode_prefix`` tokens (1 x 8 at 4,096: 1.04x, at 256: 0.97x) or for
+        #: ``cascade_min_groups`` requests from ``cascade_min_prefix`` tokens; many-query (verify)
+        #: forwards from ``cascade_long_prefix`` tokens only (8 x 8 at 4,096: 1.16x with the draft's
+        #: steps alone in cascade, 1.11x with the verify's too; 1 x 8 at 16,384: 1.19x)
         self.cascade: bool | None = None
         self.cascade_min_prefix = 1024
         self.cascade_min_groups = 8
-        #: (the measured 16,384-token prompt declares prefixes of 16,383 and 16,382 tokens)
+        #: (a 4,096-token prompt declares prefixes of 4,095 and 4,094 tokens, a 16,384-token one 16,383)
+        self.cascade_decode_prefix = 4_000
         self.cascade_long_prefix = 16_000
         # split-K programs of the skinny kernel elect their reducer on these; the kernel re-zeroes
         # them. One forward at a time per model: two streams running this model at once would share them.
@@ -286,20 +289,25 @@ class NativeCausalLM(WeightQuantization, nn.Module):
             self.device,
         )
 
-    def cascade_pays(self, n_groups: int, min_prefix: int) -> bool:
+    def cascade_pays(self, n_groups: int, min_prefix: int, n_queries: int = 1) -> bool:
         """The automatic choice (``cascade`` None) on CUDA: ``n_groups`` requests share prefixes of
-        at least ``min_prefix`` tokens, and that shape was measured to run faster with cascade."""
+        at least ``min_prefix`` tokens, each row brings ``n_queries`` queries, and that shape was
+        measured to run faster with cascade."""
+        if n_queries > 1:  # a verify: its plain kernel already reads each key for 9 queries at once
+            return min_prefix >= self.cascade_long_prefix
         wide = n_groups >= self.cascade_min_groups and min_prefix >= self.cascade_min_prefix
-        return wide or min_prefix >= self.cascade_long_prefix
+        return wide or min_prefix >= self.cascade_decode_prefix
 
-    def cascade_prefix(self, cache: PagedKVCache) -> SharedPrefix | None:
-        """The shared prefix a forward over ``cache`` attends to with cascade attention, or None
-        for plain paged attention (see ``cascade``; a group of one row has nothing to share)."""
+    def cascade_prefix(self, cache: PagedKVCache, n_queries: int = 1) -> SharedPrefix | None:
+        """The shared prefix a forward of ``n_queries`` tokens per row over ``cache`` attends to with
+        cascade attention, or None for plain paged attention (see ``cascade``; a group of one row has
+        nothing to share)."""
         prefix = cache.shared_prefix
         if prefix is None or prefix.group < 2 or self.cascade is False:
             return None
         if self.cascade is None and (
-            self.device.type != "cuda" or not self.cascade_pays(cache.n_rows // prefix.group, prefix.min_length)
+            self.device.type != "cuda"
+            or not self.cascade_pays(cache.n_rows // prefix.group, prefix.min_length, n_queries)
         ):
             return None
         return prefix
@@ -368,7 +376,7 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         # stream in the skinny kernel.
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
-        prefix = self.cascade_prefix(cache)
+        prefix = self.cascade_prefix(cache, n_new)
         for i, layer in enumerate(self.layers):
             # a quantized projection's row scales (quantize_weights), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
