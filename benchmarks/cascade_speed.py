@@ -8,11 +8,14 @@ the same engine with ``NativeCausalLM.cascade`` off and on:
    request and (at the aggregate prompts) 8, plain vs cascade, with the largest difference between
    their outputs (bf16);
 2. SMC-SD N=8 K=8 (int8 draft, what ``generate`` picks for 8 rows) at each prompt length, tokens/s
-   per request, decode only, with cascade off / on / on with coarser prefix splits;
+   per request, decode only, in each ``--modes`` (``MODES``: off; on; auto, the models' own choice
+   per call; draft-only; on with coarser prefix splits; on with the wider prefix tiles used before
+   2026-12-07);
 3. 8 requests x 8 particles (bf16 draft), aggregate tokens/s, cascade off / on.
 
     python benchmarks/cascade_speed.py --out $OUT              # prompts 256, 4096, 16384
     python benchmarks/cascade_speed.py --prompts 256,4096 --aggregate-prompts 256
+    python benchmarks/cascade_speed.py --prompts 256,4096 --aggregate-prompts 4096 --modes off,auto,draft-only
 
 Writes cascade_speed.json and cascade_speed.md under ``--out`` (default $OUT, else .) and prints
 the markdown table last.
@@ -39,16 +42,26 @@ from smcgen.runners.native.model import NativeCausalLM  # noqa: E402
 #: engine modes: (target/draft cascade flag, prefix keys per packed query of the prefix splits)
 MODES = {
     "off": (False, attention.PREFIX_KEYS_PER_QUERY),
+    "auto": (None, attention.PREFIX_KEYS_PER_QUERY),  # NativeCausalLM's own choice per call
     "on": (True, attention.PREFIX_KEYS_PER_QUERY),
     "on-coarse": (True, 4 * attention.PREFIX_KEYS_PER_QUERY),  # 4x fewer prefix splits, cheaper merge
+    "draft-only": ("draft", attention.PREFIX_KEYS_PER_QUERY),  # the draft models cascade, the target not
+    "on-wide-tiles": (True, attention.PREFIX_KEYS_PER_QUERY),  # the prefix query tiles before 2026-12-07
 }
+_PREFIX_TILE = attention.prefix_tile
+
+
+def _wide_prefix_tile(packed: int) -> int:
+    """The prefix kernel's query tile before 2026-12-07: all packed queries in one tile of up to 128 rows."""
+    return min(max(16, 1 << (packed - 1).bit_length()), 128)
 
 
 def set_mode(models, mode: str) -> None:
     on, per_query = MODES[mode]
-    for m in models:
-        m.cascade = on
+    for i, m in enumerate(models):  # models[0] is the target, the rest drafts
+        m.cascade = (i > 0) if on == "draft" else on
     attention.PREFIX_KEYS_PER_QUERY = per_query
+    attention.prefix_tile = _wide_prefix_tile if mode == "on-wide-tiles" else _PREFIX_TILE
 
 
 def time_call(fn, reps: int = 50) -> float:
@@ -160,7 +173,7 @@ def main() -> None:
     calls = [(p, 1) for p in prompts] + [(p, 8) for p in agg_prompts]
     for p, groups in calls:
         for what, (n_q, n_qh, n_kvh, dim) in (("verify 8B", (9, 32, 8, 128)), ("draft 1B", (1, 32, 8, 64))):
-            for mode in [m for m in modes if m != "off"]:
+            for mode in [m for m in modes if m not in ("off", "draft-only", "auto")]:
                 set_mode((), mode)
                 r = {
                     "prompt": p,
