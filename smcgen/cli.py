@@ -146,6 +146,12 @@ def build_distill_parser() -> argparse.ArgumentParser:
         default=d.on_policy,
         help="share (0..1) of sampling rounds the draft samples itself, so it learns on its own continuations",
     )
+    p.add_argument(
+        "--sampler",
+        default=d.sampler,
+        choices=["transformers", "engine"],
+        help="who samples the target: a Hugging Face KV-cached loop, or smcgen's engine (native, captured, on a GPU)",
+    )
     p.add_argument("--init-from", default=None, help="a trained draft directory to start from (its layers)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences)
@@ -185,6 +191,7 @@ def distill_main(argv: list[str]) -> int:
             temperature=args.temperature,
             divergence=args.divergence,
             on_policy=args.on_policy,
+            sampler=args.sampler,
             init_from=args.init_from,
             seed=args.seed,
             eval_sequences=args.eval_sequences,

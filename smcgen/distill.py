@@ -44,9 +44,13 @@ from smcgen.distill_samples import (
     evaluate_draft,
     kl_terms,
     sample_from_target,
+    sample_with_engine,
 )
 from smcgen.models import draft_dir
 from smcgen.runners.transformers import LanguageModel
+
+#: who samples the target's rounds (DistillConfig.sampler)
+SAMPLERS = ("transformers", "engine")
 
 
 @dataclass
@@ -68,6 +72,9 @@ class DistillConfig:
     divergence: str = "symmetric"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
     on_policy: float = 0.0  # share of sampling rounds whose sequences the draft samples (its own continuations)
     init_from: str | None = None  # a trained draft directory whose weights start the run (instead of target layers)
+    # who samples the target's rounds: "transformers" (a KV-cached loop over the Hugging Face model) or
+    # "engine" (one smcgen.Engine batch of one-particle requests: the native engine's captured decode on a GPU)
+    sampler: str = "transformers"
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
     weight_decay: float = 0.0
@@ -106,6 +113,8 @@ def check_config(cfg: DistillConfig, n_target_layers: int) -> None:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {cfg.divergence!r}")
     if not (isinstance(cfg.on_policy, (int, float)) and 0 <= cfg.on_policy <= 1):
         raise ValueError(f"on_policy must be in [0, 1], got {cfg.on_policy!r}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
     if cfg.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
 
@@ -226,6 +235,7 @@ def distill(
     from tqdm.auto import tqdm
 
     from smcgen.api import as_language_model
+    from smcgen.engine import Engine
 
     cfg = DistillConfig(**{**(asdict(config) if config else {}), **overrides})
     lm = as_language_model(target)
@@ -283,13 +293,15 @@ def distill(
     step, elapsed, history, skipped = 0, 0.0, [], 0
     sample_s = 0.0  # of elapsed: sampling the training sequences (the rest is optimiser steps)
     rounds = 0  # sampling rounds so far (which model samples a round follows from it and on_policy)
+    target_engine = None  # built at the first round sampler="engine" samples
     pool: SampleBatch | None = None
     pool_cursor = 0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         # a checkpoint of another objective would switch it mid-run (older checkpoints: forward, no on-policy)
         old = {"divergence": "forward", "on_policy": 0.0, **ck.get("config", {})}
-        changed = [k for k in ("divergence", "on_policy", "temperature") if old.get(k) != getattr(cfg, k)]
+        old.setdefault("sampler", "transformers")
+        changed = [k for k in ("divergence", "on_policy", "temperature", "sampler") if old.get(k) != getattr(cfg, k)]
         if changed:
             raise ValueError(
                 f"checkpoint {ckpt_path} was trained with "
@@ -354,10 +366,23 @@ def distill(
             # on-policy rounds train on the draft's own continuations: the prefixes SMC-SD's particles
             # condition on are the draft's, and target samples alone never show it its own mistakes
             by_draft = math.floor((rounds + 1) * cfg.on_policy) > math.floor(rounds * cfg.on_policy)
-            sampler = draft.eval() if by_draft else model
-            pool = sample_from_target(
-                sampler, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast, cfg.temperature
-            )
+            if by_draft or cfg.sampler == "transformers":  # the draft changes every step: no converted copy of it
+                pool = sample_from_target(
+                    draft.eval() if by_draft else model,
+                    pool_prompts,
+                    cfg.sample_batch,
+                    cfg.max_new_tokens,
+                    eos,
+                    gen,
+                    autocast,
+                    cfg.temperature,
+                )
+            else:
+                if target_engine is None:
+                    target_engine = Engine(lm, continuous=False)
+                pool = sample_with_engine(
+                    target_engine, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, gen, cfg.temperature
+                )
             draft.train()
             rounds += 1
             if device.type == "cuda":
@@ -440,6 +465,7 @@ def distill(
 __all__ = [
     "INSTRUCTIONS",
     "DIVERGENCES",
+    "SAMPLERS",
     "DistillConfig",
     "SampleBatch",
     "build_draft",
@@ -453,4 +479,5 @@ __all__ = [
     "init_layer_indices",
     "kl_terms",
     "sample_from_target",
+    "sample_with_engine",
 ]

@@ -143,13 +143,8 @@ def sample_from_target(
     device = target.get_input_embeddings().weight.device
     pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
     chosen = [list(prompts[i]) for i in pick]
-    width = max(len(p) for p in chosen)
     pad = int(eos_ids[0]) if eos_ids else 0
-    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
-    real = torch.zeros((n, width), dtype=torch.bool, device=device)
-    for row, p in enumerate(chosen):
-        ids[row, width - len(p) :] = torch.tensor(p, device=device)
-        real[row, width - len(p) :] = True
+    ids, real = _left_padded(chosen, pad, device)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     cache = DynamicCache()
     new_ids, new_real = [], []
@@ -177,13 +172,66 @@ def sample_from_target(
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
             step_pos = step_pos[:, -1:] + 1
             step_in = tok[:, None]
-    gen_ids, gen_real = torch.stack(new_ids, 1), torch.stack(new_real, 1)
+    return _sample_batch(ids, real, torch.stack(new_ids, 1), torch.stack(new_real, 1))
+
+
+def _sample_batch(ids: Tensor, real: Tensor, gen_ids: Tensor, gen_real: Tensor) -> SampleBatch:
+    """Left-padded prompts ``ids`` / ``real`` [B, W] followed by the sampled tokens ``gen_ids`` / ``gen_real``
+    [B, T] (an EOS is real, what follows it padding), with the positions the loss scores."""
+    width = ids.shape[1]
     all_ids, all_real = torch.cat([ids, gen_ids], 1), torch.cat([real, gen_real], 1)
     scored = torch.zeros_like(all_real)
     scored[:, width - 1] = True  # the last prompt position predicts the first sampled token
     # A sampled token's position predicts the next one; the row's final token (EOS or cut) predicts nothing used.
     scored[:, width:-1] = gen_real[:, :-1] & gen_real[:, 1:]
     return SampleBatch(all_ids, all_real, scored)
+
+
+def _left_padded(chosen: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in chosen)
+    ids = torch.full((len(chosen), width), pad, dtype=torch.long, device=device)
+    real = torch.zeros((len(chosen), width), dtype=torch.bool, device=device)
+    for row, p in enumerate(chosen):
+        ids[row, width - len(p) :] = torch.tensor(p, device=device)
+        real[row, width - len(p) :] = True
+    return ids, real
+
+
+def sample_with_engine(
+    engine: Any,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+) -> SampleBatch:
+    """What :func:`sample_from_target` returns, sampled by a :class:`smcgen.Engine` over the target: all ``n``
+    continuations as one batch of one-particle requests (the native engine's captured decode on a GPU),
+    each request seeded from ``generator``, so a run stays deterministic given its seed."""
+    device = engine.target.model.get_input_embeddings().weight.device
+    pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
+    chosen = [list(prompts[i]) for i in pick]
+    seeds = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
+    results = engine.batch(
+        chosen,
+        seed=seeds,
+        n_particles=1,
+        max_new_tokens=max_new_tokens,
+        target_temperature=temperature,
+        draft_temperature=temperature,
+    )
+    eos_ids = engine.target.eos_token_ids
+    pad = int(eos_ids[0]) if eos_ids else 0
+    ids, real = _left_padded(chosen, pad, device)
+    gens = [list(r.token_ids) for r in results]
+    longest = max(1, max(len(g) for g in gens))
+    gen_ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
+    gen_real = torch.zeros((n, longest), dtype=torch.bool, device=device)
+    for row, g in enumerate(gens):
+        if g:
+            gen_ids[row, : len(g)] = torch.tensor(g, device=device)
+            gen_real[row, : len(g)] = True
+    return _sample_batch(ids, real, gen_ids, gen_real)
 
 
 def _logits(model: PreTrainedModel, batch: SampleBatch) -> Tensor:
