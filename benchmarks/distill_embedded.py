@@ -31,6 +31,7 @@ import torch
 
 import smcgen
 from smcgen.distill import (
+    SAMPLERS,
     DistillConfig,
     build_draft,
     chat_prompts,
@@ -100,7 +101,7 @@ def main() -> None:
     d = DistillConfig()
     p.add_argument("--divergence", default=d.divergence, choices=["forward", "reverse", "symmetric"])
     p.add_argument("--on-policy", type=float, default=d.on_policy, help="share of sampling rounds the draft samples")
-    p.add_argument("--sampler", default=d.sampler, choices=["transformers", "engine"], help="who samples the target")
+    p.add_argument("--sampler", default=d.sampler, choices=SAMPLERS, help="who samples the target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", type=int, default=None)
     args = p.parse_args()

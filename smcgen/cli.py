@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_distill_parser() -> argparse.ArgumentParser:
     """Options of ``smcgen distill``; defaults come from :class:`smcgen.distill.DistillConfig`."""
-    from smcgen.distill import DistillConfig
+    from smcgen.distill import SAMPLERS, DistillConfig
 
     d = DistillConfig()
     p = argparse.ArgumentParser(
@@ -149,7 +149,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler",
         default=d.sampler,
-        choices=["transformers", "engine"],
+        choices=SAMPLERS,
         help="who samples the target: a Hugging Face KV-cached loop, or smcgen's engine (native, captured, on a GPU)",
     )
     p.add_argument("--init-from", default=None, help="a trained draft directory to start from (its layers)")

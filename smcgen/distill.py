@@ -24,6 +24,7 @@ import math
 import random
 import subprocess
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,6 +211,25 @@ def _plot(history: list[tuple[int, float]], path: Path, title: str, ylabel: str)
     plt.close(fig)
 
 
+def _sampling_engine(lm: LanguageModel) -> Any:
+    """The :class:`smcgen.Engine` that samples the target's rounds for ``sampler="engine"``: the native
+    engine, one batch per round. None (with a warning) where it cannot run the target: the generic
+    engine would sample one request at a time, far slower than the transformers loop."""
+    from smcgen.engine import Engine
+
+    try:
+        engine = Engine(lm, continuous=False, engine="native")
+        reason = engine.engine_reason
+    except (ValueError, NotImplementedError) as err:
+        engine, reason = None, str(err)
+    if reason is not None:
+        warnings.warn(
+            f"smcgen distill: sampler='engine' cannot run this target ({reason}); sampling with the loop", stacklevel=3
+        )
+        return None
+    return engine
+
+
 def distill(
     target: LanguageModel | PreTrainedModel | str,
     out_dir: str | Path,
@@ -235,7 +255,6 @@ def distill(
     from tqdm.auto import tqdm
 
     from smcgen.api import as_language_model
-    from smcgen.engine import Engine
 
     cfg = DistillConfig(**{**(asdict(config) if config else {}), **overrides})
     lm = as_language_model(target)
@@ -293,7 +312,8 @@ def distill(
     step, elapsed, history, skipped = 0, 0.0, [], 0
     sample_s = 0.0  # of elapsed: sampling the training sequences (the rest is optimiser steps)
     rounds = 0  # sampling rounds so far (which model samples a round follows from it and on_policy)
-    target_engine = None  # built at the first round sampler="engine" samples
+    target_engine: Any = None  # sampler="engine": the Engine that samples target rounds (None: the loop)
+    engine_tried = False  # built at the first target round, once
     pool: SampleBatch | None = None
     pool_cursor = 0
     if resume and ckpt_path.is_file():
@@ -366,7 +386,9 @@ def distill(
             # on-policy rounds train on the draft's own continuations: the prefixes SMC-SD's particles
             # condition on are the draft's, and target samples alone never show it its own mistakes
             by_draft = math.floor((rounds + 1) * cfg.on_policy) > math.floor(rounds * cfg.on_policy)
-            if by_draft or cfg.sampler == "transformers":  # the draft changes every step: no converted copy of it
+            if cfg.sampler == "engine" and not by_draft and not engine_tried:
+                target_engine, engine_tried = _sampling_engine(lm), True
+            if by_draft or target_engine is None:  # the draft changes every step: no converted copy of it
                 pool = sample_from_target(
                     draft.eval() if by_draft else model,
                     pool_prompts,
@@ -378,8 +400,6 @@ def distill(
                     cfg.temperature,
                 )
             else:
-                if target_engine is None:
-                    target_engine = Engine(lm, continuous=False)
                 pool = sample_with_engine(
                     target_engine, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, gen, cfg.temperature
                 )

@@ -1,5 +1,6 @@
-"""What ``smcgen distill`` learns from: prompt sets, samples of the target, the KL loss and the
-held-out evaluation of a draft (KL, top-1 agreement, sum_v min(p, q)), all at one temperature."""
+"""What ``smcgen distill`` learns from: prompt sets, samples of the target (a Hugging Face loop or an
+``smcgen.Engine`` batch), the divergences it minimises and the held-out evaluation of a draft (both
+KL directions, the Renyi-2 divergence, top-1 agreement, sum_v min(p, q)), all at one temperature."""
 
 from __future__ import annotations
 
