@@ -8,7 +8,7 @@ suite (4 tokens, one EOS), a draft close to the target and one far from it. For 
 size K it runs many SMC runs as one batch and reports the final draw's expected length and stop
 rate (the mean over runs of the self-normalised weights), against the exact target's.
 
-    OMP_NUM_THREADS=2 python benchmarks/length_bias_exact.py --out OUT
+    OMP_NUM_THREADS=1 python benchmarks/length_bias_exact.py --out OUT
 """
 
 from __future__ import annotations

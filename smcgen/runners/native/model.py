@@ -105,11 +105,12 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         #: a prompt prefix (PagedKVCache.share_prefix, set by the engine after its prefill): each
         #: prefix K/V tile is read once for all the group's queries instead of once per row. True /
         #: False: always / never; None: on CUDA where ``cascade_pays`` says the shape was measured to
-        #: win on an H100 (BENCHMARKS.md, "Cascade by call"): one-query (draft) steps from
+        #: win on an H100 (BENCHMARKS.md, "prefix tiles and a per-call choice"): one-query (draft) steps from
         #: ``cascade_decode_prefix`` tokens (1 x 8 at 4,096: 1.04x, at 256: 0.97x) or for
         #: ``cascade_min_groups`` requests from ``cascade_min_prefix`` tokens; many-query (verify)
         #: forwards from ``cascade_long_prefix`` tokens only (8 x 8 at 4,096: 1.16x with the draft's
-        #: steps alone in cascade, 1.11x with the verify's too; 1 x 8 at 16,384: 1.19x)
+        #: steps alone in cascade, 1.11x with the verify's too; 1 x 8 at 16,384: 1.19x, with the
+        #: earlier 128-row prefix tiles). The draft's two-token first step of a cycle counts as many-query.
         self.cascade: bool | None = None
         self.cascade_min_prefix = 1024
         self.cascade_min_groups = 8
