@@ -120,6 +120,18 @@ def gap_se(mean: float, se: float, ref_mean: float, ref_se: float) -> float:
     return (mean - ref_mean) / both if both else 0.0
 
 
+#: what a sampler that matches the target must reproduce within noise (keys of fidelity_sweep's rows,
+#: each a (mean, SE) pair) and their short names. Log p alone is not enough: text that loops on the
+#: target's likely tokens scores well on it.
+MATCHED_STATS = {"loglik": "log p", "length": "length", "stop_rate": "stop", "repeated_3grams": "repeats"}
+
+
+def off_by(row: dict, ref: dict, z: float = 2.0) -> list[str]:
+    """Short names of the MATCHED_STATS whose means in ``row`` and ``ref`` differ by more than ``z``
+    combined standard errors (unpaired)."""
+    return [name for key, name in MATCHED_STATS.items() if abs(gap_se(*row[key], *ref[key])) > z]
+
+
 def answer_each(
     target, prompts: list[list[int]], tau: float, seed0: int, progress: str | None = None, **kw
 ) -> list[dict]:

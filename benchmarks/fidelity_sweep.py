@@ -14,7 +14,8 @@ Per configuration: mean per-token log-likelihood under the tempered target (a sa
 the target has the AR row's value, up to noise; a sampler pulled toward the draft scores lower), stop
 rate, mean length, repeated 3-grams, mean ESS/N and tokens/s (wall time of the generate calls after
 one warm-up call; on the GPU the native engine runs SMC-SD). The gap column is the log-likelihood
-difference to AR in units of its standard error.
+difference to AR in units of its standard error; the last column names the statistics (log p, length, stop
+rate, repeated 3-grams) more than 2 standard errors from AR's: a sampler that matches the target has none.
 
     python benchmarks/fidelity_sweep.py --device cuda --prompts 48 --configs 8x4,32x4,64x2,128x2 --out $OUT
     python benchmarks/fidelity_sweep.py --device cuda --draft DIR_A,DIR_B --configs 8x4 --no-sd --out $OUT
@@ -30,7 +31,7 @@ import os
 import statistics
 from pathlib import Path
 
-from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, write_report
+from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, off_by, write_report
 
 import smcgen
 from smcgen.api import load_model
@@ -140,18 +141,19 @@ def main() -> None:
         f"device={args.device}",
         "",
         "| run | engine | log p/token | gap to AR (SE) | stop rate | length | repeated 3-grams | mean ESS/N "
-        "| tokens/s | vs AR |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens/s | vs AR | off by > 2 SE |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ll, se = r["loglik"]
         gap = gap_se(ll, se, ar_ll, ar_se) if r is not rows[0] else 0.0
         r["gap_se"] = gap
+        r["off_by_2se"] = off_by(r, rows[0]) if r is not rows[0] else []
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "–"
         lines.append(
             f"| {r['name']} | {r['engine']} | {ll:.3f} ± {se:.3f} | {gap:+.1f} | {r['stop_rate'][0]:.2f} "
             f"| {r['length'][0]:.1f} | {r['repeated_3grams'][0]:.3f} | {ess} | {r['tokens_per_s']:.1f} "
-            f"| {r['tokens_per_s'] / ar_tps:.2f}x |"
+            f"| {r['tokens_per_s'] / ar_tps:.2f}x | {', '.join(r['off_by_2se']) or ('-' if r is rows[0] else 'none')} |"
         )
     report = "\n".join(lines)
     write_report(args.out, "fidelity_sweep", report, rows)
