@@ -142,10 +142,9 @@ def sample_from_target(
     """``n`` samples of the target at ``temperature``, each continuing a prompt drawn (with ``generator``) from
     ``prompts``."""
     device = target.get_input_embeddings().weight.device
-    pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
-    chosen = [list(prompts[i]) for i in pick]
+    chosen = _pick_prompts(prompts, n, generator)
     pad = int(eos_ids[0]) if eos_ids else 0
-    ids, real = _left_padded(chosen, pad, device)
+    ids, real = _padded(chosen, pad, device, left=True)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     cache = DynamicCache()
     new_ids, new_real = [], []
@@ -188,13 +187,23 @@ def _sample_batch(ids: Tensor, real: Tensor, gen_ids: Tensor, gen_real: Tensor) 
     return SampleBatch(all_ids, all_real, scored)
 
 
-def _left_padded(chosen: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(p) for p in chosen)
-    ids = torch.full((len(chosen), width), pad, dtype=torch.long, device=device)
-    real = torch.zeros((len(chosen), width), dtype=torch.bool, device=device)
-    for row, p in enumerate(chosen):
-        ids[row, width - len(p) :] = torch.tensor(p, device=device)
-        real[row, width - len(p) :] = True
+def _pick_prompts(prompts: Sequence[Sequence[int]], n: int, generator: torch.Generator) -> list[list[int]]:
+    """``n`` prompts drawn with replacement by ``generator`` (both samplers draw them the same way)."""
+    pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
+    return [list(prompts[i]) for i in pick]
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device, left: bool) -> tuple[Tensor, Tensor]:
+    """``rows`` as ids [B, longest] padded with ``pad`` on the left (prompts) or the right (samples), and
+    the mask of their real tokens."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    real = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        if r:
+            ids[i, cols] = torch.tensor(r, device=device)
+            real[i, cols] = True
     return ids, real
 
 
@@ -210,28 +219,15 @@ def sample_with_engine(
     continuations as one batch of one-particle requests (the native engine's captured decode on a GPU),
     each request seeded from ``generator``, so a run stays deterministic given its seed."""
     device = engine.target.model.get_input_embeddings().weight.device
-    pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
-    chosen = [list(prompts[i]) for i in pick]
+    chosen = _pick_prompts(prompts, n, generator)
     seeds = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
     results = engine.batch(
-        chosen,
-        seed=seeds,
-        n_particles=1,
-        max_new_tokens=max_new_tokens,
-        target_temperature=temperature,
-        draft_temperature=temperature,
+        chosen, seed=seeds, n_particles=1, max_new_tokens=max_new_tokens, target_temperature=temperature
     )
     eos_ids = engine.target.eos_token_ids
     pad = int(eos_ids[0]) if eos_ids else 0
-    ids, real = _left_padded(chosen, pad, device)
-    gens = [list(r.token_ids) for r in results]
-    longest = max(1, max(len(g) for g in gens))
-    gen_ids = torch.full((n, longest), pad, dtype=torch.long, device=device)
-    gen_real = torch.zeros((n, longest), dtype=torch.bool, device=device)
-    for row, g in enumerate(gens):
-        if g:
-            gen_ids[row, : len(g)] = torch.tensor(g, device=device)
-            gen_real[row, : len(g)] = True
+    ids, real = _padded(chosen, pad, device, left=True)
+    gen_ids, gen_real = _padded([list(r.token_ids) for r in results], pad, device, left=False)
     return _sample_batch(ids, real, gen_ids, gen_real)
 
 
@@ -239,10 +235,17 @@ def _logits(model: PreTrainedModel, batch: SampleBatch) -> Tensor:
     return model(input_ids=batch.ids, attention_mask=batch.real.long(), position_ids=_positions(batch.real)).logits
 
 
+def _log_probs(target_logits: Tensor, draft_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(log p, log q): both models' full-vocabulary log-probabilities at ``temperature`` (float32 math)."""
+    return (
+        torch.log_softmax(target_logits.float() / temperature, -1),
+        torch.log_softmax(draft_logits.float() / temperature, -1),
+    )
+
+
 def kl_terms(target_logits: Tensor, draft_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-position KL(target || draft) in nats over the full vocabulary, both at ``temperature`` (float32 math)."""
-    log_p = torch.log_softmax(target_logits.float() / temperature, -1)
-    log_q = torch.log_softmax(draft_logits.float() / temperature, -1)
+    log_p, log_q = _log_probs(target_logits, draft_logits, temperature)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
@@ -264,8 +267,7 @@ def divergence_terms(
     if kind == "reverse":
         return kl_terms(draft_logits, target_logits, temperature)
     if kind == "symmetric":  # both directions from one pair of log-softmaxes (full-vocabulary rows)
-        log_p = torch.log_softmax(target_logits.float() / temperature, -1)
-        log_q = torch.log_softmax(draft_logits.float() / temperature, -1)
+        log_p, log_q = _log_probs(target_logits, draft_logits, temperature)
         return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
     raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
 
@@ -286,22 +288,27 @@ def evaluate_draft(
     ``renyi2`` is the log of the importance weight's second moment E_q[(p/q)^2] for one drafted token,
     so exp(-renyi2) is that token's ESS fraction: the figure importance sampling's variance depends on,
     where the KL is only a lower bound of it."""
-    kl = reverse = agree = overlap = renyi2 = count = 0.0
     device = batch.ids.device
+    # per-figure sums stay on the device: one host sync for the whole evaluation
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     for start in range(0, batch.ids.shape[0], micro_batch):
         part = batch.slice(slice(start, start + micro_batch))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             t, d = _logits(target, part), _logits(draft, part)
         m = part.scored
-        log_p = torch.log_softmax(t[m].float() / temperature, -1)
-        log_q = torch.log_softmax(d[m].float() / temperature, -1)
+        log_p, log_q = _log_probs(t[m], d[m], temperature)
         p, q = log_p.exp(), log_q.exp()
-        kl += float((p * (log_p - log_q)).sum())
-        reverse += float((q * (log_q - log_p)).sum())
-        agree += float((log_p.argmax(-1) == log_q.argmax(-1)).sum())
-        overlap += float(torch.minimum(p, q).sum())
-        renyi2 += float(torch.logsumexp(2 * log_p - log_q, -1).sum())
-        count += float(m.sum())
+        sums += torch.stack(
+            [
+                (p * (log_p - log_q)).sum(),
+                (q * (log_q - log_p)).sum(),
+                (log_p.argmax(-1) == log_q.argmax(-1)).sum(),
+                torch.minimum(p, q).sum(),
+                torch.logsumexp(2 * log_p - log_q, -1).sum(),
+                m.sum(),
+            ]
+        ).double()
+    kl, reverse, agree, overlap, renyi2, count = sums.tolist()
     count = max(count, 1.0)
     return {
         "kl": kl / count,
