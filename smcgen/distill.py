@@ -312,15 +312,12 @@ def distill(
     step, elapsed, history, skipped = 0, 0.0, [], 0
     sample_s = 0.0  # of elapsed: sampling the training sequences (the rest is optimiser steps)
     rounds = 0  # sampling rounds so far (which model samples a round follows from it and on_policy)
-    target_engine: Any = None  # sampler="engine": the Engine that samples target rounds (None: the loop)
-    engine_tried = False  # built at the first target round, once
     pool: SampleBatch | None = None
     pool_cursor = 0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         # a checkpoint of another objective would switch it mid-run (older checkpoints: forward, no on-policy)
-        old = {"divergence": "forward", "on_policy": 0.0, **ck.get("config", {})}
-        old.setdefault("sampler", "transformers")
+        old = {"divergence": "forward", "on_policy": 0.0, "sampler": "transformers", **ck.get("config", {})}
         changed = [k for k in ("divergence", "on_policy", "temperature", "sampler") if old.get(k) != getattr(cfg, k)]
         if changed:
             raise ValueError(
@@ -368,6 +365,9 @@ def distill(
                 ylabel + ", nats/token",
             )
 
+    # sampler="engine": the Engine that samples the target's rounds (None: the loop samples them);
+    # converting the target is set-up, outside the timed budget
+    target_engine = _sampling_engine(lm) if cfg.sampler == "engine" and cfg.on_policy < 1 else None
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     total_steps = cfg.steps if cfg.steps is not None else None
     micro = cfg.micro_batch or cfg.batch_size
@@ -386,8 +386,6 @@ def distill(
             # on-policy rounds train on the draft's own continuations: the prefixes SMC-SD's particles
             # condition on are the draft's, and target samples alone never show it its own mistakes
             by_draft = math.floor((rounds + 1) * cfg.on_policy) > math.floor(rounds * cfg.on_policy)
-            if cfg.sampler == "engine" and not by_draft and not engine_tried:
-                target_engine, engine_tried = _sampling_engine(lm), True
             if by_draft or target_engine is None:  # the draft changes every step: no converted copy of it
                 pool = sample_from_target(
                     draft.eval() if by_draft else model,

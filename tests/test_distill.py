@@ -271,8 +271,6 @@ def test_held_out_figures_match_their_formulas():
 def test_on_policy_rounds_train_on_the_drafts_own_samples(tmp_path, monkeypatch):
     """With on_policy=0.5 every other sampling round is the draft's: the sampler gets the draft, its
     samples are scored, and the reverse KL it is trained on falls like the forward one did."""
-    import importlib
-
     distill_module = importlib.import_module("smcgen.distill")  # the package's `distill` is the function
 
     samplers = []
