@@ -52,8 +52,9 @@ _PREFIX_TILE = attention.prefix_tile
 
 
 def _wide_prefix_tile(packed: int) -> int:
-    """The prefix kernel's query tile before 2026-12-07: all packed queries in one tile of up to 128 rows."""
-    return min(max(16, 1 << (packed - 1).bit_length()), 128)
+    """The prefix kernel's query tile before 2026-12-07: the plain kernel's (all packed queries in one
+    tile of up to 128 rows)."""
+    return attention._launch_config(packed, 128)[0]
 
 
 def set_mode(models, mode: str) -> None:

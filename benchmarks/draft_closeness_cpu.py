@@ -10,7 +10,8 @@ measured here, not speed. For each draft:
   held-out target samples of the distill prompt set;
 - SMC-SD N x K on FreshQA questions through ``smcgen.generate``: the tempered target's mean log
   p per token of the answers against AR's on the same prompts (gap in standard errors, unpaired as in
-  ``fidelity_sweep.py``, and the per-prompt paired difference with its SE), and mean ESS/N.
+  ``fidelity_sweep.py``, and the per-prompt paired difference with its SE), repeated 3-grams (log p
+  alone rewards text that loops on likely tokens) and mean ESS/N.
 
 ``--drafts`` adds rows for named drafts or draft directories (by default the self-int8 draft and the
 shipped 2-layer one, for reference).
@@ -27,7 +28,7 @@ import os
 import time
 
 import torch
-from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, write_report
+from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, summarize, write_report
 
 import smcgen
 from smcgen.distill_samples import chat_prompts, evaluate_draft, sample_from_target
@@ -75,8 +76,10 @@ def main() -> None:
     prompts = [chat_ids(target.tokenizer, q) for q in freshqa_questions()[: args.prompts]]
     common = {"max_new_tokens": T, "target_temperature": tau, "draft_temperature": tau}
 
-    ar = [a["loglik"] for a in answer_each(target, prompts, tau, 0, n_particles=1, **common)]
-    ar_m, ar_se = mean_se([x for x in ar if x is not None])
+    ar_each = answer_each(target, prompts, tau, 0, n_particles=1, **common)
+    ar = [a["loglik"] for a in ar_each]
+    ar_stats = summarize(ar_each)
+    (ar_m, ar_se), ar_rep = ar_stats["loglik"], ar_stats["repeated_3grams"]
     drafts: list[tuple[str, object]] = [(f"noise sigma={s}", float(s)) for s in args.sigmas.split(",") if s]
     drafts += [(spec, spec) for spec in args.drafts.split(",") if spec]
     rows = []
@@ -88,18 +91,16 @@ def main() -> None:
         each = answer_each(
             target, prompts, tau, 0, draft=draft, n_particles=args.n_particles, block_size=args.block_size, **common
         )
-        ess = [a["ess"] for a in each if a["ess"] is not None]
+        stats = summarize(each)
         ok = [(a["loglik"], b) for a, b in zip(each, ar) if a["loglik"] is not None and b is not None]
-        m, se = mean_se([a for a, _ in ok])
         diff_m, diff_se = mean_se([a - b for a, b in ok])
         rows.append(
             {
                 "draft": name,
                 **{k: closeness[k] for k in ("kl", "reverse_kl", "renyi2", "top1_agreement", "overlap")},
-                "loglik": [m, se],
-                "gap_se": gap_se(m, se, ar_m, ar_se),
+                **{k: stats[k] for k in ("loglik", "repeated_3grams", "mean_ess_over_n")},
+                "gap_se": gap_se(*stats["loglik"], ar_m, ar_se),
                 "paired_diff": [diff_m, diff_se],
-                "mean_ess_over_n": sum(ess) / len(ess) if ess else None,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -108,11 +109,11 @@ def main() -> None:
         f"# Draft closeness vs SMC-SD fidelity: N={args.n_particles} K={args.block_size}, {len(prompts)} FreshQA "
         f"prompts, {T} new tokens, tau={tau}, CPU ({torch.get_num_threads()} threads), {time.perf_counter() - t0:.0f} s",
         "",
-        f"AR (target alone): log p/token {ar_m:.3f} ± {ar_se:.3f}",
+        f"AR (target alone): log p/token {ar_m:.3f} ± {ar_se:.3f}, repeated 3-grams {ar_rep[0]:.3f} ± {ar_rep[1]:.3f}",
         "",
         "| draft | KL(target‖draft) | KL(draft‖target) | Rényi-2 | top-1 agreement | Σ min(p, q) | log p/token "
-        "| gap to AR (SE) | paired diff to AR | mean ESS/N |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gap to AR (SE) | paired diff to AR | repeated 3-grams | mean ESS/N |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "-"
@@ -120,10 +121,10 @@ def main() -> None:
             f"| {r['draft']} | {r['kl']:.3f} | {r['reverse_kl']:.3f} | {r['renyi2']:.3f} | {r['top1_agreement']:.2f} "
             f"| {r['overlap']:.2f} "
             f"| {r['loglik'][0]:.3f} ± {r['loglik'][1]:.3f} | {r['gap_se']:+.1f} "
-            f"| {r['paired_diff'][0]:+.3f} ± {r['paired_diff'][1]:.3f} | {ess} |"
+            f"| {r['paired_diff'][0]:+.3f} ± {r['paired_diff'][1]:.3f} | {r['repeated_3grams'][0]:.3f} | {ess} |"
         )
     report = "\n".join(lines)
-    write_report(args.out, "draft_closeness", report, {"ar": [ar_m, ar_se], "rows": rows})
+    write_report(args.out, "draft_closeness", report, {"ar": [ar_m, ar_se], "ar_repeated_3grams": ar_rep, "rows": rows})
     print(report)
 
 

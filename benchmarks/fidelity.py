@@ -163,6 +163,22 @@ def answer_each(
     return rows
 
 
+def summarize(each: list[dict]) -> dict:
+    """One configuration's figures from :func:`answer_each`'s answers: (mean, SE) of each of the
+    MATCHED_STATS, the mean ESS/N (None without particles), tokens/s over the calls' wall time and
+    the engine that ran."""
+    ess = [a["ess"] for a in each if a["ess"] is not None]
+    return {
+        "engine": each[-1]["engine"],
+        "loglik": mean_se([a["loglik"] for a in each if a["loglik"] is not None]),
+        "length": mean_se([float(a["length"]) for a in each]),
+        "stop_rate": mean_se([float(a["stopped"]) for a in each]),
+        "repeated_3grams": mean_se([a["repeated_3grams"] for a in each]),
+        "mean_ess_over_n": sum(ess) / len(ess) if ess else None,
+        "tokens_per_s": sum(a["length"] for a in each) / sum(a["wall_s"] for a in each),
+    }
+
+
 def write_report(out: str | os.PathLike | None, stem: str, report: str, data) -> None:
     """``out/stem.md`` (the markdown report) and ``out/stem.json`` (``data``); nothing without ``out``."""
     if not out:

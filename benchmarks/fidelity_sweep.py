@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from pathlib import Path
 
-from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, mean_se, off_by, write_report
+from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, off_by, summarize, write_report
 
 import smcgen
 from smcgen.api import load_model
@@ -117,19 +116,7 @@ def main() -> None:
         kw = {**common, **kw}  # a row's own draft temperature wins over the shared one
         smcgen.generate(target, prompts[0], seed=10_000, **kw)  # warm-up: engine build, graph capture
         each = answer_each(target, prompts, tau, args.seed, progress=name, **kw)
-        ess = [a["ess"] for a in each if a["ess"] is not None]
-        rows.append(
-            {
-                "name": name,
-                "engine": each[-1]["engine"],
-                "loglik": mean_se([a["loglik"] for a in each if a["loglik"] is not None]),
-                "length": mean_se([float(a["length"]) for a in each]),
-                "stop_rate": mean_se([float(a["stopped"]) for a in each]),
-                "repeated_3grams": mean_se([a["repeated_3grams"] for a in each]),
-                "mean_ess_over_n": statistics.mean(ess) if ess else None,
-                "tokens_per_s": sum(a["length"] for a in each) / sum(a["wall_s"] for a in each),
-            }
-        )
+        rows.append({"name": name, **summarize(each)})
         if args.out:  # each finished row is kept, so a run cut short by a time limit still reports
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "fidelity_sweep.partial.json").write_text(json.dumps(rows, indent=1))
