@@ -18,6 +18,12 @@ count and prefix query tile in ``--prefix-splits`` x ``--prefix-tiles`` (0: the 
 with each one's largest difference from plain attention:
 
     python benchmarks/cascade_kernel_profile.py --prompt 4096 --sweep --prefix-splits 0,2,4,5,8 --prefix-tiles 0,64
+
+``--launch`` times plain and cascade kernels (verify and draft, one request and eight, at each
+``--launch-prompts`` length) for every key tile x warps x pipeline stages in ``--launch-configs``,
+patched into ``attention._launch_config`` (the query tile stays the automatic one):
+
+    python benchmarks/cascade_kernel_profile.py --launch --launch-configs 0,32:4:2,64:4:2,64:8:3
 """
 
 from __future__ import annotations
@@ -65,6 +71,52 @@ def sweep(name: str, args) -> list[dict]:
     return rows
 
 
+def _patched_launch(config: str):
+    """``attention._launch_config`` with key tile, warps and stages from "BLOCK_N:warps:stages"
+    ("0": the library's own)."""
+    from smcgen.kernels import attention
+
+    own = attention._launch_config
+    if config == "0":
+        return own
+    bn, warps, stages = (int(x) for x in config.split(":"))
+
+    def launch(packed: int, dim: int):
+        return own(packed, dim)[0], bn, warps, stages
+
+    return launch
+
+
+def launch_sweep(args) -> list[dict]:
+    """Kernel device time (us) of plain and cascade attention under each launch configuration."""
+    from smcgen.kernels import attention
+
+    own, rows = attention._launch_config, []
+    cases = [
+        (name, prompt, groups)
+        for prompt in [int(x) for x in args.launch_prompts.split(",") if x]
+        for groups in (1, 8)
+        for name in [c for c in args.calls.split(",") if c]
+    ]
+    for config in [c for c in args.launch_configs.split(",") if c]:
+        attention._launch_config = _patched_launch(config)
+        try:
+            for name, prompt, groups in cases:
+                plain, cascade = layer_calls(prompt, groups, 8, *SHAPES[name])
+                row = {"config": config, "call": name, "prompt": prompt, "requests": groups}
+                try:
+                    diff = float((plain().float() - cascade().float()).abs().max())
+                    row |= {"plain_us": sum(kernel_times(plain).values())}
+                    row |= {"cascade_us": sum(kernel_times(cascade).values()), "max_abs_diff": diff}
+                except Exception as err:  # a configuration the compiler refuses (shared memory)
+                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            attention._launch_config = own
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=4096, help="shared prefix length (tokens)")
@@ -74,8 +126,14 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time the cascade kernels over the settings below")
     ap.add_argument("--prefix-splits", default="0,2,4,5,8", help="prefix split counts to sweep (0: automatic)")
     ap.add_argument("--prefix-tiles", default="0,64", help="prefix query tiles to sweep (0: automatic)")
+    ap.add_argument("--launch", action="store_true", help="only time the launch configurations below")
+    ap.add_argument("--launch-configs", default="0,32:4:2,64:4:2,64:8:3", help="BLOCK_N:warps:stages, 0: own")
+    ap.add_argument("--launch-prompts", default="256,4096", help="prefix lengths of the launch sweep")
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(), "prompt": args.prompt}
+    if args.launch:
+        print(json.dumps({**out, "launch": launch_sweep(args)}))
+        return
     for name in [c for c in args.calls.split(",") if c]:
         plain, cascade = layer_calls(args.prompt, 1, 8, *SHAPES[name])
         for fn in (plain, cascade):  # compile outside the ranges a profiler filters on
