@@ -21,9 +21,11 @@ with each one's largest difference from plain attention:
 
 ``--launch`` times plain and cascade kernels (verify and draft, one request and eight, at each
 ``--launch-prompts`` length) for every key tile x warps x pipeline stages in ``--launch-configs``,
-patched into ``attention._launch_config`` (the query tile stays the automatic one):
+patched into ``attention._launch_config`` (the query tile stays the automatic one); a configuration
+ending in "/strided" launches the prefix kernel's query tiles as the slowest grid axis
+(``attention.PREFIX_TILES_ADJACENT`` off):
 
-    python benchmarks/cascade_kernel_profile.py --launch --launch-configs 0,32:4:2,64:4:2,64:8:3
+    python benchmarks/cascade_kernel_profile.py --launch --launch-configs 0,0/strided,32:4:2,64:4:2
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def _patched_launch(config: str):
     from smcgen.kernels import attention
 
     own = attention._launch_config
+    config = config.removesuffix("/strided")
     if config == "0":
         return own
     bn, warps, stages = (int(x) for x in config.split(":"))
@@ -100,6 +103,7 @@ def launch_sweep(args) -> list[dict]:
     ]
     for config in [c for c in args.launch_configs.split(",") if c]:
         attention._launch_config = _patched_launch(config)
+        attention.PREFIX_TILES_ADJACENT = not config.endswith("/strided")
         try:
             for name, prompt, groups in cases:
                 plain, cascade = layer_calls(prompt, groups, 8, *SHAPES[name])
@@ -113,7 +117,7 @@ def launch_sweep(args) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
-            attention._launch_config = own
+            attention._launch_config, attention.PREFIX_TILES_ADJACENT = own, True
     return rows
 
 

@@ -10,6 +10,7 @@ the same engine with ``NativeCausalLM.cascade`` off and on:
 2. SMC-SD N=8 K=8 (int8 draft, what ``generate`` picks for 8 rows) at each prompt length, tokens/s
    per request, decode only, in each ``--modes`` (``MODES``: off; on; auto, the models' own choice
    per call; draft-only; on with coarser prefix splits; on with the wider prefix tiles used before
+   2026-12-07; on and auto with the prefix query tiles as the slowest grid axis, the order before
    2026-12-07);
 3. 8 requests x 8 particles (bf16 draft), aggregate tokens/s, cascade off / on.
 
@@ -47,6 +48,8 @@ MODES = {
     "on-coarse": (True, 4 * attention.PREFIX_KEYS_PER_QUERY),  # 4x fewer prefix splits, cheaper merge
     "draft-only": ("draft", attention.PREFIX_KEYS_PER_QUERY),  # the draft models cascade, the target not
     "on-wide-tiles": (True, attention.PREFIX_KEYS_PER_QUERY),  # the prefix query tiles before 2026-12-07
+    "on-strided": (True, attention.PREFIX_KEYS_PER_QUERY),  # on, prefix query tiles the slowest grid axis
+    "auto-strided": (None, attention.PREFIX_KEYS_PER_QUERY),  # auto, prefix query tiles the slowest grid axis
 }
 _PREFIX_TILE = attention.prefix_tile
 
@@ -63,6 +66,7 @@ def set_mode(models, mode: str) -> None:
         m.cascade = (i > 0) if on == "draft" else on
     attention.PREFIX_KEYS_PER_QUERY = per_query
     attention.prefix_tile = _wide_prefix_tile if mode == "on-wide-tiles" else _PREFIX_TILE
+    attention.PREFIX_TILES_ADJACENT = not mode.endswith("-strided")
 
 
 def time_call(fn, reps: int = 50) -> float:
@@ -174,7 +178,7 @@ def main() -> None:
     calls = [(p, 1) for p in prompts] + [(p, 8) for p in agg_prompts]
     for p, groups in calls:
         for what, (n_q, n_qh, n_kvh, dim) in (("verify 8B", (9, 32, 8, 128)), ("draft 1B", (1, 32, 8, 64))):
-            for mode in [m for m in modes if m not in ("off", "draft-only", "auto")]:
+            for mode in [m for m in modes if MODES[m][0] is True]:  # the modes that force cascade on
                 set_mode((), mode)
                 r = {
                     "prompt": p,

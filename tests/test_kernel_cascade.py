@@ -112,6 +112,41 @@ def test_smaller_prefix_tiles_agree(device, prefix_block_m):
         cascade_attention_triton(q, k_pool, v_pool, table, start, 0.1, plen, group, prefix, prefix_block_m=48)
 
 
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_either_prefix_grid_order_agrees(device, monkeypatch, adjacent):
+    """The prefix kernel's query tiles launched side by side (L2 sharing) or as the slowest grid axis:
+    two groups, several tiles and splits, the same result, and the merge counters left zeroed."""
+    from smcgen.kernels import attention
+
+    monkeypatch.setattr(attention, "prefix_tiles_adjacent", lambda n_groups, block_m: adjacent)
+    n_groups, group, n_q, n_qh, n_kvh, dim, ps, max_pages, prefix = 2, 4, 9, 8, 2, 64, 16, 5, 50
+    k_pool, v_pool, table = shared_cache(n_groups, group, prefix, max_pages, ps, n_kvh, dim, device, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    start = (prefix + torch.randint(0, 12, (n_groups * group,), generator=gen)).to(torch.int32).to(device)
+    q = torch.randn(n_groups * group, n_q, n_qh, dim, generator=gen).to(device)
+    plen = torch.full((n_groups,), prefix, dtype=torch.int32, device=device)
+    ref = paged_attention_torch(q, k_pool, v_pool, table, start, dim**-0.5)
+    counters = torch.zeros(64, dtype=torch.int32, device=device)
+    for _ in range(2):
+        out = cascade_attention_triton(
+            q, k_pool, v_pool, table, start, dim**-0.5, plen, group, prefix,
+            prefix_splits=3, prefix_block_m=32, counters=counters,
+        )  # fmt: skip
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+        assert int(counters.abs().sum()) == 0
+
+
+def test_prefix_grid_order_rule(monkeypatch):
+    """Side by side for one group and for 64-row tiles; the draft's small tiles of several groups
+    keep the old order; the module switch turns the new order off everywhere."""
+    from smcgen.kernels import attention
+
+    assert attention.prefix_tiles_adjacent(1, 16) and attention.prefix_tiles_adjacent(8, 64)
+    assert not attention.prefix_tiles_adjacent(8, 16)
+    monkeypatch.setattr(attention, "PREFIX_TILES_ADJACENT", False)
+    assert not attention.prefix_tiles_adjacent(1, 64)
+
+
 def test_prefix_tiles_split_every_group_in_two_or_more():
     """The default prefix query tile (measured on an H100: lighter programs win on the small prefix
     grid) is a power of two in 16..64 that leaves every (group, kv head) at least two query tiles."""
