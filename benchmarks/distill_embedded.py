@@ -31,7 +31,6 @@ import torch
 
 import smcgen
 from smcgen.distill import (
-    SAMPLERS,
     DistillConfig,
     build_draft,
     chat_prompts,
@@ -101,7 +100,6 @@ def main() -> None:
     d = DistillConfig()
     p.add_argument("--divergence", default=d.divergence, choices=["forward", "reverse", "symmetric"])
     p.add_argument("--on-policy", type=float, default=d.on_policy, help="share of sampling rounds the draft samples")
-    p.add_argument("--sampler", default=d.sampler, choices=SAMPLERS, help="who samples the target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sequences", type=int, default=None)
     args = p.parse_args()
@@ -170,7 +168,6 @@ def main() -> None:
         temperature=args.temperature,
         divergence=args.divergence,
         on_policy=args.on_policy,
-        sampler=args.sampler,
     )
     draft_out = out / "draft"
     t_train = time.perf_counter()

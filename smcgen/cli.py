@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_distill_parser() -> argparse.ArgumentParser:
     """Options of ``smcgen distill``; defaults come from :class:`smcgen.distill.DistillConfig`."""
-    from smcgen.distill import SAMPLERS, DistillConfig
+    from smcgen.distill import DistillConfig
 
     d = DistillConfig()
     p = argparse.ArgumentParser(
@@ -145,12 +145,6 @@ def build_distill_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.on_policy,
         help="share (0..1) of sampling rounds the draft samples itself, so it learns on its own continuations",
-    )
-    p.add_argument(
-        "--sampler",
-        default=d.sampler,
-        choices=SAMPLERS,
-        help="who samples the target: a Hugging Face KV-cached loop, or smcgen's engine (native, captured, on a GPU)",
     )
     p.add_argument("--init-from", default=None, help="a trained draft directory to start from (its layers)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -191,7 +185,6 @@ def distill_main(argv: list[str]) -> int:
             temperature=args.temperature,
             divergence=args.divergence,
             on_policy=args.on_policy,
-            sampler=args.sampler,
             init_from=args.init_from,
             seed=args.seed,
             eval_sequences=args.eval_sequences,

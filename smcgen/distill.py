@@ -24,7 +24,6 @@ import math
 import random
 import subprocess
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,13 +44,9 @@ from smcgen.distill_samples import (
     evaluate_draft,
     kl_terms,
     sample_from_target,
-    sample_with_engine,
 )
 from smcgen.models import draft_dir
 from smcgen.runners.transformers import LanguageModel
-
-#: who samples the target's rounds (DistillConfig.sampler)
-SAMPLERS = ("transformers", "engine")
 
 
 @dataclass
@@ -73,9 +68,6 @@ class DistillConfig:
     divergence: str = "symmetric"  # forward KL(p || q), reverse KL(q || p) or symmetric (their mean)
     on_policy: float = 0.0  # share of sampling rounds whose sequences the draft samples (its own continuations)
     init_from: str | None = None  # a trained draft directory whose weights start the run (instead of target layers)
-    # who samples the target's rounds: "transformers" (a KV-cached loop over the Hugging Face model) or
-    # "engine" (one smcgen.Engine batch of one-particle requests: the native engine's captured decode on a GPU)
-    sampler: str = "transformers"
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the run with a linear warm-up; cosine decay to 10% after
     weight_decay: float = 0.0
@@ -114,8 +106,6 @@ def check_config(cfg: DistillConfig, n_target_layers: int) -> None:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {cfg.divergence!r}")
     if not (isinstance(cfg.on_policy, (int, float)) and 0 <= cfg.on_policy <= 1):
         raise ValueError(f"on_policy must be in [0, 1], got {cfg.on_policy!r}")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
     if cfg.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
 
@@ -211,25 +201,6 @@ def _plot(history: list[tuple[int, float]], path: Path, title: str, ylabel: str)
     plt.close(fig)
 
 
-def _sampling_engine(lm: LanguageModel) -> Any:
-    """The :class:`smcgen.Engine` that samples the target's rounds for ``sampler="engine"``: the native
-    engine, one batch per round. None (with a warning) where it cannot run the target: the generic
-    engine would sample one request at a time, far slower than the transformers loop."""
-    from smcgen.engine import Engine
-
-    try:
-        engine = Engine(lm, continuous=False, engine="native")
-        reason = engine.engine_reason
-    except (ValueError, NotImplementedError) as err:
-        engine, reason = None, str(err)
-    if reason is not None:
-        warnings.warn(
-            f"smcgen distill: sampler='engine' cannot run this target ({reason}); sampling with the loop", stacklevel=3
-        )
-        return None
-    return engine
-
-
 def distill(
     target: LanguageModel | PreTrainedModel | str,
     out_dir: str | Path,
@@ -317,8 +288,8 @@ def distill(
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         # a checkpoint of another objective would switch it mid-run (older checkpoints: forward, no on-policy)
-        old = {"divergence": "forward", "on_policy": 0.0, "sampler": "transformers", **ck.get("config", {})}
-        changed = [k for k in ("divergence", "on_policy", "temperature", "sampler") if old.get(k) != getattr(cfg, k)]
+        old = {"divergence": "forward", "on_policy": 0.0, **ck.get("config", {})}
+        changed = [k for k in ("divergence", "on_policy", "temperature") if old.get(k) != getattr(cfg, k)]
         if changed:
             raise ValueError(
                 f"checkpoint {ckpt_path} was trained with "
@@ -365,9 +336,6 @@ def distill(
                 ylabel + ", nats/token",
             )
 
-    # sampler="engine": the Engine that samples the target's rounds (None: the loop samples them);
-    # converting the target is set-up, outside the timed budget
-    target_engine = _sampling_engine(lm) if cfg.sampler == "engine" and cfg.on_policy < 1 else None
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     total_steps = cfg.steps if cfg.steps is not None else None
     micro = cfg.micro_batch or cfg.batch_size
@@ -386,21 +354,10 @@ def distill(
             # on-policy rounds train on the draft's own continuations: the prefixes SMC-SD's particles
             # condition on are the draft's, and target samples alone never show it its own mistakes
             by_draft = math.floor((rounds + 1) * cfg.on_policy) > math.floor(rounds * cfg.on_policy)
-            if by_draft or target_engine is None:  # the draft changes every step: no converted copy of it
-                pool = sample_from_target(
-                    draft.eval() if by_draft else model,
-                    pool_prompts,
-                    cfg.sample_batch,
-                    cfg.max_new_tokens,
-                    eos,
-                    gen,
-                    autocast,
-                    cfg.temperature,
-                )
-            else:
-                pool = sample_with_engine(
-                    target_engine, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, gen, cfg.temperature
-                )
+            sampler = draft.eval() if by_draft else model
+            pool = sample_from_target(
+                sampler, pool_prompts, cfg.sample_batch, cfg.max_new_tokens, eos, gen, autocast, cfg.temperature
+            )
             draft.train()
             rounds += 1
             if device.type == "cuda":
@@ -483,7 +440,6 @@ def distill(
 __all__ = [
     "INSTRUCTIONS",
     "DIVERGENCES",
-    "SAMPLERS",
     "DistillConfig",
     "SampleBatch",
     "build_draft",
@@ -497,5 +453,4 @@ __all__ = [
     "init_layer_indices",
     "kl_terms",
     "sample_from_target",
-    "sample_with_engine",
 ]

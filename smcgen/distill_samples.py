@@ -1,6 +1,6 @@
-"""What ``smcgen distill`` learns from: prompt sets, samples of the target (a Hugging Face loop or an
-``smcgen.Engine`` batch), the divergences it minimises and the held-out evaluation of a draft (both
-KL directions, the Renyi-2 divergence, top-1 agreement, sum_v min(p, q)), all at one temperature."""
+"""What ``smcgen distill`` learns from: prompt sets, samples of the target (a KV-cached Hugging Face
+loop), the divergences it minimises and the held-out evaluation of a draft (both KL directions, the
+Renyi-2 divergence, top-1 agreement, sum_v min(p, q)), all at one temperature."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def sample_from_target(
     device = target.get_input_embeddings().weight.device
     chosen = _pick_prompts(prompts, n, generator)
     pad = int(eos_ids[0]) if eos_ids else 0
-    ids, real = _padded(chosen, pad, device, left=True)
+    ids, real = _left_padded(chosen, pad, device)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)
     cache = DynamicCache()
     new_ids, new_real = [], []
@@ -188,47 +188,22 @@ def _sample_batch(ids: Tensor, real: Tensor, gen_ids: Tensor, gen_real: Tensor) 
 
 
 def _pick_prompts(prompts: Sequence[Sequence[int]], n: int, generator: torch.Generator) -> list[list[int]]:
-    """``n`` prompts drawn with replacement by ``generator`` (both samplers draw them the same way)."""
+    """``n`` prompts drawn with replacement by ``generator``."""
     pick = torch.randint(len(prompts), (n,), generator=generator, device=generator.device).tolist()
     return [list(prompts[i]) for i in pick]
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device, left: bool) -> tuple[Tensor, Tensor]:
-    """``rows`` as ids [B, longest] padded with ``pad`` on the left (prompts) or the right (samples), and
-    the mask of their real tokens."""
+def _left_padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``rows`` as ids [B, longest] padded with ``pad`` on the left, and the mask of their real tokens."""
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
     real = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
     for i, r in enumerate(rows):
-        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        cols = slice(width - len(r), width)
         if r:
             ids[i, cols] = torch.tensor(r, device=device)
             real[i, cols] = True
     return ids, real
-
-
-def sample_with_engine(
-    engine: Any,
-    prompts: Sequence[Sequence[int]],
-    n: int,
-    max_new_tokens: int,
-    generator: torch.Generator,
-    temperature: float = 1.0,
-) -> SampleBatch:
-    """What :func:`sample_from_target` returns, sampled by a :class:`smcgen.Engine` over the target: all ``n``
-    continuations as one batch of one-particle requests (the native engine's captured decode on a GPU),
-    each request seeded from ``generator``, so a run stays deterministic given its seed."""
-    device = engine.target.model.get_input_embeddings().weight.device
-    chosen = _pick_prompts(prompts, n, generator)
-    seeds = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
-    results = engine.batch(
-        chosen, seed=seeds, n_particles=1, max_new_tokens=max_new_tokens, target_temperature=temperature
-    )
-    eos_ids = engine.target.eos_token_ids
-    pad = int(eos_ids[0]) if eos_ids else 0
-    ids, real = _padded(chosen, pad, device, left=True)
-    gen_ids, gen_real = _padded([list(r.token_ids) for r in results], pad, device, left=False)
-    return _sample_batch(ids, real, gen_ids, gen_real)
 
 
 def _logits(model: PreTrainedModel, batch: SampleBatch) -> Tensor:

@@ -22,7 +22,6 @@ from smcgen.distill import (
     init_layer_indices,
     kl_terms,
     sample_from_target,
-    sample_with_engine,
 )
 from smcgen.models import draft_dir
 
@@ -339,71 +338,3 @@ def test_the_training_loss_is_the_chosen_divergence(tmp_path):
     assert first["symmetric"] == pytest.approx((first["forward"] + first["reverse"]) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="was trained with divergence='forward'"):
         _run(tmp_path, "forward", cfg={"steps": 2, "divergence": "reverse", "on_policy": 0.0}, resume=True)
-
-
-@pytest.mark.parametrize("engine", ["generic", "native"])
-def test_the_engine_sampler_draws_what_generate_draws(engine):
-    """sample_with_engine runs all continuations as one Engine batch of one-particle requests: each row is
-    its prompt (left-padded) and the tokens smcgen.generate returns for that prompt and seed, and the
-    scored positions are those of sample_from_target's layout (rows ending on EOS and rows cut alike);
-    the same generator state gives the same batch."""
-    target = _target()
-    with torch.no_grad():  # make EOS (11) as likely as a common token, so some rows stop early
-        target.model.lm_head.weight[11] = 0.85 * target.model.lm_head.weight[2]
-    eng = smcgen.Engine(target, continuous=False, engine=engine)
-    batch = sample_with_engine(eng, PROMPTS, 8, 7, torch.Generator().manual_seed(5), temperature=0.7)
-    again = sample_with_engine(eng, PROMPTS, 8, 7, torch.Generator().manual_seed(5), temperature=0.7)
-    assert torch.equal(batch.ids, again.ids) and torch.equal(batch.scored, again.scored)
-
-    gen = torch.Generator().manual_seed(5)
-    pick = torch.randint(len(PROMPTS), (8,), generator=gen).tolist()
-    seeds = torch.randint(2**31 - 1, (8,), generator=gen).tolist()
-    width = max(len(PROMPTS[i]) for i in pick)
-    stopped = 0
-    for row, (i, seed) in enumerate(zip(pick, seeds)):
-        alone = smcgen.generate(
-            target, PROMPTS[i], seed=seed, n_particles=1, max_new_tokens=7, target_temperature=0.7, engine=engine
-        )
-        new = list(alone.token_ids)
-        stopped += bool(new) and new[-1] == 11
-        tokens = batch.ids[row][batch.real[row]].tolist()
-        assert tokens == PROMPTS[i] + new, row
-        real = torch.zeros(batch.ids.shape[1], dtype=torch.bool)
-        real[width - len(PROMPTS[i]) : width + len(new)] = True
-        assert torch.equal(batch.real[row], real), row
-        # the last prompt position and every generated position whose successor is real; not the final token
-        scored = torch.zeros_like(real)
-        scored[width - 1 : width + len(new) - 1] = True
-        assert torch.equal(batch.scored[row], scored), row
-        assert (batch.ids[row, width + len(new) :] == 11).all()  # padded with EOS after the row's end
-    assert 0 < stopped < 8  # both kinds of row are checked
-
-
-def test_a_run_can_sample_the_target_with_the_engine(tmp_path, monkeypatch):
-    """sampler="engine" trains as the transformers loop does (the loss falls) with every target round
-    sampled by the engine, is recorded in the manifest, and a checkpoint of one sampler does not resume
-    under the other; where the engine cannot run the target, the run warns and samples with the loop."""
-    distill_module = importlib.import_module("smcgen.distill")  # smcgen.distill is also the function
-
-    calls = []
-    real_sampler = distill_module.sample_with_engine
-    monkeypatch.setattr(distill_module, "sample_with_engine", lambda *a, **k: calls.append(1) or real_sampler(*a, **k))
-    _, manifest, losses = _run(tmp_path, "e", cfg={"steps": 12, "eval_sequences": 0, "sampler": "engine"})
-    per_round = RECIPE["sample_batch"] * RECIPE["reuse"] // RECIPE["batch_size"]
-    assert len(calls) == -(-12 // per_round)  # every round, none by the loop
-    assert manifest["recipe"]["sampler"] == "engine"
-    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
-    with pytest.raises(ValueError, match="sampler"):
-        _run(tmp_path, "e", cfg={"steps": 14, "eval_sequences": 0, "sampler": "transformers"}, resume=True)
-    with pytest.raises(ValueError, match="sampler must be one of transformers, engine"):
-        check_config(DistillConfig(steps=1, sampler="hf"), 3)
-
-    class NoNative:
-        def __init__(self, *a, **k):
-            raise ValueError("the native engine cannot run this model")
-
-    monkeypatch.setattr("smcgen.engine.Engine", NoNative)
-    calls.clear()
-    with pytest.warns(UserWarning, match="sampling with the loop"):
-        _run(tmp_path, "f", cfg={"steps": 2, "eval_sequences": 0, "sampler": "engine"})
-    assert not calls
