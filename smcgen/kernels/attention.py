@@ -108,8 +108,8 @@ def prefix_tiles_adjacent(n_groups: int, block_m: int) -> bool:
     """Whether the prefix kernel launches the programs of one (group, split) side by side, every kv
     head and query tile of ``block_m`` rows on grid axis 0, instead of the query tile as the slowest
     axis: for one group, and for tiles of 64+ rows. The query tiles of a kv head read the same keys,
-    and side by side they share them in L2: on an H100 the 8B verify's prefix kernel took 410-420
-    instead of 431-438 us at 8 x 8 and 4,096 tokens, 1,410-1,422 instead of 1,529-1,532 at 16,384.
+    and side by side they share them in L2: on an H100 the 8B verify's cascade kernels took 411-420
+    instead of 431-438 us at 8 x 8 and 4,096 tokens, 1,410-1,422 instead of 1,515-1,532 at 16,384.
     The draft's 16-row tiles of several groups went the other way (57 against 68 us at 8 x 8)."""
     return PREFIX_TILES_ADJACENT and (n_groups == 1 or block_m >= 64)
 
