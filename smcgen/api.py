@@ -75,7 +75,7 @@ def as_language_model(
     """Accept a :class:`LanguageModel`, a transformers model (plus optional tokenizer) or a name.
 
     A trained draft directory given with ``target`` is tied to that target's embedding and head;
-    ``"self-int8"`` with ``target`` is the target with int8 linear layers (CPU, models/self_draft.py)."""
+    ``"self-int8"`` with ``target`` is the target with int8 linear layers (models/self_draft.py)."""
     if isinstance(model, LanguageModel):
         return model
     if isinstance(model, PreTrainedModel):
@@ -256,7 +256,8 @@ def _speculative(
     reason = native_reason(cfg, target_lm, draft_lm, None, False)
     if reason is None:
         native_t = native_model(target_lm)
-        native_d = native_model(draft_lm, draft_format(cfg, cfg.n_particles, target_lm.device))
+        fmt = draft_format(cfg, cfg.n_particles, target_lm.device, draft_lm.native_format)
+        native_d = native_model(draft_lm, fmt)
         reason = native_sd_unsupported(native_t, native_d, len(ids), cfg.max_new_tokens)
     if reason is None:
         run = native_speculative_decode(native_t, native_d, ids, eos_token_ids=target_lm.eos_token_ids, **kw)

@@ -188,7 +188,8 @@ class Engine:
         target = native_model(self.target)
         draft = None
         if self.draft is not None:
-            draft = native_model(self.draft, draft_format(cfg, rows, self.target.device))
+            fmt = draft_format(cfg, rows, self.target.device, self.draft.native_format)
+            draft = native_model(self.draft, fmt)
         return target, draft
 
     def _native_engine(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any:

@@ -86,3 +86,41 @@ def test_auto_dtype_leaves_the_self_draft_as_it_is(target, monkeypatch):
     monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
     assert tr.auto_draft_dtype(target) == "bfloat16"  # a float32 draft on a bf16 CPU
     assert tr.auto_draft_dtype(int8_self_draft(target)) is None  # already bf16 / int8
+
+
+def test_on_a_gpu_it_is_the_target_marked_for_the_native_int8_copy(target, monkeypatch):
+    """Off the CPU the self draft is the target's own model with native_format='int8' (no CPU int8
+    layers), and the native engine's draft format follows that mark unless the config names one."""
+    from smcgen.runners.transformers import LanguageModel
+    from smcgen.samplers.native_select import draft_format
+
+    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
+    draft = int8_self_draft(target)
+    assert draft.model is target.model and draft.native_format == "int8"
+    assert target.native_format is None  # the target itself stays as loaded
+    cuda = torch.device("cuda")
+    assert draft_format(smcgen.SMCConfig(), 64, cuda, draft.native_format) == "int8"  # past the auto row bound
+    assert draft_format(smcgen.SMCConfig(), 64, cuda) is None
+    assert draft_format(smcgen.SMCConfig(draft_quantization="fp8"), 8, cuda, "int8") == "fp8"
+    assert draft_format(smcgen.SMCConfig(draft_quantization="none"), 8, cuda, "int8") is None
+
+
+def test_the_native_engine_drafts_with_the_int8_copy_of_a_marked_draft(target):
+    """A draft marked native_format='int8' runs natively on an int8 copy of its weights (the CPU's
+    torch twins here), kept apart from the target's own copy, and the run completes."""
+    import dataclasses
+
+    from smcgen.samplers.native_select import _NATIVE_COPIES
+
+    marked = dataclasses.replace(target, native_format="int8")
+    res = smcgen.generate(
+        target, PROMPT, draft=marked, n_particles=2, block_size=3, max_new_tokens=6, seed=0, engine="native"
+    )
+    assert res.engine == "native" and len(res.token_ids) >= 1
+    copies = _NATIVE_COPIES[target.model]
+    assert set(copies) >= {None, "int8"} and copies["int8"] is not copies[None]
+
+    def int8_tensors(native):
+        return [k for k, t in native.state_dict().items() if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
+
+    assert int8_tensors(copies["int8"]) and not int8_tensors(copies[None])

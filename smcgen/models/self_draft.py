@@ -1,4 +1,4 @@
-"""A draft made from the target itself: its linear layers stored in int8, for SMC-SD on a CPU.
+"""A draft made from the target itself: its linear layers stored in int8.
 
 On a CPU a small target's decode step is mostly per-layer overhead, so a draft with a few layers is
 cheap but, trained in minutes, far from the target (the shipped 2-layer draft: mean ESS/N about
@@ -10,11 +10,15 @@ SmolLM2-135M's next-token distribution by about 0.008 nats per token at temperat
 draft's own probabilities.
 
 ``draft="self-int8"`` (``generate``, ``Engine``, the CLI's ``--draft``) builds it from the target.
+On a GPU it is the target's own model marked for the native engine's int8 format (weight-only
+int8 gate/up, down and LM head, the native drafts' default set); the generic engine drafts with the
+target's weights as loaded there.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 
 import torch
@@ -55,15 +59,12 @@ class Int8RowwiseLinear(nn.Module):
 def int8_self_draft(target: LanguageModel) -> LanguageModel:
     """A copy of ``target`` with every linear layer (the LM head too) in int8 and the rest in bf16.
 
-    CPU only: the native GPU engine quantizes its own drafts (``NativeCausalLM.quantize_weights``).
-    Built once per target model and reused while the target lives.
+    On a CPU: ``Int8RowwiseLinear`` layers, built once per target model and reused while the target
+    lives. Elsewhere: the target's own model, marked ``native_format='int8'`` so the native engine
+    drafts with its int8 copy (``NativeCausalLM.quantize_weights``), converted once like any draft.
     """
-    device = target.device
-    if device.type != "cpu":
-        raise ValueError(
-            f"draft={SELF_INT8_DRAFT!r} runs on the CPU, the target is on {device}; on a GPU the native "
-            "engine stores drafts in int8 itself"
-        )
+    if target.device.type != "cpu":
+        return dataclasses.replace(target, native_format="int8")
     if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         raise RuntimeError(f"draft={SELF_INT8_DRAFT!r} needs torch's _weight_int8pack_mm (torch >= 2.3)")
     hit = _built.get(target.model)

@@ -39,6 +39,9 @@ class LanguageModel:
     tokenizer: Any | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     context_length: int | None = None
+    #: the weight format ('int8' / 'fp8') the native engine gives this model when it drafts and the
+    #: config leaves the choice to it (``draft_quantization='auto'``); None: the config's own rule
+    native_format: str | None = None
 
     @classmethod
     def wrap(cls, model: PreTrainedModel, tokenizer: Any | None = None) -> LanguageModel:

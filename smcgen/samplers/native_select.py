@@ -53,9 +53,13 @@ def _named_format(cfg: SMCConfig) -> str | None:
     return cfg.draft_quantization if cfg.draft_quantization in ("int8", "fp8") else None
 
 
-def draft_format(cfg: SMCConfig, rows: int, device: torch.device) -> str | None:
+def draft_format(cfg: SMCConfig, rows: int, device: torch.device, preferred: str | None = None) -> str | None:
     """The draft's weight format on the native engine: 'int8', 'fp8' or None (as loaded), for a
-    batch of ``rows`` draft rows (particles x requests) on ``device``."""
+    batch of ``rows`` draft rows (particles x requests) on ``device``. ``preferred`` (the draft's
+    ``LanguageModel.native_format``, e.g. the ``self-int8`` draft's 'int8') replaces the automatic
+    rule; a format the config names outright, or 'none', still wins."""
+    if cfg.draft_quantization == "auto" and not cfg.draft_fp8 and preferred is not None:
+        return preferred
     if cfg.draft_quantization == "auto" and not cfg.draft_fp8:
         # without Triton the composed path would dequantize every int8 weight at every call
         return "int8" if device.type == "cuda" and HAS_TRITON and rows <= AUTO_INT8_MAX_ROWS else None
