@@ -124,3 +124,12 @@ def test_the_native_engine_drafts_with_the_int8_copy_of_a_marked_draft(target):
         return [k for k, t in native.state_dict().items() if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
 
     assert int8_tensors(copies["int8"]) and not int8_tensors(copies[None])
+
+
+def test_a_dtype_copy_keeps_the_native_mark(target):
+    import dataclasses
+
+    marked = dataclasses.replace(target, native_format="int8")
+    copy = marked.to_dtype("bfloat16")
+    assert copy.native_format == "int8" and copy.model is not target.model
+    assert next(copy.model.parameters()).dtype == torch.bfloat16

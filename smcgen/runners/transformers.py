@@ -11,6 +11,7 @@ copied key/value heads on a CPU), which leaves the logits unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +76,7 @@ class LanguageModel:
         if not isinstance(target_dtype, torch.dtype) or not target_dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch dtype such as 'bfloat16', got {dtype!r}")
         model = copy.deepcopy(self.model).to(target_dtype)
-        return LanguageModel(model, self.tokenizer, self.eos_token_ids, self.context_length)
+        return dataclasses.replace(self, model=model)  # the tokenizer, EOS ids and native format kept
 
     @property
     def vocab_size(self) -> int:
