@@ -208,6 +208,20 @@ def main() -> None:
             )
         )
     )
+    # the grid order the library launches for one request and for 64-row tiles (prefix_tiles_adjacent)
+    print(
+        json.dumps(
+            facts(
+                "prefix_attention_adjacent",
+                attention._prefix_attention_kernel,
+                {**prefix, "BLOCK_M": 64, "BLOCK_N": 64, "MERGE_PER_ITER": 8, "TILES_ADJACENT": True},
+                ptrs,
+                ("qk_scale",),
+                num_warps=4,
+                num_stages=3,
+            )
+        )
+    )
     # one prefix split (no counter election), the draft's 64-wide heads, the merge unrolled 8 slots a step
     print(
         json.dumps(

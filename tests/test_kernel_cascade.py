@@ -115,25 +115,31 @@ def test_smaller_prefix_tiles_agree(device, prefix_block_m):
 @pytest.mark.parametrize("adjacent", [True, False])
 def test_either_prefix_grid_order_agrees(device, monkeypatch, adjacent):
     """The prefix kernel's query tiles launched side by side (L2 sharing) or as the slowest grid axis:
-    two groups, several tiles and splits, the same result, and the merge counters left zeroed."""
+    two groups, 2 kv heads x 4 query tiles (sizes with a common factor, so a decode that mixes up
+    kv head and tile goes wrong) and 3 splits give the same result; the merge counters used are
+    exactly one per (group, kv head, tile), left zeroed, and the slots past them untouched."""
     from smcgen.kernels import attention
 
     monkeypatch.setattr(attention, "prefix_tiles_adjacent", lambda n_groups, block_m: adjacent)
-    n_groups, group, n_q, n_qh, n_kvh, dim, ps, max_pages, prefix = 2, 4, 9, 8, 2, 64, 16, 5, 50
+    # 4 rows x 8 queries x 4 query heads per kv head = 128 packed queries: 4 tiles of 32
+    n_groups, group, n_q, n_qh, n_kvh, dim, ps, max_pages, prefix = 2, 4, 8, 8, 2, 64, 16, 5, 50
     k_pool, v_pool, table = shared_cache(n_groups, group, prefix, max_pages, ps, n_kvh, dim, device, seed=3)
     gen = torch.Generator().manual_seed(7)
     start = (prefix + torch.randint(0, 12, (n_groups * group,), generator=gen)).to(torch.int32).to(device)
     q = torch.randn(n_groups * group, n_q, n_qh, dim, generator=gen).to(device)
     plen = torch.full((n_groups,), prefix, dtype=torch.int32, device=device)
     ref = paged_attention_torch(q, k_pool, v_pool, table, start, dim**-0.5)
-    counters = torch.zeros(64, dtype=torch.int32, device=device)
+    used = n_groups * n_kvh * 4
+    counters = torch.zeros(used + 8, dtype=torch.int32, device=device)
+    counters[used:] = 1000  # a slot index past the tiles would disturb these
     for _ in range(2):
         out = cascade_attention_triton(
             q, k_pool, v_pool, table, start, dim**-0.5, plen, group, prefix,
             prefix_splits=3, prefix_block_m=32, counters=counters,
         )  # fmt: skip
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
-        assert int(counters.abs().sum()) == 0
+        assert int(counters[:used].abs().sum()) == 0
+        assert (counters[used:] == 1000).all()
 
 
 def test_prefix_grid_order_rule(monkeypatch):

@@ -46,6 +46,7 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
         "silu_mul",
         "paged_attention_cascade",
         "prefix_attention",
+        "prefix_attention_adjacent",
         "prefix_attention_one_split",
     }
     for name, f in kernels.items():
