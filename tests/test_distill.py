@@ -338,3 +338,15 @@ def test_the_training_loss_is_the_chosen_divergence(tmp_path):
     assert first["symmetric"] == pytest.approx((first["forward"] + first["reverse"]) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="was trained with divergence='forward'"):
         _run(tmp_path, "forward", cfg={"steps": 2, "divergence": "reverse", "on_policy": 0.0}, resume=True)
+    # a checkpoint written while distill still had a `sampler` option resumes (the field is ignored)
+    ck_path = tmp_path / "forward" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    ck["config"]["sampler"] = "engine"
+    torch.save(ck, ck_path)
+    _, resumed, _ = _run(
+        tmp_path,
+        "forward",
+        cfg={"steps": 2, "divergence": "forward", "on_policy": 0.0, "eval_sequences": 0},
+        resume=True,
+    )
+    assert resumed["steps"] == 2
