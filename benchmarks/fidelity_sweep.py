@@ -33,7 +33,7 @@ from pathlib import Path
 from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, off_by, summarize, write_report
 
 import smcgen
-from smcgen.api import load_model
+from smcgen.api import load_draft, load_model
 from smcgen.models.smollm2 import EARLY_EXIT_DRAFT, EMBEDDED_DRAFT
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     questions = questions[: args.prompts]
     target = load_model("smollm2-135m", args.device)
     specs = [d for d in args.draft.split(",") if d]
-    drafts = [(draft_label(d) if len(specs) > 1 else "", load_model(d, args.device)) for d in specs]
+    drafts = [(draft_label(d) if len(specs) > 1 else "", load_draft(d, target, args.device)) for d in specs]
     draft = drafts[0][1]
     prompts = [chat_ids(target.tokenizer, q) for q in questions]
     tau, T = args.temperature, args.max_new_tokens

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import smcgen
-from smcgen.api import load_model
+from smcgen.api import load_draft, load_model
 from smcgen.cli import DEFAULT_PROMPT
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     target = load_model("smollm2-135m", args.device)
-    draft = load_model(args.draft, args.device)
+    draft = load_draft(args.draft, target, args.device)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template
     common = {
         "max_new_tokens": args.max_new_tokens,
