@@ -21,11 +21,12 @@ with each one's largest difference from plain attention:
 
 ``--launch`` times plain and cascade kernels (verify and draft, one request and eight, at each
 ``--launch-prompts`` length) for every key tile x warps x pipeline stages in ``--launch-configs``,
-patched into ``attention._launch_config`` (the query tile stays the automatic one); a configuration
-ending in "/strided" launches the prefix kernel's query tiles as the slowest grid axis
-(``attention.PREFIX_TILES_ADJACENT`` off):
+patched into ``attention._launch_config`` (the query tile stays the automatic one). Options after
+a slash: "/strided" launches the prefix kernel's query tiles as the slowest grid axis
+(``attention.PREFIX_TILES_ADJACENT`` off), "/mN" merges N partial slots a step in the prefix
+kernel's tiles below ``attention.BIG_TILE`` (``MERGE_PER_ITER_SMALL``, 8 by default):
 
-    python benchmarks/cascade_kernel_profile.py --launch --launch-configs 0,0/strided,32:4:2,64:4:2
+    python benchmarks/cascade_kernel_profile.py --launch --launch-configs 0,0/strided,0/m2,64:4:2
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _patched_launch(config: str):
     from smcgen.kernels import attention
 
     own = attention._launch_config
-    config = config.removesuffix("/strided")
+    config = config.split("/")[0]
     if config == "0":
         return own
     bn, warps, stages = (int(x) for x in config.split(":"))
@@ -94,7 +95,7 @@ def launch_sweep(args) -> list[dict]:
     """Kernel device time (us) of plain and cascade attention under each launch configuration."""
     from smcgen.kernels import attention
 
-    own, rows = attention._launch_config, []
+    own, own_merge, rows = attention._launch_config, attention.MERGE_PER_ITER_SMALL, []
     cases = [
         (name, prompt, groups)
         for prompt in [int(x) for x in args.launch_prompts.split(",") if x]
@@ -102,8 +103,10 @@ def launch_sweep(args) -> list[dict]:
         for name in [c for c in args.calls.split(",") if c]
     ]
     for config in [c for c in args.launch_configs.split(",") if c]:
+        options = config.split("/")[1:]
         attention._launch_config = _patched_launch(config)
-        attention.PREFIX_TILES_ADJACENT = not config.endswith("/strided")
+        attention.PREFIX_TILES_ADJACENT = "strided" not in options
+        attention.MERGE_PER_ITER_SMALL = next((int(o[1:]) for o in options if o.startswith("m")), own_merge)
         try:
             for name, prompt, groups in cases:
                 plain, cascade = layer_calls(prompt, groups, 8, *SHAPES[name])
@@ -118,6 +121,7 @@ def launch_sweep(args) -> list[dict]:
                 print(json.dumps(row), flush=True)
         finally:
             attention._launch_config, attention.PREFIX_TILES_ADJACENT = own, True
+            attention.MERGE_PER_ITER_SMALL = own_merge
     return rows
 
 
