@@ -1,34 +1,41 @@
 """Registers and spills of the attention kernels on an H100 (sm_90), compiled on a machine without a GPU.
 
-Triton compiles each kernel for sm_90 with the specialization a real launch gets (pointers and the
-K/V and query strides divisible by 16, which is what turns the page gathers into 16-byte
-``cp.async`` copies), and the ptxas that Triton ships assembles it with ``-v``. That prints the
-registers per thread and the bytes spilled to local memory. Run it after changing a kernel or a
-launch setting, before spending GPU time on it:
+The launch settings are the library's own: one layer's plain and cascade attention is called on CPU
+tensors of the engine's shapes (``cascade_speed.layer_calls``: Llama-3.1-8B's verify, 9 queries a
+row, 32 query / 8 KV heads of 128; Llama-3.2-1B's draft step, heads of 64; 1 and 8 requests of 8
+rows at a 4,096-token prompt) with the GPU dispatch and an H100's 132 SMs patched in, and each
+kernel launch it would make is recorded instead of run. Triton then compiles each recorded setting
+for sm_90 with the specialization a real launch gets (pointers and the K/V and query strides
+divisible by 16, which turns the page gathers into 16-byte ``cp.async`` copies; PDL on), and the
+ptxas Triton ships assembles it with ``-v``: registers per thread and bytes spilled to local memory.
+``--merge-per-iter 2`` also shows the prefix kernel with its small tiles merging 2 slots a step.
+Run it after changing a kernel or a launch setting, before spending GPU time on it:
 
-    python benchmarks/kernel_registers.py
+    python benchmarks/kernel_registers.py --merge-per-iter 2
 
-Each row is one launch setting of ``_prefix_attention_kernel`` or ``_paged_attention_kernel`` as
-the engine makes it for Llama-3.1-8B's verify (9 queries a row, 32 query / 8 KV heads of 128) and
-Llama-3.2-1B's draft step (heads of 64), with variants of the merge's slots per step. Blocks per SM
-are what the registers allow: 65,536 a SM, in 256-register units per warp.
+Blocks per SM are what the registers allow: 65,536 a SM, allocated per warp in units of 256.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the interpreter would replace the kernels
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cascade_speed import layer_calls  # noqa: E402
 from hopper_ptx import HOPPER, signature  # noqa: E402
 
 from smcgen.kernels import attention  # noqa: E402
@@ -45,25 +52,56 @@ POINTERS = {n: "*bf16" for n in ("q", "k_pool", "v_pool", "out")} | {
 #: what a launch on the engine's tensors specializes as divisible by 16
 ALIGNED = set(POINTERS) | {f"s_{a}{b}" for a in "qkvo" for b in ("r", "t", "h", "p", "s")}
 
-PREFIX = dict(G=4, PAGE=16, SLOT0=2, NSLOT=8, NSLOT_P2=8, IEEE=False, PDL=True, TILES_ADJACENT=True)
-PLAIN = dict(G=4, PAGE=16, IEEE=False, PDL=True, CASCADE=False, NSLOT=1)
-#: (row label, kernel, constexprs, warps, stages)
-SETTINGS = [
-    ("prefix, 8B verify, 64-row tiles (the launch)", "prefix", dict(PREFIX, D=128, BLOCK_M=64, BLOCK_N=64, NSPLIT=6, MERGE_PER_ITER=8), 4, 3),
-    ("prefix, 8B verify, 64-row tiles, merge 2 slots a step", "prefix", dict(PREFIX, D=128, BLOCK_M=64, BLOCK_N=64, NSPLIT=6, MERGE_PER_ITER=2), 4, 3),
-    ("prefix, 8B verify, 64-row tiles, 8 warps", "prefix", dict(PREFIX, D=128, BLOCK_M=64, BLOCK_N=64, NSPLIT=6, MERGE_PER_ITER=8), 8, 3),
-    ("prefix, 8B verify, 128-row tiles (before 2026-12-07)", "prefix", dict(PREFIX, D=128, BLOCK_M=128, BLOCK_N=32, NSPLIT=6, MERGE_PER_ITER=2), 8, 3),
-    ("prefix, 1B draft step, 16-row tiles (the launch)", "prefix", dict(PREFIX, D=64, BLOCK_M=16, BLOCK_N=128, NSPLIT=4, MERGE_PER_ITER=8), 4, 2),
-    ("plain, 8B verify, 1 x 8 (4 key splits)", "plain", dict(PLAIN, D=128, BLOCK_M=64, BLOCK_N=64, NSPLIT=4, NSPLIT_P2=4), 4, 3),
-    ("plain, 8B verify, 8 x 8 (no split)", "plain", dict(PLAIN, D=128, BLOCK_M=64, BLOCK_N=64, NSPLIT=1, NSPLIT_P2=1), 4, 3),
-    ("plain, 1B draft step (4 key splits)", "plain", dict(PLAIN, D=64, BLOCK_M=16, BLOCK_N=64, NSPLIT=4, NSPLIT_P2=4), 4, 2),
-]  # fmt: skip
-KERNELS = {"prefix": "_prefix_attention_kernel", "plain": "_paged_attention_kernel"}
+H100_SMS = 132
+SHAPES = {"8B verify": (9, 32, 8, 128), "1B draft step": (1, 32, 8, 64)}
+KERNELS = {"_prefix_attention_kernel": "prefix", "_paged_attention_kernel": "plain"}
+
+
+@contextmanager
+def recorded_launches(merge_per_iter: int | None):
+    """Patch attention so its Triton calls run on CPU tensors as on an H100, recording each kernel
+    launch (kernel, constexprs, warps, stages) instead of running it."""
+    saved = {n: getattr(attention, n) for n in ("_sms", "use_triton", "MERGE_PER_ITER_SMALL", *KERNELS)}
+    launches: list[tuple[str, dict, int, int]] = []
+
+    class Recorder:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, launch_pdl=False, **constexprs):
+                launches.append((self.name, {**constexprs, "PDL": True}, num_warps, num_stages))
+
+            return launch
+
+    attention._sms = lambda device: H100_SMS
+    attention.use_triton = lambda t: True
+    if merge_per_iter is not None:
+        attention.MERGE_PER_ITER_SMALL = merge_per_iter
+    for name in KERNELS:
+        setattr(attention, name, Recorder(name))
+    try:
+        yield launches
+    finally:
+        for name, value in saved.items():
+            setattr(attention, name, value)
+
+
+def launch_settings(call: str, requests: int, prompt: int, merge_per_iter: int | None = None):
+    """The launches of one layer's plain and cascade attention for ``call`` (see ``SHAPES``)."""
+    with recorded_launches(merge_per_iter) as launches:
+        plain, cascade = layer_calls(
+            prompt, requests, 8, *SHAPES[call], cascade_kw={"prefix_splits": None}, device="cpu", dtype=torch.bfloat16
+        )
+        plain()
+        n_plain = len(launches)
+        cascade()
+    return [("plain" if i < n_plain else "cascade", *launch) for i, launch in enumerate(launches)]
 
 
 def assemble(kernel: str, constexprs: dict, warps: int, stages: int) -> dict:
     """Registers a thread and spill bytes of one launch setting, from ptxas -v on Triton's sm_90 PTX."""
-    fn = getattr(attention, KERNELS[kernel])
+    fn = getattr(attention, kernel)
     sig = signature(fn, constexprs, POINTERS, ("qk_scale",))
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ALIGNED}
     ptx = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=HOPPER, options={"num_warps": warps, "num_stages": stages}).asm["ptx"]  # fmt: skip
@@ -88,15 +126,33 @@ def assemble(kernel: str, constexprs: dict, warps: int, stages: int) -> dict:
 
 
 def main() -> None:
-    print("| launch setting | warps | stages | registers | spill stores / loads, bytes | blocks a SM |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, kernel, constexprs, warps, stages in SETTINGS:
-        r = assemble(kernel, constexprs, warps, stages)
-        print(
-            f"| {label} | {warps} | {stages} | {r['registers']} | {r['spill_stores']} / {r['spill_loads']} | "
-            f"{r['blocks_per_sm']} |",
-            flush=True,
-        )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt", type=int, default=4096, help="shared prefix length (tokens)")
+    ap.add_argument("--merge-per-iter", default="", help="also these MERGE_PER_ITER_SMALL values, comma separated")
+    args = ap.parse_args()
+    variants = [None] + [int(x) for x in args.merge_per_iter.split(",") if x]
+    print("| call | requests | path | kernel | tile (rows x keys) | splits | merge slots a step | warps | stages "
+          "| registers | spill stores / loads, bytes | blocks a SM |")  # fmt: skip
+    print("|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    seen = set()
+    for variant in variants:
+        for call in SHAPES:
+            for requests in (1, 8):
+                for path, kernel, const, warps, stages in launch_settings(call, requests, args.prompt, variant):
+                    if variant is not None and kernel != "_prefix_attention_kernel":
+                        continue  # the merge setting changes only the prefix kernel
+                    key = (kernel, tuple(sorted(const.items())), warps, stages)
+                    merge = str(const.get("MERGE_PER_ITER", "-")) if kernel == "_prefix_attention_kernel" else "-"
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    r = assemble(kernel, const, warps, stages)
+                    print(
+                        f"| {call} | {requests} | {path} | {KERNELS[kernel]} | {const['BLOCK_M']} x {const['BLOCK_N']} "
+                        f"| {const['NSPLIT']} | {merge} | {warps} | {stages} | {r['registers']} "
+                        f"| {r['spill_stores']} / {r['spill_loads']} | {r['blocks_per_sm']} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
