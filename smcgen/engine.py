@@ -143,10 +143,8 @@ class Engine:
             check_model_device(draft, "draft")
             tok = tokenizer if tokenizer is not None else self.target.tokenizer
             draft_lm = as_language_model(draft, tok, self.target)  # a draft directory is tied to the target
-            if draft_lm.tokenizer is None:
-                draft_lm = LanguageModel(
-                    draft_lm.model, self.target.tokenizer, draft_lm.eos_token_ids, draft_lm.context_length
-                )
+            if draft_lm.tokenizer is None:  # the target's tokenizer; every other field (native_format too) kept
+                draft_lm = dataclasses.replace(draft_lm, tokenizer=self.target.tokenizer)
             check_compatible(self.target, draft_lm)
             self.draft = draft_lm
         self.grammar = self.bind_grammar(guide, self.config.max_new_tokens)

@@ -133,3 +133,37 @@ def test_a_dtype_copy_keeps_the_native_mark(target):
     copy = marked.to_dtype("bfloat16")
     assert copy.native_format == "int8" and copy.model is not target.model
     assert next(copy.model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_gpu_mark_is_one_object_while_held(target, monkeypatch):
+    """Off the CPU int8_self_draft returns the same marked object while something holds it, so an
+    engine cache keyed by the draft is reused across calls."""
+    from smcgen.runners.transformers import LanguageModel
+
+    monkeypatch.setattr(LanguageModel, "device", property(lambda self: torch.device("cuda")))
+    first = int8_self_draft(target)
+    assert int8_self_draft(target) is first
+
+
+def test_an_engine_keeps_the_mark_when_it_lends_the_target_tokenizer(target):
+    """A draft without a tokenizer gets the target's; its native format must survive that."""
+    import dataclasses
+
+    bare = dataclasses.replace(target, tokenizer=None)
+    eng = smcgen.Engine(bare, draft=dataclasses.replace(bare, native_format="int8"), engine="native")
+    assert eng.draft.native_format == "int8"
+
+
+def test_bad_native_format_and_integer_weights_on_the_native_engine(target):
+    """A misspelt format is refused by name; the CPU self-int8 draft's integer weights are refused by
+    the native engine (they would be copied without their scales) and run on the generic one."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="native_format must be None, 'int8' or 'fp8'"):
+        dataclasses.replace(target, native_format="int4")
+    with pytest.raises(ValueError, match="integer weights"):
+        smcgen.generate(
+            target, PROMPT, draft=SELF_INT8_DRAFT, n_particles=2, block_size=3, max_new_tokens=4, engine="native"
+        )
+    res = smcgen.generate(target, PROMPT, draft=SELF_INT8_DRAFT, n_particles=2, block_size=3, max_new_tokens=4, seed=0)
+    assert res.engine == "generic"

@@ -31,6 +31,7 @@ from smcgen.runners.transformers import LanguageModel
 SELF_INT8_DRAFT = "self-int8"
 
 _built: weakref.WeakKeyDictionary[nn.Module, LanguageModel] = weakref.WeakKeyDictionary()
+_marked: weakref.WeakKeyDictionary[nn.Module, weakref.ref[LanguageModel]] = weakref.WeakKeyDictionary()
 
 
 class Int8RowwiseLinear(nn.Module):
@@ -61,15 +62,23 @@ def int8_self_draft(target: LanguageModel) -> LanguageModel:
 
     On a CPU: ``Int8RowwiseLinear`` layers, built once per target model and reused while the target
     lives. Elsewhere: the target's own model, marked ``native_format='int8'`` so the native engine
-    drafts with its int8 copy (``NativeCausalLM.quantize_weights``), converted once like any draft.
+    drafts with its int8 copy (``NativeCausalLM.quantize_weights``), converted once like any draft;
+    the same marked object is returned while it is still held.
     """
     if target.device.type != "cpu":
-        return dataclasses.replace(target, native_format="int8")
-    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        raise RuntimeError(f"draft={SELF_INT8_DRAFT!r} needs torch's _weight_int8pack_mm (torch >= 2.3)")
+        # the same marked object while anything (an engine cache keyed by the draft) still holds it; a
+        # weak reference, because the draft holds the target's model, the key, strongly
+        ref = _marked.get(target.model)
+        draft = ref() if ref is not None else None
+        if draft is None:
+            draft = dataclasses.replace(target, native_format="int8")
+            _marked[target.model] = weakref.ref(draft)
+        return draft
     hit = _built.get(target.model)
     if hit is not None:
         return hit
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        raise RuntimeError(f"draft={SELF_INT8_DRAFT!r} needs torch's _weight_int8pack_mm (torch >= 2.3)")
     model = copy.deepcopy(target.model).eval()
     # the head is replaced by its own int8 copy; a tied embedding stays (in bf16) for the input side
     model.config.tie_word_embeddings = False

@@ -44,6 +44,10 @@ class LanguageModel:
     #: config leaves the choice to it (``draft_quantization='auto'``); None: the config's own rule
     native_format: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.native_format not in (None, "int8", "fp8"):
+            raise ValueError(f"native_format must be None, 'int8' or 'fp8', got {self.native_format!r}")
+
     @classmethod
     def wrap(cls, model: PreTrainedModel, tokenizer: Any | None = None) -> LanguageModel:
         """Wrap a model, reading EOS ids and context length from its configs and tokenizer."""

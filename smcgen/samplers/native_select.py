@@ -99,6 +99,15 @@ def native_unsupported(
             NativeConfig.from_hf(lm.model.config)
         except (ValueError, AttributeError) as err:
             return f"the {role} model is not supported natively ({err})"
+        # integer weights (the CPU's self-int8 layers) would be copied as raw codes, without their scales
+        quantized = next(
+            (n for n, t in lm.model.state_dict().items() if n.endswith("weight") and not t.is_floating_point()), None
+        )
+        if quantized is not None:
+            return (
+                f"the {role} model has integer weights ({quantized}), which the native engine cannot convert "
+                "(a CPU self-int8 draft runs on the generic engine; on a GPU self-int8 uses the native int8 copy)"
+            )
     return None
 
 
