@@ -4,10 +4,11 @@ The launch settings are the library's own: one layer's plain and cascade attenti
 tensors of the engine's shapes (``cascade_speed.layer_calls``: Llama-3.1-8B's verify, 9 queries a
 row, 32 query / 8 KV heads of 128; Llama-3.2-1B's draft step, heads of 64; 1 and 8 requests of 8
 rows at a 4,096-token prompt) with the GPU dispatch and an H100's 132 SMs patched in, and each
-kernel launch it would make is recorded instead of run. Triton then compiles each recorded setting
-for sm_90 with the specialization a real launch gets (pointers and the K/V and query strides
-divisible by 16, which turns the page gathers into 16-byte ``cp.async`` copies; PDL on), and the
-ptxas Triton ships assembles it with ``-v``: registers per thread and bytes spilled to local memory.
+kernel launch it would make is recorded instead of run. Triton then compiles each recorded launch
+for sm_90 with the specialization its arguments get on a GPU (every pointer 16-byte aligned, an
+integer equal to 1 a constant, one divisible by 16 marked so, which turns the page gathers into
+16-byte ``cp.async`` copies; the kernel's constexpr defaults; PDL on), and the ptxas Triton ships
+assembles it with ``-v``: registers per thread and bytes spilled to local memory.
 ``--merge-per-iter 2`` also shows the prefix kernel with its small tiles merging 2 slots a step.
 Run it after changing a kernel or a launch setting, before spending GPU time on it:
 
@@ -33,25 +34,15 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cascade_speed import layer_calls  # noqa: E402
-from hopper_ptx import HOPPER, signature  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from smcgen.kernels import attention  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-POINTERS = {n: "*bf16" for n in ("q", "k_pool", "v_pool", "out")} | {
-    "bt": "*i32",
-    "start_pos": "*i32",
-    "prefix_len": "*i32",
-    "part_o": "*fp32",
-    "part_lse": "*fp32",
-    "counters": "*i32",
-}
-#: what a launch on the engine's tensors specializes as divisible by 16
-ALIGNED = set(POINTERS) | {f"s_{a}{b}" for a in "qkvo" for b in ("r", "t", "h", "p", "s")}
-
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 H100_SMS = 132
 SHAPES = {"8B verify": (9, 32, 8, 128), "1B draft step": (1, 32, 8, 64)}
 KERNELS = {"_prefix_attention_kernel": "prefix", "_paged_attention_kernel": "plain"}
@@ -60,9 +51,9 @@ KERNELS = {"_prefix_attention_kernel": "prefix", "_paged_attention_kernel": "pla
 @contextmanager
 def recorded_launches(merge_per_iter: int | None):
     """Patch attention so its Triton calls run on CPU tensors as on an H100, recording each kernel
-    launch (kernel, constexprs, warps, stages) instead of running it."""
+    launch (kernel, positional arguments, constexprs, warps, stages) instead of running it."""
     saved = {n: getattr(attention, n) for n in ("_sms", "use_triton", "MERGE_PER_ITER_SMALL", *KERNELS)}
-    launches: list[tuple[str, dict, int, int]] = []
+    launches: list[tuple[str, tuple, dict, int, int]] = []
 
     class Recorder:
         def __init__(self, name: str):
@@ -70,7 +61,7 @@ def recorded_launches(merge_per_iter: int | None):
 
         def __getitem__(self, grid):
             def launch(*args, num_warps, num_stages, launch_pdl=False, **constexprs):
-                launches.append((self.name, {**constexprs, "PDL": True}, num_warps, num_stages))
+                launches.append((self.name, args, {**constexprs, "PDL": True}, num_warps, num_stages))
 
             return launch
 
@@ -99,12 +90,33 @@ def launch_settings(call: str, requests: int, prompt: int, merge_per_iter: int |
     return [("plain" if i < n_plain else "cascade", *launch) for i, launch in enumerate(launches)]
 
 
-def assemble(kernel: str, constexprs: dict, warps: int, stages: int) -> dict:
-    """Registers a thread and spill bytes of one launch setting, from ptxas -v on Triton's sm_90 PTX."""
+def specialize(fn, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) of a launch of ``fn`` with these arguments, as Triton's JIT
+    specializes them on a GPU: pointers aligned to 16 bytes (the caching allocator's blocks), integers
+    equal to 1 turned into constants, integers divisible by 16 marked so, constexpr defaults filled in."""
+    const = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | constexprs
+    sig, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            sig[name], attrs[(i,)] = POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        elif value == 1:
+            sig[name], const[name] = "constexpr", 1
+        else:
+            sig[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in fn.arg_names[len(args) :]:
+        sig[name] = "constexpr"
+    return sig, const, attrs
+
+
+def assemble(kernel: str, args: tuple, constexprs: dict, warps: int, stages: int) -> dict:
+    """Registers a thread and spill bytes of one recorded launch, from ptxas -v on Triton's sm_90 PTX."""
     fn = getattr(attention, kernel)
-    sig = signature(fn, constexprs, POINTERS, ("qk_scale",))
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ALIGNED}
-    ptx = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=HOPPER, options={"num_warps": warps, "num_stages": stages}).asm["ptx"]  # fmt: skip
+    sig, const, attrs = specialize(fn, args, constexprs)
+    ptx = triton.compile(ASTSource(fn, sig, const, attrs), target=HOPPER, options={"num_warps": warps, "num_stages": stages}).asm["ptx"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.ptx"
         path.write_text(ptx)
@@ -138,15 +150,18 @@ def main() -> None:
     for variant in variants:
         for call in SHAPES:
             for requests in (1, 8):
-                for path, kernel, const, warps, stages in launch_settings(call, requests, args.prompt, variant):
+                for path, kernel, launch_args, const, warps, stages in launch_settings(
+                    call, requests, args.prompt, variant
+                ):
                     if variant is not None and kernel != "_prefix_attention_kernel":
                         continue  # the merge setting changes only the prefix kernel
-                    key = (kernel, tuple(sorted(const.items())), warps, stages)
+                    scalars = tuple(a for a in launch_args if not isinstance(a, torch.Tensor))
+                    key = (kernel, scalars, tuple(sorted(const.items())), warps, stages)
                     merge = str(const.get("MERGE_PER_ITER", "-")) if kernel == "_prefix_attention_kernel" else "-"
                     if key in seen:
                         continue
                     seen.add(key)
-                    r = assemble(kernel, const, warps, stages)
+                    r = assemble(kernel, launch_args, const, warps, stages)
                     print(
                         f"| {call} | {requests} | {path} | {KERNELS[kernel]} | {const['BLOCK_M']} x {const['BLOCK_N']} "
                         f"| {const['NSPLIT']} | {merge} | {warps} | {stages} | {r['registers']} "
