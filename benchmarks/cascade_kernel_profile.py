@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -95,19 +96,26 @@ def launch_sweep(args) -> list[dict]:
     """Kernel device time (us) of plain and cascade attention under each launch configuration."""
     from smcgen.kernels import attention
 
-    own, own_merge, rows = attention._launch_config, attention.MERGE_PER_ITER_SMALL, []
+    saved = attention._launch_config, attention.PREFIX_TILES_ADJACENT, attention.MERGE_PER_ITER_SMALL
+    configs = [c for c in args.launch_configs.split(",") if c]
+    for config in configs:  # all checked before any is patched in
+        base, *options = config.split("/")
+        bad = [o for o in options if o != "strided" and not re.fullmatch(r"m[1-9][0-9]*", o)]
+        if bad or not (base == "0" or re.fullmatch(r"\d+:\d+:\d+", base)):
+            raise SystemExit(f"--launch-configs: {config!r} is not BLOCK_N:warps:stages or 0, then /strided or /mN")
+    rows = []
     cases = [
         (name, prompt, groups)
         for prompt in [int(x) for x in args.launch_prompts.split(",") if x]
         for groups in (1, 8)
         for name in [c for c in args.calls.split(",") if c]
     ]
-    for config in [c for c in args.launch_configs.split(",") if c]:
+    for config in configs:
         options = config.split("/")[1:]
-        attention._launch_config = _patched_launch(config)
-        attention.PREFIX_TILES_ADJACENT = "strided" not in options
-        attention.MERGE_PER_ITER_SMALL = next((int(o[1:]) for o in options if o.startswith("m")), own_merge)
         try:
+            attention._launch_config = _patched_launch(config)
+            attention.PREFIX_TILES_ADJACENT = "strided" not in options
+            attention.MERGE_PER_ITER_SMALL = next((int(o[1:]) for o in options if o.startswith("m")), saved[2])
             for name, prompt, groups in cases:
                 plain, cascade = layer_calls(prompt, groups, 8, *SHAPES[name])
                 row = {"config": config, "call": name, "prompt": prompt, "requests": groups}
@@ -120,8 +128,7 @@ def launch_sweep(args) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
-            attention._launch_config, attention.PREFIX_TILES_ADJACENT = own, True
-            attention.MERGE_PER_ITER_SMALL = own_merge
+            attention._launch_config, attention.PREFIX_TILES_ADJACENT, attention.MERGE_PER_ITER_SMALL = saved
     return rows
 
 
