@@ -98,7 +98,7 @@ def main() -> None:
     import smcgen
     from smcgen import Engine, SMCConfig
     from smcgen.samplers.native import NativeSMC
-    from smcgen.samplers.native_select import draft_format, native_model
+    from smcgen.samplers.native_select import native_draft, native_model
 
     if args.tiny:
         device, dtype, pair = torch.device("cpu"), torch.float32, TINY
@@ -153,7 +153,7 @@ def main() -> None:
     # 1. NativeSMC directly on the same converted models (the draft in the format the Engine picks)
     cfg = SMCConfig(**settings, seed=0)
     nt = native_model(target)
-    nd = native_model(draft, draft_format(cfg, n, device))
+    nd = native_draft(cfg, draft, n, device)
     native = NativeSMC(nt, cfg, draft=nd, eos_token_ids=())
     for i in range(2):
         _, wall = timed(lambda: native.run(p), device)

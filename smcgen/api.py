@@ -236,7 +236,7 @@ def _speculative(
     """``generate`` with ``method='sd'``: n_particles independent exact samples by speculative decoding,
     on the native engine when the engine choice allows it (``samplers.native_sd``), else the generic one."""
     from smcgen.samplers.native_sd import native_sd_unsupported, native_speculative_decode
-    from smcgen.samplers.native_select import draft_format, native_model, native_reason
+    from smcgen.samplers.native_select import native_draft, native_model, native_reason
     from smcgen.samplers.speculative import check_speculative_request, speculative_decode
 
     if custom_proposal:
@@ -256,8 +256,7 @@ def _speculative(
     reason = native_reason(cfg, target_lm, draft_lm, None, False)
     if reason is None:
         native_t = native_model(target_lm)
-        fmt = draft_format(cfg, cfg.n_particles, target_lm.device, draft_lm.native_format)
-        native_d = native_model(draft_lm, fmt)
+        native_d = native_draft(cfg, draft_lm, cfg.n_particles, target_lm.device)
         reason = native_sd_unsupported(native_t, native_d, len(ids), cfg.max_new_tokens)
     if reason is None:
         run = native_speculative_decode(native_t, native_d, ids, eos_token_ids=target_lm.eos_token_ids, **kw)

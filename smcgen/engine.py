@@ -181,13 +181,12 @@ class Engine:
 
     def _convert(self, cfg: SMCConfig, rows: int) -> tuple[Any, Any]:
         """The native target and draft for a run of ``rows`` draft rows (converted once per model and format)."""
-        from smcgen.samplers.native_select import draft_format, native_model
+        from smcgen.samplers.native_select import native_draft, native_model
 
         target = native_model(self.target)
         draft = None
         if self.draft is not None:
-            fmt = draft_format(cfg, rows, self.target.device, self.draft.native_format)
-            draft = native_model(self.draft, fmt)
+            draft = native_draft(cfg, self.draft, rows, self.target.device)
         return target, draft
 
     def _native_engine(self, cfg: SMCConfig, guide: Potential | None, rows: int) -> Any:

@@ -58,12 +58,18 @@ def draft_format(cfg: SMCConfig, rows: int, device: torch.device, preferred: str
     batch of ``rows`` draft rows (particles x requests) on ``device``. ``preferred`` (the draft's
     ``LanguageModel.native_format``, e.g. the ``self-int8`` draft's 'int8') replaces the automatic
     rule; a format the config names outright, or 'none', still wins."""
-    if cfg.draft_quantization == "auto" and not cfg.draft_fp8 and preferred is not None:
-        return preferred
     if cfg.draft_quantization == "auto" and not cfg.draft_fp8:
+        if preferred is not None:
+            return preferred
         # without Triton the composed path would dequantize every int8 weight at every call
         return "int8" if device.type == "cuda" and HAS_TRITON and rows <= AUTO_INT8_MAX_ROWS else None
     return _named_format(cfg)
+
+
+def native_draft(cfg: SMCConfig, draft: LanguageModel, rows: int, device: torch.device) -> NativeCausalLM:
+    """The native copy ``draft`` drafts with for ``rows`` draft rows on ``device``: in the format
+    :func:`draft_format` picks from the config and the draft's own ``native_format``."""
+    return native_model(draft, draft_format(cfg, rows, device, draft.native_format))
 
 
 def forget_native_copies() -> None:
