@@ -133,7 +133,6 @@ def assemble(kernel: str, args: tuple, constexprs: dict, warps: int, stages: int
         "spill_stores": int(spills.group(1)),
         "spill_loads": int(spills.group(2)),
         "blocks_per_sm": 65536 // per_block,
-        "cp_async": ptx.count("cp.async."),
     }
 
 

@@ -668,10 +668,10 @@ if HAS_TRITON:
         """The shared-prefix half of cascade attention, and the merge of both halves.
 
         Program (group x kv head, prefix split, query block), launched as grid (kv head x query
-        block, split, group) with TILES_ADJACENT (see :func:`prefix_tiles_adjacent`): the packed queries of every row of
-        the group, m = (n * T + t) * G + g, against the group's prefix keys [0, prefix_len[group])
-        read from the group's first row's pages: each K/V tile is loaded once for all GROUP * T * G
-        queries. The split's partial goes to slot SLOT0 + split (the suffix kernel, launched just
+        block, split, group) with TILES_ADJACENT (see :func:`prefix_tiles_adjacent`): the packed
+        queries of every row of the group, m = (n * T + t) * G + g, against the group's prefix keys
+        [0, prefix_len[group]) read from the group's first row's pages: each K/V tile is loaded once
+        for all GROUP * T * G queries. The split's partial goes to slot SLOT0 + split (the suffix kernel, launched just
         before, filled slots 0 .. SLOT0 - 1); the tile's last program to arrive merges all NSLOT.
         """
         pdl_wait(PDL)
