@@ -1,0 +1,131 @@
+"""Where a SmolLM2-135M decode cycle's time goes on the GPU: wall, device-busy and per-kernel time.
+
+The embedded target decodes at about 130 tokens/s alone on an H100 (``smollm2_speed.py``), far below
+what 30 layers of a 135M model cost at the copy bandwidth. For each configuration (``AR`` or
+``NxK`` with ``--draft``) this script makes one warm-up call through ``smcgen.generate`` (engine
+build, graph capture), one timed call of the same shape (it replays the kept capture), and one call
+under ``torch.profiler``. Per configuration it reports:
+
+- wall tokens/s;
+- the engine's split of the timed call: prefill, capture and decode seconds, cycles;
+- the decode milliseconds per cycle and per token;
+- the device-busy milliseconds per cycle, summed over the profiled call's kernels;
+- kernel launches per cycle;
+- the kernels that take most device time.
+
+A cycle whose wall time far exceeds its busy time waits on the host. One whose kernels are many and
+short is bound by launches.
+
+    python benchmarks/smollm2_profile.py --device cuda --draft self-int8 --configs AR,2x8 --out $OUT
+    OMP_NUM_THREADS=2 python benchmarks/smollm2_profile.py --configs AR --max-new-tokens 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import smcgen
+from smcgen.api import cached_engine, load_draft, load_model
+from smcgen.cli import DEFAULT_PROMPT
+
+
+def parse_config(text: str) -> tuple[int, int] | None:
+    """None for 'AR', else (N, K) from 'NxK'."""
+    if text.upper() == "AR":
+        return None
+    n, k = text.lower().split("x")
+    return int(n), int(k)
+
+
+def kernel_table(prof, cycles: int, top: int) -> tuple[float, int, list[dict]]:
+    """(device-busy ms, kernel launches, the ``top`` kernels by device time) of a profiled call."""
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", 0.0)
+        if dev_us <= 0 or e.key.startswith(("cudaGraph", "Memcpy", "Memset")):
+            continue
+        rows.append({"kernel": e.key[:90], "calls": e.count, "ms": dev_us / 1e3})
+    busy = sum(r["ms"] for r in rows)
+    launches = sum(r["calls"] for r in rows)
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows:
+        r["share"] = r["ms"] / busy if busy else 0.0
+        r["calls_per_cycle"] = r["calls"] / max(cycles, 1)
+    return busy, launches, rows[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--draft", default="self-int8", help="draft name or trained draft directory")
+    ap.add_argument("--configs", default="AR,2x8", help="'AR' and N x K settings, comma separated")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per configuration")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+
+    target = load_model("smollm2-135m", args.device)
+    draft = load_draft(args.draft, target, args.device)
+    prompt = [{"role": "user", "content": DEFAULT_PROMPT}]
+    common = {
+        "max_new_tokens": args.max_new_tokens,
+        "target_temperature": args.temperature,
+        "draft_temperature": args.temperature,
+        "engine": "native" if args.device == "cuda" else "auto",
+        "seed": 0,  # every call of a configuration draws the same tokens: the same cycles are timed
+    }
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    report = []
+    for text in args.configs.split(","):
+        setting = parse_config(text)
+        kw = (
+            {"n_particles": 1}
+            if setting is None
+            else {"draft": draft, "n_particles": setting[0], "block_size": setting[1]}
+        )
+        name = "AR (target alone)" if setting is None else f"SMC-SD N={setting[0]} K={setting[1]}"
+        smcgen.generate(target, prompt, **common, **kw)  # warm-up: build, convert, capture
+        t0 = time.perf_counter()
+        res = smcgen.generate(target, prompt, **common, **kw)
+        wall = time.perf_counter() - t0
+        used = cached_engine(target, draft=kw.get("draft"), engine=common["engine"])
+        native = getattr(used, "_native", None)
+        timing = dict(native.most_recent().last_timing) if native is not None and len(native) else {}
+        cycles = int(timing.get("cycles", 0))
+        with profile(activities=activities) as prof:
+            smcgen.generate(target, prompt, **common, **kw)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+        busy, launches, kernels = kernel_table(prof, cycles, args.top)
+        tokens = len(res.token_ids)
+        row = {
+            "config": name,
+            "engine": res.engine,
+            "tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "timing": timing,
+            "decode_ms_per_cycle": 1e3 * timing["decode_s"] / cycles if cycles else None,
+            "decode_ms_per_token": 1e3 * timing["decode_s"] / tokens if cycles and tokens else None,
+            "busy_ms_per_cycle": busy / cycles if cycles else None,
+            "launches_per_cycle": launches / cycles if cycles else None,
+            "kernels": kernels,
+        }
+        report.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+        for r in kernels:
+            print(f"  {r['ms']:8.2f} ms {100 * r['share']:5.1f}% {r['calls_per_cycle']:7.1f}/cycle  {r['kernel']}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "smollm2_profile.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
