@@ -139,7 +139,7 @@ def main() -> None:
     if args.samples < 1:
         raise SystemExit(f"--samples must be >= 1, got {args.samples}")
 
-    draft_name = args.draft or main_job_draft("auto", args.device)
+    draft_name = args.draft or main_job_draft("auto")
     main_job = main_job_setting(draft_name)
     N = args.n_particles or main_job[0]
     K = args.block_size or main_job[1]

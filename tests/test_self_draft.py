@@ -68,14 +68,15 @@ def test_the_cli_runs_the_main_job_with_it(capsys):
     assert "particles: 2" in capsys.readouterr().out
 
 
-def test_the_main_job_picks_the_self_draft_on_a_cpu_only():
-    from smcgen.cli import CPU_MAIN_JOB, main_job_draft, main_job_setting
+def test_the_main_job_drafts_with_the_self_draft_on_every_device():
+    from smcgen.cli import MAIN_JOB, build_parser, main_job_draft, main_job_setting
 
-    assert main_job_draft("auto", "cpu") == SELF_INT8_DRAFT
-    assert main_job_draft("auto", "cuda") == "smollm2-135m-draft"
-    assert main_job_draft("none", "cpu") == "none"
-    assert CPU_MAIN_JOB[0] >= 2  # SMC: more than one particle
-    assert main_job_setting(SELF_INT8_DRAFT) == CPU_MAIN_JOB
+    assert build_parser().parse_args([]).draft == "auto"
+    assert main_job_draft("auto") == SELF_INT8_DRAFT
+    assert main_job_draft("smollm2-135m-draft") == "smollm2-135m-draft"  # a named draft is kept
+    assert main_job_draft("none") == "none"
+    assert MAIN_JOB[0] >= 2  # SMC: more than one particle
+    assert main_job_setting(SELF_INT8_DRAFT) == MAIN_JOB
     d = smcgen.SMCConfig()
     assert main_job_setting("smollm2-135m-draft") == (d.n_particles, d.block_size)
 
