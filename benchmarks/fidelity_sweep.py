@@ -78,6 +78,11 @@ def main() -> None:
     ap.add_argument("--no-early-exit", action="store_true", help="skip the early-exit draft row")
     ap.add_argument("--no-sd", action="store_true", help="skip the standard SD row")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--target-dtype",
+        default=None,
+        help="run the target (and a self-int8 draft built from it) in this dtype, e.g. bfloat16 (default: as loaded, fp32)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
@@ -87,6 +92,8 @@ def main() -> None:
         questions = freshqa_questions()
     questions = questions[: args.prompts]
     target = load_model("smollm2-135m", args.device)
+    if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
+        target = target.to_dtype(args.target_dtype)
     specs = [d for d in args.draft.split(",") if d]
     drafts = [(draft_label(d) if len(specs) > 1 else "", load_draft(d, target, args.device)) for d in specs]
     draft = drafts[0][1]
@@ -125,7 +132,7 @@ def main() -> None:
     ar_tps = rows[0]["tokens_per_s"]
     lines = [
         f"# SMC-SD fidelity sweep: {len(prompts)} FreshQA prompts, {T} new tokens, tau={tau}, draft={args.draft}, "
-        f"device={args.device}",
+        f"device={args.device}, target dtype={args.target_dtype or 'as loaded'}",
         "",
         "| run | engine | log p/token | gap to AR (SE) | stop rate | length | repeated 3-grams | mean ESS/N "
         "| tokens/s | vs AR | off by > 2 SE |",

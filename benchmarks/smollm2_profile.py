@@ -69,10 +69,17 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per configuration")
+    ap.add_argument(
+        "--target-dtype",
+        default=None,
+        help="run the target (and a self-int8 draft built from it) in this dtype, e.g. bfloat16 (default: as loaded, fp32)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
     target = load_model("smollm2-135m", args.device)
+    if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
+        target = target.to_dtype(args.target_dtype)
     draft = load_draft(args.draft, target, args.device)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]
     common = {

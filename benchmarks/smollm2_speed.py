@@ -39,6 +39,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument(
+        "--target-dtype",
+        default=None,
+        help="run the target (and a self-int8 draft built from it) in this dtype, e.g. bfloat16 (default: as loaded, fp32)",
+    )
+    ap.add_argument(
         "--engine",
         default="auto",
         help="engine for AR and SMC-SD",
@@ -53,6 +58,8 @@ def main() -> None:
     args = ap.parse_args()
 
     target = load_model("smollm2-135m", args.device)
+    if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
+        target = target.to_dtype(args.target_dtype)
     draft = load_draft(args.draft, target, args.device)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template
     common = {
@@ -105,7 +112,10 @@ def main() -> None:
     best_sd = max(r["tokens_per_s"] for r in rows if r["config"].startswith("SD"))
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [
-        (f"# SmolLM2-135M pair, draft={args.draft}, {dev}, {args.max_new_tokens} new tokens, median of {args.repeats}"),
+        (
+            f"# SmolLM2-135M pair, draft={args.draft}, target dtype={args.target_dtype or 'as loaded'}, {dev}, "
+            f"{args.max_new_tokens} new tokens, median of {args.repeats}"
+        ),
         "",
         "| configuration | engine | tokens/s | vs AR | vs best SD | mean ESS/N | SD drafts kept |",
         "|---|---|---:|---:|---:|---:|---:|",
