@@ -34,6 +34,7 @@ from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, off_by, s
 
 import smcgen
 from smcgen.api import load_draft, load_model
+from smcgen.models.self_draft import SELF_INT8_DRAFT
 from smcgen.models.smollm2 import EARLY_EXIT_DRAFT, EMBEDDED_DRAFT
 
 
@@ -91,6 +92,11 @@ def main() -> None:
     else:
         questions = freshqa_questions()
     questions = questions[: args.prompts]
+    if args.target_dtype and (set(args.draft.split(",")) != {SELF_INT8_DRAFT} or not args.no_early_exit):
+        # a named or trained draft (and the early-exit row) would stay as loaded, tied to the fp32 target
+        raise SystemExit(
+            "--target-dtype: only the self-int8 draft follows the target; pass --draft self-int8 --no-early-exit"
+        )
     target = load_model("smollm2-135m", args.device)
     if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
         target = target.to_dtype(args.target_dtype)

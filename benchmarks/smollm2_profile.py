@@ -9,11 +9,12 @@ under ``torch.profiler``. Per configuration it reports:
 - wall tokens/s;
 - the engine's split of the timed call: prefill, capture and decode seconds, cycles;
 - the decode milliseconds per cycle and per token;
-- the device-busy milliseconds per cycle, summed over the profiled call's kernels;
-- kernel launches per cycle;
-- the kernels that take most device time.
+- the device-busy milliseconds of the profiled call (prefill and decode, summed over its GPU
+  kernels) next to the timed call's prefill + decode wall milliseconds;
+- kernel launches per call;
+- the kernels that take most device time, with their launches per decode cycle.
 
-A cycle whose wall time far exceeds its busy time waits on the host. One whose kernels are many and
+A call whose wall time far exceeds its busy time waits on the host. One whose kernels are many and
 short is bound by launches.
 
     python benchmarks/smollm2_profile.py --device cuda --draft self-int8 --configs AR,2x8 --out $OUT
@@ -34,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import smcgen
 from smcgen.api import cached_engine, load_draft, load_model
 from smcgen.cli import DEFAULT_PROMPT
+from smcgen.models.self_draft import SELF_INT8_DRAFT
 
 
 def parse_config(text: str) -> tuple[int, int] | None:
@@ -45,13 +47,18 @@ def parse_config(text: str) -> tuple[int, int] | None:
 
 
 def kernel_table(prof, cycles: int, top: int) -> tuple[float, int, list[dict]]:
-    """(device-busy ms, kernel launches, the ``top`` kernels by device time) of a profiled call."""
+    """(device-busy ms, kernel launches, the ``top`` kernels by device time) of a profiled call.
+
+    Only device-side events count: a CPU op (``aten::mm``) also carries its kernels' device time,
+    which would count them twice."""
     rows = []
     for e in prof.key_averages():
         dev_us = getattr(e, "self_device_time_total", 0.0)
-        if dev_us <= 0 or e.key.startswith(("cudaGraph", "Memcpy", "Memset")):
+        if e.device_type != torch.autograd.DeviceType.CUDA or dev_us <= 0:
             continue
-        rows.append({"kernel": e.key[:90], "calls": e.count, "ms": dev_us / 1e3})
+        if e.key.startswith(("Memcpy", "Memset")):
+            continue
+        rows.append({"kernel": e.key[:160], "calls": e.count, "ms": dev_us / 1e3})
     busy = sum(r["ms"] for r in rows)
     launches = sum(r["calls"] for r in rows)
     rows.sort(key=lambda r: -r["ms"])
@@ -77,8 +84,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
+    if args.target_dtype and args.draft != SELF_INT8_DRAFT:
+        # a named or trained draft would stay as loaded, tied to the fp32 target
+        raise SystemExit("--target-dtype: only the self-int8 draft follows the target; pass --draft self-int8")
     target = load_model("smollm2-135m", args.device)
-    if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
+    if args.target_dtype:  # a copy: AR and SMC-SD both sample this target
         target = target.to_dtype(args.target_dtype)
     draft = load_draft(args.draft, target, args.device)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]
@@ -121,8 +131,10 @@ def main() -> None:
             "timing": timing,
             "decode_ms_per_cycle": 1e3 * timing["decode_s"] / cycles if cycles else None,
             "decode_ms_per_token": 1e3 * timing["decode_s"] / tokens if cycles and tokens else None,
-            "busy_ms_per_cycle": busy / cycles if cycles else None,
-            "launches_per_cycle": launches / cycles if cycles else None,
+            # the profiled call's kernels, prefill included: compare with the timed call's wall time of both
+            "busy_ms_per_call": busy,
+            "prefill_decode_wall_ms": 1e3 * (timing["prefill_s"] + timing["decode_s"]) if cycles else None,
+            "launches_per_call": launches,
             "kernels": kernels,
         }
         report.append(row)
@@ -130,8 +142,14 @@ def main() -> None:
         for r in kernels:
             print(f"  {r['ms']:8.2f} ms {100 * r['share']:5.1f}% {r['calls_per_cycle']:7.1f}/cycle  {r['kernel']}")
     if args.out:
+        meta = {
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            **{k: getattr(args, k) for k in ("draft", "target_dtype", "max_new_tokens", "temperature")},
+        }
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "smollm2_profile.json").write_text(json.dumps(report, indent=1))
+        Path(args.out, "smollm2_profile.json").write_text(json.dumps({"meta": meta, "rows": report}, indent=1))
 
 
 if __name__ == "__main__":

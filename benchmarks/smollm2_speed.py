@@ -25,6 +25,7 @@ import torch
 import smcgen
 from smcgen.api import load_draft, load_model
 from smcgen.cli import DEFAULT_PROMPT
+from smcgen.models.self_draft import SELF_INT8_DRAFT
 
 
 def main() -> None:
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
+    if args.target_dtype and args.draft != SELF_INT8_DRAFT:
+        # a named or trained draft would stay as loaded, tied to the fp32 target
+        raise SystemExit("--target-dtype: only the self-int8 draft follows the target; pass --draft self-int8")
     target = load_model("smollm2-135m", args.device)
     if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
         target = target.to_dtype(args.target_dtype)
