@@ -18,12 +18,13 @@ SUB = "smollm2-135m-instruct"
 @pytest.fixture
 def cache_copy(tmp_path, monkeypatch):
     """A private copy of the converted cache (real files, never links), with SMCGEN_CACHE pointing at it;
-    pip may not reach an index, so a rebuild fails fast instead of downloading."""
+    pip may not reach an index or a local wheel folder, so a rebuild fails fast instead of downloading."""
     source = smollm2.ensure_converted(progress=False)
     dest = tmp_path / "cache" / SUB
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns(CHECKSUMS_FILE))
     monkeypatch.setenv("SMCGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)  # a developer's local wheels would repair it
     return dest
 
 
