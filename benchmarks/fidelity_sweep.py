@@ -30,20 +30,12 @@ import json
 import os
 from pathlib import Path
 
+from embedded_pair import add_target_dtype, load_target, parse_configs
 from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, off_by, summarize, write_report
 
 import smcgen
 from smcgen.api import load_draft, load_model
-from smcgen.models.self_draft import SELF_INT8_DRAFT
 from smcgen.models.smollm2 import EARLY_EXIT_DRAFT, EMBEDDED_DRAFT
-
-
-def parse_configs(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        n, k = part.lower().split("x")
-        out.append((int(n), int(k)))
-    return out
 
 
 def draft_label(spec: str) -> str:
@@ -79,11 +71,7 @@ def main() -> None:
     ap.add_argument("--no-early-exit", action="store_true", help="skip the early-exit draft row")
     ap.add_argument("--no-sd", action="store_true", help="skip the standard SD row")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--target-dtype",
-        default=None,
-        help="run the target (and a self-int8 draft built from it) in this dtype, e.g. bfloat16 (default: as loaded, fp32)",
-    )
+    add_target_dtype(ap)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
@@ -92,15 +80,8 @@ def main() -> None:
     else:
         questions = freshqa_questions()
     questions = questions[: args.prompts]
-    if args.target_dtype and (set(args.draft.split(",")) != {SELF_INT8_DRAFT} or not args.no_early_exit):
-        # a named or trained draft (and the early-exit row) would stay as loaded, tied to the fp32 target
-        raise SystemExit(
-            "--target-dtype: only the self-int8 draft follows the target; pass --draft self-int8 --no-early-exit"
-        )
-    target = load_model("smollm2-135m", args.device)
-    if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
-        target = target.to_dtype(args.target_dtype)
     specs = [d for d in args.draft.split(",") if d]
+    target = load_target(args.device, args.target_dtype, specs + ([] if args.no_early_exit else [EARLY_EXIT_DRAFT]))
     drafts = [(draft_label(d) if len(specs) > 1 else "", load_draft(d, target, args.device)) for d in specs]
     draft = drafts[0][1]
     prompts = [chat_ids(target.tokenizer, q) for q in questions]

@@ -30,20 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from embedded_pair import add_target_dtype, load_target, parse_configs
 from torch.profiler import ProfilerActivity, profile
 
 import smcgen
-from smcgen.api import cached_engine, load_draft, load_model
+from smcgen.api import cached_engine, load_draft
 from smcgen.cli import DEFAULT_PROMPT
-from smcgen.models.self_draft import SELF_INT8_DRAFT
-
-
-def parse_config(text: str) -> tuple[int, int] | None:
-    """None for 'AR', else (N, K) from 'NxK'."""
-    if text.upper() == "AR":
-        return None
-    n, k = text.lower().split("x")
-    return int(n), int(k)
 
 
 def kernel_table(prof, cycles: int, top: int) -> tuple[float, int, list[dict]]:
@@ -76,20 +68,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per configuration")
-    ap.add_argument(
-        "--target-dtype",
-        default=None,
-        help="run the target (and a self-int8 draft built from it) in this dtype, e.g. bfloat16 (default: as loaded, fp32)",
-    )
+    add_target_dtype(ap)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
-    if args.target_dtype and args.draft != SELF_INT8_DRAFT:
-        # a named or trained draft would stay as loaded, tied to the fp32 target
-        raise SystemExit("--target-dtype: only the self-int8 draft follows the target; pass --draft self-int8")
-    target = load_model("smollm2-135m", args.device)
-    if args.target_dtype:  # a copy: AR and SMC-SD both sample this target
-        target = target.to_dtype(args.target_dtype)
+    target = load_target(args.device, args.target_dtype, [args.draft])
     draft = load_draft(args.draft, target, args.device)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]
     common = {
@@ -102,7 +85,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     report = []
     for text in args.configs.split(","):
-        setting = parse_config(text)
+        setting = None if text.upper() == "AR" else parse_configs(text)[0]
         kw = (
             {"n_particles": 1}
             if setting is None

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from embedded_pair import add_target_dtype, load_target
 
 import smcgen
-from smcgen.api import load_draft, load_model
+from smcgen.api import load_draft
 from smcgen.cli import DEFAULT_PROMPT
-from smcgen.models.self_draft import SELF_INT8_DRAFT
 
 
 def main() -> None:
@@ -39,11 +39,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument(
-        "--target-dtype",
-        default=None,
-        help="run the target (and a self-int8 draft built from it) in this dtype, e.g. bfloat16 (default: as loaded, fp32)",
-    )
+    add_target_dtype(ap)
     ap.add_argument(
         "--engine",
         default="auto",
@@ -58,12 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
-    if args.target_dtype and args.draft != SELF_INT8_DRAFT:
-        # a named or trained draft would stay as loaded, tied to the fp32 target
-        raise SystemExit("--target-dtype: only the self-int8 draft follows the target; pass --draft self-int8")
-    target = load_model("smollm2-135m", args.device)
-    if args.target_dtype:  # a copy: AR, SD and SMC-SD all sample this target
-        target = target.to_dtype(args.target_dtype)
+    target = load_target(args.device, args.target_dtype, [args.draft])
     draft = load_draft(args.draft, target, args.device)
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]  # generate applies the chat template
     common = {
