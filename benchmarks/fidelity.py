@@ -146,6 +146,7 @@ def answer_each(
         t0 = time.perf_counter()
         res = smcgen.generate(target, prompt, seed=seed0 + i, **kw)
         wall = time.perf_counter() - t0
+        timing = _native_timing(target, kw) if res.engine == "native" else {}
         ids = list(res.token_ids)
         lp = target_logprobs(target, prompt, [ids], tau)[0]
         particles = kw.get("n_particles", 1) > 1
@@ -158,9 +159,20 @@ def answer_each(
                 "ess": res.mean_ess_fraction if particles else None,
                 "engine": res.engine,
                 "wall_s": wall,
+                # the native engine's split of this call (prefill, capture = pools + warm-up + graph)
+                "prefill_s": timing.get("prefill_s"),
+                "capture_s": timing.get("capture_s"),
+                "decode_s": timing.get("decode_s"),
             }
         )
     return rows
+
+
+def _native_timing(target, kw: dict) -> dict:
+    """The last call's ``last_timing`` when the native engine ran it, else {}."""
+    used = smcgen.api.cached_engine(target, draft=kw.get("draft"), engine=kw.get("engine", "auto"))
+    native = getattr(used, "_native", None)
+    return dict(native.most_recent().last_timing) if native is not None and len(native) else {}
 
 
 def summarize(each: list[dict]) -> dict:
@@ -176,7 +188,14 @@ def summarize(each: list[dict]) -> dict:
         "repeated_3grams": mean_se([a["repeated_3grams"] for a in each]),
         "mean_ess_over_n": sum(ess) / len(ess) if ess else None,
         "tokens_per_s": sum(a["length"] for a in each) / sum(a["wall_s"] for a in each),
+        # seconds summed over the calls (None off the native engine): where the wall time went
+        **{k: _total(each, k) for k in ("wall_s", "prefill_s", "capture_s", "decode_s")},
     }
+
+
+def _total(each: list[dict], key: str) -> float | None:
+    values = [a.get(key) for a in each]
+    return None if any(v is None for v in values) else sum(values)
 
 
 def write_report(out: str | os.PathLike | None, stem: str, report: str, data) -> None:
