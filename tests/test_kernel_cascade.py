@@ -190,6 +190,22 @@ def test_per_group_prefix_lengths(device):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("plen", [[0, 0], [0, 9], [40, 16]])
+def test_split_sizes_from_another_prompt_stay_exact(device, plen):
+    """A kept run's captured cycle replays for prompts of other lengths with the split counts sized
+    for the first one (``min_prefix`` 24 here): each split's key range comes from the lengths on the
+    device, so shorter prefixes (none at all included: a two-token prompt leaves the draft's cache no
+    shared prefix) and longer ones attend exactly as the plain kernel does."""
+    prefix = max(plen)
+    k_pool, v_pool, table = shared_cache(2, 2, prefix, 5, 16, 2, 64, device, seed=11)
+    plen_t = torch.tensor(plen, dtype=torch.int32, device=device)
+    start = torch.tensor([prefix + 1, prefix + 7, prefix, prefix + 20], dtype=torch.int32, device=device)
+    q = torch.randn(4, 2, 8, 64, generator=torch.Generator().manual_seed(5)).to(device)
+    ref = paged_attention_torch(q, k_pool, v_pool, table, start, 0.125)
+    out = cascade_attention_triton(q, k_pool, v_pool, table, start, 0.125, plen_t, 2, 24, prefix_splits=3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cascade_half_precision(device, dtype):
     if dtype == torch.bfloat16 and device.type == "cpu":

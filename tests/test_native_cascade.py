@@ -124,5 +124,12 @@ def test_share_prefix_checks_its_arguments():
         cache.share_prefix(3, 17)
     cache.share_prefix(3, 9)
     assert cache.shared_prefix.lengths.tolist() == [9, 9] and cache.shared_prefix.min_length == 9
+    lengths = cache.shared_prefix.lengths
     cache.share_prefix(3, 0)
     assert cache.shared_prefix is None
+    # a cycle captured while the prefix was declared still reads that tensor: it must say "none"
+    assert lengths.tolist() == [0, 0]
+    cache.share_prefixes(3, [5, 7])
+    assert cache.shared_prefix.lengths is lengths and lengths.tolist() == [5, 7]
+    cache.share_prefixes(3, [0, 0])
+    assert cache.shared_prefix is None and lengths.tolist() == [0, 0]

@@ -432,6 +432,60 @@ def test_a_run_of_the_same_shape_replays_the_kept_capture(models, warm_up_captur
     assert kept._kept is None
 
 
+@pytest.mark.parametrize("cascade", [None, True])
+def test_prompts_of_one_bucket_replay_the_kept_capture(models, device, warm_up_capture, monkeypatch, cascade):
+    """Pools are sized for a bucket of prompt lengths, so a prompt of another length in the same
+    bucket reuses the kept run and its captured cycle, and draws what a fresh engine draws. On CUDA
+    the real graph, captured over the bucket's first prompt, replays for the others: positions and
+    shared-prefix lengths are read on the device. A two-token prompt leaves the draft no shared
+    prefix; a cascade graph captured over a longer one must then find that prefix empty."""
+    from smcgen.samplers import native_setup
+
+    _, native_target, native_draft = models
+    monkeypatch.setattr(native_setup, "PROMPT_BUCKET_FLOOR", 8)  # buckets 8, 16, 32 and 55 (the context's cap)
+    for m in (native_target, native_draft):
+        monkeypatch.setattr(m, "cascade", cascade)
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=0, ess_threshold=0.9)
+
+    def engine() -> NativeSMC:
+        return NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
+
+    # (prompt length, captures so far): 13, 9 and 16 share bucket 16; 5 and 2 bucket 8; 40 and 55 the cap
+    plan = [(13, 1), (9, 1), (16, 1), (5, 2), (2, 2), (8, 2), (40, 3), (55, 3)]
+    prompts = [_prompt(n, 20 + i) for i, (n, _) in enumerate(plan)]
+    # first: a fresh engine's run drops another engine's kept one
+    fresh = [engine().run([p], on_dead="flag", seeds=[i]) for i, p in enumerate(prompts)]
+    kept = engine()
+    if device.type == "cuda":
+        captured, capture = [], kept._capture
+        monkeypatch.setattr(kept, "_capture", lambda s: captured.append(s) or capture(s))
+    else:
+        captured = warm_up_capture(kept)
+    resampled = 0
+    for i, ((n, captures), prompt, expected) in enumerate(zip(plan, prompts, fresh)):
+        got = kept.run([prompt], on_dead="flag", seeds=[i])
+        assert len(captured) == captures, (n, len(captured))
+        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.lengths, expected.lengths), n
+        torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=1e-5)
+        resampled += int(got.resampled.sum())
+    assert resampled > 0, "the check must cover resampling"
+
+
+def test_pools_sized_for_a_bucket_hold_every_prompt_in_it():
+    """The worst case of any prompt up to the bucket's length needs at most one page per row more
+    than the bucket's own (its partial last prompt page is each row's own): the slack the pools get."""
+    from smcgen.runners.native.kv_cache import PagedKVCache
+
+    for page in (1, 4, 16):
+        for rows, requests in ((4, 1), (8, 2), (1, 1)):
+            for new in (1, 9, 31):
+                for bucket in (8, 16, 64):
+                    top = PagedKVCache.pages_needed(rows, requests, bucket, bucket + new, page)
+                    for p in range(1, bucket + 1):
+                        need = PagedKVCache.pages_needed(rows, requests, p, p + new, page)
+                        assert need <= top + rows, (page, rows, requests, new, bucket, p)
+
+
 def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):
     """Without per-request seeds the groups of one length share the config's stream (the i-th
     length another key), in the order given; reproducible."""

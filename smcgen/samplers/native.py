@@ -307,7 +307,10 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
 
         # the last run's state, caches and captured cycle serve a run of the same shape (prompt
         # lengths, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture
-        shape = self._run_shape(segments) if feed is None else None
+        # pools sized for the prompts' buckets, kept or not: a traced run then draws bit for bit what
+        # an untraced one draws (the attention's key range follows the pools' width)
+        pool_lens = [self._pool_prompt_len(g.prompt_len, g.limit) for g in segments]
+        shape = self._run_shape(segments, pool_lens) if feed is None else None
         # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold);
         # another engine's goes where the new pools are sized and made (free_gpu_bytes, make_cache)
         kept, self._kept = self._kept, None
@@ -325,8 +328,14 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                 kv_t = self.target.kv_bytes_per_token()
                 kv_d = self.draft.kv_bytes_per_token()
                 share_t = kv_t / (kv_t + kv_d)
-            tcache = self._make_cache(self.target, segments, 1, share_t)
-            dcache = self._make_cache(self.draft, segments, 2, 1.0 - share_t) if self.draft is not None else None
+            try:
+                tcache, dcache = self._make_caches(segments, pool_lens, share_t, bucket=True)
+            except ValueError:
+                exact = [g.prompt_len for g in segments]
+                # the bucket's worst case does not fit: pools for these prompts only, kept under a
+                # shape no other prompt length shares
+                shape = self._run_shape(segments, exact, bucket=False) if shape is not None else None
+                tcache, dcache = self._make_caches(segments, exact, share_t, bucket=False)
             state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
         if feed is not None:
             feed.attach(state, T)
@@ -450,17 +459,21 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         """Free the kept run (:func:`smcgen.core.device_memory.release_held` calls it before free memory is read)."""
         self._kept = None
 
-    def _run_shape(self, segments: list[_Segment]) -> tuple | None:
-        """What a captured cycle fixes of a run: the batch layout, each segment's prompt length and
-        limit (the pools' sizes, the shared prefixes), the config but its seed (temperatures, alpha,
-        the resampling threshold are constants of the graph) and the models' kernel choices; not the
+    def _run_shape(self, segments: list[_Segment], pool_lens: list[int], bucket: bool = True) -> tuple | None:
+        """What a captured cycle fixes of a run: the batch layout, each segment's limit and the prompt
+        length its pools are sized for (``pool_lens``: the bucket, not the prompt's own length, or
+        with ``bucket`` False the prompt's own), the config but its seed (temperatures, alpha, the
+        resampling threshold are constants of the graph) and the models' kernel choices; not the
         seeds. None: not kept (a device potential's ``start`` may make new tensors every run)."""
         if self.device_potentials or self.end_potentials:
             return None
         models = tuple((m.cascade, m.skinny_max_rows) for m in (self.target, self.draft) if m is not None)
         config = self.config.model_dump(exclude={"seed"})
         return (
-            tuple((g.g0, g.g1, g.n_particles, g.prompt_len, g.limit) for g in segments),
+            tuple(
+                (g.g0, g.g1, g.n_particles, p if bucket else ("exact", g.prompt_len), g.limit)
+                for g, p in zip(segments, pool_lens)
+            ),
             tuple(sorted((k, repr(v)) for k, v in config.items())),
             self.cuda_graph,
             models,

@@ -17,9 +17,26 @@ from smcgen.samplers.native_state import (
     _Segment,
 )
 
+#: Pools are sized for a bucket of prompt lengths (the next power of two, at least this many
+#: tokens), so the run an engine keeps (state, pools, captured cycle) serves every later prompt of
+#: the same bucket: a new prompt length no longer pays new pools, a warm-up and a capture. Nothing
+#: in a captured cycle depends on the prompt's length but the pools' sizes and the block tables'
+#: width: positions, shared-prefix lengths and the attention's key ranges are read on the device.
+PROMPT_BUCKET_FLOOR = 64
+
 
 class RunSetup:
     """Run set-up of :class:`~smcgen.samplers.native.NativeSMC` (a mixin)."""
+
+    def _pool_prompt_len(self, prompt_len: int, limit: int) -> int:
+        """The prompt length a run's pools are sized for: ``prompt_len``'s bucket (see
+        ``PROMPT_BUCKET_FLOOR``), capped where a longer prompt would not fit the context."""
+        bucket = max(PROMPT_BUCKET_FLOOR, 1 << (prompt_len - 1).bit_length())
+        context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
+        T = self.block + 1
+        # the longest prompt with this limit (unsupported_reason's two bounds)
+        longest = min(context - limit, context + 1 - -(-limit // T) * T)
+        return max(prompt_len, min(bucket, longest))
 
     def _positions_written(self, prompt_len: int, max_new_tokens: int | None = None) -> int:
         """Positions the target's cache of a row holds at the end: all but the last token of the
@@ -31,12 +48,24 @@ class RunSetup:
 
     # ------------------------------------------------------------------------------ setup
 
-    def _make_cache(self, model: NativeCausalLM, segments: list[_Segment], lag: int, share: float) -> PagedKVCache:
-        """A cache sized for the worst case of these segments (their needs add up); on CUDA checked
-        against free memory. ``lag``: how many fewer prompt tokens this model's cache holds (the
-        target 1, the draft 2)."""
-        lengths = [self._positions_written(g.prompt_len, g.limit) for g in segments]
+    def _make_cache(
+        self,
+        model: NativeCausalLM,
+        segments: list[_Segment],
+        pool_lens: list[int],
+        lag: int,
+        share: float,
+        bucket: bool,
+    ) -> PagedKVCache:
+        """A cache sized for the worst case of these segments (their needs add up) with prompts of
+        ``pool_lens`` tokens (one per segment, each at least its prompt's length), or with ``bucket``
+        of any length up to those; on CUDA checked against free memory. ``lag``: how many fewer
+        prompt tokens this model's cache holds (the target 1, the draft 2)."""
+        lengths = [self._positions_written(p, g.limit) for g, p in zip(segments, pool_lens)]
         max_pages = -(-max(lengths) // self.page_size)
+        # a prompt shorter than the one the pool is sized for needs at most one more page per row (its
+        # partial last prompt page is each row's own): with it the sizing covers the whole bucket
+        slack = [g.n_rows if bucket else 0 for g in segments]
         available, where = 1 << 62, "in the pool"
         if self.device.type == "cuda":
             free = free_gpu_bytes(self.device)
@@ -49,14 +78,20 @@ class RunSetup:
         N = self.config.n_particles
         if len(segments) == 1:
             g = segments[0]
-            needed = PagedKVCache.check_budget(
-                g.n_rows, g.n_groups, max(g.prompt_len - lag, 1), lengths[0], self.page_size, available, where
+            needed = slack[0] + PagedKVCache.check_budget(
+                g.n_rows,
+                g.n_groups,
+                max(pool_lens[0] - lag, 1),
+                lengths[0],
+                self.page_size,
+                available - slack[0],
+                where,
             )
         else:
             # each segment's worst case, summed (a segment's prompt pages are shared only inside it)
             needed = sum(
-                PagedKVCache.pages_needed(g.n_rows, g.n_groups, max(g.prompt_len - lag, 1), n, self.page_size)
-                for g, n in zip(segments, lengths)
+                PagedKVCache.pages_needed(g.n_rows, g.n_groups, max(p - lag, 1), n, self.page_size) + extra
+                for g, p, n, extra in zip(segments, pool_lens, lengths, slack)
             )
             if needed > available:
                 raise ValueError(
@@ -68,6 +103,16 @@ class RunSetup:
                 )
         n_rows = sum(g.n_rows for g in segments)
         return model.make_cache(needed, n_rows, max_pages, self.page_size)
+
+    def _make_caches(
+        self, segments: list[_Segment], pool_lens: list[int], share_t: float, bucket: bool
+    ) -> tuple[PagedKVCache, PagedKVCache | None]:
+        """The target's and the draft's caches (:meth:`_make_cache`); ``share_t``: the target's share of
+        the memory (by the two models' KV bytes per token)."""
+        tcache = self._make_cache(self.target, segments, pool_lens, 1, share_t, bucket)
+        if self.draft is None:
+            return tcache, None
+        return tcache, self._make_cache(self.draft, segments, pool_lens, 2, 1.0 - share_t, bucket)
 
     # -------------------------------------------------------------------------------- run
 

@@ -186,7 +186,7 @@ class PagedKVCache:
         so cascade attention may read them once from the group's first row. ``length`` 0 clears it.
         """
         if length <= 0:
-            self.shared_prefix = None
+            self._clear_prefix()
             return
         if group < 1 or self.n_rows % group:
             raise ValueError(f"share_prefix: group must divide the cache's {self.n_rows} rows, got {group}")
@@ -207,7 +207,7 @@ class PagedKVCache:
                 f"share_prefixes: length {max(lengths)} is past a row's {self.max_pages * self.page_size} slots"
             )
         if max(lengths) <= 0:
-            self.shared_prefix = None
+            self._clear_prefix()
             return
         host = torch.tensor([max(0, int(n)) for n in lengths], dtype=torch.int32)
         # one lengths tensor per cache, written in place: a cycle captured over an earlier run of
@@ -216,6 +216,14 @@ class PagedKVCache:
             self._prefix_lengths = torch.empty_like(host, device=self.device)
         self._prefix_lengths.copy_(host)
         self.shared_prefix = SharedPrefix(group, self._prefix_lengths, max(0, min(int(n) for n in lengths)))
+
+    def _clear_prefix(self) -> None:
+        """No shared prefix. A cycle captured over an earlier run that declared one still reads its
+        lengths tensor (a kept run serves prompts of several lengths): zero it, so that cycle's
+        cascade attention finds nothing shared and attends to each row's own keys."""
+        self.shared_prefix = None
+        if self._prefix_lengths is not None:
+            self._prefix_lengths.zero_()
 
     def rows(self, start: int, stop: int) -> PagedKVCache:
         """A view of rows ``start:stop`` that shares the pool and bookkeeping with this cache.
