@@ -125,6 +125,10 @@ def test_the_native_engine_drafts_with_the_int8_copy_of_a_marked_draft(target):
         return [k for k, t in native.state_dict().items() if isinstance(t, torch.Tensor) and t.dtype == torch.int8]
 
     assert int8_tensors(copies["int8"]) and not int8_tensors(copies[None])
+    # the fp32 target's copy stays fp32; its quantized copy, a draft's, computes in bf16 (tensor cores
+    # on a GPU, where fp32 activations would make every dot an IEEE fp32 FMA loop)
+    assert next(target.model.parameters()).dtype == torch.float32
+    assert copies[None].dtype == torch.float32 and copies["int8"].dtype == torch.bfloat16
 
 
 def test_a_dtype_copy_keeps_the_native_mark(target):

@@ -17,6 +17,13 @@ from smcgen.runners.transformers import LanguageModel
 _NATIVE_COPIES: weakref.WeakKeyDictionary[Any, dict[str | None, NativeCausalLM]] = weakref.WeakKeyDictionary()
 
 
+#: the activations' dtype of a quantized copy of an fp32 model (the GPU ``self-int8`` draft of an
+#: fp32 target). The kernels meet one-byte weights in the activations' dtype: fp32 activations make
+#: every dot an IEEE fp32 loop of FMAs, bf16 ones run on the tensor cores. A draft needs no fp32
+#: (SMC weighs its proposals by its own probabilities), and the CPU self-int8 draft runs in bf16 too.
+QUANTIZED_DTYPE = torch.bfloat16
+
+
 def native_model(lm: LanguageModel, fmt: str | None = None) -> NativeCausalLM:
     """The native runner for ``lm``'s transformers model, converted once and cached.
 
@@ -24,13 +31,16 @@ def native_model(lm: LanguageModel, fmt: str | None = None) -> NativeCausalLM:
     memory again while the transformers model is alive. The copy is keyed by the model object and
     taken once: after changing that model's weights, device or dtype in place, call
     ``forget_native_copies()`` (or pass a new model object). ``fmt`` ('int8' / 'fp8'): a separate
-    copy whose default layers (``NativeCausalLM.FP8_DEFAULT``) are quantized to that weight-only format.
+    copy whose default layers (``NativeCausalLM.FP8_DEFAULT``) are quantized to that weight-only
+    format, with bf16 activations when the model is in fp32 (a draft's, see ``QUANTIZED_DTYPE``).
     """
     model = lm.model
     copies = _NATIVE_COPIES.setdefault(model, {})
     native = copies.get(fmt)
     if native is None:
-        native = NativeCausalLM.from_hf(model).eval()
+        loaded = next(model.parameters()).dtype
+        dtype = QUANTIZED_DTYPE if fmt is not None and loaded == torch.float32 else None
+        native = NativeCausalLM.from_hf(model, dtype=dtype).eval()
         if fmt is not None:
             native.quantize_weights(fmt)
         copies[fmt] = native
