@@ -146,7 +146,8 @@ def answer_each(
         t0 = time.perf_counter()
         res = smcgen.generate(target, prompt, seed=seed0 + i, **kw)
         wall = time.perf_counter() - t0
-        timing = _native_timing(target, kw) if res.engine == "native" else {}
+        # (standard SD has no NativeSMC: the engine's last one would be another row's)
+        timing = _native_timing(target, kw) if res.engine == "native" and kw.get("method") != "sd" else {}
         ids = list(res.token_ids)
         lp = target_logprobs(target, prompt, [ids], tau)[0]
         particles = kw.get("n_particles", 1) > 1
@@ -159,7 +160,8 @@ def answer_each(
                 "ess": res.mean_ess_fraction if particles else None,
                 "engine": res.engine,
                 "wall_s": wall,
-                # the native engine's split of this call (prefill, capture = pools + warm-up + graph)
+                # the native engine's split of this call: prefill_s also holds new KV pools and run
+                # state, capture_s the warm-up cycle and the graph capture
                 "prefill_s": timing.get("prefill_s"),
                 "capture_s": timing.get("capture_s"),
                 "decode_s": timing.get("decode_s"),

@@ -131,8 +131,8 @@ def main() -> None:
         r["gap_se"] = gap
         r["off_by_2se"] = off_by(r, rows[0]) if r is not rows[0] else []
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "–"
-        # pools, warm-up and graph capture of each call (native engine only): a new prompt length
-        # cannot replay the last call's graph
+        # the warm-up cycle and graph capture of each call (native engine only; new pools count in
+        # its prefill): a prompt in another length bucket cannot replay the last call's graph
         cap = f"{r['capture_s'] / len(prompts):.3f}" if r["capture_s"] is not None else "–"
         lines.append(
             f"| {r['name']} | {r['engine']} | {ll:.3f} ± {se:.3f} | {gap:+.1f} | {r['stop_rate'][0]:.2f} "

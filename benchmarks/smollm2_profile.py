@@ -36,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 import smcgen
 from smcgen.api import cached_engine, load_draft
 from smcgen.cli import DEFAULT_PROMPT
+from smcgen.samplers import native_select
 
 
 def kernel_table(prof, cycles: int, top: int) -> tuple[float, int, list[dict]]:
@@ -69,11 +70,27 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per configuration")
     add_target_dtype(ap)
+    ap.add_argument(
+        "--quantized-draft-dtype",
+        choices=["bfloat16", "as-loaded"],
+        default="bfloat16",
+        help="activations of the native int8 draft copy of an fp32 model (the library's default: bfloat16)",
+    )
+    ap.add_argument(
+        "--target-skinny-rows",
+        type=int,
+        default=None,
+        help="the native target's skinny_max_rows (default: the model's own; 0: every target layer on cuBLAS)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
+    if args.quantized_draft_dtype == "as-loaded":  # the earlier behaviour, for a side-by-side measurement
+        native_select.QUANTIZED_DTYPE = None
 
     target = load_target(args.device, args.target_dtype, [args.draft])
     draft = load_draft(args.draft, target, args.device)
+    if args.target_skinny_rows is not None:  # the target's cached native copy, which every engine uses
+        native_select.native_model(target).skinny_max_rows = args.target_skinny_rows
     prompt = [{"role": "user", "content": DEFAULT_PROMPT}]
     common = {
         "max_new_tokens": args.max_new_tokens,
@@ -111,6 +128,7 @@ def main() -> None:
             "engine": res.engine,
             "tokens": tokens,
             "tokens_per_s": tokens / wall,
+            "mean_ess_over_n": res.mean_ess_fraction if setting is not None else None,
             "timing": timing,
             "decode_ms_per_cycle": 1e3 * timing["decode_s"] / cycles if cycles else None,
             "decode_ms_per_token": 1e3 * timing["decode_s"] / tokens if cycles and tokens else None,
@@ -129,7 +147,17 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"),
-            **{k: getattr(args, k) for k in ("draft", "target_dtype", "max_new_tokens", "temperature")},
+            **{
+                k: getattr(args, k)
+                for k in (
+                    "draft",
+                    "target_dtype",
+                    "quantized_draft_dtype",
+                    "target_skinny_rows",
+                    "max_new_tokens",
+                    "temperature",
+                )
+            },
         }
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "smollm2_profile.json").write_text(json.dumps({"meta": meta, "rows": report}, indent=1))
