@@ -450,8 +450,9 @@ def test_prompts_of_one_bucket_replay_the_kept_capture(models, device, warm_up_c
     def engine() -> NativeSMC:
         return NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
 
-    # (prompt length, captures so far): 13, 9 and 16 share bucket 16; 5 and 2 bucket 8; 40 and 55 the cap
-    plan = [(13, 1), (9, 1), (16, 1), (5, 2), (2, 2), (8, 2), (40, 3), (55, 3)]
+    # (prompt length, captures so far): 13, 9 and 16 share bucket 16; 5, 2 and 8 bucket 8; 20 and 32
+    # bucket 32; 40 and 55 the cap
+    plan = [(13, 1), (9, 1), (16, 1), (5, 2), (2, 2), (8, 2), (20, 3), (32, 3), (40, 4), (55, 4)]
     prompts = [_prompt(n, 20 + i) for i, (n, _) in enumerate(plan)]
     # first: a fresh engine's run drops another engine's kept one
     fresh = [engine().run([p], on_dead="flag", seeds=[i]) for i, p in enumerate(prompts)]
@@ -469,6 +470,40 @@ def test_prompts_of_one_bucket_replay_the_kept_capture(models, device, warm_up_c
         torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=1e-5)
         resampled += int(got.resampled.sum())
     assert resampled > 0, "the check must cover resampling"
+
+
+def test_a_run_sized_for_its_own_prompt_replays_for_that_length(models, warm_up_capture, monkeypatch):
+    """When a bucket's worst case does not fit, the pools are sized for the prompts themselves and
+    kept under their exact lengths: the same length replays (without trying the bucket again) and
+    draws what a fresh engine draws; another length of the bucket sizes and captures anew."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=9, seed=0, ess_threshold=0.9)
+    tried = []
+
+    def engine() -> NativeSMC:
+        e = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
+        make = e._make_caches
+
+        def tight(segments, pool_lens, share_t, bucket):
+            tried.append(bucket)
+            if bucket:
+                raise ValueError("KV cache too small (this test's bucket never fits)")
+            return make(segments, pool_lens, share_t, bucket)
+
+        monkeypatch.setattr(e, "_make_caches", tight)
+        return e
+
+    prompts = [_prompt(13, 40), _prompt(13, 41), _prompt(9, 42)]
+    fresh = [engine().run([p], on_dead="flag", seeds=[i]) for i, p in enumerate(prompts)]
+    kept = engine()
+    captured = warm_up_capture(kept)
+    tried.clear()
+    for i, (prompt, captures, attempts) in enumerate(zip(prompts, (1, 1, 2), ([True, False], [], [True, False]))):
+        got = kept.run([prompt], on_dead="flag", seeds=[i])
+        assert len(captured) == captures and tried == attempts, (i, len(captured), tried)
+        tried.clear()
+        assert torch.equal(got.tokens, fresh[i].tokens) and torch.equal(got.lengths, fresh[i].lengths)
+        torch.testing.assert_close(got.log_weights, fresh[i].log_weights, rtol=0, atol=0)
 
 
 def test_pools_sized_for_a_bucket_hold_every_prompt_in_it():

@@ -305,16 +305,20 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         dev = self.device
         t_start = time.perf_counter()
 
-        # the last run's state, caches and captured cycle serve a run of the same shape (prompt
-        # lengths, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture
-        # pools sized for the prompts' buckets, kept or not: a traced run then draws bit for bit what
-        # an untraced one draws (the attention's key range follows the pools' width)
+        # the last run's state, caches and captured cycle serve a run of the same shape (prompt-length
+        # buckets, limits, batch layout; seeds may differ): no new pools, no warm-up, no capture.
+        # Pools are sized for the prompts' buckets, kept or not: a traced run then draws bit for bit
+        # what an untraced one draws (the attention's key range follows the pools' width)
         pool_lens = [self._pool_prompt_len(g.prompt_len, g.limit) for g in segments]
+        exact = [g.prompt_len for g in segments]
         shape = self._run_shape(segments, pool_lens) if feed is None else None
+        # a run kept with pools for its exact prompt lengths (its bucket did not fit) serves those lengths
+        exact_shape = self._run_shape(segments, exact, bucket=False) if shape is not None else None
         # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold);
         # another engine's goes where the new pools are sized and made (free_gpu_bytes, make_cache)
         kept, self._kept = self._kept, None
-        if kept is not None and kept[0] == shape:
+        if kept is not None and shape is not None and kept[0] in (shape, exact_shape):
+            shape = kept[0]
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
             for cache in (tcache, dcache):
@@ -331,10 +335,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             try:
                 tcache, dcache = self._make_caches(segments, pool_lens, share_t, bucket=True)
             except ValueError:
-                exact = [g.prompt_len for g in segments]
                 # the bucket's worst case does not fit: pools for these prompts only, kept under a
-                # shape no other prompt length shares
-                shape = self._run_shape(segments, exact, bucket=False) if shape is not None else None
+                # shape only these prompt lengths share
+                shape = exact_shape
                 tcache, dcache = self._make_caches(segments, exact, share_t, bucket=False)
             state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
         if feed is not None:
