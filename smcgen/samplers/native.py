@@ -312,8 +312,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         pool_lens = [self._pool_prompt_len(g.prompt_len, g.limit) for g in segments]
         exact = [g.prompt_len for g in segments]
         shape = self._run_shape(segments, pool_lens) if feed is None else None
-        # a run kept with pools for its exact prompt lengths (its bucket did not fit) serves those lengths
-        exact_shape = self._run_shape(segments, exact, bucket=False) if shape is not None else None
+        # pools sized for these exact prompt lengths (kept when their buckets did not fit) serve them too
+        exact_shape = self._run_shape(segments, exact) if shape is not None else None
         # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold);
         # another engine's goes where the new pools are sized and made (free_gpu_bytes, make_cache)
         kept, self._kept = self._kept, None
@@ -333,12 +333,11 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                 kv_d = self.draft.kv_bytes_per_token()
                 share_t = kv_t / (kv_t + kv_d)
             try:
-                tcache, dcache = self._make_caches(segments, pool_lens, share_t, bucket=True)
+                tcache, dcache = self._make_caches(segments, pool_lens, share_t)
             except ValueError:
-                # the bucket's worst case does not fit: pools for these prompts only, kept under a
-                # shape only these prompt lengths share
+                # the buckets' worst case does not fit: pools sized for these prompts, kept as such
                 shape = exact_shape
-                tcache, dcache = self._make_caches(segments, exact, share_t, bucket=False)
+                tcache, dcache = self._make_caches(segments, exact, share_t)
             state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
         if feed is not None:
             feed.attach(state, T)
@@ -462,21 +461,19 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         """Free the kept run (:func:`smcgen.core.device_memory.release_held` calls it before free memory is read)."""
         self._kept = None
 
-    def _run_shape(self, segments: list[_Segment], pool_lens: list[int], bucket: bool = True) -> tuple | None:
+    def _run_shape(self, segments: list[_Segment], pool_lens: list[int]) -> tuple | None:
         """What a captured cycle fixes of a run: the batch layout, each segment's limit and the prompt
-        length its pools are sized for (``pool_lens``: the bucket, not the prompt's own length, or
-        with ``bucket`` False the prompt's own), the config but its seed (temperatures, alpha, the
-        resampling threshold are constants of the graph) and the models' kernel choices; not the
-        seeds. None: not kept (a device potential's ``start`` may make new tensors every run)."""
+        length its pools are sized for (``pool_lens``: its bucket, or its own length when the bucket
+        did not fit; the pools then serve any prompt up to it), the config but its seed
+        (temperatures, alpha, the resampling threshold are constants of the graph) and the models'
+        kernel choices; not the seeds. None: not kept (a device potential's ``start`` may make new
+        tensors every run)."""
         if self.device_potentials or self.end_potentials:
             return None
         models = tuple((m.cascade, m.skinny_max_rows) for m in (self.target, self.draft) if m is not None)
         config = self.config.model_dump(exclude={"seed"})
         return (
-            tuple(
-                (g.g0, g.g1, g.n_particles, p if bucket else ("exact", g.prompt_len), g.limit)
-                for g, p in zip(segments, pool_lens)
-            ),
+            tuple((g.g0, g.g1, g.n_particles, p, g.limit) for g, p in zip(segments, pool_lens)),
             tuple(sorted((k, repr(v)) for k, v in config.items())),
             self.cuda_graph,
             models,

@@ -49,23 +49,17 @@ class RunSetup:
     # ------------------------------------------------------------------------------ setup
 
     def _make_cache(
-        self,
-        model: NativeCausalLM,
-        segments: list[_Segment],
-        pool_lens: list[int],
-        lag: int,
-        share: float,
-        bucket: bool,
+        self, model: NativeCausalLM, segments: list[_Segment], pool_lens: list[int], lag: int, share: float
     ) -> PagedKVCache:
         """A cache sized for the worst case of these segments (their needs add up) with prompts of
-        ``pool_lens`` tokens (one per segment, each at least its prompt's length), or with ``bucket``
-        of any length up to those; on CUDA checked against free memory. ``lag``: how many fewer
-        prompt tokens this model's cache holds (the target 1, the draft 2)."""
+        any length up to ``pool_lens`` (one per segment, each at least its prompt's length); on CUDA
+        checked against free memory. ``lag``: how many fewer prompt tokens this model's cache holds
+        (the target 1, the draft 2)."""
         lengths = [self._positions_written(p, g.limit) for g, p in zip(segments, pool_lens)]
         max_pages = -(-max(lengths) // self.page_size)
         # a prompt shorter than the one the pool is sized for needs at most one more page per row (its
-        # partial last prompt page is each row's own): with it the sizing covers the whole bucket
-        slack = [g.n_rows if bucket else 0 for g in segments]
+        # partial last prompt page is each row's own): with it the sizing covers every shorter prompt
+        slack = [g.n_rows for g in segments]
         available, where = 1 << 62, "in the pool"
         if self.device.type == "cuda":
             free = free_gpu_bytes(self.device)
@@ -105,14 +99,14 @@ class RunSetup:
         return model.make_cache(needed, n_rows, max_pages, self.page_size)
 
     def _make_caches(
-        self, segments: list[_Segment], pool_lens: list[int], share_t: float, bucket: bool
+        self, segments: list[_Segment], pool_lens: list[int], share_t: float
     ) -> tuple[PagedKVCache, PagedKVCache | None]:
         """The target's and the draft's caches (:meth:`_make_cache`); ``share_t``: the target's share of
         the memory (by the two models' KV bytes per token)."""
-        tcache = self._make_cache(self.target, segments, pool_lens, 1, share_t, bucket)
+        tcache = self._make_cache(self.target, segments, pool_lens, 1, share_t)
         if self.draft is None:
             return tcache, None
-        return tcache, self._make_cache(self.draft, segments, pool_lens, 2, 1.0 - share_t, bucket)
+        return tcache, self._make_cache(self.draft, segments, pool_lens, 2, 1.0 - share_t)
 
     # -------------------------------------------------------------------------------- run
 
