@@ -146,8 +146,7 @@ def answer_each(
         t0 = time.perf_counter()
         res = smcgen.generate(target, prompt, seed=seed0 + i, **kw)
         wall = time.perf_counter() - t0
-        # (standard SD has no NativeSMC: the engine's last one would be another row's)
-        timing = _native_timing(target, kw) if res.engine == "native" and kw.get("method") != "sd" else {}
+        timing = native_timing(target, res, kw)
         ids = list(res.token_ids)
         lp = target_logprobs(target, prompt, [ids], tau)[0]
         particles = kw.get("n_particles", 1) > 1
@@ -170,8 +169,12 @@ def answer_each(
     return rows
 
 
-def _native_timing(target, kw: dict) -> dict:
-    """The last call's ``last_timing`` when the native engine ran it, else {}."""
+def native_timing(target, res, kw: dict) -> dict:
+    """``last_timing`` of the NativeSMC that ran the call ``generate(target, ..., **kw)`` returning
+    ``res``: prefill, capture and decode seconds, cycles; {} when no NativeSMC ran it (the generic
+    engine, or standard SD, whose engine's last NativeSMC would be another call's)."""
+    if res.engine != "native" or kw.get("method") == "sd":
+        return {}
     used = smcgen.api.cached_engine(target, draft=kw.get("draft"), engine=kw.get("engine", "auto"))
     native = getattr(used, "_native", None)
     return dict(native.most_recent().last_timing) if native is not None and len(native) else {}

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 from embedded_pair import add_target_dtype, load_target, parse_configs
+from fidelity import native_timing
 from torch.profiler import ProfilerActivity, profile
 
 import smcgen
-from smcgen.api import cached_engine, load_draft
+from smcgen.api import load_draft
 from smcgen.cli import DEFAULT_PROMPT
 from smcgen.samplers import native_select
 
@@ -113,9 +114,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = smcgen.generate(target, prompt, **common, **kw)
         wall = time.perf_counter() - t0
-        used = cached_engine(target, draft=kw.get("draft"), engine=common["engine"])
-        native = getattr(used, "_native", None)
-        timing = dict(native.most_recent().last_timing) if native is not None and len(native) else {}
+        timing = native_timing(target, res, {**common, **kw})
         cycles = int(timing.get("cycles", 0))
         with profile(activities=activities) as prof:
             smcgen.generate(target, prompt, **common, **kw)
