@@ -21,8 +21,7 @@ MAIN_JOB = (2, 8)
 def main_job_draft(draft: str) -> str:
     """The draft ``--draft auto`` stands for: the target's own weights in int8 (``self-int8``) on
     every device. It is the one embedded draft whose answers match the target's within noise (CPU
-    and H100, 200 prompts); the shipped 2-layer draft is faster on a GPU but its text leans toward
-    the draft's."""
+    and H100, 200 prompts); the shipped 2-layer draft's text leans toward the draft's."""
     if draft != "auto":
         return draft
     from smcgen.models.self_draft import SELF_INT8_DRAFT
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         default="auto",
         help="draft model name or path; 'none' for plain SMC; 'self-int8': the target with int8 weights; 'auto' "
-        "(default): self-int8; 'smollm2-135m-draft': the shipped 2-layer draft (faster on a GPU, text leans to it)",
+        "(default): self-int8; 'smollm2-135m-draft': the shipped 2-layer draft (its text leans toward the draft's)",
     )
     p.add_argument(
         "--draft-dtype",
