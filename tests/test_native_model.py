@@ -401,6 +401,7 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     plan = linear_mod.skinny_plan
     monkeypatch.setattr(linear_mod, "SWAP_AB", swap)
     monkeypatch.setattr(native, "skinny_qkv", skinny_qkv)
+    monkeypatch.setattr(native, "skinny_max_rows", 16)  # an fp32 model's own default is cuBLAS
     import smcgen.kernels.qkv_rope as qkv_rope_mod
 
     monkeypatch.setattr(native, "fused_qkv_rope", fused_rope)

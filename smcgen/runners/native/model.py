@@ -79,8 +79,11 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         self.kv_size = cfg.n_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         #: batches of at most this many token rows run the fused skinny GEMM kernel on CUDA
-        #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two)
-        self.skinny_max_rows = 16
+        #: (kernels.linear); 0 sends every batch through cuBLAS (benchmarks compare the two). fp32
+        #: models start at 0: the kernel's fp32 dots are IEEE FMA loops, and an fp32 SmolLM2-135M
+        #: decoded 131 tok/s with them against 617 on cuBLAS (H100, BENCHMARKS.md). Quantized layers
+        #: stream in the skinny kernel whatever this says.
+        self.skinny_max_rows = 0 if dtype == torch.float32 else 16
         #: whether decode-sized batches also run the QKV projection / the LM head in the skinny
         #: kernel (o, gate_up and down always do). With the swapped operand order (SWAP_AB) the
         #: head streamed 5-9% faster there than on cuBLAS and QKV as fast, and with both there a
