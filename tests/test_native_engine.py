@@ -466,6 +466,9 @@ def test_prompts_of_one_bucket_replay_the_kept_capture(models, device, warm_up_c
     for i, ((n, captures), prompt, expected) in enumerate(zip(plan, prompts, fresh)):
         got = kept.run([prompt], on_dead="flag", seeds=[i])
         assert len(captured) == captures, (n, len(captured))
+        if device.type == "cuda" and i > 0 and captures == plan[i - 1][1]:
+            # a prompt of the kept bucket: the prefill, padded to it, replays the graph its second use recorded
+            assert kept._kept[1].padded_prefill.graph is not None, n
         assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.lengths, expected.lengths), n
         torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=1e-5)
         resampled += int(got.resampled.sum())
@@ -507,9 +510,52 @@ def test_a_run_sized_for_its_own_prompt_replays_for_that_length(models, warm_up_
         torch.testing.assert_close(got.log_weights, fresh[i].log_weights, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("with_draft", [True, False])
+def test_prompts_padded_to_their_pools_draw_what_unpadded_ones_draw(models, warm_up_capture, monkeypatch, with_draft):
+    """A prefill padded to the pools' length (what lets one CUDA graph serve a bucket) writes the
+    prompt's keys and values as the unpadded one does: the pads sit past the prompt, attention is
+    causal, and the cycles overwrite their positions before reading them. Same tokens and weights
+    for prompts of every length in a bucket, batches of several lengths included; limits short
+    enough that the pads' pages outlast the run's own (the pools, sized for the bucket plus a page
+    of slack a row, hold them: an overrun would raise). A kept run reuses its padded buffers."""
+    from smcgen.samplers import native_setup
+
+    _, native_target, native_draft = models
+    draft = native_draft if with_draft else None
+    monkeypatch.setattr(native_setup, "PROMPT_BUCKET_FLOOR", 16)
+    resampled = 0
+    for limit in (2, 9):
+        cfg = SMCConfig(n_particles=4, block_size=2, max_new_tokens=limit, seed=0, ess_threshold=0.9)
+
+        def engine(pad: bool, cfg: SMCConfig = cfg) -> NativeSMC:
+            e = NativeSMC(native_target, cfg, draft=draft, eos_token_ids=(EOS,), page_size=4)
+            e.pad_prefill = pad
+            return e
+
+        kept = engine(True)
+        warm_up_capture(kept)
+        batches = [[_prompt(n, n)] for n in (2, 3, 7, 13, 16)] + [[_prompt(5, 1), _prompt(11, 2), _prompt(5, 3)]]
+        for i, prompts in enumerate(batches):
+            seeds = list(range(i, i + len(prompts)))
+            plain = engine(False).run(prompts, on_dead="flag", seeds=seeds)
+            for e in (engine(True), kept):
+                got = e.run(prompts, on_dead="flag", seeds=seeds)
+                assert torch.equal(got.tokens, plain.tokens) and torch.equal(got.lengths, plain.lengths), (limit, i)
+                torch.testing.assert_close(got.log_weights, plain.log_weights, rtol=0, atol=1e-5)
+            resampled += int(plain.resampled.sum())
+        buffers = kept._kept[1].padded_prefill
+        assert buffers is not None and buffers.pool_lens == [16, 16, 16]
+        again = kept.run(batches[-1], on_dead="flag", seeds=[9, 8, 7])
+        assert kept._kept[1].padded_prefill is buffers and not bool(again.dead.any())
+    # (plain SMC with no potential proposes from the target: equal weights, nothing to resample)
+    assert resampled > 0 or draft is None, "the check must cover resampling"
+
+
 def test_pools_sized_for_a_bucket_hold_every_prompt_in_it():
     """The worst case of any prompt up to the bucket's length needs at most one page per row more
-    than the bucket's own (its partial last prompt page is each row's own): the slack the pools get."""
+    than the bucket's own (its partial last prompt page is each row's own): the slack the pools get.
+    Padded to the bucket (samplers/native_prefill.py), each request's prefilled row also holds the
+    pads' pages, past what its own run reaches when the run is short: still within the slack."""
     from smcgen.runners.native.kv_cache import PagedKVCache
 
     for page in (1, 4, 16):
@@ -520,6 +566,8 @@ def test_pools_sized_for_a_bucket_hold_every_prompt_in_it():
                     for p in range(1, bucket + 1):
                         need = PagedKVCache.pages_needed(rows, requests, p, p + new, page)
                         assert need <= top + rows, (page, rows, requests, new, bucket, p)
+                        pads = requests * max(0, -(-bucket // page) - -(-(p + new) // page))
+                        assert need + pads <= top + rows, (page, rows, requests, new, bucket, p)
 
 
 def test_mixed_lengths_without_seeds_share_a_stream_per_length(models):

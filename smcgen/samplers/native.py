@@ -191,6 +191,10 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         self._sources = ["the target model's logits", "the draft model's logits"] + [
             f"potential {p.name}" for p in self.device_potentials
         ]
+        #: pad every prompt to the length its pools are sized for, so that one CUDA graph of the
+        #: prefill serves the whole bucket (samplers/native_prefill.py). None (default): where the
+        #: cycle is captured on CUDA and the padded prompts are short; True / False: always / never
+        self.pad_prefill: bool | None = None
         #: the host enqueues cycle c + 1 before it reads cycle c's all-done flag, so the GPU never
         #: waits on the host between cycles; when every particle finished in cycle c, cycle c + 1
         #: runs without effect. None (default): on CUDA only (on the CPU a cycle runs as it is
@@ -321,6 +325,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             shape = kept[0]
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
+            pool_lens = state.pool_lens
             for cache in (tcache, dcache):
                 if cache is not None:
                     cache.reset()
@@ -336,15 +341,17 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                 tcache, dcache = self._make_caches(segments, pool_lens, share_t)
             except ValueError:
                 # the buckets' worst case does not fit: pools sized for these prompts, kept as such
-                shape = exact_shape
+                shape, pool_lens = exact_shape, exact
                 tcache, dcache = self._make_caches(segments, exact, share_t)
             state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
+            state.pool_lens = pool_lens
         if feed is not None:
             feed.attach(state, T)
         if self.potential is not None:
             self.potential.start(prompts[0], state.R)
         self._start_potentials(state, prompts)
-        self._prefill(state, prompts)
+        # a kept run's prefill is recorded on its second use, once its kernels ran (Triton compiled)
+        self._prefill(state, prompts, pool_lens, capture=kept is not None)
         _sync(dev)
         t_prefill = time.perf_counter()
 

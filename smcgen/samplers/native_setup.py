@@ -12,6 +12,7 @@ import torch
 from smcgen.core.device_memory import free_gpu_bytes
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
+from smcgen.samplers.native_prefill import PREFILL_GRAPH_MAX_TOKENS, PaddedPrefill, prefill_rows
 from smcgen.samplers.native_state import (
     _CycleState,
     _Segment,
@@ -155,17 +156,38 @@ class RunSetup:
             g0 += len(idx)
         return order, segments
 
-    def _prefill(self, s: _CycleState, prompts: list[list[int]]) -> None:
+    def _pads_prefill(self, segments: list[_Segment], pool_lens: list[int]) -> bool:
+        """Whether a run pads its prompts to ``pool_lens`` (samplers/native_prefill.py):
+        ``pad_prefill`` when set, else where its cycle is captured on CUDA and the padded prompts
+        take at most ``PREFILL_GRAPH_MAX_TOKENS``."""
+        if self.pad_prefill is not None:
+            return bool(self.pad_prefill)
+        padded = sum(g.n_groups * n for g, n in zip(segments, pool_lens))
+        return self.cuda_graph and self.device.type == "cuda" and padded <= PREFILL_GRAPH_MAX_TOKENS
+
+    def _prefill(
+        self, s: _CycleState, prompts: list[list[int]], pool_lens: list[int] | None = None, capture: bool = False
+    ) -> None:
         """Prefill every segment's prompts (one batched forward per segment, each prompt into its
         own pages) and share each prompt's pages with its group.
 
         A segment's B prompts go into its first B rows (a ``rows`` view of the cache); one resample
         of the segment's rows then makes row b*N + i a copy of row b: full pages shared, partial
-        last page copied.
+        last page copied. With ``pool_lens`` (the prompt lengths the pools are sized for) the
+        prompts may be padded to them (``_pads_prefill``), and a kept run's second use records
+        that prefill as a CUDA graph (``capture``, on CUDA) which later runs replay.
         """
         N = self.config.n_particles
-        for i, g in enumerate(s.segments):
-            self._prefill_segment(s, i, prompts[g.g0 : g.g1])
+        if pool_lens is not None and self._pads_prefill(s.segments, pool_lens):
+            padded = s.padded_prefill
+            if padded is None or padded.pool_lens != pool_lens:
+                padded = s.padded_prefill = PaddedPrefill(self, s, pool_lens)
+            padded.run(self, s, prompts, capture and self.device.type == "cuda")
+            for i, g in enumerate(s.segments):
+                self._set_pending(s, i, padded.ids[i], g.prompt_len)
+        else:
+            for i, g in enumerate(s.segments):
+                self._prefill_segment(s, i, prompts[g.g0 : g.g1])
         # each group's rows now hold the same prompt K/V (resampling stays inside a group): cascade
         # attention may read it once per request (NativeCausalLM.cascade), each at its own length
         for cache, unfed in ((s.tcache, 1), (s.dcache, 2)):
@@ -179,20 +201,21 @@ class RunSetup:
         dev = self.device
         g = s.segments[i]
         P = len(prompts[0])
-        tail = 2 if self.draft is not None else 1
         ids = torch.tensor(prompts, dtype=torch.long, device=dev)
         owner = torch.arange(g.n_groups, device=dev).repeat_interleave(N)
+        zero = torch.zeros(g.n_groups, dtype=torch.int32, device=dev)
         for model, cache, n_fed in ((self.target, s.tcache, P - 1), (self.draft, s.dcache, P - 2)):
             if model is None or cache is None or n_fed == 0:
                 continue
-            view = cache.rows(g.r0, g.r0 + g.n_groups)
-            view.reserve(n_fed)
-            zero = torch.zeros(g.n_groups, dtype=torch.int32, device=dev)
-            # max_keys: the prompt's length, not the page table's capacity, sizes the KV splits (request
-            # slots size their tables for the whole context; each prompt length would compile a variant)
-            model(ids[:, :n_fed], zero, view, last_only=True, max_keys=n_fed)
-            cache.rows(g.r0, g.r1).resample(owner, n_fed)
-        s.pending[g.r0 : g.r1].copy_(ids[:, P - tail :].repeat_interleave(N, dim=0))
+            prefill_rows(model, cache, g, ids, n_fed, n_fed, owner, zero)
+        self._set_pending(s, i, ids, P)
+
+    def _set_pending(self, s: _CycleState, i: int, ids: torch.Tensor, P: int) -> None:
+        """Segment ``i``'s pending tokens (the last one or two of its prompts ``ids[:, :P]``, which
+        the first cycle feeds) in every row of each group, and its position."""
+        g = s.segments[i]
+        tail = 2 if self.draft is not None else 1
+        s.pending[g.r0 : g.r1].copy_(ids[:, P - tail : P].repeat_interleave(self.config.n_particles, dim=0))
         s.pos[i : i + 1].fill_(P - 1)
 
     # ------------------------------------------------------------------------------ cycle

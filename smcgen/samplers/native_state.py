@@ -119,6 +119,11 @@ class _CycleState:
         #: a host-guided run's pieces (samplers/native_host_guide.py), made by its first cycle; the
         #: recorded ones of an earlier run of this state are replayed again (``start``)
         self.host_guided: Any = None
+        #: the prompt lengths the caches are sized for (one per segment: a bucket's, or the prompt's
+        #: own when the bucket did not fit) and, when prompts are padded to them, the prefill's
+        #: buffers and graph (samplers/native_prefill.py), kept with the state
+        self.pool_lens = [g.prompt_len for g in segments]
+        self.padded_prefill: Any = None
         self.start(engine, segments)
 
     def start(self, engine: NativeSMC, segments: list[_Segment]) -> None:
