@@ -14,7 +14,7 @@ DEFAULT_PROMPT = "Write a short poem about the sea."
 
 #: (particles, block size) of the main job with the self-int8 draft: on the 2-core CPU the fastest
 #: setting whose mean ESS/N stayed above 0.5; on an H100 the same setting kept the target's quality
-#: on 200 prompts (BENCHMARKS.md, "CPU main job" and "The self-int8 draft on a GPU")
+#: on 200 prompts (BENCHMARKS.md, "CPU main job" and "The self-int8 draft on a GPU: a fair AR")
 MAIN_JOB = (2, 8)
 
 

@@ -2,13 +2,14 @@
 length their KV pools are sized for, so that one CUDA graph serves every prompt of those buckets.
 
 An eager prefill of a small model is bound by the host: a forward issues a few hundred launches
-whatever the prompt (SmolLM2-135M: about 30 ms a model on an H100, BENCHMARKS.md), a third of a
+whatever the prompt (SmolLM2-135M: 17-33 ms a model on an H100, BENCHMARKS.md), a third of a
 short request's wall time once the decode cycles replay as a graph. Padded to its pools' length,
 a prompt's prefill has the shapes of every other prompt of the bucket; the buffers here are
 static, so the graph captured on the kept run's second use replays for each later one.
 
-Why the padding changes nothing the run reads: attention is causal, so the prompt's positions
-never see the pad tokens; the pads' keys and values land on positions past the prompt, in pages
+Why the padding changes nothing the run reads, up to rounding (the GEMMs have another height, so
+a padded run may differ in the last bits from an unpadded one): attention is causal, so the
+prompt's positions never see the pad tokens; the pads' keys and values land on positions past the prompt, in pages
 of the rows that were prefilled, and every such position is written again by a cycle before any
 query reaches it. Only the prompt's own positions are shared with each group's rows (``resample``
 by the real lengths, read from the device). The pools, sized for a prompt as long as the padded
@@ -76,6 +77,8 @@ class PaddedPrefill:
         self.owner = [torch.arange(g.n_groups, device=dev).repeat_interleave(N) for g in s.segments]
         self.zero = [torch.zeros(g.n_groups, dtype=torch.int32, device=dev) for g in s.segments]
         self.graph: torch.cuda.CUDAGraph | None = None
+        #: whether these buffers prefilled eagerly once (Triton compiled their shapes): only then record
+        self.ran = False
 
     def load(self, prompts: list[list[int]], s: _CycleState, pad_id: int) -> None:
         """Write this run's prompts (padded with ``pad_id``) and lengths into the buffers."""
@@ -102,9 +105,9 @@ class PaddedPrefill:
 
     def run(self, engine: NativeSMC, s: _CycleState, prompts: list[list[int]], capture: bool) -> None:
         """Prefill ``prompts``: replay the graph if there is one, record it first when ``capture``
-        (CUDA only; the kernels must have run eagerly once, for Triton to compile), else eagerly."""
+        (CUDA only) and these shapes ran eagerly once (Triton compiles outside the capture), else eagerly."""
         self.load(prompts, s, engine.pad_id)
-        if self.graph is None and capture:
+        if self.graph is None and capture and self.ran:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.forward(engine, s)
@@ -113,6 +116,7 @@ class PaddedPrefill:
             self.graph.replay()
         else:
             self.forward(engine, s)
+            self.ran = True
 
 
 __all__ = ["PREFILL_GRAPH_MAX_TOKENS", "PaddedPrefill", "prefill_rows"]

@@ -51,7 +51,7 @@ def native_model(lm: LanguageModel, fmt: str | None = None) -> NativeCausalLM:
 #: there the skinny kernel streams the int8 layers faster than bf16 (H100, Llama-3.2-1B at 8 rows:
 #: N=8 K=8 633 against 537 tok/s); wider batches run the draft's layers on cuBLAS in bf16, and the
 #: int8 copy lost there (8 x 8: 2,179 against 2,449 tok/s aggregate). The native model's own
-#: skinny_max_rows (16) is the same bound. Rows = particles x requests (a cycle's first draft step
+#: skinny_max_rows (16 for bf16 / fp16 models) is the same bound. Rows = particles x requests (a cycle's first draft step
 #: feeds two tokens a row, the one-byte layers always stream in the skinny kernel).
 AUTO_INT8_MAX_ROWS = 16
 
