@@ -30,13 +30,13 @@ from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers import native_select
 from smcgen.samplers.native import NativeSMC
-from smcgen.samplers.native_prefill import PaddedPrefill
+from smcgen.samplers.native_prefill import PrefillBuffers
 from smcgen.samplers.native_state import _CycleState
 
 #: the engine steps timed, by class
 STEPS = (
     (NativeSMC, ("_run_segments", "_make_caches", "_prefill", "_prefill_segment", "_start_potentials")),
-    (PaddedPrefill, ("run",)),
+    (PrefillBuffers, ("run",)),
     (_CycleState, ("start",)),
     (PagedKVCache, ("reset", "reserve", "resample", "share_prefixes")),
     (NativeCausalLM, ("forward",)),

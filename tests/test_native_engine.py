@@ -471,7 +471,7 @@ def test_prompts_of_one_bucket_replay_the_kept_capture(models, device, warm_up_c
         assert len(captured) == captures, (n, len(captured))
         if device.type == "cuda" and i > 0 and captures == plan[i - 1][1]:
             # a prompt of the kept bucket: the prefill, padded to it, replays the graph its second use recorded
-            assert kept._kept[1].padded_prefill.graph is not None, n
+            assert kept._kept[1].prefill.graph is not None, n
         assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.lengths, expected.lengths), n
         torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=1e-5)
         resampled += int(got.resampled.sum())
@@ -546,10 +546,10 @@ def test_prompts_padded_to_their_pools_draw_what_unpadded_ones_draw(models, warm
                 assert torch.equal(got.tokens, plain.tokens) and torch.equal(got.lengths, plain.lengths), (limit, i)
                 torch.testing.assert_close(got.log_weights, plain.log_weights, rtol=0, atol=1e-5)
             resampled += int(plain.resampled.sum())
-        buffers = kept._kept[1].padded_prefill
-        assert buffers is not None and buffers.pool_lens == [16, 16, 16]
+        buffers = kept._kept[1].prefill
+        assert buffers is not None and buffers.lengths == [16, 16, 16]
         again = kept.run(batches[-1], on_dead="flag", seeds=[9, 8, 7])
-        assert kept._kept[1].padded_prefill is buffers and not bool(again.dead.any())
+        assert kept._kept[1].prefill is buffers and not bool(again.dead.any())
     # (plain SMC with no potential proposes from the target: equal weights, nothing to resample)
     assert resampled > 0 or draft is None, "the check must cover resampling"
 

@@ -325,7 +325,6 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             shape = kept[0]
             _, state, graph = kept
             tcache, dcache = state.tcache, state.dcache
-            pool_lens = state.pool_lens
             for cache in (tcache, dcache):
                 if cache is not None:
                     cache.reset()
@@ -343,15 +342,13 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
                 # the buckets' worst case does not fit: pools sized for these prompts, kept as such
                 shape, pool_lens = exact_shape, exact
                 tcache, dcache = self._make_caches(segments, exact, share_t)
-            state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache)
-            state.pool_lens = pool_lens
+            state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache, pool_lens)
         if feed is not None:
             feed.attach(state, T)
         if self.potential is not None:
             self.potential.start(prompts[0], state.R)
         self._start_potentials(state, prompts)
-        # a kept run's prefill is recorded on its second use, once its kernels ran (Triton compiled)
-        self._prefill(state, prompts, pool_lens, capture=kept is not None)
+        self._prefill(state, prompts)
         _sync(dev)
         t_prefill = time.perf_counter()
 

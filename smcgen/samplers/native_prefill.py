@@ -1,5 +1,6 @@
-"""The prefill of a :class:`~smcgen.samplers.native.NativeSMC` run whose prompts are padded to the
-length their KV pools are sized for, so that one CUDA graph serves every prompt of those buckets.
+"""The prefill of a :class:`~smcgen.samplers.native.NativeSMC` run, from static buffers; on CUDA its
+prompts are padded to the length their KV pools are sized for, so that one CUDA graph serves every
+prompt of those buckets.
 
 An eager prefill of a small model is bound by the host: a forward issues a few hundred launches
 whatever the prompt (SmolLM2-135M: 17-33 ms a model on an H100, BENCHMARKS.md), a third of a
@@ -56,20 +57,20 @@ def prefill_rows(
     cache.rows(g.r0, g.r1).resample(owner, fed)
 
 
-class PaddedPrefill:
-    """Static buffers of a padded prefill (the padded prompts, each segment's real lengths, the
-    rows each prompt is copied to) and, once captured, its CUDA graph.
+class PrefillBuffers:
+    """Static buffers of a run's prefill (the prompts, padded to ``lengths``, one per segment; each
+    segment's real lengths; the rows each prompt is copied to) and, once recorded, its CUDA graph.
 
-    Made for one run state and one set of pool lengths (``pool_lens``, one per segment), kept with
-    that state: a kept run replays its graph for any prompts of the same buckets."""
+    Made for one run state and one set of lengths (the pools' when the run pads, else the prompts'
+    own), kept with that state: a kept run replays its graph for any prompts of the same buckets."""
 
-    def __init__(self, engine: NativeSMC, s: _CycleState, pool_lens: list[int]):
+    def __init__(self, engine: NativeSMC, s: _CycleState, lengths: list[int]):
         dev = engine.device
         N = engine.config.n_particles
-        self.pool_lens = list(pool_lens)
+        self.lengths = list(lengths)
         self.ids = [
             torch.full((g.n_groups, n), engine.pad_id, dtype=torch.long, device=dev)
-            for g, n in zip(s.segments, self.pool_lens)
+            for g, n in zip(s.segments, self.lengths)
         ]
         # per segment, the prompt tokens the target's and the draft's caches really hold (P-1, P-2):
         # the pages shared with each group's rows (read on the device, so a graph serves any length)
@@ -92,20 +93,22 @@ class PaddedPrefill:
         self.fed.copy_(torch.tensor(fed, dtype=torch.int32))
 
     def forward(self, engine: NativeSMC, s: _CycleState) -> None:
-        """Each segment's padded prompts into its first rows' pages, then the real prompt shared
+        """Each segment's (padded) prompts into its first rows' pages, then the real prompt shared
         with each group's rows (what a graph records)."""
         models = ((engine.target, s.tcache), (engine.draft, s.dcache))
         for i, g in enumerate(s.segments):
             for j, (model, cache) in enumerate(models):
                 # the target's cache holds all but the prompt's last token, the draft's all but two
-                n = self.pool_lens[i] - 1 - j
+                n = self.lengths[i] - 1 - j
                 if model is None or cache is None or n <= 0:
                     continue
                 prefill_rows(model, cache, g, self.ids[i], n, self.fed[i, j : j + 1], self.owner[i], self.zero[i])
 
     def run(self, engine: NativeSMC, s: _CycleState, prompts: list[list[int]], capture: bool) -> None:
-        """Prefill ``prompts``: replay the graph if there is one, record it first when ``capture``
-        (CUDA only) and these shapes ran eagerly once (Triton compiles outside the capture), else eagerly."""
+        """Prefill ``prompts``: replay the graph if there is one; else record it first when
+        ``capture`` (padded prompts on CUDA: every prompt of the buckets has these shapes) and these
+        buffers ran eagerly once (Triton compiles outside the capture), so a kept state records on
+        its second run; else run eagerly."""
         self.load(prompts, s, engine.pad_id)
         if self.graph is None and capture and self.ran:
             graph = torch.cuda.CUDAGraph()
@@ -119,4 +122,4 @@ class PaddedPrefill:
             self.ran = True
 
 
-__all__ = ["PREFILL_GRAPH_MAX_TOKENS", "PaddedPrefill", "prefill_rows"]
+__all__ = ["PREFILL_GRAPH_MAX_TOKENS", "PrefillBuffers", "prefill_rows"]

@@ -12,7 +12,7 @@ import torch
 from smcgen.core.device_memory import free_gpu_bytes
 from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
-from smcgen.samplers.native_prefill import PREFILL_GRAPH_MAX_TOKENS, PaddedPrefill, prefill_rows
+from smcgen.samplers.native_prefill import PREFILL_GRAPH_MAX_TOKENS, PrefillBuffers, prefill_rows
 from smcgen.samplers.native_state import (
     _CycleState,
     _Segment,
@@ -165,29 +165,25 @@ class RunSetup:
         padded = sum(g.n_groups * n for g, n in zip(segments, pool_lens))
         return self.cuda_graph and self.device.type == "cuda" and padded <= PREFILL_GRAPH_MAX_TOKENS
 
-    def _prefill(
-        self, s: _CycleState, prompts: list[list[int]], pool_lens: list[int] | None = None, capture: bool = False
-    ) -> None:
+    def _prefill(self, s: _CycleState, prompts: list[list[int]]) -> None:
         """Prefill every segment's prompts (one batched forward per segment, each prompt into its
         own pages) and share each prompt's pages with its group.
 
         A segment's B prompts go into its first B rows (a ``rows`` view of the cache); one resample
         of the segment's rows then makes row b*N + i a copy of row b: full pages shared, partial
-        last page copied. With ``pool_lens`` (the prompt lengths the pools are sized for) the
-        prompts may be padded to them (``_pads_prefill``), and a kept run's second use records
-        that prefill as a CUDA graph (``capture``, on CUDA) which later runs replay.
+        last page copied. The prompts may be padded to the lengths the pools are sized for
+        (``_pads_prefill``); a kept state then records the prefill as a CUDA graph on its second
+        run, which later runs replay (samplers/native_prefill.py).
         """
         N = self.config.n_particles
-        if pool_lens is not None and self._pads_prefill(s.segments, pool_lens):
-            padded = s.padded_prefill
-            if padded is None or padded.pool_lens != pool_lens:
-                padded = s.padded_prefill = PaddedPrefill(self, s, pool_lens)
-            padded.run(self, s, prompts, capture and self.device.type == "cuda")
-            for i, g in enumerate(s.segments):
-                self._set_pending(s, i, padded.ids[i], g.prompt_len)
-        else:
-            for i, g in enumerate(s.segments):
-                self._prefill_segment(s, i, prompts[g.g0 : g.g1])
+        pad = self._pads_prefill(s.segments, s.pool_lens)
+        lengths = s.pool_lens if pad else [g.prompt_len for g in s.segments]
+        buffers = s.prefill
+        if buffers is None or buffers.lengths != lengths:
+            buffers = s.prefill = PrefillBuffers(self, s, lengths)
+        buffers.run(self, s, prompts, capture=pad and self.device.type == "cuda")
+        for i, g in enumerate(s.segments):
+            self._set_pending(s, i, buffers.ids[i], g.prompt_len)
         # each group's rows now hold the same prompt K/V (resampling stays inside a group): cascade
         # attention may read it once per request (NativeCausalLM.cascade), each at its own length
         for cache, unfed in ((s.tcache, 1), (s.dcache, 2)):
@@ -196,7 +192,8 @@ class RunSetup:
 
     def _prefill_segment(self, s: _CycleState, i: int, prompts: list[list[int]]) -> None:
         """Prefill segment ``i``'s prompts (all of one length) into its first rows' own pages, share
-        them with each group's rows and set the segment's pending tokens and position."""
+        them with each group's rows and set the segment's pending tokens and position (a request
+        slot's prefill: ``_prefill`` does a whole run's)."""
         N = self.config.n_particles
         dev = self.device
         g = s.segments[i]

@@ -67,6 +67,7 @@ class _CycleState:
         n_cycles: int,
         tcache: PagedKVCache,
         dcache: PagedKVCache | None,
+        pool_lens: list[int] | None = None,
     ):
         cfg = engine.config
         dev = engine.device
@@ -120,10 +121,10 @@ class _CycleState:
         #: recorded ones of an earlier run of this state are replayed again (``start``)
         self.host_guided: Any = None
         #: the prompt lengths the caches are sized for (one per segment: a bucket's, or the prompt's
-        #: own when the bucket did not fit) and, when prompts are padded to them, the prefill's
-        #: buffers and graph (samplers/native_prefill.py), kept with the state
-        self.pool_lens = [g.prompt_len for g in segments]
-        self.padded_prefill: Any = None
+        #: own when the bucket did not fit; default: the prompts') and the prefill's buffers and
+        #: graph (samplers/native_prefill.py), kept with the state
+        self.pool_lens = list(pool_lens) if pool_lens is not None else [g.prompt_len for g in segments]
+        self.prefill: Any = None
         self.start(engine, segments)
 
     def start(self, engine: NativeSMC, segments: list[_Segment]) -> None:
