@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import torch
 from architectures import LLAMA_3_1_8B, LLAMA_3_2_1B
+from hf_baseline import hf_generate_speed
 
 from smcgen.core.config import SMCConfig
 from smcgen.kernels import attention, linear
@@ -223,25 +224,6 @@ def run_engine(target, draft, n, k, requests, prompt_len, new_tokens, seed=0):
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "resample_rate": float(out.resampled.float().mean()),
     }
-
-
-def hf_generate_speed(hf_model, prompt_len, new_tokens, vocab):
-    ids = torch.randint(0, vocab, (1, prompt_len), device="cuda")
-    kwargs = dict(
-        do_sample=True,
-        temperature=0.7,
-        top_k=0,
-        top_p=1.0,
-        min_new_tokens=new_tokens,
-        max_new_tokens=new_tokens,
-        pad_token_id=0,
-    )
-    hf_model.generate(ids, **{**kwargs, "min_new_tokens": 8, "max_new_tokens": 8})
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    hf_model.generate(ids, **kwargs)
-    torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - t0)
 
 
 def profile_cycle(target, draft, n, k, prompt_len, top=25):
@@ -458,7 +440,8 @@ def main() -> None:
 
         with torch.device(dev):
             hf_model = AutoModelForCausalLM.from_config(hf_config(t_kind, t_fields), dtype=torch.bfloat16).eval()
-        hf = hf_generate_speed(hf_model, args.prompt_len, args.hf_tokens, target.vocab_size)
+        ids = torch.randint(0, target.vocab_size, (1, args.prompt_len), device="cuda")
+        hf = hf_generate_speed(hf_model, ids, args.hf_tokens)
         del hf_model
         torch.cuda.empty_cache()
         print(json.dumps({"hf_generate_tok_s": hf}))

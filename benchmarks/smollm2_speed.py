@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from embedded_pair import add_target_dtype, load_target
+from hf_baseline import hf_generate_speed
 
 import smcgen
 from smcgen.api import load_draft
@@ -33,18 +34,8 @@ def hf_generate_row(target, prompt, args) -> dict:
     """Hugging Face ``generate`` on the same model object and prompt (sampling at the temperature,
     no top-k / top-p), the same token count forced: the peer baseline, median of the repeats."""
     ids = torch.tensor([prompt_ids(prompt, target)], device=target.device)
-    kw = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0}
-    n = args.max_new_tokens
-    target.model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
-    tps = []
-    for r in range(args.repeats):
-        torch.manual_seed(r)
-        t0 = time.perf_counter()
-        out = target.model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        if target.device.type == "cuda":
-            torch.cuda.synchronize()
-        tps.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
-    return {"config": "AR, Hugging Face generate", "tokens_per_s": statistics.median(tps), "engine": "transformers",
+    tps = hf_generate_speed(target.model, ids, args.max_new_tokens, args.temperature, args.repeats)
+    return {"config": "AR, Hugging Face generate", "tokens_per_s": tps, "engine": "transformers",
             "mean_ess_over_n": None, "sd_kept": None}  # fmt: skip
 
 
