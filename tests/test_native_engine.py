@@ -280,6 +280,20 @@ def test_the_cycle_enqueued_past_the_end_changes_nothing(models):
     assert ended_early >= 3, "the case under test: runs that stop before their last cycle"
 
 
+def test_only_one_token_cycles_look_ahead_by_default(models):
+    """The lookahead's wasted last cycle costs a whole SMC-SD cycle (K draft steps and a verify),
+    more than the host waits it saves over a run; one-token cycles (AR, plain SMC) keep it on a
+    GPU. Nothing looks ahead on the CPU, and a setting of True / False wins."""
+    _, native_target, native_draft = models
+    cfg = SMCConfig(n_particles=2, block_size=3, max_new_tokens=8, seed=0)
+    sd = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4)
+    plain = NativeSMC(native_target, cfg, eos_token_ids=(EOS,), page_size=4)
+    assert (sd._looks_ahead(True), plain._looks_ahead(True)) == (False, True)
+    assert (sd._looks_ahead(False), plain._looks_ahead(False)) == (False, False)
+    sd.lookahead, plain.lookahead = True, False
+    assert (sd._looks_ahead(True), plain._looks_ahead(True)) == (True, False)
+
+
 def test_decode_kernels_give_the_run_of_the_cublas_path(device):
     """The exactness tests batch thousands of runs, so on the GPU their decode steps take the wide
     (cuBLAS) path; this runs decode-sized batches (8 rows) through the skinny GEMM, the fused

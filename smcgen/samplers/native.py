@@ -197,8 +197,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         self.pad_prefill: bool | None = None
         #: the host enqueues cycle c + 1 before it reads cycle c's all-done flag, so the GPU never
         #: waits on the host between cycles; when every particle finished in cycle c, cycle c + 1
-        #: runs without effect. None (default): on CUDA only (on the CPU a cycle runs as it is
-        #: issued, so there is nothing to overlap); True / False: always / never
+        #: runs without effect. None (default): on CUDA, for cycles of one token only (see
+        #: ``_looks_ahead``); True / False: always / never
         self.lookahead: bool | None = None
         #: the last captured run's shape, state (with its KV caches and a host guide's recorded
         #: pieces) and whole-cycle graph (None for pieces): the next run of that shape replays it
@@ -364,7 +364,7 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         flag_ready = [torch.cuda.Event() for _ in range(2)] if on_gpu else None
         # not with a host guide: its matchers would consume the extra cycle's tokens (and its cycles
         # wait on the host at every step anyway); a device guide's states just absorb the padding
-        ahead = on_gpu if self.lookahead is None else self.lookahead
+        ahead = self._looks_ahead(on_gpu)
         # nor when someone watches every cycle: they must see it before the next one overwrites it
         lag = 1 if ahead and not self._host_guide and on_cycle is None else 0
         host = None
@@ -460,6 +460,18 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
             self._kept = (shape, state, graph)
             hold(self)  # releases another engine's kept run, if one is still kept
         return run, timing
+
+    def _looks_ahead(self, on_gpu: bool) -> bool:
+        """Whether the run enqueues each cycle before it reads the last one's done flag.
+
+        The lookahead saves the host's wake-up and graph launch between cycles (tens of
+        microseconds) and costs one wasted cycle when the run ends on EOS. A cycle of one token (AR,
+        plain SMC) is short enough for the saving to add up over a run; an SMC-SD cycle (K draft
+        steps and a verify) is K + 1 tokens long, and its wasted last cycle costs more than every
+        wait it saves. On the CPU a cycle runs as it is issued: there is nothing to overlap."""
+        if self.lookahead is not None:
+            return self.lookahead
+        return on_gpu and self.block == 0
 
     def release_held(self) -> None:
         """Free the kept run (:func:`smcgen.core.device_memory.release_held` calls it before free memory is read)."""
