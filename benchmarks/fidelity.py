@@ -164,6 +164,7 @@ def answer_each(
                 "prefill_s": timing.get("prefill_s"),
                 "capture_s": timing.get("capture_s"),
                 "decode_s": timing.get("decode_s"),
+                "cycles": timing.get("cycles"),
             }
         )
     return rows
@@ -194,7 +195,7 @@ def summarize(each: list[dict]) -> dict:
         "mean_ess_over_n": sum(ess) / len(ess) if ess else None,
         "tokens_per_s": sum(a["length"] for a in each) / sum(a["wall_s"] for a in each),
         # seconds summed over the calls (None off the native engine): where the wall time went
-        **{k: _total(each, k) for k in ("wall_s", "prefill_s", "capture_s", "decode_s")},
+        **{k: _total(each, k) for k in ("wall_s", "prefill_s", "capture_s", "decode_s", "cycles")},
     }
 
 

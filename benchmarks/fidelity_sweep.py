@@ -122,8 +122,8 @@ def main() -> None:
         f"device={args.device}, target dtype={args.target_dtype or 'as loaded'}",
         "",
         "| run | engine | log p/token | gap to AR (SE) | stop rate | length | repeated 3-grams | mean ESS/N "
-        "| tokens/s | vs AR | capture s/call | off by > 2 SE |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| tokens/s | vs AR | prefill ms/call | capture ms/call | decode ms/token | off by > 2 SE |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ll, se = r["loglik"]
@@ -131,13 +131,16 @@ def main() -> None:
         r["gap_se"] = gap
         r["off_by_2se"] = off_by(r, rows[0]) if r is not rows[0] else []
         ess = f"{r['mean_ess_over_n']:.2f}" if r["mean_ess_over_n"] is not None else "–"
-        # the warm-up cycle and graph capture of each call (native engine only; new pools count in
-        # its prefill): a prompt in another length bucket cannot replay the last call's graph
-        cap = f"{r['capture_s'] / len(prompts):.3f}" if r["capture_s"] is not None else "–"
+        # where each call's time went (native engine only): the prefill (with new pools when a
+        # prompt's length bucket changes), the warm-up cycle and graph capture (a prompt in another
+        # bucket cannot replay the last call's graph) and the decode, per answer token
+        split = [f"{1e3 * r[k] / len(prompts):.1f}" if r[k] is not None else "–" for k in ("prefill_s", "capture_s")]
+        tokens = r["length"][0] * len(prompts)
+        split.append(f"{1e3 * r['decode_s'] / tokens:.2f}" if r["decode_s"] is not None and tokens else "–")
         lines.append(
             f"| {r['name']} | {r['engine']} | {ll:.3f} ± {se:.3f} | {gap:+.1f} | {r['stop_rate'][0]:.2f} "
             f"| {r['length'][0]:.1f} | {r['repeated_3grams'][0]:.3f} | {ess} | {r['tokens_per_s']:.1f} "
-            f"| {r['tokens_per_s'] / ar_tps:.2f}x | {cap} | {', '.join(r['off_by_2se']) or ('-' if r is rows[0] else 'none')} |"
+            f"| {r['tokens_per_s'] / ar_tps:.2f}x | {' | '.join(split)} | {', '.join(r['off_by_2se']) or ('-' if r is rows[0] else 'none')} |"
         )
     report = "\n".join(lines)
     write_report(args.out, "fidelity_sweep", report, rows)
