@@ -110,7 +110,14 @@ def main() -> None:
         kw = {**common, **kw}  # a row's own draft temperature wins over the shared one
         smcgen.generate(target, prompts[0], seed=10_000, **kw)  # warm-up: engine build, graph capture
         each = answer_each(target, prompts, tau, args.seed, progress=name, **kw)
-        rows.append({"name": name, **summarize(each)})
+        # each call's prompt length and split (ms), to tell a cost of some calls from one of every call
+        split = [
+            [len(p)]
+            + [round(1e3 * a[k], 2) if a[k] is not None else None for k in ("prefill_s", "capture_s", "decode_s")]
+            + [a["cycles"]]
+            for p, a in zip(prompts, each)
+        ]
+        rows.append({"name": name, **summarize(each), "per_call": split})
         if args.out:  # each finished row is kept, so a run cut short by a time limit still reports
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "fidelity_sweep.partial.json").write_text(json.dumps(rows, indent=1))
