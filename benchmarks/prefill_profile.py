@@ -8,6 +8,7 @@ host (launches, Python); the nested steps' syncs add a little to the outer ones.
 
     python benchmarks/prefill_profile.py --device cuda --out $OUT
     python benchmarks/prefill_profile.py --device cuda --target-skinny-rows 16   # fp32 target in the skinny kernel
+    python benchmarks/prefill_profile.py --device cuda --kernels 15   # + the top kernels of a prefill
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 from embedded_pair import add_target_dtype, load_target
+from torch.profiler import ProfilerActivity, profile
 
 import smcgen
 from smcgen.api import load_draft
@@ -43,11 +45,42 @@ STEPS = (
 )
 
 
+def top_kernels(target, prompt, kw: dict, args: argparse.Namespace) -> list[dict]:
+    """The ``args.kernels`` kernels (ops on the CPU) with the most device time in one call of one new
+    token, after two untimed calls of that shape (the second records the prefill's graph): the
+    prefill's kernels and one decode step's."""
+    for _ in range(2):
+        smcgen.generate(target, prompt, **kw)
+    cuda = args.device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        smcgen.generate(target, prompt, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+    rows = [
+        {"kernel": e.key, "calls": e.count, "ms": (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3}
+        for e in prof.key_averages()
+    ]
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    print(
+        f"  one-token call: {total:.2f} ms of {'kernels' if cuda else 'ops'}, {sum(r['calls'] for r in rows)} launches"
+    )
+    for r in rows[: args.kernels]:
+        print(f"    {r['ms']:8.3f} ms {r['calls']:5d}x {1e3 * r['ms'] / r['calls']:9.2f} us  {r['kernel'][:100]}")
+    return rows[: args.kernels]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     add_target_dtype(ap)
     ap.add_argument("--target-skinny-rows", type=int, default=None, help="the native target's skinny_max_rows")
+    ap.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        help="also list the N kernels with the most device time in a call of one new token (prefill + a step)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     target = load_target(args.device, args.target_dtype, ["self-int8"])
@@ -102,6 +135,8 @@ def main() -> None:
         print(json.dumps({"config": label, "tokens": len(res.token_ids), "wall_ms": round(wall, 2)}))
         for k, v in sorted(steps.items(), key=lambda kv: -kv[1]["synced_ms"]):
             print(f"  {k:32s} calls {v['calls']:4d}  host {v['host_ms']:8.2f} ms  synced {v['synced_ms']:8.2f} ms")
+        if args.kernels:
+            report[-1]["kernels"] = top_kernels(target, prompt, {**common, **kw, "max_new_tokens": 1}, args)
     if args.out:
         meta = {
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
