@@ -170,6 +170,20 @@ def answer_each(
     return rows
 
 
+def warm_up_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """One prompt of each length bucket the native engine sizes pools for (the next power of two,
+    at least ``PROMPT_BUCKET_FLOOR`` tokens), ``prompts[0]``'s bucket last: warm-up calls on these
+    compile every bucket's kernels (a first call of a new bucket compiles Triton kernels for its
+    shapes, seconds that would otherwise land in one timed call's prefill and capture) and leave the
+    first prompt's bucket kept."""
+    from smcgen.samplers.native_setup import PROMPT_BUCKET_FLOOR
+
+    first: dict[int, list[int]] = {}
+    for p in prompts:
+        first.setdefault(max(PROMPT_BUCKET_FLOOR, 1 << (len(p) - 1).bit_length()), p)
+    return sorted(first.values(), key=lambda p: p is prompts[0])
+
+
 def native_timing(target, res, kw: dict) -> dict:
     """``last_timing`` of the NativeSMC that ran the call ``generate(target, ..., **kw)`` returning
     ``res``: prefill, capture and decode seconds, cycles; {} when no NativeSMC ran it (the generic

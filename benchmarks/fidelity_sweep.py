@@ -13,7 +13,7 @@ answers each prompt once per configuration, through ``smcgen.generate``:
 Per configuration: mean per-token log-likelihood under the tempered target (a sampler that matches
 the target has the AR row's value, up to noise; a sampler pulled toward the draft scores lower), stop
 rate, mean length, repeated 3-grams, mean ESS/N and tokens/s (wall time of the generate calls after
-one warm-up call; on the GPU the native engine runs SMC-SD). The gap column is the log-likelihood
+a warm-up call per prompt-length bucket; on the GPU the native engine runs SMC-SD). The gap column is the log-likelihood
 difference to AR in units of its standard error; the last column names the statistics (log p, length, stop
 rate, repeated 3-grams) more than 2 standard errors from AR's: a sampler that matches the target has none.
 
@@ -31,7 +31,16 @@ import os
 from pathlib import Path
 
 from embedded_pair import add_target_dtype, load_target, parse_configs
-from fidelity import answer_each, chat_ids, freshqa_questions, gap_se, off_by, summarize, write_report
+from fidelity import (
+    answer_each,
+    chat_ids,
+    freshqa_questions,
+    gap_se,
+    off_by,
+    summarize,
+    warm_up_prompts,
+    write_report,
+)
 
 import smcgen
 from smcgen.api import load_draft, load_model
@@ -108,7 +117,8 @@ def main() -> None:
     rows = []
     for name, kw in runs:
         kw = {**common, **kw}  # a row's own draft temperature wins over the shared one
-        smcgen.generate(target, prompts[0], seed=10_000, **kw)  # warm-up: engine build, graph capture
+        for prompt in warm_up_prompts(prompts):  # engine build, each bucket's kernels and capture
+            smcgen.generate(target, prompt, seed=10_000, **kw)
         each = answer_each(target, prompts, tau, args.seed, progress=name, **kw)
         # each call's prompt length and split (ms), to tell a cost of some calls from one of every call
         split = [
