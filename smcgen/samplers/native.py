@@ -462,13 +462,16 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         return run, timing
 
     def _looks_ahead(self, on_gpu: bool) -> bool:
-        """Whether the run enqueues each cycle before it reads the last one's done flag.
+        """Whether the run enqueues each cycle before it reads the last one's done flag (a host
+        potential's lagged scoring keeps one cycle in flight anyway; a host guide or a watcher of
+        every cycle turns it off).
 
         The lookahead saves the host's wake-up and graph launch between cycles (tens of
         microseconds) and costs one wasted cycle when the run ends on EOS. A cycle of one token (AR,
         plain SMC) is short enough for the saving to add up over a run; an SMC-SD cycle (K draft
-        steps and a verify) is K + 1 tokens long, and its wasted last cycle costs more than every
-        wait it saves. On the CPU a cycle runs as it is issued: there is nothing to overlap."""
+        steps and a verify) is K + 1 tokens long, and its wasted last cycle is expected to cost
+        more than every wait it saves. On the CPU a cycle runs as it is issued: there is nothing to
+        overlap."""
         if self.lookahead is not None:
             return self.lookahead
         return on_gpu and self.block == 0
