@@ -352,7 +352,7 @@ def main() -> None:
         "skinny_head": target.skinny_head,
         "fused_qkv_rope": target.fused_qkv_rope,
         "min_grid": linear.MIN_GRID_FRACTION,
-        "lookahead": True,
+        "lookahead": None,  # the library's default: AR and plain SMC look ahead, SMC-SD does not
     }
     bw = copy_bandwidth(dev)
     w_t, w_d = target.weight_bytes(), draft.weight_bytes()
