@@ -120,11 +120,11 @@ def main() -> None:
         for prompt in warm_up_prompts(prompts):  # engine build, each bucket's kernels and capture
             smcgen.generate(target, prompt, seed=10_000, **kw)
         each = answer_each(target, prompts, tau, args.seed, progress=name, **kw)
-        # each call's prompt length and split (ms), to tell a cost of some calls from one of every call
+        # each call's prompt length, wall time and split (ms) and cycles: tells a cost of some calls
+        # from one of every call
+        times = ("wall_s", "prefill_s", "capture_s", "decode_s")
         split = [
-            [len(p)]
-            + [round(1e3 * a[k], 2) if a[k] is not None else None for k in ("prefill_s", "capture_s", "decode_s")]
-            + [a["cycles"]]
+            [len(p)] + [round(1e3 * a[k], 2) if a[k] is not None else None for k in times] + [a["cycles"]]
             for p, a in zip(prompts, each)
         ]
         rows.append({"name": name, **summarize(each), "per_call": split})

@@ -2,10 +2,11 @@
 
 A self-speculative draft runs the target itself with some decoder layers left out: no training,
 no extra weights, and on a GPU (where a step costs about the same per layer) a draft step of k of
-30 layers costs about k/30 of a target step. SMC-SD N=2 K=8 needs a draft step under about 0.45
-of a target step for 2x AR, so a draft of 13 layers or fewer, and it must stay close: N=8 K=4
-kept the target's quality up to a KL of about 0.5 nats/token (BENCHMARKS.md, "How close must a
-draft be?").
+30 layers costs a little more than k/30 of a target step (the LM head and the step's fixed kernels
+stay). SMC-SD N=2 K=8 needs a draft step under about 0.45 of a target step for 2x AR, so a draft
+of 13 layers or fewer, and it must stay close: N=8 K=4 kept the target's quality up to a KL of
+about 0.5 nats/token (BENCHMARKS.md, "How close must a draft be?"), and K=8 blocks are twice as
+long.
 
 This script removes layers greedily from the embedded SmolLM2-135M-Instruct: at each step, the
 layer (never the first) whose removal raises KL(target || draft) least on target samples. The

@@ -48,7 +48,7 @@ STEPS = (
 def top_kernels(target, prompt, kw: dict, args: argparse.Namespace) -> list[dict]:
     """The ``args.kernels`` kernels (ops on the CPU) with the most device time in one call of one new
     token, after two untimed calls of that shape (the second records the prefill's graph): the
-    prefill's kernels and one decode step's."""
+    prefills' kernels and one cycle's (an AR step, or SMC-SD's draft steps and verify)."""
     for _ in range(2):
         smcgen.generate(target, prompt, **kw)
     cuda = args.device == "cuda"
@@ -59,6 +59,7 @@ def top_kernels(target, prompt, kw: dict, args: argparse.Namespace) -> list[dict
     rows = [
         {"kernel": e.key, "calls": e.count, "ms": (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3}
         for e in prof.key_averages()
+        if not cuda or e.device_type == torch.autograd.DeviceType.CUDA  # kernels, not runtime calls
     ]
     rows.sort(key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
@@ -79,7 +80,8 @@ def main() -> None:
         "--kernels",
         type=int,
         default=0,
-        help="also list the N kernels with the most device time in a call of one new token (prefill + a step)",
+        help="also list the N kernels with the most device time in a call of one new token "
+        "(prefills and one cycle: an AR step, or SMC-SD's draft steps and verify)",
     )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
