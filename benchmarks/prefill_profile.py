@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from embedded_pair import add_target_dtype, load_target
+from smollm2_profile import kernel_table
 from torch.profiler import ProfilerActivity, profile
 
 import smcgen
@@ -45,30 +46,20 @@ STEPS = (
 )
 
 
-def top_kernels(target, prompt, kw: dict, args: argparse.Namespace) -> list[dict]:
-    """The ``args.kernels`` kernels (ops on the CPU) with the most device time in one call of one new
-    token, after two untimed calls of that shape (the second records the prefill's graph): the
-    prefills' kernels and one cycle's (an AR step, or SMC-SD's draft steps and verify)."""
+def top_kernels(target, prompt, kw: dict, top: int) -> list[dict]:
+    """The ``top`` kernels with the most device time in one call of one new token, after two untimed
+    calls of that shape (the second records the prefill's graph): the prefills' kernels and one
+    cycle's (an AR step, or SMC-SD's draft steps and verify)."""
     for _ in range(2):
         smcgen.generate(target, prompt, **kw)
-    cuda = args.device == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         smcgen.generate(target, prompt, **kw)
-        if cuda:
-            torch.cuda.synchronize()
-    rows = [
-        {"kernel": e.key, "calls": e.count, "ms": (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3}
-        for e in prof.key_averages()
-        if not cuda or e.device_type == torch.autograd.DeviceType.CUDA  # kernels, not runtime calls
-    ]
-    rows.sort(key=lambda r: -r["ms"])
-    total = sum(r["ms"] for r in rows)
-    print(
-        f"  one-token call: {total:.2f} ms of {'kernels' if cuda else 'ops'}, {sum(r['calls'] for r in rows)} launches"
-    )
-    for r in rows[: args.kernels]:
+        torch.cuda.synchronize()
+    busy, launches, rows = kernel_table(prof, 1, top)
+    print(f"  one-token call: {busy:.2f} ms of kernels, {launches} launches")
+    for r in rows:
         print(f"    {r['ms']:8.3f} ms {r['calls']:5d}x {1e3 * r['ms'] / r['calls']:9.2f} us  {r['kernel'][:100]}")
-    return rows[: args.kernels]
+    return rows
 
 
 def main() -> None:
@@ -85,6 +76,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
+    if args.kernels and args.device != "cuda":
+        raise SystemExit("--kernels lists GPU kernels: it needs --device cuda")
     target = load_target(args.device, args.target_dtype, ["self-int8"])
     draft = load_draft("self-int8", target, args.device)
     if args.target_skinny_rows is not None:
@@ -138,7 +131,7 @@ def main() -> None:
         for k, v in sorted(steps.items(), key=lambda kv: -kv[1]["synced_ms"]):
             print(f"  {k:32s} calls {v['calls']:4d}  host {v['host_ms']:8.2f} ms  synced {v['synced_ms']:8.2f} ms")
         if args.kernels:
-            report[-1]["kernels"] = top_kernels(target, prompt, {**common, **kw, "max_new_tokens": 1}, args)
+            report[-1]["kernels"] = top_kernels(target, prompt, {**common, **kw, "max_new_tokens": 1}, args.kernels)
     if args.out:
         meta = {
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
