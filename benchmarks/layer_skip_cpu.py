@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from fidelity import chat_ids
 from torch import nn
 
 from smcgen.models.smollm2 import load_smollm2
@@ -49,9 +50,7 @@ def main() -> None:
     questions = [json.loads(x) for x in Path(args.prompts_file).read_text().splitlines() if x.strip()]
     seqs, starts = [], []
     for q in questions[: args.prompts]:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+        ids = torch.tensor([chat_ids(tok, q)])
         out = model.generate(
             ids, do_sample=True, temperature=tau, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens
         )
