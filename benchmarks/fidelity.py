@@ -171,16 +171,16 @@ def answer_each(
 
 
 def warm_up_prompts(prompts: list[list[int]]) -> list[list[int]]:
-    """One prompt of each length bucket the native engine sizes pools for (the next power of two,
-    at least ``PROMPT_BUCKET_FLOOR`` tokens), ``prompts[0]`` last and twice: warm-up calls on these
+    """One prompt of each length bucket the native engine sizes pools for (``prompt_bucket``),
+    ``prompts[0]`` last and twice: warm-up calls on these
     compile every bucket's kernels (a first call of a new bucket likely compiles Triton kernels for
     its shapes, which would otherwise land in one timed call's prefill and capture) and leave the
     first prompt's bucket kept, its prefill graph recorded (a kept run's second use records it)."""
-    from smcgen.samplers.native_setup import PROMPT_BUCKET_FLOOR
+    from smcgen.samplers.native_setup import prompt_bucket
 
     first: dict[int, list[int]] = {}
     for p in prompts:
-        first.setdefault(max(PROMPT_BUCKET_FLOOR, 1 << (len(p) - 1).bit_length()), p)
+        first.setdefault(prompt_bucket(len(p)), p)
     return [p for p in first.values() if p is not prompts[0]] + [prompts[0], prompts[0]]
 
 

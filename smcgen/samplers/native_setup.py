@@ -26,13 +26,18 @@ from smcgen.samplers.native_state import (
 PROMPT_BUCKET_FLOOR = 64
 
 
+def prompt_bucket(prompt_len: int) -> int:
+    """The bucket of a prompt length: the next power of two, at least ``PROMPT_BUCKET_FLOOR``."""
+    return max(PROMPT_BUCKET_FLOOR, 1 << (prompt_len - 1).bit_length())
+
+
 class RunSetup:
     """Run set-up of :class:`~smcgen.samplers.native.NativeSMC` (a mixin)."""
 
     def _pool_prompt_len(self, prompt_len: int, limit: int) -> int:
         """The prompt length a run's pools are sized for: ``prompt_len``'s bucket (see
         ``PROMPT_BUCKET_FLOOR``), capped where a longer prompt would not fit the context."""
-        bucket = max(PROMPT_BUCKET_FLOOR, 1 << (prompt_len - 1).bit_length())
+        bucket = prompt_bucket(prompt_len)
         context = min(m.max_positions for m in (self.target, self.draft) if m is not None)
         T = self.block + 1
         # the longest prompt with this limit (unsupported_reason's two bounds)
