@@ -186,7 +186,8 @@ class RunSetup:
         buffers = s.prefill
         if buffers is None or buffers.lengths != lengths:
             buffers = s.prefill = PrefillBuffers(self, s, lengths)
-        buffers.run(self, s, prompts, capture=pad and self.device.type == "cuda")
+        # a graph only where the run captures its cycle (cuda_graph=False means no graphs at all)
+        buffers.run(self, s, prompts, capture=pad and self.cuda_graph and self.device.type == "cuda")
         for i, g in enumerate(s.segments):
             self._set_pending(s, i, buffers.ids[i], g.prompt_len)
         # each group's rows now hold the same prompt K/V (resampling stays inside a group): cascade
