@@ -28,6 +28,7 @@ answer). It is a study, not a draft the engine can load.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -38,9 +39,16 @@ import torch
 import torch.nn.functional as F
 from fidelity import chat_ids, freshqa_questions
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from smcgen.distill_samples import INSTRUCTIONS, _positions, chat_prompts, sample_from_target
+from smcgen.distill_samples import (
+    INSTRUCTIONS,
+    _log_probs,
+    _positions,
+    chat_prompts,
+    divergence_terms,
+    kl_terms,
+    sample_from_target,
+)
 from smcgen.models.smollm2 import EMBEDDED_TARGET, load_embedded
 
 
@@ -53,69 +61,31 @@ class FeatureDraft(nn.Module):
 
     def __init__(self, target):
         super().__init__()
-        cfg = target.config
-        d = cfg.hidden_size
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, d // cfg.num_attention_heads
-        src = target.model.layers[-1]
+        d = target.config.hidden_size
         self.fc = nn.Linear(2 * d, d, bias=True)
-        with torch.no_grad():  # start as "the feature passes through" (the layer's residual branches start at zero)
+        # the target's last decoder layer, trained from there; its residual branches start near zero
+        # and the fc passes the feature through, so the draft starts close to "the next state is this one"
+        self.layer = copy.deepcopy(target.model.layers[-1]).requires_grad_(True)
+        with torch.no_grad():
             self.fc.weight.mul_(0.1)
             self.fc.weight[:, d:] += torch.eye(d)
             self.fc.bias.zero_()
-        self.ln1 = nn.Parameter(src.input_layernorm.weight.detach().clone())
-        self.ln2 = nn.Parameter(src.post_attention_layernorm.weight.detach().clone())
-        self.eps = cfg.rms_norm_eps
-        a, m = src.self_attn, src.mlp
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, self.nkv * self.hd, bias=False)
-        self.v = nn.Linear(d, self.nkv * self.hd, bias=False)
-        self.o = nn.Linear(d, d, bias=False)
-        self.gate = nn.Linear(d, m.gate_proj.out_features, bias=False)
-        self.up = nn.Linear(d, m.up_proj.out_features, bias=False)
-        self.down = nn.Linear(m.down_proj.in_features, d, bias=False)
-        for mine, theirs in (
-            (self.q, a.q_proj),
-            (self.k, a.k_proj),
-            (self.v, a.v_proj),
-            (self.o, a.o_proj),
-            (self.gate, m.gate_proj),
-            (self.up, m.up_proj),
-            (self.down, m.down_proj),
-        ):
-            mine.weight.data.copy_(theirs.weight.data)
-        with torch.no_grad():
-            self.o.weight.mul_(0.1)
-            self.down.weight.mul_(0.1)
-        # the target's embedding, norm and head are shared and frozen: a list keeps them out of this
-        # module's parameters and state_dict
+            self.layer.self_attn.o_proj.weight.mul_(0.1)
+            self.layer.mlp.down_proj.weight.mul_(0.1)
+        # the target's embedding, rotary table, norm and head are shared and frozen: a list keeps them
+        # out of this module's parameters and state_dict
         self._target = [target]
-
-    def rms(self, x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
 
     def forward(self, feats, tokens, pos, keymask):
         """feats [B,T,d], tokens [B,T] (token i+1 paired with feature i), pos [B,T], keymask [B,T] bool."""
         t = self._target[0]
-        emb = t.model.embed_tokens(tokens)
-        x = self.fc(torch.cat([emb, feats], -1))
-        B, T, d = x.shape
-        h = self.rms(x, self.ln1)
-        q = self.q(h).view(B, T, self.nh, self.hd).transpose(1, 2)
-        k = self.k(h).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        v = self.v(h).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = t.model.rotary_emb(x, pos)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        rep = self.nh // self.nkv
-        k = k.repeat_interleave(rep, 1)
-        v = v.repeat_interleave(rep, 1)
+        x = self.fc(torch.cat([t.model.embed_tokens(tokens), feats], -1))
+        T = x.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         mask = causal[None, None] & keymask[:, None, None, :]
         mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)[None, None]  # pads see themselves: no NaN
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.o(att.transpose(1, 2).reshape(B, T, d))
-        h = self.rms(x, self.ln2)
-        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
-        return x
+        out = self.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=t.model.rotary_emb(x, pos))
+        return out[0] if isinstance(out, tuple) else out
 
     def logits(self, feats):
         t = self._target[0]
@@ -155,13 +125,8 @@ def make_data(target, prompts, n, batch, max_new, tau, gen):
     return rows
 
 
-def kl_both_ways(p_logits, q_logits, tau):
-    """KL(p||q) and KL(q||p) per row at temperature ``tau``, and both log-distributions."""
-    lp = torch.log_softmax(p_logits.float() / tau, -1)
-    lq = torch.log_softmax(q_logits.float() / tau, -1)
-    fwd = (lp.exp() * (lp - lq)).sum(-1)
-    rev = (lq.exp() * (lq - lp)).sum(-1)
-    return fwd, rev, lp, lq
+#: --kl's names for :data:`smcgen.distill_samples.DIVERGENCES`
+KL_KINDS = {"fwd": "forward", "sym": "symmetric"}
 
 
 def train_loss(draft, ids, real, scored, f, tau, unroll, noise, gen, positions=0, kl_kind="sym", reg_w=0.1):
@@ -190,11 +155,9 @@ def train_loss(draft, ids, real, scored, f, tau, unroll, noise, gen, positions=0
         reg = F.smooth_l1_loss(pred[sel] / scale, tgt_f[sel] / scale)
         with torch.no_grad():
             p_logits = draft.logits(tgt_f[sel])
-        fwd, rev, _, _ = kl_both_ways(p_logits, draft.logits(pred[sel]), tau)
-        kl = fwd.mean() if kl_kind == "fwd" else 0.5 * (fwd.mean() + rev.mean())
-        loss = kl + reg_w * reg
-        total = total + loss / (unroll + 1)
-        parts.append(float(fwd.mean().detach()))
+        div = divergence_terms(p_logits, draft.logits(pred[sel]), tau, KL_KINDS[kl_kind]).mean()
+        total = total + (div + reg_w * reg) / (unroll + 1)
+        parts.append(float(div.detach()))
         # next pass: position i reads the prediction made for it (f_hat_i) instead of f_i
         cur = torch.cat([inp_f[:, :1], pred[:, :-1]], 1)
     return total, parts
@@ -226,13 +189,15 @@ def eval_steps(draft, data, tau, K, anchors_per_seq, gen):
             pp = pos_all[rows, :top]
             km = real[rows, :top].clone()
             ri = torch.arange(len(rows), device=dev)
+            truth = f[rows]
             for k in range(1, K + 1):
                 # positions a+1..a+k-1 hold predicted features (the causal mask already hides later ones)
                 pred = draft(ff, tt, pp, km)
                 idx = a + k - 1
                 ph = pred[ri, idx]
-                p_logits = draft.logits(f[rows][ri, idx + 1])
-                fwd, rev, lp, lq = kl_both_ways(p_logits, draft.logits(ph), tau)
+                p_logits, q_logits = draft.logits(truth[ri, idx + 1]), draft.logits(ph)
+                fwd, rev = kl_terms(p_logits, q_logits, tau), kl_terms(q_logits, p_logits, tau)
+                lp, lq = _log_probs(p_logits, q_logits, tau)
                 agree = (lp.argmax(-1) == lq.argmax(-1)).float()
                 ov = torch.minimum(lp.exp(), lq.exp()).sum(-1)
                 for j, x in enumerate((fwd, rev, agree, ov)):
@@ -256,7 +221,7 @@ def main():
     ap.add_argument("--unroll", type=int, default=2)
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--K", type=int, default=8)
-    ap.add_argument("--kl", choices=["fwd", "sym"], default="sym")
+    ap.add_argument("--kl", choices=list(KL_KINDS), default="sym", help="fwd: KL(target || draft); sym: both")
     ap.add_argument("--reg", type=float, default=0.1)
     ap.add_argument("--positions", type=int, default=0, help="scored positions per pass (0: all)")
     ap.add_argument("--init", default=None, help="continue from a featdraft.pt this script wrote")
@@ -314,7 +279,9 @@ def main():
         hist.append([step, float(loss.detach()), parts])
         if step % 20 == 0:
             by_pass = [round(p, 3) for p in parts]
-            print(f"step {step} {time.time() - t1:.0f}s loss {float(loss):.3f} KL(p||q) by pass {by_pass}", flush=True)
+            print(
+                f"step {step} {time.time() - t1:.0f}s loss {float(loss):.3f} divergence by pass {by_pass}", flush=True
+            )
     after = eval_steps(draft, held, args.tau, args.K, 3, torch.Generator().manual_seed(1))
     print("after:", flush=True)
     for k, v in after.items():
