@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fidelity import chat_ids, freshqa_questions
+from fidelity import chat_ids, load_questions
 from torch import nn
 
 from smcgen.distill_samples import (
@@ -233,10 +233,7 @@ def main():
     dev = torch.device(args.device)
     target, tok = load_embedded(EMBEDDED_TARGET, device=dev)
     target.requires_grad_(False)
-    if args.prompts_file:
-        qs = [json.loads(x) for x in Path(args.prompts_file).read_text().splitlines() if x.strip()]
-    else:
-        qs = freshqa_questions()
+    qs = load_questions(args.prompts_file)
     train_prompts = chat_prompts(tok, INSTRUCTIONS) + [chat_ids(tok, q) for q in qs[200:]]
     eval_prompts = [chat_ids(tok, q) for q in qs[:200]]
     gen = torch.Generator(dev).manual_seed(args.seed)

@@ -63,6 +63,14 @@ def freshqa_questions() -> list[str]:
     return [r["question"].strip() for r in freshqa_rows()]
 
 
+def load_questions(prompts_file: str | os.PathLike | None) -> list[str]:
+    """The questions of ``prompts_file`` (one JSON string a line, as ``--export-prompts`` writes them),
+    or FreshQA's from inspect-evals when it is None."""
+    if prompts_file is None:
+        return freshqa_questions()
+    return [json.loads(line) for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+
+
 def chat_ids(tokenizer, text: str) -> list[int]:
     return list(
         tokenizer.apply_chat_template(
@@ -267,11 +275,7 @@ def main() -> None:
         Path(args.export_prompts).write_text("".join(json.dumps(q) + "\n" for q in freshqa_questions()))
         print(f"wrote {args.export_prompts}")
         return
-    if args.prompts_file:
-        questions = [json.loads(line) for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    else:
-        questions = freshqa_questions()
-    questions = questions[: args.prompts]
+    questions = load_questions(args.prompts_file)[: args.prompts]
     t0 = time.perf_counter()
     target = load_model("smollm2-135m", args.device)
     draft = load_draft(args.draft, target, args.device)

@@ -34,8 +34,8 @@ from embedded_pair import add_target_dtype, load_target, parse_configs
 from fidelity import (
     answer_each,
     chat_ids,
-    freshqa_questions,
     gap_se,
+    load_questions,
     off_by,
     summarize,
     warm_up_prompts,
@@ -84,11 +84,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
 
-    if args.prompts_file:
-        questions = [json.loads(x) for x in Path(args.prompts_file).read_text().splitlines() if x.strip()]
-    else:
-        questions = freshqa_questions()
-    questions = questions[: args.prompts]
+    questions = load_questions(args.prompts_file)[: args.prompts]
     specs = [d for d in args.draft.split(",") if d]
     target = load_target(args.device, args.target_dtype, specs + ([] if args.no_early_exit else [EARLY_EXIT_DRAFT]))
     drafts = [(draft_label(d) if len(specs) > 1 else "", load_draft(d, target, args.device)) for d in specs]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from fidelity import chat_ids
+from fidelity import chat_ids, load_questions
 from torch import nn
 
 from smcgen.models.smollm2 import load_smollm2
@@ -47,7 +47,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, tok = load_smollm2()
     tau = args.temperature
-    questions = [json.loads(x) for x in Path(args.prompts_file).read_text().splitlines() if x.strip()]
+    questions = load_questions(args.prompts_file)
     seqs, starts = [], []
     for q in questions[: args.prompts]:
         ids = torch.tensor([chat_ids(tok, q)])
