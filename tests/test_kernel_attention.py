@@ -106,8 +106,14 @@ def test_too_few_counters_get_a_fresh_buffer(device):
     assert int(counters.abs().sum()) == 0, "a buffer too small must not be used"
 
 
-def test_paged_attention_prefill_query_blocks(device):
-    """T=256 with G=2: 512 packed queries in 4 blocks of 128; 2 splits exercise the merge too."""
+@pytest.mark.parametrize("max_block_m", [attention.IEEE_MAX_BLOCK_M, 128])
+def test_paged_attention_prefill_query_blocks(device, monkeypatch, max_block_m):
+    """T=256 with G=2: 512 packed fp32 queries in blocks of the fp32 cap (the default) or of 128 rows;
+    2 splits exercise the merge too."""
+    monkeypatch.setattr(attention, "IEEE_MAX_BLOCK_M", max_block_m)
+    tiles = []
+    real = attention._launch_config
+    monkeypatch.setattr(attention, "_launch_config", lambda *a: tiles.append(real(*a)[0]) or real(*a))
     n_q, ps, max_pages = 256, 16, 17
     k_pool, v_pool, table = make_cache(1, max_pages, ps, 1, 64, device, seed=3, shared=0)
     start = torch.tensor([5], dtype=torch.int32, device=device)
@@ -115,6 +121,10 @@ def test_paged_attention_prefill_query_blocks(device):
     twin = paged_attention_torch(q, k_pool, v_pool, table, start, 0.125)
     out = paged_attention_triton(q, k_pool, v_pool, table, start, 0.125, num_splits=2)
     torch.testing.assert_close(out, twin, rtol=1e-5, atol=2e-5)
+    assert tiles == [max_block_m]  # fp32 queries took the cap's tiles
+    tiles.clear()
+    paged_attention_triton(q.bfloat16(), k_pool.bfloat16(), v_pool.bfloat16(), table, start, 0.125, num_splits=2)
+    assert tiles == [128]  # half precision keeps the tall tiles
 
 
 def test_a_prefill_key_bound_sizes_the_splits_not_the_table(device, monkeypatch):

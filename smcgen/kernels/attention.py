@@ -114,9 +114,17 @@ def prefix_tiles_adjacent(n_groups: int, block_m: int) -> bool:
     return PREFIX_TILES_ADJACENT and (n_groups == 1 or block_m >= 64)
 
 
-def _launch_config(packed: int, dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head."""
-    block_m = min(max(16, triton.next_power_of_2(packed)), 128)
+#: the tallest query tile for fp32 queries, whose dots run as IEEE fp32 FMA loops (no tensor cores).
+#: With 128-row tiles the embedded SmolLM2's 64-token fp32 prompt ran as 6 programs a layer; with 32
+#: rows (24 programs) the attention of a one-token call (30 prompt and 30 decode calls) took 0.55 ms
+#: on an H100 against 10.3 (BENCHMARKS.md, sixteenth session; why so much was not isolated)
+IEEE_MAX_BLOCK_M = 32
+
+
+def _launch_config(packed: int, dim: int, max_block_m: int = 128) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head, with query
+    tiles of at most ``max_block_m`` rows."""
+    block_m = min(max(16, triton.next_power_of_2(packed)), max_block_m)
     if block_m <= 16:  # decode: few queries, wide key tiles keep more bytes in flight
         return block_m, DECODE_BLOCK_N, 4, 2
     if block_m >= 128:  # big verify / prefill: narrow key tiles keep registers in check
@@ -221,7 +229,8 @@ def paged_attention_triton(
     """Triton version of :func:`paged_attention_torch` (GQA-packed, split-KV, fp32 online softmax).
 
     Grid (row x kv head, KV split, query block): a program takes the packed G*T queries of one kv
-    head (query block of up to 128 packed rows, t-major so a block covers consecutive positions),
+    head (query block of up to 128 packed rows, 32 for fp32 queries: ``IEEE_MAX_BLOCK_M``; t-major so
+    a block covers consecutive positions),
     reads each K/V page once for all of them and keeps an online softmax in fp32 over its share of
     the row's visible keys. With several splits, the last split program of each tile to finish
     merges the partial outputs by log-sum-exp in the same kernel; it elects itself on ``counters``,
@@ -242,7 +251,8 @@ def paged_attention_triton(
     assert k_pool_l.stride(-1) == 1 and v_pool_l.stride(-1) == 1 and block_table.is_contiguous()
     max_pages = block_table.shape[1]
     packed = group * n_q
-    block_m, block_n, num_warps, num_stages = _launch_config(packed, dim)
+    ieee = q.dtype == torch.float32
+    block_m, block_n, num_warps, num_stages = _launch_config(packed, dim, IEEE_MAX_BLOCK_M if ieee else 128)
     n_qblocks = triton.cdiv(packed, block_m)
     n_programs = n_rows * n_kvh * n_qblocks
     min_keys = None
@@ -297,7 +307,7 @@ def paged_attention_triton(
         BLOCK_N=block_n,
         NSPLIT=num_splits,
         NSPLIT_P2=triton.next_power_of_2(num_splits),
-        IEEE=q.dtype == torch.float32,
+        IEEE=ieee,
         PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
