@@ -449,6 +449,61 @@ def test_a_run_of_the_same_shape_replays_the_kept_capture(models, warm_up_captur
     assert kept._kept is None
 
 
+def test_prompts_of_two_buckets_in_turn_replay_both_kept_runs(models, warm_up_capture, monkeypatch):
+    """An engine keeps its last KEPT_RUNS runs of different shapes: prompts whose lengths switch
+    between two buckets capture each bucket once, and every run draws what a fresh engine draws.
+    A fourth shape evicts the least recently used one; kept runs whose pools take more than their
+    share of memory are freed before a new run sizes its pools."""
+    from smcgen.samplers import native as native_module
+    from smcgen.samplers import native_setup
+
+    _, native_target, native_draft = models
+    monkeypatch.setattr(native_setup, "PROMPT_BUCKET_FLOOR", 8)
+    cfg = SMCConfig(n_particles=3, block_size=2, max_new_tokens=9, seed=0, ess_threshold=0.9)
+
+    def engine() -> NativeSMC:
+        e = NativeSMC(native_target, cfg, draft=native_draft, eos_token_ids=(EOS,), page_size=4, cuda_graph=False)
+        e.pad_prefill = False  # as the fresh engines (no graph): the kept ones must match them bit for bit
+        return e
+
+    # buckets 8, 16, 8, 16, 8, then 32 and 55 (a third and a fourth shape), then 16 again
+    lengths = [5, 13, 7, 9, 3, 20, 40, 11]
+    captures_after = [1, 2, 2, 2, 2, 3, 4, 5]
+    prompts = [_prompt(n, 40 + i) for i, n in enumerate(lengths)]
+    fresh = [engine().run([p], on_dead="flag", seeds=[i]) for i, p in enumerate(prompts)]
+    kept = engine()
+    captured = warm_up_capture(kept)
+    for i, (prompt, expected, captures) in enumerate(zip(prompts, fresh, captures_after)):
+        got = kept.run([prompt], on_dead="flag", seeds=[i])
+        assert len(captured) == captures, (lengths[i], len(captured))
+        assert len(kept._kept_runs) == min(len(set(captures_after[: i + 1])), native_module.KEPT_RUNS)
+        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.lengths, expected.lengths)
+        torch.testing.assert_close(got.log_weights, expected.log_weights, rtol=0, atol=0)
+    # the fourth shape (55) evicted bucket 16, the least recently used, and 16 then evicted 8
+    kept.run([prompts[0]], on_dead="flag", seeds=[0])
+    assert len(captured) == 6
+    # new pools that do not fit beside the kept runs: those go, and the pools are sized again
+    sized_beside = []
+    make_caches = kept._make_caches
+
+    def tight(*args):
+        sized_beside.append(len(kept._kept_runs))
+        if kept._kept_runs:
+            raise ValueError("KV cache too small")
+        return make_caches(*args)
+
+    monkeypatch.setattr(kept, "_make_caches", tight)
+    kept.run([prompts[5]], on_dead="flag", seeds=[5])
+    assert sized_beside == [3, 0] and len(captured) == 7 and len(kept._kept_runs) == 1
+    monkeypatch.setattr(kept, "_make_caches", make_caches)
+    # kept pools over their share of memory: the other kept runs go before a new shape's pools
+    kept.run([prompts[1]], on_dead="flag", seeds=[1])
+    assert len(captured) == 8 and len(kept._kept_runs) == 2
+    monkeypatch.setattr(native_module, "KEPT_RUNS_MEMORY_FRACTION", 0.0)
+    kept.run([prompts[0]], on_dead="flag", seeds=[0])
+    assert len(captured) == 9 and len(kept._kept_runs) == 1
+
+
 @pytest.mark.parametrize("cascade", [None, True])
 def test_prompts_of_one_bucket_replay_the_kept_capture(models, device, warm_up_capture, monkeypatch, cascade):
     """Pools are sized for a bucket of prompt lengths, so a prompt of another length in the same
@@ -519,7 +574,9 @@ def test_a_run_sized_for_its_own_prompt_replays_for_that_length(models, warm_up_
     kept = engine()
     captured = warm_up_capture(kept)
     tried.clear()
-    for i, (prompt, captures, attempts) in enumerate(zip(prompts, (1, 1, 2), ([True, False], [], [True, False]))):
+    # the third prompt tries its bucket beside the kept run, then alone, then its own length
+    attempts_of = ([True, False], [], [True, True, False])
+    for i, (prompt, captures, attempts) in enumerate(zip(prompts, (1, 1, 2), attempts_of)):
         got = kept.run([prompt], on_dead="flag", seeds=[i])
         assert len(captured) == captures and tried == attempts, (i, len(captured), tried)
         tried.clear()

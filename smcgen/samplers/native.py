@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from smcgen.core.config import SMCConfig
-from smcgen.core.device_memory import hold
+from smcgen.core.device_memory import device_memory_bytes, hold, keeping
 from smcgen.core.resampling import (
     Resampler,
     SystematicResampler,
@@ -49,6 +50,7 @@ from smcgen.potentials.base import (
 from smcgen.potentials.grammar_dfa import DEFAULT_MAX_BYTES
 from smcgen.potentials.token import TokenPotential
 from smcgen.potentials.token_dfa import TokenDFA
+from smcgen.runners.native.kv_cache import PagedKVCache
 from smcgen.runners.native.model import NativeCausalLM
 from smcgen.samplers.native_cycle import CycleSteps
 from smcgen.samplers.native_scores import PotentialSteps
@@ -63,6 +65,14 @@ from smcgen.samplers.native_state import (
 )
 from smcgen.samplers.native_trace import TraceFeed
 from smcgen.samplers.run import BatchRun, dead_group_error, length_problem
+
+#: runs of different shapes an engine keeps, each with its pools and graphs, for the next run of
+#: its shape: prompts whose lengths fall in two buckets in turn then replay both buckets' graphs
+#: instead of sizing pools and capturing anew at every switch
+KEPT_RUNS = 3
+#: the other kept runs stay beside a new run's pools only while their KV pools take at most this
+#: share of the device's memory (an 8B target's long prompts: its pools are freed first, as before)
+KEPT_RUNS_MEMORY_FRACTION = 0.05
 
 
 class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
@@ -200,9 +210,10 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         #: runs without effect. None (default): on CUDA, for cycles of one token only (see
         #: ``_looks_ahead``); True / False: always / never
         self.lookahead: bool | None = None
-        #: the last captured run's shape, state (with its KV caches and a host guide's recorded
-        #: pieces) and whole-cycle graph (None for pieces): the next run of that shape replays it
-        self._kept: tuple[tuple, _CycleState, Any] | None = None
+        #: the last captured runs, least recently used first: shape -> (state (with its KV caches
+        #: and a host guide's recorded pieces), whole-cycle graph (None for pieces)); the next run
+        #: of one of these shapes replays it
+        self._kept_runs: OrderedDict[tuple, tuple[_CycleState, Any]] = OrderedDict()
         #: wall-clock split of the last run: prefill, graph capture, decode (seconds), cycles run, and
         #: the part of decode a host guide's pieces spent on their eager first cycle and recording
         self.last_timing: dict[str, float] = {}
@@ -318,30 +329,23 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         shape = self._run_shape(segments, pool_lens) if feed is None else None
         # pools sized for these exact prompt lengths (kept when their buckets did not fit) serve them too
         exact_shape = self._run_shape(segments, exact) if shape is not None else None
-        # one kept run across all engines (its pools hold GPU memory, smcgen.core.device_memory.hold);
-        # another engine's goes where the new pools are sized and made (free_gpu_bytes, make_cache)
-        kept, self._kept = self._kept, None
-        if kept is not None and shape is not None and kept[0] in (shape, exact_shape):
-            shape = kept[0]
-            _, state, graph = kept
+        # one engine's kept runs across all engines (their pools hold GPU memory,
+        # smcgen.core.device_memory.hold); another engine's go where new pools are sized and made
+        # (free_gpu_bytes, make_cache). A kept run is taken out while it runs: a failed run is not kept
+        kept = next((k for k in (shape, exact_shape) if k is not None and k in self._kept_runs), None)
+        if kept is not None:
+            shape = kept
+            state, graph = self._kept_runs.pop(kept)
             tcache, dcache = state.tcache, state.dcache
             for cache in (tcache, dcache):
                 if cache is not None:
                     cache.reset()
             state.start(self, segments)
         else:
-            kept = graph = None  # the old pools are freed before the new ones are sized
-            share_t = 1.0
-            if self.draft is not None:
-                kv_t = self.target.kv_bytes_per_token()
-                kv_d = self.draft.kv_bytes_per_token()
-                share_t = kv_t / (kv_t + kv_d)
-            try:
-                tcache, dcache = self._make_caches(segments, pool_lens, share_t)
-            except ValueError:
-                # the buckets' worst case does not fit: pools sized for these prompts, kept as such
-                shape, pool_lens = exact_shape, exact
-                tcache, dcache = self._make_caches(segments, exact, share_t)
+            graph = None
+            tcache, dcache, pool_lens = self._new_caches(segments, pool_lens, exact)
+            if pool_lens is exact:  # the buckets' worst case did not fit: pools sized for these prompts, kept as such
+                shape = exact_shape
             state = _CycleState(self, prompts, segments, n_cycles, tcache, dcache, pool_lens)
         if feed is not None:
             feed.attach(state, T)
@@ -457,9 +461,51 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         )
         pieces = state.host_guided
         if shape is not None and (graph is not None or (pieces is not None and pieces.graphs is not None)):
-            self._kept = (shape, state, graph)
-            hold(self)  # releases another engine's kept run, if one is still kept
+            self._kept_runs[shape] = (state, graph)
+            while len(self._kept_runs) > KEPT_RUNS:
+                self._kept_runs.popitem(last=False)
+            hold(self)  # releases another engine's kept runs, if some are still kept
         return run, timing
+
+    @property
+    def _kept(self) -> tuple[tuple, _CycleState, Any] | None:
+        """The most recently kept run as (shape, state, graph), or None."""
+        if not self._kept_runs:
+            return None
+        shape = next(reversed(self._kept_runs))
+        return (shape, *self._kept_runs[shape])
+
+    def _kept_bytes(self) -> int:
+        """Bytes of the kept runs' KV pools."""
+        caches = [c for state, _ in self._kept_runs.values() for c in (state.tcache, state.dcache) if c is not None]
+        return sum(c.k_pool.nbytes + c.v_pool.nbytes for c in caches)
+
+    def _new_caches(
+        self, segments: list[_Segment], pool_lens: list[int], exact: list[int]
+    ) -> tuple[PagedKVCache, PagedKVCache | None, list[int]]:
+        """New caches for a run no kept run serves: (target's, draft's, the prompt lengths they are
+        sized for: ``pool_lens``, or ``exact`` when the buckets' worst case does not fit).
+
+        The other kept runs stay beside the new pools when theirs are small (see
+        ``KEPT_RUNS_MEMORY_FRACTION``) and the new pools fit beside them; otherwise they are freed
+        first, as another engine's are."""
+        share_t = 1.0
+        if self.draft is not None:
+            kv_t = self.target.kv_bytes_per_token()
+            kv_d = self.draft.kv_bytes_per_token()
+            share_t = kv_t / (kv_t + kv_d)
+        if self._kept_runs and self._kept_bytes() > KEPT_RUNS_MEMORY_FRACTION * device_memory_bytes(self.device):
+            self._kept_runs.clear()
+        if self._kept_runs:
+            try:
+                with keeping(self):
+                    return (*self._make_caches(segments, pool_lens, share_t), pool_lens)
+            except ValueError:
+                self._kept_runs.clear()  # they do not fit beside the kept runs: free those and size again
+        try:
+            return (*self._make_caches(segments, pool_lens, share_t), pool_lens)
+        except ValueError:
+            return (*self._make_caches(segments, exact, share_t), exact)
 
     def _looks_ahead(self, on_gpu: bool) -> bool:
         """Whether the run enqueues each cycle before it reads the last one's done flag (a host
@@ -477,8 +523,8 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         return on_gpu and self.block == 0
 
     def release_held(self) -> None:
-        """Free the kept run (:func:`smcgen.core.device_memory.release_held` calls it before free memory is read)."""
-        self._kept = None
+        """Free the kept runs (:func:`smcgen.core.device_memory.release_held` calls it before free memory is read)."""
+        self._kept_runs.clear()
 
     def _run_shape(self, segments: list[_Segment], pool_lens: list[int]) -> tuple | None:
         """What a captured cycle fixes of a run: the batch layout, each segment's limit and the prompt
