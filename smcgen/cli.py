@@ -114,7 +114,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
         "config.json and manifest.json that `smcgen --draft OUT` and generate(draft=OUT) load.",
     )
     p.add_argument("--target", default="smollm2-135m", help="target model name or path")
-    p.add_argument("--out", required=True, help="output directory (also holds checkpoint.pt and loss.png)")
+    p.add_argument("--out", required=True, help="output directory (also holds checkpoint.pt, loss.csv and loss.png)")
     p.add_argument("--layers", type=int, default=None, help="draft decoder layers (default: chosen from the target)")
     p.add_argument("--init", default=d.init, choices=["spaced", "first", "last"], help="target layers copied in")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps")

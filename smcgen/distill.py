@@ -15,7 +15,8 @@ little, which the forward KL never penalises).
 A pool of samples serves ``reuse`` optimiser steps.
 
 Outputs (in ``out_dir``): ``draft.safetensors`` + ``config.json`` + ``manifest.json`` (see
-:mod:`smcgen.models.draft_dir`), ``loss.png`` and ``checkpoint.pt`` for ``resume=True``.
+:mod:`smcgen.models.draft_dir`), the loss curve (``loss.csv``, and ``loss.png`` with matplotlib
+installed) and ``checkpoint.pt`` for ``resume=True``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 import random
 import subprocess
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -182,6 +184,22 @@ def _git_commit() -> str | None:
         return None
 
 
+def _write_curve(history: list[tuple[int, float]], out: Path, title: str, ylabel: str) -> None:
+    """The loss curve as ``loss.csv`` and, when matplotlib is installed, ``loss.png`` (it is an
+    optional dependency: without it the run warns and keeps going)."""
+    lines = ["step,loss"] + [f"{s},{loss:.6g}" for s, loss in history]
+    (out / "loss.csv").write_text("\n".join(lines) + "\n")
+    try:
+        _plot(history, out / "loss.png", title, ylabel)
+    except ImportError:
+        # the default warnings filter shows this once per process, not at every timed checkpoint
+        warnings.warn(
+            "smcgen distill: matplotlib is not installed, so loss.png is not drawn (the curve is in "
+            "loss.csv); `pip install matplotlib` adds the plot",
+            stacklevel=2,
+        )
+
+
 def _plot(history: list[tuple[int, float]], path: Path, title: str, ylabel: str) -> None:
     import matplotlib
 
@@ -329,11 +347,8 @@ def distill(
             ylabel = {"forward": "KL(target || draft)", "reverse": "KL(draft || target)"}.get(
                 cfg.divergence, "mean of both KL directions"
             )
-            _plot(
-                history,
-                out / "loss.png",
-                f"smcgen distill: {layers}-layer draft of {target_name}",
-                ylabel + ", nats/token",
+            _write_curve(
+                history, out, f"smcgen distill: {layers}-layer draft of {target_name}", ylabel + ", nats/token"
             )
 
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf

@@ -65,6 +65,9 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
     out = tmp_path / "a"
     assert {p.name for p in out.iterdir()} >= {"draft.safetensors", "config.json", "manifest.json", "loss.png"}
+    curve = (out / "loss.csv").read_text().splitlines()
+    assert curve[0] == "step,loss" and len(curve) == 31
+    assert [float(line.split(",")[1]) for line in curve[1:]] == pytest.approx(losses, rel=1e-5)
     from safetensors.torch import load_file
 
     stored = load_file(str(out / "draft.safetensors"))
@@ -106,6 +109,18 @@ def test_loss_falls_files_load_and_smc_sd_runs(tmp_path):
     with torch.no_grad():
         want = draft(torch.tensor([seq])).logits[0]
     assert (got.float() - want).abs().max() < 1e-3
+
+
+def test_without_matplotlib_the_run_still_writes_the_draft_and_the_curve(tmp_path, monkeypatch):
+    """matplotlib is optional: without it the run warns, skips loss.png and finishes every other file."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        target, manifest, _ = _run(tmp_path, "no_plot", cfg={"steps": 3, "eval_sequences": 0})
+    names = {p.name for p in (tmp_path / "no_plot").iterdir()}
+    assert {"draft.safetensors", "config.json", "manifest.json", "loss.csv"} <= names and "loss.png" not in names
+    assert manifest["steps"] == 3 and draft_dir.load_draft(tmp_path / "no_plot", target.model) is not None
 
 
 def test_seeded_runs_reproduce_and_resume_is_exact(tmp_path):
