@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import math
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +53,25 @@ def load_model(name: str, device: str | None = None) -> LanguageModel:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name).to(dev).eval()
+        known = (*smollm2.EMBEDDED_NAMES, SELF_INT8_DRAFT)
+        if name == SELF_INT8_DRAFT:
+            raise ValueError(f"{SELF_INT8_DRAFT!r} is a draft built from its target: pass it as draft= with a target")
+        local = Path(name).exists()
+        close = [] if local else difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close:  # a typo of a name this package knows: no hub lookup (which retries for seconds offline)
+            raise ValueError(f"unknown model name {name!r}: did you mean {close[0]!r}? Known names: {', '.join(known)}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name)
+        except OSError as e:
+            if local or e.errno is not None:  # a real file-system error (permissions, disk full): as raised
+                raise
+            # transformers' own "not found / cannot connect" errors: the same type, saying what was tried
+            raise OSError(
+                f"could not load model {name!r}: it is not one of this package's names ({', '.join(known)}), "
+                f"not a trained draft directory, and transformers could not load it as a local model "
+                f"directory or a Hugging Face hub id ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from e
+        model = model.to(dev).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError):

@@ -137,3 +137,48 @@ def test_draft_and_proposal_together(target, tok):
 def test_unknown_model_type():
     with pytest.raises(TypeError, match="expected a model name"):
         smcgen.generate(42, "a")
+
+
+@pytest.mark.parametrize("name", ["smollm2-13m", "smollm2-135m-draf", "self-int9"])
+def test_a_misspelt_model_name_fails_at_once_with_a_suggestion(name, monkeypatch):
+    """A near miss of a name this package knows never reaches the hub (offline, that retries for
+    seconds before a connection error that does not say the name is wrong)."""
+    from transformers import AutoModelForCausalLM
+
+    from smcgen.api import load_model
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_hub)
+    with pytest.raises(
+        ValueError, match=r"unknown model name .*did you mean '(smollm2-135m|smollm2-135m-draft|self-int8)'"
+    ):
+        load_model(name)
+
+
+def test_a_name_transformers_cannot_load_lists_the_known_names(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from smcgen.api import load_model
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(OSError, match=r"could not load model 'no-such-model'.*smollm2-135m.*couldn't connect"):
+        load_model("no-such-model")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", disk_full)
+    with pytest.raises(OSError, match="^\\[Errno 28\\] No space left on device$"):  # not blamed on the name
+        load_model("no-such-model")
+
+
+def test_self_int8_as_a_target_says_it_is_a_draft():
+    from smcgen.api import load_model
+
+    with pytest.raises(ValueError, match="'self-int8' is a draft built from its target: pass it as draft="):
+        load_model("self-int8")
