@@ -146,7 +146,7 @@ def generate(
     takes: a pydantic model, a JSON Schema, a Literal/Enum, a regex, a Lark/EBNF text (bound to the
     target's tokenizer here; ``result.parsed`` then holds the answer parsed as that type).
     ``grammar=`` is its older name. ``result.engine`` says which engine ran and
-    ``result.engine_reason`` why the generic one did (also logged once per reason).
+    ``result.engine_reason`` why the generic one did (also logged once per reason; a warning only on a GPU).
     ``constraint`` (any :class:`Potential`, typically a boolean one over text with no cheap mask,
     e.g. "no letter e") is a factor of the target that also steers every draw: the target's own
     tokens and the draft's are drawn by adaptive weighted rejection sampling
@@ -286,7 +286,7 @@ def _speculative(
             raise ValueError(f"engine='native' cannot run this request: {reason}")
         engine_reason = f"method='sd' runs on the generic engine: {reason}"
         if cfg.engine == "auto":
-            _warn_fallback(engine_reason)
+            _warn_fallback(engine_reason, target_lm.device)
         run = speculative_decode(target_lm, draft_lm, ids, **kw)
         engine = "generic"
     n = cfg.n_particles

@@ -391,7 +391,7 @@ class Engine:
                 raise ValueError(f"engine='native' cannot run this request: {reason}")
             if native is None:
                 if cfg.engine == "auto" and reason is not None:
-                    _warn_fallback(reason)
+                    _warn_fallback(reason, self.target.device)
                 for q in requests:  # the native engine checks its own cache; the generic one is checked here
                     check_request_memory(q.config, self.target, self.draft, len(q.ids))
             if getattr(guide, "counts_down_budget", False):

@@ -41,11 +41,14 @@ def _warn_weak_draft(result: SMCResult) -> None:
         )
 
 
-def _warn_fallback(reason: str) -> None:
-    """Log (once per distinct reason) that engine='auto' fell back to the generic engine."""
+def _warn_fallback(reason: str, device: torch.device | str) -> None:
+    """Log (once per distinct reason) that engine='auto' fell back to the generic engine: a warning
+    on a GPU, where the native engine is the fast path, and at info level on a CPU, where the generic
+    engine is the usual one (``result.engine_reason`` says why either way)."""
     if reason not in _WARNED:
         _WARNED.add(reason)
-        logger.warning("smcgen: running on the generic engine, not the native one: %s", reason)
+        level = logging.WARNING if torch.device(device).type == "cuda" else logging.INFO
+        logger.log(level, "smcgen: running on the generic engine, not the native one: %s", reason)
 
 
 def posterior_of(sequences: list[list[int]], log_weights: list[float], decoder: Any) -> list[tuple[str, float]]:

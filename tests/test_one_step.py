@@ -174,14 +174,24 @@ def test_the_same_seed_reproduces_each_runner(target):
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].log_weights, runs[1].log_weights)
 
 
-def test_auto_says_why_it_fell_back_and_warns_once(target, caplog):
+def test_auto_says_why_it_fell_back_and_logs_once(target, caplog):
+    """On a CPU the generic engine is the usual path: the reason is logged once at info level (no
+    warning on every CPU run); on a GPU the same fallback is a warning."""
+    from smcgen.engine_results import _warn_fallback
+
     smcgen.api._WARNED.clear()
-    with caplog.at_level(logging.WARNING, logger="smcgen"):
+    with caplog.at_level(logging.INFO, logger="smcgen"):
         results = [smcgen.generate(target, PROMPT, max_new_tokens=3, n_particles=2, seed=i) for i in range(2)]
     assert all(r.engine == "generic" for r in results)
     assert results[0].engine_reason == "the model is not on a GPU"
-    warnings = [r for r in caplog.records if "generic engine" in r.getMessage()]
-    assert len(warnings) == 1 and "not on a GPU" in warnings[0].getMessage()
+    logged = [r for r in caplog.records if "generic engine" in r.getMessage()]
+    assert len(logged) == 1 and "not on a GPU" in logged[0].getMessage() and logged[0].levelno == logging.INFO
+    caplog.clear()
+    reason = "a reason only this test gives"
+    with caplog.at_level(logging.INFO, logger="smcgen"):
+        _warn_fallback(reason, "cuda")
+    smcgen.api._WARNED.discard(reason)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 def test_potentials_run_on_the_native_engine_through_generate(target):
