@@ -30,7 +30,8 @@ def _kind(value: Any) -> str:
 def as_config(config: Any, overrides: Mapping[str, Any]) -> SMCConfig:
     """``config`` with keyword overrides applied. ``config`` is an :class:`SMCConfig`, a
     :class:`SamplingParams`, an :class:`EngineSettings`, a dict of fields, a tuple of these (merged
-    left to right: ``(SamplingParams(...), EngineSettings(...))``) or None."""
+    left to right: ``(SamplingParams(...), EngineSettings(...))``) or None. An override
+    ``temperature`` replaces both of the base's temperatures, except one the overrides also give."""
     parts = config if isinstance(config, tuple) else (config,)
     base: dict[str, Any] = {}
     for part in parts:
@@ -45,6 +46,11 @@ def as_config(config: Any, overrides: Mapping[str, Any]) -> SMCConfig:
                 "config must be an SMCConfig, SamplingParams, EngineSettings, a dict of their fields, a tuple of "
                 f"these or None, got {_kind(part)}"
             )
+    if overrides.get("temperature") is not None:
+        # a keyword temperature outranks the base config's two temperatures, as any keyword does its field
+        for field in ("target_temperature", "draft_temperature"):
+            if field not in overrides:
+                base.pop(field, None)
     return SMCConfig(**{**base, **overrides})
 
 

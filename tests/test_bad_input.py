@@ -21,9 +21,12 @@ from smcgen import AllParticlesDeadError, Potential, RewardPotential, SequenceBa
         ("max_new_tokens", 0, "greater than or equal to 1"),
         ("ess_threshold", 1.5, "less than or equal to 1"),
         ("ess_threshold", -0.1, "greater than or equal to 0"),
-        ("draft_temperature", 0.0, "greater than or equal to 0.0001"),
+        ("draft_temperature", 0.0, "greedy decoding"),
+        ("draft_temperature", 1e-5, "greater than or equal to 0.0001"),
         ("target_temperature", -1.0, "greater than or equal to 0.0001"),
+        ("target_temperature", math.nan, "finite number"),
         ("alpha", 0.0, "greater than 0"),
+        ("alpha", math.inf, "finite number"),
         ("resampler", "bogus", "systematic"),
         ("n_particle", 4, "Extra inputs are not permitted"),
     ],
@@ -37,6 +40,20 @@ def test_invalid_config_names_field_and_range(field, value, words):
 def test_invalid_override_through_generate(target, tok):
     with pytest.raises(ValidationError, match="n_particles"):
         smcgen.generate(target, "a", tokenizer=tok, n_particles=0)
+
+
+def test_temperature_sets_both_temperatures_unless_one_is_given():
+    from smcgen.validation import as_config
+
+    assert (SMCConfig(temperature=0.5).target_temperature, SMCConfig(temperature=0.5).draft_temperature) == (0.5, 0.5)
+    cfg = SMCConfig(temperature=0.5, draft_temperature=0.3)
+    assert (cfg.target_temperature, cfg.draft_temperature) == (0.5, 0.3)
+    assert SMCConfig(temperature=0.5, target_temperature=None).target_temperature == 0.5  # None: not given
+    # a keyword temperature outranks the base config's temperatures, as generate(config=..., **kw) merges
+    cfg = as_config(SMCConfig(n_particles=3, target_temperature=0.9), {"temperature": 0.6})
+    assert (cfg.n_particles, cfg.target_temperature, cfg.draft_temperature) == (3, 0.6, 0.6)
+    with pytest.raises(ValidationError, match="greedy decoding"):
+        SMCConfig(temperature=0)
 
 
 @pytest.mark.parametrize("prompt", ["", [], torch.tensor([], dtype=torch.long)])

@@ -9,9 +9,9 @@ argument users already pass (``generate(..., n_particles=16, engine="generic")``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ResamplerName = Literal["systematic", "multinomial", "stratified", "residual"]
 EngineName = Literal["auto", "native", "generic"]
@@ -37,10 +37,11 @@ class SamplingParams(BaseModel):
 
     Invalid values raise ``pydantic.ValidationError`` naming the field and the allowed range, e.g.
     ``n_particles: Input should be greater than or equal to 1``; unknown fields are rejected so a typo
-    never passes silently.
+    never passes silently, and NaN or infinite numbers are rejected as such. ``temperature=t`` is
+    shorthand for ``target_temperature=t`` and ``draft_temperature=t`` where those are not given.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: MethodName = Field(
         "smc",
@@ -91,6 +92,30 @@ class SamplingParams(BaseModel):
     return_all_particles: bool = Field(
         False, description="Also decode the text of every particle into SMCResult.texts."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_temperature(cls, data: Any) -> Any:
+        """``temperature`` (as in Hugging Face ``generate`` and the OpenAI API) sets both temperatures
+        that are not given."""
+        if isinstance(data, dict) and "temperature" in data:
+            data = dict(data)
+            t = data.pop("temperature")
+            if t is not None:
+                for field in ("target_temperature", "draft_temperature"):
+                    if data.get(field) is None:  # not given, or given as None
+                        data[field] = t
+        return data
+
+    @field_validator("target_temperature", "draft_temperature", mode="before")
+    @classmethod
+    def _no_zero_temperature(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and value == 0:
+            raise ValueError(
+                f"temperature 0 is greedy decoding, which has no distribution to sample or weight: use a small "
+                f"temperature such as 0.1 (at least {MIN_TEMPERATURE:g})"
+            )
+        return value
 
 
 class EngineSettings(BaseModel):

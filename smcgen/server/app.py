@@ -70,10 +70,9 @@ def _config_error(err: ValidationError, body: SMCRequest) -> APIError:
         return field
 
     params = [param_of(_loc(e["loc"])) for e in err.errors()]
-    messages = "; ".join(f"{p}: {e['msg']}" for p, e in zip(params, err.errors()))
-    if "temperature" in params:
-        messages += " (SMC samples: use a small temperature such as 0.1 rather than 0)"
-    return APIError(400, messages, param=params[0])
+    # temperature sets two fields: one bad value would otherwise be reported twice
+    problems = list(dict.fromkeys(f"{p}: {e['msg']}" for p, e in zip(params, err.errors())))
+    return APIError(400, "; ".join(problems), param=params[0])
 
 
 class ServerState:

@@ -88,9 +88,8 @@ class SMCRequest(BaseModel):
     def smc_overrides(self) -> dict[str, Any]:
         """The SMCConfig overrides this request asks for (unset fields keep the server's defaults)."""
         out = {k: getattr(self, k) for k in SMC_FIELDS if getattr(self, k) is not None}
-        if self.temperature is not None:
-            out.setdefault("target_temperature", self.temperature)
-            out.setdefault("draft_temperature", self.temperature)
+        if self.temperature is not None:  # SMCConfig sets both temperatures from it where not given
+            out["temperature"] = self.temperature
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if limit is not None:
             out["max_new_tokens"] = limit
