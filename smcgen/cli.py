@@ -7,6 +7,8 @@ import argparse
 import sys
 import time
 
+from pydantic import ValidationError
+
 from smcgen.core.config import SMCConfig
 
 DEFAULT_PROMPT = "Write a short poem about the sea."
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="SMC speculative decoding: a draft proposes blocks, the target weights them, "
         "particles resample when the ESS drops. Defaults run the embedded SmolLM2-135M-Instruct "
         "with an int8 copy of itself as the draft, offline after the first run.",
+        epilog="Other commands: `smcgen distill --help` (train a draft for a target) and `smcgen serve --help` "
+        "(an OpenAI-compatible HTTP server).",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message (the chat template is applied)")
     p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-dtype",
         default="auto",
         help="run a copy of the draft in this dtype, e.g. bfloat16; 'auto' (default): bfloat16 on a CPU with "
-        "native bf16 (AVX512-BF16 or AMX), else as loaded; 'none': as loaded",
+        "native bf16 (AVX512-BF16 or AMX), else as loaded; 'none': as loaded. The self-int8 draft's int8 "
+        "layers stay int8",
     )
     p.add_argument(
         "-n",
@@ -318,10 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def option_errors(err: ValidationError) -> str:
+    """A config ``ValidationError`` in the CLI's terms: each problem named by its flag (``-n/--n-particles``),
+    not the config field it sets."""
+    flags = {a.dest: "/".join(a.option_strings) for a in build_parser()._actions if a.option_strings}
+    return "; ".join(
+        f"{flags.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'options'}: {e['msg']}" for e in err.errors()
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """The main job for parsed options: print the text, particle count, ESS summary and timing."""
-    from pydantic import ValidationError
-
     import smcgen
     from smcgen.api import load_draft, load_model
     from smcgen.runners.transformers import auto_draft_dtype
@@ -351,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             engine=args.engine,
         )
     except ValidationError as err:
-        print(f"smcgen: invalid option: {err}", file=sys.stderr)
+        print(f"smcgen: invalid option: {option_errors(err)}", file=sys.stderr)
         return 2
 
     t0 = time.perf_counter()

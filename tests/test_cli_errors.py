@@ -44,9 +44,20 @@ def test_debug_shows_the_original_error(capsys):
         main([*FAST, "--max-new-tokens", "100000", "--debug"])
 
 
-def test_invalid_option_still_status_2(capsys):
+def test_invalid_option_is_named_by_its_flag(capsys):
     code, err = _run(capsys, [*FAST, "--target-temperature", "1e-40"])
-    assert code == 2 and "target_temperature" in err
+    assert code == 2 and "--target-temperature: " in err and "greater than or equal to 0.0001" in err
+    code, err = _run(capsys, [*FAST, "-n", "0"])
+    assert code == 2 and "-n/--n-particles: Input should be greater than or equal to 1" in err
+    assert "n_particles" not in err and "Traceback" not in err
+
+
+def test_help_names_the_other_commands(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "smcgen distill --help" in out and "smcgen serve --help" in out
 
 
 def test_bad_draft_dtype_names_the_option(capsys):
