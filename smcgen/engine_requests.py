@@ -17,6 +17,10 @@ from smcgen.runners.transformers import LanguageModel, encode_prompt
 PromptLike = str | Sequence[int] | Tensor | Sequence[Mapping[str, Any]]
 
 
+#: roles a chat message may have: the OpenAI API's, and Llama 3.1's tool-output role
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool", "ipython")
+
+
 def is_chat(prompt: Any) -> bool:
     """Whether ``prompt`` is a list of chat messages (mappings with a role)."""
     return (
@@ -29,12 +33,14 @@ def is_chat(prompt: Any) -> bool:
 
 def chat_prompt_ids(messages: Sequence[Mapping[str, Any]], lm: LanguageModel) -> list[int]:
     """Token ids of ``messages`` under the model's chat template, ending with the assistant's turn."""
-    tok = lm.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise ValueError("chat messages need a tokenizer with a chat template; pass text or token ids instead")
     for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
             raise ValueError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+        if m["role"] not in CHAT_ROLES:  # a template renders any role as given: a typo would pass silently
+            raise ValueError(f"chat message {i} has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+    tok = lm.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("chat messages need a tokenizer with a chat template; pass text or token ids instead")
     ids = tok.apply_chat_template(
         [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
     )

@@ -62,6 +62,18 @@ def test_empty_prompt(target, tok, prompt):
         smcgen.generate(target, prompt, tokenizer=tok)
 
 
+@pytest.mark.parametrize(
+    "messages,words",
+    [
+        ([{"role": "usr", "content": "hi"}], "chat message 0 has role 'usr'; expected one of system, user"),
+        ([{"role": "user", "content": "hi"}, {"content": "x"}], "chat message 1 needs 'role' and 'content'"),
+    ],
+)
+def test_a_chat_message_with_a_wrong_role_or_keys_is_named(target, tok, messages, words):
+    with pytest.raises(ValueError, match=words):
+        smcgen.generate(target, messages, tokenizer=tok)
+
+
 def test_prompt_longer_than_context(target, tok):
     context = target.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"model context is {context}"):
