@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import Tensor
 
@@ -17,8 +17,10 @@ from smcgen.runners.transformers import LanguageModel, encode_prompt
 PromptLike = str | Sequence[int] | Tensor | Sequence[Mapping[str, Any]]
 
 
-#: roles a chat message may have: the OpenAI API's, and Llama 3.1's tool-output role
-CHAT_ROLES = ("system", "user", "assistant", "developer", "tool", "ipython")
+#: roles a chat message may have: the OpenAI API's, and Llama 3.1's tool-output role (the server's
+#: request bodies take the same)
+ChatRole = Literal["system", "user", "assistant", "developer", "tool", "ipython"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
 
 
 def is_chat(prompt: Any) -> bool:

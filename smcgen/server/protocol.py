@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from smcgen.engine_requests import ChatRole
+
 #: the body fields that are SMCConfig fields under the same name
 SMC_FIELDS = (
     "n_particles",
@@ -112,7 +114,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: ChatRole
     content: str | list[dict[str, Any]]
 
     def text(self) -> str:
