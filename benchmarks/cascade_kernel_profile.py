@@ -86,8 +86,8 @@ def _patched_launch(config: str):
         return own
     bn, warps, stages = (int(x) for x in config.split(":"))
 
-    def launch(packed: int, dim: int):
-        return own(packed, dim)[0], bn, warps, stages
+    def launch(packed: int, dim: int, ieee: bool = False):
+        return own(packed, dim, ieee)[0], bn, warps, stages
 
     return launch
 

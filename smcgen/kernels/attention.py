@@ -121,10 +121,10 @@ def prefix_tiles_adjacent(n_groups: int, block_m: int) -> bool:
 IEEE_MAX_BLOCK_M = 32
 
 
-def _launch_config(packed: int, dim: int, max_block_m: int = 128) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head, with query
-    tiles of at most ``max_block_m`` rows."""
-    block_m = min(max(16, triton.next_power_of_2(packed)), max_block_m)
+def _launch_config(packed: int, dim: int, ieee: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``packed`` = G*T queries per kv head; ``ieee``:
+    fp32 queries, whose tiles stop at ``IEEE_MAX_BLOCK_M`` rows."""
+    block_m = min(max(16, triton.next_power_of_2(packed)), IEEE_MAX_BLOCK_M if ieee else 128)
     if block_m <= 16:  # decode: few queries, wide key tiles keep more bytes in flight
         return block_m, DECODE_BLOCK_N, 4, 2
     if block_m >= 128:  # big verify / prefill: narrow key tiles keep registers in check
@@ -252,7 +252,7 @@ def paged_attention_triton(
     max_pages = block_table.shape[1]
     packed = group * n_q
     ieee = q.dtype == torch.float32
-    block_m, block_n, num_warps, num_stages = _launch_config(packed, dim, IEEE_MAX_BLOCK_M if ieee else 128)
+    block_m, block_n, num_warps, num_stages = _launch_config(packed, dim, ieee)
     n_qblocks = triton.cdiv(packed, block_m)
     n_programs = n_rows * n_kvh * n_qblocks
     min_keys = None
