@@ -765,7 +765,11 @@ if HAS_TRITON:
                 tl.atomic_xchg(counters + tile, 0)
 
     @triton.jit
-    def _paged_attention_kernel(
+    def paged_attention_tile(
+        pid,
+        split,
+        qblock,
+        n_qblocks,
         q,
         k_pool,
         v_pool,
@@ -805,12 +809,11 @@ if HAS_TRITON:
         CASCADE: tl.constexpr = False,
         NSLOT: tl.constexpr = 1,
     ):
+        """One program of ``_paged_attention_kernel``: (row x kv head ``pid``, KV split ``split``,
+        query block ``qblock`` of ``n_qblocks``); ``kernels.decode_layer`` runs the same work items."""
         pdl_wait(PDL)
-        pid = tl.program_id(0)
         r = pid // n_kvh
         kvh = pid % n_kvh
-        split = tl.program_id(1)
-        qblock = tl.program_id(2)
         # packed query row m = t * G + g: query t of head kvh * G + g
         m = qblock * BLOCK_M + tl.arange(0, BLOCK_M)
         t = m // G
@@ -880,7 +883,7 @@ if HAS_TRITON:
             # The tile's last split program to arrive merges all splits (an acq_rel atomic after
             # a CTA barrier orders every thread's partial stores before the count) and re-zeroes
             # the counter for the next launch.
-            tile = pid * tl.num_programs(2) + qblock
+            tile = pid * n_qblocks + qblock
             tl.debug_barrier()
             arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
             if arrived == NSPLIT - 1:
@@ -892,3 +895,89 @@ if HAS_TRITON:
         else:
             optr = out + r * s_or + t[:, None] * s_ot + head[:, None] * s_oh + d[None, :]
             tl.store(optr, o.to(out.dtype.element_ty), mask=m_ok[:, None])
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q,
+        k_pool,
+        v_pool,
+        bt,
+        start_pos,
+        out,
+        part_o,
+        part_lse,
+        counters,
+        prefix_len,
+        qk_scale,
+        T,
+        n_kvh,
+        max_pages,
+        GROUP,
+        s_qr,
+        s_qt,
+        s_qh,
+        s_kp,
+        s_ks,
+        s_kh,
+        s_vp,
+        s_vs,
+        s_vh,
+        s_or,
+        s_ot,
+        s_oh,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NSPLIT: tl.constexpr,
+        NSPLIT_P2: tl.constexpr,
+        IEEE: tl.constexpr,
+        PDL: tl.constexpr,
+        CASCADE: tl.constexpr = False,
+        NSLOT: tl.constexpr = 1,
+    ):
+        paged_attention_tile(
+            tl.program_id(0),
+            tl.program_id(1),
+            tl.program_id(2),
+            tl.num_programs(2),
+            q,
+            k_pool,
+            v_pool,
+            bt,
+            start_pos,
+            out,
+            part_o,
+            part_lse,
+            counters,
+            prefix_len,
+            qk_scale,
+            T,
+            n_kvh,
+            max_pages,
+            GROUP,
+            s_qr,
+            s_qt,
+            s_qh,
+            s_kp,
+            s_ks,
+            s_kh,
+            s_vp,
+            s_vs,
+            s_vh,
+            s_or,
+            s_ot,
+            s_oh,
+            G,
+            D,
+            PAGE,
+            BLOCK_M,
+            BLOCK_N,
+            NSPLIT,
+            NSPLIT_P2,
+            IEEE,
+            PDL,
+            CASCADE,
+            NSLOT,
+        )

@@ -75,6 +75,7 @@ __all__ = [
     "quantize_fp8",
     "quantize_int8",
     "skinny_plan",
+    "skinny_split",
 ]
 
 #: the most rows the skinny kernel takes (one program holds all rows' accumulators). It ran at
@@ -281,6 +282,18 @@ def skinny_plan(
     return block_m, block_n, block_k, 4, num_stages, split, swap
 
 
+def skinny_split(plan: tuple[int, ...], n_out: int, k: int, gated: bool) -> tuple[int, int, int, int]:
+    """``(tiles, k_per, split, slot)`` of a skinny launch: column tiles, K per split (a multiple of
+    BLOCK_K), the split count without empty splits, and the fp32 scratch slot per (split, tile):
+    the partial accumulator(s) and the partial sum of squares (0 when unsplit)."""
+    block_m, block_n, block_k, _, _, split, _ = plan
+    tiles = triton.cdiv(n_out, block_n)
+    k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per)
+    slot = (2 if gated else 1) * block_m * block_n + block_m if split > 1 else 0
+    return tiles, k_per, split, slot
+
+
 def fused_linear_triton(
     x: Tensor,
     weight: Tensor,
@@ -326,17 +339,13 @@ def fused_linear_triton(
     )
     if block_m < rows:
         raise ValueError(f"plan's BLOCK_M {block_m} is below the {rows} rows")
-    tiles = triton.cdiv(n_out, block_n)
-    k_per = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per)  # no empty splits
+    tiles, k_per, split, slot = skinny_split((block_m, block_n, block_k, warps, stages, split, swap), n_out, k, gated)
     if split > 1:
-        # per (split, tile): the partial accumulator(s) and the partial sum of squares, fp32
-        slot = (2 if gated else 1) * block_m * block_n + block_m
         ws = torch.empty(split * tiles * slot, dtype=torch.float32, device=x.device)
         if counters is None or counters.numel() < tiles:
             counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     else:
-        slot, ws, counters = 0, out, out
+        ws, counters = out, out
     pdl = pdl_enabled(x)
     _skinny_linear_kernel[(tiles, split)](
         x2,
@@ -610,7 +619,10 @@ if HAS_TRITON:
         return acc, acc_up, sumsq
 
     @triton.jit
-    def _skinny_linear_kernel(
+    def skinny_linear_tile(
+        pid_n,
+        pid_k,
+        n_tiles,
         x,
         w,
         w_scale,
@@ -645,11 +657,11 @@ if HAS_TRITON:
         SWAP: tl.constexpr,
         PDL: tl.constexpr,
     ):
+        """One (column tile ``pid_n`` of ``n_tiles``, K split ``pid_k``) program of the skinny
+        kernel; ``kernels.decode_layer`` runs the same work items inside its layer kernel."""
         # Program (tile, split): all M rows x BLOCK_N output columns over one K_PER-wide share of
         # K, streaming its weight rows once. N is the output width; when GATED the up rows sit N
         # rows below the gate rows. K_PER is a multiple of BLOCK_K, so only the K tail is ragged.
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -693,7 +705,6 @@ if HAS_TRITON:
             # (counted with an acq_rel atomic after a CTA barrier, so every thread's stores are
             # ordered before it) sums all slots, runs the epilogue and re-zeroes the counter.
             tile_m = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            n_tiles = tl.num_programs(0)
             slot = ws + (pid_k * n_tiles + pid_n).to(tl.int64) * SLOT
             tl.store(slot + tile_m, acc)
             if GATED:
@@ -737,3 +748,47 @@ if HAS_TRITON:
                     GATED,
                 )
                 tl.atomic_xchg(counters + pid_n, 0)
+
+    @triton.jit
+    def _skinny_linear_kernel(
+        x,
+        w,
+        w_scale,
+        b,
+        g,
+        res,
+        out,
+        ws,
+        counters,
+        M,
+        N,
+        K,
+        K_PER,
+        stride_x,
+        stride_w,
+        stride_r,
+        stride_o,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        GATED: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        IEEE: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SLOT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SWAP: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        skinny_linear_tile(
+            tl.program_id(0), tl.program_id(1), tl.num_programs(0),
+            x, w, w_scale, b, g, res, out, ws, counters, M, N, K, K_PER,
+            stride_x, stride_w, stride_r, stride_o, eps,
+            HAS_BIAS, HAS_SCALE, HAS_NORM, HAS_RES, GATED, EVEN_N, EVEN_K, IEEE,
+            SPLIT, SLOT, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, PDL,
+        )  # fmt: skip

@@ -413,7 +413,8 @@ if HAS_TRITON:
         return (a + b).to(DST)
 
     @triton.jit
-    def _qkv_rope_kernel(
+    def qkv_rope_head(
+        head,
         x,
         w,
         w_scale,
@@ -456,8 +457,8 @@ if HAS_TRITON:
         PAGE: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        # Program h: head h of the fused [q heads | k heads | v heads] output, all M = R * T rows.
-        head = tl.program_id(0)
+        """Head ``head`` of the fused [q heads | k heads | v heads] output for all M = R * T rows: one
+        program of ``_qkv_rope_kernel``; ``kernels.decode_layer`` runs the same work items."""
         offs_m = tl.arange(0, BLOCK_M)
         d = tl.arange(0, D)
         offs_n = head * D + d
@@ -501,3 +502,93 @@ if HAS_TRITON:
             else:
                 out = _rotate(y, c, s, k_norm, eps, D, QK_NORM, src, k_pool.dtype.element_ty)
                 tl.store(k_pool + slot + (head - n_qh) * s_ph, out, mask=ok)
+
+    @triton.jit
+    def _qkv_rope_kernel(
+        x,
+        w,
+        w_scale,
+        b,
+        g,
+        cos,
+        sin,
+        start_pos,
+        bt,
+        q_out,
+        k_pool,
+        v_pool,
+        q_norm,
+        k_norm,
+        M,
+        K,
+        T,
+        n_qh,
+        n_kvh,
+        stride_x,
+        stride_w,
+        s_pos,
+        s_oq,
+        s_pp,
+        s_ps,
+        s_ph,
+        max_pages,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        ROW_NORM: tl.constexpr,
+        QK_NORM: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        IEEE: tl.constexpr,
+        SWAP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PAGE: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        # one program per head
+        qkv_rope_head(
+            tl.program_id(0),
+            x,
+            w,
+            w_scale,
+            b,
+            g,
+            cos,
+            sin,
+            start_pos,
+            bt,
+            q_out,
+            k_pool,
+            v_pool,
+            q_norm,
+            k_norm,
+            M,
+            K,
+            T,
+            n_qh,
+            n_kvh,
+            stride_x,
+            stride_w,
+            s_pos,
+            s_oq,
+            s_pp,
+            s_ps,
+            s_ph,
+            max_pages,
+            eps,
+            HAS_BIAS,
+            HAS_SCALE,
+            HAS_NORM,
+            ROW_NORM,
+            QK_NORM,
+            EVEN_K,
+            IEEE,
+            SWAP,
+            BLOCK_M,
+            D,
+            BLOCK_K,
+            PAGE,
+            PDL,
+        )
