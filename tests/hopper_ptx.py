@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smcgen.kernels import attention, fused_ops, linear, qkv_rope
+from smcgen.kernels import attention, decode_layer, fused_ops, linear, qkv_rope
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -43,6 +43,7 @@ def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
         "kernel": name,
         "wait": body.find("griddepcontrol.wait"),
         "launch_dependents": body.find("griddepcontrol.launch_dependents"),
+        "first_atomic": body.find("atom."),
         "first_access": min(
             (i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.", "red.", "cp.async")) if i >= 0),
             default=-1,
@@ -280,6 +281,43 @@ def main() -> None:
     )
     silu = {"BLOCK": 1024, "PDL": True}
     print(json.dumps(facts("silu_mul", fused_ops._silu_mul_kernel, silu, {"gate_up": bf16, "out": bf16}, num_warps=4)))
+    # the one-launch decoder layer as the SmolLM2-135M self-int8 draft's step plans it (2 rows at a
+    # 160-token context: bf16 QKV and o, int8 gate/up and down; benchmarks/decode_layer_registers.py)
+    layer = {
+        "FIRST": 0, "LAST": 4, "ONE_ITEM": True, "HAS_NORM": False, "ROW_NORM": True, "QK_NORM": False,
+        "A_BIAS": False, "A_SCALE": False, "A_EVEN_K": False, "A_SWAP": True, "A_M": 16, "A_K": 256,
+        "IEEE": False, "D": 64, "PAGE": 16, "G": 3, "B_M": 16, "B_N": 64, "NSPLIT": 2, "NSPLIT_P2": 2,
+        "PDL": True,
+    }  # fmt: skip
+    plans = (("O", False, 1, 0, 16, 256), ("GU", True, 3, 1032, 8, 128), ("DN", True, 4, 520, 8, 128))
+    for prefix, scaled, split, slot, block_m, block_k in plans:
+        layer.update({
+            f"{prefix}_BIAS": False, f"{prefix}_SCALE": scaled, f"{prefix}_EVEN_N": True,
+            f"{prefix}_EVEN_K": prefix == "DN", f"{prefix}_SPLIT": split, f"{prefix}_SLOT": slot,
+            f"{prefix}_M": block_m, f"{prefix}_N": 64, f"{prefix}_K": block_k, f"{prefix}_SWAP": True,
+        })  # fmt: skip
+    one_byte = {n: "*i8" for n in ("gu", "dn")}
+    fp32 = {n: "*fp32" for n in ("gu_scale", "dn_scale", "part_o", "part_lse")}
+    fp32.update({n: "*fp32" for n in ("o_ws", "gu_ws", "dn_ws")})
+    ints = {"start_pos": "*i32", "bt": "*i32", "counters": "*i32"}
+    ptrs = {n: bf16 for n in decode_layer._decode_layer_kernel.arg_names} | one_byte | fp32 | ints
+    scalars = {"c_attn", "c_o", "c_gu", "c_dn", "M", "H", "T", "n_qh", "n_kvh", "QS", "INTER", "s_qkv", "s_o"}
+    scalars |= {"s_gu", "s_dn", "s_pos", "s_pp", "s_ps", "s_ph", "max_pages", "qk_scale", "n_qblocks", "eps"}
+    scalars |= {"o_kper", "gu_kper", "dn_kper", "o_tiles", "gu_tiles", "dn_tiles"}
+    ptrs = {n: t for n, t in ptrs.items() if n not in scalars}
+    print(
+        json.dumps(
+            facts(
+                "decode_layer",
+                decode_layer._decode_layer_kernel,
+                layer,
+                ptrs,
+                ("qk_scale", "eps"),
+                num_warps=4,
+                num_stages=3,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -427,6 +427,38 @@ def test_skinny_linear_path_equals_transformers(pair, monkeypatch, swap, skinny_
     assert int(native.linear_counters.abs().sum()) == 0
 
 
+def test_fused_layers_equal_transformers(pair, monkeypatch):
+    """``fused_layers``: each layer of a forward of at most 16 token rows runs as one launch of
+    kernels.decode_layer (forced on, in the interpreter, fp32 allowed): prefill, a decode step and a
+    two-row verify give transformers' logits for every family (Qwen2's bias and unfolded norm,
+    Qwen3's q/k norms), and the layer's counters are left zeroed."""
+    from smcgen.kernels._triton import HAS_TRITON
+    from smcgen.runners.native import model as model_mod
+
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton's CPU interpreter (on CUDA the GPU tests run this path)")
+    hf, native = pair
+    monkeypatch.setattr(model_mod, "use_triton", lambda t: True)
+    monkeypatch.setattr(native, "FUSED_LAYER_DTYPES", (torch.float32,))
+    monkeypatch.setattr(native, "fused_layers", True)
+    calls = []
+    real = model_mod.decode_layer_triton
+    monkeypatch.setattr(model_mod, "decode_layer_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE)
+    assert_close(prefill(native, cache)[0], reference(hf, PROMPT))
+    assert len(calls) == native.n_layers
+    gen = torch.Generator().manual_seed(3)
+    decode_and_check(hf, native, cache, [list(PROMPT)], gen, steps=1)
+    rows = _share_prompt(native, 2)
+    verify_and_check(hf, native, rows, [list(PROMPT), list(PROMPT)], gen, n_new=3)
+    assert len(calls) == 4 * native.n_layers  # the shared prompt's prefill fused too
+    assert int(native.layer_counters.abs().sum()) == 0
+    monkeypatch.setattr(native, "fused_layers", False)
+    calls.clear()
+    prefill(native, native.make_cache(n_pages=16, n_rows=1, max_pages=8, page_size=PAGE))
+    assert not calls
+
+
 def test_input_norm_folded_into_qkv_once(pair):
     """Models without a QKV bias carry W * input_norm (the fp32 logits above match transformers with
     it); folding again changes nothing; Qwen2 (QKV bias) keeps the separate norm."""

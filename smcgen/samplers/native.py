@@ -535,7 +535,9 @@ class NativeSMC(RunSetup, CycleSteps, PotentialSteps):
         tensors every run)."""
         if self.device_potentials or self.end_potentials:
             return None
-        models = tuple((m.cascade, m.skinny_max_rows) for m in (self.target, self.draft) if m is not None)
+        models = tuple(
+            (m.cascade, m.skinny_max_rows, m.fused_layers_on()) for m in (self.target, self.draft) if m is not None
+        )
         config = self.config.model_dump(exclude={"seed"})
         return (
             tuple((g.g0, g.g1, g.n_particles, p, g.limit) for g, p in zip(segments, pool_lens)),

@@ -22,6 +22,7 @@ public names stay importable from here.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smcgen.core.device_memory import release_held
-from smcgen.kernels._triton import pdl_scope
-from smcgen.kernels.attention import cascade_attention, paged_attention
+from smcgen.kernels._triton import pdl_scope, use_triton
+from smcgen.kernels.attention import TRITON_HEAD_DIMS, cascade_attention, paged_attention
+from smcgen.kernels.decode_layer import MAX_ROWS as FUSED_LAYER_MAX_ROWS
+from smcgen.kernels.decode_layer import DecodeLayerWeights, decode_layer_triton
 from smcgen.kernels.linear import fused_linear
 from smcgen.kernels.qkv_rope import qkv_rope_write_kv
 from smcgen.kernels.sampling import fused_sample, token_logprobs
@@ -38,6 +41,10 @@ from smcgen.runners.native.config import SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_T
 from smcgen.runners.native.kv_cache import PagedKVCache, SharedPrefix
 from smcgen.runners.native.weight_quantization import WeightQuantization
 from smcgen.runners.native.weights import NativeLayer, copy_hf_weights, empty_param, init_random
+
+#: the process-wide default of ``NativeCausalLM.fused_layers`` (SMCGEN_FUSED_LAYERS=1 turns it on):
+#: off until the one-launch layer (kernels.decode_layer) has been timed on a GPU
+FUSED_LAYERS = os.environ.get("SMCGEN_FUSED_LAYERS", "0") == "1"
 
 
 class NativeCausalLM(WeightQuantization, nn.Module):
@@ -48,6 +55,9 @@ class NativeCausalLM(WeightQuantization, nn.Module):
     logits; the caller reserves pages first (``cache.reserve(n_tokens)``), so that page
     bookkeeping stays one explicit, separately capturable step.
     """
+
+    #: activation dtypes the one-launch layer runs in (tensor-core dots; tests add fp32)
+    FUSED_LAYER_DTYPES = (torch.bfloat16, torch.float16)
 
     def __init__(
         self,
@@ -115,6 +125,12 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         #: steps alone in cascade, 1.11x with the verify's too; 1 x 8 at 16,384: 1.19x, with the
         #: earlier 128-row prefix tiles). The draft's two-token first step of a cycle counts as many-query.
         self.cascade: bool | None = None
+        #: run each layer of a decode-sized forward (at most ``FUSED_LAYER_MAX_ROWS`` token rows,
+        #: bf16 / fp16, no cascade) as one launch of ``kernels.decode_layer`` instead of five: True,
+        #: False, or None to follow ``FUSED_LAYERS``. The five kernels' math and tile plans; it
+        #: runs every projection in the skinny kernel and QKV with RoPE whatever ``skinny_max_rows``,
+        #: ``skinny_qkv`` and ``fused_qkv_rope`` say.
+        self.fused_layers: bool | None = None
         self.cascade_min_prefix = 1024
         self.cascade_min_groups = 8
         #: (a 4,096-token prompt declares prefixes of 4,095 and 4,094 tokens, a 16,384-token one 16,383)
@@ -126,6 +142,8 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         # the same for split-KV attention's merging program (one slot per row x kv head x query
         # block; the kernel splits only grids far smaller than this)
         self.register_buffer("attn_counters", torch.zeros(16384, dtype=torch.int32, device=device), persistent=False)
+        # the one-launch layer's barrier and merge counters (kernels.decode_layer), left zeroed too
+        self.register_buffer("layer_counters", torch.zeros(4096, dtype=torch.int32, device=device), persistent=False)
 
     # --------------------------------------------------------------------------- builders
 
@@ -316,6 +334,47 @@ class NativeCausalLM(WeightQuantization, nn.Module):
             return None
         return prefix
 
+    def fused_layers_on(self) -> bool:
+        """Whether decode-sized forwards may run one launch per layer (``fused_layers``, else ``FUSED_LAYERS``)."""
+        return FUSED_LAYERS if self.fused_layers is None else bool(self.fused_layers)
+
+    def _fuses_layers(self, h: Tensor, prefix: SharedPrefix | None) -> bool:
+        """Whether this forward runs its layers through ``kernels.decode_layer``: asked for, on CUDA,
+        at most ``FUSED_LAYER_MAX_ROWS`` token rows, tensor-core dtypes (fp32 dots would be IEEE FMA
+        loops), no cascade prefix, and not a tensor-parallel shard (it sums its ranks' projections)."""
+        rows = h.shape[0] * h.shape[1]
+        return (
+            self.fused_layers_on()
+            and use_triton(h)
+            and 0 < rows <= FUSED_LAYER_MAX_ROWS
+            and h.dtype in self.FUSED_LAYER_DTYPES
+            and prefix is None
+            and self.cfg.head_dim in TRITON_HEAD_DIMS
+            and type(self)._add_projection is NativeCausalLM._add_projection
+        )
+
+    def layer_weights(self, i: int) -> DecodeLayerWeights:
+        """Layer ``i``'s weights as ``kernels.decode_layer`` takes them (quantized ones with their scales)."""
+        layer = self.layers[i]
+        return DecodeLayerWeights(
+            qkv=layer.qkv,
+            o=layer.o,
+            gate_up=layer.gate_up,
+            down=layer.down,
+            post_norm=layer.post_norm,
+            input_norm=None if self.input_norm_folded else layer.input_norm,
+            qkv_bias=layer.qkv_bias,
+            o_bias=layer.o_bias,
+            gate_up_bias=layer.gate_up_bias,
+            down_bias=layer.down_bias,
+            q_norm=layer.q_norm,
+            k_norm=layer.k_norm,
+            qkv_scale=getattr(layer, "qkv_scale", None),
+            o_scale=getattr(layer, "o_scale", None),
+            gate_up_scale=getattr(layer, "gate_up_scale", None),
+            down_scale=getattr(layer, "down_scale", None),
+        )
+
     # ------------------------------------------------------- hooks of the tensor-parallel model
 
     def _add_projection(
@@ -381,7 +440,15 @@ class NativeCausalLM(WeightQuantization, nn.Module):
         linear = functools.partial(fused_linear, max_rows=self.skinny_max_rows, counters=self.linear_counters)
         h = F.embedding(tokens, self.embed)
         prefix = self.cascade_prefix(cache, n_new)
+        fused = self._fuses_layers(h, prefix)
         for i, layer in enumerate(self.layers):
+            if fused:  # the layer's five decode kernels as one launch (kernels.decode_layer)
+                h = decode_layer_triton(
+                    h, self.layer_weights(i), self.rope_cos, self.rope_sin, start_pos, cache.k_pool[i],
+                    cache.v_pool[i], cache.block_table, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                    scale=self.scale, eps=eps, counters=self.layer_counters, max_keys=max_keys,
+                )  # fmt: skip
+                continue
             # a quantized projection's row scales (quantize_weights), None for one in the model's dtype
             qkv_scale, o_scale = getattr(layer, "qkv_scale", None), getattr(layer, "o_scale", None)
             gate_up_scale, down_scale = getattr(layer, "gate_up_scale", None), getattr(layer, "down_scale", None)
