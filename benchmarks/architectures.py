@@ -74,3 +74,19 @@ def build_llama(fields: dict, dtype, device, seed: int, **overrides):
             return LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(previous)
+
+
+#: the embedded model's architecture (HuggingFaceTB/SmolLM2-135M-Instruct's config), for timings of
+#: its kernels without loading its weights
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)

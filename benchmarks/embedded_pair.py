@@ -41,3 +41,20 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
         n, k = part.lower().split("x")
         out.append((int(n), int(k)))
     return out
+
+
+#: a config token's suffix that runs it with one launch per decoder layer (``NativeCausalLM.fused_layers``)
+FUSED = "+fused"
+
+
+def split_fused(token: str) -> tuple[str, bool]:
+    """('2x8', True) from '2x8+fused', ('AR', False) from 'AR'."""
+    return (token[: -len(FUSED)], True) if token.endswith(FUSED) else (token, False)
+
+
+def use_fused_layers(on: bool) -> None:
+    """Every native model's default for ``fused_layers`` from now on (a kept run of the other
+    setting is not reused: the setting is part of its key)."""
+    from smcgen.runners.native import model
+
+    model.FUSED_LAYERS = on

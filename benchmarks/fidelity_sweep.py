@@ -30,7 +30,7 @@ import json
 import os
 from pathlib import Path
 
-from embedded_pair import add_target_dtype, load_target, parse_configs
+from embedded_pair import FUSED, add_target_dtype, load_target, parse_configs, split_fused, use_fused_layers
 from fidelity import (
     answer_each,
     chat_ids,
@@ -66,7 +66,11 @@ def main() -> None:
         default=EMBEDDED_DRAFT,
         help="draft name or trained draft directory; several, comma separated, each get the SMC-SD rows (SD: the first)",
     )
-    ap.add_argument("--configs", default="8x4,32x4,64x2", help="SMC-SD settings N x K, comma separated")
+    ap.add_argument(
+        "--configs",
+        default="8x4,32x4,64x2",
+        help="SMC-SD settings N x K, comma separated; 'NxK+fused': one launch per decoder layer",
+    )
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--prompts-file", default=None, help="one JSON string per line (instead of inspect-evals)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -96,11 +100,14 @@ def main() -> None:
     runs: list[tuple[str, dict]] = [("AR (target alone)", {"n_particles": 1})]
     draft_taus = [float(x) for x in args.draft_temperatures.split(",") if x] or [tau]
     for label, d in drafts:
-        for n, k in parse_configs(args.configs):
+        for token in args.configs.split(","):
+            text, fused = split_fused(token)
+            ((n, k),) = parse_configs(text)
             for tau_q in draft_taus:
                 name = f"SMC-SD N={n} K={k}" + (f", {label}" if label else "")
                 name += f", draft tau={tau_q:g}" if draft_taus != [tau] else ""
-                kw = {"draft": d, "n_particles": n, "block_size": k, "draft_temperature": tau_q}
+                name += ", one launch per layer" if fused else ""
+                kw = {"draft": d, "n_particles": n, "block_size": k, "draft_temperature": tau_q, FUSED: fused}
                 runs.append((name, kw))
     if not args.no_sd:  # after the SMC-SD rows: a run cut short by a time limit keeps those first
         runs.append(
@@ -113,6 +120,7 @@ def main() -> None:
     rows = []
     for name, kw in runs:
         kw = {**common, **kw}  # a row's own draft temperature wins over the shared one
+        use_fused_layers(kw.pop(FUSED, False))
         for prompt in warm_up_prompts(prompts):  # engine build, each bucket's kernels and capture
             smcgen.generate(target, prompt, seed=10_000, **kw)
         each = answer_each(target, prompts, tau, args.seed, progress=name, **kw)

@@ -42,7 +42,13 @@ from smcgen.kernels import attention  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 HOPPER = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+POINTER_TYPES = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int8: "*i8",
+}
 H100_SMS = 132
 SHAPES = {"8B verify": (9, 32, 8, 128), "1B draft step": (1, 32, 8, 64)}
 KERNELS = {"_prefix_attention_kernel": "prefix", "_paged_attention_kernel": "plain"}
@@ -112,9 +118,10 @@ def specialize(fn, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
     return sig, const, attrs
 
 
-def assemble(kernel: str, args: tuple, constexprs: dict, warps: int, stages: int) -> dict:
-    """Registers a thread and spill bytes of one recorded launch, from ptxas -v on Triton's sm_90 PTX."""
-    fn = getattr(attention, kernel)
+def assemble(kernel, args: tuple, constexprs: dict, warps: int, stages: int) -> dict:
+    """Registers a thread and spill bytes of one recorded launch, from ptxas -v on Triton's sm_90 PTX
+    (``kernel``: an attention kernel's name or any ``@triton.jit`` function)."""
+    fn = getattr(attention, kernel) if isinstance(kernel, str) else kernel
     sig, const, attrs = specialize(fn, args, constexprs)
     ptx = triton.compile(ASTSource(fn, sig, const, attrs), target=HOPPER, options={"num_warps": warps, "num_stages": stages}).asm["ptx"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

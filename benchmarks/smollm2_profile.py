@@ -19,6 +19,7 @@ A call whose wall time far exceeds its busy time waits on the host. One whose ke
 short is bound by launches.
 
     python benchmarks/smollm2_profile.py --device cuda --draft self-int8 --configs AR,2x8 --out $OUT
+    python benchmarks/smollm2_profile.py --device cuda --configs AR,2x8,2x8+fused,2x16+fused --out $OUT
     OMP_NUM_THREADS=2 python benchmarks/smollm2_profile.py --configs AR --max-new-tokens 8
 """
 
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from embedded_pair import add_target_dtype, load_target, parse_configs
+from embedded_pair import add_target_dtype, load_target, parse_configs, split_fused, use_fused_layers
 from fidelity import native_timing
 from torch.profiler import ProfilerActivity, profile
 
@@ -67,7 +68,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--draft", default="self-int8", help="draft name or trained draft directory")
-    ap.add_argument("--configs", default="AR,2x8", help="'AR' and N x K settings, comma separated")
+    ap.add_argument(
+        "--configs",
+        default="AR,2x8",
+        help="'AR' and N x K settings, comma separated; a '+fused' suffix: one launch per decoder layer",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top", type=int, default=12, help="kernels listed per configuration")
@@ -103,7 +108,9 @@ def main() -> None:
     }
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     report = []
-    for text in args.configs.split(","):
+    for token in args.configs.split(","):
+        text, fused = split_fused(token)
+        use_fused_layers(fused)
         setting = None if text.upper() == "AR" else parse_configs(text)[0]
         kw = (
             {"n_particles": 1}
@@ -111,6 +118,7 @@ def main() -> None:
             else {"draft": draft, "n_particles": setting[0], "block_size": setting[1]}
         )
         name = "AR (target alone)" if setting is None else f"SMC-SD N={setting[0]} K={setting[1]}"
+        name += ", one launch per layer" if fused else ""
         smcgen.generate(target, prompt, **common, **kw)  # warm-up: build, convert, capture the cycle
         smcgen.generate(target, prompt, **common, **kw)  # the kept run's second use records its prefill
         t0 = time.perf_counter()
