@@ -9,6 +9,7 @@ without a draft, and a target temperature. On the GPU host the same file runs wi
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -703,3 +704,39 @@ def test_native_copies_are_cached_until_forgotten(target, tok):
     assert native_model(lm) is first
     forget_native_copies()
     assert native_model(lm) is not first
+
+
+def test_one_launch_layers_give_the_run_of_five_launches(models, device, monkeypatch):
+    """SMC-SD with the draft's decode layers as one launch each (kernels.decode_layer; forced on in
+    the interpreter on the CPU, a bf16 draft on CUDA): the same tokens, and weights within fp32
+    rounding, as the run with five launches a layer. The cycle's two-token first draft step and the
+    one-token steps both take the fused path (the target's layers keep five launches: its
+    ``fused_layers`` stays off)."""
+    from smcgen.kernels._triton import HAS_TRITON
+    from smcgen.runners.native import model as model_mod
+
+    if not HAS_TRITON or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs triton (its CPU interpreter on the CPU)")
+    target_lm, native_target, native_draft = models
+    if device.type == "cuda":
+        draft = NativeCausalLM.from_hf(
+            tiny_lm(0, logit_scale=1.0, hidden=32).model, dtype=torch.bfloat16, device=device
+        )
+    else:
+        draft = native_draft
+        monkeypatch.setattr(model_mod, "use_triton", lambda t: True)
+        monkeypatch.setattr(draft, "FUSED_LAYER_DTYPES", (torch.float32,))
+    fused_rows = []
+    real = model_mod.decode_layer_triton
+    monkeypatch.setattr(
+        model_mod, "decode_layer_triton", lambda h, *a, **k: fused_rows.append(h.shape[:2]) or real(h, *a, **k)
+    )
+    cfg = SMCConfig(n_particles=2, block_size=3, max_new_tokens=8, seed=4, ess_threshold=0.5)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(draft, "fused_layers", fused)
+        runs.append(NativeSMC(native_target, cfg, draft=draft, eos_token_ids=(EOS,), page_size=4).run(PROMPT))
+    a, b = runs
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.log_weights, b.log_weights, atol=1e-5, rtol=1e-5)
+    assert {tuple(s) for s in fused_rows} >= {(2, 1), (2, 2)}, fused_rows
