@@ -7,7 +7,8 @@ context in 16-token pages) with an H100's 132 SMs patched in; each Triton launch
 recorded instead of run, then compiled for sm_90 with the specialization a GPU launch gets and
 assembled by Triton's ptxas (``kernel_registers.specialize`` / ``assemble``). The fused layer is
 planned as on the GPU (its grid, the attention's split cap, one item a program where the grid
-covers every phase: ``ONE_ITEM``); ``--loop`` also compiles the form whose programs loop over items.
+covers every phase: ``ONE_ITEM``); ``--loop`` also compiles the form whose programs loop over items,
+``--prefetch`` the one that prefetches its weight tiles into L2 first.
 
     python benchmarks/decode_layer_registers.py
     python benchmarks/decode_layer_registers.py --rows 8 --tokens 2
@@ -89,9 +90,11 @@ def record(args) -> list[tuple]:
         act = linear.fused_linear_triton(h1, gate_up, norm_weight=w.post_norm, gated=True, weight_scale=gu_scale)
         linear.fused_linear_triton(act, down, residual=h1, weight_scale=dn_scale)
         decode_layer.decode_layer_triton(h, w, cos, cos.clone(), start, pool, pool.clone(), table, **kw)
+    fused = launches[-1]
     if args.loop:
-        fused = launches[-1]
-        launches.append((*fused[:3], {**fused[3], "ONE_ITEM": not fused[3]["ONE_ITEM"]}, *fused[4:]))
+        launches.append((*fused[:3], {**fused[3], "ONE_ITEM": not fused[3]["ONE_ITEM"], "PREFETCH": False}, *fused[4:]))
+    if args.prefetch and fused[3]["ONE_ITEM"]:
+        launches.append((*fused[:3], {**fused[3], "PREFETCH": True}, *fused[4:]))
     return launches
 
 
@@ -106,12 +109,14 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--intermediate", type=int, default=1536)
     ap.add_argument("--loop", action="store_true", help="also the fused kernel's other item form")
+    ap.add_argument("--prefetch", action="store_true", help="also the fused kernel with its L2 weight prefetch")
     args = ap.parse_args()
     print("| kernel | launch | KV splits | warps | stages | registers | spill stores / loads, bytes | blocks a SM |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     names = ["QKV", "attention", "o", "gate/up", "down"]
     for i, (label, fn, a, const, warps, stages) in enumerate(record(args)):
         name = names[i] if i < len(names) else ("one item a program" if const["ONE_ITEM"] else "items in a loop")
+        name += ", L2 prefetch" if const.get("PREFETCH") else ""
         r = assemble(fn, a, const, warps, stages)
         print(
             f"| {label} | {name} | {const.get('NSPLIT', '-')} | {warps} | {stages} | {r['registers']} "

@@ -44,6 +44,7 @@ def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
         "wait": body.find("griddepcontrol.wait"),
         "launch_dependents": body.find("griddepcontrol.launch_dependents"),
         "first_atomic": body.find("atom."),
+        "prefetch": body.find("prefetch.global.L2"),
         "first_access": min(
             (i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.", "red.", "cp.async")) if i >= 0),
             default=-1,
@@ -284,7 +285,7 @@ def main() -> None:
     # the one-launch decoder layer as the SmolLM2-135M self-int8 draft's step plans it (2 rows at a
     # 160-token context: bf16 QKV and o, int8 gate/up and down; benchmarks/decode_layer_registers.py)
     layer = {
-        "FIRST": 0, "LAST": 4, "ONE_ITEM": True, "HAS_NORM": False, "ROW_NORM": True, "QK_NORM": False,
+        "FIRST": 0, "LAST": 4, "ONE_ITEM": True, "PREFETCH": False, "HAS_NORM": False, "ROW_NORM": True, "QK_NORM": False,
         "A_BIAS": False, "A_SCALE": False, "A_EVEN_K": False, "A_SWAP": True, "A_M": 16, "A_K": 256,
         "IEEE": False, "D": 64, "PAGE": 16, "G": 3, "B_M": 16, "B_N": 64, "NSPLIT": 2, "NSPLIT_P2": 2,
         "PDL": True,
@@ -305,19 +306,21 @@ def main() -> None:
     scalars |= {"s_gu", "s_dn", "s_pos", "s_pp", "s_ps", "s_ph", "max_pages", "qk_scale", "n_qblocks", "eps"}
     scalars |= {"o_kper", "gu_kper", "dn_kper", "o_tiles", "gu_tiles", "dn_tiles"}
     ptrs = {n: t for n, t in ptrs.items() if n not in scalars}
-    print(
-        json.dumps(
-            facts(
-                "decode_layer",
-                decode_layer._decode_layer_kernel,
-                layer,
-                ptrs,
-                ("qk_scale", "eps"),
-                num_warps=4,
-                num_stages=3,
+    # and with its weight tiles prefetched into L2 before the wait (decode_layer.PREFETCH_WEIGHTS)
+    for name, prefetch in (("decode_layer", False), ("decode_layer_prefetch", True)):
+        print(
+            json.dumps(
+                facts(
+                    name,
+                    decode_layer._decode_layer_kernel,
+                    {**layer, "PREFETCH": prefetch},
+                    ptrs,
+                    ("qk_scale", "eps"),
+                    num_warps=4,
+                    num_stages=3,
+                )
             )
         )
-    )
 
 
 if __name__ == "__main__":

@@ -158,11 +158,12 @@ def test_agrees_with_torch_twin(device, dtype, quant, n_rows, n_new, splits, fol
     assert torch.isfinite(got).all()
 
 
-@pytest.mark.parametrize("programs", [3, None])
-def test_one_launch_with_many_programs_on_a_gpu(device, programs):
+@pytest.mark.parametrize(("programs", "prefetch"), [(3, False), (None, False), (None, True)])
+def test_one_launch_with_many_programs_on_a_gpu(device, programs, prefetch):
     """On CUDA the one launch runs many programs at once, so its grid barriers decide the result:
     3 programs that loop over each phase's items, and a grid of one program per SM (up to the
-    largest phase) that takes one item each; 32 KV splits make the attention phase the widest."""
+    largest phase) that takes one item each, also with its weight tiles prefetched into L2; 32 KV
+    splits make the attention phase the widest."""
     if device.type != "cuda":
         pytest.skip("the interpreter runs one program at a time: a one launch with barriers takes one program there")
     dtype = torch.bfloat16
@@ -174,8 +175,9 @@ def test_one_launch_with_many_programs_on_a_gpu(device, programs):
     for _ in range(3):  # the counters are re-zeroed for the next launch
         k_one, v_one = k_pool.clone(), v_pool.clone()
         got = decode_layer_triton(
-            h, w, cos, sin, start, k_one, v_one, table, **KW, counters=counters, programs=programs, attention_splits=32
-        )
+            h, w, cos, sin, start, k_one, v_one, table, **KW, counters=counters, programs=programs,
+            attention_splits=32, prefetch=prefetch,
+        )  # fmt: skip
         assert torch.equal(got, want)
         assert torch.equal(k_one, k_ref) and torch.equal(v_one, v_ref)
         assert not counters.any()

@@ -49,14 +49,19 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
         "prefix_attention_adjacent",
         "prefix_attention_one_split",
         "decode_layer",
+        "decode_layer_prefetch",
     }
     for name, f in kernels.items():
         assert 0 <= f["wait"] < f["launch_dependents"], name
         assert f["first_access"] > f["wait"], f"{name} touches memory before waiting on its predecessor"
     # the one-launch layer lets its successor launch only past its first grid barrier, when every
     # program of its grid is resident (a successor's programs could otherwise take their SMs)
-    layer = kernels["decode_layer"]
-    assert 0 <= layer["first_atomic"] < layer["launch_dependents"]
+    for name in ("decode_layer", "decode_layer_prefetch"):
+        layer = kernels[name]
+        assert 0 <= layer["first_atomic"] < layer["launch_dependents"], name
+    # its L2 prefetches of weights (constants) may come before the wait; without the option, none
+    assert kernels["decode_layer"]["prefetch"] == -1
+    assert 0 <= kernels["decode_layer_prefetch"]["prefetch"] < kernels["decode_layer_prefetch"]["wait"]
 
 
 def test_pdl_switches():

@@ -51,6 +51,11 @@ __all__ = ["MAX_ROWS", "DecodeLayerWeights", "decode_layer_torch", "decode_layer
 #: the most token rows (R * T) one fused layer takes: one program holds all rows of a tile, as the
 #: skinny kernel does at decode sizes
 MAX_ROWS = 16
+#: the default of ``decode_layer_triton(prefetch=...)``: each program asks L2 for the weight tiles of
+#: all its phases when it starts, before waiting on the previous kernel (weights are constants), so
+#: with PDL the loads overlap the previous layer. Off: untimed (the separate kernels' prefetch lost
+#: on an H100, BENCHMARKS.md fifth measurement, but those streamed an 8B's layers)
+PREFETCH_WEIGHTS = False
 
 
 class DecodeLayerWeights(NamedTuple):
@@ -157,6 +162,7 @@ def decode_layer_triton(
     one_launch: bool = True,
     programs: int | None = None,
     attention_splits: int | None = None,
+    prefetch: bool | None = None,
 ) -> Tensor:
     """The layer in one launch (``one_launch``) or in five launches of the same kernel; returns a new
     [R, T, hidden] tensor and writes the tokens' K/V into the pools.
@@ -166,6 +172,8 @@ def decode_layer_triton(
     ``max_keys``: see ``attention.paged_attention_triton``. ``programs`` (tests): the grid size, default one program
     per SM up to the largest phase's item count, one on the interpreter for ``one_launch``.
     ``attention_splits`` (tests): the attention's KV split count instead of its own choice.
+    ``prefetch`` (None: ``PREFETCH_WEIGHTS``): L2 prefetches of each program's weight tiles at its
+    start, where each program takes one item a phase on a GPU (the interpreter has no prefetch).
     """
     require_triton()
     w = weights
@@ -284,6 +292,8 @@ def decode_layer_triton(
     if one_launch and not interpreted and programs > sm_count(dev):
         raise ValueError(f"one launch waits at grid barriers: programs must be <= {sm_count(dev)} (the SM count)")
     pdl = pdl_enabled(h)
+    one_item = programs >= max(items)
+    prefetch = PREFETCH_WEIGHTS if prefetch is None else prefetch
     launches = [(0, 4)] if one_launch else [(p, p) for p in range(5)]
     k_strides = k_pool_l.stride()
     for first, last in launches:
@@ -307,7 +317,7 @@ def decode_layer_triton(
             cos_table.stride(0), k_strides[0], k_strides[1], k_strides[2], max_pages,
             scale * attention._LOG2E, n_qblocks, lo.k_per, lg.k_per, ld.k_per,
             lo.tiles, lg.tiles, ld.tiles, eps,
-            FIRST=first, LAST=last, ONE_ITEM=programs >= max(items),
+            FIRST=first, LAST=last, ONE_ITEM=one_item, PREFETCH=prefetch and one_item and not interpreted,
             HAS_NORM=w.input_norm is not None, ROW_NORM=w.input_norm is None, QK_NORM=has_qk_norm,
             A_BIAS=w.qkv_bias is not None, A_SCALE=w.qkv_scale is not None, A_EVEN_K=hidden % a_k == 0,
             A_SWAP=bool(a_swap), A_M=a_m, A_K=a_k,
@@ -361,6 +371,55 @@ if HAS_TRITON:
         while seen < target:
             seen = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
+
+    @triton.jit
+    def _prefetch_l2(ptrs, mask):
+        """``prefetch.global.L2`` of the lines at ``ptrs`` where ``mask`` (a hint: no data comes back)."""
+        addr = tl.where(mask, ptrs.to(tl.uint64, bitcast=True), 0)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.u64 p, $1, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l",
+            [addr],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _prefetch_tile(w, row0, row_end, k_lo, k_hi, stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """L2 prefetch of weight rows [row0, row0 + BLOCK_N) (below row_end) over columns [k_lo, k_hi):
+        one address per 128-byte line."""
+        LINE: tl.constexpr = 128 // (w.dtype.element_ty.primitive_bitwidth // 8)
+        PER_STEP: tl.constexpr = max(BLOCK_K // LINE, 1)
+        rows = row0 + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, PER_STEP) * LINE
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ptrs = w + rows[:, None].to(tl.int64) * stride + (k0 + cols)[None, :]
+            _prefetch_l2(ptrs, (rows[:, None] < row_end) & ((k0 + cols)[None, :] < k_hi))
+
+    @triton.jit
+    def _prefetch_weights(
+        pid, qkv, o, gu, dn, H, n_heads_all, QS, INTER, s_qkv, s_o, s_gu, s_dn,
+        o_tiles, gu_tiles, dn_tiles, o_kper, gu_kper, dn_kper,
+        D: tl.constexpr, A_K: tl.constexpr, O_N: tl.constexpr, O_K: tl.constexpr, O_SPLIT: tl.constexpr,
+        GU_N: tl.constexpr, GU_K: tl.constexpr, GU_SPLIT: tl.constexpr,
+        DN_N: tl.constexpr, DN_K: tl.constexpr, DN_SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        """The weight tiles program ``pid`` streams in phases 0, 2, 3 and 4 (one item a phase), into L2."""
+        if pid < n_heads_all:
+            _prefetch_tile(qkv, pid * D, (pid + 1) * D, 0, H, s_qkv, D, A_K)
+        if pid < o_tiles * O_SPLIT:
+            lo = (pid // o_tiles) * o_kper
+            _prefetch_tile(o, (pid % o_tiles) * O_N, H, lo, tl.minimum(lo + o_kper, QS), s_o, O_N, O_K)
+        if pid < gu_tiles * GU_SPLIT:
+            lo = (pid // gu_tiles) * gu_kper
+            hi = tl.minimum(lo + gu_kper, H)
+            n0 = (pid % gu_tiles) * GU_N
+            _prefetch_tile(gu, n0, INTER, lo, hi, s_gu, GU_N, GU_K)  # gate rows
+            _prefetch_tile(gu, INTER + n0, 2 * INTER, lo, hi, s_gu, GU_N, GU_K)  # up rows
+        if pid < dn_tiles * DN_SPLIT:
+            lo = (pid // dn_tiles) * dn_kper
+            _prefetch_tile(dn, (pid % dn_tiles) * DN_N, H, lo, tl.minimum(lo + dn_kper, INTER), s_dn, DN_N, DN_K)
 
     @triton.jit
     def _qkv_phase(
@@ -470,6 +529,7 @@ if HAS_TRITON:
         DN_SPLIT: tl.constexpr, DN_SLOT: tl.constexpr, DN_M: tl.constexpr, DN_N: tl.constexpr, DN_K: tl.constexpr,
         DN_SWAP: tl.constexpr,
         ONE_ITEM: tl.constexpr,
+        PREFETCH: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
         # Phases FIRST..LAST of the layer; each program takes items pid, pid + P, ... of a phase (only
@@ -477,6 +537,12 @@ if HAS_TRITON:
         # grid barrier (counter slot 0) before the next phase.
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
+        if PREFETCH:  # weights only (constants): allowed before the wait
+            _prefetch_weights(
+                pid, qkv, o, gu, dn, H, n_qh + 2 * n_kvh, QS, INTER, s_qkv, s_o, s_gu, s_dn,
+                o_tiles, gu_tiles, dn_tiles, o_kper, gu_kper, dn_kper,
+                D, A_K, O_N, O_K, O_SPLIT, GU_N, GU_K, GU_SPLIT, DN_N, DN_K, DN_SPLIT,
+            )  # fmt: skip
         pdl_wait(PDL)
         if FIRST <= 0 and 0 <= LAST:  # QKV projection, RoPE, K/V write: one item per head
             _qkv_phase(
