@@ -5,10 +5,11 @@ The fused kernel runs the five kernels' own work items (``qkv_rope_head``, ``pag
 equal those of the five separate Triton launches bit for bit; against the torch twins it agrees
 to the dtype's rounding. The one-launch form (grid barriers) runs one program on the interpreter;
 the five-launch form runs several programs per phase (three, each taking several items, or one
-per item of the largest phase), which exercises the work split and the last-arriving-program merges. Cases: fp32 and fp16 activations, weights in the activations' dtype
-int8 and fp8 (split-K phases), one and two tokens per row, attention with one and with three KV splits,
-the input norm folded or not with a QKV bias and Qwen3's q/k norms. On CUDA (``SMCGEN_TEST_DEVICE=cuda``)
-also bf16, one launch with many programs at once, the grid barrier alone, and a model's decode step.
+per item of the largest phase), which exercises the work split and the last-arriving-program
+merges. Cases: fp32 and fp16 activations; weights in the activations' dtype, int8 and fp8 (split-K
+phases); one and two tokens per row; attention with one and with three KV splits; the input norm
+folded or not, with a QKV bias and Qwen3's q/k norms. On CUDA (``SMCGEN_TEST_DEVICE=cuda``) also
+bf16, one launch with many programs at once, the grid barrier alone, and a model's decode step.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ CASES = [
     (torch.float32, None, 2, 1, 1, True, False),
     (torch.float32, "int8", 2, 2, 3, False, True),
     (torch.float16, "fp8", 3, 1, 3, True, False),
-    (torch.bfloat16, "int8", 2, 1, 16, True, False),  # the SmolLM2 self-int8 draft's step (CUDA only)
+    (torch.bfloat16, "int8", 2, 1, 16, True, False),  # a draft step's dtypes, 16 splits (CUDA only)
 ]
 TWIN_CASES = [CASES[i] for i in (0, 1, 4, 5, 6)]
 

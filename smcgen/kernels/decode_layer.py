@@ -13,11 +13,11 @@ another::
     out = h1 + act @ down.T                  # phase 4: the same, residual add
 
 Why: a draft step of SMC-SD on a small model is a chain of short kernels (five per layer); on an
-H100 each took 5.7-7.3 us of device time for a few microseconds of memory traffic, so a step of the
-135M SmolLM2 cost 0.75 of a target step where its bytes would allow far less (BENCHMARKS.md,
-sixteenth session). Here one persistent grid of at most one program per SM runs the five phases,
-each program taking the phase's work items in turn, and waits at a grid-wide barrier between
-phases instead of ending one kernel and starting the next.
+H100 each took 5.7-7.3 us of device time while the whole layer's weights stream in about 1.3 us,
+so a step of the 135M SmolLM2 cost 0.74 of a target step where its bytes would allow far less
+(BENCHMARKS.md, sixteenth session). Here one persistent grid of at most one program per SM runs
+the five phases, each program taking the phase's work items in turn, and waits at a grid-wide
+barrier between phases instead of ending one kernel and starting the next.
 
 The work items are the five kernels' programs themselves, run by the same ``@triton.jit`` helpers
 (``qkv_rope.qkv_rope_head``, ``attention.paged_attention_tile``, ``linear.skinny_linear_tile``) with
@@ -53,8 +53,9 @@ __all__ = ["MAX_ROWS", "DecodeLayerWeights", "decode_layer_torch", "decode_layer
 MAX_ROWS = 16
 #: the default of ``decode_layer_triton(prefetch=...)``: each program asks L2 for the weight tiles of
 #: all its phases when it starts, before waiting on the previous kernel (weights are constants), so
-#: with PDL the loads overlap the previous layer. Off: untimed (the separate kernels' prefetch lost
-#: on an H100, BENCHMARKS.md fifth measurement, but those streamed an 8B's layers)
+#: with PDL the loads overlap the previous layer. Off: untimed (prefetches for the separate kernels
+#: lost on an H100, BENCHMARKS.md third and sixth measurements, but those streamed Llama-8B and
+#: Llama-3.2-1B layers, far larger than L2)
 PREFETCH_WEIGHTS = False
 
 
@@ -252,7 +253,8 @@ def decode_layer_triton(
         if one_launch and not interpreted:
             # at most one attention item per SM, so the phase is one round of the grid and programs
             # take one item each (ONE_ITEM) where the linear phases allow: attention's own choice
-            # aims at ~4 programs a SM, which from ~1,500 keys gave SmolLM2's 2 rows 192 items
+            # (one split per 64 keys of capacity, up to 32) passes one item per SM from ~1,472 keys
+            # for SmolLM2's 2 rows (23 splits, 138 items; 2,048 keys: 192)
             n_splits = max(1, min(n_splits, sm_count(dev) // (row_heads * n_qblocks)))
     b_items = row_heads * n_splits * n_qblocks
     # phases 2-4: the skinny kernel's plans (linear.fused_linear_triton)
@@ -360,12 +362,14 @@ if HAS_TRITON:
         """Wait until ``target`` arrivals have been counted on ``bar`` (this program's included).
 
         CUDA's cooperative grid sync in Triton: a CTA barrier, so every thread's stores come before
-        the arrival; the arrival an acq_rel atomic at GPU scope and the wait an acquire load (by one
-        thread; Triton broadcasts it), then a CTA barrier, so the whole program's later loads see
-        the other programs' stores. Slot ``bar`` must hold 0 when the launch starts (a non-zero one
-        lets programs through early: wrong results, not a hang), and every program of the grid must
-        be resident at once; the wrapper keeps the grid within the SM count, which holds without
-        MPS thread limits or another persistent kernel beside it."""
+        the arrival; the arrival an acq_rel atomic at GPU scope; the wait an acquire read by one
+        thread (an atomic add of 0, which Triton emits as an acquire load, the value broadcast);
+        then a CTA barrier, so the whole program's later loads see the other programs' stores.
+
+        Slot ``bar`` must hold 0 when the launch starts (a non-zero one lets programs through
+        early: wrong results, not a hang), and every program of the grid must be resident at once;
+        the wrapper keeps the grid within the SM count, which holds without MPS thread limits or
+        another persistent kernel beside it."""
         tl.debug_barrier()
         seen = tl.atomic_add(bar, 1, sem="acq_rel", scope="gpu") + 1
         while seen < target:
