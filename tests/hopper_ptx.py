@@ -45,6 +45,7 @@ def facts(name, fn, constexprs, pointers, floats=(), **options) -> dict:
         "launch_dependents": body.find("griddepcontrol.launch_dependents"),
         "first_atomic": body.find("atom."),
         "prefetch": body.find("prefetch.global.L2"),
+        "trap": body.find("trap;"),
         "first_access": min(
             (i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.", "red.", "cp.async")) if i >= 0),
             default=-1,

@@ -59,6 +59,7 @@ def test_pdl_kernels_compile_for_hopper_with_the_wait_first():
     for name in ("decode_layer", "decode_layer_prefetch"):
         layer = kernels[name]
         assert 0 <= layer["first_atomic"] < layer["launch_dependents"], name
+        assert layer["trap"] >= 0, f"{name}: a barrier that waits too long must trap, not hang"
     # its L2 prefetches of weights (constants) may come before the wait; without the option, none
     assert kernels["decode_layer"]["prefetch"] == -1
     assert 0 <= kernels["decode_layer_prefetch"]["prefetch"] < kernels["decode_layer_prefetch"]["wait"]

@@ -357,6 +357,15 @@ if HAS_TRITON:
     from smcgen.kernels.linear import skinny_linear_tile
     from smcgen.kernels.qkv_rope import qkv_rope_head
 
+    #: reads of the barrier counter after which a waiting program gives up (each takes an L2 round
+    #: trip, ~0.5-1 us: about 10 s)
+    _SPIN_LIMIT = tl.constexpr(1 << 24)
+
+    @triton.jit
+    def _trap():
+        """Abort the launch (PTX ``trap``): the host sees a launch failure at its next sync."""
+        tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
     @triton.jit
     def grid_sync(bar, target):
         """Wait until ``target`` arrivals have been counted on ``bar`` (this program's included).
@@ -369,11 +378,16 @@ if HAS_TRITON:
         Slot ``bar`` must hold 0 when the launch starts (a non-zero one lets programs through
         early: wrong results, not a hang), and every program of the grid must be resident at once;
         the wrapper keeps the grid within the SM count, which holds without MPS thread limits or
-        another persistent kernel beside it."""
+        another persistent kernel beside it. A wait past ``_SPIN_LIMIT`` reads (seconds) traps, so
+        a grid that breaks that rule fails the launch instead of hanging the GPU."""
         tl.debug_barrier()
         seen = tl.atomic_add(bar, 1, sem="acq_rel", scope="gpu") + 1
+        spins = 0
         while seen < target:
             seen = tl.atomic_add(bar, 0, sem="acquire", scope="gpu")
+            spins += 1
+            if spins > _SPIN_LIMIT:  # some program never arrived (not resident): fail, do not hang
+                _trap()
         tl.debug_barrier()
 
     @triton.jit
@@ -434,7 +448,7 @@ if HAS_TRITON:
         A_M: tl.constexpr, D: tl.constexpr, A_K: tl.constexpr, PAGE: tl.constexpr, ONE_ITEM: tl.constexpr,
     ):  # fmt: skip
         """Phase 0: ``qkv_rope_head`` for heads pid, pid + n_prog, ... (ONE_ITEM: head pid only; the
-        one-item form of the kernel compiles to 110-112 registers a thread for sm_90 against 152-154
+        one-item form of the kernel compiles to 140-141 registers a thread for sm_90 against 152-156
         with the loops, benchmarks/decode_layer_registers.py)."""
         if ONE_ITEM:
             if pid < n_qh + 2 * n_kvh:
