@@ -204,14 +204,9 @@ def decode_layer_triton(
             raise ValueError(f"weights.{name} must have {n_out} output rows, got {got}")
     if dim not in attention.TRITON_HEAD_DIMS:
         raise ValueError(f"the fused decoder layer needs a head width in {attention.TRITON_HEAD_DIMS}, got {dim}")
-    if start_pos.shape != (n_rows,) or not start_pos.is_contiguous() or start_pos.dtype != torch.int32:
-        raise ValueError(f"start_pos must be a contiguous int32 [{n_rows}] tensor")
-    if block_table.dim() != 2 or block_table.shape[0] != n_rows or not block_table.is_contiguous():
-        raise ValueError(f"block_table must be a contiguous [{n_rows}, max pages] tensor")
-    if k_pool_l.stride() != v_pool_l.stride() or k_pool_l.stride(-1) != 1:
-        raise ValueError("k_pool_l and v_pool_l must share strides, unit along the head dim")
-    if cos_table.shape != sin_table.shape or cos_table.stride() != sin_table.stride() or cos_table.stride(-1) != 1:
-        raise ValueError("cos_table and sin_table must have one shape and strides, unit along the head dim")
+    qkv_rope.check_launch(n_rows, start_pos, block_table, k_pool_l, v_pool_l, cos_table, sin_table)
+    if start_pos.dtype != torch.int32:  # the model's positions; another dtype would compile another variant
+        raise ValueError(f"start_pos must be int32, got {start_pos.dtype}")
     for name in ("qkv", "o", "gate_up", "down"):
         if getattr(w, name).stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along K")

@@ -46,7 +46,7 @@ from smcgen.kernels._triton import (
 from smcgen.kernels.fused_ops import rope_qk_write_kv, rope_qk_write_kv_torch
 from smcgen.kernels.linear import fused_linear, fused_linear_torch, skinny_plan
 
-__all__ = ["FUSED_HEAD_DIM", "qkv_rope_write_kv", "qkv_rope_write_kv_torch", "qkv_rope_write_kv_triton"]
+__all__ = ["FUSED_HEAD_DIM", "check_launch", "qkv_rope_write_kv", "qkv_rope_write_kv_torch", "qkv_rope_write_kv_triton"]
 
 #: the head width the Triton version takes: one program's column tile (the skinny kernel's 64)
 FUSED_HEAD_DIM = 64
@@ -95,6 +95,27 @@ def _check(
     if q_norm is not None and (q_norm.shape != (dim,) or k_norm.shape != (dim,)):
         raise ValueError(f"q_norm and k_norm must have shape ({dim},)")
     return dim
+
+
+def check_launch(
+    n_rows: int,
+    start_pos: Tensor,
+    block_table: Tensor,
+    k_pool_l: Tensor,
+    v_pool_l: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+) -> None:
+    """The layouts a Triton launch that writes the K/V pages needs (errors name the parameter);
+    ``kernels.decode_layer`` checks the same."""
+    if start_pos.shape != (n_rows,) or not start_pos.is_contiguous():
+        raise ValueError(f"start_pos must be a contiguous [{n_rows}] tensor")
+    if block_table.dim() != 2 or block_table.shape[0] != n_rows or not block_table.is_contiguous():
+        raise ValueError(f"block_table must be a contiguous [{n_rows}, max pages] tensor")
+    if k_pool_l.stride() != v_pool_l.stride() or k_pool_l.stride(-1) != 1:
+        raise ValueError("k_pool_l and v_pool_l must share strides, unit along the head dim")
+    if cos_table.shape != sin_table.shape or cos_table.stride() != sin_table.stride() or cos_table.stride(-1) != 1:
+        raise ValueError("cos_table and sin_table must have one shape and strides, unit along the head dim")
 
 
 def _two_step(
@@ -244,14 +265,7 @@ def qkv_rope_write_kv_triton(
         raise ValueError(f"the fused QKV + RoPE kernel needs a power-of-two head width >= 16, got {dim}")
     if weight.stride(-1) != 1:
         raise ValueError("weight must have unit stride along K")
-    if start_pos.shape != (n_rows,) or not start_pos.is_contiguous():
-        raise ValueError(f"start_pos must be a contiguous [{n_rows}] tensor")
-    if block_table.dim() != 2 or block_table.shape[0] != n_rows or not block_table.is_contiguous():
-        raise ValueError(f"block_table must be a contiguous [{n_rows}, max pages] tensor")
-    if k_pool_l.stride() != v_pool_l.stride() or k_pool_l.stride(-1) != 1:
-        raise ValueError("k_pool_l and v_pool_l must share strides, unit along the head dim")
-    if cos_table.shape != sin_table.shape or cos_table.stride() != sin_table.stride() or cos_table.stride(-1) != 1:
-        raise ValueError("cos_table and sin_table must have one shape and strides, unit along the head dim")
+    check_launch(n_rows, start_pos, block_table, k_pool_l, v_pool_l, cos_table, sin_table)
     if bias is not None:
         bias = bias.contiguous()
     if q_norm is not None:
