@@ -28,6 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the interpreter would replace the ke
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from architectures import SMOLLM2_135M  # noqa: E402
 from kernel_registers import H100_SMS, assemble  # noqa: E402
 
 from smcgen.kernels import attention, decode_layer, linear, qkv_rope  # noqa: E402
@@ -103,11 +104,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2, help="sequences (particles x requests)")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per row (a cycle's first draft step feeds 2)")
     ap.add_argument("--context", type=int, default=160, help="tokens already in each row's cache")
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--heads", type=int, default=9)
-    ap.add_argument("--kv-heads", type=int, default=3)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--intermediate", type=int, default=1536)
+    arch = SMOLLM2_135M  # the defaults: the embedded model's layer
+    ap.add_argument("--hidden", type=int, default=arch["hidden_size"])
+    ap.add_argument("--heads", type=int, default=arch["num_attention_heads"])
+    ap.add_argument("--kv-heads", type=int, default=arch["num_key_value_heads"])
+    ap.add_argument("--head-dim", type=int, default=arch["hidden_size"] // arch["num_attention_heads"])
+    ap.add_argument("--intermediate", type=int, default=arch["intermediate_size"])
     ap.add_argument("--loop", action="store_true", help="also the fused kernel's other item form")
     ap.add_argument("--prefetch", action="store_true", help="also the fused kernel with its L2 weight prefetch")
     args = ap.parse_args()
